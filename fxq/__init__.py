@@ -1,0 +1,11 @@
+"""fxq: post-training integer quantization of PyTorch CNNs, as torch.fx graph passes.
+
+    import fxq
+    qmodel = fxq.quantize(model, calib_loader)   # config=fxq.QConfig() by default
+    logits = qmodel(images)                      # float in, float logits out
+"""
+from fxq.api import PASSES, quantize
+from fxq.config import QConfig
+from fxq.context import PassContext
+
+__all__ = ["PASSES", "PassContext", "QConfig", "quantize"]

@@ -1,0 +1,88 @@
+"""The affine mapping ``x ≈ s · (q − z)`` and how its parameters are chosen.
+
+Float → integer conversions here (the network input, the weights) round half to even
+(``torch.round``); integer → integer requantization (``fxq.intmath``) rounds half away from zero.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ActQParams:
+    """Asymmetric activation parameters: ``x ≈ scale · (q − zero_point)``, ``q ∈ [0, 2^bits − 1]``."""
+
+    scale: float
+    zero_point: int
+    bits: int
+
+    @property
+    def qmin(self) -> int:
+        return 0
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    @classmethod
+    def from_range(cls, lo: float, hi: float, bits: int) -> "ActQParams":
+        """The parameters that map ``[lo, hi]`` (widened to hold 0) onto ``[0, 2^bits − 1]``.
+
+        Zero must be exactly representable (a padded or ReLU-clipped value is an exact 0), so the
+        zero point is an integer and the range is widened to contain 0.
+        """
+        lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+        qmax = (1 << bits) - 1
+        scale = (hi - lo) / qmax
+        if scale <= 0.0:  # an all-zero tensor: any scale represents it exactly
+            return cls(1.0, 0, bits)
+        zero_point = int(min(max(round(-lo / scale), 0), qmax))
+        return cls(scale, zero_point, bits)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """float → uint8: ``clamp(round(x / s) + z, 0, 2^bits − 1)``."""
+        q = torch.round(x / self.scale) + self.zero_point
+        return q.clamp_(self.qmin, self.qmax).to(torch.uint8)
+
+    def dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        """integer → float32: ``s · (q − z)``."""
+        return (q.to(torch.float32) - self.zero_point) * self.scale
+
+
+def weight_qmax(bits: int) -> int:
+    """Largest magnitude of a narrow-range symmetric ``bits``-bit weight: ``2^(bits−1) − 1``."""
+    return (1 << (bits - 1)) - 1
+
+
+def weight_scales(weight: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
+    """Min-max symmetric scales, one per output channel (dim 0), as float64 ``[C_out]``.
+
+    A per-tensor scale is the same value repeated, so every kernel can treat scales per channel.
+    An all-zero channel gets scale 1 (its integers are all 0 whatever the scale).
+    """
+    flat = weight.detach().to(torch.float64).reshape(weight.shape[0], -1).abs()
+    max_abs = flat.amax(dim=1) if per_channel else flat.amax().expand(weight.shape[0])
+    scales = max_abs / weight_qmax(bits)
+    return torch.where(scales > 0, scales, torch.ones_like(scales))
+
+
+def quantize_weight(weight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """float weight → int8 ``clamp(round(w / s_c), −qmax, qmax)`` with ``s_c`` per output channel."""
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    q = torch.round(weight.detach().to(torch.float64) / scales.reshape(shape))
+    qmax = weight_qmax(bits)
+    return q.clamp_(-qmax, qmax).to(torch.int8)
+
+
+def quantize_bias(bias: torch.Tensor | None, input_scale: float, scales: torch.Tensor) -> torch.Tensor:
+    """float bias → int32 at scale ``s_in · s_w[c]`` (zero point 0), so it adds straight into the
+    accumulator. A missing bias is zeros."""
+    if bias is None:
+        return torch.zeros(len(scales), dtype=torch.int32)
+    q = torch.round(bias.detach().to(torch.float64) / (input_scale * scales))
+    limit = 2**31 - 1
+    if q.abs().max() > limit:
+        raise ValueError("a bias does not fit int32 at scale s_in·s_w; the input scale is too small")
+    return q.to(torch.int32)

@@ -1,0 +1,41 @@
+"""``fxq.quantize``: the whole pipeline behind one call."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+from torch import fx, nn
+
+from fxq.config import QConfig
+from fxq.context import PassContext
+from passes.calibrate import calibrate
+from passes.convert import convert
+from passes.fold_bn import fold_bn
+from passes.fuse import fuse
+from passes.insert_observers import insert_observers
+from passes.quantize_add import quantize_add
+from passes.trace import trace
+
+Pass = Callable[[nn.Module, PassContext], fx.GraphModule]
+
+# The pipeline, in order. A list, so it can be printed, reordered or extended.
+PASSES: list[Pass] = [trace, fold_bn, fuse, insert_observers, calibrate, convert, quantize_add]
+
+
+def quantize(model: nn.Module, calib_loader: Iterable, config: QConfig | None = None,
+             passes: Sequence[Pass] | None = None) -> fx.GraphModule:
+    """Quantize a trained float ``model`` after training, calibrating on ``calib_loader``.
+
+    Returns a ``GraphModule`` that takes float input, runs every conv, linear, ReLU, residual add
+    and pooling on integer tensors, and returns float (dequantized) logits. ``model`` itself is
+    not modified. ``passes`` replaces :data:`PASSES` (the first pass receives ``model``).
+    """
+    config = QConfig() if config is None else config
+    if not isinstance(config, QConfig):
+        raise TypeError(f"config must be an fxq.QConfig, got {type(config).__name__}")
+    if calib_loader is None:
+        raise ValueError("calib_loader is None: pass a DataLoader or list of calibration batches")
+    ctx = PassContext(config, calib_loader)
+    gm = model
+    for step in PASSES if passes is None else passes:
+        gm = step(gm, ctx)
+    return gm

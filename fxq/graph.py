@@ -1,0 +1,37 @@
+"""Small helpers every pass uses on a GraphModule."""
+from __future__ import annotations
+
+from torch import fx, nn
+
+
+def replace_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``target`` (the node calling it keeps its name)."""
+    parent, _, name = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, module)
+
+
+def add_module_near(gm: fx.GraphModule, node: fx.Node, suffix: str, module: nn.Module) -> str:
+    """Register ``module`` beside the submodule ``node`` ran in (``layer1.0`` + ``add`` →
+    ``layer1.0.add``), with a number appended if the name is taken; returns its path."""
+    stack = node.meta.get("nn_module_stack") or {}
+    scope = next(reversed(stack.values()))[0] if stack else ""
+    owner = gm.get_submodule(scope) if scope else gm
+    name, n = suffix, 1
+    while hasattr(owner, name):
+        name, n = f"{suffix}_{n}", n + 1
+    owner.add_module(name, module)
+    return f"{scope}.{name}" if scope else name
+
+
+def finish(gm: fx.GraphModule) -> fx.GraphModule:
+    """End of every pass: drop dead code and unused modules, check the graph, regenerate code."""
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def label(node: fx.Node) -> str:
+    """How errors name a node: the module path it calls, or its name."""
+    return f"'{node.target}'" if node.op == "call_module" else f"node '{node.name}'"

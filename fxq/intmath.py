@@ -1,0 +1,178 @@
+"""Integer kernels: the arithmetic every quantized op, the simulator and `explain` share.
+
+Notation (DESIGN.md): a real value is ``r = s · (q − z)``. A conv/linear layer computes
+
+    (1) acc[c] = Σ_k W_q[c,k] · (I_q[k] − z_I) + b_q[c]            (int32, exact)
+    (2) O_q[c] = clamp(z_O + round(M[c] · acc[c]), 0, 2^b − 1),   M[c] = s_I · s_W[c] / s_O
+
+and ``M`` is held in fixed point as ``M = m · 2^(shift − 31)`` with an integer ``m ∈ [2^30, 2^31)``
+(TFLite's form: ``shift > 0`` is a left shift, ``shift ≤ 0`` a right shift). Applying it is one
+int64 product and one rounding right shift by ``31 − shift`` bits, which rounds **half away from
+zero**: ``round(p / 2^r) = sign(p) · ⌊(|p| + 2^(r−1)) / 2^r⌋``. ``|acc| < 2^31`` and ``m < 2^31`` keep
+the product below 2^62, so the int64 arithmetic never overflows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+FLOAT32_EXACT = 2**24  # every integer of magnitude ≤ 2^24 is exact in float32
+FLOAT64_EXACT = 2**53
+INT32_MAX = 2**31 - 1
+MULTIPLIER_BITS = 31
+ADD_MAX_SHIFT_GAP = 23  # keeps (A_q − z_A) · m · 2^gap below 2^62 in an integer add
+
+
+def fixed_point(real_multiplier: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``M ≥ 0`` (float64, any shape) → ``(m, shift)`` int64 with ``M ≈ m · 2^(shift − 31)``.
+
+    ``m`` lies in ``[2^30, 2^31)``: 31 significant bits, relative error ≤ 2^-31. A multiplier too
+    small to move any int32 accumulator (``M < 2^-32``) becomes ``m = 0``.
+    """
+    real = real_multiplier.to(torch.float64)
+    if (real < 0).any() or not torch.isfinite(real).all():
+        raise ValueError(f"requantization multipliers must be finite and ≥ 0, got {real}")
+    mantissa, exponent = torch.frexp(real)  # real = mantissa · 2^exponent, mantissa ∈ [0.5, 1)
+    m = torch.round(mantissa * 2**MULTIPLIER_BITS).to(torch.int64)
+    carry = m == 2**MULTIPLIER_BITS  # mantissa rounded up to 1.0
+    m = torch.where(carry, m // 2, m)
+    shift = exponent.to(torch.int64) + carry.to(torch.int64)
+    negligible = shift < -MULTIPLIER_BITS
+    m = torch.where(negligible, torch.zeros_like(m), m)
+    shift = torch.where(negligible, torch.zeros_like(shift), shift)
+    if (shift > MULTIPLIER_BITS).any():
+        raise ValueError(f"requantization multiplier {real.max().item():.3g} ≥ 2^31 is not representable")
+    return m, shift
+
+
+def rounding_right_shift(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``round(p / 2^r)`` on int64, half away from zero; ``r ≥ 0`` broadcasts against ``p``."""
+    half = torch.ones_like(r) << r >> 1  # 2^(r−1), and 0 when r = 0
+    magnitude = (p.abs() + half) >> r
+    return torch.where(p < 0, -magnitude, magnitude)
+
+
+def apply_multiplier(acc: torch.Tensor, m: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``round(M · acc)`` as int64 with ``M = m · 2^(shift − 31)`` (formula (2) without z and clamp)."""
+    return rounding_right_shift(acc.to(torch.int64) * m, MULTIPLIER_BITS - shift)
+
+
+def requantize(acc: torch.Tensor, m: torch.Tensor, shift: torch.Tensor, zero_point: int,
+               qmax: int) -> torch.Tensor:
+    """Formula (2): int32 accumulator ``[N, C, ...]`` → uint8 ``clamp(z + round(M[c]·acc), 0, qmax)``."""
+    shape = (1, -1) + (1,) * (acc.dim() - 2)
+    q = apply_multiplier(acc, m.reshape(shape), shift.reshape(shape)) + zero_point
+    return q.clamp_(0, qmax).to(torch.uint8)
+
+
+def accumulator_bound(weight_q: torch.Tensor, input_absmax: int, bias_q: torch.Tensor) -> int:
+    """Worst-case ``|acc|`` of formula (1): ``max_c (Σ_k |W_q[c,k]| · max|I_q − z_I| + |b_q[c]|)``."""
+    per_channel = weight_q.to(torch.int64).reshape(weight_q.shape[0], -1).abs().sum(1)
+    return int((per_channel * input_absmax + bias_q.to(torch.int64).abs()).max())
+
+
+def choose_kernel(weight_q: torch.Tensor, input_absmax: int) -> str:
+    """The cheapest float kernel whose every partial sum of formula (1) is an exact integer.
+
+    - ``"float32"``: one float32 conv, when ``max|I − z| · max_c Σ|W[c]| ≤ 2^24``.
+    - ``"float32x2"``: W = 16·W_hi + W_lo with W_lo ∈ [−8, 7], |W_hi| ≤ 8: two float32 convs, each
+      bounded by ``max|I − z| · max_c Σ|W_part[c]| ≤ 2^24`` (ResNet-18's K = 4608 at 8 bits:
+      255 · 8 · 4608 ≈ 9.4·10^6), summed in int32.
+    - ``"float64"``: one float64 conv (exact to 2^53) for anything larger.
+    """
+    zero = torch.zeros(weight_q.shape[0], dtype=torch.int32)
+    if accumulator_bound(weight_q, input_absmax, zero) <= FLOAT32_EXACT:
+        return "float32"
+    high, low = split_weight(weight_q)
+    if max(accumulator_bound(high, input_absmax, zero),
+           accumulator_bound(low, input_absmax, zero)) <= FLOAT32_EXACT:
+        return "float32x2"
+    return "float64"
+
+
+def split_weight(weight_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W = 16 · high + low`` with ``low ∈ [−8, 7]`` and ``|high| ≤ 8`` for 8-bit ``W``."""
+    w = weight_q.to(torch.int32)
+    low = ((w + 8) & 15) - 8
+    return (w - low) >> 4, low
+
+
+Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def accumulate(input_q: torch.Tensor, zero_point: int, weight_q: torch.Tensor, bias_q: torch.Tensor,
+               op: Linear, kernel: str) -> torch.Tensor:
+    """Formula (1) for any linear op ``op(x, w)`` (a conv or a matmul): int32 ``acc``, exactly.
+
+    ``kernel`` comes from :func:`choose_kernel`, which proved every partial sum exact for it.
+    """
+    if kernel == "float64":
+        centered = input_q.to(torch.float64) - zero_point
+        acc = op(centered, weight_q.to(torch.float64)).to(torch.int32)
+    else:
+        centered = input_q.to(torch.float32) - zero_point
+        if kernel == "float32":
+            acc = op(centered, weight_q.to(torch.float32)).to(torch.int32)
+        else:
+            high, low = split_weight(weight_q)
+            acc = (op(centered, high.to(torch.float32)).to(torch.int32) * 16
+                   + op(centered, low.to(torch.float32)).to(torch.int32))
+    shape = (1, -1) + (1,) * (acc.dim() - 2)
+    return acc + bias_q.reshape(shape)
+
+
+def add(a_q: torch.Tensor, b_q: torch.Tensor, a: "AddOperand", b: "AddOperand", zero_point: int,
+        qmax: int) -> torch.Tensor:
+    """Residual add ``O = A + B`` on uint8: each input rescaled to the output scale, one rounding.
+
+        O_q = clamp(z_O + round(M_A·(A_q − z_A) + M_B·(B_q − z_B)), 0, qmax),  M_X = s_X / s_O
+
+    Both products are brought to the finer of the two fixed-point exponents and summed in int64
+    (|A_q − z_A| ≤ 255, m < 2^31, exponent gap ≤ 23 bits: below 2^62), then rounded once.
+    """
+    common = min(a.shift, b.shift)
+    total = ((a_q.to(torch.int64) - a.zero_point) * (a.multiplier << (a.shift - common))
+             + (b_q.to(torch.int64) - b.zero_point) * (b.multiplier << (b.shift - common)))
+    r = torch.tensor(MULTIPLIER_BITS - common)
+    q = rounding_right_shift(total, r) + zero_point
+    return q.clamp_(0, qmax).to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class AddOperand:
+    """One input of an integer add: its zero point and fixed-point multiplier ``s_in / s_out``."""
+
+    zero_point: int
+    multiplier: int
+    shift: int
+
+    @classmethod
+    def rescale(cls, zero_point: int, input_scale: float, output_scale: float) -> "AddOperand":
+        m, shift = fixed_point(torch.tensor(input_scale / output_scale, dtype=torch.float64))
+        return cls(zero_point, int(m), int(shift))
+
+
+def relu(q: torch.Tensor, zero_point: int) -> torch.Tensor:
+    """ReLU in the integer domain: real 0 is ``q = z``, so ``relu(s·(q − z)) = s·(max(q, z) − z)``."""
+    return torch.clamp_min(q, zero_point)
+
+
+def rounding_divide(total: torch.Tensor, count: int) -> torch.Tensor:
+    """``round(total / count)`` on integers, half away from zero (the requantization rule)."""
+    magnitude = (total.abs() + count // 2) // count
+    return torch.where(total < 0, -magnitude, magnitude)
+
+
+def mean_pool(q: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
+    """Average pooling on uint8 with no padding: an integer window sum, then a rounding division.
+
+    The mean of values in ``[0, qmax]`` stays in ``[0, qmax]`` at the same scale and zero point.
+    The sum runs in float32 on ≤ 255·k_h·k_w, exact for any window under 65,000 elements.
+    """
+    count = kernel[0] * kernel[1]
+    if 255 * count > FLOAT32_EXACT:
+        raise ValueError(f"average pooling window {kernel} is too large to sum exactly")
+    total = torch.nn.functional.avg_pool2d(q.to(torch.float32), kernel, stride, divisor_override=1)
+    return rounding_divide(total.to(torch.int32), count).to(torch.uint8)

@@ -1,0 +1,198 @@
+"""The integer ops a quantized graph calls. Each holds its integers as buffers and computes with
+`fxq.intmath`, so ``state_dict()`` stores integers and the graph still reads ``self.layer1.0.conv1``.
+
+    Quantize     float  → uint8          the network input, once
+    QConv2d      uint8  → uint8          int8 weight, int32 bias and accumulator, fixed-point requant
+    QLinear      uint8  → uint8          the same for a fully connected layer
+    QAdd         uint8, uint8 → uint8    residual add, each input rescaled to the output scale
+    QAvgPool2d   uint8  → uint8          window sum and rounding division, same scale
+    Dequantize   uint8  → float32        the logits, once
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxq import affine, intmath
+from fxq.affine import ActQParams
+from fxq.config import QConfig
+
+
+class _ActBoundary(nn.Module):
+    """Holds one value's activation parameters as buffers (``scale``, ``zero_point``)."""
+
+    def __init__(self, qparams: ActQParams):
+        super().__init__()
+        self.bits = qparams.bits
+        self.register_buffer("scale", torch.tensor(qparams.scale, dtype=torch.float64))
+        self.register_buffer("zero_point", torch.tensor(qparams.zero_point, dtype=torch.int32))
+
+    @property
+    def qparams(self) -> ActQParams:
+        return ActQParams(self.scale.item(), int(self.zero_point), self.bits)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale.item():.6g}, zero_point={int(self.zero_point)}, bits={self.bits}"
+
+
+class Quantize(_ActBoundary):
+    """float → uint8 ``clamp(round(x / s) + z)``; checks the input looks like the calibration data."""
+
+    def __init__(self, qparams: ActQParams, sample_shape: tuple[int, ...] | None):
+        super().__init__(qparams)
+        self.sample_shape = sample_shape  # None: an inner float island, not the network input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sample_shape is not None:
+            self._check(x)
+        return self.qparams.quantize(x)
+
+    def _check(self, x: object) -> None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"the quantized model takes a float tensor, got {_describe(x)}")
+        if x.dim() != len(self.sample_shape) + 1 or x.shape[1] != self.sample_shape[0]:
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} does not match the calibration samples "
+                f"{self.sample_shape}: pass a batch shaped [N, {', '.join(map(str, self.sample_shape))}]"
+            )
+
+
+class Dequantize(_ActBoundary):
+    """uint8 → float32 ``s · (q − z)``."""
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return self.qparams.dequantize(q)
+
+
+class _QWeighted(nn.Module):
+    """A conv or linear layer as formulas (1) and (2) of `fxq.intmath`.
+
+    Buffers: ``weight`` int8, ``bias`` int32 (scale s_in·s_w), ``multiplier`` int32 and ``shift``
+    int8 per output channel, the scales they came from (float64, for reports), and both zero points.
+    """
+
+    def __init__(self, weight_q, bias_q, weight_scale, input_qp: ActQParams, output_qp: ActQParams,
+                 name: str):
+        super().__init__()
+        real_multiplier = input_qp.scale * weight_scale / output_qp.scale
+        multiplier, shift = intmath.fixed_point(real_multiplier)
+        input_absmax = max(input_qp.zero_point, input_qp.qmax - input_qp.zero_point)
+        self.accumulator_bound = intmath.accumulator_bound(weight_q, input_absmax, bias_q)
+        if self.accumulator_bound > intmath.INT32_MAX:
+            raise ValueError(
+                f"{name}: the worst-case accumulator {self.accumulator_bound} does not fit int32; "
+                "lower weight_bits or act_bits for this layer"
+            )
+        self.kernel = intmath.choose_kernel(weight_q, input_absmax)
+        self.output_bits = output_qp.bits
+        self.register_buffer("weight", weight_q)
+        self.register_buffer("bias", bias_q)
+        self.register_buffer("multiplier", multiplier.to(torch.int32))
+        self.register_buffer("shift", shift.to(torch.int8))
+        self.register_buffer("weight_scale", weight_scale.to(torch.float64))
+        self.register_buffer("input_scale", torch.tensor(input_qp.scale, dtype=torch.float64))
+        self.register_buffer("output_scale", torch.tensor(output_qp.scale, dtype=torch.float64))
+        self.register_buffer("input_zero_point", torch.tensor(input_qp.zero_point, dtype=torch.int32))
+        self.register_buffer("output_zero_point", torch.tensor(output_qp.zero_point, dtype=torch.int32))
+
+    def accumulate(self, x: torch.Tensor) -> torch.Tensor:
+        """Formula (1): the int32 accumulator, bias included."""
+        return intmath.accumulate(x, int(self.input_zero_point), self.weight, self.bias, self.op,
+                                  self.kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return intmath.requantize(self.accumulate(x), self.multiplier.to(torch.int64),
+                                  self.shift.to(torch.int64), int(self.output_zero_point),
+                                  (1 << self.output_bits) - 1)
+
+    def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def quantized_parameters(layer: nn.Module, input_qp: ActQParams, config: QConfig):
+        scales = affine.weight_scales(layer.weight, config.weight_bits, config.per_channel)
+        weight_q = affine.quantize_weight(layer.weight, scales, config.weight_bits)
+        bias_q = affine.quantize_bias(layer.bias, input_qp.scale, scales)
+        return weight_q, bias_q, scales
+
+
+class QConv2d(_QWeighted):
+    """uint8 → uint8 2-d convolution (formulas (1), (2)); geometry copied from the float conv."""
+
+    def __init__(self, conv: nn.Conv2d, input_qp: ActQParams, output_qp: ActQParams,
+                 config: QConfig, name: str):
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"{name}: padding_mode={conv.padding_mode!r} is not supported; use 'zeros'")
+        super().__init__(*self.quantized_parameters(conv, input_qp, config), input_qp, output_qp, name)
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+
+    def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # Zero padding of the centered input (q − z) is padding with real 0, as in the float conv.
+        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, "
+                f"kernel_size={tuple(self.weight.shape[2:])}, stride={self.stride}, "
+                f"padding={self.padding}, kernel={self.kernel}")
+
+
+class QLinear(_QWeighted):
+    """uint8 → uint8 fully connected layer (formulas (1), (2))."""
+
+    def __init__(self, linear: nn.Linear, input_qp: ActQParams, output_qp: ActQParams,
+                 config: QConfig, name: str):
+        super().__init__(*self.quantized_parameters(linear, input_qp, config), input_qp, output_qp,
+                         name)
+
+    def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[1]}, {self.weight.shape[0]}, kernel={self.kernel}"
+
+
+class QAdd(nn.Module):
+    """uint8 + uint8 → uint8: ``clamp(z_O + round(M_A·(A_q − z_A) + M_B·(B_q − z_B)))``."""
+
+    def __init__(self, a: ActQParams, b: ActQParams, out: ActQParams, name: str):
+        super().__init__()
+        operands = [intmath.AddOperand.rescale(p.zero_point, p.scale, out.scale) for p in (a, b)]
+        if abs(operands[0].shift - operands[1].shift) > intmath.ADD_MAX_SHIFT_GAP:
+            raise ValueError(f"{name}: the two inputs' scales differ by more than 2^23; "
+                             "one branch is lost in rounding: check the calibration data")
+        self.output_bits = out.bits
+        for prefix, operand in zip("ab", operands):
+            for field in ("zero_point", "multiplier", "shift"):
+                self.register_buffer(f"{prefix}_{field}", torch.tensor(getattr(operand, field)))
+        self.register_buffer("output_zero_point", torch.tensor(out.zero_point))
+
+    def operand(self, prefix: str) -> intmath.AddOperand:
+        return intmath.AddOperand(*(int(getattr(self, f"{prefix}_{f}"))
+                                    for f in ("zero_point", "multiplier", "shift")))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return intmath.add(a, b, self.operand("a"), self.operand("b"), int(self.output_zero_point),
+                           (1 << self.output_bits) - 1)
+
+
+class QAvgPool2d(nn.Module):
+    """uint8 → uint8 average pooling without padding: window sum, rounding division, same scale."""
+
+    def __init__(self, kernel: tuple[int, int] | None, stride: tuple[int, int] | None):
+        super().__init__()
+        self.kernel, self.stride = kernel, stride  # None: the whole feature map (global pooling)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        kernel = self.kernel or tuple(q.shape[-2:])
+        return intmath.mean_pool(q, kernel, self.stride or kernel)
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel or 'global'}, stride={self.stride or self.kernel or 'global'}"
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor"
+    return type(x).__name__

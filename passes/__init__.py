@@ -1,0 +1,1 @@
+"""fxq's graph passes, one per module; each is ``(GraphModule, PassContext) -> GraphModule``."""

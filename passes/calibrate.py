@@ -1,0 +1,81 @@
+"""calibrate: run the calibration loader through the observed graph so every observer fills."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from fxq.context import PassContext
+from fxq.graph import finish
+
+META = "fxq.calibrate"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What calibration saw: on the input placeholder's ``meta["fxq.calibrate"]``."""
+
+    batches: int
+    samples: int
+    sample_shape: tuple[int, ...]  # one input without its batch dimension, e.g. (1, 28, 28)
+
+
+def calibrate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Feed every batch of ``ctx.calib_loader`` through the graph (eval mode, no grad).
+
+    The graph does not change; its observers accumulate ranges. A batch is a tensor or a
+    tuple/list whose first item is the input (``(images, labels)`` from a DataLoader). Raises a
+    ``ValueError`` for an empty loader, a batch with NaN/Inf, or a batch the model cannot run on
+    (wrong shape), and a ``TypeError`` for a batch that is not a float tensor.
+    """
+    gm.eval()
+    batches = samples = 0
+    sample_shape = None
+    with torch.no_grad():
+        for index, item in enumerate(ctx.calib_loader):
+            x = batch_input(item, index)
+            if sample_shape is None:
+                sample_shape = tuple(x.shape[1:])
+            _run(gm, x, index)
+            batches, samples = batches + 1, samples + x.shape[0]
+    if batches == 0:
+        raise ValueError(
+            "calib_loader yielded no batches: pass a non-empty DataLoader or list of input "
+            "batches (a few hundred training images are typical)"
+        )
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    placeholders[0].meta[META] = Calibration(batches, samples, sample_shape)
+    return finish(gm)
+
+
+def batch_input(item: object, index: int) -> torch.Tensor:
+    """The input tensor of one loader item, checked: a float tensor with a batch dim, finite."""
+    x = item[0] if isinstance(item, (tuple, list)) and item else item
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        kind = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(
+            f"calibration batch {index} is {kind}: each item must be a float tensor "
+            "or a tuple/list whose first element is one, e.g. (images, labels)"
+        )
+    if x.dim() < 2:
+        raise ValueError(
+            f"calibration batch {index} has shape {tuple(x.shape)}: give a batch dimension "
+            "first, e.g. [N, C, H, W] (use x.unsqueeze(0) for a single image)"
+        )
+    if not torch.isfinite(x).all():
+        raise ValueError(
+            f"calibration batch {index} contains NaN or Inf: clean or filter the calibration "
+            "data before quantizing"
+        )
+    return x
+
+
+def _run(gm: fx.GraphModule, x: torch.Tensor, index: int) -> None:
+    try:
+        gm(x)
+    except RuntimeError as error:
+        raise ValueError(
+            f"calibration batch {index} of shape {tuple(x.shape)} cannot run through the model: "
+            f"{error}. Pass batches shaped like the model's training inputs"
+        ) from error

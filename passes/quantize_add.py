@@ -1,0 +1,52 @@
+"""quantize_add: the float islands convert leaves around residual adds become integer adds."""
+from __future__ import annotations
+
+from torch import fx, nn
+
+from fxq.context import PassContext
+from fxq.graph import add_module_near, finish
+from fxq.ops import Kind, kind_of
+from fxq.qmodules import Dequantize, QAdd, Quantize
+from passes.convert import META
+
+
+def quantize_add(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Rewrite each dequantize → add → quantize island into one integer add.
+
+    Before: ``y = quantize(dequantize(a) + dequantize(b))`` (a, b uint8; ``+``, ``+=`` or
+    ``torch.add``). After: ``y = QAdd(a, b)``, which rescales both inputs to ``y``'s scale with
+    their own fixed-point multipliers and rounds once (`fxq.intmath.add`).
+    Guard: the add's float result feeds only the quantize (otherwise the float value is needed).
+    """
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        island = _island(node, modules)
+        if island is None:
+            continue
+        add, (deq_a, deq_b) = island
+        a, b = deq_a.args[0], deq_b.args[0]
+        qadd = QAdd(a.meta[META], b.meta[META], node.meta[META], f"the add {add.name}")
+        path = add_module_near(gm, add, "add", qadd)
+        with gm.graph.inserting_before(node):
+            integer_add = gm.graph.call_module(path, (a, b))
+        integer_add.meta[META] = node.meta[META]
+        node.replace_all_uses_with(integer_add)
+        for dead in (node, add, deq_a, deq_b):
+            if not dead.users:
+                gm.graph.erase_node(dead)
+    return finish(gm)
+
+
+def _island(node: fx.Node, modules: dict[str, nn.Module]):
+    """``(add, (dequantize_a, dequantize_b))`` if ``node`` quantizes such an add, else None."""
+    if node.op != "call_module" or not isinstance(modules[node.target], Quantize):
+        return None
+    add = node.args[0]
+    if not isinstance(add, fx.Node) or add.op == "call_module" or kind_of(add, modules) is not Kind.ADD:
+        return None
+    if len(add.users) > 1:  # the float sum is read elsewhere too
+        return None
+    inputs = add.args[:2]
+    if not all(n.op == "call_module" and isinstance(modules[n.target], Dequantize) for n in inputs):
+        return None
+    return add, inputs
