@@ -1,0 +1,24 @@
+# Two commands on a fresh machine:  `make demo` (quantize, print the results table) and `make test`.
+PY := .venv/bin/python
+FASHION := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup demo test data
+
+setup: .venv/ready data
+
+# torch/torchvision are pinned to the CPU-usable wheels this machine serves from local files.
+.venv/ready: pyproject.toml
+	python3 -m venv .venv
+	.venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	.venv/bin/pip install -q -e '.[dev]'
+	touch $@
+
+data: .venv/ready
+	@test -d $(FASHION) || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }
+	$(PY) -c "from scripts import data; data.load('mnist', 'test'); data.load('fashion', 'test')"
+
+demo: setup
+	$(PY) -m scripts.evaluate
+
+test: setup
+	$(PY) -m pytest -q
