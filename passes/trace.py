@@ -15,11 +15,15 @@ class _PathTracer(fx.Tracer):
     def __init__(self):
         super().__init__()
         self.path: list[str] = []
+        self.failed_in: str | None = None  # the innermost submodule an error came from
 
     def call_module(self, m, forward, args, kwargs):
         self.path.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            self.failed_in = self.failed_in or self.path[-1]
+            raise
         finally:
             self.path.pop()
 
@@ -38,7 +42,7 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as error:  # torch.fx raises several types; all mean "cannot trace"
-        where = tracer.path[-1] if tracer.path else "the top-level module"
+        where = f"submodule '{tracer.failed_in}'" if tracer.failed_in else "the top-level module"
         raise TypeError(
             f"torch.fx cannot trace {type(model).__name__}: in {where} ({_user_line(error)}): "
             f"{type(error).__name__}: {error}. Fix: replace Python control flow on tensor values "

@@ -1,0 +1,16 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fxq  # noqa: E402
+
+
+@pytest.fixture
+def ctx():
+    """A pass context with the default config and a small random calibration set."""
+    torch.manual_seed(0)
+    return fxq.PassContext(fxq.QConfig(), [torch.randn(4, 3, 8, 8) for _ in range(3)])

@@ -1,0 +1,145 @@
+"""The integer kernels against exact rational arithmetic and int64 references."""
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fxq import intmath
+
+
+def exact_round_half_away(x: Fraction) -> int:
+    magnitude = int(abs(x) + Fraction(1, 2))  # floor(|x| + 1/2)
+    return magnitude if x >= 0 else -magnitude
+
+
+def test_fixed_point_multiplier_has_31_significant_bits():
+    reals = torch.tensor([1e-6, 0.0037, 0.25, 0.5, 0.9999999, 1.0, 1.7, 3.2], dtype=torch.float64)
+    m, shift = intmath.fixed_point(reals)
+    assert ((m >= 2**30) & (m < 2**31)).all()
+    rebuilt = m.double() * torch.pow(2.0, shift.double() - 31)
+    assert torch.allclose(rebuilt, reals, rtol=2**-30, atol=0)
+
+
+def test_multiplier_of_one_or_more_is_a_left_shift():
+    m, shift = intmath.fixed_point(torch.tensor([1.0, 2.5], dtype=torch.float64))
+    assert shift.tolist() == [1, 2]
+
+
+def test_negligible_multiplier_is_zero_and_huge_one_is_refused():
+    m, shift = intmath.fixed_point(torch.tensor([2.0**-40], dtype=torch.float64))
+    assert m.item() == 0
+    with pytest.raises(ValueError, match="not representable"):
+        intmath.fixed_point(torch.tensor([2.0**32], dtype=torch.float64))
+
+
+def test_rounding_right_shift_rounds_half_away_from_zero():
+    p = torch.tensor([5, 6, 7, -5, -6, -7, 4, -4], dtype=torch.int64)  # /4: 1.25 1.5 1.75 ...
+    r = torch.tensor(2)
+    assert intmath.rounding_right_shift(p, r).tolist() == [1, 2, 2, -1, -2, -2, 1, -1]
+    assert intmath.rounding_right_shift(p, torch.tensor(0)).tolist() == p.tolist()
+
+
+def test_requantize_matches_exact_rational_formula():
+    torch.manual_seed(0)
+    acc = torch.randint(-2**31 + 1, 2**31 - 1, (4, 3, 5), dtype=torch.int64).to(torch.int32)
+    real = torch.tensor([0.00037, 0.0123, 0.5], dtype=torch.float64)
+    m, shift = intmath.fixed_point(real)
+    out = intmath.requantize(acc, m, shift, zero_point=7, qmax=255)
+    for idx in [(0, 0, 0), (1, 1, 2), (3, 2, 4), (2, 0, 1)]:
+        c = idx[1]
+        multiplier = Fraction(int(m[c])) * Fraction(2) ** (int(shift[c]) - 31)
+        expected = min(max(7 + exact_round_half_away(multiplier * int(acc[idx])), 0), 255)
+        assert int(out[idx]) == expected
+    assert out.dtype == torch.uint8
+
+
+def worst_case_conv(channels: int):
+    """All weights ±127 with a sign pattern, inputs at both ends of the uint8 range."""
+    torch.manual_seed(1)
+    w = torch.where(torch.rand(8, channels, 3, 3) < 0.5, -127, 127).to(torch.int8)
+    w[0] = 127  # one channel with every product at the maximum
+    x = torch.where(torch.rand(2, channels, 6, 6) < 0.5, 0, 255).to(torch.uint8)
+    x[0] = 255
+    return x, w
+
+
+def int64_conv_reference(x, zero_point, w, bias, padding=1):
+    cols = F.unfold(x.double() - zero_point, 3, padding=padding).round().long()  # [N, K, L]
+    out = torch.einsum("ok,nkl->nol", w.long().reshape(w.shape[0], -1), cols)
+    side = x.shape[-1] + 2 * padding - 2
+    return out.reshape(x.shape[0], w.shape[0], side, side) + bias.long().reshape(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("kernel", ["float32x2", "float64"])
+def test_accumulate_is_exact_on_the_widest_resnet18_layer(kernel):
+    """K = 512·3·3 = 4608 with |W| = 127 and |I − z| = 255: |acc| reaches 1.5·10^8 > 2^24."""
+    x, w = worst_case_conv(512)
+    bias = torch.full((8,), -2**20, dtype=torch.int32)
+    op = lambda inp, wt: F.conv2d(inp, wt, None, 1, 1)  # noqa: E731
+    acc = intmath.accumulate(x, 0, w, bias, op, kernel)
+    reference = int64_conv_reference(x, 0, w, bias)
+    assert reference.abs().max() > 2**24 * 8  # the test really leaves float32's exact range
+    assert acc.dtype == torch.int32
+    assert torch.equal(acc.long(), reference)
+
+
+def test_plain_float32_is_not_exact_there_so_choose_kernel_refuses_it():
+    x, w = worst_case_conv(512)
+    assert intmath.choose_kernel(w, 255) == "float32x2"
+    op = lambda inp, wt: F.conv2d(inp, wt, None, 1, 1)  # noqa: E731
+    naive = op(x.float(), w.float()).long()
+    reference = int64_conv_reference(x, 0, w, torch.zeros(8, dtype=torch.int32))
+    assert not torch.equal(naive, reference)  # why the split exists
+
+
+def test_choose_kernel_uses_one_float32_conv_when_the_bound_allows_it():
+    w = torch.full((4, 16, 3, 3), 127, dtype=torch.int8)  # 144 · 127 · 255 ≈ 4.7·10^6 < 2^24
+    assert intmath.choose_kernel(w, 255) == "float32"
+    x = torch.full((1, 16, 5, 5), 255, dtype=torch.uint8)
+    op = lambda inp, wt: F.conv2d(inp, wt, None, 1, 1)  # noqa: E731
+    acc = intmath.accumulate(x, 0, w, torch.zeros(4, dtype=torch.int32), op, "float32")
+    assert torch.equal(acc.long(), int64_conv_reference(x, 0, w, torch.zeros(4, dtype=torch.int32)))
+
+
+def test_choose_kernel_falls_back_to_float64_for_huge_layers():
+    w = torch.full((2, 9000), 127, dtype=torch.int8)  # 255 · 8 · 9000 > 2^24
+    assert intmath.choose_kernel(w, 255) == "float64"
+
+
+def test_split_weight_recomposes_every_int8():
+    w = torch.arange(-127, 128, dtype=torch.int8)
+    high, low = intmath.split_weight(w)
+    assert torch.equal(high * 16 + low, w.to(torch.int32))
+    assert low.min() >= -8 and low.max() <= 7 and high.abs().max() <= 8
+
+
+def test_accumulator_bound_is_the_worst_case():
+    w = torch.tensor([[1, -2, 3], [-4, 0, 0]], dtype=torch.int8)
+    assert intmath.accumulator_bound(w, 10, torch.tensor([5, -100], dtype=torch.int32)) == 140
+
+
+def test_integer_add_matches_exact_rational_formula():
+    torch.manual_seed(2)
+    a_q = torch.randint(0, 256, (1000,), dtype=torch.uint8)
+    b_q = torch.randint(0, 256, (1000,), dtype=torch.uint8)
+    a = intmath.AddOperand.rescale(100, 0.031, 0.047)
+    b = intmath.AddOperand.rescale(20, 0.093, 0.047)  # M_B ≥ 1: a left shift
+    assert b.shift > 0 >= a.shift
+    out = intmath.add(a_q, b_q, a, b, zero_point=60, qmax=255)
+    for i in range(0, 1000, 37):
+        ma = Fraction(a.multiplier) * Fraction(2) ** (a.shift - 31)
+        mb = Fraction(b.multiplier) * Fraction(2) ** (b.shift - 31)
+        real = ma * (int(a_q[i]) - 100) + mb * (int(b_q[i]) - 20)
+        assert int(out[i]) == min(max(60 + exact_round_half_away(real), 0), 255)
+
+
+def test_relu_is_max_with_the_zero_point():
+    q = torch.tensor([0, 99, 100, 101, 255], dtype=torch.uint8)
+    assert intmath.relu(q, 100).tolist() == [100, 100, 100, 101, 255]
+
+
+def test_mean_pool_rounds_half_away_from_zero():
+    q = torch.tensor([[[[1, 2], [2, 1]], [[0, 0], [0, 1]]]], dtype=torch.uint8)  # means 1.5, 0.25
+    out = intmath.mean_pool(q, (2, 2), (2, 2))
+    assert out.flatten().tolist() == [2, 0] and out.dtype == torch.uint8
