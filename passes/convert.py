@@ -142,11 +142,11 @@ def _float_add(gm, node, modules, config: QConfig) -> None:
     inputs = []
     for operand in (a, b):
         qp = qparams_of(operand, node)
-        path = add_module_near(gm, node, "dequantize", Dequantize(qp))
+        path = add_module_near(gm, node, f"{node.name}_dequantize", Dequantize(qp))
         with gm.graph.inserting_before(node):
             inputs.append(gm.graph.call_module(path, (operand,)))
     node.args = tuple(inputs) + tuple(node.args[2:])
-    path = add_module_near(gm, node, "quantize", Quantize(node.meta[META], None))
+    path = add_module_near(gm, node, f"{node.name}_quantize", Quantize(node.meta[META], None))
     with gm.graph.inserting_after(node):
         quantized = gm.graph.call_module(path, (node,))
     node.replace_all_uses_with(quantized, delete_user_cb=lambda user: user is not quantized)

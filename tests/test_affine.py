@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from fxq.affine import ActQParams, quantize_bias, quantize_weight, weight_scales
+
+
+def test_range_is_widened_to_hold_zero_and_zero_is_exact():
+    qp = ActQParams.from_range(0.5, 2.0, 8)  # all positive: the range becomes [0, 2]
+    assert qp.zero_point == 0 and qp.scale == pytest.approx(2.0 / 255)
+    qp = ActQParams.from_range(-1.3, 0.7, 8)
+    assert qp.dequantize(qp.quantize(torch.tensor([0.0]))).item() == 0.0
+
+
+def test_quantize_dequantize_error_is_at_most_half_a_step_inside_the_range():
+    qp = ActQParams.from_range(-2.0, 5.0, 8)
+    x = torch.linspace(-2.0, 5.0, 1001)
+    q = qp.quantize(x)
+    assert q.dtype == torch.uint8
+    assert (qp.dequantize(q) - x).abs().max() <= qp.scale / 2 + 1e-6
+
+
+def test_constant_zero_tensor_gets_a_usable_scale():
+    assert ActQParams.from_range(0.0, 0.0, 8) == ActQParams(1.0, 0, 8)
+
+
+def test_weights_are_symmetric_narrow_range_per_channel():
+    w = torch.tensor([[0.5, -1.0], [0.02, 0.01], [0.0, 0.0]])
+    scales = weight_scales(w, 8, per_channel=True)
+    q = quantize_weight(w, scales, 8)
+    assert q.dtype == torch.int8
+    assert q[0].tolist() == [64, -127] and q[1].tolist() == [127, 64] and q[2].tolist() == [0, 0]
+    assert scales[2] == 1.0
+
+
+def test_per_tensor_scale_is_shared():
+    w = torch.tensor([[0.5, -1.0], [0.02, 0.01]])
+    scales = weight_scales(w, 4, per_channel=False)
+    assert torch.equal(scales, torch.full((2,), 1.0 / 7, dtype=torch.float64))
+    assert quantize_weight(w, scales, 4)[0].tolist() == [4, -7]
+
+
+def test_bias_is_int32_at_input_times_weight_scale():
+    scales = torch.tensor([0.01, 0.02], dtype=torch.float64)
+    q = quantize_bias(torch.tensor([0.3, -0.5]), 0.1, scales)
+    assert q.dtype == torch.int32 and q.tolist() == [300, -250]
+    assert quantize_bias(None, 0.1, scales).tolist() == [0, 0]

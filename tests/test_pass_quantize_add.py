@@ -1,0 +1,57 @@
+import operator
+
+import torch
+from torch import nn
+
+import fxq
+from fxq.qmodules import QAdd
+from passes.quantize_add import quantize_add
+from tests.helpers import Residual, module_types, ops, randomize_bn
+from tests.test_pass_convert import converted
+
+
+class TorchAdd(nn.Module):
+    """torch.add(a, b) with both inputs from convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return torch.add(self.a(x), self.b(x))
+
+
+def test_float_island_becomes_one_integer_add(ctx):
+    gm = converted(randomize_bn(Residual()), ctx)
+    assert (operator.iadd in [t for _, t in ops(gm)]) or (operator.add in [t for _, t in ops(gm)])
+    x = ctx.calib_loader[2]
+    before = gm(x)
+    gm = quantize_add(gm, ctx)
+    assert QAdd in module_types(gm)
+    assert all(t not in (operator.add, operator.iadd) for _, t in ops(gm))
+    step = gm.get_submodule("dequantize").scale.item()
+    # one rounding instead of the island's float add + round: at most one output step apart
+    assert (gm(x) - before).abs().max() <= 1.5 * step * gm.get_submodule("fc").weight.abs().sum(1).max()
+
+
+def test_integer_add_within_one_step_of_the_float_island(ctx):
+    model = TorchAdd().eval()
+    island = converted(model, ctx)
+    x = ctx.calib_loader[0]
+    integer = quantize_add(converted(model, ctx), ctx)
+    assert "add" in dict(integer.named_children())
+    step = integer.get_submodule("dequantize").scale.item()
+    assert (integer(x) - island(x)).abs().max() <= step + 1e-6
+
+
+def test_graph_without_adds_is_unchanged(ctx):
+    gm = converted(nn.Sequential(nn.Conv2d(3, 3, 1)).eval(), ctx)
+    code = gm.code
+    assert quantize_add(gm, ctx).code == code
+
+
+def test_add_output_is_uint8_and_named_after_its_block(ctx):
+    qmodel = fxq.quantize(randomize_bn(Residual()), ctx.calib_loader)
+    add = next(n for n in qmodel.graph.nodes if n.op == "call_module" and n.target.endswith("add"))
+    assert add.target == "add"  # the Residual block is the root here
+    assert qmodel.get_submodule("add").a_multiplier.dtype == torch.int64
