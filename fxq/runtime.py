@@ -47,7 +47,7 @@ def _float_flags(value) -> set[bool]:
 def count_ops(gm: fx.GraphModule, example: torch.Tensor) -> OpCount:
     """Run ``gm`` on ``example`` and classify every op by the tensor dtypes it actually saw.
 
-    Works on any fx GraphModule (a float model, an fxq model, a torch.ao model: quantized
+    Works on any fx GraphModule (a float model, an fxq model, a peer's int8 model: quantized
     tensors count as integer). Ops with no tensor input or output (``x.size()``) are not counted.
     """
     recorder = _DtypeRecorder(gm)

@@ -1,0 +1,110 @@
+import copy
+
+import pytest
+import torch
+from torch import fx, nn
+
+import fxq
+from fxq.qmodules import QConv2d
+from tests.helpers import Residual, randomize_bn
+
+
+def test_quantize_returns_a_graph_module_with_float_in_float_out(ctx):
+    model = randomize_bn(Residual())
+    qmodel = fxq.quantize(model, ctx.calib_loader)
+    assert isinstance(qmodel, fx.GraphModule)
+    out = qmodel(ctx.calib_loader[0])
+    assert out.dtype == torch.float32 and out.shape == (4, 5)
+
+
+def test_the_users_model_is_not_modified(ctx):
+    model = randomize_bn(Residual()).train()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    state = copy.deepcopy(model.state_dict())
+    hooks = dict(model._forward_hooks)
+    fxq.quantize(model, ctx.calib_loader)
+    assert model.training  # still in train mode: quantize works on an eval copy
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert dict(model._forward_hooks) == hooks and not calls
+
+
+def test_printed_code_reads_like_the_integer_dataflow(ctx):
+    code = fxq.quantize(randomize_bn(Residual()), ctx.calib_loader).code
+    order = ["quantize_x", "unit.conv", "fxq_intmath_relu", "conv2", "self.add(", "self.pool",
+             "torch.flatten", "self.fc", "self.dequantize"]
+    positions = [code.find(token) for token in order]
+    assert -1 not in positions and positions == sorted(positions), code
+
+
+def test_passes_is_a_list_users_can_extend(ctx):
+    seen = []
+
+    def spy(gm, context):
+        seen.append(sum(1 for _ in gm.graph.nodes))
+        return gm
+
+    assert [p.__name__ for p in fxq.PASSES] == [
+        "trace", "fold_bn", "fuse", "insert_observers", "calibrate", "convert", "quantize_add"]
+    qmodel = fxq.quantize(randomize_bn(Residual()), ctx.calib_loader, passes=fxq.PASSES + [spy])
+    assert seen and isinstance(qmodel.get_submodule("unit.conv"), QConv2d)
+
+
+def test_default_config_is_the_contract():
+    config = fxq.QConfig()
+    assert (config.weight_bits, config.act_bits, config.per_channel, config.weight_range,
+            config.act_range, config.placement) == (8, 8, True, "minmax", "minmax", "pre")
+    with pytest.raises(Exception):
+        config.weight_bits = 4  # frozen
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"weight_range": "mse"}, "weight_range='mse' is not supported"),
+    ({"act_range": "entropy"}, "act_range='entropy' is not supported"),
+    ({"placement": "post"}, "placement='post' is not supported"),
+    ({"weight_bits": 9}, "weight_bits=9"),
+    ({"act_bits": 1}, "act_bits=1"),
+    ({"weight_bits": 8.0}, "weight_bits=8.0"),
+])
+def test_unsupported_config_values_are_rejected_by_name(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        fxq.QConfig(**kwargs)
+
+
+def test_wrong_config_type_and_missing_loader(ctx):
+    model = randomize_bn(Residual())
+    with pytest.raises(TypeError, match="fxq.QConfig"):
+        fxq.quantize(model, ctx.calib_loader, config={"weight_bits": 8})
+    with pytest.raises(ValueError, match="calib_loader is None"):
+        fxq.quantize(model, None)
+
+
+def test_quantized_model_names_a_wrong_input_shape(ctx):
+    qmodel = fxq.quantize(randomize_bn(Residual()), ctx.calib_loader)
+    with pytest.raises(ValueError, match=r"\(2, 1, 8, 8\) does not match .* \[N, 3, 8, 8\]"):
+        qmodel(torch.randn(2, 1, 8, 8))
+    with pytest.raises(TypeError, match="float tensor"):
+        qmodel(torch.ones(2, 3, 8, 8, dtype=torch.uint8))
+
+
+def test_lower_bit_widths_and_per_tensor_weights_run(ctx):
+    model = randomize_bn(Residual())
+    config = fxq.QConfig(weight_bits=4, act_bits=6, per_channel=False)
+    qmodel = fxq.quantize(model, ctx.calib_loader, config)
+    conv = qmodel.get_submodule("unit.conv")
+    assert conv.weight.abs().max() <= 7 and len(set(conv.weight_scale.tolist())) == 1
+    quantized_input = qmodel.get_submodule("quantize_x")(ctx.calib_loader[0])
+    assert quantized_input.max() <= 63
+
+
+def test_source_never_uses_pytorchs_quantization_stack():
+    import pathlib
+    import re
+    root = pathlib.Path(fxq.__file__).resolve().parent.parent
+    forbidden = re.compile(r"torch\.ao|torch\.quantization|quantize_per_(tensor|channel)|"
+                           r"torch\.q(u)?int\d|fake_quantize|torch\.ops\.quantized|nn\.quantized")
+    sources = list((root / "fxq").glob("*.py")) + list((root / "passes").glob("*.py"))
+    assert len(sources) >= 10
+    offenders = [f"{p.name}: {line.strip()}" for p in sources
+                 for line in p.read_text().splitlines() if forbidden.search(line)]
+    assert offenders == []
