@@ -27,13 +27,12 @@ def quantize_add(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         a, b = deq_a.args[0], deq_b.args[0]
         qadd = QAdd(a.meta[META], b.meta[META], node.meta[META], f"the add {add.name}")
         path = add_module_near(gm, add, "add", qadd)
-        with gm.graph.inserting_before(node):
-            integer_add = gm.graph.call_module(path, (a, b))
-        integer_add.meta[META] = node.meta[META]
-        node.replace_all_uses_with(integer_add)
-        for dead in (node, add, deq_a, deq_b):
-            if not dead.users:
-                gm.graph.erase_node(dead)
+        # Rewritten in place so the add keeps its name (add, add_1, ...) in the printed code.
+        add.op, add.target, add.args, add.kwargs = "call_module", path, (a, b), {}
+        add.meta[META] = node.meta[META]
+        node.replace_all_uses_with(add)
+        for dead in (node, deq_a, deq_b):
+            gm.graph.erase_node(dead)
     return finish(gm)
 
 
