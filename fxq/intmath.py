@@ -14,12 +14,11 @@ the product below 2^62, so the int64 arithmetic never overflows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 FLOAT32_EXACT = 2**24  # every integer of magnitude ≤ 2^24 is exact in float32
-FLOAT64_EXACT = 2**53
 INT32_MAX = 2**31 - 1
 MULTIPLIER_BITS = 31
 ADD_MAX_SHIFT_GAP = 23  # keeps (A_q − z_A) · m · 2^gap below 2^62 in an integer add
@@ -63,16 +62,16 @@ def apply_multiplier(acc: torch.Tensor, m: torch.Tensor, shift: torch.Tensor) ->
 
 def requantize(acc: torch.Tensor, m: torch.Tensor, shift: torch.Tensor, zero_point: int,
                qmax: int) -> torch.Tensor:
-    """Formula (2): int32 accumulator ``[N, C, ...]`` → uint8 ``clamp(z + round(M[c]·acc), 0, qmax)``.
+    """Formula (2): int32 accumulator ``[..., C]`` (channels last) → uint8
+    ``clamp(z + round(M[c]·acc), 0, qmax)``.
 
     The same rounding as :func:`rounding_right_shift`, with ``z · 2^r`` folded into the nudge
     (adding a multiple of ``2^r`` before the shift adds ``z`` after it) to save passes over the
     tensor; ``m ≥ 0`` makes ``sign(m · acc) = sign(acc)``.
     """
-    shape = (1, -1) + (1,) * (acc.dim() - 2)
-    r = (MULTIPLIER_BITS - shift).reshape(shape)
-    offset = (torch.ones_like(r) << r >> 1) + (zero_point << r)
-    q = acc.to(torch.int64).mul_(m.reshape(shape)).add_(offset).sub_((acc < 0).to(torch.int64))
+    r = MULTIPLIER_BITS - shift
+    offset = (torch.ones_like(r) << (r - 1)) + (zero_point << r)
+    q = acc.to(torch.int64).mul_(m).add_(offset).sub_((acc < 0).to(torch.int64))
     return q.bitwise_right_shift_(r).clamp_(0, qmax).to(torch.uint8)
 
 
@@ -82,54 +81,47 @@ def accumulator_bound(weight_q: torch.Tensor, input_absmax: int, bias_q: torch.T
     return int((per_channel * input_absmax + bias_q.to(torch.int64).abs()).max())
 
 
-def choose_kernel(weight_q: torch.Tensor, input_absmax: int) -> str:
-    """The cheapest float kernel whose every partial sum of formula (1) is an exact integer.
+def conv_columns(x_q: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+                 padding: tuple[int, int], dilation: tuple[int, int], pad_value: int) -> tuple:
+    """im2col on integers: uint8 ``[N, C, H, W]`` → int8 ``[N·H'·W', k_h·k_w·C]`` of ``q − 128``.
 
-    - ``"float32"``: one float32 conv, when ``max|I − z| · max_c Σ|W[c]| ≤ 2^24``.
-    - ``"float32x2"``: W = 16·W_hi + W_lo with W_lo ∈ [−8, 7], |W_hi| ≤ 8: two float32 convs, each
-      bounded by ``max|I − z| · max_c Σ|W_part[c]| ≤ 2^24`` (ResNet-18's K = 4608 at 8 bits:
-      255 · 8 · 4608 ≈ 9.4·10^6), summed in int32.
-    - ``"float64"``: one float64 conv (exact to 2^53) for anything larger.
+    Shifting by 128 makes uint8 data int8 for the GEMM; padding uses ``pad_value − 128`` (the
+    zero point: a padded pixel is real 0). Returns the columns and ``(N, H', W')``.
     """
-    zero = torch.zeros(weight_q.shape[0], dtype=torch.int32)
-    if accumulator_bound(weight_q, input_absmax, zero) <= FLOAT32_EXACT:
-        return "float32"
-    high, low = split_weight(weight_q)
-    if max(accumulator_bound(high, input_absmax, zero),
-           accumulator_bound(low, input_absmax, zero)) <= FLOAT32_EXACT:
-        return "float32x2"
-    return "float64"
+    nhwc = x_q.permute(0, 2, 3, 1)
+    signed = (nhwc ^ 128).contiguous().view(torch.int8)  # q − 128 in two's complement
+    signed = F.pad(signed, (0, 0, padding[1], padding[1], padding[0], padding[0]),
+                   value=pad_value - 128)
+    n, h, w, c = signed.shape
+    out_h = (h - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    out_w = (w - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    sn, sh, sw, sc = signed.stride()
+    windows = signed.as_strided((n, out_h, out_w, kernel[0], kernel[1], c),
+                                (sn, sh * stride[0], sw * stride[1], sh * dilation[0],
+                                 sw * dilation[1], sc))
+    return windows.reshape(n * out_h * out_w, kernel[0] * kernel[1] * c), (n, out_h, out_w)
 
 
-def split_weight(weight_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``W = 16 · high + low`` with ``low ∈ [−8, 7]`` and ``|high| ≤ 8`` for 8-bit ``W``."""
-    w = weight_q.to(torch.int32)
-    low = ((w + 8) & 15) - 8
-    return (w - low) >> 4, low
+def gemm_weight(weight_q: torch.Tensor) -> torch.Tensor:
+    """int8 ``[C_out, C_in, k_h, k_w]`` (or ``[C_out, K]``) → ``[K, C_out]`` in :func:`conv_columns`' order."""
+    if weight_q.dim() == 4:
+        weight_q = weight_q.permute(0, 2, 3, 1)
+    return weight_q.reshape(weight_q.shape[0], -1).t()
 
 
-Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+def accumulate(columns: torch.Tensor, zero_point: int, weight_q: torch.Tensor,
+               bias_q: torch.Tensor) -> torch.Tensor:
+    """Formula (1) as one int8 × int8 → int32 GEMM: ``[M, K]`` columns of ``I_q − 128`` → ``[M, C_out]``.
 
+        Σ W·(I_q − z) + b = Σ W·(I_q − 128) + ((128 − z)·Σ W + b)
 
-def accumulate(input_q: torch.Tensor, zero_point: int, weight_q: torch.Tensor, bias_q: torch.Tensor,
-               op: Linear, kernel: str) -> torch.Tensor:
-    """Formula (1) for any linear op ``op(x, w)`` (a conv or a matmul): int32 ``acc``, exactly.
-
-    ``kernel`` comes from :func:`choose_kernel`, which proved every partial sum exact for it.
+    so the zero point and the bias become one int32 constant per output channel. The GEMM is
+    integer arithmetic (``torch._int_mm``, int32 accumulation): exact whenever the worst case
+    ``128·127·K`` fits int32 (K < 132,000; ResNet-18's widest layer has K = 4608).
     """
-    if kernel == "float64":
-        centered = input_q.to(torch.float64) - zero_point
-        acc = op(centered, weight_q.to(torch.float64)).to(torch.int32)
-    else:
-        centered = input_q.to(torch.float32) - zero_point
-        if kernel == "float32":
-            acc = op(centered, weight_q.to(torch.float32)).to(torch.int32)
-        else:
-            high, low = split_weight(weight_q)
-            acc = (op(centered, high.to(torch.float32)).to(torch.int32) * 16
-                   + op(centered, low.to(torch.float32)).to(torch.int32))
-    shape = (1, -1) + (1,) * (acc.dim() - 2)
-    return acc + bias_q.reshape(shape)
+    weight = gemm_weight(weight_q)
+    constant = (128 - zero_point) * weight.to(torch.int32).sum(0, dtype=torch.int32) + bias_q
+    return torch._int_mm(columns, weight) + constant
 
 
 def add(a_q: torch.Tensor, b_q: torch.Tensor, a: "AddOperand", b: "AddOperand", zero_point: int,
@@ -183,5 +175,5 @@ def mean_pool(q: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int])
     count = kernel[0] * kernel[1]
     if 255 * count > FLOAT32_EXACT:
         raise ValueError(f"average pooling window {kernel} is too large to sum exactly")
-    total = torch.nn.functional.avg_pool2d(q.to(torch.float32), kernel, stride, divisor_override=1)
+    total = F.avg_pool2d(q.to(torch.float32), kernel, stride, divisor_override=1)
     return rounding_divide(total.to(torch.int32), count).to(torch.uint8)

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fxq import affine, intmath
@@ -84,7 +83,8 @@ class _QWeighted(nn.Module):
                 f"{name}: the worst-case accumulator {self.accumulator_bound} does not fit int32; "
                 "lower weight_bits or act_bits for this layer"
             )
-        self.kernel = intmath.choose_kernel(weight_q, input_absmax)
+        if 128 * 127 * weight_q[0].numel() > intmath.INT32_MAX:  # the GEMM's own worst case
+            raise ValueError(f"{name}: K = {weight_q[0].numel()} is too large for an int32 GEMM")
         self.output_bits = output_qp.bits
         self.register_buffer("weight", weight_q)
         self.register_buffer("bias", bias_q)
@@ -96,17 +96,24 @@ class _QWeighted(nn.Module):
         self.register_buffer("input_zero_point", torch.tensor(input_qp.zero_point, dtype=torch.int32))
         self.register_buffer("output_zero_point", torch.tensor(output_qp.zero_point, dtype=torch.int32))
 
-    def accumulate(self, x: torch.Tensor) -> torch.Tensor:
-        """Formula (1): the int32 accumulator, bias included."""
-        return intmath.accumulate(x, int(self.input_zero_point), self.weight, self.bias, self.op,
-                                  self.kernel)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return intmath.requantize(self.accumulate(x), self.multiplier.to(torch.int64),
-                                  self.shift.to(torch.int64), int(self.output_zero_point),
-                                  (1 << self.output_bits) - 1)
+        columns, positions = self.columns(x)
+        return self.to_output(self.requantize(self.accumulate(columns)), positions)
 
-    def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def accumulate(self, columns: torch.Tensor) -> torch.Tensor:
+        """Formula (1): the int32 accumulator ``[positions, C_out]``, bias included."""
+        return intmath.accumulate(columns, int(self.input_zero_point), self.weight, self.bias)
+
+    def requantize(self, acc: torch.Tensor) -> torch.Tensor:
+        """Formula (2): accumulator → uint8 at the output scale."""
+        return intmath.requantize(acc, self.multiplier.to(torch.int64), self.shift.to(torch.int64),
+                                  int(self.output_zero_point), (1 << self.output_bits) - 1)
+
+    def columns(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """The GEMM's int8 ``[positions, K]`` input and the shape of ``positions``."""
+        raise NotImplementedError
+
+    def to_output(self, q: torch.Tensor, positions: tuple[int, ...]) -> torch.Tensor:
         raise NotImplementedError
 
     @staticmethod
@@ -122,20 +129,24 @@ class QConv2d(_QWeighted):
 
     def __init__(self, conv: nn.Conv2d, input_qp: ActQParams, output_qp: ActQParams,
                  config: QConfig, name: str):
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"{name}: padding_mode={conv.padding_mode!r} is not supported; use 'zeros'")
+        if conv.padding_mode != "zeros" or conv.groups != 1:
+            raise ValueError(f"{name}: only groups=1 and padding_mode='zeros' convolutions are "
+                             f"supported, got groups={conv.groups}, padding_mode={conv.padding_mode!r}")
         super().__init__(*self.quantized_parameters(conv, input_qp, config), input_qp, output_qp, name)
-        self.stride, self.padding = conv.stride, conv.padding
-        self.dilation, self.groups = conv.dilation, conv.groups
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
 
-    def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        # Zero padding of the centered input (q − z) is padding with real 0, as in the float conv.
-        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+    def columns(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        return intmath.conv_columns(x, tuple(self.weight.shape[2:]), self.stride, self.padding,
+                                    self.dilation, int(self.input_zero_point))
+
+    def to_output(self, q: torch.Tensor, positions: tuple[int, ...]) -> torch.Tensor:
+        # channels-last integers viewed as NCHW: no copy, and the next conv reads them as they are
+        return q.reshape(*positions, -1).permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
-        return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, "
+        return (f"{self.weight.shape[1]}, {self.weight.shape[0]}, "
                 f"kernel_size={tuple(self.weight.shape[2:])}, stride={self.stride}, "
-                f"padding={self.padding}, kernel={self.kernel}")
+                f"padding={self.padding}")
 
 
 class QLinear(_QWeighted):
@@ -146,11 +157,14 @@ class QLinear(_QWeighted):
         super().__init__(*self.quantized_parameters(linear, input_qp, config), input_qp, output_qp,
                          name)
 
-    def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, w)
+    def columns(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        return (x ^ 128).view(torch.int8), (x.shape[0],)  # q − 128, as in intmath.conv_columns
+
+    def to_output(self, q: torch.Tensor, positions: tuple[int, ...]) -> torch.Tensor:
+        return q
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[1]}, {self.weight.shape[0]}, kernel={self.kernel}"
+        return f"{self.weight.shape[1]}, {self.weight.shape[0]}"
 
 
 class QAdd(nn.Module):

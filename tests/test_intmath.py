@@ -41,18 +41,18 @@ def test_rounding_right_shift_rounds_half_away_from_zero():
 
 def test_requantize_rounds_exact_halves_away_from_zero():
     m, shift = intmath.fixed_point(torch.tensor([0.5], dtype=torch.float64))
-    acc = torch.tensor([-3, -1, 1, 3, -4], dtype=torch.int32).reshape(1, 1, 5)  # M·acc = ±0.5, ±1.5
+    acc = torch.tensor([-3, -1, 1, 3, -4], dtype=torch.int32).reshape(5, 1)  # M·acc = ±0.5, ±1.5
     assert intmath.requantize(acc, m, shift, 10, 255).flatten().tolist() == [8, 9, 11, 12, 8]
 
 
 def test_requantize_matches_exact_rational_formula():
     torch.manual_seed(0)
-    acc = torch.randint(-2**31 + 1, 2**31 - 1, (4, 3, 5), dtype=torch.int64).to(torch.int32)
+    acc = torch.randint(-2**31 + 1, 2**31 - 1, (4, 5, 3), dtype=torch.int64).to(torch.int32)
     real = torch.tensor([0.00037, 0.0123, 0.5], dtype=torch.float64)
     m, shift = intmath.fixed_point(real)
     out = intmath.requantize(acc, m, shift, zero_point=7, qmax=255)
-    for idx in [(0, 0, 0), (1, 1, 2), (3, 2, 4), (2, 0, 1)]:
-        c = idx[1]
+    for idx in [(0, 0, 0), (1, 2, 1), (3, 4, 2), (2, 1, 0)]:
+        c = idx[2]
         multiplier = Fraction(int(m[c])) * Fraction(2) ** (int(shift[c]) - 31)
         expected = min(max(7 + exact_round_half_away(multiplier * int(acc[idx])), 0), 255)
         assert int(out[idx]) == expected
@@ -69,54 +69,48 @@ def worst_case_conv(channels: int):
     return x, w
 
 
-def int64_conv_reference(x, zero_point, w, bias, padding=1):
-    cols = F.unfold(x.double() - zero_point, 3, padding=padding).round().long()  # [N, K, L]
-    out = torch.einsum("ok,nkl->nol", w.long().reshape(w.shape[0], -1), cols)
-    side = x.shape[-1] + 2 * padding - 2
-    return out.reshape(x.shape[0], w.shape[0], side, side) + bias.long().reshape(1, -1, 1, 1)
+def int64_conv_reference(x, zero_point, w, bias, stride=1, padding=1):
+    """Σ W·(I − z) + b with int64 everywhere; padding is real zero, i.e. I = z."""
+    padded = F.pad(x.long() - zero_point, (padding,) * 4)  # centered values, so pad with 0
+    cols = padded.unfold(2, 3, stride).unfold(3, 3, stride)  # [N, C, H', W', 3, 3]
+    out = torch.einsum("nchwij,ocij->nohw", cols, w.long())
+    return out + bias.long().reshape(1, -1, 1, 1)
 
 
-@pytest.mark.parametrize("kernel", ["float32x2", "float64"])
-def test_accumulate_is_exact_on_the_widest_resnet18_layer(kernel):
-    """K = 512·3·3 = 4608 with |W| = 127 and |I − z| = 255: |acc| reaches 1.5·10^8 > 2^24."""
+def integer_conv(x, zero_point, w, bias, stride=1, padding=1):
+    cols, (n, h, wd) = intmath.conv_columns(x, (3, 3), (stride, stride), (padding, padding), (1, 1),
+                                            zero_point)
+    acc = intmath.accumulate(cols, zero_point, w, bias)
+    return acc.reshape(n, h, wd, -1).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("zero_point", [0, 128, 255])
+def test_accumulate_is_exact_on_the_widest_resnet18_layer(zero_point):
+    """K = 512·3·3 = 4608 with |W| = 127 and inputs at the range ends: |acc| reaches 1.5·10^8,
+    far past float32's exact 2^24, and the int8 GEMM still matches int64 to the last unit."""
     x, w = worst_case_conv(512)
     bias = torch.full((8,), -2**20, dtype=torch.int32)
-    op = lambda inp, wt: F.conv2d(inp, wt, None, 1, 1)  # noqa: E731
-    acc = intmath.accumulate(x, 0, w, bias, op, kernel)
-    reference = int64_conv_reference(x, 0, w, bias)
-    assert reference.abs().max() > 2**24 * 8  # the test really leaves float32's exact range
+    acc = integer_conv(x, zero_point, w, bias)
+    reference = int64_conv_reference(x, zero_point, w, bias)
+    assert reference.abs().max() > 2**26  # float32 is exact only to 2^24
     assert acc.dtype == torch.int32
     assert torch.equal(acc.long(), reference)
 
 
-def test_plain_float32_is_not_exact_there_so_choose_kernel_refuses_it():
+def test_float32_would_not_be_exact_there():
+    """Why fxq does not emulate the integer conv with a float32 conv."""
     x, w = worst_case_conv(512)
-    assert intmath.choose_kernel(w, 255) == "float32x2"
-    op = lambda inp, wt: F.conv2d(inp, wt, None, 1, 1)  # noqa: E731
-    naive = op(x.float(), w.float()).long()
-    reference = int64_conv_reference(x, 0, w, torch.zeros(8, dtype=torch.int32))
-    assert not torch.equal(naive, reference)  # why the split exists
+    naive = F.conv2d(x.float(), w.float(), padding=1).long()
+    assert not torch.equal(naive, int64_conv_reference(x, 0, w, torch.zeros(8, dtype=torch.int32)))
 
 
-def test_choose_kernel_uses_one_float32_conv_when_the_bound_allows_it():
-    w = torch.full((4, 16, 3, 3), 127, dtype=torch.int8)  # 144 · 127 · 255 ≈ 4.7·10^6 < 2^24
-    assert intmath.choose_kernel(w, 255) == "float32"
-    x = torch.full((1, 16, 5, 5), 255, dtype=torch.uint8)
-    op = lambda inp, wt: F.conv2d(inp, wt, None, 1, 1)  # noqa: E731
-    acc = intmath.accumulate(x, 0, w, torch.zeros(4, dtype=torch.int32), op, "float32")
-    assert torch.equal(acc.long(), int64_conv_reference(x, 0, w, torch.zeros(4, dtype=torch.int32)))
-
-
-def test_choose_kernel_falls_back_to_float64_for_huge_layers():
-    w = torch.full((2, 9000), 127, dtype=torch.int8)  # 255 · 8 · 9000 > 2^24
-    assert intmath.choose_kernel(w, 255) == "float64"
-
-
-def test_split_weight_recomposes_every_int8():
-    w = torch.arange(-127, 128, dtype=torch.int8)
-    high, low = intmath.split_weight(w)
-    assert torch.equal(high * 16 + low, w.to(torch.int32))
-    assert low.min() >= -8 and low.max() <= 7 and high.abs().max() <= 8
+def test_strided_conv_columns_pad_with_the_zero_point():
+    torch.manual_seed(3)
+    x = torch.randint(0, 256, (2, 5, 7, 7), dtype=torch.uint8)
+    w = torch.randint(-127, 128, (4, 5, 3, 3), dtype=torch.int8)
+    bias = torch.randint(-1000, 1000, (4,), dtype=torch.int32)
+    got = integer_conv(x, 77, w, bias, stride=2, padding=1)
+    assert torch.equal(got.long(), int64_conv_reference(x, 77, w, bias, stride=2, padding=1))
 
 
 def test_accumulator_bound_is_the_worst_case():
