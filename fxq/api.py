@@ -1,7 +1,7 @@
 """``fxq.quantize``: the whole pipeline behind one call."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from torch import fx, nn
 
@@ -22,19 +22,22 @@ PASSES: list[Pass] = [trace, fold_bn, fuse, insert_observers, calibrate, convert
 
 
 def quantize(model: nn.Module, calib_loader: Iterable, config: QConfig | None = None,
-             passes: Sequence[Pass] | None = None) -> fx.GraphModule:
+             passes: Sequence[Pass] | None = None,
+             overrides: Mapping[str, QConfig | None] | None = None) -> fx.GraphModule:
     """Quantize a trained float ``model`` after training, calibrating on ``calib_loader``.
 
     Returns a ``GraphModule`` that takes float input, runs every conv, linear, ReLU, residual add
     and pooling on integer tensors, and returns float (dequantized) logits. ``model`` itself is
     not modified. ``passes`` replaces :data:`PASSES` (the first pass receives ``model``).
+    ``overrides`` maps module-name globs to a layer's own ``QConfig``, or to ``None`` to keep it
+    in float (``{"layer4.*": QConfig(weight_bits=4), "fc": None}``); first match wins.
     """
     config = QConfig() if config is None else config
     if not isinstance(config, QConfig):
         raise TypeError(f"config must be an fxq.QConfig, got {type(config).__name__}")
     if calib_loader is None:
         raise ValueError("calib_loader is None: pass a DataLoader or list of calibration batches")
-    ctx = PassContext(config, calib_loader)
+    ctx = PassContext(config, calib_loader, dict(overrides or {}))
     gm = model
     for step in PASSES if passes is None else passes:
         gm = step(gm, ctx)

@@ -25,25 +25,24 @@ class Row:
     zero_point: str
 
 
-def rows(gm: fx.GraphModule, example: torch.Tensor, act_bits: int = 8) -> list[Row]:
+def rows(gm: fx.GraphModule, example: torch.Tensor) -> list[Row]:
     """One :class:`Row` per node of ``gm``, shapes and dtypes from running ``example`` through it.
 
-    Scale and zero point come from the convert pass; before it, from what an observer has seen
-    (at ``act_bits``)."""
+    Scale and zero point come from the convert pass; before it, from what an observer has seen."""
     with torch.no_grad():
         ShapeProp(gm).propagate(example)
     modules = dict(gm.named_modules())
-    return [_row(node, modules, act_bits) for node in gm.graph.nodes]
+    return [_row(node, modules) for node in gm.graph.nodes]
 
 
-def _row(node: fx.Node, modules, act_bits: int) -> Row:
+def _row(node: fx.Node, modules) -> Row:
     meta = node.meta.get("tensor_meta")
     shape = "×".join(map(str, meta.shape)) if hasattr(meta, "shape") else ""
     dtype = str(meta.dtype).replace("torch.", "") if hasattr(meta, "dtype") else ""
     qp = node.meta.get(QPARAMS)
     if qp is None and node.op == "call_module" and isinstance(modules.get(node.target), Observer):
         observer = modules[node.target]
-        qp = observer.qparams(act_bits) if getattr(observer, "observed", False) else None
+        qp = observer.qparams() if observer.observed else None
     return Row(node.name, node.op, _target(node), shape, dtype,
                f"{qp.scale:.6g}" if qp else "", str(qp.zero_point) if qp else "")
 

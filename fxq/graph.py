@@ -13,14 +13,22 @@ def replace_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
 def add_module_near(gm: fx.GraphModule, node: fx.Node, suffix: str, module: nn.Module) -> str:
     """Register ``module`` beside the submodule ``node`` ran in (``layer1.0`` + ``add`` →
     ``layer1.0.add``), with a number appended if the name is taken; returns its path."""
-    stack = node.meta.get("nn_module_stack") or {}
-    scope = next(reversed(stack.values()))[0] if stack else ""
+    scope = scope_of(node)
     owner = gm.get_submodule(scope) if scope else gm
     name, n = suffix, 1
     while hasattr(owner, name):
         name, n = f"{suffix}_{n}", n + 1
     owner.add_module(name, module)
     return f"{scope}.{name}" if scope else name
+
+
+def scope_of(node: fx.Node) -> str:
+    """The path of the module ``node`` runs inside (``""`` at the top level): a module call's
+    parent, or the innermost module a function call was traced in."""
+    if node.op == "call_module":
+        return node.target.rpartition(".")[0]
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else ""
 
 
 def finish(gm: fx.GraphModule) -> fx.GraphModule:

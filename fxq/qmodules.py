@@ -10,12 +10,20 @@
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from fxq import affine, intmath
 from fxq.affine import ActQParams
-from fxq.config import QConfig
+
+
+class QuantizedWeight(NamedTuple):
+    """A layer's integer weight and the scales it is at (`fxq.weight_ranges.quantize_weights`)."""
+
+    weight: torch.Tensor  # int8 [C_out, ...]
+    scales: torch.Tensor  # float64 [C_out]
 
 
 class _ActBoundary(nn.Module):
@@ -71,9 +79,11 @@ class _QWeighted(nn.Module):
     int8 per output channel, the scales they came from (float64, for reports), and both zero points.
     """
 
-    def __init__(self, weight_q, bias_q, weight_scale, input_qp: ActQParams, output_qp: ActQParams,
-                 name: str):
+    def __init__(self, layer: nn.Module, weights: QuantizedWeight, input_qp: ActQParams,
+                 output_qp: ActQParams, name: str):
         super().__init__()
+        weight_q, weight_scale = weights
+        bias_q = affine.quantize_bias(layer.bias, input_qp.scale, weight_scale)
         real_multiplier = input_qp.scale * weight_scale / output_qp.scale
         multiplier, shift = intmath.fixed_point(real_multiplier)
         input_absmax = max(input_qp.zero_point, input_qp.qmax - input_qp.zero_point)
@@ -116,23 +126,15 @@ class _QWeighted(nn.Module):
     def to_output(self, q: torch.Tensor, positions: tuple[int, ...]) -> torch.Tensor:
         raise NotImplementedError
 
-    @staticmethod
-    def quantized_parameters(layer: nn.Module, input_qp: ActQParams, config: QConfig):
-        scales = affine.weight_scales(layer.weight, config.weight_bits, config.per_channel)
-        weight_q = affine.quantize_weight(layer.weight, scales, config.weight_bits)
-        bias_q = affine.quantize_bias(layer.bias, input_qp.scale, scales)
-        return weight_q, bias_q, scales
-
-
 class QConv2d(_QWeighted):
     """uint8 → uint8 2-d convolution (formulas (1), (2)); geometry copied from the float conv."""
 
-    def __init__(self, conv: nn.Conv2d, input_qp: ActQParams, output_qp: ActQParams,
-                 config: QConfig, name: str):
+    def __init__(self, conv: nn.Conv2d, weights: QuantizedWeight, input_qp: ActQParams,
+                 output_qp: ActQParams, name: str):
         if conv.padding_mode != "zeros" or conv.groups != 1:
             raise ValueError(f"{name}: only groups=1 and padding_mode='zeros' convolutions are "
                              f"supported, got groups={conv.groups}, padding_mode={conv.padding_mode!r}")
-        super().__init__(*self.quantized_parameters(conv, input_qp, config), input_qp, output_qp, name)
+        super().__init__(conv, weights, input_qp, output_qp, name)
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
 
     def columns(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -152,10 +154,9 @@ class QConv2d(_QWeighted):
 class QLinear(_QWeighted):
     """uint8 → uint8 fully connected layer (formulas (1), (2))."""
 
-    def __init__(self, linear: nn.Linear, input_qp: ActQParams, output_qp: ActQParams,
-                 config: QConfig, name: str):
-        super().__init__(*self.quantized_parameters(linear, input_qp, config), input_qp, output_qp,
-                         name)
+    def __init__(self, linear: nn.Linear, weights: QuantizedWeight, input_qp: ActQParams,
+                 output_qp: ActQParams, name: str):
+        super().__init__(linear, weights, input_qp, output_qp, name)
 
     def columns(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         return (x ^ 128).view(torch.int8), (x.shape[0],)  # q − 128, as in intmath.conv_columns

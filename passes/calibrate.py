@@ -8,6 +8,7 @@ from torch import fx
 
 from fxq.context import PassContext
 from fxq.graph import finish
+from fxq.observers import CALIBRATED
 
 META = "fxq.calibrate"
 
@@ -24,16 +25,34 @@ class Calibration:
 def calibrate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Feed every batch of ``ctx.calib_loader`` through the graph (eval mode, no grad).
 
-    The graph does not change; its observers accumulate ranges. A batch is a tensor or a
+    The graph does not change; its observers accumulate statistics, over as many passes as the
+    most demanding observer needs (a histogram needs two). A batch is a tensor or a
     tuple/list whose first item is the input (``(images, labels)`` from a DataLoader). Raises a
     ``ValueError`` for an empty loader, a batch with NaN/Inf, or a batch the model cannot run on
     (wrong shape), and a ``TypeError`` for a batch that is not a float tensor.
     """
     gm.eval()
+    observers = [m for m in gm.modules() if isinstance(m, CALIBRATED)]
+    passes = max((o.passes for o in observers), default=1)
+    if passes > 1 and iter(ctx.calib_loader) is ctx.calib_loader:
+        raise ValueError(
+            f"act_range={ctx.config.act_range!r} reads the calibration data {passes} times, but "
+            "calib_loader is a one-shot iterator: pass a DataLoader or a list of batches"
+        )
+    for index in range(passes):
+        for observer in observers:
+            observer.begin_pass(index)
+        batches, samples, sample_shape = _one_pass(gm, ctx.calib_loader)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    placeholders[0].meta[META] = Calibration(batches, samples, sample_shape)
+    return finish(gm)
+
+
+def _one_pass(gm: fx.GraphModule, loader) -> tuple[int, int, tuple[int, ...] | None]:
     batches = samples = 0
     sample_shape = None
     with torch.no_grad():
-        for index, item in enumerate(ctx.calib_loader):
+        for index, item in enumerate(loader):
             x = batch_input(item, index)
             if sample_shape is None:
                 sample_shape = tuple(x.shape[1:])
@@ -44,9 +63,7 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             "calib_loader yielded no batches: pass a non-empty DataLoader or list of input "
             "batches (a few hundred training images are typical)"
         )
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    placeholders[0].meta[META] = Calibration(batches, samples, sample_shape)
-    return finish(gm)
+    return batches, samples, sample_shape
 
 
 def batch_input(item: object, index: int) -> torch.Tensor:

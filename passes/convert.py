@@ -1,22 +1,34 @@
 """convert: observed float graph → integer graph (qparams, integer weights, integer ops)."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import fx, nn
 
 from fxq import intmath
 from fxq.affine import ActQParams
-from fxq.config import QConfig
 from fxq.context import PassContext
 from fxq.graph import add_module_near, finish, label, replace_module
-from fxq.observers import Observer
+from fxq.observers import InputGram, Observer
 from fxq.ops import Kind, kind_of
 from fxq.qmodules import Dequantize, QAvgPool2d, QConv2d, QLinear, Quantize
+from fxq.weight_ranges import quantize_weights
 from passes import calibrate as calibrate_pass
-from passes.insert_observers import OBSERVERS
+from passes.insert_observers import INPUT_GRAMS, OBSERVERS
 
 META = "fxq.qparams"  # ActQParams of the integer value a node produces
+
+
+@dataclass
+class _State:
+    """What the rules share while converting one graph."""
+
+    gm: fx.GraphModule
+    ctx: PassContext
+    modules: dict[str, nn.Module]
+    grams: dict[str, torch.Tensor] = field(default_factory=dict)  # layer → H of its input
 
 
 def convert(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -32,30 +44,38 @@ def convert(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         avgpool(x)                     → QAvgPool2d(q)                sum, rounding division
         add(a, b)                      → quantize(add(dequantize(a), dequantize(b)))
                                          a float island that the quantize_add pass makes integer
+        conv(x), overridden to None    → quantize(conv(dequantize(x)))   a layer kept in float
         return y                       → return dequantize(y)         the logits, once
 
     The graph runs correctly after this pass; only the adds still compute in float.
     """
-    modules = dict(gm.named_modules())
-    _take_observed_ranges(gm, modules, ctx.config.act_bits)
+    state = _State(gm, ctx, dict(gm.named_modules()))
+    _take_calibration_statistics(state)
     for node in list(gm.graph.nodes):
         if node.op == "placeholder" and META in node.meta:
             _quantize_input(gm, node)
         elif node.op == "output":
             _dequantize_outputs(gm, node)
         elif node.op in ("call_module", "call_function", "call_method"):
-            RULES[kind_of(node, modules)](gm, node, modules, ctx.config)
-    gm.delete_submodule(OBSERVERS)
+            RULES[kind_of(node, state.modules)](state, node)
+    for container in (OBSERVERS, INPUT_GRAMS):
+        gm.delete_submodule(container)
     return finish(gm)
 
 
-def _take_observed_ranges(gm: fx.GraphModule, modules: dict[str, nn.Module], bits: int) -> None:
-    for node in list(gm.graph.nodes):
-        if node.op == "call_module" and isinstance(modules[node.target], Observer):
-            observed = node.args[0]
-            observed.meta[META] = modules[node.target].qparams(bits)
-            node.replace_all_uses_with(observed)
-            gm.graph.erase_node(node)
+def _take_calibration_statistics(state: _State) -> None:
+    """Observers become qparams on the observed node; input Grams are kept for their layer."""
+    for node in list(state.gm.graph.nodes):
+        module = state.modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(module, Observer):
+            node.args[0].meta[META] = module.qparams()
+        elif isinstance(module, InputGram):
+            (layer,) = [user.target for user in node.users]
+            state.grams[layer] = module.gram
+        else:
+            continue
+        node.replace_all_uses_with(node.args[0])
+        state.gm.graph.erase_node(node)
 
 
 def qparams_of(node: fx.Node, user: fx.Node) -> ActQParams:
@@ -87,14 +107,20 @@ def _dequantize_outputs(gm: fx.GraphModule, output: fx.Node) -> None:
     output.args = fx.map_arg(output.args, dequantize)
 
 
-def _weighted(gm, node, modules, config: QConfig) -> None:
-    layer = modules[node.target]
+def _weighted(state: _State, node: fx.Node) -> None:
+    config = state.ctx.config_for(node.target)
+    if config is None:  # kept in float by an override
+        _float_island(state, node)
+        return
+    layer = state.modules[node.target]
+    weights = quantize_weights(layer.weight, config.weight_bits, config.per_channel,
+                               config.weight_range, state.grams.get(node.target))
     make = QConv2d if isinstance(layer, nn.Conv2d) else QLinear
-    replace_module(gm, node.target, make(layer, qparams_of(node.args[0], node), node.meta[META],
-                                         config, node.target))
+    replace_module(state.gm, node.target, make(layer, weights, qparams_of(node.args[0], node),
+                                               node.meta[META], node.target))
 
 
-def _activation(gm, node, modules, config: QConfig) -> None:
+def _activation(state: _State, node: fx.Node) -> None:
     source = node.args[0]
     qp = qparams_of(source, node)
     # Rewritten in place so the node keeps its name (layer1_0_relu) in the printed code.
@@ -102,24 +128,24 @@ def _activation(gm, node, modules, config: QConfig) -> None:
     node.meta[META] = qp
 
 
-def _passthrough(gm, node, modules, config: QConfig) -> None:
+def _passthrough(state: _State, node: fx.Node) -> None:
     source = node.args[0]
     qp = qparams_of(source, node)
-    if node.op == "call_module" and isinstance(modules[node.target], (nn.Identity, nn.Dropout)):
-        _replace(gm, node, source)
+    if node.op == "call_module" and isinstance(state.modules[node.target], (nn.Identity, nn.Dropout)):
+        node.replace_all_uses_with(source)
+        state.gm.graph.erase_node(node)
     else:
         node.meta[META] = qp
 
 
-def _avgpool(gm, node, modules, config: QConfig) -> None:
+def _avgpool(state: _State, node: fx.Node) -> None:
     qp = qparams_of(node.args[0], node)
     if node.op == "call_module":
-        pool = modules[node.target]
-        replace_module(gm, node.target, _integer_pool(pool, node))
-        node.meta[META] = qp
-        return
-    path = add_module_near(gm, node, "avgpool", _integer_pool(nn.AdaptiveAvgPool2d(node.args[1]), node))
-    node.op, node.target, node.args, node.kwargs = "call_module", path, node.args[:1], {}
+        replace_module(state.gm, node.target, _integer_pool(state.modules[node.target], node))
+    else:
+        pool = _integer_pool(nn.AdaptiveAvgPool2d(node.args[1]), node)
+        path = add_module_near(state.gm, node, "avgpool", pool)
+        node.op, node.target, node.args, node.kwargs = "call_module", path, node.args[:1], {}
     node.meta[META] = qp
 
 
@@ -137,15 +163,18 @@ def _integer_pool(pool: nn.Module, node: fx.Node) -> QAvgPool2d:
     return QAvgPool2d(kernel, stride)
 
 
-def _float_add(gm, node, modules, config: QConfig) -> None:
-    a, b = node.args[:2]
+def _float_island(state: _State, node: fx.Node) -> None:
+    """Run ``node`` in float between integers: dequantize its inputs, quantize its output."""
+    gm = state.gm
     inputs = []
-    for operand in (a, b):
-        qp = qparams_of(operand, node)
-        path = add_module_near(gm, node, f"{node.name}_dequantize", Dequantize(qp))
-        with gm.graph.inserting_before(node):
-            inputs.append(gm.graph.call_module(path, (operand,)))
-    node.args = tuple(inputs) + tuple(node.args[2:])
+    for operand in node.args:
+        if isinstance(operand, fx.Node):
+            path = add_module_near(gm, node, f"{node.name}_dequantize",
+                                   Dequantize(qparams_of(operand, node)))
+            with gm.graph.inserting_before(node):
+                operand = gm.graph.call_module(path, (operand,))
+        inputs.append(operand)
+    node.args = tuple(inputs)
     path = add_module_near(gm, node, f"{node.name}_quantize", Quantize(node.meta[META], None))
     with gm.graph.inserting_after(node):
         quantized = gm.graph.call_module(path, (node,))
@@ -153,31 +182,26 @@ def _float_add(gm, node, modules, config: QConfig) -> None:
     quantized.meta[META] = node.meta.pop(META)
 
 
-def _shape(gm, node, modules, config: QConfig) -> None:
+def _shape(state: _State, node: fx.Node) -> None:
     """x.size() returns Python ints: nothing to quantize."""
 
 
-def _unsupported(gm, node, modules, config: QConfig) -> None:
+def _unsupported(state: _State, node: fx.Node) -> None:
     raise ValueError(f"{label(node)} has no integer implementation; run insert_observers first, "
                      "which names the unsupported op")
-
-
-def _replace(gm: fx.GraphModule, node: fx.Node, replacement: fx.Node) -> None:
-    node.replace_all_uses_with(replacement)
-    gm.graph.erase_node(node)
 
 
 def _pair(value) -> tuple[int, int]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-Rule = Callable[[fx.GraphModule, fx.Node, dict, QConfig], None]
+Rule = Callable[[_State, fx.Node], None]
 RULES: dict[Kind | None, Rule] = {
     Kind.WEIGHTED: _weighted,
     Kind.ACTIVATION: _activation,
     Kind.PASSTHROUGH: _passthrough,
     Kind.AVGPOOL: _avgpool,
-    Kind.ADD: _float_add,
+    Kind.ADD: _float_island,
     Kind.SHAPE: _shape,
     None: _unsupported,
 }

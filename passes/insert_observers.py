@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from torch import fx, nn
 
+from fxq.config import QConfig
 from fxq.context import PassContext
-from fxq.graph import finish, label
-from fxq.observers import make_observer
+from fxq.graph import finish, label, scope_of
+from fxq.observers import InputGram, make_observer
 from fxq.ops import Kind, kind_of, supported
 
 OBSERVERS = "observers"  # the submodule holding one observer per observed node
+INPUT_GRAMS = "input_grams"  # the submodule holding the output-aware weight rule's statistics
 
 
 def insert_observers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -17,20 +19,54 @@ def insert_observers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     Before: ``y = conv(x)``. After: ``y = observers.conv(conv(x))``, an identity that records
     ``y``'s range. Observed: every model input, and the output of each conv, linear and add
     (with the default placement "pre", before its ReLU). ReLU, pooling, flatten and view keep
-    their input's scale and get no observer. An op fxq cannot run on integers raises a
-    ``ValueError`` naming it and listing what is supported.
+    their input's scale and get no observer. A layer whose config asks for
+    ``weight_range="output_aware"`` also gets ``input_grams.<layer>`` on its input edge.
+
+    Each observer follows the config of the layer producing the value (``ctx.config_for``). An
+    op fxq cannot run on integers raises a ``ValueError`` naming it and listing what is supported;
+    an ``overrides`` pattern that matches no layer raises one listing close matches.
     """
     modules = dict(gm.named_modules())
-    container = nn.Module()
-    gm.add_module(OBSERVERS, container)
+    ctx.check_overrides([n.target for n in gm.graph.nodes if _is_weighted(n, modules)])
+    containers = {OBSERVERS: nn.Module(), INPUT_GRAMS: nn.Module()}
+    for name, container in containers.items():
+        gm.add_module(name, container)
     for node in list(gm.graph.nodes):
         if node.op == "placeholder" or _needs_observer(node, modules):
-            observer = make_observer(ctx.config.act_range, f"the value of {label(node)}")
-            container.add_module(node.name, observer)
-            with gm.graph.inserting_after(node):
-                observed = gm.graph.call_module(f"{OBSERVERS}.{node.name}", (node,))
-            node.replace_all_uses_with(observed, delete_user_cb=lambda user: user is not observed)
+            config = _producer_config(node, ctx)
+            observer = make_observer(config, f"the value of {label(node)}")
+            _insert_after(gm, node, containers[OBSERVERS], observer)
+        if _is_weighted(node, modules):
+            config = ctx.config_for(node.target)
+            if config is not None and config.weight_range == "output_aware":
+                _insert_on_input(gm, node, containers[INPUT_GRAMS], modules[node.target])
     return finish(gm)
+
+
+def _producer_config(node: fx.Node, ctx: PassContext) -> QConfig:
+    """The config that quantizes ``node``'s output: its layer's, or the global one for inputs,
+    adds (by their enclosing block) and float layers."""
+    name = node.target if node.op == "call_module" else scope_of(node)
+    config = ctx.config_for(name) if name else ctx.config
+    return config or ctx.config
+
+
+def _insert_after(gm: fx.GraphModule, node: fx.Node, container: nn.Module, observer: nn.Module):
+    container.add_module(node.name, observer)
+    with gm.graph.inserting_after(node):
+        observed = gm.graph.call_module(f"{OBSERVERS}.{node.name}", (node,))
+    node.replace_all_uses_with(observed, delete_user_cb=lambda user: user is not observed)
+
+
+def _insert_on_input(gm: fx.GraphModule, node: fx.Node, container: nn.Module, layer: nn.Module):
+    container.add_module(node.name, InputGram(layer, f"the input of {label(node)}"))
+    with gm.graph.inserting_before(node):
+        gram = gm.graph.call_module(f"{INPUT_GRAMS}.{node.name}", (node.args[0],))
+    node.args = (gram,) + tuple(node.args[1:])
+
+
+def _is_weighted(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return node.op == "call_module" and kind_of(node, modules) is Kind.WEIGHTED
 
 
 def _needs_observer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:

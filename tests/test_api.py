@@ -59,8 +59,11 @@ def test_default_config_is_the_contract():
 
 
 @pytest.mark.parametrize("kwargs, pattern", [
-    ({"weight_range": "mse"}, "weight_range='mse' is not supported"),
-    ({"act_range": "entropy"}, "act_range='entropy' is not supported"),
+    ({"weight_range": "kmeans"}, "weight_range='kmeans' is not supported"),
+    ({"act_range": "median"}, "act_range='median' is not supported"),
+    ({"percentile": 40.0}, "percentile=40.0"),
+    ({"histogram_bins": 100}, "histogram_bins=100"),
+    ({"averaging_constant": 0.0}, "averaging_constant=0.0"),
     ({"placement": "post"}, "placement='post' is not supported"),
     ({"weight_bits": 9}, "weight_bits=9"),
     ({"act_bits": 1}, "act_bits=1"),

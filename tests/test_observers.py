@@ -10,7 +10,7 @@ def test_minmax_tracks_the_running_range_and_passes_through():
     assert obs(a) is a
     obs(torch.tensor([0.5, 3.0]))
     assert (obs.min_val.item(), obs.max_val.item()) == (-1.0, 3.0)
-    qp = obs.qparams(8)
+    qp = obs.qparams()
     assert qp.scale == pytest.approx(4.0 / 255) and qp.zero_point == 64
 
 
@@ -19,7 +19,7 @@ def test_merge_equals_observing_everything():
     x, y = torch.randn(100), torch.randn(100) * 3
     a(x), b(y), both(x), both(y)
     merged = a.merge(b)
-    assert merged.qparams(8) == both.qparams(8)
+    assert merged.qparams() == both.qparams()
 
 
 def test_nan_is_reported_with_the_label():
@@ -29,4 +29,4 @@ def test_nan_is_reported_with_the_label():
 
 def test_unobserved_observer_refuses_to_give_qparams():
     with pytest.raises(ValueError, match="saw no data"):
-        MinMaxObserver("x").qparams(8)
+        MinMaxObserver("x").qparams()

@@ -1,0 +1,102 @@
+"""Weight rules: how a layer's float weights become integers and per-channel scales.
+
+    rule           scale per channel (or per tensor)              rounding
+    minmax         max |w| / qmax                                 nearest
+    mse            clip c·max|w| minimizing ‖w − Q(w)‖²           nearest
+    output_aware   clip c·max|w| minimizing ‖ΔW·X‖²               greedy up/down per weight,
+                                                                  minimizing ‖ΔW·X‖²
+
+``X`` is the layer's input on the calibration data, seen through its Gram matrix ``H = X·Xᵀ``
+(``[K, K]``, K = C_in·k_h·k_w): ``‖ΔW·X‖² = Σ_c ΔW_c · H · ΔW_cᵀ``. Weights are only ever rounded
+(each integer is ``floor(w/s)`` or ``ceil(w/s)``, then clamped to ``[−qmax, qmax]``), never learned.
+"""
+from __future__ import annotations
+
+import torch
+
+from fxq.affine import quantize_weight, weight_qmax, weight_scales
+from fxq.qmodules import QuantizedWeight
+
+MSE_FRACTIONS = torch.arange(20, 101, dtype=torch.float64) / 100  # clipping at 20 % … 100 % of max|w|
+OUTPUT_FRACTIONS = torch.arange(30, 101, 5, dtype=torch.float64) / 100
+GREEDY_BLOCK = 128
+
+
+def quantize_weights(weight: torch.Tensor, bits: int, per_channel: bool, rule: str,
+                     gram: torch.Tensor | None = None) -> QuantizedWeight:
+    """``(int8 weight, float64 scales [C_out])`` for ``rule``; ``output_aware`` needs ``gram``."""
+    if rule == "minmax":
+        scales = weight_scales(weight, bits, per_channel)
+        return QuantizedWeight(quantize_weight(weight, scales, bits), scales)
+    w = weight.detach().to(torch.float64).reshape(weight.shape[0], -1)
+    if rule == "mse":
+        scales = _best_clipping(w, bits, per_channel, MSE_FRACTIONS, _weight_error)
+        return QuantizedWeight(quantize_weight(weight, scales, bits), scales)
+    if gram is None:
+        raise ValueError("weight_range='output_aware' needs the layer's input statistics from calibration")
+    error = lambda w_, q_: _output_error(w_, q_, gram)  # noqa: E731
+    scales = _best_clipping(w, bits, per_channel, OUTPUT_FRACTIONS, error)
+    q = greedy_rounding(w, scales, bits, gram)
+    return QuantizedWeight(q.reshape(weight.shape).to(torch.int8), scales)
+
+
+def _weight_error(w: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
+    """Per-channel ‖w − Q(w)‖²."""
+    return ((w - w_hat) ** 2).sum(1)
+
+
+def _output_error(w: torch.Tensor, w_hat: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Per-channel ‖(w − Q(w))·X‖² = Δ_c H Δ_cᵀ."""
+    delta = w - w_hat
+    return ((delta @ gram) * delta).sum(1)
+
+
+def _best_clipping(w: torch.Tensor, bits: int, per_channel: bool, fractions: torch.Tensor,
+                   error) -> torch.Tensor:
+    """Scales ``c · max|w| / qmax`` with the clipping fraction ``c`` of least ``error``, chosen per
+    channel (all channels at once) or for the whole tensor."""
+    qmax = weight_qmax(bits)
+    full = weight_scales(w, bits, per_channel)
+    errors = []
+    for fraction in fractions.tolist():  # a loop over candidates, never over channels
+        scales = full * fraction
+        w_hat = torch.clamp(torch.round(w / scales[:, None]), -qmax, qmax) * scales[:, None]
+        errors.append(error(w, w_hat))
+    errors = torch.stack(errors)  # [candidates, C]
+    if per_channel:
+        best = errors.argmin(0)
+    else:
+        best = errors.sum(1).argmin().expand(w.shape[0])
+    return full * fractions[best]
+
+
+def greedy_rounding(w: torch.Tensor, scales: torch.Tensor, bits: int, gram: torch.Tensor) -> torch.Tensor:
+    """Round each weight down or up so the layer's output error ‖ΔW·X‖² stays small.
+
+    Columns are decided in order; for column k every channel picks the rounding ``e`` (its error
+    in weight units) minimizing the increase ``2·e·g_k + e²·H_kk`` of ``Σ ΔW H ΔWᵀ``, where
+    ``g = ΔW_decided · H`` carries the errors already committed. A rounding that would leave the
+    integer range is not a candidate. Vectorized over channels; one step per column.
+    """
+    qmax = weight_qmax(bits)
+    v = w / scales[:, None]
+    down = torch.clamp(torch.floor(v), -qmax, qmax)
+    up = torch.clamp(down + 1, -qmax, qmax)
+    err_down, err_up = (down - v) * scales[:, None], (up - v) * scales[:, None]
+    g = torch.zeros_like(w)
+    chosen = torch.empty_like(w)
+    # Columns go in blocks: inside a block g is updated column by column, the rest of the row
+    # once per block with one matmul (GPTQ's lazy batch; the same decisions, BLAS-speed).
+    for start in range(0, w.shape[1], GREEDY_BLOCK):
+        end = min(start + GREEDY_BLOCK, w.shape[1])
+        g_block = g[:, start:end].clone()
+        committed = torch.empty(w.shape[0], end - start, dtype=w.dtype)
+        for j, k in enumerate(range(start, end)):
+            cost_down = err_down[:, k] * (2 * g_block[:, j] + err_down[:, k] * gram[k, k])
+            cost_up = err_up[:, k] * (2 * g_block[:, j] + err_up[:, k] * gram[k, k])
+            pick_up = cost_up < cost_down
+            chosen[:, k] = torch.where(pick_up, up[:, k], down[:, k])
+            committed[:, j] = torch.where(pick_up, err_up[:, k], err_down[:, k])
+            g_block.addr_(committed[:, j], gram[k, start:end])
+        g[:, end:] += committed @ gram[start:end, end:]
+    return chosen
