@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 CANDIDATES = 100  # clipping fractions tried by the search rules: 1/100, 2/100, ..., 1
+KL_FLOOR = 1e-4  # the least probability Q gives a bin in the entropy rule
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ def _fractions() -> torch.Tensor:
 
 
 def percentile_range(hist: Histogram, percentile: float) -> tuple[float, float]:
-    """Clip ``(100 − percentile)`` % of the mass from each tail (percentile 99.99: 0.01 % each)."""
+    """The ``(100 − p)``-th and ``p``-th percentiles: ``p = 99.99`` clips 0.01 % of each tail."""
     cdf = hist.counts.cumsum(0) / hist.counts.sum()
     tail = 1.0 - percentile / 100.0
     edges = hist.edges
@@ -91,9 +92,9 @@ def kl_divergence_of_range(hist: Histogram, lo: float, hi: float, bits: int) -> 
     """
     centers = hist.centers
     inside = (centers >= lo) & (centers <= hi)
-    if inside.sum() < (1 << bits):  # fewer bins than levels: Q = P trivially, KL says nothing
-        return float("inf")
     kept = hist.counts[inside]
+    if len(kept) < (1 << bits) or kept.sum() == 0:  # Q = P trivially, or Q has no mass at all
+        return float("inf")
     p = kept.clone()
     p[0] += hist.counts[centers < lo].sum()
     p[-1] += hist.counts[centers > hi].sum()
@@ -102,9 +103,10 @@ def kl_divergence_of_range(hist: Histogram, lo: float, hi: float, bits: int) -> 
     occupied = torch.zeros(1 << bits, dtype=torch.float64).index_add_(0, levels, (kept > 0).double())
     q = torch.where(kept > 0, mass[levels] / occupied[levels].clamp(min=1), torch.zeros_like(kept))
     p, q = p / p.sum(), q / q.sum()
+    # P has mass where Q has none when outliers fold into an empty edge bin: give Q a floor
+    # (as TensorRT and MXNet smooth it) so that costs a finite, mass-proportional amount.
+    q = torch.clamp(q, min=KL_FLOOR)
     support = p > 0
-    if (q[support] == 0).any():  # P has mass where Q has none: an edge bin only outliers fill
-        return float("inf")
     return float((p[support] * torch.log(p[support] / q[support])).sum())
 
 

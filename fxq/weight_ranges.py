@@ -17,8 +17,8 @@ import torch
 from fxq.affine import quantize_weight, weight_qmax, weight_scales
 from fxq.qmodules import QuantizedWeight
 
-MSE_FRACTIONS = torch.arange(20, 101, dtype=torch.float64) / 100  # clipping at 20 % … 100 % of max|w|
-OUTPUT_FRACTIONS = torch.arange(30, 101, 5, dtype=torch.float64) / 100
+MSE_FRACTIONS = torch.arange(1, 101, dtype=torch.float64) / 100  # clip at 1 % … 100 % of max |w|
+OUTPUT_FRACTIONS = torch.arange(5, 101, 5, dtype=torch.float64) / 100
 GREEDY_BLOCK = 128
 
 

@@ -30,3 +30,52 @@ def test_nan_is_reported_with_the_label():
 def test_unobserved_observer_refuses_to_give_qparams():
     with pytest.raises(ValueError, match="saw no data"):
         MinMaxObserver("x").qparams()
+
+
+from fxq import QConfig  # noqa: E402
+from fxq.observers import HistogramObserver, MovingAverageObserver, make_observer  # noqa: E402
+
+
+def test_moving_average_follows_the_ema_formula():
+    obs = MovingAverageObserver("x", 8, averaging_constant=0.5)
+    for lo, hi in [(-1.0, 1.0), (-3.0, 5.0), (0.0, 1.0)]:
+        obs(torch.tensor([lo, hi]))
+    # min: -1 → -1 + .5(-3 + 1) = -2 → -2 + .5(0 + 2) = -1 ; max: 1 → 3 → 2
+    assert (obs.min_val.item(), obs.max_val.item()) == (-1.0, 2.0)
+
+
+def test_histogram_observer_needs_two_passes_and_merges_per_pass():
+    torch.manual_seed(0)
+    data = [torch.randn(1000), torch.randn(1000) * 2]
+    whole, a, b = (HistogramObserver(n, 8, "mse", 256, 99.9) for n in "wab")
+    assert whole.passes == 2
+    for p in range(2):
+        for obs in (whole, a, b):
+            obs.begin_pass(p)
+        for x in data:
+            whole(x)
+        a(data[0]), b(data[1])
+        if p == 0:
+            a.merge(b)
+            b.min_val, b.max_val = a.min_val.clone(), a.max_val.clone()
+    a.merge(b)
+    assert torch.equal(a.counts, whole.counts) and a.qparams() == whole.qparams()
+    assert a.counts.numel() == 256  # bounded memory: the histogram, never the activations
+
+
+def test_histograms_over_different_extents_refuse_to_merge():
+    a, b = HistogramObserver("a", 8, "mse", 256, 99.9), HistogramObserver("b", 8, "mse", 256, 99.9)
+    for obs, x in ((a, torch.tensor([0.0, 1.0])), (b, torch.tensor([0.0, 2.0]))):
+        obs(x)
+        obs.begin_pass(1)
+    with pytest.raises(ValueError, match="different extents"):
+        a.merge(b)
+
+
+@pytest.mark.parametrize("act_range, kind", [
+    ("minmax", "MinMaxObserver"), ("moving_average", "MovingAverageObserver"),
+    ("percentile", "HistogramObserver"), ("mse", "HistogramObserver"),
+    ("entropy", "HistogramObserver")])
+def test_make_observer_follows_the_config(act_range, kind):
+    obs = make_observer(QConfig(act_range=act_range, act_bits=6), "v")
+    assert type(obs).__name__ == kind and obs.bits == 6

@@ -1,0 +1,65 @@
+"""Per-layer configuration: module-name globs → QConfig, or None to keep a layer in float."""
+import pytest
+import torch
+from torch import nn
+
+import fxq
+from fxq.qmodules import Dequantize, QConv2d, QLinear, Quantize
+from fxq.runtime import count_ops
+from tests.helpers import Residual, randomize_bn
+
+
+def test_glob_patterns_give_layers_their_own_config(ctx):
+    qmodel = fxq.quantize(randomize_bn(Residual()), ctx.calib_loader,
+                          overrides={"unit.*": fxq.QConfig(weight_bits=4), "fc": fxq.QConfig(act_bits=6)})
+    assert qmodel.get_submodule("unit.conv").weight.abs().max() <= 7
+    assert qmodel.get_submodule("conv2").weight.abs().max() == 127
+    assert qmodel.get_submodule("fc").output_bits == 6
+
+
+def test_none_keeps_a_layer_in_float_between_dequantize_and_quantize(ctx):
+    model = randomize_bn(Residual())
+    qmodel = fxq.quantize(model, ctx.calib_loader, overrides={"fc": None})
+    assert type(qmodel.get_submodule("fc")) is nn.Linear
+    assert isinstance(qmodel.get_submodule("fc_dequantize"), Dequantize)
+    assert isinstance(qmodel.get_submodule("fc_quantize"), Quantize)
+    assert isinstance(qmodel.get_submodule("unit.conv"), QConv2d)
+    ops = count_ops(qmodel, ctx.calib_loader[0])
+    assert ops.float == 1 and ops.boundary == 4  # fc in float; quantize in/out around it
+    x = ctx.calib_loader[0]
+    assert (qmodel(x) - model(x)).abs().max() < 0.1 * model(x).abs().max()
+
+
+def test_first_matching_pattern_wins(ctx):
+    qmodel = fxq.quantize(randomize_bn(Residual()), ctx.calib_loader,
+                          overrides={"fc": fxq.QConfig(weight_bits=4), "*": None})
+    assert isinstance(qmodel.get_submodule("fc"), QLinear)
+    assert type(qmodel.get_submodule("conv2")) is nn.Conv2d
+
+
+def test_unknown_layer_name_lists_close_matches(ctx):
+    with pytest.raises(ValueError, match=r"'unit.cnv' matches no layer. Close matches: \['unit.conv'"):
+        fxq.quantize(randomize_bn(Residual()), ctx.calib_loader, overrides={"unit.cnv": None})
+
+
+def test_override_values_must_be_configs_or_none(ctx):
+    with pytest.raises(TypeError, match="fxq.QConfig, or to None"):
+        fxq.quantize(randomize_bn(Residual()), ctx.calib_loader, overrides={"fc": 4})
+
+
+def test_histogram_ranges_need_a_reiterable_loader(ctx):
+    one_shot = iter(ctx.calib_loader)
+    with pytest.raises(ValueError, match="act_range='mse' reads the calibration data 2 times"):
+        fxq.quantize(randomize_bn(Residual()), one_shot, fxq.QConfig(act_range="mse"))
+
+
+@pytest.mark.parametrize("config", [
+    fxq.QConfig(act_range=a) for a in ("moving_average", "percentile", "mse", "entropy")] + [
+    fxq.QConfig(weight_range=w, weight_bits=4, per_channel=False) for w in ("mse", "output_aware")])
+def test_every_method_gives_a_working_integer_model(ctx, config):
+    model = randomize_bn(Residual())
+    qmodel = fxq.quantize(model, ctx.calib_loader, config)
+    x = ctx.calib_loader[1]
+    assert count_ops(qmodel, x).float == 0
+    tolerance = 0.15 if config.weight_bits == 8 else 0.6
+    assert (qmodel(x) - model(x)).abs().max() < tolerance * model(x).abs().max()
