@@ -99,8 +99,12 @@ def kl_divergence_of_range(hist: Histogram, lo: float, hi: float, bits: int) -> 
     p[0] += hist.counts[centers < lo].sum()
     p[-1] += hist.counts[centers > hi].sum()
     levels = torch.div(torch.arange(len(kept)) * (1 << bits), len(kept), rounding_mode="floor")
-    mass = torch.zeros(1 << bits, dtype=torch.float64).index_add_(0, levels, kept)
-    occupied = torch.zeros(1 << bits, dtype=torch.float64).index_add_(0, levels, (kept > 0).double())
+    # Zero is exactly representable (the zero point), so the bin holding 0 — the spike a ReLU
+    # leaves — keeps its own mass in Q instead of being spread over its level.
+    zero_bin = torch.nonzero((hist.edges[:-1][inside] <= 0) & (hist.edges[1:][inside] > 0)).flatten()
+    levels[zero_bin] = 1 << bits
+    mass = torch.zeros((1 << bits) + 1, dtype=torch.float64).index_add_(0, levels, kept)
+    occupied = torch.zeros((1 << bits) + 1, dtype=torch.float64).index_add_(0, levels, (kept > 0).double())
     q = torch.where(kept > 0, mass[levels] / occupied[levels].clamp(min=1), torch.zeros_like(kept))
     p, q = p / p.sum(), q / q.sum()
     # P has mass where Q has none when outliers fold into an empty edge bin: give Q a floor
