@@ -82,36 +82,54 @@ def mse_range(hist: Histogram, bits: int) -> tuple[float, float]:
     return lo, hi
 
 
-def kl_divergence_of_range(hist: Histogram, lo: float, hi: float, bits: int) -> float:
-    """KL(P ‖ Q) of TensorRT's entropy calibration, for the asymmetric range ``[lo, hi]``.
+def kl_divergences(hist: Histogram, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+    """KL(P ‖ Q) of TensorRT's entropy calibration for each candidate range ``[lo_i, hi_i]``.
 
-    P: the histogram's bins inside ``[lo, hi]``, the clipped mass folded into the edge bins.
+    P: the histogram's bins inside the range, the clipped mass folded into the edge bins.
     Q: the same bins *without* the clipped mass, merged into ``2^bits`` equal levels and each
     level's mass spread evenly over its non-empty bins: what the quantized tensor can still say.
     Clipping costs through P's heavy edge bins; too coarse a step costs through Q's flattening.
+    Zero is exactly representable (the zero point), so the bin holding 0 — the spike a ReLU
+    leaves — keeps its own mass in Q. A range with fewer bins than levels (Q = P trivially) or
+    no mass inside scores ``inf``. All candidates at once: ``[candidates, bins]`` tensors.
     """
-    centers = hist.centers
-    inside = (centers >= lo) & (centers <= hi)
-    kept = hist.counts[inside]
-    if len(kept) < (1 << bits) or kept.sum() == 0:  # Q = P trivially, or Q has no mass at all
-        return float("inf")
+    levels_n = 1 << bits
+    edges = hist.edges
+    centers = (edges[:-1] + edges[1:]) / 2
+    counts = hist.counts[None, :]
+    inside = (centers[None, :] >= lo[:, None]) & (centers[None, :] <= hi[:, None])
+    width = inside.sum(1, keepdim=True)
+    first = inside.to(torch.int64).argmax(1, keepdim=True)
+    position = torch.arange(len(centers))[None, :] - first  # bin index within the kept range
+    kept = torch.where(inside, counts, torch.zeros_like(counts))
     p = kept.clone()
-    p[0] += hist.counts[centers < lo].sum()
-    p[-1] += hist.counts[centers > hi].sum()
-    levels = torch.div(torch.arange(len(kept)) * (1 << bits), len(kept), rounding_mode="floor")
-    # Zero is exactly representable (the zero point), so the bin holding 0 — the spike a ReLU
-    # leaves — keeps its own mass in Q instead of being spread over its level.
-    zero_bin = torch.nonzero((hist.edges[:-1][inside] <= 0) & (hist.edges[1:][inside] > 0)).flatten()
-    levels[zero_bin] = 1 << bits
-    mass = torch.zeros((1 << bits) + 1, dtype=torch.float64).index_add_(0, levels, kept)
-    occupied = torch.zeros((1 << bits) + 1, dtype=torch.float64).index_add_(0, levels, (kept > 0).double())
-    q = torch.where(kept > 0, mass[levels] / occupied[levels].clamp(min=1), torch.zeros_like(kept))
-    p, q = p / p.sum(), q / q.sum()
+    below = (counts * (centers[None, :] < lo[:, None])).sum(1)
+    above = (counts * (centers[None, :] > hi[:, None])).sum(1)
+    rows = torch.arange(len(lo))
+    p[rows, first.squeeze(1)] += below
+    p[rows, (first + width - 1).clamp(min=0).squeeze(1)] += above
+    level = torch.div(position.clamp(min=0) * levels_n, width.clamp(min=1), rounding_mode="floor")
+    holds_zero = (edges[None, :-1] <= 0) & (edges[None, 1:] > 0)
+    level = torch.where(holds_zero, levels_n, level).clamp(max=levels_n)
+    slot = rows[:, None] * (levels_n + 1) + torch.where(inside, level, levels_n)
+    mass = torch.zeros(len(lo) * (levels_n + 1), dtype=torch.float64).index_add_(0, slot.flatten(), kept.flatten())
+    occupied = torch.zeros_like(mass).index_add_(0, slot.flatten(), (kept > 0).double().flatten())
+    q = torch.where(kept > 0, mass[slot] / occupied[slot].clamp(min=1), torch.zeros_like(kept))
+    p = p / p.sum(1, keepdim=True)
+    q = q / q.sum(1, keepdim=True).clamp(min=1e-300)
     # P has mass where Q has none when outliers fold into an empty edge bin: give Q a floor
     # (as TensorRT and MXNet smooth it) so that costs a finite, mass-proportional amount.
     q = torch.clamp(q, min=KL_FLOOR)
-    support = p > 0
-    return float((p[support] * torch.log(p[support] / q[support])).sum())
+    terms = torch.where(p > 0, p * torch.log(p / q), torch.zeros_like(p))
+    kl = terms.sum(1)
+    invalid = (width.squeeze(1) < levels_n) | (kept.sum(1) == 0)
+    return torch.where(invalid, torch.full_like(kl, float("inf")), kl)
+
+
+def kl_divergence_of_range(hist: Histogram, lo: float, hi: float, bits: int) -> float:
+    """:func:`kl_divergences` of one range."""
+    return float(kl_divergences(hist, torch.tensor([lo], dtype=torch.float64),
+                                torch.tensor([hi], dtype=torch.float64), bits)[0])
 
 
 def entropy_range(hist: Histogram, bits: int) -> tuple[float, float]:
@@ -120,6 +138,5 @@ def entropy_range(hist: Histogram, bits: int) -> tuple[float, float]:
     asymmetric)."""
     fractions = _fractions()
     lo, hi = min(hist.lo, 0.0), max(hist.hi, 0.0)
-    divergences = [kl_divergence_of_range(hist, lo * f, hi * f, bits) for f in fractions.tolist()]
-    best = fractions[int(torch.tensor(divergences).argmin())].item()
+    best = fractions[int(kl_divergences(hist, lo * fractions, hi * fractions, bits).argmin())].item()
     return lo * best, hi * best

@@ -1,0 +1,42 @@
+"""The range and rounding rules on the real Fashion-MNIST ResNet-18 (full 10k test set)."""
+import functools
+
+import pytest
+import torch
+
+import fxq
+from fxq.config import ACT_RANGES
+from scripts import data, models
+from scripts.train import accuracy
+
+pytestmark = pytest.mark.real_data
+
+
+@functools.cache
+def fashion():
+    torch.set_num_threads(2)
+    model = models.load_trained("fashion")
+    test = data.load("fashion", "test")
+    return model, test, data.calibration_batches("fashion", 512), accuracy(model, test)
+
+
+@functools.cache
+def accuracy_with(**fields) -> float:
+    model, test, calib, _ = fashion()
+    return accuracy(fxq.quantize(model, calib, fxq.QConfig(**fields)), test)
+
+
+def test_w4_per_tensor_mse_beats_minmax_and_output_aware_beats_mse():
+    w4 = dict(weight_bits=4, per_channel=False)
+    minmax = accuracy_with(weight_range="minmax", **w4)
+    mse = accuracy_with(weight_range="mse", **w4)
+    output_aware = accuracy_with(weight_range="output_aware", **w4)
+    print(f"W4A8 per-tensor: minmax {minmax:.2f}, mse {mse:.2f}, output_aware {output_aware:.2f}")
+    assert mse >= minmax + 0.5
+    assert output_aware > mse
+
+
+@pytest.mark.parametrize("act_range", ACT_RANGES)
+def test_no_activation_method_loses_more_than_03_points_at_w8a8(act_range):
+    float_acc = fashion()[3]
+    assert float_acc - accuracy_with(act_range=act_range) <= 0.3
