@@ -7,5 +7,6 @@
 from fxq.api import PASSES, quantize
 from fxq.config import QConfig
 from fxq.context import PassContext
+from fxq.explain import explain
 
-__all__ = ["PASSES", "PassContext", "QConfig", "quantize"]
+__all__ = ["PASSES", "PassContext", "QConfig", "explain", "quantize"]

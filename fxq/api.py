@@ -13,12 +13,14 @@ from passes.fold_bn import fold_bn
 from passes.fuse import fuse
 from passes.insert_observers import insert_observers
 from passes.quantize_add import quantize_add
+from passes.record_stats import record_stats
 from passes.trace import trace
 
 Pass = Callable[[nn.Module, PassContext], fx.GraphModule]
 
 # The pipeline, in order. A list, so it can be printed, reordered or extended.
-PASSES: list[Pass] = [trace, fold_bn, fuse, insert_observers, calibrate, convert, quantize_add]
+PASSES: list[Pass] = [trace, fold_bn, fuse, insert_observers, calibrate, convert, quantize_add,
+                      record_stats]
 
 
 def quantize(model: nn.Module, calib_loader: Iterable, config: QConfig | None = None,

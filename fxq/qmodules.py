@@ -72,7 +72,7 @@ class Dequantize(_ActBoundary):
         return self.qparams.dequantize(q)
 
 
-class _QWeighted(nn.Module):
+class QLayer(nn.Module):
     """A conv or linear layer as formulas (1) and (2) of `fxq.intmath`.
 
     Buffers: ``weight`` int8, ``bias`` int32 (scale s_in·s_w), ``multiplier`` int32 and ``shift``
@@ -126,7 +126,7 @@ class _QWeighted(nn.Module):
     def to_output(self, q: torch.Tensor, positions: tuple[int, ...]) -> torch.Tensor:
         raise NotImplementedError
 
-class QConv2d(_QWeighted):
+class QConv2d(QLayer):
     """uint8 → uint8 2-d convolution (formulas (1), (2)); geometry copied from the float conv."""
 
     def __init__(self, conv: nn.Conv2d, weights: QuantizedWeight, input_qp: ActQParams,
@@ -151,7 +151,7 @@ class QConv2d(_QWeighted):
                 f"padding={self.padding}")
 
 
-class QLinear(_QWeighted):
+class QLinear(QLayer):
     """uint8 → uint8 fully connected layer (formulas (1), (2))."""
 
     def __init__(self, linear: nn.Linear, weights: QuantizedWeight, input_qp: ActQParams,

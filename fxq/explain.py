@@ -1,0 +1,279 @@
+"""`fxq.explain`: one integer layer's dataflow, step by step, with this model's numbers and the
+bit width of every step — worst case, and as observed on real data.
+
+    print(fxq.explain(qmodel, "layer1.0.conv1"))           # text, one line per step
+    fxq.explain(qmodel, "layer1.0.conv1", batch).check      # formula vs the executed graph
+    print(fxq.explain(qmodel))                              # the whole network, one row per op
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+from torch import fx
+
+from fxq import intmath
+from fxq.qmodules import Dequantize, QConv2d, QLayer
+from passes.convert import META as QPARAMS
+from passes.record_stats import META as STATS, IntRange, StatsRecorder
+
+
+def unsigned_bits(hi: int) -> int:
+    """The least b with ``hi ≤ 2^b − 1``."""
+    return max(1, int(hi).bit_length())
+
+
+def signed_bits(lo: int, hi: int) -> int:
+    """The least b with ``−2^(b−1) ≤ lo`` and ``hi ≤ 2^(b−1) − 1`` (two's complement)."""
+    return max(int(-lo - 1).bit_length() if lo < 0 else 0, int(hi).bit_length()) + 1
+
+
+def bits_of(r: IntRange) -> int:
+    """Bits that hold ``r``: unsigned when it has no negatives, two's complement otherwise."""
+    return unsigned_bits(r.hi) if r.lo >= 0 else signed_bits(r.lo, r.hi)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the dataflow: its value, storage, designed width and what data produced."""
+
+    what: str
+    dtype: str
+    worst: IntRange            # every value the step can take, by construction
+    observed: IntRange | None  # what calibration (or the given batch) produced
+    note: str = ""
+
+    @property
+    def bits(self) -> int:
+        return bits_of(self.worst)
+
+    @property
+    def observed_bits(self) -> int | None:
+        return None if self.observed is None else bits_of(self.observed)
+
+    def row(self, index: int) -> list:
+        seen = "—" if self.observed is None else f"[{self.observed.lo}, {self.observed.hi}] ({self.observed_bits} b)"
+        return [index, self.what, self.dtype, f"[{self.worst.lo}, {self.worst.hi}] ({self.bits} b)", seen, self.note]
+
+
+@dataclass(frozen=True)
+class Check:
+    """The layer's formula recomputed from its integers in int64, against the executed graph."""
+
+    elements: int
+    mismatches: int
+
+    def __str__(self) -> str:
+        verdict = "exact match" if self.mismatches == 0 else f"{self.mismatches} MISMATCHES"
+        return f"formula vs executed graph on the batch: {verdict} ({self.elements:,} output integers)"
+
+
+HEADERS = ["#", "step", "dtype", "worst case (bits)", "observed (bits)", "how"]
+
+
+@dataclass(frozen=True)
+class LayerExplanation:
+    layer: str
+    summary: str
+    steps: list[Step]
+    formula: str
+    check: Check | None = None
+    source: str = "calibration data"
+
+    def _table(self, fmt: str) -> str:
+        return tabulate([s.row(i + 1) for i, s in enumerate(self.steps)], headers=HEADERS, tablefmt=fmt)
+
+    def __str__(self) -> str:
+        parts = [f"{self.layer}: {self.summary}", f"(observed: {self.source})", self._table("simple"),
+                 "", self.formula]
+        return "\n".join(parts + ([str(self.check)] if self.check else []))
+
+    def to_markdown(self) -> str:
+        parts = [f"### `{self.layer}`", "", self.summary, "", f"Observed on the {self.source}.", "",
+                 self._table("github"), "", "```", self.formula, "```"]
+        return "\n".join(parts + (["", str(self.check)] if self.check else [])) + "\n"
+
+
+@dataclass(frozen=True)
+class NetworkExplanation:
+    rows: list[list] = field(default_factory=list)
+    headers: tuple = ("op", "kind", "in scale", "out scale", "in bits", "weight bits",
+                      "acc worst bits", "acc observed bits", "acc headroom", "out bits")
+
+    def __str__(self) -> str:
+        return tabulate(self.rows, headers=self.headers, tablefmt="simple")
+
+    def to_markdown(self) -> str:
+        return tabulate(self.rows, headers=self.headers, tablefmt="github") + "\n"
+
+
+def explain(qmodel: fx.GraphModule, layer: str | None = None, batch: torch.Tensor | None = None):
+    """Explain ``layer`` of a quantized model (a conv or linear module path), or, with no layer,
+    the whole network. With ``batch``, the observed ranges come from that batch and the layer's
+    formula is recomputed in int64 and compared with the executed graph."""
+    if layer is None:
+        return _network(qmodel)
+    node = _layer_node(qmodel, layer)
+    seen = _run(qmodel, batch) if batch is not None else {n: n.meta.get(STATS) for n in qmodel.graph.nodes}
+    explanation = _layer(qmodel, node, seen, "given batch" if batch is not None else "calibration data")
+    if batch is None:
+        return explanation
+    return LayerExplanation(**{**explanation.__dict__, "check": _check(qmodel, node, batch)})
+
+
+def _layer_node(qmodel: fx.GraphModule, layer: str) -> fx.Node:
+    modules = dict(qmodel.named_modules())
+    layers = [n for n in qmodel.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], QLayer)]
+    for n in layers:
+        if n.target == layer:
+            return n
+    raise ValueError(f"{layer!r} is not an integer conv/linear of this model; choose one of "
+                     f"{[n.target for n in layers]}")
+
+
+def _run(qmodel: fx.GraphModule, batch: torch.Tensor) -> dict:
+    recorder = StatsRecorder(qmodel)
+    with torch.no_grad():
+        recorder.run(batch)
+    return recorder.seen
+
+
+def _layer(qmodel, node: fx.Node, seen: dict, source: str) -> LayerExplanation:
+    m: QLayer = qmodel.get_submodule(node.target)
+    z_in, z_out = int(m.input_zero_point), int(m.output_zero_point)
+    qmax_in = (1 << _bits_of_input(qmodel, node)) - 1
+    qmax_out = (1 << m.output_bits) - 1
+    k = m.weight[0].numel()
+    w = m.weight.to(torch.int64)
+    wmax = int(w.abs().max())
+    in_seen = _observed(seen, node.args[0])
+    out_seen = _observed(seen, node)
+    acc_seen = seen.get(node).accumulator if seen.get(node) else None
+    centered_seen = None if in_seen is None else IntRange(in_seen.lo - z_in, in_seen.hi - z_in)
+    bias = IntRange.of(m.bias)
+    bound = m.accumulator_bound
+    multiplier = m.multiplier.to(torch.int64)
+    shift = m.shift.to(torch.int64)
+    real_m = m.input_scale * m.weight_scale / m.output_scale
+    relu = next((u for u in node.users if u.target is intmath.relu), None)
+    steps = [
+        Step("input I_q", "uint8", IntRange(0, qmax_in), in_seen, f"s_I = {float(m.input_scale):.6g}, z_I = {z_in}"),
+        Step("I_q − z_I", "int16", IntRange(-z_in, qmax_in - z_in), centered_seen, "centred: real 0 is 0"),
+        Step("weight W_q", "int8", IntRange.of(m.weight), IntRange.of(m.weight),
+             f"symmetric per channel, s_W ∈ [{float(m.weight_scale.min()):.3g}, {float(m.weight_scale.max()):.3g}]"),
+        Step("W_q·(I_q − z_I)", "int32", IntRange(-wmax * max(z_in, qmax_in - z_in), wmax * max(z_in, qmax_in - z_in)),
+             None, "one product"),
+        Step("bias b_q", "int32", bias, bias, "at scale s_I·s_W[c], zero point 0"),
+        Step(f"acc = Σ_{k} W_q·(I_q − z_I) + b_q", "int32", IntRange(-bound, bound), acc_seen,
+             f"K = {k} terms; int8 GEMM, exact; headroom {32 - signed_bits(-bound, bound)} b of int32"),
+        Step("acc · m", "int64", _times(IntRange(-bound, bound), int(multiplier.max())),
+             None if acc_seen is None else _times(acc_seen, int(multiplier.max())),
+             f"M = s_I·s_W/s_O ∈ [{float(real_m.min()):.3g}, {float(real_m.max()):.3g}] = m·2^(shift−31), "
+             f"m ∈ [{int(multiplier.min())}, {int(multiplier.max())}], shift ∈ [{int(shift.min())}, {int(shift.max())}]"),
+        Step("O_q = clamp(z_O + round(·/2^(31−shift)))", "uint8", IntRange(0, qmax_out), out_seen,
+             f"round half away from zero; z_O = {z_out}, s_O = {float(m.output_scale):.6g}"),
+    ]
+    if relu is not None:
+        steps.append(Step("ReLU: max(O_q, z_O)", "uint8", IntRange(z_out, qmax_out), _observed(seen, relu),
+                          "real 0 is z_O, so ReLU is a max with it"))
+    steps.append(_final_dequantize(qmodel))
+    kind = "conv" if isinstance(m, QConv2d) else "linear"
+    summary = (f"integer {kind}, weight {tuple(m.weight.shape)} int8, K = {k}; "
+               f"output {m.output_bits}-bit at s_O = {float(m.output_scale):.6g}")
+    formula = (f"O_q = clamp({z_out} + round(M[c] · (Σ W_q·(I_q − {z_in}) + b_q[c])), 0, {qmax_out})\n"
+               f"M[c] = {float(m.input_scale):.6g} · s_W[c] / {float(m.output_scale):.6g} "
+               f"= m[c] · 2^(shift[c] − 31), e.g. channel 0: m = {int(multiplier[0])}, shift = {int(shift[0])}")
+    return LayerExplanation(node.target, summary, steps, formula, None, source)
+
+
+def _times(r: IntRange, factor: int) -> IntRange:
+    return IntRange(r.lo * factor, r.hi * factor)
+
+
+def _observed(seen: dict, node) -> IntRange | None:
+    record = seen.get(node) if isinstance(node, fx.Node) else None
+    return None if record is None else record.output
+
+
+def _bits_of_input(qmodel, node: fx.Node) -> int:
+    """The activation bits of the layer's input value (the producer's config)."""
+    return node.args[0].meta[QPARAMS].bits
+
+
+def _final_dequantize(qmodel) -> Step:
+    out = next(m for m in qmodel.modules() if isinstance(m, Dequantize))
+    qp = out.qparams
+    return Step("logits: s·(q − z) at the end", "float32", IntRange(0, qp.qmax), None,
+                f"the network dequantizes once: s = {qp.scale:.6g}, z = {qp.zero_point}")
+
+
+def _check(qmodel: fx.GraphModule, node: fx.Node, batch: torch.Tensor) -> Check:
+    captured = {}
+
+    class Capture(fx.Interpreter):
+        def run_node(self, n):
+            result = super().run_node(n)
+            if n is node:
+                captured["in"], captured["out"] = self.env[n.args[0]], result
+            return result
+
+    with torch.no_grad():
+        Capture(qmodel).run(batch)
+    m: QLayer = qmodel.get_submodule(node.target)
+    expected = reference_output(m, captured["in"])
+    got = captured["out"].to(torch.int64)
+    return Check(got.numel(), int((got != expected).sum()))
+
+
+def reference_output(m: QLayer, x_q: torch.Tensor) -> torch.Tensor:
+    """Formulas (1) and (2) in plain int64, written independently of the fast kernels:
+    ``acc = Σ W·(I − z_I) + b`` by unfold and an int64 product, then
+    ``clamp(z_O + sign(p)·⌊(|p| + 2^(r−1)) / 2^r⌋)`` with ``p = acc·m``, ``r = 31 − shift``."""
+    centered = x_q.to(torch.float64) - int(m.input_zero_point)
+    w = m.weight.to(torch.int64).reshape(m.weight.shape[0], -1)
+    if isinstance(m, QConv2d):
+        cols = F.unfold(centered, m.weight.shape[2:], m.dilation, m.padding, m.stride).round().to(torch.int64)
+        acc = torch.einsum("ok,nkl->nol", w, cols)
+        n, _, h, wd = x_q.shape
+        out_h = (h + 2 * m.padding[0] - m.dilation[0] * (m.weight.shape[2] - 1) - 1) // m.stride[0] + 1
+        acc = acc.reshape(n, -1, out_h, acc.shape[-1] // out_h)
+        shape = (1, -1, 1, 1)
+    else:
+        acc = centered.round().to(torch.int64) @ w.T
+        shape = (1, -1)
+    acc = acc + m.bias.to(torch.int64).reshape(shape)
+    p = acc * m.multiplier.to(torch.int64).reshape(shape)
+    r = (31 - m.shift.to(torch.int64)).reshape(shape)
+    rounded = torch.sign(p) * torch.div(p.abs() + (1 << (r - 1)), 1 << r, rounding_mode="floor")
+    return torch.clamp(rounded + int(m.output_zero_point), 0, (1 << m.output_bits) - 1)
+
+
+def _network(qmodel: fx.GraphModule) -> NetworkExplanation:
+    modules = dict(qmodel.named_modules())
+    rows = []
+    for node in qmodel.graph.nodes:
+        qp = node.meta.get(QPARAMS)
+        if qp is None or node.op == "placeholder":
+            continue
+        module = modules.get(node.target) if node.op == "call_module" else None
+        inputs = [a for a in node.all_input_nodes if QPARAMS in a.meta]
+        in_scale = ", ".join(f"{a.meta[QPARAMS].scale:.4g}" for a in inputs) or "float"
+        in_bits = ", ".join(str(a.meta[QPARAMS].bits) for a in inputs) or "32 (float)"
+        row = [node.target if node.op == "call_module" else node.name, _kind(node, module),
+               in_scale, f"{qp.scale:.4g}", in_bits, "", "", "", "", qp.bits]
+        if isinstance(module, QLayer):
+            bound = module.accumulator_bound
+            worst = signed_bits(-bound, bound)
+            stats = node.meta.get(STATS)
+            observed = bits_of(stats.accumulator) if stats and stats.accumulator else "—"
+            row[5:9] = [bits_of(IntRange.of(module.weight)), worst, observed, 32 - worst]
+        rows.append(row)
+    return NetworkExplanation(rows)
+
+
+def _kind(node: fx.Node, module) -> str:
+    if module is not None:
+        return type(module).__name__
+    return getattr(node.target, "__name__", str(node.target))
