@@ -8,5 +8,6 @@ from fxq.api import PASSES, quantize
 from fxq.config import QConfig
 from fxq.context import PassContext
 from fxq.explain import explain
+from fxq.simulate import simulate
 
-__all__ = ["PASSES", "PassContext", "QConfig", "explain", "quantize"]
+__all__ = ["PASSES", "PassContext", "QConfig", "explain", "quantize", "simulate"]

@@ -1,13 +1,18 @@
 """The affine mapping ``x ≈ s · (q − z)`` and how its parameters are chosen.
 
-Float → integer conversions here (the network input, the weights) round half to even
-(``torch.round``); integer → integer requantization (``fxq.intmath``) rounds half away from zero.
+Every rounding in fxq — float → integer here (the network input, weights, biases) and
+integer → integer requantization in ``fxq.intmath`` — rounds half away from zero.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest integer, ties away from zero (2.5 → 3, −2.5 → −3)."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,7 @@ class ActQParams:
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """float → uint8: ``clamp(round(x / s) + z, 0, 2^bits − 1)``."""
-        q = torch.round(x / self.scale) + self.zero_point
+        q = round_half_away(x / self.scale) + self.zero_point
         return q.clamp_(self.qmin, self.qmax).to(torch.uint8)
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
@@ -71,7 +76,7 @@ def weight_scales(weight: torch.Tensor, bits: int, per_channel: bool) -> torch.T
 def quantize_weight(weight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
     """float weight → int8 ``clamp(round(w / s_c), −qmax, qmax)`` with ``s_c`` per output channel."""
     shape = (-1,) + (1,) * (weight.dim() - 1)
-    q = torch.round(weight.detach().to(torch.float64) / scales.reshape(shape))
+    q = round_half_away(weight.detach().to(torch.float64) / scales.reshape(shape))
     qmax = weight_qmax(bits)
     return q.clamp_(-qmax, qmax).to(torch.int8)
 
@@ -81,7 +86,7 @@ def quantize_bias(bias: torch.Tensor | None, input_scale: float, scales: torch.T
     accumulator. A missing bias is zeros."""
     if bias is None:
         return torch.zeros(len(scales), dtype=torch.int32)
-    q = torch.round(bias.detach().to(torch.float64) / (input_scale * scales))
+    q = round_half_away(bias.detach().to(torch.float64) / (input_scale * scales))
     limit = 2**31 - 1
     if q.abs().max() > limit:
         raise ValueError("a bias does not fit int32 at scale s_in·s_w; the input scale is too small")

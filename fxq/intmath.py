@@ -166,14 +166,18 @@ def rounding_divide(total: torch.Tensor, count: int) -> torch.Tensor:
     return torch.where(total < 0, -magnitude, magnitude)
 
 
-def mean_pool(q: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
-    """Average pooling on uint8 with no padding: an integer window sum, then a rounding division.
+def mean_pool(q: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+              zero_point: int) -> torch.Tensor:
+    """Average pooling on uint8 with no padding, at the input's scale and zero point:
 
-    The mean of values in ``[0, qmax]`` stays in ``[0, qmax]`` at the same scale and zero point.
-    The sum runs in float32 on ≤ 255·k_h·k_w, exact for any window under 65,000 elements.
+        O_q = z + round(Σ_window (I_q − z) / count)      (an integer sum, a rounding division)
+
+    Rounding the centred sum (the real value) half away from zero is the requantization rule.
+    The mean of values in ``[0, qmax]`` stays in ``[0, qmax]``. The sum runs in float32 on
+    ≤ 255·k_h·k_w, exact for any window under 65,000 elements.
     """
     count = kernel[0] * kernel[1]
     if 255 * count > FLOAT32_EXACT:
         raise ValueError(f"average pooling window {kernel} is too large to sum exactly")
-    total = F.avg_pool2d(q.to(torch.float32), kernel, stride, divisor_override=1)
-    return rounding_divide(total.to(torch.int32), count).to(torch.uint8)
+    total = F.avg_pool2d(q.to(torch.float32), kernel, stride, divisor_override=1).to(torch.int32)
+    return (rounding_divide(total - count * zero_point, count) + zero_point).to(torch.uint8)

@@ -195,13 +195,14 @@ class QAdd(nn.Module):
 class QAvgPool2d(nn.Module):
     """uint8 → uint8 average pooling without padding: window sum, rounding division, same scale."""
 
-    def __init__(self, kernel: tuple[int, int] | None, stride: tuple[int, int] | None):
+    def __init__(self, kernel: tuple[int, int] | None, stride: tuple[int, int] | None, zero_point: int):
         super().__init__()
         self.kernel, self.stride = kernel, stride  # None: the whole feature map (global pooling)
+        self.register_buffer("zero_point", torch.tensor(zero_point, dtype=torch.int32))
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         kernel = self.kernel or tuple(q.shape[-2:])
-        return intmath.mean_pool(q, kernel, self.stride or kernel)
+        return intmath.mean_pool(q, kernel, self.stride or kernel, int(self.zero_point))
 
     def extra_repr(self) -> str:
         return f"kernel={self.kernel or 'global'}, stride={self.stride or self.kernel or 'global'}"

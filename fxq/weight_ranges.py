@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fxq.affine import quantize_weight, weight_qmax, weight_scales
+from fxq.affine import quantize_weight, round_half_away, weight_qmax, weight_scales
 from fxq.qmodules import QuantizedWeight
 
 MSE_FRACTIONS = torch.arange(1, 101, dtype=torch.float64) / 100  # clip at 1 % … 100 % of max |w|
@@ -60,7 +60,7 @@ def _best_clipping(w: torch.Tensor, bits: int, per_channel: bool, fractions: tor
     errors = []
     for fraction in fractions.tolist():  # a loop over candidates, never over channels
         scales = full * fraction
-        w_hat = torch.clamp(torch.round(w / scales[:, None]), -qmax, qmax) * scales[:, None]
+        w_hat = torch.clamp(round_half_away(w / scales[:, None]), -qmax, qmax) * scales[:, None]
         errors.append(error(w, w_hat))
     errors = torch.stack(errors)  # [candidates, C]
     if per_channel:

@@ -141,18 +141,18 @@ def _passthrough(state: _State, node: fx.Node) -> None:
 def _avgpool(state: _State, node: fx.Node) -> None:
     qp = qparams_of(node.args[0], node)
     if node.op == "call_module":
-        replace_module(state.gm, node.target, _integer_pool(state.modules[node.target], node))
+        replace_module(state.gm, node.target, _integer_pool(state.modules[node.target], node, qp))
     else:
-        pool = _integer_pool(nn.AdaptiveAvgPool2d(node.args[1]), node)
+        pool = _integer_pool(nn.AdaptiveAvgPool2d(node.args[1]), node, qp)
         path = add_module_near(state.gm, node, "avgpool", pool)
         node.op, node.target, node.args, node.kwargs = "call_module", path, node.args[:1], {}
     node.meta[META] = qp
 
 
-def _integer_pool(pool: nn.Module, node: fx.Node) -> QAvgPool2d:
+def _integer_pool(pool: nn.Module, node: fx.Node, qp: ActQParams) -> QAvgPool2d:
     if isinstance(pool, nn.AdaptiveAvgPool2d):
         if pool.output_size in (1, (1, 1)):
-            return QAvgPool2d(None, None)
+            return QAvgPool2d(None, None, qp.zero_point)
         raise ValueError(f"{label(node)}: adaptive average pooling to {pool.output_size} is not "
                          "supported; pool to 1×1 or use AvgPool2d with a fixed window")
     kernel = _pair(pool.kernel_size)
@@ -160,7 +160,7 @@ def _integer_pool(pool: nn.Module, node: fx.Node) -> QAvgPool2d:
     if _pair(pool.padding) != (0, 0) or pool.ceil_mode:
         raise ValueError(f"{label(node)}: average pooling with padding or ceil_mode is not "
                          "supported; use padding=0, ceil_mode=False")
-    return QAvgPool2d(kernel, stride)
+    return QAvgPool2d(kernel, stride, qp.zero_point)
 
 
 def _float_island(state: _State, node: fx.Node) -> None:

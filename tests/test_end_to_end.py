@@ -70,3 +70,24 @@ def test_quantized_model_is_reproducible_and_stores_integers():
     state = qmodel.state_dict()
     assert state["layer1.0.conv1.weight"].dtype == torch.int8
     assert state["layer1.0.conv1.bias"].dtype == torch.int32
+
+
+def test_float_twin_agrees_with_the_integer_model_on_the_whole_test_set():
+    _, qmodel, test, *_ = results("mnist")
+    twin = fxq.simulate(qmodel)
+    step = qmodel.get_submodule("dequantize").scale.item()
+    agree = worst = 0
+    with torch.no_grad():
+        for images in test.images.split(500):
+            a, b = qmodel(images), twin(images)
+            worst = max(worst, ((a - b).abs() / step).max().item())
+            agree += (a.argmax(1) == b.argmax(1)).sum().item()
+    assert worst <= 1.0
+    assert agree / len(test) >= 0.999
+
+
+def test_explain_formula_matches_the_real_resnet18_exactly():
+    _, qmodel, test, *_ = results("mnist")
+    for layer in ("conv1", "layer1.0.conv1", "layer4.1.conv2", "fc"):
+        check = fxq.explain(qmodel, layer, test.images[:16]).check
+        assert check.mismatches == 0 and check.elements > 0

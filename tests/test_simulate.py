@@ -1,0 +1,40 @@
+"""fxq.simulate: the float twin tracks the integer graph."""
+import torch
+
+import fxq
+from fxq.simulate import FakeQuantize
+from fxq.qmodules import QConv2d
+from tests.helpers import Residual, randomize_bn
+
+
+def test_twin_has_the_same_layers_in_float_and_leaves_the_integer_model_alone(ctx):
+    qmodel = fxq.quantize(randomize_bn(Residual()), ctx.calib_loader)
+    code = qmodel.code
+    twin = fxq.simulate(qmodel)
+    assert qmodel.code == code and isinstance(qmodel.get_submodule("unit.conv"), QConv2d)
+    assert type(twin.get_submodule("unit.conv")) is torch.nn.Conv2d
+    assert any(isinstance(m, FakeQuantize) for m in twin.modules())
+    values = {}
+
+    class Spy(torch.fx.Interpreter):
+        def run_node(self, n):
+            values[n.name] = super().run_node(n)
+            return values[n.name]
+
+    Spy(twin).run(ctx.calib_loader[0])
+    assert all(v.is_floating_point() for v in values.values() if isinstance(v, torch.Tensor))
+
+
+def test_twin_matches_the_integer_graph_within_one_step(ctx):
+    qmodel = fxq.quantize(randomize_bn(Residual()), ctx.calib_loader)
+    twin = fxq.simulate(qmodel)
+    step = qmodel.get_submodule("dequantize").scale.item()
+    for x in ctx.calib_loader:
+        assert ((qmodel(x) - twin(x)).abs() / step).max() <= 1.0
+
+
+def test_fake_quantize_rounds_half_away_like_requantization():
+    from fxq.affine import ActQParams
+    fq = FakeQuantize(ActQParams(0.5, 10, 8))
+    x = torch.tensor([0.25, -0.25, 0.75], dtype=torch.float64)  # ±0.5 and 1.5 steps
+    assert fq(x).tolist() == [0.5, -0.5, 1.0]
