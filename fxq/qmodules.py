@@ -95,7 +95,7 @@ class QLayer(nn.Module):
             )
         if 128 * 127 * weight_q[0].numel() > intmath.INT32_MAX:  # the GEMM's own worst case
             raise ValueError(f"{name}: K = {weight_q[0].numel()} is too large for an int32 GEMM")
-        self.output_bits = output_qp.bits
+        self.input_bits, self.output_bits = input_qp.bits, output_qp.bits
         self.register_buffer("weight", weight_q)
         self.register_buffer("bias", bias_q)
         self.register_buffer("multiplier", multiplier.to(torch.int32))
@@ -105,6 +105,14 @@ class QLayer(nn.Module):
         self.register_buffer("output_scale", torch.tensor(output_qp.scale, dtype=torch.float64))
         self.register_buffer("input_zero_point", torch.tensor(input_qp.zero_point, dtype=torch.int32))
         self.register_buffer("output_zero_point", torch.tensor(output_qp.zero_point, dtype=torch.int32))
+
+    @property
+    def input_qparams(self) -> ActQParams:
+        return ActQParams(float(self.input_scale), int(self.input_zero_point), self.input_bits)
+
+    @property
+    def output_qparams(self) -> ActQParams:
+        return ActQParams(float(self.output_scale), int(self.output_zero_point), self.output_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         columns, positions = self.columns(x)

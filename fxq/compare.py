@@ -1,0 +1,145 @@
+"""Where does the error come from? Per-layer SQNR of a quantized model against its float model,
+and layer sensitivity: accuracy with one layer quantized, or all but one.
+
+    print(fxq.compare(model, qmodel, batch))
+
+"Layer" here means a conv/linear: its weights, its input and its output (before its activation)
+quantized with exactly the parameters ``qmodel`` uses.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from tabulate import tabulate
+from torch import fx, nn
+
+from fxq.qmodules import QLayer
+from passes.fold_bn import fold_bn
+from passes.trace import trace
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10·log10(Σ r² / Σ (r − a)²)`` in dB (inf if equal)."""
+    noise = ((reference.double() - approx.double()) ** 2).sum()
+    if noise == 0:
+        return float("inf")
+    return 10 * torch.log10((reference.double() ** 2).sum() / noise).item()
+
+
+def folded_float(model: nn.Module) -> fx.GraphModule:
+    """The float model as fxq sees it before quantizing: traced, batch-norm folded (a copy)."""
+    return fold_bn(trace(model, None), None)
+
+
+def integer_layers(qmodel: fx.GraphModule) -> dict[str, QLayer]:
+    return {name: m for name, m in qmodel.named_modules() if isinstance(m, QLayer)}
+
+
+def _capture(gm: nn.Module, names, batch: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each named submodule's (input, output) on ``batch``."""
+    seen, handles = {}, []
+    for name in names:
+        def record(_, args, output, name=name):  # clone: an in-place ReLU would overwrite it
+            seen[name] = (args[0].clone(), output.clone())
+        handles.append(gm.get_submodule(name).register_forward_hook(record))
+    with torch.no_grad():
+        gm(batch)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Per layer: SQNR with the whole network quantized, and with only that layer quantized."""
+
+    rows: list[tuple[str, float, float]]
+
+    def _table(self, fmt: str) -> str:
+        return tabulate([(n, f"{c:.1f}", f"{i:.1f}") for n, c, i in self.rows],
+                        headers=["layer", "cumulative SQNR dB", "isolated SQNR dB"], tablefmt=fmt)
+
+    def __str__(self) -> str:
+        return self._table("simple")
+
+    def to_markdown(self) -> str:
+        return self._table("github") + "\n"
+
+
+def compare(model: nn.Module, qmodel: fx.GraphModule, batch: torch.Tensor) -> Comparison:
+    """SQNR of each conv/linear output (before its activation) of ``qmodel`` against ``model``.
+
+    cumulative: the integer network end to end, so errors of all earlier layers are included.
+    isolated: the float network's own input to the layer, quantized, through this one integer
+    layer: the error this layer adds by itself.
+    """
+    layers = integer_layers(qmodel)
+    reference = _capture(folded_float(model), layers, batch)
+    quantized = _capture(qmodel, layers, batch)
+    rows = []
+    with torch.no_grad():
+        for name, m in layers.items():
+            float_in, float_out = reference[name]
+            cumulative = m.output_qparams.dequantize(quantized[name][1])
+            isolated = m.output_qparams.dequantize(m(m.input_qparams.quantize(float_in)))
+            rows.append((name, sqnr_db(float_out, cumulative), sqnr_db(float_out, isolated)))
+    return Comparison(rows)
+
+
+def _fake_quantize(qparams):
+    return lambda x: qparams.dequantize(qparams.quantize(x))
+
+
+def with_quantized_layers(folded: fx.GraphModule, qmodel: fx.GraphModule, names) -> fx.GraphModule:
+    """A copy of the folded float model in which the named layers run as ``qmodel`` runs them:
+    dequantized integer weights and bias, input and output fake-quantized with its parameters."""
+    gm = copy.deepcopy(folded)
+    layers = integer_layers(qmodel)
+    for name in names:
+        m, layer = layers[name], gm.get_submodule(name)
+        shape = (-1,) + (1,) * (m.weight.dim() - 1)
+        layer.weight.data = (m.weight.double() * m.weight_scale.reshape(shape)).float()
+        layer.bias = nn.Parameter((m.bias.double() * m.input_scale * m.weight_scale).float())
+        quantize_in, quantize_out = _fake_quantize(m.input_qparams), _fake_quantize(m.output_qparams)
+        layer.register_forward_pre_hook(lambda _, args, f=quantize_in: (f(args[0]),))
+        layer.register_forward_hook(lambda _, args, out, f=quantize_out: f(out))
+    return gm
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """Accuracy with only one layer quantized, and with every layer but that one quantized."""
+
+    float_accuracy: float
+    all_quantized: float
+    rows: list[tuple[str, float, float]]  # (layer, only this layer, all but this layer)
+
+    def ranked(self) -> list[tuple[str, float, float]]:
+        """Layers by the accuracy lost when only they are quantized, worst first."""
+        return sorted(self.rows, key=lambda r: r[1])
+
+    def to_markdown(self) -> str:
+        rows = [(n, f"{o:.2f} ({o - self.float_accuracy:+.2f})", f"{a:.2f} ({a - self.all_quantized:+.2f})")
+                for n, o, a in self.rows]
+        return tabulate(rows, headers=["layer", "only this layer quantized (vs float)",
+                                       "all but this layer (vs all quantized)"], tablefmt="github") + "\n"
+
+
+def sensitivity(model: nn.Module, qmodel: fx.GraphModule, images: torch.Tensor,
+                labels: torch.Tensor) -> Sensitivity:
+    """Quantize one layer at a time (the rest float), and all layers but one, as ``qmodel`` does."""
+    folded = folded_float(model)
+    names = list(integer_layers(qmodel))
+
+    def accuracy(gm) -> float:
+        with torch.no_grad():
+            hits = sum((gm(x).argmax(1) == y).sum().item()
+                       for x, y in zip(images.split(500), labels.split(500)))
+        return 100.0 * hits / len(labels)
+
+    rows = [(name, accuracy(with_quantized_layers(folded, qmodel, [name])),
+             accuracy(with_quantized_layers(folded, qmodel, [n for n in names if n != name])))
+            for name in names]
+    return Sensitivity(accuracy(folded), accuracy(with_quantized_layers(folded, qmodel, names)), rows)
