@@ -91,3 +91,28 @@ def test_explain_formula_matches_the_real_resnet18_exactly():
     for layer in ("conv1", "layer1.0.conv1", "layer4.1.conv2", "fc"):
         check = fxq.explain(qmodel, layer, test.images[:16]).check
         assert check.mismatches == 0 and check.elements > 0
+
+
+def test_recursive_formula_unrolls_the_first_two_layers():
+    """I_q → conv1 → ReLU → layer1.0.conv1 by the documented formulas, in plain int64."""
+    from fxq.explain import reference_output
+
+    _, qmodel, test, *_ = results("mnist")
+    x = test.images[:8]
+    i_q = qmodel.get_submodule("quantize_x").qparams.quantize(x)
+    conv1, conv2 = qmodel.get_submodule("conv1"), qmodel.get_submodule("layer1.0.conv1")
+    o1 = reference_output(conv1, i_q)
+    r1 = torch.maximum(o1, torch.tensor(int(conv1.output_zero_point)))
+    o2 = reference_output(conv2, r1.to(torch.uint8))
+    captured = {}
+
+    class Capture(torch.fx.Interpreter):
+        def run_node(self, n):
+            result = super().run_node(n)
+            if n.target == "layer1.0.conv1":
+                captured["o2"] = result
+            return result
+
+    with torch.no_grad():
+        Capture(qmodel).run(x)
+    assert torch.equal(o2, captured["o2"].to(torch.int64))
