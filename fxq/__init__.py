@@ -8,6 +8,7 @@ from fxq.api import PASSES, quantize
 from fxq.config import QConfig
 from fxq.context import PassContext
 from fxq.explain import explain
+from fxq.compare import compare
 from fxq.simulate import simulate
 
-__all__ = ["PASSES", "PassContext", "QConfig", "explain", "quantize", "simulate"]
+__all__ = ["PASSES", "PassContext", "QConfig", "compare", "explain", "quantize", "simulate"]

@@ -1,0 +1,56 @@
+"""fxq.compare and layer sensitivity on a tiny model."""
+import math
+
+import torch
+
+import fxq
+from fxq.compare import folded_float, sensitivity, sqnr_db, with_quantized_layers
+from tests.helpers import Residual, randomize_bn
+
+
+def test_sqnr_of_known_noise():
+    x = torch.ones(100)
+    assert sqnr_db(x, x) == math.inf
+    assert abs(sqnr_db(x, x * 1.1) - 20.0) < 1e-4  # noise power 1 % of signal: 20 dB
+
+
+def test_compare_gives_cumulative_and_isolated_sqnr_per_layer(ctx):
+    model = randomize_bn(Residual())
+    qmodel = fxq.quantize(model, ctx.calib_loader)
+    result = fxq.compare(model, qmodel, ctx.calib_loader[0])
+    assert [r[0] for r in result.rows] == ["unit.conv", "conv2", "fc"]
+    first = result.rows[0]
+    assert first[1] == first[2]  # nothing before the first layer: cumulative = isolated
+    assert all(10 < r[2] < 80 for r in result.rows)
+    assert "isolated SQNR dB" in str(result) and result.to_markdown().startswith("| layer")
+
+
+def test_fake_quantized_layers_reproduce_the_integer_model(ctx):
+    """All layers quantized as qmodel does them ≈ the integer model (adds stay float here)."""
+    model = randomize_bn(Residual())
+    qmodel = fxq.quantize(model, ctx.calib_loader)
+    folded = folded_float(model)
+    everything = with_quantized_layers(folded, qmodel, ["unit.conv", "conv2", "fc"])
+    x = ctx.calib_loader[0]
+    step = qmodel.get_submodule("fc").output_qparams.scale
+    assert (everything(x) - qmodel(x)).abs().max() < 4 * step
+    assert torch.equal(folded(x), folded_float(model)(x))  # the copy, not the folded model, changed
+
+
+def test_sensitivity_reports_every_layer_both_ways(ctx):
+    model = randomize_bn(Residual())
+    qmodel = fxq.quantize(model, ctx.calib_loader, fxq.QConfig(weight_bits=2, act_bits=2))
+    x = torch.cat(ctx.calib_loader)
+    labels = model(x).argmax(1)  # float predictions as labels: float accuracy is 100 %
+    result = sensitivity(model, qmodel, x, labels)
+    assert result.float_accuracy == 100.0
+    assert [r[0] for r in result.rows] == ["unit.conv", "conv2", "fc"]
+    folded = folded_float(model)
+
+    def accuracy(names):
+        return 100.0 * (with_quantized_layers(folded, qmodel, names)(x).argmax(1) == labels).float().mean().item()
+
+    assert result.rows[1][1] == accuracy(["conv2"])
+    assert result.rows[1][2] == accuracy(["unit.conv", "fc"])
+    assert result.all_quantized == accuracy(["unit.conv", "conv2", "fc"])
+    assert len(result.ranked()) == 3 and "only this layer quantized" in result.to_markdown()
