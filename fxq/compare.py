@@ -88,13 +88,13 @@ def compare(model: nn.Module, qmodel: fx.GraphModule, batch: torch.Tensor) -> Co
     return Comparison(rows)
 
 
-def _fake_quantize(qparams):
+def _snap_to_grid(qparams):
     return lambda x: qparams.dequantize(qparams.quantize(x))
 
 
 def with_quantized_layers(folded: fx.GraphModule, qmodel: fx.GraphModule, names) -> fx.GraphModule:
     """A copy of the folded float model in which the named layers run as ``qmodel`` runs them:
-    dequantized integer weights and bias, input and output fake-quantized with its parameters."""
+    dequantized integer weights and bias, input and output snapped to its grid with its parameters."""
     gm = copy.deepcopy(folded)
     layers = integer_layers(qmodel)
     for name in names:
@@ -102,7 +102,7 @@ def with_quantized_layers(folded: fx.GraphModule, qmodel: fx.GraphModule, names)
         shape = (-1,) + (1,) * (m.weight.dim() - 1)
         layer.weight.data = (m.weight.double() * m.weight_scale.reshape(shape)).float()
         layer.bias = nn.Parameter((m.bias.double() * m.input_scale * m.weight_scale).float())
-        quantize_in, quantize_out = _fake_quantize(m.input_qparams), _fake_quantize(m.output_qparams)
+        quantize_in, quantize_out = _snap_to_grid(m.input_qparams), _snap_to_grid(m.output_qparams)
         layer.register_forward_pre_hook(lambda _, args, f=quantize_in: (f(args[0]),))
         layer.register_forward_hook(lambda _, args, out, f=quantize_out: f(out))
     return gm

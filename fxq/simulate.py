@@ -1,8 +1,8 @@
 """`fxq.simulate`: the float twin of a quantized model, for looking at real-valued tensors.
 
 Every value of the twin is the float64 ``s · (q − z)`` of the integer the quantized graph holds
-at that point; each op that makes new integers is emulated in float and followed by a fake
-quantization ``x ↦ s·(clamp(round(x/s) + z, 0, 2^b − 1) − z)`` with the same parameters and the
+at that point; each op that makes new integers is emulated in float and then snapped to its grid,
+``x ↦ s·(clamp(round(x/s) + z, 0, 2^b − 1) − z)``, with the same parameters and the
 same rounding (half away from zero).
 
 Where the two may differ: the twin rescales by the real ``s_I·s_W/s_O`` where the integer graph
@@ -26,7 +26,7 @@ from fxq.qmodules import Dequantize, QAdd, QAvgPool2d, QConv2d, QLayer, QLinear,
 from passes.convert import META as QPARAMS
 
 
-class FakeQuantize(nn.Module):
+class SnapToGrid(nn.Module):
     """float → float: ``s·(clamp(round(x/s) + z, 0, 2^b − 1) − z)``, the value an integer holds."""
 
     def __init__(self, qparams: ActQParams):
@@ -87,7 +87,7 @@ def simulate(qmodel: fx.GraphModule) -> fx.GraphModule:
     for node in list(twin.graph.nodes):
         module = modules.get(node.target) if node.op == "call_module" else None
         if isinstance(module, (Quantize, Dequantize)):
-            replace_module(twin, node.target, FakeQuantize(module.qparams) if isinstance(module, Quantize)
+            replace_module(twin, node.target, SnapToGrid(module.qparams) if isinstance(module, Quantize)
                            else nn.Identity())
             continue
         if node.target is intmath.relu:  # max(q, z) on integers is max(x, 0) on their values
@@ -102,16 +102,16 @@ def simulate(qmodel: fx.GraphModule) -> fx.GraphModule:
             continue
         else:
             continue
-        _fake_quantize_after(twin, node)
+        _snap_after(twin, node)
     twin.delete_all_unused_submodules()
     twin.graph.lint()
     twin.recompile()
     return twin
 
 
-def _fake_quantize_after(twin: fx.GraphModule, node: fx.Node) -> None:
+def _snap_after(twin: fx.GraphModule, node: fx.Node) -> None:
     leaf = node.target.rpartition(".")[2] if node.op == "call_module" else node.name
-    path = add_module_near(twin, node, f"{leaf}_fake_quantize", FakeQuantize(node.meta[QPARAMS]))
+    path = add_module_near(twin, node, f"{leaf}_snap_to_grid", SnapToGrid(node.meta[QPARAMS]))
     with twin.graph.inserting_after(node):
-        fake = twin.graph.call_module(path, (node,))
-    node.replace_all_uses_with(fake, delete_user_cb=lambda user: user is not fake)
+        snapped = twin.graph.call_module(path, (node,))
+    node.replace_all_uses_with(snapped, delete_user_cb=lambda user: user is not snapped)

@@ -106,7 +106,7 @@ def test_source_never_uses_pytorchs_quantization_stack():
     import re
     root = pathlib.Path(fxq.__file__).resolve().parent.parent
     forbidden = re.compile(r"torch\.ao|torch\.quantization|quantize_per_(tensor|channel)|"
-                           r"torch\.q(u)?int\d|fake_quantize|torch\.ops\.quantized|nn\.quantized")
+                           r"torch\.q(u)?int\d|torch\.fake_quantize|fake_quantize_per|torch\.ops\.quantized|nn\.quantized")
     sources = list((root / "fxq").glob("*.py")) + list((root / "passes").glob("*.py"))
     assert len(sources) >= 10
     offenders = [f"{p.name}: {line.strip()}" for p in sources

@@ -25,7 +25,7 @@ def test_compare_gives_cumulative_and_isolated_sqnr_per_layer(ctx):
     assert "isolated SQNR dB" in str(result) and result.to_markdown().startswith("| layer")
 
 
-def test_fake_quantized_layers_reproduce_the_integer_model(ctx):
+def test_snap_to_gridd_layers_reproduce_the_integer_model(ctx):
     """All layers quantized as qmodel does them ≈ the integer model (adds stay float here)."""
     model = randomize_bn(Residual())
     qmodel = fxq.quantize(model, ctx.calib_loader)

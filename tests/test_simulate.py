@@ -2,7 +2,7 @@
 import torch
 
 import fxq
-from fxq.simulate import FakeQuantize
+from fxq.simulate import SnapToGrid
 from fxq.qmodules import QConv2d
 from tests.helpers import Residual, randomize_bn
 
@@ -13,7 +13,7 @@ def test_twin_has_the_same_layers_in_float_and_leaves_the_integer_model_alone(ct
     twin = fxq.simulate(qmodel)
     assert qmodel.code == code and isinstance(qmodel.get_submodule("unit.conv"), QConv2d)
     assert type(twin.get_submodule("unit.conv")) is torch.nn.Conv2d
-    assert any(isinstance(m, FakeQuantize) for m in twin.modules())
+    assert any(isinstance(m, SnapToGrid) for m in twin.modules())
     values = {}
 
     class Spy(torch.fx.Interpreter):
@@ -33,8 +33,8 @@ def test_twin_matches_the_integer_graph_within_one_step(ctx):
         assert ((qmodel(x) - twin(x)).abs() / step).max() <= 1.0
 
 
-def test_fake_quantize_rounds_half_away_like_requantization():
+def test_snap_to_grid_rounds_half_away_like_requantization():
     from fxq.affine import ActQParams
-    fq = FakeQuantize(ActQParams(0.5, 10, 8))
+    fq = SnapToGrid(ActQParams(0.5, 10, 8))
     x = torch.tensor([0.25, -0.25, 0.75], dtype=torch.float64)  # ±0.5 and 1.5 steps
     assert fq(x).tolist() == [0.5, -0.5, 1.0]
