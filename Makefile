@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup demo test data
+.PHONY: setup demo test data docs
 
 setup: .venv/ready data
 
@@ -22,3 +22,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# docs/ranges.md and docs/explain.md with their plots; sweeps are cached in results/
+docs: setup
+	$(PY) -m scripts.sensitivity --dataset mnist
+	$(PY) -m scripts.ranges_report
+	$(PY) -m scripts.explain_report
