@@ -109,19 +109,26 @@ def gemm_weight(weight_q: torch.Tensor) -> torch.Tensor:
     return weight_q.reshape(weight_q.shape[0], -1).t()
 
 
-def accumulate(columns: torch.Tensor, zero_point: int, weight_q: torch.Tensor,
-               bias_q: torch.Tensor) -> torch.Tensor:
-    """Formula (1) as one int8 × int8 → int32 GEMM: ``[M, K]`` columns of ``I_q − 128`` → ``[M, C_out]``.
+def gemm_operands(weight_q: torch.Tensor, zero_point: int, bias_q: torch.Tensor) -> tuple:
+    """The int8 ``[K, C_out]`` GEMM weight and the int32 per-channel constant of :func:`accumulate`.
 
         Σ W·(I_q − z) + b = Σ W·(I_q − 128) + ((128 − z)·Σ W + b)
 
-    so the zero point and the bias become one int32 constant per output channel. The GEMM is
-    integer arithmetic (``torch._int_mm``, int32 accumulation): exact whenever the worst case
-    ``128·127·K`` fits int32 (K < 132,000; ResNet-18's widest layer has K = 4608).
+    so the zero point and the bias become one int32 constant per output channel.
     """
-    weight = gemm_weight(weight_q)
+    weight = gemm_weight(weight_q).contiguous()
     constant = (128 - zero_point) * weight.to(torch.int32).sum(0, dtype=torch.int32) + bias_q
-    return torch._int_mm(columns, weight) + constant
+    return weight, constant
+
+
+def accumulate(columns: torch.Tensor, weight: torch.Tensor, constant: torch.Tensor) -> torch.Tensor:
+    """Formula (1) as one int8 × int8 → int32 GEMM: ``[M, K]`` columns of ``I_q − 128`` times the
+    :func:`gemm_operands` weight, plus their constant → ``[M, C_out]``.
+
+    The GEMM is integer arithmetic (``torch._int_mm``, int32 accumulation): exact whenever the
+    worst case ``128·127·K`` fits int32 (K < 132,000; ResNet-18's widest layer has K = 4608).
+    """
+    return torch._int_mm(columns, weight).add_(constant)
 
 
 def add(a_q: torch.Tensor, b_q: torch.Tensor, a: "AddOperand", b: "AddOperand", zero_point: int,

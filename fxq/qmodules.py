@@ -105,6 +105,14 @@ class QLayer(nn.Module):
         self.register_buffer("output_scale", torch.tensor(output_qp.scale, dtype=torch.float64))
         self.register_buffer("input_zero_point", torch.tensor(input_qp.zero_point, dtype=torch.int32))
         self.register_buffer("output_zero_point", torch.tensor(output_qp.zero_point, dtype=torch.int32))
+        self._prepare_gemm()
+        self.register_load_state_dict_post_hook(lambda module, _: module._prepare_gemm())
+
+    def _prepare_gemm(self) -> None:
+        """The GEMM-ready weight and constant, derived from the buffers (not saved)."""
+        weight, constant = intmath.gemm_operands(self.weight, int(self.input_zero_point), self.bias)
+        self.register_buffer("gemm_weight", weight, persistent=False)
+        self.register_buffer("gemm_constant", constant, persistent=False)
 
     @property
     def input_qparams(self) -> ActQParams:
@@ -120,7 +128,7 @@ class QLayer(nn.Module):
 
     def accumulate(self, columns: torch.Tensor) -> torch.Tensor:
         """Formula (1): the int32 accumulator ``[positions, C_out]``, bias included."""
-        return intmath.accumulate(columns, int(self.input_zero_point), self.weight, self.bias)
+        return intmath.accumulate(columns, self.gemm_weight, self.gemm_constant)
 
     def requantize(self, acc: torch.Tensor) -> torch.Tensor:
         """Formula (2): accumulator → uint8 at the output scale."""
@@ -177,7 +185,12 @@ class QLinear(QLayer):
 
 
 class QAdd(nn.Module):
-    """uint8 + uint8 → uint8: ``clamp(z_O + round(M_A·(A_q − z_A) + M_B·(B_q − z_B)))``."""
+    """uint8 + uint8 → uint8: ``clamp(z_O + round(M_A·(A_q − z_A) + M_B·(B_q − z_B)))``.
+
+    Both inputs take at most 2^8 values each, so the op is evaluated once for every pair with
+    `fxq.intmath.add` when it is built, and then runs as a lookup in that table (64 KiB at 8
+    bits): the same integers, an order of magnitude fewer passes over the tensors.
+    """
 
     def __init__(self, a: ActQParams, b: ActQParams, out: ActQParams, name: str):
         super().__init__()
@@ -185,19 +198,31 @@ class QAdd(nn.Module):
         if abs(operands[0].shift - operands[1].shift) > intmath.ADD_MAX_SHIFT_GAP:
             raise ValueError(f"{name}: the two inputs' scales differ by more than 2^23; "
                              "one branch is lost in rounding: check the calibration data")
-        self.output_bits = out.bits
+        self.input_bits, self.output_bits = (a.bits, b.bits), out.bits
         for prefix, operand in zip("ab", operands):
             for field in ("zero_point", "multiplier", "shift"):
                 self.register_buffer(f"{prefix}_{field}", torch.tensor(getattr(operand, field)))
         self.register_buffer("output_zero_point", torch.tensor(out.zero_point))
+        self._prepare_table()
+        self.register_load_state_dict_post_hook(lambda module, _: module._prepare_table())
 
     def operand(self, prefix: str) -> intmath.AddOperand:
         return intmath.AddOperand(*(int(getattr(self, f"{prefix}_{f}"))
                                     for f in ("zero_point", "multiplier", "shift")))
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def compute(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The integer add itself (`fxq.intmath.add`), without the table."""
         return intmath.add(a, b, self.operand("a"), self.operand("b"), int(self.output_zero_point),
                            (1 << self.output_bits) - 1)
+
+    def _prepare_table(self) -> None:
+        grid_a, grid_b = torch.meshgrid(torch.arange(1 << self.input_bits[0], dtype=torch.uint8),
+                                        torch.arange(1 << self.input_bits[1], dtype=torch.uint8),
+                                        indexing="ij")
+        self.register_buffer("table", self.compute(grid_a, grid_b).flatten(), persistent=False)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.table[a.to(torch.int32) * (1 << self.input_bits[1]) + b]
 
 
 class QAvgPool2d(nn.Module):

@@ -80,7 +80,7 @@ def int64_conv_reference(x, zero_point, w, bias, stride=1, padding=1):
 def integer_conv(x, zero_point, w, bias, stride=1, padding=1):
     cols, (n, h, wd) = intmath.conv_columns(x, (3, 3), (stride, stride), (padding, padding), (1, 1),
                                             zero_point)
-    acc = intmath.accumulate(cols, zero_point, w, bias)
+    acc = intmath.accumulate(cols, *intmath.gemm_operands(w, zero_point, bias))
     return acc.reshape(n, h, wd, -1).permute(0, 3, 1, 2)
 
 

@@ -55,3 +55,15 @@ def test_add_output_is_uint8_and_named_after_its_block(ctx):
     add = next(n for n in qmodel.graph.nodes if n.op == "call_module" and n.target.endswith("add"))
     assert add.target == "add"  # the Residual block is the root here
     assert qmodel.get_submodule("add").a_multiplier.dtype == torch.int64
+
+
+def test_the_add_table_is_the_integer_add_for_every_pair_and_survives_reloading():
+    from fxq.affine import ActQParams
+    qadd = QAdd(ActQParams(0.031, 100, 8), ActQParams(0.093, 20, 8), ActQParams(0.047, 60, 8), "add")
+    a = torch.arange(256, dtype=torch.uint8).repeat_interleave(256)
+    b = torch.arange(256, dtype=torch.uint8).repeat(256)
+    assert torch.equal(qadd(a, b), qadd.compute(a, b))
+    other = QAdd(ActQParams(0.5, 0, 8), ActQParams(0.5, 0, 8), ActQParams(1.0, 0, 8), "add")
+    other.load_state_dict(qadd.state_dict())
+    assert torch.equal(other(a, b), qadd.compute(a, b))
+    assert "table" not in qadd.state_dict()  # derived, not stored
