@@ -71,7 +71,7 @@ def requantize(acc: torch.Tensor, m: torch.Tensor, shift: torch.Tensor, zero_poi
     """
     r = MULTIPLIER_BITS - shift
     offset = (torch.ones_like(r) << (r - 1)) + (zero_point << r)
-    q = acc.to(torch.int64).mul_(m).add_(offset).sub_(acc < 0)
+    q = acc.to(torch.int64).mul_(m).add_(offset).sub_((acc < 0).to(torch.int64))
     return q.bitwise_right_shift_(r).clamp_(0, qmax).to(torch.uint8)
 
 
