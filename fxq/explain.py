@@ -15,7 +15,7 @@ from tabulate import tabulate
 from torch import fx
 
 from fxq import intmath
-from fxq.qmodules import Dequantize, QConv2d, QLayer
+from fxq.qmodules import QConv2d, QLayer
 from passes.convert import META as QPARAMS
 from passes.record_stats import META as STATS, IntRange, StatsRecorder
 
@@ -203,8 +203,9 @@ def _bits_of_input(qmodel, node: fx.Node) -> int:
 
 
 def _final_dequantize(qmodel) -> Step:
-    out = next(m for m in qmodel.modules() if isinstance(m, Dequantize))
-    qp = out.qparams
+    output = next(n for n in qmodel.graph.nodes if n.op == "output")
+    logits = output.all_input_nodes[0]
+    qp = qmodel.get_submodule(logits.target).qparams  # the Dequantize the network ends with
     return Step("logits: s·(q − z) at the end", "float32", IntRange(0, qp.qmax), None,
                 f"the network dequantizes once: s = {qp.scale:.6g}, z = {qp.zero_point}")
 
