@@ -26,5 +26,6 @@ test: setup
 # docs/ranges.md and docs/explain.md with their plots; sweeps are cached in results/
 docs: setup
 	$(PY) -m scripts.sensitivity --dataset mnist
+	$(PY) -m scripts.sensitivity --dataset fashion
 	$(PY) -m scripts.ranges_report
 	$(PY) -m scripts.explain_report
