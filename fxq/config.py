@@ -6,7 +6,7 @@ from dataclasses import dataclass
 # Values each field accepts today. Later issues add values (never new names).
 WEIGHT_RANGES = ("minmax", "mse", "output_aware")
 ACT_RANGES = ("minmax", "moving_average", "percentile", "mse", "entropy")
-PLACEMENTS = ("pre",)
+PLACEMENTS = ("pre", "post", "both")
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -23,8 +23,10 @@ class QConfig:
                   the calibration inputs).
     act_range:    how an activation range is chosen from calibration data (`fxq.observers`):
                   "minmax", "moving_average", "percentile", "mse", "entropy".
-    placement:    where a layer's output is quantized relative to its activation: "pre" quantizes
-                  the conv/linear/add output before the ReLU, which then runs as max(q, z).
+    placement:    where a layer's output is quantized relative to its ReLU: "pre" quantizes the
+                  conv/linear/add output before the ReLU, which then runs as max(q, z); "post"
+                  quantizes only the ReLU's output (z = 0, the ReLU is the requantization's
+                  clamp); "both" does one, then the other (max(q, z), then a requantization).
     percentile:   for act_range="percentile": the share of values kept inside the range, in %.
     histogram_bins: bins of the histogram the percentile, mse and entropy observers keep.
     averaging_constant: for act_range="moving_average": c in v ← v + c·(batch − v).

@@ -6,6 +6,7 @@
     QLinear      uint8  → uint8          the same for a fully connected layer
     QAdd         uint8, uint8 → uint8    residual add, each input rescaled to the output scale
     QAvgPool2d   uint8  → uint8          window sum and rounding division, same scale
+    QRequantize  uint8  → uint8          a value moved to new parameters (placement "both")
     Dequantize   uint8  → float32        the logits, once
 """
 from __future__ import annotations
@@ -223,6 +224,41 @@ class QAdd(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.table[a.to(torch.int32) * (1 << self.input_bits[1]) + b]
+
+
+class QRequantize(nn.Module):
+    """uint8 → uint8 at new parameters: ``clamp(z_O + round(M·(q − z_I)), 0, 2^b − 1)``, ``M = s_I/s_O``.
+
+    Formula (2) with ``q − z_I`` as the accumulator; with at most 2^8 inputs it runs as a lookup
+    in the table of every answer, built once with `fxq.intmath.requantize`.
+    """
+
+    def __init__(self, before: ActQParams, after: ActQParams):
+        super().__init__()
+        self.input_bits, self.output_bits = before.bits, after.bits
+        multiplier, shift = intmath.fixed_point(torch.tensor(before.scale / after.scale))
+        self.register_buffer("input_zero_point", torch.tensor(before.zero_point, dtype=torch.int32))
+        self.register_buffer("output_zero_point", torch.tensor(after.zero_point, dtype=torch.int32))
+        self.register_buffer("multiplier", multiplier.to(torch.int32))
+        self.register_buffer("shift", shift.to(torch.int8))
+        self._prepare_table()
+        self.register_load_state_dict_post_hook(lambda module, _: module._prepare_table())
+
+    def compute(self, q: torch.Tensor) -> torch.Tensor:
+        """The requantization itself, without the table."""
+        centred = q.to(torch.int64) - int(self.input_zero_point)
+        return intmath.requantize(centred, self.multiplier.to(torch.int64), self.shift.to(torch.int64),
+                                  int(self.output_zero_point), (1 << self.output_bits) - 1)
+
+    def _prepare_table(self) -> None:
+        every = torch.arange(1 << self.input_bits)
+        self.register_buffer("table", self.compute(every), persistent=False)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return self.table[q.to(torch.int64)]
+
+    def extra_repr(self) -> str:
+        return f"zero_point {int(self.input_zero_point)} → {int(self.output_zero_point)}"
 
 
 class QAvgPool2d(nn.Module):

@@ -22,7 +22,7 @@ from torch import fx, nn
 from fxq import intmath
 from fxq.affine import ActQParams, round_half_away
 from fxq.graph import add_module_near, replace_module
-from fxq.qmodules import Dequantize, QAdd, QAvgPool2d, QConv2d, QLayer, QLinear, Quantize
+from fxq.qmodules import Dequantize, QAdd, QAvgPool2d, QConv2d, QLayer, QLinear, QRequantize, Quantize
 from passes.convert import META as QPARAMS
 
 
@@ -86,6 +86,9 @@ def simulate(qmodel: fx.GraphModule) -> fx.GraphModule:
     modules = dict(twin.named_modules())
     for node in list(twin.graph.nodes):
         module = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(module, QRequantize):  # on values: a snap to the new grid
+            replace_module(twin, node.target, SnapToGrid(node.meta[QPARAMS]))
+            continue
         if isinstance(module, (Quantize, Dequantize)):
             replace_module(twin, node.target, SnapToGrid(module.qparams) if isinstance(module, Quantize)
                            else nn.Identity())

@@ -13,9 +13,10 @@ from fxq.context import PassContext
 from fxq.graph import add_module_near, finish, label, replace_module
 from fxq.observers import InputGram, Observer
 from fxq.ops import Kind, kind_of
-from fxq.qmodules import Dequantize, QAvgPool2d, QConv2d, QLinear, Quantize
+from fxq.qmodules import Dequantize, QAvgPool2d, QConv2d, QLinear, QRequantize, Quantize
 from fxq.weight_ranges import quantize_weights
 from passes import calibrate as calibrate_pass
+from passes.fuse import META as FUSE
 from passes.insert_observers import INPUT_GRAMS, OBSERVERS
 
 META = "fxq.qparams"  # ActQParams of the integer value a node produces
@@ -38,7 +39,9 @@ def convert(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
         observers.x(x)                 → quantize_input(x)            float → q, once
         conv(x) / linear(x)            → QConv2d / QLinear(q)         int8 W, int32 acc, requant
-        relu(x)                        → intmath.relu(q, z)           max(q, z)
+        relu(x)                        → intmath.relu(q, z)           max(q, z)       placement "pre"
+        relu(conv(x))                  → QConv2d(q), clamp at z = 0   no ReLU op      placement "post"
+        relu(conv(x))                  → QRequantize(relu(QConv2d(q), z))             placement "both"
         maxpool / flatten / view(x)    → unchanged, on q              same scale
         identity / dropout(x)          → removed
         avgpool(x)                     → QAvgPool2d(q)                sum, rounding division
@@ -117,15 +120,35 @@ def _weighted(state: _State, node: fx.Node) -> None:
                                config.weight_range, state.grams.get(node.target))
     make = QConv2d if isinstance(layer, nn.Conv2d) else QLinear
     replace_module(state.gm, node.target, make(layer, weights, qparams_of(node.args[0], node),
-                                               node.meta[META], node.target))
+                                               _output_qparams(node), node.target))
+
+
+def _output_qparams(node: fx.Node) -> ActQParams:
+    """A producer's output parameters: its own observer's, or with placement "post" (no observer
+    on the producer) those of its ReLU's output, whose z = 0 makes the clamp the ReLU."""
+    if META not in node.meta:
+        node.meta[META] = node.meta[FUSE].activation.meta[META]
+    return node.meta[META]
 
 
 def _activation(state: _State, node: fx.Node) -> None:
     source = node.args[0]
     qp = qparams_of(source, node)
+    after = node.meta.get(META)
+    if after is qp:  # placement "post": the producer's clamp at z = 0 already did the ReLU
+        node.replace_all_uses_with(source)
+        state.gm.graph.erase_node(node)
+        return
+    if after is not None:  # placement "both": a second quantization, after the ReLU
+        path = add_module_near(state.gm, node, f"{node.name}_requantize", QRequantize(qp, after))
     # Rewritten in place so the node keeps its name (layer1_0_relu) in the printed code.
     node.op, node.target, node.args, node.kwargs = "call_function", intmath.relu, (source, qp.zero_point), {}
     node.meta[META] = qp
+    if after is not None:
+        with state.gm.graph.inserting_after(node):
+            requantized = state.gm.graph.call_module(path, (node,))
+        node.replace_all_uses_with(requantized, delete_user_cb=lambda user: user is not requantized)
+        requantized.meta[META] = after
 
 
 def _passthrough(state: _State, node: fx.Node) -> None:
@@ -175,7 +198,7 @@ def _float_island(state: _State, node: fx.Node) -> None:
                 operand = gm.graph.call_module(path, (operand,))
         inputs.append(operand)
     node.args = tuple(inputs)
-    path = add_module_near(gm, node, f"{node.name}_quantize", Quantize(node.meta[META], None))
+    path = add_module_near(gm, node, f"{node.name}_quantize", Quantize(_output_qparams(node), None))
     with gm.graph.inserting_after(node):
         quantized = gm.graph.call_module(path, (node,))
     node.replace_all_uses_with(quantized, delete_user_cb=lambda user: user is not quantized)

@@ -8,6 +8,7 @@ from fxq.context import PassContext
 from fxq.graph import finish, label, scope_of
 from fxq.observers import InputGram, make_observer
 from fxq.ops import Kind, kind_of, supported
+from passes.fuse import META as FUSE
 
 OBSERVERS = "observers"  # the submodule holding one observer per observed node
 INPUT_GRAMS = "input_grams"  # the submodule holding the output-aware weight rule's statistics
@@ -17,9 +18,10 @@ def insert_observers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Insert an observer call after each value that is quantized with new parameters.
 
     Before: ``y = conv(x)``. After: ``y = observers.conv(conv(x))``, an identity that records
-    ``y``'s range. Observed: every model input, and the output of each conv, linear and add
-    (with the default placement "pre", before its ReLU). ReLU, pooling, flatten and view keep
-    their input's scale and get no observer. A layer whose config asks for
+    ``y``'s range. Observed: every model input, and the output of each conv, linear and add.
+    For a fused unit ``relu(conv(x))`` (`passes.fuse`) the producer's ``placement`` decides:
+    "pre" observes the conv output only, "post" the ReLU output only, "both" each of them.
+    Other ReLUs, pooling, flatten and view keep their input's scale and get no observer. A layer whose config asks for
     ``weight_range="output_aware"`` also gets ``input_grams.<layer>`` on its input edge.
 
     Each observer follows the config of the layer producing the value (``ctx.config_for``). An
@@ -32,8 +34,8 @@ def insert_observers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     for name, container in containers.items():
         gm.add_module(name, container)
     for node in list(gm.graph.nodes):
-        if node.op == "placeholder" or _needs_observer(node, modules):
-            config = _producer_config(node, ctx)
+        if node.op == "placeholder" or _needs_observer(node, modules, ctx):
+            config = _producer_config(_unit_producer(node), ctx)
             observer = make_observer(config, f"the value of {label(node)}")
             _insert_after(gm, node, containers[OBSERVERS], observer)
         if _is_weighted(node, modules):
@@ -69,7 +71,7 @@ def _is_weighted(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_module" and kind_of(node, modules) is Kind.WEIGHTED
 
 
-def _needs_observer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def _needs_observer(node: fx.Node, modules: dict[str, nn.Module], ctx: PassContext) -> bool:
     if node.op not in ("call_module", "call_function", "call_method"):
         return False
     kind = kind_of(node, modules)
@@ -79,7 +81,19 @@ def _needs_observer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
             f"Supported: {supported()}. Fix: express it with supported ops, or fold it away "
             "before quantizing (a batchnorm must directly follow a conv to be folded)"
         )
-    return kind in (Kind.WEIGHTED, Kind.ADD)
+    unit = node.meta.get(FUSE)
+    if unit is None:
+        return kind in (Kind.WEIGHTED, Kind.ADD)
+    placement = _producer_config(unit.producer, ctx).placement
+    if node is unit.producer:
+        return placement in ("pre", "both")
+    return placement in ("post", "both")
+
+
+def _unit_producer(node: fx.Node) -> fx.Node:
+    """The node whose config quantizes ``node``'s value: the producer of its fused unit, if any."""
+    unit = node.meta.get(FUSE)
+    return node if unit is None else unit.producer
 
 
 def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:

@@ -65,7 +65,7 @@ def test_default_config_is_the_contract():
     ({"percentile": 40.0}, "percentile=40.0"),
     ({"histogram_bins": 100}, "histogram_bins=100"),
     ({"averaging_constant": 0.0}, "averaging_constant=0.0"),
-    ({"placement": "post"}, "placement='post' is not supported"),
+    ({"placement": "after"}, "placement='after' is not supported"),
     ({"weight_bits": 9}, "weight_bits=9"),
     ({"act_bits": 1}, "act_bits=1"),
     ({"weight_bits": 8.0}, "weight_bits=8.0"),

@@ -1,0 +1,72 @@
+"""placement="pre" | "post" | "both": where a fused conv/add → ReLU unit is quantized."""
+import pytest
+import torch
+
+import fxq
+from fxq import intmath
+from fxq.qmodules import Dequantize, QAdd, QConv2d, QLinear, QRequantize, Quantize
+from passes.convert import META
+from tests.helpers import ConvBnRelu, Residual, ops, randomize_bn
+
+
+def _quantize(model, placement, bits=8):
+    torch.manual_seed(0)
+    calib = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    config = fxq.QConfig(act_bits=bits, placement=placement)
+    return fxq.quantize(model, calib, config), calib
+
+
+def test_post_fuses_the_relu_into_the_conv_clamp_at_zero_point_zero():
+    gm, _ = _quantize(randomize_bn(ConvBnRelu()), "post")
+    assert ops(gm) == [("call_module", Quantize), ("call_module", QConv2d), ("call_module", Dequantize)]
+    conv = next(n for n in gm.graph.nodes if n.name == "conv")
+    assert conv.meta[META].zero_point == 0
+
+
+def test_both_quantizes_before_and_after_the_relu():
+    gm, _ = _quantize(randomize_bn(ConvBnRelu()), "both")
+    assert ops(gm) == [("call_module", Quantize), ("call_module", QConv2d),
+                       ("call_function", intmath.relu), ("call_module", QRequantize),
+                       ("call_module", Dequantize)]
+    conv = next(n for n in gm.graph.nodes if n.name == "conv")
+    after = gm.get_submodule("relu_requantize")
+    assert conv.meta[META].zero_point > 0 and int(after.output_zero_point) == 0
+
+
+@pytest.mark.parametrize("placement", ["pre", "post", "both"])
+def test_every_placement_tracks_the_float_residual_network(placement):
+    model = randomize_bn(Residual())
+    gm, calib = _quantize(model, placement)
+    x = calib[0]
+    with torch.no_grad():
+        expected, got = model.eval()(x), gm(x)
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_post_uses_the_whole_grid_on_relu_outputs():
+    """The point of "post": ReLU outputs get all 2^b levels instead of about half of them."""
+    model = randomize_bn(ConvBnRelu())
+    pre, _ = _quantize(model, "pre", bits=4)
+    post, _ = _quantize(model, "post", bits=4)
+    scale = {name: next(n for n in gm.graph.nodes if n.name == "conv").meta[META].scale
+             for name, gm in (("pre", pre), ("post", post))}
+    assert scale["post"] < 0.75 * scale["pre"]
+
+
+def test_residual_add_relu_follows_the_placement():
+    gm, _ = _quantize(randomize_bn(Residual()), "post")
+    add = next(n for n in gm.graph.nodes
+               if n.op == "call_module" and isinstance(gm.get_submodule(n.target), QAdd))
+    assert add.meta[META].zero_point == 0
+    assert not any(n.target is intmath.relu for n in gm.graph.nodes)
+    assert isinstance(gm.get_submodule("fc"), QLinear)
+
+
+def test_requantize_table_matches_the_integer_formula():
+    before = fxq.affine.ActQParams(0.05, 100, 8)
+    after = fxq.affine.ActQParams(0.03, 0, 8)
+    op = QRequantize(before, after)
+    q = torch.arange(256, dtype=torch.uint8)
+    expected = torch.clamp(torch.round((q.double() - 100) * 0.05 / 0.03), 0, 255)
+    assert torch.equal(op(q), op.compute(q))
+    assert (op(q).double() - expected).abs().max() == 0
