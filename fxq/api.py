@@ -9,6 +9,8 @@ from fxq.config import QConfig
 from fxq.context import PassContext
 from passes.calibrate import calibrate
 from passes.convert import convert
+from passes.correct_bias import correct_bias
+from passes.equalize import equalize
 from passes.fold_bn import fold_bn
 from passes.fuse import fuse
 from passes.insert_observers import insert_observers
@@ -19,8 +21,8 @@ from passes.trace import trace
 Pass = Callable[[nn.Module, PassContext], fx.GraphModule]
 
 # The pipeline, in order. A list, so it can be printed, reordered or extended.
-PASSES: list[Pass] = [trace, fold_bn, fuse, insert_observers, calibrate, convert, quantize_add,
-                      record_stats]
+PASSES: list[Pass] = [trace, fold_bn, equalize, fuse, insert_observers, calibrate, correct_bias,
+                      convert, quantize_add, record_stats]
 
 
 def quantize(model: nn.Module, calib_loader: Iterable, config: QConfig | None = None,

@@ -1,13 +1,15 @@
 """`QConfig`: what to quantize to, and how the ranges are chosen."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # Values each field accepts today. Later issues add values (never new names).
 WEIGHT_RANGES = ("minmax", "mse", "output_aware")
 ACT_RANGES = ("minmax", "moving_average", "percentile", "mse", "entropy")
 PLACEMENTS = ("pre", "post", "both")
 MIN_BITS, MAX_BITS = 2, 8
+# Fields that None leaves to `defaults_for` the bit widths.
+AUTO_FIELDS = ("weight_range", "act_range", "cross_layer_equalization", "bias_correction")
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,12 @@ class QConfig:
                   the calibration inputs).
     act_range:    how an activation range is chosen from calibration data (`fxq.observers`):
                   "minmax", "moving_average", "percentile", "mse", "entropy".
+    cross_layer_equalization: rescale conv → ReLU → conv channel pairs to equal weight ranges
+                  before quantizing (`passes.equalize`); the float function is unchanged.
+    bias_correction: remove the expected output shift that weight rounding causes, measured on
+                  the calibration inputs (`passes.correct_bias`).
+    keep_first_last_8bit: the first and last conv/linear (and the network input) stay at 8 bits
+                  whatever the widths above.
     placement:    where a layer's output is quantized relative to its ReLU: "pre" quantizes the
                   conv/linear/add output before the ReLU, which then runs as max(q, z); "post"
                   quantizes only the ReLU's output (z = 0, the ReLU is the requantization's
@@ -30,13 +38,19 @@ class QConfig:
     percentile:   for act_range="percentile": the share of values kept inside the range, in %.
     histogram_bins: bins of the histogram the percentile, mse and entropy observers keep.
     averaging_constant: for act_range="moving_average": c in v ← v + c·(batch − v).
+
+    weight_range, act_range, cross_layer_equalization and bias_correction left at None take the
+    defaults for the bit widths (`defaults_for`): what measured best at those widths.
     """
 
     weight_bits: int = 8
     act_bits: int = 8
     per_channel: bool = True
-    weight_range: str = "minmax"
-    act_range: str = "minmax"
+    weight_range: str | None = None
+    act_range: str | None = None
+    cross_layer_equalization: bool | None = None
+    bias_correction: bool | None = None
+    keep_first_last_8bit: bool = False
     placement: str = "pre"
     percentile: float = 99.99
     histogram_bins: int = 2048
@@ -49,8 +63,13 @@ class QConfig:
                 raise ValueError(
                     f"QConfig.{field}={bits!r}: use an int from {MIN_BITS} to {MAX_BITS}"
                 )
-        if not isinstance(self.per_channel, bool):
-            raise TypeError(f"QConfig.per_channel={self.per_channel!r}: use True or False")
+        for field in ("per_channel", "cross_layer_equalization", "bias_correction", "keep_first_last_8bit"):
+            value = getattr(self, field)
+            if not isinstance(value, bool) and not (value is None and field in AUTO_FIELDS):
+                raise TypeError(f"QConfig.{field}={value!r}: use True or False")
+        for field, value in defaults_for(self.weight_bits, self.act_bits).items():
+            if getattr(self, field) is None:
+                object.__setattr__(self, field, value)
         _check_choice("weight_range", self.weight_range, WEIGHT_RANGES)
         _check_choice("act_range", self.act_range, ACT_RANGES)
         _check_choice("placement", self.placement, PLACEMENTS)
@@ -61,6 +80,22 @@ class QConfig:
                              f"2^act_bits = {2 ** self.act_bits}")
         if not 0.0 < self.averaging_constant <= 1.0:
             raise ValueError(f"QConfig.averaging_constant={self.averaging_constant!r}: use (0, 1]")
+
+
+def defaults_for(weight_bits: int, act_bits: int) -> dict:
+    """The methods fxq uses at these widths unless told otherwise (docs/low_bits.md measures them).
+
+    At 8 bits min-max ranges lose nothing measurable and calibrate in one pass. Below 8 bits the
+    rounding error dominates: weights take the output-aware rule, CLE and bias correction;
+    activations take the MSE-optimal clipping.
+    """
+    low_weights = weight_bits < 8
+    return {
+        "weight_range": "output_aware" if low_weights else "minmax",
+        "act_range": "mse" if act_bits < 8 else "minmax",
+        "cross_layer_equalization": low_weights,
+        "bias_correction": low_weights,
+    }
 
 
 def _check_choice(field: str, value: object, allowed: tuple[str, ...]) -> None:

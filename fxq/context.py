@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
 from fxq.config import QConfig
@@ -15,12 +15,15 @@ class PassContext:
 
     ``overrides`` maps module-name glob patterns (``"layer4.*"``, ``"fc"``) to the ``QConfig`` of
     the layers they match, or to ``None`` to keep those layers in float. The first matching
-    pattern wins; layers no pattern matches use ``config``.
+    pattern wins; layers no pattern matches use ``config``. With ``keep_first_last_8bit``, the
+    first and last layer (in graph order, set by :meth:`register_layers`) and the network input
+    are at 8 bits.
     """
 
     config: QConfig
     calib_loader: Iterable
     overrides: Mapping[str, QConfig | None] = field(default_factory=dict)
+    layers: list[str] = field(default_factory=list)  # the quantizable layers, in graph order
 
     def __post_init__(self) -> None:
         for pattern, override in self.overrides.items():
@@ -30,13 +33,19 @@ class PassContext:
 
     def config_for(self, name: str) -> QConfig | None:
         """The config of the module at ``name`` (None: the layer stays float)."""
-        for pattern, override in self.overrides.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                return override
-        return self.config
+        config = next((override for pattern, override in self.overrides.items()
+                       if fnmatch.fnmatchcase(name, pattern)), self.config)
+        if config is not None and config.keep_first_last_8bit and name in self.layers[:1] + self.layers[-1:]:
+            return _at_8_bits(config)
+        return config
 
-    def check_overrides(self, names: list[str]) -> None:
-        """Every pattern must match one of ``names`` (the quantizable layers)."""
+    def input_config(self) -> QConfig:
+        """The config of the network input's quantization."""
+        return _at_8_bits(self.config) if self.config.keep_first_last_8bit else self.config
+
+    def register_layers(self, names: list[str]) -> None:
+        """Record the quantizable layers (graph order); every override pattern must match one."""
+        self.layers[:] = names
         for pattern in self.overrides:
             if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
                 close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.4)
@@ -44,3 +53,8 @@ class PassContext:
                     f"overrides pattern {pattern!r} matches no layer. Close matches: {close or 'none'}; "
                     f"layers are named like {names[:3]} (module paths, globs allowed: 'layer4.*')"
                 )
+
+
+def _at_8_bits(config: QConfig) -> QConfig:
+    """``config`` at 8 bits, with the methods it chose for its own widths."""
+    return replace(config, weight_bits=8, act_bits=8)

@@ -175,15 +175,16 @@ def make_observer(config: QConfig, label: str) -> Observer:
 
 
 class InputGram(nn.Module):
-    """The Gram matrix ``H = Σ x·xᵀ`` of a conv/linear layer's input columns (``[K, K]``, float64),
-    which ``weight_range="output_aware"`` uses to measure ‖ΔW·X‖² without keeping X.
+    """Statistics of a conv/linear layer's input columns (the im2col rows ``x``, length K): their
+    mean, which bias correction uses, and, with ``gram=True``, the Gram matrix ``H = Σ x·xᵀ``
+    (``[K, K]``, float64), which ``weight_range="output_aware"`` uses to measure ‖ΔW·X‖².
 
     An identity on the layer's input edge; it reads its data in the first calibration pass only.
     """
 
     passes = 1
 
-    def __init__(self, layer: nn.Module, label: str):
+    def __init__(self, layer: nn.Module, label: str, gram: bool = True):
         super().__init__()
         self.label = label
         self.pass_index = 0
@@ -192,7 +193,14 @@ class InputGram(nn.Module):
             self.geometry = dict(kernel_size=layer.kernel_size, dilation=layer.dilation,
                                  padding=layer.padding, stride=layer.stride)
         size = layer.weight[0].numel()
-        self.register_buffer("gram", torch.zeros(size, size, dtype=torch.float64))
+        self.register_buffer("gram", torch.zeros(size, size, dtype=torch.float64) if gram else None)
+        self.register_buffer("column_sum", torch.zeros(size, dtype=torch.float64))
+        self.count = 0
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """The mean input column, float64 ``[K]``."""
+        return self.column_sum / max(self.count, 1)
 
     def begin_pass(self, index: int) -> None:
         self.pass_index = index
@@ -202,12 +210,18 @@ class InputGram(nn.Module):
             if self.geometry is None:
                 columns = x.detach().reshape(-1, x.shape[-1])
             else:  # im2col: [N, K, L] → [N·L, K], the order of weight.reshape(C_out, -1)
-                columns = F.unfold(x.detach(), **self.geometry).transpose(1, 2).reshape(-1, self.gram.shape[0])
-            self.gram += (columns.T @ columns).double()
+                columns = F.unfold(x.detach(), **self.geometry).transpose(1, 2).reshape(-1, self.column_sum.shape[0])
+            self.column_sum += columns.sum(0).double()
+            self.count += columns.shape[0]
+            if self.gram is not None:
+                self.gram += (columns.T @ columns).double()
         return x
 
     def merge(self, other: "InputGram") -> "InputGram":
-        self.gram += other.gram
+        if self.gram is not None:
+            self.gram += other.gram
+        self.column_sum += other.column_sum
+        self.count += other.count
         return self
 
 

@@ -6,6 +6,7 @@
     QLinear      uint8  → uint8          the same for a fully connected layer
     QAdd         uint8, uint8 → uint8    residual add, each input rescaled to the output scale
     QAvgPool2d   uint8  → uint8          window sum and rounding division, same scale
+    QMaxPool2d   uint8  → uint8          window max, same scale
     QRequantize  uint8  → uint8          a value moved to new parameters (placement "both")
     Dequantize   uint8  → float32        the logits, once
 """
@@ -259,6 +260,17 @@ class QRequantize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"zero_point {int(self.input_zero_point)} → {int(self.output_zero_point)}"
+
+
+class QMaxPool2d(nn.MaxPool2d):
+    """uint8 → uint8 max pooling: max commutes with the monotone ``q ↦ s·(q − z)``.
+
+    torch's uint8 max pooling rejects channels-last input, the layout a QConv2d returns, so the
+    integers are made contiguous first.
+    """
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return super().forward(q.contiguous())
 
 
 class QAvgPool2d(nn.Module):

@@ -13,9 +13,10 @@ from fxq.context import PassContext
 from fxq.graph import add_module_near, finish, label, replace_module
 from fxq.observers import InputGram, Observer
 from fxq.ops import Kind, kind_of
-from fxq.qmodules import Dequantize, QAvgPool2d, QConv2d, QLinear, QRequantize, Quantize
+from fxq.qmodules import Dequantize, QAvgPool2d, QConv2d, QLinear, QMaxPool2d, QRequantize, Quantize
 from fxq.weight_ranges import quantize_weights
 from passes import calibrate as calibrate_pass
+from passes.correct_bias import WEIGHTS
 from passes.fuse import META as FUSE
 from passes.insert_observers import INPUT_GRAMS, OBSERVERS
 
@@ -42,7 +43,8 @@ def convert(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         relu(x)                        → intmath.relu(q, z)           max(q, z)       placement "pre"
         relu(conv(x))                  → QConv2d(q), clamp at z = 0   no ReLU op      placement "post"
         relu(conv(x))                  → QRequantize(relu(QConv2d(q), z))             placement "both"
-        maxpool / flatten / view(x)    → unchanged, on q              same scale
+        maxpool(x)                     → QMaxPool2d(q)                same scale
+        flatten / view(x)              → unchanged, on q              same scale
         identity / dropout(x)          → removed
         avgpool(x)                     → QAvgPool2d(q)                sum, rounding division
         add(a, b)                      → quantize(add(dequantize(a), dequantize(b)))
@@ -116,8 +118,9 @@ def _weighted(state: _State, node: fx.Node) -> None:
         _float_island(state, node)
         return
     layer = state.modules[node.target]
-    weights = quantize_weights(layer.weight, config.weight_bits, config.per_channel,
-                               config.weight_range, state.grams.get(node.target))
+    weights = node.meta.get(WEIGHTS) or quantize_weights(
+        layer.weight, config.weight_bits, config.per_channel, config.weight_range,
+        state.grams.get(node.target))
     make = QConv2d if isinstance(layer, nn.Conv2d) else QLinear
     replace_module(state.gm, node.target, make(layer, weights, qparams_of(node.args[0], node),
                                                _output_qparams(node), node.target))
@@ -154,11 +157,16 @@ def _activation(state: _State, node: fx.Node) -> None:
 def _passthrough(state: _State, node: fx.Node) -> None:
     source = node.args[0]
     qp = qparams_of(source, node)
-    if node.op == "call_module" and isinstance(state.modules[node.target], (nn.Identity, nn.Dropout)):
+    module = state.modules.get(node.target) if node.op == "call_module" else None
+    if isinstance(module, (nn.Identity, nn.Dropout)):
         node.replace_all_uses_with(source)
         state.gm.graph.erase_node(node)
-    else:
-        node.meta[META] = qp
+        return
+    if isinstance(module, nn.MaxPool2d):
+        pool = QMaxPool2d(module.kernel_size, module.stride, module.padding, module.dilation,
+                          ceil_mode=module.ceil_mode)
+        replace_module(state.gm, node.target, pool)
+    node.meta[META] = qp
 
 
 def _avgpool(state: _State, node: fx.Node) -> None:

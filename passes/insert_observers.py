@@ -22,14 +22,15 @@ def insert_observers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     For a fused unit ``relu(conv(x))`` (`passes.fuse`) the producer's ``placement`` decides:
     "pre" observes the conv output only, "post" the ReLU output only, "both" each of them.
     Other ReLUs, pooling, flatten and view keep their input's scale and get no observer. A layer whose config asks for
-    ``weight_range="output_aware"`` also gets ``input_grams.<layer>`` on its input edge.
+    ``weight_range="output_aware"`` or ``bias_correction`` also gets ``input_grams.<layer>`` on its
+    input edge (the input's mean, and its Gram matrix for output_aware).
 
     Each observer follows the config of the layer producing the value (``ctx.config_for``). An
     op fxq cannot run on integers raises a ``ValueError`` naming it and listing what is supported;
     an ``overrides`` pattern that matches no layer raises one listing close matches.
     """
     modules = dict(gm.named_modules())
-    ctx.check_overrides([n.target for n in gm.graph.nodes if _is_weighted(n, modules)])
+    ctx.register_layers([n.target for n in gm.graph.nodes if _is_weighted(n, modules)])
     containers = {OBSERVERS: nn.Module(), INPUT_GRAMS: nn.Module()}
     for name, container in containers.items():
         gm.add_module(name, container)
@@ -40,14 +41,17 @@ def insert_observers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             _insert_after(gm, node, containers[OBSERVERS], observer)
         if _is_weighted(node, modules):
             config = ctx.config_for(node.target)
-            if config is not None and config.weight_range == "output_aware":
-                _insert_on_input(gm, node, containers[INPUT_GRAMS], modules[node.target])
+            if config is not None and (config.weight_range == "output_aware" or config.bias_correction):
+                _insert_on_input(gm, node, containers[INPUT_GRAMS], modules[node.target],
+                                 gram=config.weight_range == "output_aware")
     return finish(gm)
 
 
 def _producer_config(node: fx.Node, ctx: PassContext) -> QConfig:
     """The config that quantizes ``node``'s output: its layer's, or the global one for inputs,
     adds (by their enclosing block) and float layers."""
+    if node.op == "placeholder":
+        return ctx.input_config()
     name = node.target if node.op == "call_module" else scope_of(node)
     config = ctx.config_for(name) if name else ctx.config
     return config or ctx.config
@@ -60,8 +64,9 @@ def _insert_after(gm: fx.GraphModule, node: fx.Node, container: nn.Module, obser
     node.replace_all_uses_with(observed, delete_user_cb=lambda user: user is not observed)
 
 
-def _insert_on_input(gm: fx.GraphModule, node: fx.Node, container: nn.Module, layer: nn.Module):
-    container.add_module(node.name, InputGram(layer, f"the input of {label(node)}"))
+def _insert_on_input(gm: fx.GraphModule, node: fx.Node, container: nn.Module, layer: nn.Module,
+                     gram: bool):
+    container.add_module(node.name, InputGram(layer, f"the input of {label(node)}", gram))
     with gm.graph.inserting_before(node):
         gram = gm.graph.call_module(f"{INPUT_GRAMS}.{node.name}", (node.args[0],))
     node.args = (gram,) + tuple(node.args[1:])

@@ -60,3 +60,21 @@ def ops(gm: fx.GraphModule) -> list[tuple[str, object]]:
 
 def module_types(gm: fx.GraphModule) -> list[type]:
     return [t for op, t in ops(gm) if op == "call_module"]
+
+
+class Chain(nn.Module):
+    """conv → relu → maxpool → conv → relu → conv, with channels of very different ranges."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv1, self.conv2, self.conv3 = (nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1),
+                                              nn.Conv2d(6, 4, 1))
+        self.pool = nn.MaxPool2d(2)
+        with torch.no_grad():  # channel ranges spread over two decades, as in real networks
+            for conv in (self.conv1, self.conv2):
+                conv.weight.mul_(torch.logspace(-1, 1, conv.out_channels)[torch.randperm(conv.out_channels, generator=g)]
+                                 .reshape(-1, 1, 1, 1))
+
+    def forward(self, x):
+        return self.conv3(torch.relu(self.conv2(self.pool(torch.relu(self.conv1(x))))))

@@ -4,9 +4,9 @@ import torch
 from torch import nn
 
 import fxq
-from fxq.qmodules import Dequantize, QConv2d, QLinear, Quantize
+from fxq.qmodules import Dequantize, QConv2d, QLayer, QLinear, Quantize
 from fxq.runtime import count_ops
-from tests.helpers import Residual, randomize_bn
+from tests.helpers import Chain, Residual, randomize_bn
 
 
 def test_glob_patterns_give_layers_their_own_config(ctx):
@@ -63,3 +63,17 @@ def test_every_method_gives_a_working_integer_model(ctx, config):
     assert count_ops(qmodel, x).float == 0
     tolerance = 0.15 if config.weight_bits == 8 else 0.6
     assert (qmodel(x) - model(x)).abs().max() < tolerance * model(x).abs().max()
+
+
+def test_keep_first_last_8bit_keeps_the_edge_layers_and_the_input_at_8_bits():
+    torch.manual_seed(0)
+    calib = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    config = fxq.QConfig(weight_bits=4, act_bits=4, keep_first_last_8bit=True, weight_range="minmax",
+                         act_range="minmax", cross_layer_equalization=False, bias_correction=False)
+    gm = fxq.quantize(Chain().eval(), calib, config)
+    layers = {name: m for name, m in gm.named_modules() if isinstance(m, QLayer)}
+    assert list(layers) == ["conv1", "conv2", "conv3"]
+    assert gm.get_submodule("quantize_x").bits == 8
+    assert layers["conv1"].weight.abs().max() > 7 and layers["conv1"].output_bits == 8
+    assert layers["conv2"].weight.abs().max() <= 7 and layers["conv2"].output_bits == 4
+    assert layers["conv3"].weight.abs().max() > 7 and layers["conv3"].output_bits == 8

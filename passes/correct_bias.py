@@ -1,0 +1,50 @@
+"""correct_bias: fold the expected output error of weight rounding back into each layer's bias
+(Nagel et al. 2019, "Data-Free Quantization", §4.2, with the input mean measured on the
+calibration data instead of derived from batch-norm statistics)."""
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from fxq.context import PassContext
+from fxq.graph import finish
+from fxq.observers import InputGram
+from fxq.weight_ranges import quantize_weights
+
+WEIGHTS = "fxq.weights"  # the QuantizedWeight chosen for a layer, for convert to reuse
+
+
+def correct_bias(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Quantize each layer's weights now, and shift its bias by the mean error they cause.
+
+    With ``ΔW = W_q·s_W − W`` and ``E[x]`` the mean input column on the calibration data,
+    weight rounding moves the layer's output by ``E[ΔW·x] = ΔW·E[x]`` on average: a per-channel
+    offset that a ReLU and every later layer turn into a systematic error. Before → after:
+    ``conv(x)`` with bias ``b`` → the same conv with bias ``b − ΔW·E[x]``, and its
+    ``QuantizedWeight`` in ``node.meta["fxq.weights"]`` (the bias does not change how weights
+    round, so convert uses these). Runs on each layer whose config has ``bias_correction``; needs
+    the ``input_grams`` statistics of calibration (run after `passes.calibrate`).
+    """
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        stats = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(stats, InputGram):
+            continue
+        for user in node.users:
+            config = ctx.config_for(user.target)
+            if config is not None and config.bias_correction:
+                layer = modules[user.target]
+                weights = quantize_weights(layer.weight, config.weight_bits, config.per_channel,
+                                           config.weight_range, stats.gram)
+                _shift_bias(layer, weights, stats.mean)
+                user.meta[WEIGHTS] = weights
+    return finish(gm)
+
+
+def _shift_bias(layer: nn.Module, weights, mean: torch.Tensor) -> None:
+    weight_q, scales = weights
+    w = layer.weight.detach().to(torch.float64).reshape(layer.weight.shape[0], -1)
+    error = weight_q.to(torch.float64).reshape(w.shape) * scales[:, None] - w
+    shift = error @ mean
+    bias = torch.zeros(w.shape[0], dtype=torch.float64) if layer.bias is None else layer.bias.detach().double()
+    layer.bias = nn.Parameter((bias - shift).to(layer.weight.dtype), requires_grad=False)

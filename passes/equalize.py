@@ -1,0 +1,89 @@
+"""equalize: cross-layer equalization (Nagel et al. 2019, "Data-Free Quantization") of
+``conv → ReLU → conv`` chains, so one per-tensor weight scale fits every channel."""
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from fxq.context import PassContext
+from fxq.graph import finish
+from fxq.ops import Kind, kind_of
+
+SWEEPS = 20  # a chain of n layers converges in a few sweeps; pairs in ResNets need one
+# Between the two layers, ops that commute with a positive per-channel scale: relu(s·x) = s·relu(x),
+# max-pooling likewise. A residual add does not (the other branch is not scaled), nor does an
+# average pool with padding or anything nonlinear with an offset.
+HOMOGENEOUS = (Kind.ACTIVATION, Kind.PASSTHROUGH)
+
+
+def equalize(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Rescale channel pairs so that each channel's weight range is the same in both layers.
+
+    Pattern: ``B(relu(A(x)))`` with A, B conv/linear (groups = 1), the ReLU (and any max-pool or
+    flatten between) positively homogeneous, and every intermediate value read only by the next
+    op. Rewrite: for each channel i of A's output, with r_A = max|W_A[i]| and r_B = max|W_B[:, i]|,
+    ``s_i = sqrt(r_A / r_B)``; ``W_A[i] /= s_i``, ``b_A[i] /= s_i``, ``W_B[:, i] *= s_i``. Since
+    ``relu(x / s) = relu(x) / s`` for s > 0, the float function is unchanged, and both layers'
+    channel i now span ``sqrt(r_A·r_B)``. Runs only when ``config.cross_layer_equalization``.
+
+    In a ResNet basic block this applies to conv1 → relu → conv2 inside each block. It does not
+    cross a residual add: the conv feeding the add would need the shortcut scaled too, and the
+    block's input feeds both branches.
+    """
+    if not ctx.config.cross_layer_equalization:
+        return gm
+    modules = dict(gm.named_modules())
+    pairs = [pair for node in gm.graph.nodes if (pair := _pair_after(node, modules, ctx))]
+    with torch.no_grad():
+        for _ in range(SWEEPS):
+            for first, second in pairs:
+                _equalize_pair(first, second)
+    return finish(gm)
+
+
+def _pair_after(node: fx.Node, modules: dict[str, nn.Module], ctx: PassContext):
+    """``(A, B)`` modules if ``node`` calls A and the pattern above leads to B, else None."""
+    first = _equalizable(node, modules, ctx)
+    if first is None:
+        return None
+    current, saw_relu = node, False
+    while len(current.users) == 1:
+        current = next(iter(current.users))
+        second = _equalizable(current, modules, ctx)
+        if second is not None:
+            return (first, second) if saw_relu and second.weight.shape[1] == first.weight.shape[0] else None
+        kind = kind_of(current, modules) if current.op != "output" else None
+        if kind not in HOMOGENEOUS or _merges_channels(current, modules):
+            return None
+        saw_relu |= kind is Kind.ACTIVATION
+    return None
+
+
+def _equalizable(node: fx.Node, modules: dict[str, nn.Module], ctx: PassContext):
+    if node.op != "call_module" or kind_of(node, modules) is not Kind.WEIGHTED:
+        return None
+    layer = modules[node.target]
+    if getattr(layer, "groups", 1) != 1 or ctx.config_for(node.target) is None:
+        return None
+    return layer
+
+
+def _merges_channels(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A flatten or view mixes channels with positions: B's inputs are then not A's channels."""
+    if node.op == "call_module":
+        return isinstance(modules[node.target], nn.Flatten)
+    return node.target in (torch.flatten, "flatten", "view", "reshape")
+
+
+def _equalize_pair(first: nn.Module, second: nn.Module) -> None:
+    w_a = first.weight.reshape(first.weight.shape[0], -1)
+    r_a = w_a.abs().amax(dim=1)
+    r_b = second.weight.transpose(0, 1).reshape(second.weight.shape[1], -1).abs().amax(dim=1)
+    usable = (r_a > 0) & (r_b > 0)
+    scale = torch.where(usable, torch.sqrt(r_a / torch.where(usable, r_b, 1.0)), 1.0)
+    shape_a = (-1,) + (1,) * (first.weight.dim() - 1)
+    first.weight.div_(scale.reshape(shape_a))
+    if first.bias is not None:
+        first.bias.div_(scale)
+    shape_b = (1, -1) + (1,) * (second.weight.dim() - 2)
+    second.weight.mul_(scale.reshape(shape_b))
