@@ -10,5 +10,6 @@ from fxq.context import PassContext
 from fxq.explain import explain
 from fxq.compare import compare
 from fxq.simulate import simulate
+from fxq.mixed import search_bits
 
-__all__ = ["PASSES", "PassContext", "QConfig", "compare", "explain", "quantize", "simulate"]
+__all__ = ["PASSES", "PassContext", "QConfig", "compare", "explain", "quantize", "search_bits", "simulate"]

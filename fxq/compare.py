@@ -16,6 +16,10 @@ from tabulate import tabulate
 from torch import fx, nn
 
 from fxq.qmodules import QLayer
+from fxq.api import CONFIG
+from fxq.config import QConfig
+from fxq.context import PassContext
+from passes.equalize import equalize
 from passes.fold_bn import fold_bn
 from passes.trace import trace
 
@@ -28,9 +32,13 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     return 10 * torch.log10((reference.double() ** 2).sum() / noise).item()
 
 
-def folded_float(model: nn.Module) -> fx.GraphModule:
-    """The float model as fxq sees it before quantizing: traced, batch-norm folded (a copy)."""
-    return fold_bn(trace(model, None), None)
+def folded_float(model: nn.Module, config: QConfig | None = None) -> fx.GraphModule:
+    """The float model as fxq sees it before quantizing with ``config``: traced, batch-norm folded
+    and, if the config equalizes, cross-layer equalized (a copy; the same float function)."""
+    gm = fold_bn(trace(model, None), None)
+    if config is not None and config.cross_layer_equalization:
+        gm = equalize(gm, PassContext(config, []))
+    return gm
 
 
 def integer_layers(qmodel: fx.GraphModule) -> dict[str, QLayer]:
@@ -130,7 +138,7 @@ class Sensitivity:
 def sensitivity(model: nn.Module, qmodel: fx.GraphModule, images: torch.Tensor,
                 labels: torch.Tensor) -> Sensitivity:
     """Quantize one layer at a time (the rest float), and all layers but one, as ``qmodel`` does."""
-    folded = folded_float(model)
+    folded = folded_float(model, qmodel.meta.get(CONFIG))
     names = list(integer_layers(qmodel))
 
     def accuracy(gm) -> float:

@@ -1,7 +1,7 @@
 """`QConfig`: what to quantize to, and how the ranges are chosen."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields
 
 # Values each field accepts today. Later issues add values (never new names).
 WEIGHT_RANGES = ("minmax", "mse", "output_aware")
@@ -55,6 +55,7 @@ class QConfig:
     percentile: float = 99.99
     histogram_bins: int = 2048
     averaging_constant: float = 0.01
+    _auto: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for field in ("weight_bits", "act_bits"):
@@ -63,13 +64,14 @@ class QConfig:
                 raise ValueError(
                     f"QConfig.{field}={bits!r}: use an int from {MIN_BITS} to {MAX_BITS}"
                 )
-        for field in ("per_channel", "cross_layer_equalization", "bias_correction", "keep_first_last_8bit"):
-            value = getattr(self, field)
-            if not isinstance(value, bool) and not (value is None and field in AUTO_FIELDS):
-                raise TypeError(f"QConfig.{field}={value!r}: use True or False")
-        for field, value in defaults_for(self.weight_bits, self.act_bits).items():
-            if getattr(self, field) is None:
-                object.__setattr__(self, field, value)
+        for name in ("per_channel", "cross_layer_equalization", "bias_correction", "keep_first_last_8bit"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (value is None and name in AUTO_FIELDS):
+                raise TypeError(f"QConfig.{name}={value!r}: use True or False")
+        auto = frozenset(name for name in AUTO_FIELDS if getattr(self, name) is None)
+        object.__setattr__(self, "_auto", auto)
+        for name in auto:
+            object.__setattr__(self, name, defaults_for(self.weight_bits, self.act_bits)[name])
         _check_choice("weight_range", self.weight_range, WEIGHT_RANGES)
         _check_choice("act_range", self.act_range, ACT_RANGES)
         _check_choice("placement", self.placement, PLACEMENTS)
@@ -80,6 +82,16 @@ class QConfig:
                              f"2^act_bits = {2 ** self.act_bits}")
         if not 0.0 < self.averaging_constant <= 1.0:
             raise ValueError(f"QConfig.averaging_constant={self.averaging_constant!r}: use (0, 1]")
+
+
+    def with_bits(self, weight_bits: int | None = None, act_bits: int | None = None) -> "QConfig":
+        """This config at other widths; the methods it left to the defaults follow the new widths
+        (``dataclasses.replace`` would keep the old widths' choices)."""
+        values = {f.name: None if f.name in self._auto else getattr(self, f.name)
+                  for f in fields(self) if f.init}
+        values["weight_bits"] = self.weight_bits if weight_bits is None else weight_bits
+        values["act_bits"] = self.act_bits if act_bits is None else act_bits
+        return QConfig(**values)
 
 
 def defaults_for(weight_bits: int, act_bits: int) -> dict:

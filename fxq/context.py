@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from fxq.config import QConfig
@@ -56,5 +56,4 @@ class PassContext:
 
 
 def _at_8_bits(config: QConfig) -> QConfig:
-    """``config`` at 8 bits, with the methods it chose for its own widths."""
-    return replace(config, weight_bits=8, act_bits=8)
+    return config.with_bits(8, 8)

@@ -1,0 +1,203 @@
+"""`fxq.search_bits`: per-layer weight widths under an average-bits budget.
+
+    result = fxq.search_bits(model, loader, avg_weight_bits=5.0)
+    qmodel = fxq.quantize(model, loader, overrides=result.overrides)
+    print(result.to_markdown()); result.plot("bits.png")
+
+How: quantize the whole network once per candidate width; for every layer and width, measure
+the output error when only that layer runs quantized at that width (`fxq.compare`'s
+``with_quantized_layers``: its integers, its grids, the rest float). Treating the errors as
+additive, start every layer at the widest candidate and repeatedly narrow the layer whose next
+step down costs the least error per weight bit saved, until the parameter-weighted average
+width meets the budget. Each budget on the curve is then quantized for real and measured.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from tabulate import tabulate
+from torch import fx, nn
+
+from fxq.api import CONFIG, quantize
+from fxq.compare import folded_float, integer_layers, with_quantized_layers
+from fxq.config import MAX_BITS, MIN_BITS, QConfig
+from passes.calibrate import batch_input
+
+CANDIDATES = (2, 3, 4, 5, 6, 8)
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One budget, quantized and measured."""
+
+    budget: float
+    avg_weight_bits: float
+    weight_bytes: int        # every weight at its width, densely packed
+    accuracy: float          # % on the loader's labels (or top-1 agreement with float)
+    bits: dict[str, int]
+
+
+@dataclass(frozen=True)
+class BitSearch:
+    """The chosen widths for the requested budget, and the measured size/accuracy curve."""
+
+    bits: dict[str, int]
+    overrides: dict[str, QConfig]
+    avg_weight_bits: float
+    float_accuracy: float
+    float_bytes: int
+    errors: dict[str, dict[int, float]]  # layer → width → output error with only it quantized
+    curve: list[CurvePoint]
+    metric: str
+
+    def to_markdown(self) -> str:
+        rows = [("float", "32", f"{self.float_bytes / 2**20:.2f}", "1.000", f"{self.float_accuracy:.2f}", "")]
+        for p in self.curve:
+            rows.append((f"{p.budget:g}", f"{p.avg_weight_bits:.2f}", f"{p.weight_bytes / 2**20:.2f}",
+                         f"{p.weight_bytes / self.float_bytes:.3f}", f"{p.accuracy:.2f}",
+                         " ".join(f"{b}" for b in p.bits.values())))
+        return tabulate(rows, headers=["budget (bits)", "avg weight bits", "weights (MiB)", "× float",
+                                       self.metric, "per-layer bits, in graph order"],
+                        tablefmt="github") + "\n"
+
+    def plot(self, path: str) -> None:
+        """Accuracy against weight size, one point per budget (needs matplotlib)."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as error:
+            raise ImportError("BitSearch.plot needs matplotlib: pip install matplotlib") from error
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        sizes = [p.weight_bytes / 2**20 for p in self.curve]
+        ax.plot(sizes, [p.accuracy for p in self.curve], "o-", label="fxq.search_bits")
+        for p, x in zip(self.curve, sizes):
+            ax.annotate(f"{p.avg_weight_bits:.1f} b", (x, p.accuracy), fontsize=7,
+                        textcoords="offset points", xytext=(3, -9))
+        ax.axhline(self.float_accuracy, color="grey", ls="--", lw=1, label="float")
+        ax.set_xlabel("weight size (MiB, packed)")
+        ax.set_ylabel(self.metric)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def search_bits(model: nn.Module, loader: Iterable, avg_weight_bits: float = 5.0,
+                config: QConfig | None = None, candidates: Sequence[int] = CANDIDATES,
+                curve_budgets: Sequence[float] | None = None,
+                eval_loader: Iterable | None = None) -> BitSearch:
+    """Choose each conv/linear layer's weight width so that the parameter-weighted average is at
+    most ``avg_weight_bits``, losing the least output accuracy; measure the size/accuracy curve.
+
+    ``loader`` calibrates every model and measures the per-layer errors; the curve is measured on
+    ``eval_loader`` (default: ``loader``), whose items ``(images, labels)`` give accuracy and bare
+    image batches the top-1 agreement with the float model. ``config`` sets everything but
+    the weight widths (activations, methods; defaults follow each width). ``curve_budgets``
+    (default: each candidate width, and the budget) are quantized and measured for the curve.
+    """
+    config = QConfig() if config is None else config
+    candidates = _check(avg_weight_bits, candidates)
+    batches = list(loader)
+    if not batches:
+        raise ValueError("search_bits got an empty loader: pass calibration batches (images, labels)")
+    per_width = {b: quantize(model, batches, config.with_bits(weight_bits=b)) for b in candidates}
+    widest = per_width[candidates[-1]]
+    params = {name: layer.weight.numel() for name, layer in integer_layers(widest).items()}
+    errors = _layer_errors(model, per_width, batches)
+    evaluation = batches if eval_loader is None else list(eval_loader)
+    references = _references(folded_float(model), evaluation)
+    metric = "accuracy (%)" if references[1] is not None else "top-1 agreement with float (%)"
+    budgets = sorted(set(curve_budgets or [*candidates, avg_weight_bits]), reverse=True)
+    curve = []
+    for budget in budgets:
+        bits = allocate(errors, params, budget, candidates)
+        qmodel = quantize(model, batches, config, overrides=_overrides(bits, config))
+        curve.append(CurvePoint(budget, _average(bits, params), _packed_bytes(bits, params),
+                                _score(qmodel, evaluation, references), bits))
+    bits = allocate(errors, params, avg_weight_bits, candidates)
+    float_bytes = 4 * sum(params.values())
+    return BitSearch(bits, _overrides(bits, config), _average(bits, params),
+                     _score(folded_float(model), evaluation, references), float_bytes, errors, curve, metric)
+
+
+def allocate(errors: dict[str, dict[int, float]], params: dict[str, int], budget: float,
+             candidates: Sequence[int]) -> dict[str, int]:
+    """Greedy: from the widest width everywhere, narrow the layer with the least added error per
+    weight bit saved until the parameter-weighted average width is ≤ ``budget``."""
+    candidates = sorted(candidates)
+    bits = {name: candidates[-1] for name in params}
+    total = sum(params.values())
+    while _average(bits, params) > budget + 1e-9:
+        best, best_cost = None, None
+        for name, b in bits.items():
+            index = candidates.index(b)
+            if index == 0:
+                continue
+            narrower = candidates[index - 1]
+            saved = params[name] * (b - narrower) / total
+            cost = max(errors[name][narrower] - errors[name][b], 0.0) / saved
+            if best_cost is None or cost < best_cost:
+                best, best_cost = (name, narrower), cost
+        if best is None:
+            break  # every layer is at the narrowest width
+        bits[best[0]] = best[1]
+    return bits
+
+
+def _check(budget: float, candidates: Sequence[int]) -> list[int]:
+    candidates = sorted(set(candidates))
+    if not candidates or any(not MIN_BITS <= b <= MAX_BITS for b in candidates):
+        raise ValueError(f"candidates={candidates}: use widths from {MIN_BITS} to {MAX_BITS}")
+    if not candidates[0] <= budget <= candidates[-1]:
+        raise ValueError(f"avg_weight_bits={budget} is outside the candidate widths "
+                         f"[{candidates[0]}, {candidates[-1]}]: no assignment can meet it")
+    return candidates
+
+
+def _layer_errors(model: nn.Module, per_width: dict[int, fx.GraphModule], batches) -> dict:
+    """Mean squared logit error (relative to the logits' mean square) with one layer quantized."""
+    inputs = torch.cat([batch_input(item, i) for i, item in enumerate(batches)])[:512]
+    errors: dict[str, dict[int, float]] = {}
+    with torch.no_grad():
+        for width, qmodel in per_width.items():
+            folded = folded_float(model, qmodel.meta.get(CONFIG))
+            reference = folded(inputs)
+            power = reference.pow(2).mean()
+            for name in integer_layers(qmodel):
+                out = with_quantized_layers(folded, qmodel, [name])(inputs)
+                errors.setdefault(name, {})[width] = float((out - reference).pow(2).mean() / power)
+    return errors
+
+
+def _references(folded: fx.GraphModule, batches) -> tuple[list, list | None]:
+    """Per batch: the float top-1, and the labels if the loader has them."""
+    labelled = all(isinstance(item, (tuple, list)) and len(item) > 1 for item in batches)
+    with torch.no_grad():
+        top1 = [folded(batch_input(item, i)).argmax(1) for i, item in enumerate(batches)]
+    return top1, [item[1] for item in batches] if labelled else None
+
+
+def _score(gm: nn.Module, batches, references) -> float:
+    top1, labels = references
+    targets = labels if labels is not None else top1
+    hits = total = 0
+    with torch.no_grad():
+        for i, (item, target) in enumerate(zip(batches, targets)):
+            hits += (gm(batch_input(item, i)).argmax(1) == target).sum().item()
+            total += len(target)
+    return 100.0 * hits / total
+
+
+def _overrides(bits: dict[str, int], config: QConfig) -> dict[str, QConfig]:
+    return {name: config.with_bits(weight_bits=b) for name, b in bits.items()}
+
+
+def _average(bits: dict[str, int], params: dict[str, int]) -> float:
+    return sum(bits[n] * params[n] for n in bits) / sum(params.values())
+
+
+def _packed_bytes(bits: dict[str, int], params: dict[str, int]) -> int:
+    return sum((bits[n] * params[n] + 7) // 8 for n in bits)
