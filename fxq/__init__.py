@@ -11,5 +11,6 @@ from fxq.explain import explain
 from fxq.compare import compare
 from fxq.simulate import simulate
 from fxq.mixed import search_bits
+from fxq.serialize import load, save
 
-__all__ = ["PASSES", "PassContext", "QConfig", "compare", "explain", "quantize", "search_bits", "simulate"]
+__all__ = ["PASSES", "PassContext", "QConfig", "compare", "explain", "load", "quantize", "save", "search_bits", "simulate"]

@@ -21,6 +21,13 @@ from fxq import affine, intmath
 from fxq.affine import ActQParams
 
 
+def derive_tables(module: nn.Module) -> None:
+    """Build ``module.prepare()``'s non-persistent tensors now and after every state-dict load:
+    they are derived from the saved integers, so files hold each number once."""
+    module.prepare()
+    module.register_load_state_dict_post_hook(lambda m, _: m.prepare())
+
+
 class QuantizedWeight(NamedTuple):
     """A layer's integer weight and the scales it is at (`fxq.weight_ranges.quantize_weights`)."""
 
@@ -107,10 +114,9 @@ class QLayer(nn.Module):
         self.register_buffer("output_scale", torch.tensor(output_qp.scale, dtype=torch.float64))
         self.register_buffer("input_zero_point", torch.tensor(input_qp.zero_point, dtype=torch.int32))
         self.register_buffer("output_zero_point", torch.tensor(output_qp.zero_point, dtype=torch.int32))
-        self._prepare_gemm()
-        self.register_load_state_dict_post_hook(lambda module, _: module._prepare_gemm())
+        derive_tables(self)
 
-    def _prepare_gemm(self) -> None:
+    def prepare(self) -> None:
         """The GEMM-ready weight and constant, derived from the buffers (not saved)."""
         weight, constant = intmath.gemm_operands(self.weight, int(self.input_zero_point), self.bias)
         self.register_buffer("gemm_weight", weight, persistent=False)
@@ -205,8 +211,7 @@ class QAdd(nn.Module):
             for field in ("zero_point", "multiplier", "shift"):
                 self.register_buffer(f"{prefix}_{field}", torch.tensor(getattr(operand, field)))
         self.register_buffer("output_zero_point", torch.tensor(out.zero_point))
-        self._prepare_table()
-        self.register_load_state_dict_post_hook(lambda module, _: module._prepare_table())
+        derive_tables(self)
 
     def operand(self, prefix: str) -> intmath.AddOperand:
         return intmath.AddOperand(*(int(getattr(self, f"{prefix}_{f}"))
@@ -217,7 +222,7 @@ class QAdd(nn.Module):
         return intmath.add(a, b, self.operand("a"), self.operand("b"), int(self.output_zero_point),
                            (1 << self.output_bits) - 1)
 
-    def _prepare_table(self) -> None:
+    def prepare(self) -> None:
         grid_a, grid_b = torch.meshgrid(torch.arange(1 << self.input_bits[0], dtype=torch.uint8),
                                         torch.arange(1 << self.input_bits[1], dtype=torch.uint8),
                                         indexing="ij")
@@ -242,8 +247,7 @@ class QRequantize(nn.Module):
         self.register_buffer("output_zero_point", torch.tensor(after.zero_point, dtype=torch.int32))
         self.register_buffer("multiplier", multiplier.to(torch.int32))
         self.register_buffer("shift", shift.to(torch.int8))
-        self._prepare_table()
-        self.register_load_state_dict_post_hook(lambda module, _: module._prepare_table())
+        derive_tables(self)
 
     def compute(self, q: torch.Tensor) -> torch.Tensor:
         """The requantization itself, without the table."""
@@ -251,7 +255,7 @@ class QRequantize(nn.Module):
         return intmath.requantize(centred, self.multiplier.to(torch.int64), self.shift.to(torch.int64),
                                   int(self.output_zero_point), (1 << self.output_bits) - 1)
 
-    def _prepare_table(self) -> None:
+    def prepare(self) -> None:
         every = torch.arange(1 << self.input_bits)
         self.register_buffer("table", self.compute(every), persistent=False)
 

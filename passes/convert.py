@@ -143,7 +143,8 @@ def _activation(state: _State, node: fx.Node) -> None:
         state.gm.graph.erase_node(node)
         return
     if after is not None:  # placement "both": a second quantization, after the ReLU
-        path = add_module_near(state.gm, node, f"{node.name}_requantize", QRequantize(qp, after))
+        leaf = node.target.rpartition(".")[2] if node.op == "call_module" else node.name
+        path = add_module_near(state.gm, node, f"{leaf}_requantize", QRequantize(qp, after))
     # Rewritten in place so the node keeps its name (layer1_0_relu) in the printed code.
     node.op, node.target, node.args, node.kwargs = "call_function", intmath.relu, (source, qp.zero_point), {}
     node.meta[META] = qp

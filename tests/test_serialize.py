@@ -1,0 +1,74 @@
+"""fxq.save / fxq.load: integers and graph as data, packed narrow weights, identical outputs."""
+import pytest
+import torch
+
+import fxq
+from fxq import packing
+from fxq.qmodules import QLayer
+from tests.helpers import Chain, Residual, randomize_bn
+
+
+def _calib():
+    torch.manual_seed(0)
+    return [torch.randn(4, 3, 8, 8) for _ in range(2)]
+
+
+@pytest.mark.parametrize("config, overrides", [
+    (fxq.QConfig(), None),
+    (fxq.QConfig(weight_bits=4, act_bits=4, placement="both"), None),
+    (fxq.QConfig(weight_bits=3, placement="post"), {"conv2": None}),  # a layer kept in float
+])
+def test_loaded_model_gives_bit_identical_outputs(tmp_path, config, overrides):
+    qmodel = fxq.quantize(randomize_bn(Residual()), _calib(), config, overrides=overrides)
+    fxq.save(qmodel, tmp_path / "m.fxq")
+    loaded = fxq.load(tmp_path / "m.fxq")
+    x = torch.randn(6, 3, 8, 8)
+    assert torch.equal(qmodel(x), loaded(x))
+    assert loaded.code == qmodel.code
+    assert loaded.meta["fxq.config"] == config
+
+
+def test_file_is_plain_data_readable_without_unpickling_code(tmp_path):
+    fxq.save(fxq.quantize(randomize_bn(Residual()), _calib()), tmp_path / "m.fxq")
+    payload = torch.load(tmp_path / "m.fxq", weights_only=True)  # refuses arbitrary objects
+    assert payload["format"] == "fxq/1" and payload["modules"]["conv2"]["tensors"]["weight"].dtype == torch.int8
+
+
+def test_narrow_weights_are_packed_and_the_file_shrinks_with_the_width(tmp_path):
+    model = Chain().eval()
+    calib = [torch.randn(4, 3, 16, 16)]
+    sizes = {}
+    for bits in (8, 4, 2):
+        config = fxq.QConfig(weight_bits=bits, weight_range="minmax")
+        qmodel = fxq.quantize(model, calib, config)
+        fxq.save(qmodel, tmp_path / f"w{bits}.fxq")
+        payload = torch.load(tmp_path / f"w{bits}.fxq", weights_only=True)
+        sizes[bits] = sum(r["packed"]["weight"]["data"].numel() if r["packed"] else r["tensors"]["weight"].numel()
+                          for r in payload["modules"].values() if "weight" in r["packed"] or "weight" in r["tensors"])
+        layers = [m for m in fxq.load(tmp_path / f"w{bits}.fxq").modules() if isinstance(m, QLayer)]
+        assert all(m.weight.abs().max() <= 2 ** (bits - 1) - 1 for m in layers)
+    weights = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))
+    assert sizes[8] == weights
+    assert sizes[4] <= weights // 2 + 3 and sizes[2] <= weights // 4 + 3
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_unpacking_is_lossless_at_every_width(bits):
+    top = 2 ** (bits - 1) - 1
+    values = torch.randint(-top, top + 1, (37, 5, 3), dtype=torch.int8)
+    packed = packing.pack(values, bits)
+    assert packed.numel() == (values.numel() * bits + 7) // 8
+    assert torch.equal(packing.unpack(packed, bits, values.shape, torch.int8), values)
+
+
+def test_packing_refuses_values_outside_the_width():
+    with pytest.raises(ValueError, match="4-bit"):
+        packing.pack(torch.tensor([8]), 4)
+
+
+def test_other_files_and_models_are_refused(tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an fxq model file"):
+        fxq.load(tmp_path / "other.pt")
+    with pytest.raises(TypeError, match="GraphModule"):
+        fxq.save(Chain(), tmp_path / "m.fxq")
