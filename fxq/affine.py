@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fxq.intmath import storage_dtype
+
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
     """Round to the nearest integer, ties away from zero (2.5 → 3, −2.5 → −3)."""
@@ -47,9 +49,9 @@ class ActQParams:
         return cls(scale, zero_point, bits)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """float → uint8: ``clamp(round(x / s) + z, 0, 2^bits − 1)``."""
+        """float → integers: ``clamp(round(x / s) + z, 0, 2^bits − 1)``, uint8 (int32 above 8 bits)."""
         q = round_half_away(x / self.scale) + self.zero_point
-        return q.clamp_(self.qmin, self.qmax).to(torch.uint8)
+        return q.clamp_(self.qmin, self.qmax).to(storage_dtype(self.bits))
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
         """integer → float32: ``s · (q − z)``."""

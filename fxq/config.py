@@ -8,6 +8,7 @@ WEIGHT_RANGES = ("minmax", "mse", "output_aware")
 ACT_RANGES = ("minmax", "moving_average", "percentile", "mse", "entropy")
 PLACEMENTS = ("pre", "post", "both")
 MIN_BITS, MAX_BITS = 2, 8
+WIDE_ACT_BITS = 16  # activations may also be 16-bit (int32 storage, float64-exact GEMM)
 # Fields that None leaves to `defaults_for` the bit widths.
 AUTO_FIELDS = ("weight_range", "act_range", "cross_layer_equalization", "bias_correction")
 
@@ -17,7 +18,8 @@ class QConfig:
     """How one network (or, later, one layer) is quantized.
 
     weight_bits:  bits of the symmetric, narrow-range weight integers ([-(2^(b-1)-1), 2^(b-1)-1]).
-    act_bits:     bits of the asymmetric activation integers ([0, 2^b - 1], held as uint8).
+    act_bits:     bits of the asymmetric activation integers ([0, 2^b - 1]): 2 to 8, held as
+                  uint8, or 16, held as int32 (the accumulator check then asks for int64).
     per_channel:  one weight scale per output channel (True) or one per layer (False).
     weight_range: how weight scales are chosen (`fxq.weight_ranges`): "minmax" (max |w|),
                   "mse" (the clipping minimizing ‖w − Q(w)‖²), "output_aware" (clipping and
@@ -58,12 +60,12 @@ class QConfig:
     _auto: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for field in ("weight_bits", "act_bits"):
+        for field, extra in (("weight_bits", ()), ("act_bits", (WIDE_ACT_BITS,))):
             bits = getattr(self, field)
-            if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
-                raise ValueError(
-                    f"QConfig.{field}={bits!r}: use an int from {MIN_BITS} to {MAX_BITS}"
-                )
+            if (not isinstance(bits, int) or isinstance(bits, bool)
+                    or not (MIN_BITS <= bits <= MAX_BITS or bits in extra)):
+                also = f" (or {WIDE_ACT_BITS})" if extra else ""
+                raise ValueError(f"QConfig.{field}={bits!r}: use an int from {MIN_BITS} to {MAX_BITS}{also}")
         for name in ("per_channel", "cross_layer_equalization", "bias_correction", "keep_first_last_8bit"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name in AUTO_FIELDS):
@@ -77,9 +79,12 @@ class QConfig:
         _check_choice("placement", self.placement, PLACEMENTS)
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"QConfig.percentile={self.percentile!r}: use a value in (50, 100]")
-        if not isinstance(self.histogram_bins, int) or self.histogram_bins < 2 ** self.act_bits:
-            raise ValueError(f"QConfig.histogram_bins={self.histogram_bins!r}: use an int ≥ "
-                             f"2^act_bits = {2 ** self.act_bits}")
+        # The entropy rule compares the histogram against every level; the others only need
+        # bins finer than the 8-bit grid.
+        needed = 2 ** (self.act_bits if self.act_range == "entropy" else min(self.act_bits, 8))
+        if not isinstance(self.histogram_bins, int) or self.histogram_bins < needed:
+            raise ValueError(f"QConfig.histogram_bins={self.histogram_bins!r}: use an int ≥ {needed} "
+                             f"for act_bits={self.act_bits}, act_range={self.act_range!r}")
         if not 0.0 < self.averaging_constant <= 1.0:
             raise ValueError(f"QConfig.averaging_constant={self.averaging_constant!r}: use (0, 1]")
 

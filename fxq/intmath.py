@@ -19,31 +19,42 @@ import torch
 import torch.nn.functional as F
 
 FLOAT32_EXACT = 2**24  # every integer of magnitude ≤ 2^24 is exact in float32
+FLOAT64_EXACT = 2**53
 INT32_MAX = 2**31 - 1
 MULTIPLIER_BITS = 31
-ADD_MAX_SHIFT_GAP = 23  # keeps (A_q − z_A) · m · 2^gap below 2^62 in an integer add
 
 
-def fixed_point(real_multiplier: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fixed_point(real_multiplier: torch.Tensor, precision: int = MULTIPLIER_BITS) -> tuple[torch.Tensor, torch.Tensor]:
     """``M ≥ 0`` (float64, any shape) → ``(m, shift)`` int64 with ``M ≈ m · 2^(shift − 31)``.
 
-    ``m`` lies in ``[2^30, 2^31)``: 31 significant bits, relative error ≤ 2^-31. A multiplier too
-    small to move any int32 accumulator (``M < 2^-32``) becomes ``m = 0``.
+    ``m`` lies in ``[2^(p−1), 2^p)`` for ``precision`` p (31 by default): relative error ≤ 2^-p.
+    A wide accumulator takes a smaller p so that ``acc · m`` still fits int64. A multiplier too
+    small to move any accumulator (``M < 2^-32``) becomes ``m = 0``.
     """
     real = real_multiplier.to(torch.float64)
     if (real < 0).any() or not torch.isfinite(real).all():
         raise ValueError(f"requantization multipliers must be finite and ≥ 0, got {real}")
     mantissa, exponent = torch.frexp(real)  # real = mantissa · 2^exponent, mantissa ∈ [0.5, 1)
-    m = torch.round(mantissa * 2**MULTIPLIER_BITS).to(torch.int64)
-    carry = m == 2**MULTIPLIER_BITS  # mantissa rounded up to 1.0
+    m = torch.round(mantissa * 2**precision).to(torch.int64)
+    carry = m == 2**precision  # mantissa rounded up to 1.0
     m = torch.where(carry, m // 2, m)
-    shift = exponent.to(torch.int64) + carry.to(torch.int64)
-    negligible = shift < -MULTIPLIER_BITS
+    shift = exponent.to(torch.int64) + carry.to(torch.int64) + MULTIPLIER_BITS - precision
+    negligible = exponent < -MULTIPLIER_BITS
     m = torch.where(negligible, torch.zeros_like(m), m)
     shift = torch.where(negligible, torch.zeros_like(shift), shift)
     if (shift >= MULTIPLIER_BITS).any():  # keeps every right shift 31 − shift ≥ 1
-        raise ValueError(f"requantization multiplier {real.max().item():.3g} ≥ 2^30 is not representable")
+        raise ValueError(f"requantization multiplier {real.max().item():.3g} is too large: not representable")
     return m, shift
+
+
+def multiplier_precision(accumulator_bound: int) -> int:
+    """The most multiplier bits (≤ 31) with ``bound · 2^p < 2^62``: the int64 product never overflows."""
+    return min(MULTIPLIER_BITS, 62 - max(1, int(accumulator_bound).bit_length()))
+
+
+def storage_dtype(bits: int) -> torch.dtype:
+    """Activation integers of up to 8 bits are uint8; wider ones (16) are int32."""
+    return torch.uint8 if bits <= 8 else torch.int32
 
 
 def rounding_right_shift(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -62,8 +73,8 @@ def apply_multiplier(acc: torch.Tensor, m: torch.Tensor, shift: torch.Tensor) ->
 
 def requantize(acc: torch.Tensor, m: torch.Tensor, shift: torch.Tensor, zero_point: int,
                qmax: int) -> torch.Tensor:
-    """Formula (2): int32 accumulator ``[..., C]`` (channels last) → uint8
-    ``clamp(z + round(M[c]·acc), 0, qmax)``.
+    """Formula (2): accumulator ``[..., C]`` (channels last) → ``clamp(z + round(M[c]·acc), 0, qmax)``
+    as uint8 (int32 for 16-bit outputs).
 
     The same rounding as :func:`rounding_right_shift`, with ``z · 2^r`` folded into the nudge
     (adding a multiple of ``2^r`` before the shift adds ``z`` after it) to save passes over the
@@ -72,7 +83,7 @@ def requantize(acc: torch.Tensor, m: torch.Tensor, shift: torch.Tensor, zero_poi
     r = MULTIPLIER_BITS - shift
     offset = (torch.ones_like(r) << (r - 1)) + (zero_point << r)
     q = acc.to(torch.int64).mul_(m).add_(offset).sub_((acc < 0).to(torch.int64))
-    return q.bitwise_right_shift_(r).clamp_(0, qmax).to(torch.uint8)
+    return q.bitwise_right_shift_(r).clamp_(0, qmax).to(storage_dtype(qmax.bit_length()))
 
 
 def accumulator_bound(weight_q: torch.Tensor, input_absmax: int, bias_q: torch.Tensor) -> int:
@@ -90,13 +101,24 @@ def conv_columns(x_q: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, 
     """
     nhwc = x_q.permute(0, 2, 3, 1)
     signed = (nhwc ^ 128).contiguous().view(torch.int8)  # q − 128 in two's complement
-    signed = F.pad(signed, (0, 0, padding[1], padding[1], padding[0], padding[0]),
-                   value=pad_value - 128)
-    n, h, w, c = signed.shape
+    return _im2col(signed, kernel, stride, padding, dilation, pad_value - 128)
+
+
+def wide_columns(x_q: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+                 padding: tuple[int, int], dilation: tuple[int, int], zero_point: int) -> tuple:
+    """im2col of 16-bit integers: int32 ``[N, C, H, W]`` → float64 columns of ``q − z`` (exact:
+    |q − z| < 2^16), padded with 0 (real 0). Returns the columns and ``(N, H', W')``."""
+    centred = x_q.permute(0, 2, 3, 1).to(torch.float64) - zero_point
+    return _im2col(centred, kernel, stride, padding, dilation, 0)
+
+
+def _im2col(nhwc: torch.Tensor, kernel, stride, padding, dilation, pad_value) -> tuple:
+    padded = F.pad(nhwc, (0, 0, padding[1], padding[1], padding[0], padding[0]), value=pad_value)
+    n, h, w, c = padded.shape
     out_h = (h - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
     out_w = (w - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-    sn, sh, sw, sc = signed.stride()
-    windows = signed.as_strided((n, out_h, out_w, kernel[0], kernel[1], c),
+    sn, sh, sw, sc = padded.stride()
+    windows = padded.as_strided((n, out_h, out_w, kernel[0], kernel[1], c),
                                 (sn, sh * stride[0], sw * stride[1], sh * dilation[0],
                                  sw * dilation[1], sc))
     return windows.reshape(n * out_h * out_w, kernel[0] * kernel[1] * c), (n, out_h, out_w)
@@ -131,6 +153,13 @@ def accumulate(columns: torch.Tensor, weight: torch.Tensor, constant: torch.Tens
     return torch._int_mm(columns, weight).add_(constant)
 
 
+def accumulate_wide(columns: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Formula (1) for 16-bit inputs: float64 ``[M, K]`` columns of ``I_q − z`` times the float64
+    ``[K, C_out]`` weight, plus the bias → int64. Exact: every product and partial sum is an
+    integer below 2^53 (the layer checks its worst case), where float64 arithmetic is exact."""
+    return (columns @ weight).to(torch.int64).add_(bias)
+
+
 def add(a_q: torch.Tensor, b_q: torch.Tensor, a: "AddOperand", b: "AddOperand", zero_point: int,
         qmax: int) -> torch.Tensor:
     """Residual add ``O = A + B`` on uint8: each input rescaled to the output scale, one rounding.
@@ -138,14 +167,19 @@ def add(a_q: torch.Tensor, b_q: torch.Tensor, a: "AddOperand", b: "AddOperand", 
         O_q = clamp(z_O + round(M_A·(A_q − z_A) + M_B·(B_q − z_B)), 0, qmax),  M_X = s_X / s_O
 
     Both products are brought to the finer of the two fixed-point exponents and summed in int64
-    (|A_q − z_A| ≤ 255, m < 2^31, exponent gap ≤ 23 bits: below 2^62), then rounded once.
+    (|A_q − z_A| < 2^b, m < 2^31, exponent gap ≤ 31 − b bits: below 2^62), then rounded once.
     """
     common = min(a.shift, b.shift)
     total = ((a_q.to(torch.int64) - a.zero_point) * (a.multiplier << (a.shift - common))
              + (b_q.to(torch.int64) - b.zero_point) * (b.multiplier << (b.shift - common)))
     r = torch.tensor(MULTIPLIER_BITS - common)
     q = rounding_right_shift(total, r) + zero_point
-    return q.clamp_(0, qmax).to(torch.uint8)
+    return q.clamp_(0, qmax).to(storage_dtype(qmax.bit_length()))
+
+
+def add_max_shift_gap(bits: int) -> int:
+    """The largest exponent gap between an add's two multipliers its int64 sum can hold."""
+    return 62 - MULTIPLIER_BITS - bits
 
 
 @dataclass(frozen=True)
@@ -175,16 +209,16 @@ def rounding_divide(total: torch.Tensor, count: int) -> torch.Tensor:
 
 def mean_pool(q: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
               zero_point: int) -> torch.Tensor:
-    """Average pooling on uint8 with no padding, at the input's scale and zero point:
+    """Average pooling on integers with no padding, at the input's scale and zero point:
 
         O_q = z + round(Σ_window (I_q − z) / count)      (an integer sum, a rounding division)
 
     Rounding the centred sum (the real value) half away from zero is the requantization rule.
-    The mean of values in ``[0, qmax]`` stays in ``[0, qmax]``. The sum runs in float32 on
-    ≤ 255·k_h·k_w, exact for any window under 65,000 elements.
+    The mean of values in ``[0, qmax]`` stays in ``[0, qmax]``. The window sum runs in float32
+    when ``255·count ≤ 2^24`` (exact), else in float64 (exact up to 2^53).
     """
     count = kernel[0] * kernel[1]
-    if 255 * count > FLOAT32_EXACT:
-        raise ValueError(f"average pooling window {kernel} is too large to sum exactly")
-    total = F.avg_pool2d(q.to(torch.float32), kernel, stride, divisor_override=1).to(torch.int32)
-    return (rounding_divide(total - count * zero_point, count) + zero_point).to(torch.uint8)
+    exact_in_float32 = q.dtype == torch.uint8 and 255 * count <= FLOAT32_EXACT
+    total = F.avg_pool2d(q.to(torch.float32 if exact_in_float32 else torch.float64), kernel, stride,
+                         divisor_override=1).to(torch.int64)
+    return (rounding_divide(total - count * zero_point, count) + zero_point).to(q.dtype)

@@ -93,17 +93,20 @@ class QLayer(nn.Module):
         super().__init__()
         weight_q, weight_scale = weights
         bias_q = affine.quantize_bias(layer.bias, input_qp.scale, weight_scale)
-        real_multiplier = input_qp.scale * weight_scale / output_qp.scale
-        multiplier, shift = intmath.fixed_point(real_multiplier)
         input_absmax = max(input_qp.zero_point, input_qp.qmax - input_qp.zero_point)
         self.accumulator_bound = intmath.accumulator_bound(weight_q, input_absmax, bias_q)
-        if self.accumulator_bound > intmath.INT32_MAX:
-            raise ValueError(
-                f"{name}: the worst-case accumulator {self.accumulator_bound} does not fit int32; "
-                "lower weight_bits or act_bits for this layer"
-            )
-        if 128 * 127 * weight_q[0].numel() > intmath.INT32_MAX:  # the GEMM's own worst case
-            raise ValueError(f"{name}: K = {weight_q[0].numel()} is too large for an int32 GEMM")
+        self.accumulator_bits = 32 if self.accumulator_bound <= intmath.INT32_MAX else 64
+        if input_qp.bits <= 8 and (self.accumulator_bits > 32
+                                   or 128 * 127 * weight_q[0].numel() > intmath.INT32_MAX):
+            raise ValueError(f"{name}: the worst-case accumulator {self.accumulator_bound} (K = "
+                             f"{weight_q[0].numel()}) does not fit the int32 GEMM; lower weight_bits "
+                             "for this layer, or use 16-bit activations (an int64 accumulator)")
+        if self.accumulator_bound >= intmath.FLOAT64_EXACT:
+            raise ValueError(f"{name}: the worst-case accumulator {self.accumulator_bound} is beyond "
+                             "2^53, where the 16-bit path is no longer exact; lower weight_bits")
+        real_multiplier = input_qp.scale * weight_scale / output_qp.scale
+        multiplier, shift = intmath.fixed_point(
+            real_multiplier, intmath.multiplier_precision(self.accumulator_bound))
         self.input_bits, self.output_bits = input_qp.bits, output_qp.bits
         self.register_buffer("weight", weight_q)
         self.register_buffer("bias", bias_q)
@@ -116,9 +119,18 @@ class QLayer(nn.Module):
         self.register_buffer("output_zero_point", torch.tensor(output_qp.zero_point, dtype=torch.int32))
         derive_tables(self)
 
+    @property
+    def wide(self) -> bool:
+        """16-bit input: float64-exact GEMM on centred columns, int64 accumulator."""
+        return self.input_bits > 8
+
     def prepare(self) -> None:
         """The GEMM-ready weight and constant, derived from the buffers (not saved)."""
-        weight, constant = intmath.gemm_operands(self.weight, int(self.input_zero_point), self.bias)
+        if self.wide:
+            weight = intmath.gemm_weight(self.weight).to(torch.float64).contiguous()
+            constant = self.bias.to(torch.int64)
+        else:
+            weight, constant = intmath.gemm_operands(self.weight, int(self.input_zero_point), self.bias)
         self.register_buffer("gemm_weight", weight, persistent=False)
         self.register_buffer("gemm_constant", constant, persistent=False)
 
@@ -135,7 +147,9 @@ class QLayer(nn.Module):
         return self.to_output(self.requantize(self.accumulate(columns)), positions)
 
     def accumulate(self, columns: torch.Tensor) -> torch.Tensor:
-        """Formula (1): the int32 accumulator ``[positions, C_out]``, bias included."""
+        """Formula (1): the accumulator ``[positions, C_out]`` (int32; int64 when wide), bias included."""
+        if self.wide:
+            return intmath.accumulate_wide(columns, self.gemm_weight, self.gemm_constant)
         return intmath.accumulate(columns, self.gemm_weight, self.gemm_constant)
 
     def requantize(self, acc: torch.Tensor) -> torch.Tensor:
@@ -162,8 +176,9 @@ class QConv2d(QLayer):
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
 
     def columns(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-        return intmath.conv_columns(x, tuple(self.weight.shape[2:]), self.stride, self.padding,
-                                    self.dilation, int(self.input_zero_point))
+        im2col = intmath.wide_columns if self.wide else intmath.conv_columns
+        return im2col(x, tuple(self.weight.shape[2:]), self.stride, self.padding, self.dilation,
+                      int(self.input_zero_point))
 
     def to_output(self, q: torch.Tensor, positions: tuple[int, ...]) -> torch.Tensor:
         # channels-last integers viewed as NCHW: no copy, and the next conv reads them as they are
@@ -183,6 +198,8 @@ class QLinear(QLayer):
         super().__init__(linear, weights, input_qp, output_qp, name)
 
     def columns(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        if self.wide:
+            return x.to(torch.float64) - int(self.input_zero_point), (x.shape[0],)
         return (x ^ 128).view(torch.int8), (x.shape[0],)  # q − 128, as in intmath.conv_columns
 
     def to_output(self, q: torch.Tensor, positions: tuple[int, ...]) -> torch.Tensor:
@@ -195,16 +212,17 @@ class QLinear(QLayer):
 class QAdd(nn.Module):
     """uint8 + uint8 → uint8: ``clamp(z_O + round(M_A·(A_q − z_A) + M_B·(B_q − z_B)))``.
 
-    Both inputs take at most 2^8 values each, so the op is evaluated once for every pair with
-    `fxq.intmath.add` when it is built, and then runs as a lookup in that table (64 KiB at 8
-    bits): the same integers, an order of magnitude fewer passes over the tensors.
+    Inputs of up to 8 bits take at most 2^8 values each, so the op is evaluated once for every
+    pair with `fxq.intmath.add` when it is built, and then runs as a lookup in that table (64 KiB
+    at 8 bits): the same integers, an order of magnitude fewer passes over the tensors.
     """
 
     def __init__(self, a: ActQParams, b: ActQParams, out: ActQParams, name: str):
         super().__init__()
         operands = [intmath.AddOperand.rescale(p.zero_point, p.scale, out.scale) for p in (a, b)]
-        if abs(operands[0].shift - operands[1].shift) > intmath.ADD_MAX_SHIFT_GAP:
-            raise ValueError(f"{name}: the two inputs' scales differ by more than 2^23; "
+        gap = intmath.add_max_shift_gap(max(a.bits, b.bits))
+        if abs(operands[0].shift - operands[1].shift) > gap:
+            raise ValueError(f"{name}: the two inputs' scales differ by more than 2^{gap}; "
                              "one branch is lost in rounding: check the calibration data")
         self.input_bits, self.output_bits = (a.bits, b.bits), out.bits
         for prefix, operand in zip("ab", operands):
@@ -222,13 +240,23 @@ class QAdd(nn.Module):
         return intmath.add(a, b, self.operand("a"), self.operand("b"), int(self.output_zero_point),
                            (1 << self.output_bits) - 1)
 
+    @property
+    def tabulated(self) -> bool:
+        """Up to 8-bit inputs the add is a 2^(b_a + b_b)-entry lookup; 16-bit ones compute it."""
+        return sum(self.input_bits) <= 16
+
     def prepare(self) -> None:
+        if not self.tabulated:
+            self.register_buffer("table", None, persistent=False)
+            return
         grid_a, grid_b = torch.meshgrid(torch.arange(1 << self.input_bits[0], dtype=torch.uint8),
                                         torch.arange(1 << self.input_bits[1], dtype=torch.uint8),
                                         indexing="ij")
         self.register_buffer("table", self.compute(grid_a, grid_b).flatten(), persistent=False)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if not self.tabulated:
+            return self.compute(a, b)
         return self.table[a.to(torch.int32) * (1 << self.input_bits[1]) + b]
 
 
