@@ -15,7 +15,8 @@ from tabulate import tabulate
 from torch import fx
 
 from fxq import intmath
-from fxq.qmodules import QConv2d, QLayer
+from fxq.api import CONFIG
+from fxq.qmodules import QConv2d, QLayer, QRequantize
 from passes.convert import META as QPARAMS
 from passes.record_stats import META as STATS, IntRange, StatsRecorder
 
@@ -158,29 +159,37 @@ def _layer(qmodel, node: fx.Node, seen: dict, source: str) -> LayerExplanation:
     shift = m.shift.to(torch.int64)
     real_m = m.input_scale * m.weight_scale / m.output_scale
     relu = next((u for u in node.users if u.target is intmath.relu), None)
+    in_dtype, out_dtype = _dtype(_bits_of_input(qmodel, node)), _dtype(m.output_bits)
+    acc_dtype = f"int{m.accumulator_bits}"
+    gemm = ("float64 GEMM on integers < 2^53, exact" if m.wide else "int8 GEMM, exact")
+    centred = IntRange(-z_in, qmax_in - z_in)
     steps = [
-        Step("input I_q", "uint8", IntRange(0, qmax_in), in_seen, f"s_I = {float(m.input_scale):.6g}, z_I = {z_in}"),
-        Step("I_q − z_I", "int16", IntRange(-z_in, qmax_in - z_in), centered_seen, "centred: real 0 is 0"),
+        Step("input I_q", in_dtype, IntRange(0, qmax_in), in_seen, f"s_I = {float(m.input_scale):.6g}, z_I = {z_in}"),
+        Step("I_q − z_I", _signed_dtype(centred), centred, centered_seen, "centred: real 0 is 0"),
         Step("weight W_q", "int8", IntRange.of(m.weight), IntRange.of(m.weight),
-             f"symmetric per channel, s_W ∈ [{float(m.weight_scale.min()):.3g}, {float(m.weight_scale.max()):.3g}]"),
+             f"{_weight_bits(m)}-bit symmetric, s_W ∈ [{float(m.weight_scale.min()):.3g}, {float(m.weight_scale.max()):.3g}]"),
         Step("W_q·(I_q − z_I)", "int32", IntRange(-wmax * max(z_in, qmax_in - z_in), wmax * max(z_in, qmax_in - z_in)),
              None, "one product"),
         Step("bias b_q", "int32", bias, bias, "at scale s_I·s_W[c], zero point 0"),
-        Step(f"acc = Σ_{k} W_q·(I_q − z_I) + b_q", "int32", IntRange(-bound, bound), acc_seen,
-             f"K = {k} terms; int8 GEMM, exact; headroom {32 - signed_bits(-bound, bound)} b of int32"),
+        Step(f"acc = Σ_{k} W_q·(I_q − z_I) + b_q", acc_dtype, IntRange(-bound, bound), acc_seen,
+             f"K = {k} terms; {gemm}; headroom {m.accumulator_bits - signed_bits(-bound, bound)} b of {acc_dtype}"),
         Step("acc · m", "int64", _times(IntRange(-bound, bound), int(multiplier.max())),
              None if acc_seen is None else _times(acc_seen, int(multiplier.max())),
              f"M = s_I·s_W/s_O ∈ [{float(real_m.min()):.3g}, {float(real_m.max()):.3g}] = m·2^(shift−31), "
              f"m ∈ [{int(multiplier.min())}, {int(multiplier.max())}], shift ∈ [{int(shift.min())}, {int(shift.max())}]"),
-        Step("O_q = clamp(z_O + round(·/2^(31−shift)))", "uint8", IntRange(0, qmax_out), out_seen,
+        Step("O_q = clamp(z_O + round(·/2^(31−shift)))", out_dtype, IntRange(0, qmax_out), out_seen,
              f"round half away from zero; z_O = {z_out}, s_O = {float(m.output_scale):.6g}"),
     ]
     if relu is not None:
-        steps.append(Step("ReLU: max(O_q, z_O)", "uint8", IntRange(z_out, qmax_out), _observed(seen, relu),
+        steps.append(Step("ReLU: max(O_q, z_O)", out_dtype, IntRange(z_out, qmax_out), _observed(seen, relu),
                           "real 0 is z_O, so ReLU is a max with it"))
+        steps.extend(_requantize_steps(qmodel, relu, seen))
+    elif _placement(qmodel) == "post" and z_out == 0:
+        steps.append(Step("ReLU: in the clamp above", out_dtype, IntRange(0, qmax_out), out_seen,
+                          "placement post: z_O = 0, so clamping at 0 is the ReLU"))
     steps.append(_final_dequantize(qmodel))
     kind = "conv" if isinstance(m, QConv2d) else "linear"
-    summary = (f"integer {kind}, weight {tuple(m.weight.shape)} int8, K = {k}; "
+    summary = (f"integer {kind}, weight {tuple(m.weight.shape)} {_weight_bits(m)}-bit (int8), K = {k}; "
                f"output {m.output_bits}-bit at s_O = {float(m.output_scale):.6g}")
     formula = (f"O_q = clamp({z_out} + round(M[c] · (Σ W_q·(I_q − {z_in}) + b_q[c])), 0, {qmax_out})\n"
                f"M[c] = {float(m.input_scale):.6g} · s_W[c] / {float(m.output_scale):.6g} "
@@ -195,6 +204,37 @@ def _times(r: IntRange, factor: int) -> IntRange:
 def _observed(seen: dict, node) -> IntRange | None:
     record = seen.get(node) if isinstance(node, fx.Node) else None
     return None if record is None else record.output
+
+
+def _dtype(bits: int) -> str:
+    return str(intmath.storage_dtype(bits)).removeprefix("torch.")
+
+
+def _signed_dtype(r: IntRange) -> str:
+    return "int16" if signed_bits(r.lo, r.hi) <= 16 else "int32"
+
+
+def _weight_bits(m: QLayer) -> int:
+    """The width the layer's weights were quantized to (a symmetric range fits one less level)."""
+    return max(2, int(m.weight.abs().max()).bit_length() + 1)
+
+
+def _placement(qmodel: fx.GraphModule) -> str | None:
+    config = qmodel.meta.get(CONFIG)
+    return None if config is None else config.placement
+
+
+def _requantize_steps(qmodel: fx.GraphModule, relu: fx.Node, seen: dict) -> list[Step]:
+    """Placement "both": the second quantization, after the ReLU."""
+    after = next((u for u in relu.users if u.op == "call_module"
+                  and isinstance(qmodel.get_submodule(u.target), QRequantize)), None)
+    if after is None:
+        return []
+    op: QRequantize = qmodel.get_submodule(after.target)
+    qp = after.meta[QPARAMS]
+    return [Step("requantize: clamp(z₂ + round(M₂·(q − z_O)))", _dtype(qp.bits), IntRange(0, qp.qmax),
+                 _observed(seen, after), f"placement both: M₂ = s_O/s₂, z₂ = {int(op.output_zero_point)}, "
+                 f"s₂ = {qp.scale:.6g}; a {1 << op.input_bits}-entry table")]
 
 
 def _bits_of_input(qmodel, node: fx.Node) -> int:
@@ -269,7 +309,7 @@ def _network(qmodel: fx.GraphModule) -> NetworkExplanation:
             worst = signed_bits(-bound, bound)
             stats = node.meta.get(STATS)
             observed = bits_of(stats.accumulator) if stats and stats.accumulator else "—"
-            row[5:9] = [bits_of(IntRange.of(module.weight)), worst, observed, 32 - worst]
+            row[5:9] = [bits_of(IntRange.of(module.weight)), worst, observed, module.accumulator_bits - worst]
         rows.append(row)
     return NetworkExplanation(rows)
 
