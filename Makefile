@@ -23,9 +23,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# docs/ranges.md and docs/explain.md with their plots; sweeps are cached in results/
+# docs/ranges.md, docs/explain.md and docs/low_bits.md with their plots; sweeps are cached in results/
 docs: setup
 	$(PY) -m scripts.sensitivity --dataset mnist
 	$(PY) -m scripts.sensitivity --dataset fashion
 	$(PY) -m scripts.ranges_report
 	$(PY) -m scripts.explain_report
+	$(PY) -m scripts.low_bits

@@ -1,5 +1,6 @@
 """Below 8 bits: the measurements behind docs/low_bits.md, cached in results/low_bits_<dataset>.json.
 
+    python -m scripts.low_bits                          # both data sets, then docs/low_bits.md
     python -m scripts.low_bits run --dataset fashion    # run what is not cached yet
     python -m scripts.low_bits report                   # write docs/low_bits.md and its plots
 
@@ -146,14 +147,17 @@ def run_all(dataset: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["run", "report"])
+    parser.add_argument("action", nargs="?", choices=["all", "run", "report"], default="all")
     parser.add_argument("--dataset", choices=data.DATASETS, default="fashion")
     args = parser.parse_args(argv)
     if args.action == "run":
         run_all(args.dataset)
-    else:
-        from scripts import low_bits_report
-        low_bits_report.write()
+        return
+    if args.action == "all":
+        for dataset in data.DATASETS:
+            run_all(dataset)
+    from scripts import low_bits_report  # matplotlib: only the report needs it
+    low_bits_report.write()
 
 
 if __name__ == "__main__":

@@ -112,3 +112,29 @@ def test_source_never_uses_pytorchs_quantization_stack():
     offenders = [f"{p.name}: {line.strip()}" for p in sources
                  for line in p.read_text().splitlines() if forbidden.search(line)]
     assert offenders == []
+
+
+def test_defaults_follow_the_bit_widths_and_explicit_fields_win():
+    assert (fxq.QConfig().weight_range, fxq.QConfig().act_range) == ("minmax", "minmax")
+    low = fxq.QConfig(weight_bits=4, act_bits=4)
+    assert (low.weight_range, low.act_range, low.cross_layer_equalization, low.bias_correction) == (
+        "output_aware", "mse", True, True)
+    assert fxq.QConfig(weight_bits=4, weight_range="mse").weight_range == "mse"
+    assert fxq.QConfig(weight_bits=4, act_bits=8).act_range == "minmax"
+
+
+def test_with_bits_re_derives_the_defaulted_fields_only():
+    config = fxq.QConfig(act_range="percentile")
+    narrow = config.with_bits(weight_bits=4)
+    assert (narrow.weight_bits, narrow.weight_range, narrow.act_range) == (4, "output_aware", "percentile")
+    assert narrow.with_bits(weight_bits=8) == config
+
+
+def test_16_bit_activations_are_accepted_and_other_wide_widths_are_not():
+    assert fxq.QConfig(act_bits=16).act_bits == 16
+    with pytest.raises(ValueError, match=r"act_bits=12: use an int from 2 to 8 \(or 16\)"):
+        fxq.QConfig(act_bits=12)
+    with pytest.raises(ValueError, match="weight_bits=16"):
+        fxq.QConfig(weight_bits=16)
+    with pytest.raises(ValueError, match="histogram_bins=2048"):
+        fxq.QConfig(act_bits=16, act_range="entropy")
