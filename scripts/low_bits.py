@@ -133,12 +133,14 @@ def run_all(dataset: str) -> None:
         runner.run(config_of(setting, {}), full=True)  # the headline: fxq defaults, full 10k
     for setting in SETTINGS:
         for name, method in METHODS.items():
-            if setting != "W8A8" or name in ("min-max", "fxq defaults"):  # 8 bits: nothing to recover
+            # 8 bits: nothing to recover; defaults: the headline run above
+            if name != "fxq defaults" and (setting != "W8A8" or name == "min-max"):
                 runner.run(config_of(setting, method))
     for bits in PLACEMENT_WIDTHS:
         for placement in fxq.config.PLACEMENTS:
             for method in ("min-max", "fxq defaults"):
-                runner.run(fxq.QConfig(weight_bits=bits, act_bits=bits, placement=placement, **METHODS[method]))
+                config = fxq.QConfig(weight_bits=bits, act_bits=bits, placement=placement, **METHODS[method])
+                runner.run(config, full=config == config_of(f"W{bits}A{bits}", {}))
     runner.mixed("W4A8", CURVE_BUDGETS)
     for setting in MIXED:
         if setting != "W4A8":

@@ -12,6 +12,7 @@ import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 import fxq  # noqa: E402
+from fxq.compare import folded_float  # noqa: E402
 from scripts import data, evaluate, models  # noqa: E402
 from scripts.low_bits import (CURVE_BUDGETS, METHODS, MIXED, PLACEMENT_WIDTHS, SETTINGS,  # noqa: E402
                               config_of, key_of)
@@ -30,6 +31,10 @@ class Results:
 
     def get(self, config: fxq.QConfig, **tags) -> dict | None:
         return self.cache.get(key_of(config, **tags))
+
+    def lookup(self, config: fxq.QConfig) -> dict | None:
+        """A run of ``config``, on the subset alone or as a headline run (which has both)."""
+        return self.get(config) or self.get(config, full=True)
 
     def cell(self, record: dict | None, full: bool = False) -> str:
         if record is None:
@@ -60,7 +65,7 @@ def methods_table(r: Results) -> str:
     for setting in SETTINGS:
         row = [setting, r.size(r.get(config_of(setting, METHODS["min-max"])))]
         for name, method in METHODS.items():
-            row.append(r.cell(r.get(config_of(setting, method))) if setting != "W8A8" or name in
+            row.append(r.cell(r.lookup(config_of(setting, method))) if setting != "W8A8" or name in
                        ("min-max", "fxq defaults") else "—")
         mixed = r.cache.get({"search_bits": setting, "budgets": _budgets(setting)}) if setting in MIXED else None
         row.append("—" if setting not in MIXED else
@@ -81,7 +86,7 @@ def placement_table(r: Results) -> str:
             row = [f"W{bits}A{bits}", method]
             for placement in fxq.config.PLACEMENTS:
                 config = fxq.QConfig(weight_bits=bits, act_bits=bits, placement=placement, **METHODS[method])
-                row.append(r.cell(r.get(config)))
+                row.append(r.cell(r.lookup(config)))
             rows.append(row)
     return tabulate(rows, headers=["width", "ranges"] + [f'placement="{p}"' for p in fxq.config.PLACEMENTS],
                     tablefmt="github")
@@ -92,7 +97,7 @@ def size_plot(results: dict[str, Results]) -> str:
     for ax, (dataset, r) in zip(axes, results.items()):
         for name, method in METHODS.items():
             points = [(rec["bytes"] / 2**20, rec["accuracy"], s) for s in SETTINGS
-                      if (rec := r.get(config_of(s, method)))]
+                      if (rec := r.lookup(config_of(s, method)))]
             if points:
                 ax.scatter([p[0] for p in points], [p[1] for p in points], label=name, s=18)
         curve = r.cache.get({"search_bits": "W4A8", "budgets": list(CURVE_BUDGETS)})
@@ -126,6 +131,25 @@ def mixed_section(dataset: str, r: Results) -> str:
     return f"{table}\n\nChosen at 4.0 bits: {chosen}.\n"
 
 
+def outlier_table() -> str:
+    """How unequal the output channels' weight ranges are, before and after CLE (Fashion)."""
+    model = models.load_trained("fashion")
+    before = folded_float(model)
+    after = folded_float(model, fxq.QConfig(cross_layer_equalization=True))
+    rows = []
+    for name, layer in before.named_modules():
+        if isinstance(layer, torch.nn.Conv2d) and "." in name and "downsample" not in name:
+            spread = [_range_spread(m.weight) for m in (layer, after.get_submodule(name))]
+            rows.append((name, f"{spread[0]:.1f}", f"{spread[1]:.1f}"))
+    return tabulate(rows, headers=["layer", "largest / smallest channel range, folded", "after CLE"],
+                    tablefmt="github")
+
+
+def _range_spread(weight: torch.Tensor) -> float:
+    ranges = weight.detach().reshape(weight.shape[0], -1).abs().amax(1)
+    return float(ranges.max() / ranges.min())
+
+
 def accumulator_table() -> str:
     """Worst-case accumulator width per setting on the Fashion ResNet-18 (min-max, fast)."""
     model, calib = models.load_trained("fashion"), data.calibration_batches("fashion", 128)
@@ -154,6 +178,7 @@ def write() -> None:
         placement="\n\n".join(f"**{NAMES[d]}**\n\n{placement_table(r)}" for d, r in results.items()),
         mixed="\n".join(f"**{NAMES[d]}**\n\n{mixed_section(d, r)}" for d, r in results.items()),
         accumulators=accumulator_table(),
+        outliers=outlier_table(),
         subset=SUBSET,
     )
     DOC.write_text(body)

@@ -11,18 +11,11 @@ import torch
 
 import fxq
 from fxq.compare import folded_float
-from scripts import data, evaluate, models
+from scripts import evaluate
 from scripts.train import accuracy
+from tests.real_data import fashion
 
 pytestmark = pytest.mark.real_data
-
-
-@functools.cache
-def fashion():
-    torch.set_num_threads(2)
-    model = models.load_trained("fashion")
-    test = data.load("fashion", "test")
-    return model, test, data.calibration_batches("fashion", 512), accuracy(model, test)
 
 
 @functools.cache

@@ -2,22 +2,13 @@
 import functools
 
 import pytest
-import torch
 
 import fxq
 from fxq.config import ACT_RANGES
-from scripts import data, models
 from scripts.train import accuracy
+from tests.real_data import fashion
 
 pytestmark = pytest.mark.real_data
-
-
-@functools.cache
-def fashion():
-    torch.set_num_threads(2)
-    model = models.load_trained("fashion")
-    test = data.load("fashion", "test")
-    return model, test, data.calibration_batches("fashion", 512), accuracy(model, test)
 
 
 @functools.cache
@@ -27,7 +18,7 @@ def accuracy_with(**fields) -> float:
 
 
 def test_w4_per_tensor_mse_beats_minmax_and_output_aware_beats_mse():
-    w4 = dict(weight_bits=4, per_channel=False)
+    w4 = dict(weight_bits=4, per_channel=False, cross_layer_equalization=False, bias_correction=False)
     minmax = accuracy_with(weight_range="minmax", **w4)
     mse = accuracy_with(weight_range="mse", **w4)
     output_aware = accuracy_with(weight_range="output_aware", **w4)
