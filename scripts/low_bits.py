@@ -136,6 +136,7 @@ def run_all(dataset: str) -> None:
             # 8 bits: nothing to recover; defaults: the headline run above
             if name != "fxq defaults" and (setting != "W8A8" or name == "min-max"):
                 runner.run(config_of(setting, method))
+    runner.run(config_of("W4A8 per-tensor", {**METHODS["min-max"], "cross_layer_equalization": True}))
     for bits in PLACEMENT_WIDTHS:
         for placement in fxq.config.PLACEMENTS:
             for method in ("min-max", "fxq defaults"):

@@ -13,6 +13,8 @@ from tabulate import tabulate  # noqa: E402
 
 import fxq  # noqa: E402
 from fxq.compare import folded_float  # noqa: E402
+from fxq.explain import signed_bits  # noqa: E402
+from fxq.qmodules import QLayer  # noqa: E402
 from scripts import data, evaluate, models  # noqa: E402
 from scripts.low_bits import (CURVE_BUDGETS, METHODS, MIXED, PLACEMENT_WIDTHS, SETTINGS,  # noqa: E402
                               config_of, key_of)
@@ -92,6 +94,43 @@ def placement_table(r: Results) -> str:
                     tablefmt="github")
 
 
+def _delta(r: Results, config: fxq.QConfig) -> float | None:
+    record = r.lookup(config)
+    return None if record is None else record["accuracy"] - r.float["accuracy"]
+
+
+def _points(value: float | None) -> str:
+    return "not run" if value is None else f"{value:+.2f}"
+
+
+def placement_analysis(results: dict[str, Results]) -> str:
+    """The placement table in sentences: what moving the quantization past the ReLU buys."""
+    lines = []
+    for bits in PLACEMENT_WIDTHS:
+        parts = []
+        for dataset, r in results.items():
+            deltas = {(m, p): _delta(r, fxq.QConfig(weight_bits=bits, act_bits=bits, placement=p, **METHODS[m]))
+                      for m in ("min-max", "fxq defaults") for p in fxq.config.PLACEMENTS}
+            parts.append(f"{NAMES[dataset]}: min-max pre / post / both "
+                         + " / ".join(_points(deltas[("min-max", p)]) for p in fxq.config.PLACEMENTS)
+                         + ", defaults " + " / ".join(_points(deltas[("fxq defaults", p)])
+                                                       for p in fxq.config.PLACEMENTS))
+        lines.append(f"- W{bits}A{bits} (points vs float) — " + "; ".join(parts) + ".")
+    return "\n".join(lines)
+
+
+def cle_analysis(results: dict[str, Results]) -> str:
+    lines = []
+    for dataset, r in results.items():
+        plain = _delta(r, config_of("W4A8 per-tensor", METHODS["min-max"]))
+        cle = _delta(r, config_of("W4A8 per-tensor", {**METHODS["min-max"], "cross_layer_equalization": True}))
+        best = _delta(r, config_of("W4A8 per-tensor", METHODS["best ranges"]))
+        best_cle = _delta(r, config_of("W4A8 per-tensor", METHODS["+ CLE"]))
+        lines.append(f"- {NAMES[dataset]}, per-tensor W4A8: min-max {_points(plain)} → with CLE "
+                     f"{_points(cle)}; best ranges {_points(best)} → with CLE {_points(best_cle)} (points vs float).")
+    return "\n".join(lines)
+
+
 def size_plot(results: dict[str, Results]) -> str:
     fig, axes = plt.subplots(1, len(results), figsize=(11, 4))
     for ax, (dataset, r) in zip(axes, results.items()):
@@ -158,8 +197,8 @@ def accumulator_table() -> str:
     for name, (wb, ab) in {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W8A16": (8, 16)}.items():
         config = fxq.QConfig(weight_bits=wb, act_bits=ab, **METHODS["min-max"])
         qmodel = fxq.quantize(model, calib, config)
-        layers = [m for m in qmodel.modules() if isinstance(m, fxq.qmodules.QLayer)]
-        worst = max(fxq.explain.signed_bits(-m.accumulator_bound, m.accumulator_bound) for m in layers)
+        layers = [m for m in qmodel.modules() if isinstance(m, QLayer)]
+        worst = max(signed_bits(-m.accumulator_bound, m.accumulator_bound) for m in layers)
         wide = sum(m.accumulator_bits == 64 for m in layers)
         torch.set_num_threads(2)
         latency = evaluate.latency_ms(qmodel, x, runs=3)
@@ -179,6 +218,8 @@ def write() -> None:
         mixed="\n".join(f"**{NAMES[d]}**\n\n{mixed_section(d, r)}" for d, r in results.items()),
         accumulators=accumulator_table(),
         outliers=outlier_table(),
+        placement_analysis=placement_analysis(results),
+        cle_analysis=cle_analysis(results),
         subset=SUBSET,
     )
     DOC.write_text(body)
