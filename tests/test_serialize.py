@@ -72,3 +72,13 @@ def test_other_files_and_models_are_refused(tmp_path):
         fxq.load(tmp_path / "other.pt")
     with pytest.raises(TypeError, match="GraphModule"):
         fxq.save(Chain(), tmp_path / "m.fxq")
+
+
+def test_a_loaded_model_can_be_explained_and_simulated(tmp_path):
+    qmodel = fxq.quantize(randomize_bn(Residual()), _calib(), fxq.QConfig(weight_bits=4))
+    fxq.save(qmodel, tmp_path / "m.fxq")
+    loaded = fxq.load(tmp_path / "m.fxq")
+    x = torch.randn(3, 3, 8, 8)
+    assert fxq.explain(loaded, "conv2", x).check.mismatches == 0
+    assert "4-bit" in str(fxq.explain(loaded, "conv2"))
+    assert (fxq.simulate(loaded)(x) - loaded(x)).abs().max() < 1e-4 * loaded(x).abs().max()
