@@ -113,7 +113,7 @@ class Runner:
         found = self.cache.get(key)
         if found is not None:
             return found
-        base = fxq.QConfig(act_bits=act_bits, **METHODS["+ bias correction"])
+        base = fxq.QConfig(act_bits=act_bits)  # each width gets its defaults (QConfig.with_bits)
         result = fxq.search_bits(self.model, self.calib, weight_bits, base, candidates=(2, 4, 6, 8),
                                  curve_budgets=budgets,
                                  eval_loader=list(zip(self.subset.images.split(500), self.subset.labels.split(500))))

@@ -118,7 +118,7 @@ def test_defaults_follow_the_bit_widths_and_explicit_fields_win():
     assert (fxq.QConfig().weight_range, fxq.QConfig().act_range) == ("minmax", "minmax")
     low = fxq.QConfig(weight_bits=4, act_bits=4)
     assert (low.weight_range, low.act_range, low.cross_layer_equalization, low.bias_correction) == (
-        "output_aware", "mse", True, True)
+        "output_aware", "mse", False, True)
     assert fxq.QConfig(weight_bits=4, weight_range="mse").weight_range == "mse"
     assert fxq.QConfig(weight_bits=4, act_bits=8).act_range == "minmax"
 

@@ -58,9 +58,10 @@ def test_residual_block_equalizes_inside_the_block_but_not_across_the_add():
         assert (gm(x) - model(x)).abs().max() <= 1e-5 * model(x).abs().max()
 
 
-def test_off_by_default_at_8_bits_and_on_below():
+def test_on_by_default_only_for_narrow_per_tensor_weights():
     assert not fxq.QConfig().cross_layer_equalization
-    assert fxq.QConfig(weight_bits=4).cross_layer_equalization
+    assert not fxq.QConfig(weight_bits=4).cross_layer_equalization
+    assert fxq.QConfig(weight_bits=4, per_channel=False).cross_layer_equalization
     model = Chain().eval()
     ctx = fxq.PassContext(fxq.QConfig(), [])
     gm = fold_bn(trace(model, ctx), ctx)
