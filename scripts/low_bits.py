@@ -125,6 +125,13 @@ class Runner:
         return self.cache.add(key, record)
 
 
+def defaults_study() -> list[tuple[str, dict]]:
+    """The runs behind the defaults below 8 bits: CLE and bias correction on and off, on top of the
+    best ranges, at the discriminating widths (full 10k test set, Fashion-MNIST)."""
+    return [(setting, {**METHODS["best ranges"], "cross_layer_equalization": cle, "bias_correction": bc})
+            for setting in ("W4A4", "W4A8 per-tensor") for cle in (False, True) for bc in (False, True)]
+
+
 def run_all(dataset: str) -> None:
     torch.set_num_threads(1)  # two data sets run side by side on the two cores
     runner = Runner(dataset)
@@ -142,6 +149,9 @@ def run_all(dataset: str) -> None:
             for method in ("min-max", "fxq defaults"):
                 config = fxq.QConfig(weight_bits=bits, act_bits=bits, placement=placement, **METHODS[method])
                 runner.run(config, full=config == config_of(f"W{bits}A{bits}", {}))
+    if dataset == "fashion":
+        for setting, method in defaults_study():
+            runner.run(config_of(setting, method), full=True)
     runner.mixed("W4A8", CURVE_BUDGETS)
     for setting in MIXED:
         if setting != "W4A8":

@@ -17,7 +17,7 @@ from fxq.explain import signed_bits  # noqa: E402
 from fxq.qmodules import QLayer  # noqa: E402
 from scripts import data, evaluate, models  # noqa: E402
 from scripts.low_bits import (CURVE_BUDGETS, METHODS, MIXED, PLACEMENT_WIDTHS, SETTINGS,  # noqa: E402
-                              config_of, key_of)
+                              config_of, defaults_study, key_of)
 from scripts.sweeps import RESULTS, SUBSET, Cache  # noqa: E402
 
 ROOT = RESULTS.parent
@@ -79,6 +79,16 @@ def methods_table(r: Results) -> str:
 
 def _budgets(setting: str) -> list:
     return list(CURVE_BUDGETS) if setting == "W4A8" else [SETTINGS[setting][0]]
+
+
+def defaults_table(r: Results) -> str:
+    rows = []
+    for setting, method in defaults_study():
+        rows.append((setting, "on" if method["cross_layer_equalization"] else "off",
+                     "on" if method["bias_correction"] else "off",
+                     r.cell(r.get(config_of(setting, method), full=True), full=True)))
+    return tabulate(rows, headers=["setting (output-aware weights, best act. range)", "CLE",
+                                   "bias correction", "accuracy, full 10k (Δ)"], tablefmt="github")
 
 
 def placement_table(r: Results) -> str:
@@ -217,6 +227,7 @@ def write() -> None:
         placement="\n\n".join(f"**{NAMES[d]}**\n\n{placement_table(r)}" for d, r in results.items()),
         mixed="\n".join(f"**{NAMES[d]}**\n\n{mixed_section(d, r)}" for d, r in results.items()),
         accumulators=accumulator_table(),
+        defaults=defaults_table(results["fashion"]),
         outliers=outlier_table(),
         placement_analysis=placement_analysis(results),
         cle_analysis=cle_analysis(results),
