@@ -167,7 +167,7 @@ def _layer(qmodel, node: fx.Node, seen: dict, source: str) -> LayerExplanation:
         Step("input I_q", in_dtype, IntRange(0, qmax_in), in_seen, f"s_I = {float(m.input_scale):.6g}, z_I = {z_in}"),
         Step("I_q − z_I", _signed_dtype(centred), centred, centered_seen, "centred: real 0 is 0"),
         Step("weight W_q", "int8", IntRange.of(m.weight), IntRange.of(m.weight),
-             f"{_weight_bits(m)}-bit symmetric, s_W ∈ [{float(m.weight_scale.min()):.3g}, {float(m.weight_scale.max()):.3g}]"),
+             f"{_weight_bits(m)}-bit symmetric {_granularity(m)}, s_W ∈ [{float(m.weight_scale.min()):.3g}, {float(m.weight_scale.max()):.3g}]"),
         Step("W_q·(I_q − z_I)", "int32", IntRange(-wmax * max(z_in, qmax_in - z_in), wmax * max(z_in, qmax_in - z_in)),
              None, "one product"),
         Step("bias b_q", "int32", bias, bias, "at scale s_I·s_W[c], zero point 0"),
@@ -212,6 +212,10 @@ def _dtype(bits: int) -> str:
 
 def _signed_dtype(r: IntRange) -> str:
     return "int16" if signed_bits(r.lo, r.hi) <= 16 else "int32"
+
+
+def _granularity(m: QLayer) -> str:
+    return "per tensor" if m.weight_scale.unique().numel() == 1 else "per channel"
 
 
 def _weight_bits(m: QLayer) -> int:
