@@ -1,7 +1,7 @@
 """`fxq.search_bits`: per-layer weight widths under an average-bits budget.
 
     result = fxq.search_bits(model, loader, avg_weight_bits=5.0)
-    qmodel = fxq.quantize(model, loader, overrides=result.overrides)
+    qmodel = fxq.quantize(model, loader, result.config, overrides=result.overrides)
     print(result.to_markdown()); result.plot("bits.png")
 
 How: quantize the whole network once per candidate width; for every layer and width, measure
@@ -51,6 +51,7 @@ class BitSearch:
     errors: dict[str, dict[int, float]]  # layer → width → output error with only it quantized
     curve: list[CurvePoint]
     metric: str
+    config: QConfig  # the config for everything but the weight widths: quantize with it too
 
     def to_markdown(self) -> str:
         rows = [("float", "32", f"{self.float_bytes / 2**20:.2f}", "1.000", f"{self.float_accuracy:.2f}", "")]
@@ -97,6 +98,7 @@ def search_bits(model: nn.Module, loader: Iterable, avg_weight_bits: float = 5.0
     image batches the top-1 agreement with the float model. ``config`` sets everything but
     the weight widths (activations, methods; defaults follow each width). ``curve_budgets``
     (default: each candidate width, and the budget) are quantized and measured for the curve.
+    Use the result as ``fxq.quantize(model, loader, result.config, overrides=result.overrides)``.
     """
     config = QConfig() if config is None else config
     candidates = _check(avg_weight_bits, candidates)
@@ -120,7 +122,8 @@ def search_bits(model: nn.Module, loader: Iterable, avg_weight_bits: float = 5.0
     bits = allocate(errors, params, avg_weight_bits, candidates)
     float_bytes = 4 * sum(params.values())
     return BitSearch(bits, _overrides(bits, config), _average(bits, params),
-                     _score(folded_float(model), evaluation, references), float_bytes, errors, curve, metric)
+                     _score(folded_float(model), evaluation, references), float_bytes, errors, curve, metric,
+                     config)
 
 
 def allocate(errors: dict[str, dict[int, float]], params: dict[str, int], budget: float,

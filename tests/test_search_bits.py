@@ -29,7 +29,7 @@ def test_search_returns_overrides_that_quantize_at_the_chosen_widths(tmp_path):
                              config=fxq.QConfig(weight_range="minmax", act_range="minmax"))
     assert result.avg_weight_bits <= 5.0
     assert set(result.bits) == {"unit.conv", "conv2", "fc"} and set(result.bits.values()) <= {4, 8}
-    qmodel = fxq.quantize(model, data, overrides=result.overrides)
+    qmodel = fxq.quantize(model, data, result.config, overrides=result.overrides)
     for name, b in result.bits.items():
         assert qmodel.get_submodule(name).weight.abs().max() <= 2 ** (b - 1) - 1
     assert [p.budget for p in result.curve] == [8, 5.0, 4]
