@@ -72,8 +72,9 @@ class QConfig:
                 raise TypeError(f"QConfig.{name}={value!r}: use True or False")
         auto = frozenset(name for name in AUTO_FIELDS if getattr(self, name) is None)
         object.__setattr__(self, "_auto", auto)
+        defaults = defaults_for(self.weight_bits, self.act_bits, self.per_channel)
         for name in auto:
-            object.__setattr__(self, name, defaults_for(self.weight_bits, self.act_bits, self.per_channel)[name])
+            object.__setattr__(self, name, defaults[name])
         _check_choice("weight_range", self.weight_range, WEIGHT_RANGES)
         _check_choice("act_range", self.act_range, ACT_RANGES)
         _check_choice("placement", self.placement, PLACEMENTS)
@@ -87,7 +88,6 @@ class QConfig:
                              f"for act_bits={self.act_bits}, act_range={self.act_range!r}")
         if not 0.0 < self.averaging_constant <= 1.0:
             raise ValueError(f"QConfig.averaging_constant={self.averaging_constant!r}: use (0, 1]")
-
 
     def with_bits(self, weight_bits: int | None = None, act_bits: int | None = None) -> "QConfig":
         """This config at other widths; the methods it left to the defaults follow the new widths

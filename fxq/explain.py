@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 from torch import fx
 
-from fxq import intmath
+from fxq import intmath, packing
 from fxq.api import CONFIG
 from fxq.qmodules import QConv2d, QLayer, QRequantize
 from passes.convert import META as QPARAMS
@@ -219,8 +219,8 @@ def _granularity(m: QLayer) -> str:
 
 
 def _weight_bits(m: QLayer) -> int:
-    """The width the layer's weights were quantized to (a symmetric range fits one less level)."""
-    return max(2, int(m.weight.abs().max()).bit_length() + 1)
+    """The width the layer's weights were quantized to (the narrowest symmetric range holding them)."""
+    return packing.signed_width(m.weight)
 
 
 def _placement(qmodel: fx.GraphModule) -> str | None:
