@@ -16,7 +16,7 @@ from torch import fx
 
 from fxq import intmath, packing
 from fxq.api import CONFIG
-from fxq.qmodules import QConv2d, QLayer, QRequantize
+from fxq.qmodules import QConv2d, QLayer, QReLU, QRequantize
 from passes.convert import META as QPARAMS
 from passes.record_stats import META as STATS, IntRange, StatsRecorder
 
@@ -158,7 +158,8 @@ def _layer(qmodel, node: fx.Node, seen: dict, source: str) -> LayerExplanation:
     multiplier = m.multiplier.to(torch.int64)
     shift = m.shift.to(torch.int64)
     real_m = m.input_scale * m.weight_scale / m.output_scale
-    relu = next((u for u in node.users if u.target is intmath.relu), None)
+    relu = next((u for u in node.users if u.op == "call_module"
+                 and isinstance(qmodel.get_submodule(u.target), QReLU)), None)
     in_dtype, out_dtype = _dtype(_bits_of_input(qmodel, node)), _dtype(m.output_bits)
     acc_dtype = f"int{m.accumulator_bits}"
     gemm = ("float64 GEMM on integers < 2^53, exact" if m.wide else "int8 GEMM, exact")

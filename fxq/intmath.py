@@ -24,12 +24,18 @@ INT32_MAX = 2**31 - 1
 MULTIPLIER_BITS = 31
 
 
-def fixed_point(real_multiplier: torch.Tensor, precision: int = MULTIPLIER_BITS) -> tuple[torch.Tensor, torch.Tensor]:
+def fixed_point(real_multiplier: torch.Tensor, precision: int = MULTIPLIER_BITS,
+                bound: int | torch.Tensor = INT32_MAX) -> tuple[torch.Tensor, torch.Tensor]:
     """``M ≥ 0`` (float64, any shape) → ``(m, shift)`` int64 with ``M ≈ m · 2^(shift − 31)``.
 
     ``m`` lies in ``[2^(p−1), 2^p)`` for ``precision`` p (31 by default): relative error ≤ 2^-p.
-    A wide accumulator takes a smaller p so that ``acc · m`` still fits int64. A multiplier too
-    small to move any accumulator (``M < 2^-32``) becomes ``m = 0``.
+    A wide accumulator takes a smaller p so that ``acc · m`` still fits int64. ``bound`` is the
+    largest ``|acc|`` the multiplier will see (a number, or one per element of ``M``): where even
+    ``bound · m`` rounds to 0 (``bound · m < 2^(r−1)``, ``r = 31 − shift``) the multiplier cannot
+    move any output and becomes ``m = 0, shift = 0`` — exactly the same outputs, and every right
+    shift that remains is at most 62 bits, so :func:`requantize` never overflows int64.
+    Raises ``ValueError`` for a multiplier that needs ``shift ≥ 31`` (``M ≥ 2^(31 − ...)``: not
+    representable); callers name the layer.
     """
     real = real_multiplier.to(torch.float64)
     if (real < 0).any() or not torch.isfinite(real).all():
@@ -39,7 +45,10 @@ def fixed_point(real_multiplier: torch.Tensor, precision: int = MULTIPLIER_BITS)
     carry = m == 2**precision  # mantissa rounded up to 1.0
     m = torch.where(carry, m // 2, m)
     shift = exponent.to(torch.int64) + carry.to(torch.int64) + MULTIPLIER_BITS - precision
-    negligible = exponent < -MULTIPLIER_BITS
+    r = MULTIPLIER_BITS - shift
+    largest = torch.as_tensor(bound, dtype=torch.int64) * m  # < 2^62 by the choice of precision
+    half_step = torch.ones_like(r) << (r - 1).clamp(0, 62)
+    negligible = (r > 62) | (largest < half_step)
     m = torch.where(negligible, torch.zeros_like(m), m)
     shift = torch.where(negligible, torch.zeros_like(shift), shift)
     if (shift >= MULTIPLIER_BITS).any():  # keeps every right shift 31 − shift ≥ 1
@@ -76,20 +85,33 @@ def requantize(acc: torch.Tensor, m: torch.Tensor, shift: torch.Tensor, zero_poi
     """Formula (2): accumulator ``[..., C]`` (channels last) → ``clamp(z + round(M[c]·acc), 0, qmax)``
     as uint8 (int32 for 16-bit outputs).
 
-    The same rounding as :func:`rounding_right_shift`, with ``z · 2^r`` folded into the nudge
-    (adding a multiple of ``2^r`` before the shift adds ``z`` after it) to save passes over the
-    tensor; ``m ≥ 0`` makes ``sign(m · acc) = sign(acc)``.
+    The same rounding as :func:`rounding_right_shift`; ``m ≥ 0`` makes ``sign(m · acc) = sign(acc)``.
+    When ``(2z + 1)·2^(r−1) < 2^62`` (``acc·m < 2^62`` already), ``z·2^r`` is folded into the
+    nudge (adding a multiple of ``2^r`` before the shift adds ``z`` after it), which saves a pass
+    over the tensor; for the long shifts of tiny multipliers ``z`` is added after the shift.
     """
     r = MULTIPLIER_BITS - shift
-    offset = (torch.ones_like(r) << (r - 1)) + (zero_point << r)
-    q = acc.to(torch.int64).mul_(m).add_(offset).sub_((acc < 0).to(torch.int64))
-    return q.bitwise_right_shift_(r).clamp_(0, qmax).to(storage_dtype(qmax.bit_length()))
+    longest = int(r.max()) if r.numel() else 1
+    fold = (2 * zero_point + 1) << (longest - 1) < 2**62
+    offset = torch.ones_like(r) << (r - 1)
+    if fold:
+        offset = offset + (zero_point << r)
+    q = acc.to(torch.int64).mul_(m).add_(offset).sub_((acc < 0).to(torch.int64)).bitwise_right_shift_(r)
+    if not fold:
+        q.add_(zero_point)
+    return q.clamp_(0, qmax).to(storage_dtype(qmax.bit_length()))
+
+
+def accumulator_bounds(weight_q: torch.Tensor, input_absmax: int, bias_q: torch.Tensor) -> torch.Tensor:
+    """Worst-case ``|acc[c]|`` of formula (1) per output channel, int64:
+    ``Σ_k |W_q[c,k]| · max|I_q − z_I| + |b_q[c]|``."""
+    per_channel = weight_q.to(torch.int64).reshape(weight_q.shape[0], -1).abs().sum(1)
+    return per_channel * input_absmax + bias_q.to(torch.int64).abs()
 
 
 def accumulator_bound(weight_q: torch.Tensor, input_absmax: int, bias_q: torch.Tensor) -> int:
-    """Worst-case ``|acc|`` of formula (1): ``max_c (Σ_k |W_q[c,k]| · max|I_q − z_I| + |b_q[c]|)``."""
-    per_channel = weight_q.to(torch.int64).reshape(weight_q.shape[0], -1).abs().sum(1)
-    return int((per_channel * input_absmax + bias_q.to(torch.int64).abs()).max())
+    """Worst-case ``|acc|`` of formula (1) over all channels."""
+    return int(accumulator_bounds(weight_q, input_absmax, bias_q).max())
 
 
 def conv_columns(x_q: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
@@ -169,7 +191,7 @@ def add(a_q: torch.Tensor, b_q: torch.Tensor, a: "AddOperand", b: "AddOperand", 
     Both products are brought to the finer of the two fixed-point exponents and summed in int64
     (|A_q − z_A| < 2^b, m < 2^31, exponent gap ≤ 31 − b bits: below 2^62), then rounded once.
     """
-    common = min(a.shift, b.shift)
+    common = min((x.shift for x in (a, b) if x.multiplier), default=0)  # m = 0 adds nothing
     total = ((a_q.to(torch.int64) - a.zero_point) * (a.multiplier << (a.shift - common))
              + (b_q.to(torch.int64) - b.zero_point) * (b.multiplier << (b.shift - common)))
     r = torch.tensor(MULTIPLIER_BITS - common)
@@ -182,6 +204,11 @@ def add_max_shift_gap(bits: int) -> int:
     return 62 - MULTIPLIER_BITS - bits
 
 
+def add_shift_gap(a: "AddOperand", b: "AddOperand") -> int:
+    """The exponent gap between two add operands (0 when one of them is negligible, m = 0)."""
+    return abs(a.shift - b.shift) if a.multiplier and b.multiplier else 0
+
+
 @dataclass(frozen=True)
 class AddOperand:
     """One input of an integer add: its zero point and fixed-point multiplier ``s_in / s_out``."""
@@ -191,8 +218,10 @@ class AddOperand:
     shift: int
 
     @classmethod
-    def rescale(cls, zero_point: int, input_scale: float, output_scale: float) -> "AddOperand":
-        m, shift = fixed_point(torch.tensor(input_scale / output_scale, dtype=torch.float64))
+    def rescale(cls, zero_point: int, input_scale: float, output_scale: float, bits: int) -> "AddOperand":
+        """``M = s_in / s_out`` for a ``bits``-bit input: ``|q − z| < 2^bits`` bounds what it scales."""
+        m, shift = fixed_point(torch.tensor(input_scale / output_scale, dtype=torch.float64),
+                               bound=(1 << bits) - 1)
         return cls(zero_point, int(m), int(shift))
 
 

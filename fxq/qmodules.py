@@ -8,6 +8,7 @@
     QAvgPool2d   uint8  → uint8          window sum and rounding division, same scale
     QMaxPool2d   uint8  → uint8          window max, same scale
     QRequantize  uint8  → uint8          a value moved to new parameters (placement "both")
+    QReLU        uint8  → uint8          max(q, z), same scale
     Dequantize   uint8  → float32        the logits, once
 """
 from __future__ import annotations
@@ -21,11 +22,20 @@ from fxq import affine, intmath
 from fxq.affine import ActQParams
 
 
-def derive_tables(module: nn.Module) -> None:
-    """Build ``module.prepare()``'s non-persistent tensors now and after every state-dict load:
-    they are derived from the saved integers, so files hold each number once."""
-    module.prepare()
-    module.register_load_state_dict_post_hook(lambda m, _: m.prepare())
+BIAS_LIMIT = 2**30  # |b_q| at most this, so int32 keeps room for the weighted sum beside it
+
+
+class Derived(nn.Module):
+    """A module whose ``prepare()`` derives non-persistent tensors (GEMM operands, lookup tables)
+    from its saved integers: run once built and again after every ``load_state_dict``, so files
+    hold each number once and a loaded state is never paired with stale tables."""
+
+    def prepare(self) -> None:
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.prepare()
 
 
 class QuantizedWeight(NamedTuple):
@@ -62,7 +72,9 @@ class Quantize(_ActBoundary):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sample_shape is not None:
             self._check(x)
-        return self.qparams.quantize(x)
+        # float16/bfloat16 values are exact in float32: the same values give the same integers
+        # whatever dtype they arrive in
+        return self.qparams.quantize(x.to(torch.promote_types(x.dtype, torch.float32)))
 
     def _check(self, x: object) -> None:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -71,6 +83,14 @@ class Quantize(_ActBoundary):
             raise ValueError(
                 f"input of shape {tuple(x.shape)} does not match the calibration samples "
                 f"{self.sample_shape}: pass a batch shaped [N, {', '.join(map(str, self.sample_shape))}]"
+            )
+        finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
+        if not finite.all():
+            rows = torch.nonzero(~finite).flatten().tolist()
+            raise ValueError(
+                f"input rows {rows[:10]}{' ...' if len(rows) > 10 else ''} contain NaN or Inf: an "
+                "integer has no NaN, so the quantized model cannot give the NaN the float model "
+                "would. Filter or clean those inputs (torch.isfinite) before calling the model"
             )
 
 
@@ -81,33 +101,36 @@ class Dequantize(_ActBoundary):
         return self.qparams.dequantize(q)
 
 
-class QLayer(nn.Module):
+class QLayer(Derived):
     """A conv or linear layer as formulas (1) and (2) of `fxq.intmath`.
 
     Buffers: ``weight`` int8, ``bias`` int32 (scale s_in·s_w), ``multiplier`` int32 and ``shift``
     int8 per output channel, the scales they came from (float64, for reports), and both zero points.
+
+    A channel whose bias would pass ``BIAS_LIMIT`` at ``s_I·s_W[c]`` (a near-dead channel: batch
+    norm's γ ≈ 0 leaves weights ~0 beside a real bias) gets the weight scale that brings the bias to
+    the limit; its weights, negligible beside the bias, round on that coarser grid. A multiplier
+    that cannot move the channel's output is stored as 0 (`intmath.fixed_point`): exact.
     """
 
     def __init__(self, layer: nn.Module, weights: QuantizedWeight, input_qp: ActQParams,
                  output_qp: ActQParams, name: str):
         super().__init__()
-        weight_q, weight_scale = weights
+        weight_q, weight_scale = _fit_bias(layer, weights, input_qp.scale)
         bias_q = affine.quantize_bias(layer.bias, input_qp.scale, weight_scale)
-        input_absmax = max(input_qp.zero_point, input_qp.qmax - input_qp.zero_point)
-        self.accumulator_bound = intmath.accumulator_bound(weight_q, input_absmax, bias_q)
-        self.accumulator_bits = 32 if self.accumulator_bound <= intmath.INT32_MAX else 64
-        if input_qp.bits <= 8 and (self.accumulator_bits > 32
+        self.input_bits, self.output_bits = input_qp.bits, output_qp.bits
+        bounds = intmath.accumulator_bounds(weight_q, _absmax(input_qp), bias_q)
+        bound = int(bounds.max())
+        if input_qp.bits <= 8 and (bound > intmath.INT32_MAX
                                    or 128 * 127 * weight_q[0].numel() > intmath.INT32_MAX):
-            raise ValueError(f"{name}: the worst-case accumulator {self.accumulator_bound} (K = "
+            raise ValueError(f"{name}: the worst-case accumulator {bound} (K = "
                              f"{weight_q[0].numel()}) does not fit the int32 GEMM; lower weight_bits "
                              "for this layer, or use 16-bit activations (an int64 accumulator)")
-        if self.accumulator_bound >= intmath.FLOAT64_EXACT:
-            raise ValueError(f"{name}: the worst-case accumulator {self.accumulator_bound} is beyond "
+        if bound >= intmath.FLOAT64_EXACT:
+            raise ValueError(f"{name}: the worst-case accumulator {bound} is beyond "
                              "2^53, where the 16-bit path is no longer exact; lower weight_bits")
         real_multiplier = input_qp.scale * weight_scale / output_qp.scale
-        multiplier, shift = intmath.fixed_point(
-            real_multiplier, intmath.multiplier_precision(self.accumulator_bound))
-        self.input_bits, self.output_bits = input_qp.bits, output_qp.bits
+        multiplier, shift = _layer_multipliers(real_multiplier, bounds, output_qp, name)
         self.register_buffer("weight", weight_q)
         self.register_buffer("bias", bias_q)
         self.register_buffer("multiplier", multiplier.to(torch.int32))
@@ -117,7 +140,7 @@ class QLayer(nn.Module):
         self.register_buffer("output_scale", torch.tensor(output_qp.scale, dtype=torch.float64))
         self.register_buffer("input_zero_point", torch.tensor(input_qp.zero_point, dtype=torch.int32))
         self.register_buffer("output_zero_point", torch.tensor(output_qp.zero_point, dtype=torch.int32))
-        derive_tables(self)
+        self.prepare()
 
     @property
     def wide(self) -> bool:
@@ -125,7 +148,10 @@ class QLayer(nn.Module):
         return self.input_bits > 8
 
     def prepare(self) -> None:
-        """The GEMM-ready weight and constant, derived from the buffers (not saved)."""
+        """The GEMM-ready weight and constant and the worst-case accumulator, derived from the
+        buffers (not saved)."""
+        self.accumulator_bound = intmath.accumulator_bound(self.weight, _absmax(self.input_qparams), self.bias)
+        self.accumulator_bits = 32 if self.accumulator_bound <= intmath.INT32_MAX else 64
         if self.wide:
             weight = intmath.gemm_weight(self.weight).to(torch.float64).contiguous()
             constant = self.bias.to(torch.int64)
@@ -163,6 +189,42 @@ class QLayer(nn.Module):
 
     def to_output(self, q: torch.Tensor, positions: tuple[int, ...]) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _absmax(qp: ActQParams) -> int:
+    """The largest ``|I_q − z_I|``."""
+    return max(qp.zero_point, qp.qmax - qp.zero_point)
+
+
+def _fit_bias(layer: nn.Module, weights: QuantizedWeight, input_scale: float) -> QuantizedWeight:
+    """Widen the weight scale of channels whose bias would not fit ``BIAS_LIMIT`` at ``s_I·s_W``."""
+    if layer.bias is None:
+        return weights
+    needed = layer.bias.detach().to(torch.float64).abs() / (input_scale * BIAS_LIMIT)
+    widen = needed > weights.scales
+    if not widen.any():
+        return weights
+    scales = torch.where(widen, needed, weights.scales)
+    largest = int(weights.weight.to(torch.int64).abs().max()) or 1
+    shape = (-1,) + (1,) * (weights.weight.dim() - 1)
+    regridded = affine.round_half_away(layer.weight.detach().to(torch.float64) / scales.reshape(shape))
+    regridded = regridded.clamp_(-largest, largest).to(torch.int8)
+    return QuantizedWeight(torch.where(widen.reshape(shape), regridded, weights.weight), scales)
+
+
+def _layer_multipliers(real: torch.Tensor, bounds: torch.Tensor, output_qp: ActQParams, name: str):
+    """Each channel's fixed-point multiplier; a multiplier too large to hold is named by channel."""
+    try:
+        return intmath.fixed_point(real, intmath.multiplier_precision(int(bounds.max())), bounds)
+    except ValueError:
+        channel = int(real.argmax())
+        raise ValueError(
+            f"{name}: channel {channel}'s requantization multiplier M = s_I·s_W/s_O = "
+            f"{float(real[channel]):.3g} is too large to hold in fixed point: the output scale "
+            f"s_O = {output_qp.scale:.3g} is tiny (the layer's output was almost constant on the "
+            "calibration data). Calibrate on varied, real inputs, or keep this layer in float "
+            f"(overrides={{'{name}': None}})") from None
+
 
 class QConv2d(QLayer):
     """uint8 → uint8 2-d convolution (formulas (1), (2)); geometry copied from the float conv."""
@@ -209,7 +271,7 @@ class QLinear(QLayer):
         return f"{self.weight.shape[1]}, {self.weight.shape[0]}"
 
 
-class QAdd(nn.Module):
+class QAdd(Derived):
     """uint8 + uint8 → uint8: ``clamp(z_O + round(M_A·(A_q − z_A) + M_B·(B_q − z_B)))``.
 
     Inputs of up to 8 bits take at most 2^8 values each, so the op is evaluated once for every
@@ -219,17 +281,18 @@ class QAdd(nn.Module):
 
     def __init__(self, a: ActQParams, b: ActQParams, out: ActQParams, name: str):
         super().__init__()
-        operands = [intmath.AddOperand.rescale(p.zero_point, p.scale, out.scale) for p in (a, b)]
+        operands = [intmath.AddOperand.rescale(p.zero_point, p.scale, out.scale, p.bits) for p in (a, b)]
         gap = intmath.add_max_shift_gap(max(a.bits, b.bits))
-        if abs(operands[0].shift - operands[1].shift) > gap:
-            raise ValueError(f"{name}: the two inputs' scales differ by more than 2^{gap}; "
-                             "one branch is lost in rounding: check the calibration data")
+        if intmath.add_shift_gap(*operands) > gap:
+            raise ValueError(f"{name}: the two inputs' scales ({a.scale:.3g}, {b.scale:.3g}) differ by "
+                             f"more than 2^{gap}, beyond what the int64 sum holds at these widths: "
+                             "check the calibration data, or keep the block in float with overrides")
         self.input_bits, self.output_bits = (a.bits, b.bits), out.bits
         for prefix, operand in zip("ab", operands):
             for field in ("zero_point", "multiplier", "shift"):
                 self.register_buffer(f"{prefix}_{field}", torch.tensor(getattr(operand, field)))
         self.register_buffer("output_zero_point", torch.tensor(out.zero_point))
-        derive_tables(self)
+        self.prepare()
 
     def operand(self, prefix: str) -> intmath.AddOperand:
         return intmath.AddOperand(*(int(getattr(self, f"{prefix}_{f}"))
@@ -260,7 +323,7 @@ class QAdd(nn.Module):
         return self.table[a.to(torch.int32) * (1 << self.input_bits[1]) + b]
 
 
-class QRequantize(nn.Module):
+class QRequantize(Derived):
     """uint8 → uint8 at new parameters: ``clamp(z_O + round(M·(q − z_I)), 0, 2^b − 1)``, ``M = s_I/s_O``.
 
     Formula (2) with ``q − z_I`` as the accumulator; with at most 2^8 inputs it runs as a lookup
@@ -270,12 +333,13 @@ class QRequantize(nn.Module):
     def __init__(self, before: ActQParams, after: ActQParams):
         super().__init__()
         self.input_bits, self.output_bits = before.bits, after.bits
-        multiplier, shift = intmath.fixed_point(torch.tensor(before.scale / after.scale))
+        multiplier, shift = intmath.fixed_point(torch.tensor(before.scale / after.scale),
+                                                bound=before.qmax)
         self.register_buffer("input_zero_point", torch.tensor(before.zero_point, dtype=torch.int32))
         self.register_buffer("output_zero_point", torch.tensor(after.zero_point, dtype=torch.int32))
         self.register_buffer("multiplier", multiplier.to(torch.int32))
         self.register_buffer("shift", shift.to(torch.int8))
-        derive_tables(self)
+        self.prepare()
 
     def compute(self, q: torch.Tensor) -> torch.Tensor:
         """The requantization itself, without the table."""
@@ -292,6 +356,23 @@ class QRequantize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"zero_point {int(self.input_zero_point)} → {int(self.output_zero_point)}"
+
+
+class QReLU(nn.Module):
+    """uint8 → uint8 ReLU: real 0 is ``q = z``, so ``relu(s·(q − z)) = s·(max(q, z) − z)``.
+
+    The zero point is a buffer, so ``state_dict()`` carries it like every other integer.
+    """
+
+    def __init__(self, zero_point: int):
+        super().__init__()
+        self.register_buffer("zero_point", torch.tensor(zero_point, dtype=torch.int32))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return intmath.relu(q, int(self.zero_point))
+
+    def extra_repr(self) -> str:
+        return f"max(q, {int(self.zero_point)})"
 
 
 class QMaxPool2d(nn.MaxPool2d):

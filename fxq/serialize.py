@@ -110,7 +110,7 @@ def _module_from(target: str, record: dict) -> nn.Module:
         else:
             module.register_buffer(name, tensor)
     if hasattr(module, "prepare"):
-        qmodules.derive_tables(module)
+        module.prepare()
     return module
 
 

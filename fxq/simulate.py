@@ -1,28 +1,33 @@
 """`fxq.simulate`: the float twin of a quantized model, for looking at real-valued tensors.
 
 Every value of the twin is the float64 ``s · (q − z)`` of the integer the quantized graph holds
-at that point; each op that makes new integers is emulated in float and then snapped to its grid,
-``x ↦ s·(clamp(round(x/s) + z, 0, 2^b − 1) − z)``, with the same parameters and the
-same rounding (half away from zero).
+at that point, and the twin agrees with the integer graph bit for bit (``twin(x)`` equals
+``qmodel(x)`` up to the last dequantization's float32 rounding). It gets there by another road:
 
-Where the two may differ: the twin rescales by the real ``s_I·s_W/s_O`` where the integer graph
-multiplies by the 31-bit fixed-point ``m·2^(shift−31)``, and float64 sums round where int32 sums
-are exact. Both errors are ~10^-9 of a step, so a value differs only when it lands that close to
-a rounding boundary (k + ½), where it moves by one step; such a flip rarely reaches a logit.
+    integer graph                              twin
+    im2col + int8 GEMM (torch._int_mm)         float64 conv2d/linear on the values' steps
+                                               (q − z) and the integer weights: exact, every
+                                               partial sum is an integer below 2^53
+    requantize, add, requantize tables         the same `fxq.intmath` formula, on int64
+    max(q, z), max-pool on integers            relu, max-pool on values (monotone maps)
+    integer window sum, rounding division      float64 window sum of steps, one division
+
+so a disagreement points at the integer kernels (layout, padding, stride, the GEMM), while the
+rounding rule is written once. A value's integer is recovered as ``round(x / s)``: exact, since
+``x / s`` is within one ulp of an integer below 2^17.
 """
 from __future__ import annotations
 
 import copy
-import operator
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxq import intmath
 from fxq.affine import ActQParams, round_half_away
-from fxq.graph import add_module_near, replace_module
-from fxq.qmodules import Dequantize, QAdd, QAvgPool2d, QConv2d, QLayer, QLinear, QRequantize, Quantize
+from fxq.graph import replace_module
+from fxq.qmodules import (Dequantize, QAdd, QAvgPool2d, QConv2d, QLayer, QReLU, QRequantize,
+                          Quantize)
 from passes.convert import META as QPARAMS
 
 
@@ -34,30 +39,56 @@ class SnapToGrid(nn.Module):
         self.qparams = qparams
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.qparams.quantize(x)  # in x's own precision, as the integer graph's Quantize does
-        return (q.to(torch.float64) - self.qparams.zero_point) * self.qparams.scale
+        # in the precision the integer graph's Quantize uses, so both round the same way
+        q = self.qparams.quantize(x.to(torch.promote_types(x.dtype, torch.float32)))
+        return _values(q, self.qparams)
 
     def extra_repr(self) -> str:
         return f"scale={self.qparams.scale:.6g}, zero_point={self.qparams.zero_point}, bits={self.qparams.bits}"
 
 
-def _float_layer(m: QLayer) -> nn.Module:
-    """The conv/linear, in float64, with its dequantized weight ``W_q·s_W`` and bias ``b_q·s_I·s_W``."""
-    weight = m.weight.double() * m.weight_scale.reshape(-1, *([1] * (m.weight.dim() - 1)))
-    bias = m.bias.double() * m.input_scale * m.weight_scale
-    if isinstance(m, QConv2d):
-        layer = nn.Conv2d(weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), m.stride,
-                          m.padding, m.dilation)
-    else:
-        layer = nn.Linear(weight.shape[1], weight.shape[0])
-    return _loaded(layer, weight, bias)
+def _values(q: torch.Tensor, qp: ActQParams) -> torch.Tensor:
+    return (q.to(torch.float64) - qp.zero_point) * qp.scale
 
 
-def _loaded(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
-    layer = layer.to(torch.float64).eval().requires_grad_(False)
-    layer.weight.copy_(weight)
-    layer.bias.copy_(bias)
-    return layer
+def _steps(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``q − z`` of a value ``x = s·(q − z)``, as float64 integers."""
+    return torch.round(x.to(torch.float64) / scale)
+
+
+class FloatLayer(nn.Module):
+    """A conv/linear in float64 on ``q − z_I`` with the integer weights and bias: the accumulator
+    of formula (1), exact, then formula (2) with the layer's own fixed-point multiplier."""
+
+    def __init__(self, layer: QLayer):
+        super().__init__()
+        self.layer = layer
+        self.conv = isinstance(layer, QConv2d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.layer
+        centred = _steps(x, float(m.input_scale))
+        weight, bias = m.weight.to(torch.float64), m.bias.to(torch.float64)
+        if self.conv:
+            acc = F.conv2d(centred, weight, bias, m.stride, m.padding, m.dilation).permute(0, 2, 3, 1)
+        else:
+            acc = F.linear(centred, weight, bias)
+        q = m.requantize(acc.to(torch.int64))
+        q = q.permute(0, 3, 1, 2) if self.conv else q
+        return _values(q, m.output_qparams)
+
+
+class OnIntegers(nn.Module):
+    """Recovers each input value's integer, runs ``compute`` (an integer kernel) and returns values."""
+
+    def __init__(self, compute, inputs: list[ActQParams], output: ActQParams):
+        super().__init__()
+        self.compute, self.inputs, self.output = compute, inputs, output
+
+    def forward(self, *values: torch.Tensor) -> torch.Tensor:
+        integers = [(_steps(v, qp.scale) + qp.zero_point).to(torch.int64)
+                    for v, qp in zip(values, self.inputs)]
+        return _values(self.compute(*integers), self.output)
 
 
 class FloatAvgPool(nn.Module):
@@ -74,7 +105,7 @@ class FloatAvgPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.kernel or tuple(x.shape[-2:])
-        steps = torch.round(x / self.qparams.scale)  # exact: x is s·k
+        steps = _steps(x, self.qparams.scale)
         total = F.avg_pool2d(steps, kernel, self.stride or kernel, divisor_override=1)
         mean = total / (kernel[0] * kernel[1])  # one correctly rounded division: ties stay exact
         return round_half_away(mean) * self.qparams.scale
@@ -86,35 +117,28 @@ def simulate(qmodel: fx.GraphModule) -> fx.GraphModule:
     modules = dict(twin.named_modules())
     for node in list(twin.graph.nodes):
         module = modules.get(node.target) if node.op == "call_module" else None
-        if isinstance(module, QRequantize):  # on values: a snap to the new grid
-            replace_module(twin, node.target, SnapToGrid(node.meta[QPARAMS]))
-            continue
-        if isinstance(module, (Quantize, Dequantize)):
-            replace_module(twin, node.target, SnapToGrid(module.qparams) if isinstance(module, Quantize)
-                           else nn.Identity())
-            continue
-        if node.target is intmath.relu:  # max(q, z) on integers is max(x, 0) on their values
-            node.target, node.args = torch.relu, node.args[:1]
-            continue
-        if isinstance(module, QAdd):
-            node.op, node.target = "call_function", operator.add
-        elif isinstance(module, (QConv2d, QLinear)):
-            replace_module(twin, node.target, _float_layer(module))
-        elif isinstance(module, QAvgPool2d):
-            replace_module(twin, node.target, FloatAvgPool(module, node.meta[QPARAMS]))
-            continue
-        else:
-            continue
-        _snap_after(twin, node)
+        replacement = _twin_of(module, node)
+        if replacement is not None:
+            replace_module(twin, node.target, replacement)
     twin.delete_all_unused_submodules()
     twin.graph.lint()
     twin.recompile()
     return twin
 
 
-def _snap_after(twin: fx.GraphModule, node: fx.Node) -> None:
-    leaf = node.target.rpartition(".")[2] if node.op == "call_module" else node.name
-    path = add_module_near(twin, node, f"{leaf}_snap_to_grid", SnapToGrid(node.meta[QPARAMS]))
-    with twin.graph.inserting_after(node):
-        snapped = twin.graph.call_module(path, (node,))
-    node.replace_all_uses_with(snapped, delete_user_cb=lambda user: user is not snapped)
+def _twin_of(module: nn.Module | None, node: fx.Node) -> nn.Module | None:
+    """The float module standing for ``module`` in the twin (None: keep it, or handled apart)."""
+    if isinstance(module, Quantize):
+        return SnapToGrid(module.qparams)
+    if isinstance(module, Dequantize):
+        return nn.Identity()
+    if isinstance(module, QReLU):  # max(q, z) on integers is max(x, 0) on their values
+        return nn.ReLU()
+    if isinstance(module, QLayer):
+        return FloatLayer(module)
+    if isinstance(module, QAvgPool2d):
+        return FloatAvgPool(module, node.meta[QPARAMS])
+    if isinstance(module, (QAdd, QRequantize)):
+        inputs = [a.meta[QPARAMS] for a in node.args]
+        return OnIntegers(module.compute, inputs, node.meta[QPARAMS])
+    return None

@@ -7,13 +7,12 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from fxq import intmath
 from fxq.affine import ActQParams
 from fxq.context import PassContext
 from fxq.graph import add_module_near, finish, label, replace_module
 from fxq.observers import InputGram, Observer
 from fxq.ops import Kind, kind_of
-from fxq.qmodules import Dequantize, QAvgPool2d, QConv2d, QLinear, QMaxPool2d, QRequantize, Quantize
+from fxq.qmodules import Dequantize, QAvgPool2d, QConv2d, QLinear, QMaxPool2d, QReLU, QRequantize, Quantize
 from fxq.weight_ranges import quantize_weights
 from passes import calibrate as calibrate_pass
 from passes.correct_bias import WEIGHTS
@@ -40,9 +39,9 @@ def convert(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
         observers.x(x)                 → quantize_input(x)            float → q, once
         conv(x) / linear(x)            → QConv2d / QLinear(q)         int8 W, int32 acc, requant
-        relu(x)                        → intmath.relu(q, z)           max(q, z)       placement "pre"
+        relu(x)                        → QReLU(q)                     max(q, z)       placement "pre"
         relu(conv(x))                  → QConv2d(q), clamp at z = 0   no ReLU op      placement "post"
-        relu(conv(x))                  → QRequantize(relu(QConv2d(q), z))             placement "both"
+        relu(conv(x))                  → QRequantize(QReLU(QConv2d(q)))               placement "both"
         maxpool(x)                     → QMaxPool2d(q)                same scale
         flatten / view(x)              → unchanged, on q              same scale
         identity / dropout(x)          → removed
@@ -142,11 +141,17 @@ def _activation(state: _State, node: fx.Node) -> None:
         node.replace_all_uses_with(source)
         state.gm.graph.erase_node(node)
         return
+    leaf = node.target.rpartition(".")[2] if node.op == "call_module" else node.name
     if after is not None:  # placement "both": a second quantization, after the ReLU
-        leaf = node.target.rpartition(".")[2] if node.op == "call_module" else node.name
         path = add_module_near(state.gm, node, f"{leaf}_requantize", QRequantize(qp, after))
+    relu = QReLU(qp.zero_point)
+    if node.op == "call_module":
+        replace_module(state.gm, node.target, relu)
+        target = node.target
+    else:
+        target = add_module_near(state.gm, node, leaf, relu)
     # Rewritten in place so the node keeps its name (layer1_0_relu) in the printed code.
-    node.op, node.target, node.args, node.kwargs = "call_function", intmath.relu, (source, qp.zero_point), {}
+    node.op, node.target, node.args, node.kwargs = "call_module", target, (source,), {}
     node.meta[META] = qp
     if after is not None:
         with state.gm.graph.inserting_after(node):

@@ -1,14 +1,15 @@
 """Train the float ResNet-18 that fxq quantizes, seeded, and save it as an fp16 state dict.
 
-    python -m scripts.train mnist            # 3 epochs
-    python -m scripts.train fashion --epochs 5
+    python -m scripts.train mnist            # the recipe of scripts.models.SUITE["mnist"]
+    python -m scripts.train fashion_stem5    # another member of the model suite
 
-Writes ``checkpoints/resnet18_<data set>.pt`` and ``checkpoints/resnet18_<data set>.json`` (the
-command, the seed, the float test accuracy of the saved fp16 weights and the file's sha256).
+Writes ``checkpoints/resnet18_<name>.pt`` and ``checkpoints/resnet18_<name>.json`` (the
+command, the recipe, the float test accuracy of the saved fp16 weights and the file's sha256).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -17,9 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from scripts import data, models
-
-DEFAULT_EPOCHS = {"mnist": 3, "fashion": 5}
-
 
 def augment(images: torch.Tensor, flip: bool, generator: torch.Generator) -> torch.Tensor:
     """Random 28×28 crop of the image padded by 2 (and a horizontal flip for clothes)."""
@@ -42,25 +40,27 @@ def accuracy(model: torch.nn.Module, split: data.Split, batch_size: int = 500) -
     return 100.0 * correct / len(split)
 
 
-def train(dataset: str, epochs: int, seed: int, batch_size: int, lr: float) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    train_split = data.load(dataset, "train")
-    model = models.resnet18_28x28()
-    steps = epochs * (len(train_split) // batch_size)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
+def train(recipe: models.Recipe, batch_size: int) -> torch.nn.Module:
+    torch.manual_seed(recipe.seed)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    train_split = data.load(recipe.dataset, "train")
+    model = models.resnet18_28x28(recipe.stem)
+    steps = recipe.epochs * (len(train_split) // batch_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9, nesterov=True,
                                 weight_decay=5e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=steps)
     step, start = 0, time.time()
-    for epoch in range(epochs):
+    for epoch in range(recipe.epochs):
         model.train()
         order = torch.randperm(len(train_split), generator=generator)
         for index in order.split(batch_size):
             if len(index) < batch_size:
                 continue
-            images = augment(train_split.images[index], flip=dataset == "fashion",
-                             generator=generator)
-            loss = F.cross_entropy(model(images), train_split.labels[index], label_smoothing=0.1)
+            images = train_split.images[index]
+            if recipe.augment:
+                images = augment(images, flip=recipe.dataset == "fashion", generator=generator)
+            loss = F.cross_entropy(model(images), train_split.labels[index],
+                                   label_smoothing=recipe.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -74,26 +74,23 @@ def train(dataset: str, epochs: int, seed: int, batch_size: int, lr: float) -> t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("dataset", choices=data.DATASETS)
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("name", choices=sorted(models.SUITE))
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=0.1)
     args = parser.parse_args()
-    epochs = args.epochs or DEFAULT_EPOCHS[args.dataset]
+    recipe = models.SUITE[args.name]
     torch.set_num_threads(2)
     start = time.time()
-    model = train(args.dataset, epochs, args.seed, args.batch_size, args.lr)
+    model = train(recipe, args.batch_size)
     minutes = (time.time() - start) / 60
-    path = models.checkpoint_path(args.dataset)
+    path = models.checkpoint_path(args.name)
     path.parent.mkdir(exist_ok=True)
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()},
                path)
-    test_acc = accuracy(models.load_trained(args.dataset), data.load(args.dataset, "test"))
+    test_acc = accuracy(models.load_trained(args.name), data.load(recipe.dataset, "test"))
     record = {
         "command": "python -m scripts.train " + " ".join(sys.argv[1:]),
-        "dataset": args.dataset, "epochs": epochs, "seed": args.seed,
-        "batch_size": args.batch_size, "max_lr": args.lr, "train_minutes": round(minutes, 1),
+        **dataclasses.asdict(recipe), "batch_size": args.batch_size,
+        "train_minutes": round(minutes, 1),
         "float_test_accuracy": test_acc, "sha256": models.sha256(path),
     }
     path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")

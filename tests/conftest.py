@@ -9,6 +9,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fxq  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same random state: models built in a test are the same each run."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def ctx():
     """A pass context with the default config and a small random calibration set."""

@@ -78,3 +78,24 @@ class Chain(nn.Module):
 
     def forward(self, x):
         return self.conv3(torch.relu(self.conv2(self.pool(torch.relu(self.conv1(x))))))
+
+
+def output_steps(qmodel: fx.GraphModule, twin: fx.GraphModule, x: torch.Tensor):
+    """The integer model's and its twin's outputs on ``x``, as integer steps of the output scale."""
+    step = qmodel.get_submodule("dequantize").scale.item()
+    with torch.no_grad():
+        return torch.round(qmodel(x).double() / step), torch.round(twin(x).double() / step)
+
+
+def node_values(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, object]:
+    """What every node of ``gm`` produced on ``x``, by node name."""
+    values = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            values[n.name] = super().run_node(n)
+            return values[n.name]
+
+    with torch.no_grad():
+        Recorder(gm).run(x)
+    return values

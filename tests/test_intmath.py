@@ -122,8 +122,8 @@ def test_integer_add_matches_exact_rational_formula():
     torch.manual_seed(2)
     a_q = torch.randint(0, 256, (1000,), dtype=torch.uint8)
     b_q = torch.randint(0, 256, (1000,), dtype=torch.uint8)
-    a = intmath.AddOperand.rescale(100, 0.031, 0.047)
-    b = intmath.AddOperand.rescale(20, 0.093, 0.047)  # M_B ≥ 1: a left shift
+    a = intmath.AddOperand.rescale(100, 0.031, 0.047, 8)
+    b = intmath.AddOperand.rescale(20, 0.093, 0.047, 8)  # M_B ≥ 1: a left shift
     assert b.shift > 0 >= a.shift
     out = intmath.add(a_q, b_q, a, b, zero_point=60, qmax=255)
     for i in range(0, 1000, 37):

@@ -3,8 +3,7 @@ import pytest
 import torch
 
 import fxq
-from fxq import intmath
-from fxq.qmodules import Dequantize, QAdd, QConv2d, QLinear, QRequantize, Quantize
+from fxq.qmodules import Dequantize, QAdd, QConv2d, QLinear, QReLU, QRequantize, Quantize
 from passes.convert import META
 from tests.helpers import ConvBnRelu, Residual, ops, randomize_bn
 
@@ -26,7 +25,7 @@ def test_post_fuses_the_relu_into_the_conv_clamp_at_zero_point_zero():
 def test_both_quantizes_before_and_after_the_relu():
     gm, _ = _quantize(randomize_bn(ConvBnRelu()), "both")
     assert ops(gm) == [("call_module", Quantize), ("call_module", QConv2d),
-                       ("call_function", intmath.relu), ("call_module", QRequantize),
+                       ("call_module", QReLU), ("call_module", QRequantize),
                        ("call_module", Dequantize)]
     conv = next(n for n in gm.graph.nodes if n.name == "conv")
     after = gm.get_submodule("relu_requantize")
@@ -58,7 +57,7 @@ def test_residual_add_relu_follows_the_placement():
     add = next(n for n in gm.graph.nodes
                if n.op == "call_module" and isinstance(gm.get_submodule(n.target), QAdd))
     assert add.meta[META].zero_point == 0
-    assert not any(n.target is intmath.relu for n in gm.graph.nodes)
+    assert not any(isinstance(m, QReLU) for m in gm.modules())
     assert isinstance(gm.get_submodule("fc"), QLinear)
 
 
