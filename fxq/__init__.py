@@ -11,6 +11,6 @@ from fxq.explain import explain
 from fxq.compare import compare
 from fxq.simulate import simulate
 from fxq.mixed import search_bits
-from fxq.serialize import load, save
+from fxq.serialize import InvalidModelFile, load, save
 
-__all__ = ["PASSES", "PassContext", "QConfig", "compare", "explain", "load", "quantize", "save", "search_bits", "simulate"]
+__all__ = ["InvalidModelFile", "PASSES", "PassContext", "QConfig", "compare", "explain", "load", "quantize", "save", "search_bits", "simulate"]

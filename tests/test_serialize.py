@@ -1,9 +1,11 @@
 """fxq.save / fxq.load: integers and graph as data, packed narrow weights, identical outputs."""
+import io
+
 import pytest
 import torch
 
 import fxq
-from fxq import packing
+from fxq import packing, serialize
 from fxq.qmodules import QLayer
 from tests.helpers import Chain, Residual, randomize_bn
 
@@ -31,7 +33,7 @@ def test_loaded_model_gives_bit_identical_outputs(tmp_path, config, overrides):
 def test_file_is_plain_data_readable_without_unpickling_code(tmp_path):
     fxq.save(fxq.quantize(randomize_bn(Residual()), _calib()), tmp_path / "m.fxq")
     payload = torch.load(tmp_path / "m.fxq", weights_only=True)  # refuses arbitrary objects
-    assert payload["format"] == "fxq/1" and payload["modules"]["conv2"]["tensors"]["weight"].dtype == torch.int8
+    assert payload["format"] == "fxq/2" and payload["modules"]["conv2"]["tensors"]["weight"].dtype == torch.int8
 
 
 def test_narrow_weights_are_packed_and_the_file_shrinks_with_the_width(tmp_path):
@@ -82,3 +84,93 @@ def test_a_loaded_model_can_be_explained_and_simulated(tmp_path):
     assert fxq.explain(loaded, "conv2", x).check.mismatches == 0
     assert "4-bit" in str(fxq.explain(loaded, "conv2"))
     assert (fxq.simulate(loaded)(x) - loaded(x)).abs().max() < 1e-4 * loaded(x).abs().max()
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A saved residual model with every kind of op, and the path of its file."""
+    qmodel = fxq.quantize(randomize_bn(Residual()), _calib(), fxq.QConfig(weight_bits=4, placement="both"))
+    fxq.save(qmodel, tmp_path / "m.fxq")
+    return qmodel, tmp_path / "m.fxq"
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random bytes", "one byte flipped"])
+def test_damaged_files_get_fxqs_own_error_and_no_unsafe_advice(saved, damage):
+    _, path = saved
+    data = path.read_bytes()
+    broken = {"empty": b"", "truncated": data[: len(data) // 2],
+              "random bytes": bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).tolist()),
+              "one byte flipped": _flip_a_tensor_byte(data)}[damage]
+    path.write_bytes(broken)
+    with pytest.raises(fxq.InvalidModelFile, match="not a valid fxq model file|is damaged") as error:
+        fxq.load(path)
+    assert "weights_only" not in str(error.value)
+
+
+def _flip_a_tensor_byte(data: bytes) -> bytes:
+    """Change one byte of the int8 weight data inside the zip (stored uncompressed by torch.save)."""
+    payload = torch.load(io.BytesIO(data), weights_only=True)
+    weight = payload["modules"]["conv2"]["tensors"]
+    needle = (weight["bias"].numpy().tobytes() if "bias" in weight else b"")
+    at = data.find(needle)
+    assert needle and at > 0
+    return data[:at] + bytes([data[at] ^ 1]) + data[at + 1:]
+
+
+def test_files_of_another_kind_are_refused_by_name(tmp_path):
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(fxq.InvalidModelFile, match="not an fxq model file"):
+        fxq.load(tmp_path / "list.pt")
+    with pytest.raises(FileNotFoundError):
+        fxq.load(tmp_path / "missing.fxq")
+
+
+def _rewrite(path, edit):
+    """Edit the payload as a crafted file would, and give it a matching digest."""
+    payload = torch.load(path, weights_only=True)
+    edit(payload)
+    payload["sha256"] = serialize.digest(payload)
+    torch.save(payload, path)
+
+
+INJECTION = "__import__('pathlib').Path(r'{marker}').touch()"
+
+
+def _node(payload, op):
+    return next(record for record in payload["graph"] if record["op"] == op)
+
+
+CRAFTED = {
+    "node name": lambda p, code: _node(p, "call_module").update(name=f"x; {code}; y"),
+    "placeholder target": lambda p, code: _node(p, "placeholder").update(target=f"x=({code})"),
+    "method target": lambda p, code: _node(p, "call_module").update(op="call_method", target=f"size(); {code}; x.size"),
+    "module target": lambda p, code: _node(p, "call_module").update(target=f"conv2({code})"),
+    "function target": lambda p, code: _node(p, "call_module").update(op="call_function", target="builtins.exec",
+                                                                       args=(code,)),
+    "keyword name": lambda p, code: _node(p, "call_module").update(kwargs={"dict": {f"a=({code}), b": 1}}),
+    "module path": lambda p, code: p["modules"].update({f"x({code})": p["modules"]["conv2"]}),
+    "class name": lambda p, code: p.update(class_name=f"M({code})"),
+    "module type": lambda p, code: p["modules"]["conv2"].update(type="builtins.exec"),
+    "attribute name": lambda p, code: p["modules"]["conv2"]["attributes"].update(forward=code),
+    "getattr name": lambda p, code: _node(p, "call_module").update(op="call_function", target="builtins.getattr",
+                                                                    args=({"node": "x"}, "__class__")),
+}
+
+
+@pytest.mark.parametrize("field", sorted(CRAFTED))
+def test_crafted_files_never_run_code(saved, tmp_path, field):
+    _, path = saved
+    marker = tmp_path / "ran"
+    _rewrite(path, lambda payload: CRAFTED[field](payload, INJECTION.format(marker=marker)))
+    with pytest.raises(fxq.InvalidModelFile):
+        fxq.load(path)
+    assert not marker.exists()
+
+
+def test_a_file_with_a_stale_digest_is_damaged(saved):
+    _, path = saved
+    payload = torch.load(path, weights_only=True)
+    payload["modules"]["conv2"]["tensors"]["bias"][0] += 1
+    torch.save(payload, path)
+    with pytest.raises(fxq.InvalidModelFile, match="does not match its SHA-256"):
+        fxq.load(path)

@@ -1,0 +1,144 @@
+"""Fuzzing fxq.load: every string, number and tensor of a saved file, changed, one at a time.
+
+Two kinds of change: a damaged file (the content changed, the digest not) must be refused as
+damaged; a crafted file (the digest recomputed, as an attacker would) must be refused with fxq's
+own error or load into a model that runs — and in no case may anything the file carries execute.
+"""
+import copy
+
+import pytest
+import torch
+
+import fxq
+from fxq import serialize
+from tests.helpers import Residual, randomize_bn
+
+INJECTION = "__import__('pathlib').Path(r'{marker}').touch()"
+
+
+def _leaves(value, path=()):
+    """Every (path, value) of a payload below dicts and lists, dict keys included as ('key', k)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield path + (("key", key),), key
+            yield from _leaves(item, path + (key,))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _leaves(item, path + (index,))
+    else:
+        yield path, value
+
+
+def _mutations(value, marker):
+    """Other values of the same field: wrong, hostile and near-miss ones."""
+    if isinstance(value, str):
+        return [INJECTION.format(marker=marker), "", value + "_x", "conv2", "x"]
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, int):
+        return [value + 1, -1, 2**40]
+    if isinstance(value, float):
+        return [value * 2, float("nan"), -value]
+    if value is None:
+        return [0, "x"]
+    if isinstance(value, torch.Tensor):
+        bumped = value.clone()
+        if bumped.numel():
+            bumped.view(-1)[0] += 1
+        return [bumped, value.to(torch.float32 if value.dtype != torch.float32 else torch.int64),
+                value.reshape(-1)[:-1] if value.numel() else torch.zeros(1), value.unsqueeze(0)]
+    return []
+
+
+def _set(payload, path, new):
+    *parents, last = path
+    owner = payload
+    for key in parents:
+        owner = owner[key]
+    if isinstance(last, tuple) and last[0] == "key":  # rename a dict key
+        if not isinstance(new, (str, int)) or new in owner:
+            return False
+        owner[new] = owner.pop(last[1])
+        return True
+    if isinstance(owner, tuple):
+        return False  # tuples hold node arguments; their items are covered through lists
+    owner[last] = new
+    return True
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    calib = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    qmodel = fxq.quantize(randomize_bn(Residual()), calib, fxq.QConfig(weight_bits=4, placement="both"),
+                          overrides={"conv2": None})  # a float layer kept between integers
+    path = tmp_path_factory.mktemp("fuzz") / "m.fxq"
+    fxq.save(qmodel, path)
+    return torch.load(path, weights_only=True)
+
+
+def _kind(payload, path) -> tuple:
+    """Which field ``path`` is, whatever layer or node it belongs to: graph fields by their node's
+    op, module fields by the module's type, positions in argument lists as '#'."""
+    if path[0] == "graph" and len(path) > 1:
+        head = ("graph", payload["graph"][path[1]]["op"])
+        rest = path[2:]
+    elif path[0] == "modules" and len(path) > 1 and not isinstance(path[1], tuple):
+        head = ("modules", payload["modules"][path[1]]["type"])
+        rest = path[2:]
+    else:
+        head, rest = (), path
+    return head + tuple("#" if isinstance(p, int) else p for p in rest)
+
+
+def _cases(payload, marker, per_kind=1):
+    """Every kind of field, changed in every way, at up to ``per_kind`` places of the file."""
+    seen: dict[tuple, int] = {}
+    for path, value in _leaves(payload):
+        if path and path[0] == "sha256":
+            continue
+        kind = _kind(payload, path)
+        seen[kind] = seen.get(kind, 0) + 1
+        if seen[kind] > per_kind:
+            continue
+        for new in _mutations(value, marker):
+            yield path, new
+
+
+def test_every_field_changed_in_a_crafted_file_is_refused_or_loads_a_working_model(saved, tmp_path):
+    marker = tmp_path / "ran"
+    x = torch.randn(3, 3, 8, 8)
+    counts = {"refused": 0, "loaded": 0}
+    for path, new in _cases(saved, marker):
+        payload = copy.deepcopy(saved)
+        if not _set(payload, path, new):
+            continue
+        payload["sha256"] = serialize.digest(payload)
+        torch.save(payload, tmp_path / "crafted.fxq")
+        try:
+            model = fxq.load(tmp_path / "crafted.fxq")
+        except fxq.InvalidModelFile:
+            counts["refused"] += 1
+        else:
+            counts["loaded"] += 1
+            out = model(x)
+            assert isinstance(out, torch.Tensor) and out.is_floating_point(), path
+        assert not marker.exists(), f"changing {path} ran code from the file"
+    assert counts["refused"] > 100 and counts["loaded"] > 20, counts
+
+
+def test_every_field_changed_without_its_digest_is_a_damaged_file(saved, tmp_path):
+    marker = tmp_path / "ran"
+    changed = 0
+    for path, new in list(_cases(saved, marker))[::4]:  # the digest sees every byte: a sample will do
+        payload = copy.deepcopy(saved)
+        if not _set(payload, path, new):
+            continue
+        if serialize.digest(payload) == saved["sha256"]:
+            continue  # the change did not change anything (e.g. a value set to itself)
+        torch.save(payload, tmp_path / "damaged.fxq")
+        with pytest.raises(fxq.InvalidModelFile):
+            fxq.load(tmp_path / "damaged.fxq")
+        changed += 1
+        assert not marker.exists()
+    assert changed > 100
