@@ -22,6 +22,15 @@ def add_module_near(gm: fx.GraphModule, node: fx.Node, suffix: str, module: nn.M
     return f"{scope}.{name}" if scope else name
 
 
+ORIGIN = "fxq.origin"  # on a call site's node: the path of the module the user's model called
+
+
+def module_name(node: fx.Node) -> str:
+    """The user's name for the module a call node runs (``conv`` for every call site of
+    ``self.conv``, whatever copy a site runs): what configs, overrides and reports go by."""
+    return node.meta.get(ORIGIN, node.target)
+
+
 def scope_of(node: fx.Node) -> str:
     """The path of the module ``node`` runs inside (``""`` at the top level): a module call's
     parent, or the innermost module a function call was traced in."""

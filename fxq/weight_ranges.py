@@ -15,7 +15,26 @@ from __future__ import annotations
 import torch
 
 from fxq.affine import quantize_weight, round_half_away, weight_qmax, weight_scales
+from fxq.config import QConfig
 from fxq.qmodules import QuantizedWeight
+
+def quantize_sites(sites: dict[object, tuple[torch.Tensor, QConfig]],
+                   grams: dict[object, torch.Tensor]) -> dict[object, QuantizedWeight]:
+    """Each call site's integer weights (``sites``: name → (float weight, config)), quantized once
+    per weight tensor and config: the sites of a module called at several places share one set of
+    integers, chosen for all their inputs (``output_aware`` sums their Gram matrices)."""
+    groups: dict[tuple[int, object], list[str]] = {}
+    for name, (weight, config) in sites.items():
+        groups.setdefault((id(weight), config), []).append(name)
+    result = {}
+    for (_, config), names in groups.items():
+        site_grams = [grams[n] for n in names if grams.get(n) is not None]
+        gram = sum(site_grams[1:], site_grams[0]) if site_grams else None
+        weights = quantize_weights(sites[names[0]][0], config.weight_bits, config.per_channel,
+                                   config.weight_range, gram)
+        result.update(dict.fromkeys(names, weights))
+    return result
+
 
 MSE_FRACTIONS = torch.arange(1, 101, dtype=torch.float64) / 100  # clip at 1 % … 100 % of max |w|
 OUTPUT_FRACTIONS = torch.arange(5, 101, 5, dtype=torch.float64) / 100

@@ -9,11 +9,11 @@ from torch import fx, nn
 
 from fxq.affine import ActQParams
 from fxq.context import PassContext
-from fxq.graph import add_module_near, finish, label, replace_module
+from fxq.graph import add_module_near, finish, label, module_name, replace_module
 from fxq.observers import InputGram, Observer
 from fxq.ops import Kind, kind_of
 from fxq.qmodules import Dequantize, QAvgPool2d, QConv2d, QLinear, QMaxPool2d, QReLU, QRequantize, Quantize
-from fxq.weight_ranges import quantize_weights
+from fxq.weight_ranges import quantize_sites
 from passes import calibrate as calibrate_pass
 from passes.correct_bias import WEIGHTS
 from passes.fuse import META as FUSE
@@ -55,6 +55,7 @@ def convert(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """
     state = _State(gm, ctx, dict(gm.named_modules()))
     _take_calibration_statistics(state)
+    _choose_weights(state)
     for node in list(gm.graph.nodes):
         if node.op == "placeholder" and META in node.meta:
             _quantize_input(gm, node)
@@ -80,6 +81,19 @@ def _take_calibration_statistics(state: _State) -> None:
             continue
         node.replace_all_uses_with(node.args[0])
         state.gm.graph.erase_node(node)
+
+
+def _choose_weights(state: _State) -> None:
+    """Integer weights for every quantized layer not given them by `passes.correct_bias`."""
+    sites = {}
+    for node in state.gm.graph.nodes:
+        if node.op == "call_module" and kind_of(node, state.modules) is Kind.WEIGHTED and WEIGHTS not in node.meta:
+            config = state.ctx.config_for(module_name(node))
+            if config is not None:
+                sites[node] = (state.modules[node.target].weight, config)
+    grams = {node: state.grams.get(node.target) for node in sites}
+    for node, weights in quantize_sites(sites, grams).items():
+        node.meta[WEIGHTS] = weights
 
 
 def qparams_of(node: fx.Node, user: fx.Node) -> ActQParams:
@@ -112,14 +126,12 @@ def _dequantize_outputs(gm: fx.GraphModule, output: fx.Node) -> None:
 
 
 def _weighted(state: _State, node: fx.Node) -> None:
-    config = state.ctx.config_for(node.target)
+    config = state.ctx.config_for(module_name(node))
     if config is None:  # kept in float by an override
         _float_island(state, node)
         return
     layer = state.modules[node.target]
-    weights = node.meta.get(WEIGHTS) or quantize_weights(
-        layer.weight, config.weight_bits, config.per_channel, config.weight_range,
-        state.grams.get(node.target))
+    weights = node.meta[WEIGHTS]
     make = QConv2d if isinstance(layer, nn.Conv2d) else QLinear
     replace_module(state.gm, node.target, make(layer, weights, qparams_of(node.args[0], node),
                                                _output_qparams(node), node.target))

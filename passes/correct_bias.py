@@ -7,9 +7,9 @@ import torch
 from torch import fx, nn
 
 from fxq.context import PassContext
-from fxq.graph import finish
+from fxq.graph import finish, module_name
 from fxq.observers import InputGram
-from fxq.weight_ranges import quantize_weights
+from fxq.weight_ranges import quantize_sites
 
 WEIGHTS = "fxq.weights"  # the QuantizedWeight chosen for a layer, for convert to reuse
 
@@ -26,18 +26,20 @@ def correct_bias(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     the ``input_grams`` statistics of calibration (run after `passes.calibrate`).
     """
     modules = dict(gm.named_modules())
+    sites, means, grams = {}, {}, {}
     for node in gm.graph.nodes:
         stats = modules.get(node.target) if node.op == "call_module" else None
         if not isinstance(stats, InputGram):
             continue
         for user in node.users:
-            config = ctx.config_for(user.target)
+            config = ctx.config_for(module_name(user))
             if config is not None and config.bias_correction:
-                layer = modules[user.target]
-                weights = quantize_weights(layer.weight, config.weight_bits, config.per_channel,
-                                           config.weight_range, stats.gram)
-                _shift_bias(layer, weights, stats.mean)
-                user.meta[WEIGHTS] = weights
+                sites[user] = (modules[user.target].weight, config)
+                means[user], grams[user] = stats.mean, stats.gram
+    chosen = quantize_sites(sites, grams)
+    for user, weights in chosen.items():
+        _shift_bias(modules[user.target], weights, means[user])
+        user.meta[WEIGHTS] = weights
     return finish(gm)
 
 

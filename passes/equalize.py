@@ -6,7 +6,7 @@ import torch
 from torch import fx, nn
 
 from fxq.context import PassContext
-from fxq.graph import finish
+from fxq.graph import finish, module_name
 from fxq.ops import Kind, kind_of
 
 SWEEPS = 20  # a chain of n layers converges in a few sweeps; pairs in ResNets need one
@@ -63,7 +63,7 @@ def _equalizable(node: fx.Node, modules: dict[str, nn.Module], ctx: PassContext)
     if node.op != "call_module" or kind_of(node, modules) is not Kind.WEIGHTED:
         return None
     layer = modules[node.target]
-    if getattr(layer, "groups", 1) != 1 or ctx.config_for(node.target) is None:
+    if getattr(layer, "groups", 1) != 1 or ctx.config_for(module_name(node)) is None:
         return None
     return layer
 
@@ -76,14 +76,20 @@ def _merges_channels(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 
 def _equalize_pair(first: nn.Module, second: nn.Module) -> None:
+    """Out of place: a weight tensor may be shared (a module called at several places, tied
+    weights), and only this pair is rescaled."""
     w_a = first.weight.reshape(first.weight.shape[0], -1)
     r_a = w_a.abs().amax(dim=1)
     r_b = second.weight.transpose(0, 1).reshape(second.weight.shape[1], -1).abs().amax(dim=1)
     usable = (r_a > 0) & (r_b > 0)
     scale = torch.where(usable, torch.sqrt(r_a / torch.where(usable, r_b, 1.0)), 1.0)
     shape_a = (-1,) + (1,) * (first.weight.dim() - 1)
-    first.weight.div_(scale.reshape(shape_a))
+    first.weight = _parameter(first.weight / scale.reshape(shape_a))
     if first.bias is not None:
-        first.bias.div_(scale)
+        first.bias = _parameter(first.bias / scale)
     shape_b = (1, -1) + (1,) * (second.weight.dim() - 2)
-    second.weight.mul_(scale.reshape(shape_b))
+    second.weight = _parameter(second.weight * scale.reshape(shape_b))
+
+
+def _parameter(value: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(value, requires_grad=False)

@@ -5,7 +5,7 @@ from torch import fx, nn
 
 from fxq.config import QConfig
 from fxq.context import PassContext
-from fxq.graph import finish, label, scope_of
+from fxq.graph import finish, label, module_name, scope_of
 from fxq.observers import InputGram, make_observer
 from fxq.ops import Kind, kind_of, supported
 from passes.fuse import META as FUSE
@@ -30,7 +30,7 @@ def insert_observers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     an ``overrides`` pattern that matches no layer raises one listing close matches.
     """
     modules = dict(gm.named_modules())
-    ctx.register_layers([n.target for n in gm.graph.nodes if _is_weighted(n, modules)])
+    ctx.register_layers(list(dict.fromkeys(module_name(n) for n in gm.graph.nodes if _is_weighted(n, modules))))
     containers = {OBSERVERS: nn.Module(), INPUT_GRAMS: nn.Module()}
     for name, container in containers.items():
         gm.add_module(name, container)
@@ -40,7 +40,7 @@ def insert_observers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             observer = make_observer(config, f"the value of {label(node)}")
             _insert_after(gm, node, containers[OBSERVERS], observer)
         if _is_weighted(node, modules):
-            config = ctx.config_for(node.target)
+            config = ctx.config_for(module_name(node))
             if config is not None and (config.weight_range == "output_aware" or config.bias_correction):
                 _insert_on_input(gm, node, containers[INPUT_GRAMS], modules[node.target],
                                  gram=config.weight_range == "output_aware")
@@ -52,7 +52,7 @@ def _producer_config(node: fx.Node, ctx: PassContext) -> QConfig:
     adds (by their enclosing block) and float layers."""
     if node.op == "placeholder":
         return ctx.input_config()
-    name = node.target if node.op == "call_module" else scope_of(node)
+    name = module_name(node) if node.op == "call_module" else scope_of(node)
     config = ctx.config_for(name) if name else ctx.config
     return config or ctx.config
 

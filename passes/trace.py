@@ -7,6 +7,7 @@ import traceback
 from torch import fx, nn
 
 from fxq.context import PassContext
+from fxq.graph import ORIGIN, add_module_near
 
 
 class _PathTracer(fx.Tracer):
@@ -50,8 +51,42 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
             "decorated with torch.fx.wrap so it is kept as one call"
         ) from error
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    _one_module_per_call_site(gm)
+    _check_one_input(gm, model)
     gm.graph.lint()
+    gm.recompile()
     return gm
+
+
+def _one_module_per_call_site(gm: fx.GraphModule) -> None:
+    """A module called at several places (``self.relu`` twice in a ResNet block, a conv applied to
+    two inputs) gets a copy per extra site, registered beside it (``relu`` → ``relu_1``), so every
+    site is quantized with its own parameters. The copies share the parameter tensors until a
+    pass replaces them, so equal weights stay one set of integers (`fxq.weight_ranges`); each
+    site's node records the module's original path (`fxq.graph.module_name`)."""
+    sites: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            sites.setdefault(node.target, []).append(node)
+    for target, nodes in sites.items():
+        if len(nodes) < 2:
+            continue
+        module = gm.get_submodule(target)
+        for node in nodes[1:]:
+            shared = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+            leaf = target.rpartition(".")[2]
+            node.target = add_module_near(gm, node, leaf, copy.deepcopy(module, memo=shared))
+        for node in nodes:
+            node.meta[ORIGIN] = target
+
+
+def _check_one_input(gm: fx.GraphModule, model: nn.Module) -> None:
+    inputs = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        raise TypeError(
+            f"{type(model).__name__}.forward takes {len(inputs)} inputs ({', '.join(inputs) or 'none'}); "
+            "fxq quantizes models with one tensor input. Fix: wrap the model in a module whose "
+            "forward takes one tensor (e.g. fixed extra arguments as attributes)")
 
 
 def _user_line(error: BaseException) -> str:
