@@ -36,12 +36,16 @@ def quantize(model: nn.Module, calib_loader: Iterable, config: QConfig | None = 
     not modified. ``passes`` replaces :data:`PASSES` (the first pass receives ``model``).
     ``overrides`` maps module-name globs to a layer's own ``QConfig``, or to ``None`` to keep it
     in float (``{"layer4.*": QConfig(weight_bits=4), "fc": None}``); first match wins.
+    A one-shot iterator (a generator) is read once into a list, since calibration, histogram
+    ranges and ``record_stats`` read the data more than once; pass a ``DataLoader`` for large sets.
     """
     config = QConfig() if config is None else config
     if not isinstance(config, QConfig):
         raise TypeError(f"config must be an fxq.QConfig, got {type(config).__name__}")
     if calib_loader is None:
         raise ValueError("calib_loader is None: pass a DataLoader or list of calibration batches")
+    if iter(calib_loader) is calib_loader:  # a one-shot iterator; several passes read the data
+        calib_loader = list(calib_loader)
     ctx = PassContext(config, calib_loader, dict(overrides or {}))
     gm = model
     for step in PASSES if passes is None else passes:

@@ -8,7 +8,7 @@ from torch import fx
 
 from fxq.context import PassContext
 from fxq.graph import finish
-from fxq.observers import CALIBRATED
+from fxq.observers import CALIBRATED, Observer
 
 META = "fxq.calibrate"
 
@@ -44,8 +44,20 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             observer.begin_pass(index)
         batches, samples, sample_shape = _one_pass(gm, ctx.calib_loader)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    _check_not_constant(gm, placeholders[0])
     placeholders[0].meta[META] = Calibration(batches, samples, sample_shape)
     return finish(gm)
+
+
+def _check_not_constant(gm: fx.GraphModule, placeholder: fx.Node) -> None:
+    """Ranges measured on one repeated value (all-zero batches, a blank image) fit nothing real."""
+    for user in placeholder.users:
+        observer = gm.get_submodule(user.target) if user.op == "call_module" else None
+        if isinstance(observer, Observer) and observer.observed and observer.min_val == observer.max_val:
+            raise ValueError(
+                f"every calibration input value is {observer.min_val.item():g}: ranges measured on "
+                "constant data fit no real input. Calibrate on real samples (a few hundred "
+                "training images)")
 
 
 def _one_pass(gm: fx.GraphModule, loader) -> tuple[int, int, tuple[int, ...] | None]:

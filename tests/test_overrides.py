@@ -47,10 +47,24 @@ def test_override_values_must_be_configs_or_none(ctx):
         fxq.quantize(randomize_bn(Residual()), ctx.calib_loader, overrides={"fc": 4})
 
 
-def test_histogram_ranges_need_a_reiterable_loader(ctx):
-    one_shot = iter(ctx.calib_loader)
+def test_a_one_shot_iterator_calibrates_like_the_list_it_yields(ctx):
+    model, config = randomize_bn(Residual()), fxq.QConfig(act_range="mse")
+    from_list = fxq.quantize(model, ctx.calib_loader, config)
+    from_generator = fxq.quantize(model, (batch for batch in ctx.calib_loader), config)
+    x = ctx.calib_loader[0]
+    assert torch.equal(from_list(x), from_generator(x))
+    assert fxq.explain(from_generator, "unit.conv").steps[0].observed is not None
+
+
+def test_the_calibrate_pass_alone_refuses_a_one_shot_iterator_for_histograms(ctx):
+    from passes.calibrate import calibrate
+    from passes.fold_bn import fold_bn
+    from passes.insert_observers import insert_observers
+    from passes.trace import trace
+    context = fxq.PassContext(fxq.QConfig(act_range="mse"), iter(ctx.calib_loader))
+    gm = insert_observers(fold_bn(trace(randomize_bn(Residual()), context), context), context)
     with pytest.raises(ValueError, match="act_range='mse' reads the calibration data 2 times"):
-        fxq.quantize(randomize_bn(Residual()), one_shot, fxq.QConfig(act_range="mse"))
+        calibrate(gm, context)
 
 
 @pytest.mark.parametrize("config", [
