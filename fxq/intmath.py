@@ -96,7 +96,8 @@ def requantize(acc: torch.Tensor, m: torch.Tensor, shift: torch.Tensor, zero_poi
     offset = torch.ones_like(r) << (r - 1)
     if fold:
         offset = offset + (zero_point << r)
-    q = acc.to(torch.int64).mul_(m).add_(offset).sub_((acc < 0).to(torch.int64)).bitwise_right_shift_(r)
+    # acc·m out of place: an int64 accumulator would otherwise be overwritten before its sign is read
+    q = (acc.to(torch.int64) * m).add_(offset).sub_((acc < 0).to(torch.int64)).bitwise_right_shift_(r)
     if not fold:
         q.add_(zero_point)
     return q.clamp_(0, qmax).to(storage_dtype(qmax.bit_length()))
@@ -192,8 +193,8 @@ def add(a_q: torch.Tensor, b_q: torch.Tensor, a: "AddOperand", b: "AddOperand", 
     (|A_q − z_A| < 2^b, m < 2^31, exponent gap ≤ 31 − b bits: below 2^62), then rounded once.
     """
     common = min((x.shift for x in (a, b) if x.multiplier), default=0)  # m = 0 adds nothing
-    total = ((a_q.to(torch.int64) - a.zero_point) * (a.multiplier << (a.shift - common))
-             + (b_q.to(torch.int64) - b.zero_point) * (b.multiplier << (b.shift - common)))
+    total = ((a_q.to(torch.int64) - a.zero_point) * (a.multiplier << max(a.shift - common, 0))
+             + (b_q.to(torch.int64) - b.zero_point) * (b.multiplier << max(b.shift - common, 0)))
     r = torch.tensor(MULTIPLIER_BITS - common)
     q = rounding_right_shift(total, r) + zero_point
     return q.clamp_(0, qmax).to(storage_dtype(qmax.bit_length()))
