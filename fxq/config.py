@@ -10,7 +10,8 @@ PLACEMENTS = ("pre", "post", "both")
 MIN_BITS, MAX_BITS = 2, 8
 WIDE_ACT_BITS = 16  # activations may also be 16-bit (int32 storage, float64-exact GEMM)
 # Fields that None leaves to `defaults_for` the bit widths.
-AUTO_FIELDS = ("weight_range", "act_range", "cross_layer_equalization", "bias_correction")
+AUTO_FIELDS = ("weight_range", "act_range", "cross_layer_equalization", "bias_correction",
+               "keep_first_last_8bit")
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,9 @@ class QConfig:
     histogram_bins: bins of the histogram the percentile, mse and entropy observers keep.
     averaging_constant: for act_range="moving_average": c in v ← v + c·(batch − v).
 
-    weight_range, act_range, cross_layer_equalization and bias_correction left at None take the
-    defaults for the bit widths (`defaults_for`): what measured best at those widths.
+    weight_range, act_range, cross_layer_equalization, bias_correction and keep_first_last_8bit
+    left at None take the defaults for the bit widths (`defaults_for`): what measured best at
+    those widths over a suite of differently trained models (docs/low_bits.md).
     """
 
     weight_bits: int = 8
@@ -52,7 +54,7 @@ class QConfig:
     act_range: str | None = None
     cross_layer_equalization: bool | None = None
     bias_correction: bool | None = None
-    keep_first_last_8bit: bool = False
+    keep_first_last_8bit: bool | None = None
     placement: str = "pre"
     percentile: float = 99.99
     histogram_bins: int = 2048
@@ -66,7 +68,7 @@ class QConfig:
                     or not (MIN_BITS <= bits <= MAX_BITS or bits in extra)):
                 also = f" (or {WIDE_ACT_BITS})" if extra else ""
                 raise ValueError(f"QConfig.{field}={bits!r}: use an int from {MIN_BITS} to {MAX_BITS}{also}")
-        for name in ("per_channel", "cross_layer_equalization", "bias_correction", "keep_first_last_8bit"):
+        for name in ("per_channel",) + AUTO_FIELDS[2:]:
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name in AUTO_FIELDS):
                 raise TypeError(f"QConfig.{name}={value!r}: use True or False")
@@ -92,11 +94,14 @@ class QConfig:
     def with_bits(self, weight_bits: int | None = None, act_bits: int | None = None) -> "QConfig":
         """This config at other widths; the methods it left to the defaults follow the new widths
         (``dataclasses.replace`` would keep the old widths' choices)."""
+        return self.replace(weight_bits=self.weight_bits if weight_bits is None else weight_bits,
+                            act_bits=self.act_bits if act_bits is None else act_bits)
+
+    def replace(self, **changes) -> "QConfig":
+        """This config with ``changes``; fields it left to the defaults stay defaulted."""
         values = {f.name: None if f.name in self._auto else getattr(self, f.name)
                   for f in fields(self) if f.init}
-        values["weight_bits"] = self.weight_bits if weight_bits is None else weight_bits
-        values["act_bits"] = self.act_bits if act_bits is None else act_bits
-        return QConfig(**values)
+        return QConfig(**{**values, **changes})
 
 
 def defaults_for(weight_bits: int, act_bits: int, per_channel: bool = True) -> dict:
@@ -106,14 +111,17 @@ def defaults_for(weight_bits: int, act_bits: int, per_channel: bool = True) -> d
     rounding error dominates: weights take the output-aware rule and bias correction, and CLE
     when one scale serves the whole tensor (with a scale per channel, equalizing channels no
     longer helps the weights and only reshapes the activations: it measured slightly worse);
-    activations take the MSE-optimal clipping.
+    activations take the MSE-optimal clipping. Below 8 bits, too, the network input and the first
+    and last layers stay at 8 bits: on models fxq was not tuned on they carried most of the loss
+    (a 4-bit input alone cost 9 points on one), for under 1 % of the weights.
     """
-    low_weights = weight_bits < 8
+    low_weights, low_acts = weight_bits < 8, act_bits < 8
     return {
         "weight_range": "output_aware" if low_weights else "minmax",
-        "act_range": "mse" if act_bits < 8 else "minmax",
+        "act_range": "mse" if low_acts else "minmax",
         "cross_layer_equalization": low_weights and not per_channel,
         "bias_correction": low_weights,
+        "keep_first_last_8bit": low_weights or low_acts,
     }
 
 

@@ -15,9 +15,9 @@ class PassContext:
 
     ``overrides`` maps module-name glob patterns (``"layer4.*"``, ``"fc"``) to the ``QConfig`` of
     the layers they match, or to ``None`` to keep those layers in float. The first matching
-    pattern wins; layers no pattern matches use ``config``. With ``keep_first_last_8bit``, the
-    first and last layer (in graph order, set by :meth:`register_layers`) and the network input
-    are at 8 bits.
+    pattern wins; layers no pattern matches use ``config``, and with its ``keep_first_last_8bit``
+    the first and last of them (in graph order, set by :meth:`register_layers`) and the network
+    input are at 8 bits.
     """
 
     config: QConfig
@@ -32,12 +32,14 @@ class PassContext:
                                 "(str) to an fxq.QConfig, or to None to keep the layer in float")
 
     def config_for(self, name: str) -> QConfig | None:
-        """The config of the module at ``name`` (None: the layer stays float)."""
-        config = next((override for pattern, override in self.overrides.items()
-                       if fnmatch.fnmatchcase(name, pattern)), self.config)
-        if config is not None and config.keep_first_last_8bit and name in self.layers[:1] + self.layers[-1:]:
-            return _at_8_bits(config)
-        return config
+        """The config of the module at ``name`` (None: the layer stays float). An override wins;
+        otherwise ``keep_first_last_8bit`` of the network's config may hold the layer at 8 bits."""
+        for pattern, override in self.overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return override
+        if self.config.keep_first_last_8bit and name in self.layers[:1] + self.layers[-1:]:
+            return _at_8_bits(self.config)
+        return self.config
 
     def input_config(self) -> QConfig:
         """The config of the network input's quantization."""

@@ -101,6 +101,8 @@ def search_bits(model: nn.Module, loader: Iterable, avg_weight_bits: float = 5.0
     Use the result as ``fxq.quantize(model, loader, result.config, overrides=result.overrides)``.
     """
     config = QConfig() if config is None else config
+    if "keep_first_last_8bit" in config._auto:  # the search itself decides every layer's width
+        config = config.replace(keep_first_last_8bit=False)
     candidates = _check(avg_weight_bits, candidates)
     batches = list(loader)
     if not batches:

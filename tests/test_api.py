@@ -94,7 +94,7 @@ def test_quantized_model_names_a_wrong_input_shape(ctx):
 
 def test_lower_bit_widths_and_per_tensor_weights_run(ctx):
     model = randomize_bn(Residual())
-    config = fxq.QConfig(weight_bits=4, act_bits=6, per_channel=False)
+    config = fxq.QConfig(weight_bits=4, act_bits=6, per_channel=False, keep_first_last_8bit=False)
     qmodel = fxq.quantize(model, ctx.calib_loader, config)
     conv = qmodel.get_submodule("unit.conv")
     assert conv.weight.abs().max() <= 7 and len(set(conv.weight_scale.tolist())) == 1
@@ -122,6 +122,16 @@ def test_defaults_follow_the_bit_widths_and_explicit_fields_win():
         "output_aware", "mse", False, True)
     assert fxq.QConfig(weight_bits=4, weight_range="mse").weight_range == "mse"
     assert fxq.QConfig(weight_bits=4, act_bits=8).act_range == "minmax"
+    assert not fxq.QConfig().keep_first_last_8bit
+    assert all(fxq.QConfig(weight_bits=w, act_bits=a).keep_first_last_8bit for w, a in ((6, 6), (4, 8), (8, 4)))
+
+
+def test_an_override_wins_over_keeping_the_first_and_last_layer_at_8_bits(ctx):
+    qmodel = fxq.quantize(randomize_bn(Residual()), ctx.calib_loader, fxq.QConfig(weight_bits=4),
+                          overrides={"fc": fxq.QConfig(weight_bits=3)})
+    assert qmodel.get_submodule("unit.conv").weight.abs().max() > 7  # first: held at 8 bits
+    assert qmodel.get_submodule("conv2").weight.abs().max() <= 7
+    assert qmodel.get_submodule("fc").weight.abs().max() <= 3  # last, but overridden
 
 
 def test_with_bits_re_derives_the_defaulted_fields_only():

@@ -80,7 +80,8 @@ def _cle_error_ratio(seed: int) -> float:
     errors = {}
     for cle in (False, True):
         config = fxq.QConfig(weight_bits=4, per_channel=False, weight_range="minmax",
-                             cross_layer_equalization=cle, bias_correction=False)
+                             cross_layer_equalization=cle, bias_correction=False,
+                             keep_first_last_8bit=False)
         with torch.no_grad():
             errors[cle] = float((fxq.quantize(model, calib, config)(x) - reference).pow(2).mean())
     return errors[True] / errors[False]

@@ -41,7 +41,7 @@ def test_narrow_weights_are_packed_and_the_file_shrinks_with_the_width(tmp_path)
     calib = [torch.randn(4, 3, 16, 16)]
     sizes = {}
     for bits in (8, 4, 2):
-        config = fxq.QConfig(weight_bits=bits, weight_range="minmax")
+        config = fxq.QConfig(weight_bits=bits, weight_range="minmax", keep_first_last_8bit=False)
         qmodel = fxq.quantize(model, calib, config)
         fxq.save(qmodel, tmp_path / f"w{bits}.fxq")
         payload = torch.load(tmp_path / f"w{bits}.fxq", weights_only=True)
