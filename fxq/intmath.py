@@ -161,7 +161,7 @@ def gemm_operands(weight_q: torch.Tensor, zero_point: int, bias_q: torch.Tensor)
 
     so the zero point and the bias become one int32 constant per output channel.
     """
-    weight = gemm_weight(weight_q).contiguous()
+    weight = _dense(gemm_weight(weight_q))
     constant = (128 - zero_point) * weight.to(torch.int32).sum(0, dtype=torch.int32) + bias_q
     return weight, constant
 
@@ -173,7 +173,16 @@ def accumulate(columns: torch.Tensor, weight: torch.Tensor, constant: torch.Tens
     The GEMM is integer arithmetic (``torch._int_mm``, int32 accumulation): exact whenever the
     worst case ``128·127·K`` fits int32 (K < 132,000; ResNet-18's widest layer has K = 4608).
     """
-    return torch._int_mm(columns, weight).add_(constant)
+    return torch._int_mm(_dense(columns), weight).add_(constant)
+
+
+def _dense(matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix`` with row-major strides. A dimension of size 1 may carry any stride and still
+    count as contiguous (im2col of a 1×1 kernel on one channel gives ``[M, 1]`` with stride
+    ``(1, 25)``); ``torch._int_mm`` reads such a stride as the row pitch and returns garbage."""
+    if matrix.stride() == (matrix.shape[1], 1):
+        return matrix
+    return matrix.clone(memory_format=torch.contiguous_format)
 
 
 def accumulate_wide(columns: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

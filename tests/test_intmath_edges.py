@@ -110,3 +110,15 @@ def test_rounding_right_shift_at_the_edges_of_int64():
     for r in (1, 31, 62):
         out = intmath.rounding_right_shift(p, torch.tensor(r))
         assert out.tolist() == [exact_round(Fraction(int(v), 2**r)) for v in p.tolist()]
+
+
+@pytest.mark.parametrize("k, channels", [(1, 1), (9, 1), (1, 6), (27, 4)])
+def test_the_int8_gemm_is_exact_for_single_channel_and_single_column_operands(k, channels):
+    """A [M, 1] or [K, 1] operand may carry any stride for its size-1 dimension; the GEMM must
+    not read it as the row pitch (a 1×1 conv on one channel, a linear layer with one output)."""
+    weight = torch.randint(-127, 128, (channels, k), dtype=torch.int8)
+    nhwc = torch.randint(-128, 128, (3, 5, 5, k), dtype=torch.int8)
+    columns = nhwc.as_strided((75, k), (k, 1)) if k > 1 else nhwc.as_strided((75, 1), (1, 25))
+    gemm_weight, constant = intmath.gemm_operands(weight, 128, torch.zeros(channels, dtype=torch.int32))
+    acc = intmath.accumulate(columns, gemm_weight, constant)
+    assert torch.equal(acc.long(), columns.long() @ weight.long().t())

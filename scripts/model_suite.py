@@ -1,0 +1,119 @@
+"""fxq's defaults for each bit width, measured on every model of the suite (scripts.models.SUITE).
+
+    python -m scripts.model_suite          # run what is not cached, write the tables into
+                                           # docs/low_bits.md and README.md, print them
+    python -m scripts.model_suite table    # print the tables from the cache only
+
+Each model is quantized with ``fxq.QConfig(weight_bits=w, act_bits=a)`` — the defaults for the
+width, nothing else set — calibrated on 512 training images, and scored on its full test set.
+The comparison column keeps the first/last layers and the input at the narrow width
+(``keep_first_last_8bit=False``, the defaults before they were chosen on this suite).
+Results are cached in results/model_suite.json.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+import fxq
+from scripts import data, models
+from scripts.sweeps import RESULTS, Cache
+from scripts.train import accuracy
+
+WIDTHS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
+COMPARED = ("W6A6", "W4A4")  # widths where the first/last choice is also measured narrow
+CACHE = RESULTS / "model_suite.json"
+ROOT = Path(__file__).resolve().parent.parent
+MARKERS = ("<!-- model-suite:start -->", "<!-- model-suite:end -->")
+
+
+def measure(cache: Cache, name: str, setting: str, narrow_edges: bool) -> dict:
+    key = {"model": name, "setting": setting, "narrow_edges": narrow_edges}
+    found = cache.get(key)
+    if found is not None:
+        return found
+    recipe = models.SUITE[name]
+    model = models.load_trained(name)
+    test = data.load(recipe.dataset, "test")
+    weight_bits, act_bits = WIDTHS[setting]
+    config = fxq.QConfig(weight_bits=weight_bits, act_bits=act_bits)
+    if narrow_edges:
+        config = config.replace(keep_first_last_8bit=False)
+    start = time.perf_counter()
+    qmodel = fxq.quantize(model, data.calibration_batches(recipe.dataset, 512), config)
+    seconds = time.perf_counter() - start
+    result = {"float": accuracy(model, test), "quantized": accuracy(qmodel, test),
+              "quantize_s": round(seconds, 1)}
+    print(name, setting, "narrow edges" if narrow_edges else "defaults", result, flush=True)
+    return cache.add(key, result)
+
+
+def run() -> None:
+    torch.set_num_threads(2)
+    cache = Cache(CACHE)
+    for setting in WIDTHS:
+        for name in models.SUITE:
+            measure(cache, name, setting, narrow_edges=False)
+    for setting in COMPARED:
+        for name in models.SUITE:
+            measure(cache, name, setting, narrow_edges=True)
+
+
+def _drop(record: dict) -> float:
+    return record["float"] - record["quantized"]
+
+
+def tables() -> str:
+    """The per-model drops and their mean and worst per width, from the cache."""
+    cache = Cache(CACHE)
+    names = list(models.SUITE)
+    rows, summary = [], []
+    for setting in WIDTHS:
+        for narrow in (False, True):
+            records = [cache.get({"model": n, "setting": setting, "narrow_edges": narrow}) for n in names]
+            if narrow and setting not in COMPARED or not all(records):
+                continue
+            drops = [_drop(r) for r in records]
+            label = setting + ("" if not narrow else ", first/last/input at the width too")
+            rows.append([label] + [f"{d:+.2f}" for d in drops])
+            summary.append([label, f"{statistics.mean(drops):.2f}", f"{max(drops):.2f}"])
+    floats = [cache.get({"model": n, "setting": "W8A8", "narrow_edges": False}) for n in names]
+    header = ["drop (points), full test set"] + [
+        f"{n} ({r['float']:.2f})" if r else n for n, r in zip(names, floats)]
+    return ("Per model (float accuracy in brackets; positive = accuracy lost):\n\n"
+            + tabulate(rows, headers=header, tablefmt="github") + "\n\nOver the suite:\n\n"
+            + tabulate(summary, headers=["fxq.QConfig(weight_bits=w, act_bits=a)", "mean drop", "worst drop"],
+                       tablefmt="github"))
+
+
+def write(path: Path, text: str) -> None:
+    """Put ``text`` between the model-suite markers of ``path``."""
+    content = path.read_text()
+    block = f"{MARKERS[0]}\n{text}\n{MARKERS[1]}"
+    pattern = re.compile(re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), re.S)
+    if not pattern.search(content):
+        raise ValueError(f"{path} has no {MARKERS[0]} … {MARKERS[1]} section to fill")
+    path.write_text(pattern.sub(lambda _: block, content))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", nargs="?", choices=("all", "table"), default="all")
+    args = parser.parse_args()
+    if args.what == "all":
+        run()
+    text = tables()
+    if args.what == "all":
+        for path in (ROOT / "docs" / "low_bits.md", ROOT / "README.md"):
+            write(path, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
