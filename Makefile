@@ -30,3 +30,4 @@ docs: setup
 	$(PY) -m scripts.ranges_report
 	$(PY) -m scripts.explain_report
 	$(PY) -m scripts.low_bits
+	$(PY) -m scripts.model_suite
