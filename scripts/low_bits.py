@@ -30,13 +30,13 @@ SETTINGS = {  # name → (weight bits, act bits, per-channel weights)
 }
 METHODS = {  # cumulative, as the table reads left to right
     "min-max": dict(weight_range="minmax", act_range="minmax", cross_layer_equalization=False,
-                    bias_correction=False),
+                    bias_correction=False, keep_first_last_8bit=False),
     "best ranges": dict(weight_range="output_aware", act_range="mse", cross_layer_equalization=False,
-                        bias_correction=False),
+                        bias_correction=False, keep_first_last_8bit=False),
     "+ CLE": dict(weight_range="output_aware", act_range="mse", cross_layer_equalization=True,
-                  bias_correction=False),
+                  bias_correction=False, keep_first_last_8bit=False),
     "+ bias correction": dict(weight_range="output_aware", act_range="mse", cross_layer_equalization=True,
-                              bias_correction=True),
+                              bias_correction=True, keep_first_last_8bit=False),
     "first/last 8-bit": dict(weight_range="output_aware", act_range="mse", cross_layer_equalization=True,
                              bias_correction=True, keep_first_last_8bit=True),
     "fxq defaults": {},

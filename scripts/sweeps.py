@@ -25,7 +25,7 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 SUBSET, SUBSET_SEED = 2000, 1234
 SETTINGS = {  # the two widths of the grid: 8-bit everything, and the discriminating one
     "W8A8": dict(weight_bits=8, act_bits=8, per_channel=True),
-    "W4A8 per-tensor": dict(weight_bits=4, act_bits=8, per_channel=False),
+    "W4A8 per-tensor": dict(weight_bits=4, act_bits=8, per_channel=False, keep_first_last_8bit=False),
 }
 CALIB_SIZES = (1, 8, 32, 128, 512, 2048)
 CALIB_SEEDS = (0, 1, 2)
