@@ -6,8 +6,6 @@
 
 Each model is quantized with ``fxq.QConfig(weight_bits=w, act_bits=a)`` — the defaults for the
 width, nothing else set — calibrated on 512 training images, and scored on its full test set.
-The comparison column keeps the first/last layers and the input at the narrow width
-(``keep_first_last_8bit=False``, the defaults before they were chosen on this suite).
 Results are cached in results/model_suite.json.
 """
 from __future__ import annotations
@@ -27,14 +25,13 @@ from scripts.sweeps import RESULTS, Cache
 from scripts.train import accuracy
 
 WIDTHS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
-COMPARED = ("W4A4",)  # where the first/last choice is also measured at the narrow width
 CACHE = RESULTS / "model_suite.json"
 ROOT = Path(__file__).resolve().parent.parent
 MARKERS = ("<!-- model-suite:start -->", "<!-- model-suite:end -->")
 
 
-def measure(cache: Cache, name: str, setting: str, narrow_edges: bool) -> dict:
-    key = {"model": name, "setting": setting, "narrow_edges": narrow_edges}
+def measure(cache: Cache, name: str, setting: str) -> dict:
+    key = {"model": name, "setting": setting}
     found = cache.get(key)
     if found is not None:
         return found
@@ -43,14 +40,12 @@ def measure(cache: Cache, name: str, setting: str, narrow_edges: bool) -> dict:
     test = data.load(recipe.dataset, "test")
     weight_bits, act_bits = WIDTHS[setting]
     config = fxq.QConfig(weight_bits=weight_bits, act_bits=act_bits)
-    if narrow_edges:
-        config = config.replace(keep_first_last_8bit=False)
     start = time.perf_counter()
     qmodel = fxq.quantize(model, data.calibration_batches(recipe.dataset, 512), config)
     seconds = time.perf_counter() - start
     result = {"float": accuracy(model, test), "quantized": accuracy(qmodel, test),
               "quantize_s": round(seconds, 1)}
-    print(name, setting, "narrow edges" if narrow_edges else "defaults", result, flush=True)
+    print(name, setting, result, flush=True)
     return cache.add(key, result)
 
 
@@ -59,10 +54,7 @@ def run() -> None:
     cache = Cache(CACHE)
     for setting in WIDTHS:
         for name in models.SUITE:
-            measure(cache, name, setting, narrow_edges=False)
-    for setting in COMPARED:
-        for name in models.SUITE:
-            measure(cache, name, setting, narrow_edges=True)
+            measure(cache, name, setting)
 
 
 def _drop(record: dict) -> float:
@@ -75,20 +67,19 @@ def tables() -> str:
     names = list(models.SUITE)
     rows, summary = [], []
     for setting in WIDTHS:
-        for narrow in (False, True):
-            records = [cache.get({"model": n, "setting": setting, "narrow_edges": narrow}) for n in names]
-            if narrow and setting not in COMPARED or not all(records):
-                continue
-            drops = [_drop(r) for r in records]
-            label = setting + ("" if not narrow else ", first/last/input at the width too")
-            rows.append([label] + [f"{d:+.2f}" for d in drops])
-            summary.append([label, f"{statistics.mean(drops):.2f}", f"{max(drops):.2f}"])
-    floats = [cache.get({"model": n, "setting": "W8A8", "narrow_edges": False}) for n in names]
+        records = [cache.get({"model": n, "setting": setting}) for n in names]
+        drops = [_drop(r) for r in records if r]
+        if not drops:
+            continue
+        rows.append([setting] + [f"{_drop(r):+.2f}" if r else "not run yet" for r in records])
+        summary.append([setting, f"{statistics.mean(drops):.2f}", f"{max(drops):.2f}",
+                        f"{len(drops)} of {len(names)}"])
+    floats = [cache.get({"model": n, "setting": "W8A8"}) for n in names]
     header = ["drop (points), full test set"] + [
         f"{n} ({r['float']:.2f})" if r else n for n, r in zip(names, floats)]
     return ("Per model (float accuracy in brackets; positive = accuracy lost):\n\n"
             + tabulate(rows, headers=header, tablefmt="github") + "\n\nOver the suite:\n\n"
-            + tabulate(summary, headers=["fxq.QConfig(weight_bits=w, act_bits=a)", "mean drop", "worst drop"],
+            + tabulate(summary, headers=["fxq.QConfig(weight_bits=w, act_bits=a)", "mean drop", "worst drop", "models"],
                        tablefmt="github"))
 
 

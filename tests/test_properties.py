@@ -6,24 +6,19 @@ norms with near-zero and huge γ), fxq either quantizes it or says clearly why n
 - the user's model is untouched,
 - save → load gives identical outputs.
 
-200 networks per run (the "ci" profile); ``pytest --hypothesis-profile=thorough`` draws 2,000.
+200 networks per run (the "ci" profile of tests/conftest.py, the same 200 every run);
+``pytest --hypothesis-profile=thorough`` draws 2,000 new ones.
 """
 import copy
 import io
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, strategies as st
 from torch import nn
 
 import fxq
 from tests.helpers import output_steps
-
-settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("thorough", max_examples=2000, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.load_profile("ci")
 
 GAMMAS = [1e-9, 1e-6, 1e-5, 1e-3, 0.1, 1.0, 10.0, 1e3]
 
