@@ -9,8 +9,8 @@ is read with ``torch.load(weights_only=True)`` (tensors and plain data only, no 
 objects), and since torch.fx turns node names and targets into Python source, nothing from the
 file reaches the graph unchecked:
 
-- every name (node, placeholder, module path, keyword) is a plain Python identifier that torch.fx
-  keeps as it is; a module path must name a module of the file;
+- every name (node, placeholder, keyword) is a plain Python identifier that torch.fx keeps as it
+  is; a module path is dotted identifiers or Sequential indices and must name a module of the file;
 - functions, methods and module types come from fixed tables (:data:`FUNCTIONS`,
   :data:`METHODS`, :data:`SCHEMAS`), looked up by name — a name is never imported or evaluated;
 - each module is rebuilt from exactly the attributes and tensors its schema lists, each checked
@@ -46,6 +46,7 @@ from passes.convert import META as QPARAMS
 FORMAT = "fxq/2"
 PLAIN = (int, float, str, bool, type(None))
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+INDEX = re.compile(r"(0|[1-9][0-9]{0,5})\Z")
 OPS = ("placeholder", "call_module", "call_function", "call_method", "get_attr", "output")
 FUNCTIONS = {f"{fn.__module__}.{fn.__name__}": fn for fn in (
     operator.add, operator.iadd, torch.add, torch.flatten, torch.relu, F.relu,
@@ -487,7 +488,9 @@ def _is_identifier(name) -> bool:
 
 
 def _is_path(path) -> bool:
-    return isinstance(path, str) and all(_is_identifier(part) for part in path.split("."))
+    """A dotted module path: identifiers, or the indices of a Sequential (``layer1.0.conv1``)."""
+    return isinstance(path, str) and all(_is_identifier(part) or INDEX.match(part)
+                                         for part in path.split("."))
 
 
 def _expect(condition: bool, problem: str) -> None:

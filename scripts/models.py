@@ -24,7 +24,7 @@ class Recipe:
     dataset: str
     epochs: int
     seed: int = 0
-    stem: str = "3x3s2"        # "3x3s2": 3×3 stride-2 conv; "5x5s2": 5×5 stride-2 conv
+    stem: str = "3x3s2"        # "3x3s2": 3×3 stride-2 conv; "5x5s2"; "3x3s1pool": 3×3 conv, 2×2 max-pool
     augment: bool = True       # random crops (and flips for clothes)
     label_smoothing: float = 0.1
     lr: float = 0.1
@@ -35,6 +35,7 @@ SUITE: dict[str, Recipe] = {
     "fashion": Recipe("fashion", epochs=6),
     "fashion_seed1": Recipe("fashion", epochs=2, seed=1, augment=False, label_smoothing=0.0),
     "fashion_stem5": Recipe("fashion", epochs=2, seed=2, stem="5x5s2"),
+    "fashion_pool": Recipe("fashion", epochs=2, seed=3, stem="3x3s1pool", lr=0.05),
 }
 
 
@@ -47,8 +48,11 @@ def resnet18_28x28(stem: str = "3x3s2") -> nn.Module:
         model.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=2, padding=1, bias=False)
     elif stem == "5x5s2":
         model.conv1 = nn.Conv2d(1, 64, kernel_size=5, stride=2, padding=2, bias=False)
+    elif stem == "3x3s1pool":
+        model.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.MaxPool2d(2)
     else:
-        raise ValueError(f"unknown stem {stem!r}: use 3x3s2 or 5x5s2")
+        raise ValueError(f"unknown stem {stem!r}: use 3x3s2, 5x5s2 or 3x3s1pool")
     return model
 
 

@@ -3,6 +3,7 @@ import io
 
 import pytest
 import torch
+from torch import nn
 
 import fxq
 from fxq import packing, serialize
@@ -174,3 +175,18 @@ def test_a_file_with_a_stale_digest_is_damaged(saved):
     torch.save(payload, path)
     with pytest.raises(fxq.InvalidModelFile, match="does not match its SHA-256"):
         fxq.load(path)
+
+
+def test_models_with_sequential_children_round_trip(tmp_path):
+    """Module paths like ``features.0.1`` (torchvision's Sequentials) are saved and loaded."""
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), nn.Sequential(nn.Conv2d(4, 2, 1)),
+                          nn.Flatten(), nn.Linear(2 * 6 * 6, 3)).eval()
+    qmodel = fxq.quantize(model, _calib())
+    fxq.save(qmodel, tmp_path / "m.fxq")
+    x = torch.randn(5, 3, 8, 8)
+    assert torch.equal(fxq.load(tmp_path / "m.fxq")(x), qmodel(x))
+
+
+@pytest.mark.parametrize("path", ["0x", "01", "a..b", "a.-1", "a.1e3"])
+def test_module_paths_are_identifiers_or_indices(path):
+    assert not serialize._is_path(path)
