@@ -5,7 +5,8 @@
     python -m scripts.model_suite table    # print the tables from the cache only
 
 Each model is quantized with ``fxq.QConfig(weight_bits=w, act_bits=a)`` — the defaults for the
-width, nothing else set — calibrated on 512 training images, and scored on its full test set.
+width, nothing else set — calibrated on 512 training images, and scored on its full test set;
+below 8 bits also with each of ``ALTERNATIVES`` (what the defaults were chosen against).
 Results are cached in results/model_suite.json.
 """
 from __future__ import annotations
@@ -25,13 +26,15 @@ from scripts.sweeps import RESULTS, Cache
 from scripts.train import accuracy
 
 WIDTHS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
+# The alternatives each narrow width's defaults were chosen against (name → QConfig fields).
+ALTERNATIVES = {"input, first and last layer at the width too": {"keep_first_last_8bit": False}}
 CACHE = RESULTS / "model_suite.json"
 ROOT = Path(__file__).resolve().parent.parent
 MARKERS = ("<!-- model-suite:start -->", "<!-- model-suite:end -->")
 
 
-def measure(cache: Cache, name: str, setting: str) -> dict:
-    key = {"model": name, "setting": setting}
+def measure(cache: Cache, name: str, setting: str, alternative: str | None = None) -> dict:
+    key = {"model": name, "setting": setting} | ({"alternative": alternative} if alternative else {})
     found = cache.get(key)
     if found is not None:
         return found
@@ -39,13 +42,13 @@ def measure(cache: Cache, name: str, setting: str) -> dict:
     model = models.load_trained(name)
     test = data.load(recipe.dataset, "test")
     weight_bits, act_bits = WIDTHS[setting]
-    config = fxq.QConfig(weight_bits=weight_bits, act_bits=act_bits)
+    config = fxq.QConfig(weight_bits=weight_bits, act_bits=act_bits, **ALTERNATIVES.get(alternative, {}))
     start = time.perf_counter()
     qmodel = fxq.quantize(model, data.calibration_batches(recipe.dataset, 512), config)
     seconds = time.perf_counter() - start
     result = {"float": accuracy(model, test), "quantized": accuracy(qmodel, test),
               "quantize_s": round(seconds, 1)}
-    print(name, setting, result, flush=True)
+    print(name, setting, alternative or "defaults", result, flush=True)
     return cache.add(key, result)
 
 
@@ -55,6 +58,14 @@ def run() -> None:
     for setting in WIDTHS:
         for name in models.SUITE:
             measure(cache, name, setting)
+    for alternative in ALTERNATIVES:
+        for setting in _narrow():
+            for name in models.SUITE:
+                measure(cache, name, setting, alternative)
+
+
+def _narrow() -> list[str]:
+    return [setting for setting, bits in WIDTHS.items() if min(bits) < 8]
 
 
 def _drop(record: dict) -> float:
@@ -67,13 +78,18 @@ def tables() -> str:
     names = list(models.SUITE)
     rows, summary = [], []
     for setting in WIDTHS:
-        records = [cache.get({"model": n, "setting": setting}) for n in names]
-        drops = [_drop(r) for r in records if r]
-        if not drops:
-            continue
-        rows.append([setting] + [f"{_drop(r):+.2f}" if r else "not run yet" for r in records])
-        summary.append([setting, f"{statistics.mean(drops):.2f}", f"{max(drops):.2f}",
-                        f"{len(drops)} of {len(names)}"])
+        for alternative in (None, *ALTERNATIVES):
+            if alternative and setting not in _narrow():
+                continue
+            extra = {"alternative": alternative} if alternative else {}
+            records = [cache.get({"model": n, "setting": setting} | extra) for n in names]
+            drops = [_drop(r) for r in records if r]
+            if not drops:
+                continue
+            label = f"{setting}, {alternative}" if alternative else setting
+            rows.append([label] + [f"{_drop(r):+.2f}" if r else "not run yet" for r in records])
+            summary.append([label, f"{statistics.mean(drops):.2f}", f"{max(drops):.2f}",
+                            f"{len(drops)} of {len(names)}"])
     floats = [cache.get({"model": n, "setting": "W8A8"}) for n in names]
     header = ["drop (points), full test set"] + [
         f"{n} ({r['float']:.2f})" if r else n for n, r in zip(names, floats)]
