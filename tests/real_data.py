@@ -1,4 +1,5 @@
-"""The committed Fashion-MNIST ResNet-18 with its test set and calibration batches, loaded once."""
+"""The committed ResNet-18s of the model suite with their test sets and calibration batches,
+loaded once."""
 import functools
 
 import torch
@@ -8,9 +9,15 @@ from scripts.train import accuracy
 
 
 @functools.cache
-def fashion():
+def suite_model(name: str):
     """``(model, test split, 512 training images as batches, float test accuracy)``."""
     torch.set_num_threads(2)
-    model = models.load_trained("fashion")
-    test = data.load("fashion", "test")
-    return model, test, data.calibration_batches("fashion", 512), accuracy(model, test)
+    dataset = models.SUITE[name].dataset
+    model = models.load_trained(name)
+    test = data.load(dataset, "test")
+    return model, test, data.calibration_batches(dataset, 512), accuracy(model, test)
+
+
+def fashion():
+    """The project's own Fashion-MNIST model, the one the range methods were first studied on."""
+    return suite_model("fashion")
