@@ -5,6 +5,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from torch import fx, nn
 
+from fxq import records
 from fxq.config import QConfig
 from fxq.context import PassContext
 from passes.calibrate import calibrate
@@ -18,7 +19,6 @@ from passes.quantize_add import quantize_add
 from passes.record_stats import record_stats
 from passes.trace import trace
 
-CONFIG = "fxq.config"  # qmodel.meta key: the QConfig it was quantized with
 Pass = Callable[[nn.Module, PassContext], fx.GraphModule]
 
 # The pipeline, in order. A list, so it can be printed, reordered or extended.
@@ -50,5 +50,5 @@ def quantize(model: nn.Module, calib_loader: Iterable, config: QConfig | None = 
     gm = model
     for step in PASSES if passes is None else passes:
         gm = step(gm, ctx)
-    gm.meta[CONFIG] = config
+    records.put(gm, config)
     return gm

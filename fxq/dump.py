@@ -9,9 +9,10 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
+from fxq import records
+from fxq.affine import ActQParams
 from fxq.observers import Observer
 
-QPARAMS = "fxq.qparams"  # set by the convert pass
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def _row(node: fx.Node, modules) -> Row:
     meta = node.meta.get("tensor_meta")
     shape = "×".join(map(str, meta.shape)) if hasattr(meta, "shape") else ""
     dtype = str(meta.dtype).replace("torch.", "") if hasattr(meta, "dtype") else ""
-    qp = node.meta.get(QPARAMS)
+    qp = records.get(node, ActQParams)
     if qp is None and node.op == "call_module" and isinstance(modules.get(node.target), Observer):
         observer = modules[node.target]
         qp = observer.qparams() if observer.observed else None

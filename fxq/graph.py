@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import fx, nn
 
+from fxq import records
+
 
 def replace_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     """Put ``module`` at the dotted path ``target`` (the node calling it keeps its name)."""
@@ -22,13 +24,11 @@ def add_module_near(gm: fx.GraphModule, node: fx.Node, suffix: str, module: nn.M
     return f"{scope}.{name}" if scope else name
 
 
-ORIGIN = "fxq.origin"  # on a call site's node: the path of the module the user's model called
-
-
 def module_name(node: fx.Node) -> str:
     """The user's name for the module a call node runs (``conv`` for every call site of
     ``self.conv``, whatever copy a site runs): what configs, overrides and reports go by."""
-    return node.meta.get(ORIGIN, node.target)
+    origin = records.get(node, records.Origin)
+    return node.target if origin is None else origin.path
 
 
 def scope_of(node: fx.Node) -> str:

@@ -20,8 +20,9 @@ import torch
 from tabulate import tabulate
 from torch import fx, nn
 
-from fxq.api import CONFIG, quantize
-from fxq.compare import folded_float, integer_layers, with_quantized_layers
+from fxq import records
+from fxq.api import quantize
+from fxq.comparison import folded_float, integer_layers, with_quantized_layers
 from fxq.config import MAX_BITS, MIN_BITS, QConfig
 from passes.calibrate import batch_input
 
@@ -168,7 +169,7 @@ def _layer_errors(model: nn.Module, per_width: dict[int, fx.GraphModule], batche
     errors: dict[str, dict[int, float]] = {}
     with torch.no_grad():
         for width, qmodel in per_width.items():
-            folded = folded_float(model, qmodel.meta.get(CONFIG))
+            folded = folded_float(model, records.get(qmodel, QConfig))
             reference = folded(inputs)
             power = reference.pow(2).mean()
             for name in integer_layers(qmodel):

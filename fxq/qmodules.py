@@ -13,13 +13,12 @@
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
 from fxq import affine, intmath
 from fxq.affine import ActQParams
+from fxq.records import QuantizedWeight
 
 
 BIAS_LIMIT = 2**30  # |b_q| at most this, so int32 keeps room for the weighted sum beside it
@@ -36,13 +35,6 @@ class Derived(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self.prepare()
-
-
-class QuantizedWeight(NamedTuple):
-    """A layer's integer weight and the scales it is at (`fxq.weight_ranges.quantize_weights`)."""
-
-    weight: torch.Tensor  # int8 [C_out, ...]
-    scales: torch.Tensor  # float64 [C_out]
 
 
 class _ActBoundary(nn.Module):

@@ -35,13 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxq import packing, qmodules
+from fxq import packing, qmodules, records
 from fxq.affine import ActQParams
-from fxq.api import CONFIG
 from fxq.config import MAX_BITS, MIN_BITS, WIDE_ACT_BITS, QConfig
 from fxq.ops import METHODS as METHOD_KINDS
 from fxq.qmodules import QLayer
-from passes.convert import META as QPARAMS
 
 FORMAT = "fxq/2"
 PLAIN = (int, float, str, bool, type(None))
@@ -66,7 +64,7 @@ def save(qmodel: fx.GraphModule, path: str | Path) -> None:
         raise TypeError(f"fxq.save takes the GraphModule fxq.quantize returned, got {type(qmodel).__name__}")
     modules = dict(qmodel.named_modules())
     targets = sorted({n.target for n in qmodel.graph.nodes if n.op == "call_module"})
-    config = qmodel.meta.get(CONFIG)
+    config = records.get(qmodel, QConfig)
     payload = {
         "format": FORMAT,
         "class_name": type(qmodel).__name__,
@@ -158,7 +156,7 @@ def _rebuild(payload: dict) -> fx.GraphModule:
     _expect(sum(n.op == "output" for n in graph.nodes) == 1, "the graph needs exactly one output")
     gm = fx.GraphModule(root, graph, class_name=payload["class_name"])
     if payload["config"] is not None:
-        gm.meta[CONFIG] = _config_from(payload["config"])
+        records.put(gm, _config_from(payload["config"]))
     return gm
 
 
@@ -388,7 +386,7 @@ def _node_record(node: fx.Node) -> dict:
         if target is None:
             raise ValueError(f"cannot save node '{node.name}': function {node.target} is not one "
                              "fxq knows how to save")
-    qparams = node.meta.get(QPARAMS)
+    qparams = records.get(node, ActQParams)
     return {"name": node.name, "op": node.op, "target": target,
             "args": _encode(node.args), "kwargs": _encode(node.kwargs),
             "qparams": None if qparams is None else [qparams.scale, qparams.zero_point, qparams.bits]}
@@ -408,7 +406,7 @@ def _node_from(graph: fx.Graph, record, nodes: dict[str, fx.Node], modules: dict
     node = graph.create_node(op, target, args, kwargs, name)
     _expect(node.name == name, f"node name {name!r} is reserved")
     if record["qparams"] is not None:
-        node.meta[QPARAMS] = _qparams_from(name, record["qparams"])
+        records.put(node, _qparams_from(name, record["qparams"]))
     return node
 
 

@@ -16,7 +16,7 @@ import torch
 
 from fxq.affine import quantize_weight, round_half_away, weight_qmax, weight_scales
 from fxq.config import QConfig
-from fxq.qmodules import QuantizedWeight
+from fxq.records import QuantizedWeight
 
 def quantize_sites(sites: dict[object, tuple[torch.Tensor, QConfig]],
                    grams: dict[object, torch.Tensor]) -> dict[object, QuantizedWeight]:

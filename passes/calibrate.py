@@ -1,25 +1,14 @@
 """calibrate: run the calibration loader through the observed graph so every observer fills."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import fx
 
+from fxq import records
 from fxq.context import PassContext
 from fxq.graph import finish
 from fxq.observers import CALIBRATED, Observer
 
-META = "fxq.calibrate"
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """What calibration saw: on the input placeholder's ``meta["fxq.calibrate"]``."""
-
-    batches: int
-    samples: int
-    sample_shape: tuple[int, ...]  # one input without its batch dimension, e.g. (1, 28, 28)
 
 
 def calibrate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -45,7 +34,7 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         batches, samples, sample_shape = _one_pass(gm, ctx.calib_loader)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     _check_not_constant(gm, placeholders[0])
-    placeholders[0].meta[META] = Calibration(batches, samples, sample_shape)
+    records.put(placeholders[0], records.Calibration(batches, samples, sample_shape))
     return finish(gm)
 
 

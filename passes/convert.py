@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
+from fxq import records
 from fxq.affine import ActQParams
 from fxq.context import PassContext
 from fxq.graph import add_module_near, finish, label, module_name, replace_module
@@ -14,13 +15,7 @@ from fxq.observers import InputGram, Observer
 from fxq.ops import Kind, kind_of
 from fxq.qmodules import Dequantize, QAvgPool2d, QConv2d, QLinear, QMaxPool2d, QReLU, QRequantize, Quantize
 from fxq.weight_ranges import quantize_sites
-from passes import calibrate as calibrate_pass
-from passes.correct_bias import WEIGHTS
-from passes.fuse import META as FUSE
 from passes.insert_observers import INPUT_GRAMS, OBSERVERS
-
-META = "fxq.qparams"  # ActQParams of the integer value a node produces
-
 
 @dataclass
 class _State:
@@ -35,7 +30,7 @@ class _State:
 def convert(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Replace observers and float ops with integer ops.
 
-    Before → after (q: uint8 tensor, with its ``ActQParams`` in ``node.meta["fxq.qparams"]``):
+    Before → after (q: uint8 tensor, with its ``ActQParams`` record):
 
         observers.x(x)                 → quantize_input(x)            float → q, once
         conv(x) / linear(x)            → QConv2d / QLinear(q)         int8 W, int32 acc, requant
@@ -57,7 +52,7 @@ def convert(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     _take_calibration_statistics(state)
     _choose_weights(state)
     for node in list(gm.graph.nodes):
-        if node.op == "placeholder" and META in node.meta:
+        if node.op == "placeholder" and records.has(node, ActQParams):
             _quantize_input(gm, node)
         elif node.op == "output":
             _dequantize_outputs(gm, node)
@@ -73,7 +68,7 @@ def _take_calibration_statistics(state: _State) -> None:
     for node in list(state.gm.graph.nodes):
         module = state.modules.get(node.target) if node.op == "call_module" else None
         if isinstance(module, Observer):
-            node.args[0].meta[META] = module.qparams()
+            records.put(node.args[0], module.qparams())
         elif isinstance(module, InputGram):
             (layer,) = [user.target for user in node.users]
             state.grams[layer] = module.gram
@@ -87,38 +82,38 @@ def _choose_weights(state: _State) -> None:
     """Integer weights for every quantized layer not given them by `passes.correct_bias`."""
     sites = {}
     for node in state.gm.graph.nodes:
-        if node.op == "call_module" and kind_of(node, state.modules) is Kind.WEIGHTED and WEIGHTS not in node.meta:
+        if node.op == "call_module" and kind_of(node, state.modules) is Kind.WEIGHTED and not records.has(node, records.QuantizedWeight):
             config = state.ctx.config_for(module_name(node))
             if config is not None:
                 sites[node] = (state.modules[node.target].weight, config)
     grams = {node: state.grams.get(node.target) for node in sites}
     for node, weights in quantize_sites(sites, grams).items():
-        node.meta[WEIGHTS] = weights
+        records.put(node, weights)
 
 
 def qparams_of(node: fx.Node, user: fx.Node) -> ActQParams:
     """The parameters of the integer value ``node`` feeding ``user``; an error if it is float."""
-    if not isinstance(node, fx.Node) or META not in node.meta:
+    if not records.has(node, ActQParams):
         raise ValueError(f"{label(user)} reads {node}, which is not quantized: fxq needs every "
                          "input of an integer op to come from the quantized network input")
-    return node.meta[META]
+    return records.get(node, ActQParams)
 
 
 def _quantize_input(gm: fx.GraphModule, node: fx.Node) -> None:
-    calibration = node.meta[calibrate_pass.META]
-    qp = node.meta[META]
+    calibration = records.get(node, records.Calibration)
+    qp = records.get(node, ActQParams)
     path = add_module_near(gm, node, f"quantize_{node.name}", Quantize(qp, calibration.sample_shape))
     with gm.graph.inserting_after(node):
         quantized = gm.graph.call_module(path, (node,))
     node.replace_all_uses_with(quantized, delete_user_cb=lambda user: user is not quantized)
-    quantized.meta[META] = qp
+    records.put(quantized, qp)
 
 
 def _dequantize_outputs(gm: fx.GraphModule, output: fx.Node) -> None:
     def dequantize(value: fx.Node) -> fx.Node:
-        if META not in value.meta:
+        if not records.has(value, ActQParams):
             return value
-        path = add_module_near(gm, output, "dequantize", Dequantize(value.meta[META]))
+        path = add_module_near(gm, output, "dequantize", Dequantize(records.get(value, ActQParams)))
         with gm.graph.inserting_before(output):
             return gm.graph.call_module(path, (value,))
 
@@ -131,7 +126,7 @@ def _weighted(state: _State, node: fx.Node) -> None:
         _float_island(state, node)
         return
     layer = state.modules[node.target]
-    weights = node.meta[WEIGHTS]
+    weights = records.get(node, records.QuantizedWeight)
     make = QConv2d if isinstance(layer, nn.Conv2d) else QLinear
     replace_module(state.gm, node.target, make(layer, weights, qparams_of(node.args[0], node),
                                                _output_qparams(node), node.target))
@@ -140,15 +135,15 @@ def _weighted(state: _State, node: fx.Node) -> None:
 def _output_qparams(node: fx.Node) -> ActQParams:
     """A producer's output parameters: its own observer's, or with placement "post" (no observer
     on the producer) those of its ReLU's output, whose z = 0 makes the clamp the ReLU."""
-    if META not in node.meta:
-        node.meta[META] = node.meta[FUSE].activation.meta[META]
-    return node.meta[META]
+    if not records.has(node, ActQParams):
+        records.put(node, records.get(records.get(node, records.FusedUnit).activation, ActQParams))
+    return records.get(node, ActQParams)
 
 
 def _activation(state: _State, node: fx.Node) -> None:
     source = node.args[0]
     qp = qparams_of(source, node)
-    after = node.meta.get(META)
+    after = records.get(node, ActQParams)
     if after is qp:  # placement "post": the producer's clamp at z = 0 already did the ReLU
         node.replace_all_uses_with(source)
         state.gm.graph.erase_node(node)
@@ -164,12 +159,12 @@ def _activation(state: _State, node: fx.Node) -> None:
         target = add_module_near(state.gm, node, leaf, relu)
     # Rewritten in place so the node keeps its name (layer1_0_relu) in the printed code.
     node.op, node.target, node.args, node.kwargs = "call_module", target, (source,), {}
-    node.meta[META] = qp
+    records.put(node, qp)
     if after is not None:
         with state.gm.graph.inserting_after(node):
             requantized = state.gm.graph.call_module(path, (node,))
         node.replace_all_uses_with(requantized, delete_user_cb=lambda user: user is not requantized)
-        requantized.meta[META] = after
+        records.put(requantized, after)
 
 
 def _passthrough(state: _State, node: fx.Node) -> None:
@@ -184,7 +179,7 @@ def _passthrough(state: _State, node: fx.Node) -> None:
         pool = QMaxPool2d(module.kernel_size, module.stride, module.padding, module.dilation,
                           ceil_mode=module.ceil_mode)
         replace_module(state.gm, node.target, pool)
-    node.meta[META] = qp
+    records.put(node, qp)
 
 
 def _avgpool(state: _State, node: fx.Node) -> None:
@@ -195,7 +190,7 @@ def _avgpool(state: _State, node: fx.Node) -> None:
         pool = _integer_pool(nn.AdaptiveAvgPool2d(node.args[1]), node, qp)
         path = add_module_near(state.gm, node, "avgpool", pool)
         node.op, node.target, node.args, node.kwargs = "call_module", path, node.args[:1], {}
-    node.meta[META] = qp
+    records.put(node, qp)
 
 
 def _integer_pool(pool: nn.Module, node: fx.Node, qp: ActQParams) -> QAvgPool2d:
@@ -228,7 +223,7 @@ def _float_island(state: _State, node: fx.Node) -> None:
     with gm.graph.inserting_after(node):
         quantized = gm.graph.call_module(path, (node,))
     node.replace_all_uses_with(quantized, delete_user_cb=lambda user: user is not quantized)
-    quantized.meta[META] = node.meta.pop(META)
+    records.put(quantized, records.pop(node, ActQParams))
 
 
 def _shape(state: _State, node: fx.Node) -> None:

@@ -6,13 +6,11 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from fxq import records
 from fxq.context import PassContext
 from fxq.graph import finish, module_name
 from fxq.observers import InputGram
 from fxq.weight_ranges import quantize_sites
-
-WEIGHTS = "fxq.weights"  # the QuantizedWeight chosen for a layer, for convert to reuse
-
 
 def correct_bias(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Quantize each layer's weights now, and shift its bias by the mean error they cause.
@@ -21,7 +19,7 @@ def correct_bias(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     weight rounding moves the layer's output by ``E[ΔW·x] = ΔW·E[x]`` on average: a per-channel
     offset that a ReLU and every later layer turn into a systematic error. Before → after:
     ``conv(x)`` with bias ``b`` → the same conv with bias ``b − ΔW·E[x]``, and its
-    ``QuantizedWeight`` in ``node.meta["fxq.weights"]`` (the bias does not change how weights
+    ``records.QuantizedWeight`` on its node (the bias does not change how weights
     round, so convert uses these). Runs on each layer whose config has ``bias_correction``; needs
     the ``input_grams`` statistics of calibration (run after `passes.calibrate`).
     """
@@ -39,7 +37,7 @@ def correct_bias(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     chosen = quantize_sites(sites, grams)
     for user, weights in chosen.items():
         _shift_bias(modules[user.target], weights, means[user])
-        user.meta[WEIGHTS] = weights
+        records.put(user, weights)
     return finish(gm)
 
 

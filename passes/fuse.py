@@ -1,31 +1,21 @@
 """fuse: ``conv → relu``, ``linear → relu`` and ``add → relu`` become one quantization unit."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import fx
 
+from fxq import records
 from fxq.context import PassContext
 from fxq.graph import finish
 from fxq.ops import Kind, kind_of
 
-META = "fxq.fuse"
 PRODUCERS = (Kind.WEIGHTED, Kind.ADD)
-
-
-@dataclass(frozen=True)
-class FusedUnit:
-    """A producer (conv, linear, add) and the activation that alone consumes its output."""
-
-    producer: fx.Node
-    activation: fx.Node
 
 
 def fuse(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Group each producer with the ReLU that follows it into one unit.
 
     Before: ``y = relu(conv(x))`` as two unrelated nodes. After: the same nodes, both carrying
-    ``node.meta["fxq.fuse"] = FusedUnit(conv, relu)``. The unit is what the placement applies to:
+    a ``records.FusedUnit(conv, relu)`` record. The unit is what the placement applies to:
     ``"pre"`` (the default) quantizes the unit at the producer's output, so the ReLU runs as
     ``max(q, z)`` on that scale; a placement after the activation observes the ReLU's output
     instead and never quantizes the raw producer output. The graph's dataflow does not change.
@@ -42,6 +32,7 @@ def fuse(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             continue
         if len(producer.users) > 1:  # the pre-activation value is read elsewhere too
             continue
-        unit = FusedUnit(producer, node)
-        producer.meta[META] = node.meta[META] = unit
+        unit = records.FusedUnit(producer, node)
+        records.put(producer, unit)
+        records.put(node, unit)
     return finish(gm)

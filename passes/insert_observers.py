@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from torch import fx, nn
 
+from fxq import records
 from fxq.config import QConfig
 from fxq.context import PassContext
 from fxq.graph import finish, label, module_name, scope_of
 from fxq.observers import InputGram, make_observer
 from fxq.ops import Kind, kind_of, supported
-from passes.fuse import META as FUSE
 
 OBSERVERS = "observers"  # the submodule holding one observer per observed node
 INPUT_GRAMS = "input_grams"  # the submodule holding the output-aware weight rule's statistics
@@ -86,7 +86,7 @@ def _needs_observer(node: fx.Node, modules: dict[str, nn.Module], ctx: PassConte
             f"Supported: {supported()}. Fix: express it with supported ops, or fold it away "
             "before quantizing (a batchnorm must directly follow a conv to be folded)"
         )
-    unit = node.meta.get(FUSE)
+    unit = records.get(node, records.FusedUnit)
     if unit is None:
         return kind in (Kind.WEIGHTED, Kind.ADD)
     placement = _producer_config(unit.producer, ctx).placement
@@ -97,7 +97,7 @@ def _needs_observer(node: fx.Node, modules: dict[str, nn.Module], ctx: PassConte
 
 def _unit_producer(node: fx.Node) -> fx.Node:
     """The node whose config quantizes ``node``'s value: the producer of its fused unit, if any."""
-    unit = node.meta.get(FUSE)
+    unit = records.get(node, records.FusedUnit)
     return node if unit is None else unit.producer
 
 

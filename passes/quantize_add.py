@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from torch import fx, nn
 
+from fxq import records
+from fxq.affine import ActQParams
 from fxq.context import PassContext
 from fxq.graph import add_module_near, finish
 from fxq.ops import Kind, kind_of
 from fxq.qmodules import Dequantize, QAdd, Quantize
-from passes.convert import META
 
 
 def quantize_add(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -25,11 +26,11 @@ def quantize_add(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             continue
         add, (deq_a, deq_b) = island
         a, b = deq_a.args[0], deq_b.args[0]
-        qadd = QAdd(a.meta[META], b.meta[META], node.meta[META], f"the add {add.name}")
+        qadd = QAdd(*(records.get(n, ActQParams) for n in (a, b, node)), f"the add {add.name}")
         path = add_module_near(gm, add, "add", qadd)
         # Rewritten in place so the add keeps its name (add, add_1, ...) in the printed code.
         add.op, add.target, add.args, add.kwargs = "call_module", path, (a, b), {}
-        add.meta[META] = node.meta[META]
+        records.put(add, records.get(node, ActQParams))
         node.replace_all_uses_with(add)
         for dead in (node, deq_a, deq_b):
             gm.graph.erase_node(dead)

@@ -2,41 +2,15 @@
 integer range every op produced (and every conv/linear accumulator), for `fxq.explain`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import fx
 
+from fxq import records
 from fxq.context import PassContext
 from fxq.graph import finish
 from fxq.qmodules import QLayer
+from fxq.records import IntRange, Observed
 from passes.calibrate import batch_input
-
-META = "fxq.record_stats"
-
-
-@dataclass(frozen=True)
-class IntRange:
-    """The least and greatest integer seen."""
-
-    lo: int
-    hi: int
-
-    def union(self, other: "IntRange | None") -> "IntRange":
-        return self if other is None else IntRange(min(self.lo, other.lo), max(self.hi, other.hi))
-
-    @classmethod
-    def of(cls, t: torch.Tensor) -> "IntRange":
-        lo, hi = torch.aminmax(t)
-        return cls(int(lo), int(hi))
-
-
-@dataclass(frozen=True)
-class Observed:
-    """What an integer op produced on the calibration data (``node.meta["fxq.record_stats"]``)."""
-
-    output: IntRange
-    accumulator: IntRange | None = None  # conv/linear only
 
 
 class StatsRecorder(fx.Interpreter):
@@ -72,12 +46,12 @@ def record_stats(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Annotate every integer op with the ranges it produced on the calibration data.
 
     Before → after: the same graph; each node that returned an integer tensor gets
-    ``node.meta["fxq.record_stats"] = Observed(output range, accumulator range)``.
+    a ``records.Observed(output range, accumulator range)`` record.
     """
     recorder = StatsRecorder(gm)
     with torch.no_grad():
         for index, item in enumerate(ctx.calib_loader):
             recorder.run(batch_input(item, index))
     for node, observed in recorder.seen.items():
-        node.meta[META] = observed
+        records.put(node, observed)
     return finish(gm)

@@ -7,7 +7,8 @@ import traceback
 from torch import fx, nn
 
 from fxq.context import PassContext
-from fxq.graph import ORIGIN, add_module_near
+from fxq import records
+from fxq.graph import add_module_near
 
 
 class _PathTracer(fx.Tracer):
@@ -77,7 +78,7 @@ def _one_module_per_call_site(gm: fx.GraphModule) -> None:
             leaf = target.rpartition(".")[2]
             node.target = add_module_near(gm, node, leaf, copy.deepcopy(module, memo=shared))
         for node in nodes:
-            node.meta[ORIGIN] = target
+            records.put(node, records.Origin(target))
 
 
 def _check_one_input(gm: fx.GraphModule, model: nn.Module) -> None:

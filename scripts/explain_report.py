@@ -13,7 +13,7 @@ import torch
 from tabulate import tabulate
 
 import fxq
-from fxq.compare import compare
+from fxq.comparison import compare
 from fxq.qmodules import QAdd, QLayer
 from scripts import data, models
 

@@ -12,8 +12,8 @@ import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 import fxq  # noqa: E402
-from fxq.compare import folded_float  # noqa: E402
-from fxq.explain import signed_bits  # noqa: E402
+from fxq.comparison import folded_float  # noqa: E402
+from fxq.explanation import signed_bits  # noqa: E402
 from fxq.qmodules import QLayer  # noqa: E402
 from scripts import data, evaluate, models  # noqa: E402
 from scripts.low_bits import (CURVE_BUDGETS, METHODS, MIXED, PLACEMENT_WIDTHS, SETTINGS,  # noqa: E402

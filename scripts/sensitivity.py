@@ -18,7 +18,7 @@ import matplotlib
 import torch
 
 import fxq
-from fxq.compare import sensitivity
+from fxq.comparison import sensitivity
 from scripts import data, models, sweeps
 
 matplotlib.use("Agg")

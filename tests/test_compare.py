@@ -4,7 +4,7 @@ import math
 import torch
 
 import fxq
-from fxq.compare import folded_float, sensitivity, sqnr_db, with_quantized_layers
+from fxq.comparison import folded_float, sensitivity, sqnr_db, with_quantized_layers
 from tests.helpers import Residual, randomize_bn
 
 

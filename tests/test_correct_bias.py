@@ -3,7 +3,8 @@ import torch
 
 import fxq
 from passes.calibrate import calibrate
-from passes.correct_bias import WEIGHTS, correct_bias
+from fxq import records
+from passes.correct_bias import correct_bias
 from passes.fold_bn import fold_bn
 from passes.fuse import fuse
 from passes.insert_observers import insert_observers
@@ -31,7 +32,7 @@ def test_corrected_layer_has_zero_mean_output_error_on_the_calibration_data():
     float_bias = conv.bias.detach().clone()
     gm = correct_bias(gm, ctx)
     node = next(n for n in gm.graph.nodes if n.target == "conv1")
-    weight_q, scales = node.meta[WEIGHTS]
+    weight_q, scales = records.get(node, records.QuantizedWeight)
     x = torch.cat(ctx.calib_loader)
     deq = weight_q.double() * scales.reshape(-1, 1, 1, 1)
     exact = torch.nn.functional.conv2d(x.double(), conv.weight.double(), float_bias.double(), padding=1)

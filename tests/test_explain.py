@@ -4,7 +4,8 @@ import torch
 from torch import fx
 
 import fxq
-from fxq.explain import IntRange, bits_of, signed_bits, unsigned_bits
+from fxq import records
+from fxq.explanation import IntRange, bits_of, signed_bits, unsigned_bits
 from tests.helpers import Residual, randomize_bn
 
 
@@ -88,7 +89,7 @@ def test_text_and_markdown_state_the_formula_with_the_layers_numbers(qmodel):
 
 
 def test_calibration_statistics_are_recorded_by_quantize(qmodel):
-    stats = [n.meta.get("fxq.record_stats") for n in qmodel.graph.nodes if n.target == "conv2"][0]
+    stats = [records.get(n, records.Observed) for n in qmodel.graph.nodes if n.target == "conv2"][0]
     assert stats is not None and stats.accumulator is not None
     assert stats.output.lo >= 0 and stats.output.hi <= 255
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fxq
-from fxq.compare import folded_float
+from fxq.comparison import folded_float
 from scripts import evaluate
 from scripts.train import accuracy
 from tests.real_data import fashion, suite_model

@@ -4,7 +4,8 @@ from torch import nn
 
 import fxq
 from fxq.observers import MinMaxObserver
-from passes.calibrate import META, calibrate
+from fxq import records
+from passes.calibrate import calibrate
 from passes.insert_observers import insert_observers
 from passes.trace import trace
 
@@ -28,7 +29,7 @@ def test_every_batch_reaches_the_observers_and_the_graph_is_unchanged(ctx):
     everything = torch.cat(ctx.calib_loader)
     assert obs.min_val.item() == everything.min().item()
     assert obs.max_val.item() == everything.max().item()
-    record = next(iter(gm.graph.nodes)).meta[META]
+    record = records.get(next(iter(gm.graph.nodes)), records.Calibration)
     assert (record.batches, record.samples, record.sample_shape) == (3, 12, (3, 8, 8))
 
 

@@ -4,7 +4,9 @@ from torch import nn
 from fxq import intmath
 from fxq.qmodules import Dequantize, QAvgPool2d, QConv2d, QLinear, QReLU, Quantize
 from passes.calibrate import calibrate
-from passes.convert import META, convert
+from fxq import records
+from fxq.affine import ActQParams
+from passes.convert import convert
 from passes.fold_bn import fold_bn
 from passes.fuse import fuse
 from passes.insert_observers import insert_observers
@@ -28,7 +30,7 @@ def test_conv_relu_becomes_quantize_qconv_integer_relu_dequantize(ctx):
     assert conv.multiplier.dtype == torch.int32
     relu = next(n for n in gm.graph.nodes if n.target == "relu")
     assert relu.name == "relu"
-    assert int(gm.get_submodule("relu").zero_point) == relu.args[0].meta[META].zero_point
+    assert int(gm.get_submodule("relu").zero_point) == records.get(relu.args[0], ActQParams).zero_point
 
 
 def test_converted_conv_is_within_one_step_of_float_fake_quantization(ctx):
@@ -37,7 +39,7 @@ def test_converted_conv_is_within_one_step_of_float_fake_quantization(ctx):
     x = ctx.calib_loader[0]
     in_qp = gm.get_submodule("quantize_x").qparams
     conv = gm.get_submodule("conv")
-    out_qp = next(n for n in gm.graph.nodes if n.name == "conv").meta[META]
+    out_qp = records.get(next(n for n in gm.graph.nodes if n.name == "conv"), ActQParams)
     # float reference: the same integers, the real multiplier, float arithmetic
     w = conv.weight.double() * conv.weight_scale.reshape(-1, 1, 1, 1)
     b = conv.bias.double() * in_qp.scale * conv.weight_scale

@@ -2,7 +2,9 @@ import torch
 from torch import nn
 
 from passes.fold_bn import fold_bn
-from passes.fuse import META, FusedUnit, fuse
+from fxq import records
+from fxq.records import FusedUnit
+from passes.fuse import fuse
 from passes.trace import trace
 from tests.helpers import ConvBnRelu, Residual, randomize_bn
 
@@ -14,8 +16,8 @@ def nodes_by_name(gm):
 def test_conv_relu_is_grouped_into_one_unit(ctx):
     gm = fuse(fold_bn(trace(randomize_bn(ConvBnRelu()), ctx), ctx), ctx)
     nodes = nodes_by_name(gm)
-    unit = nodes["conv"].meta[META]
-    assert unit == FusedUnit(nodes["conv"], nodes["relu"]) and nodes["relu"].meta[META] is unit
+    unit = records.get(nodes["conv"], FusedUnit)
+    assert unit == FusedUnit(nodes["conv"], nodes["relu"]) and records.get(nodes["relu"], FusedUnit) is unit
 
 
 def test_add_relu_is_a_unit_and_the_graph_computes_the_same(ctx):
@@ -24,7 +26,7 @@ def test_add_relu_is_a_unit_and_the_graph_computes_the_same(ctx):
     x = torch.randn(2, 3, 8, 8)
     before = gm(x)
     gm = fuse(gm, ctx)
-    units = {n.meta[META] for n in gm.graph.nodes if META in n.meta}
+    units = {records.get(n, FusedUnit) for n in gm.graph.nodes if records.has(n, FusedUnit)}
     assert {(u.producer.name, u.activation.name) for u in units} == {
         ("unit_conv", "unit_relu"), ("add", "relu")}
     assert torch.equal(gm(x), before)
@@ -44,9 +46,9 @@ class SharedPreActivation(nn.Module):
 
 def test_producer_with_other_users_is_not_fused(ctx):
     gm = fuse(trace(SharedPreActivation(), ctx), ctx)
-    assert not any(META in n.meta for n in gm.graph.nodes)
+    assert not any(records.has(n, FusedUnit) for n in gm.graph.nodes)
 
 
 def test_relu_after_a_pool_is_not_a_unit(ctx):
     gm = fuse(trace(nn.Sequential(nn.MaxPool2d(2), nn.ReLU()), ctx), ctx)
-    assert not any(META in n.meta for n in gm.graph.nodes)
+    assert not any(records.has(n, FusedUnit) for n in gm.graph.nodes)

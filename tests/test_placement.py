@@ -4,7 +4,8 @@ import torch
 
 import fxq
 from fxq.qmodules import Dequantize, QAdd, QConv2d, QLinear, QReLU, QRequantize, Quantize
-from passes.convert import META
+from fxq import records
+from fxq.affine import ActQParams
 from tests.helpers import ConvBnRelu, Residual, ops, randomize_bn
 
 
@@ -19,7 +20,7 @@ def test_post_fuses_the_relu_into_the_conv_clamp_at_zero_point_zero():
     gm, _ = _quantize(randomize_bn(ConvBnRelu()), "post")
     assert ops(gm) == [("call_module", Quantize), ("call_module", QConv2d), ("call_module", Dequantize)]
     conv = next(n for n in gm.graph.nodes if n.name == "conv")
-    assert conv.meta[META].zero_point == 0
+    assert records.get(conv, ActQParams).zero_point == 0
 
 
 def test_both_quantizes_before_and_after_the_relu():
@@ -29,7 +30,7 @@ def test_both_quantizes_before_and_after_the_relu():
                        ("call_module", Dequantize)]
     conv = next(n for n in gm.graph.nodes if n.name == "conv")
     after = gm.get_submodule("relu_requantize")
-    assert conv.meta[META].zero_point > 0 and int(after.output_zero_point) == 0
+    assert records.get(conv, ActQParams).zero_point > 0 and int(after.output_zero_point) == 0
 
 
 @pytest.mark.parametrize("placement", ["pre", "post", "both"])
@@ -47,7 +48,7 @@ def test_post_uses_the_whole_grid_on_relu_outputs():
     model = randomize_bn(ConvBnRelu())
     pre, _ = _quantize(model, "pre", bits=4)
     post, _ = _quantize(model, "post", bits=4)
-    scale = {name: next(n for n in gm.graph.nodes if n.name == "conv").meta[META].scale
+    scale = {name: records.get(next(n for n in gm.graph.nodes if n.name == "conv"), ActQParams).scale
              for name, gm in (("pre", pre), ("post", post))}
     assert scale["post"] < 0.75 * scale["pre"]
 
@@ -56,7 +57,7 @@ def test_residual_add_relu_follows_the_placement():
     gm, _ = _quantize(randomize_bn(Residual()), "post")
     add = next(n for n in gm.graph.nodes
                if n.op == "call_module" and isinstance(gm.get_submodule(n.target), QAdd))
-    assert add.meta[META].zero_point == 0
+    assert records.get(add, ActQParams).zero_point == 0
     assert not any(isinstance(m, QReLU) for m in gm.modules())
     assert isinstance(gm.get_submodule("fc"), QLinear)
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fxq
-from fxq import packing, serialize
+from fxq import packing, records, serialize
 from fxq.qmodules import QLayer
 from tests.helpers import Chain, Residual, randomize_bn
 
@@ -28,7 +28,7 @@ def test_loaded_model_gives_bit_identical_outputs(tmp_path, config, overrides):
     x = torch.randn(6, 3, 8, 8)
     assert torch.equal(qmodel(x), loaded(x))
     assert loaded.code == qmodel.code
-    assert loaded.meta["fxq.config"] == config
+    assert records.get(loaded, fxq.QConfig) == config
 
 
 def test_file_is_plain_data_readable_without_unpickling_code(tmp_path):

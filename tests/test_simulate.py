@@ -2,7 +2,7 @@
 import torch
 
 import fxq
-from fxq.simulate import FloatLayer, SnapToGrid
+from fxq.twin import FloatLayer, SnapToGrid
 from fxq.qmodules import QConv2d
 from tests.helpers import Residual, output_steps, randomize_bn
 

@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from tabulate import tabulate
 from torch import fx
 
-from fxq import intmath, packing
-from fxq.api import CONFIG
+from fxq import intmath, packing, records
+from fxq.affine import ActQParams
+from fxq.config import QConfig
 from fxq.qmodules import QConv2d, QLayer, QReLU, QRequantize
-from passes.convert import META as QPARAMS
-from passes.record_stats import META as STATS, IntRange, StatsRecorder
+from fxq.records import IntRange, Observed
+from passes.record_stats import StatsRecorder
 
 
 def unsigned_bits(hi: int) -> int:
@@ -117,7 +118,7 @@ def explain(qmodel: fx.GraphModule, layer: str | None = None, batch: torch.Tenso
     if layer is None:
         return _network(qmodel)
     node = _layer_node(qmodel, layer)
-    seen = _run(qmodel, batch) if batch is not None else {n: n.meta.get(STATS) for n in qmodel.graph.nodes}
+    seen = _run(qmodel, batch) if batch is not None else {n: records.get(n, Observed) for n in qmodel.graph.nodes}
     explanation = _layer(qmodel, node, seen, "given batch" if batch is not None else "calibration data")
     if batch is None:
         return explanation
@@ -225,7 +226,7 @@ def _weight_bits(m: QLayer) -> int:
 
 
 def _placement(qmodel: fx.GraphModule) -> str | None:
-    config = qmodel.meta.get(CONFIG)
+    config = records.get(qmodel, QConfig)
     return None if config is None else config.placement
 
 
@@ -236,7 +237,7 @@ def _requantize_steps(qmodel: fx.GraphModule, relu: fx.Node, seen: dict) -> list
     if after is None:
         return []
     op: QRequantize = qmodel.get_submodule(after.target)
-    qp = after.meta[QPARAMS]
+    qp = records.get(after, ActQParams)
     return [Step("requantize: clamp(z₂ + round(M₂·(q − z_O)))", _dtype(qp.bits), IntRange(0, qp.qmax),
                  _observed(seen, after), f"placement both: M₂ = s_O/s₂, z₂ = {int(op.output_zero_point)}, "
                  f"s₂ = {qp.scale:.6g}; a {1 << op.input_bits}-entry table")]
@@ -244,7 +245,7 @@ def _requantize_steps(qmodel: fx.GraphModule, relu: fx.Node, seen: dict) -> list
 
 def _bits_of_input(qmodel, node: fx.Node) -> int:
     """The activation bits of the layer's input value (the producer's config)."""
-    return node.args[0].meta[QPARAMS].bits
+    return records.get(node.args[0], ActQParams).bits
 
 
 def _final_dequantize(qmodel) -> Step:
@@ -300,19 +301,19 @@ def _network(qmodel: fx.GraphModule) -> NetworkExplanation:
     modules = dict(qmodel.named_modules())
     rows = []
     for node in qmodel.graph.nodes:
-        qp = node.meta.get(QPARAMS)
+        qp = records.get(node, ActQParams)
         if qp is None or node.op == "placeholder":
             continue
         module = modules.get(node.target) if node.op == "call_module" else None
-        inputs = [a for a in node.all_input_nodes if QPARAMS in a.meta]
-        in_scale = ", ".join(f"{a.meta[QPARAMS].scale:.4g}" for a in inputs) or "float"
-        in_bits = ", ".join(str(a.meta[QPARAMS].bits) for a in inputs) or "32 (float)"
+        inputs = [a for a in node.all_input_nodes if records.has(a, ActQParams)]
+        in_scale = ", ".join(f"{records.get(a, ActQParams).scale:.4g}" for a in inputs) or "float"
+        in_bits = ", ".join(str(records.get(a, ActQParams).bits) for a in inputs) or "32 (float)"
         row = [node.target if node.op == "call_module" else node.name, _kind(node, module),
                in_scale, f"{qp.scale:.4g}", in_bits, "", "", "", "", qp.bits]
         if isinstance(module, QLayer):
             bound = module.accumulator_bound
             worst = signed_bits(-bound, bound)
-            stats = node.meta.get(STATS)
+            stats = records.get(node, Observed)
             observed = bits_of(stats.accumulator) if stats and stats.accumulator else "—"
             row[5:9] = [bits_of(IntRange.of(module.weight)), worst, observed, module.accumulator_bits - worst]
         rows.append(row)

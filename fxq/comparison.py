@@ -16,7 +16,7 @@ from tabulate import tabulate
 from torch import fx, nn
 
 from fxq.qmodules import QLayer
-from fxq.api import CONFIG
+from fxq import records
 from fxq.config import QConfig
 from fxq.context import PassContext
 from passes.equalize import equalize
@@ -138,7 +138,7 @@ class Sensitivity:
 def sensitivity(model: nn.Module, qmodel: fx.GraphModule, images: torch.Tensor,
                 labels: torch.Tensor) -> Sensitivity:
     """Quantize one layer at a time (the rest float), and all layers but one, as ``qmodel`` does."""
-    folded = folded_float(model, qmodel.meta.get(CONFIG))
+    folded = folded_float(model, records.get(qmodel, QConfig))
     names = list(integer_layers(qmodel))
 
     def accuracy(gm) -> float:

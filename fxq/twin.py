@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fxq import records
 from fxq.affine import ActQParams, round_half_away
 from fxq.graph import replace_module
 from fxq.qmodules import (Dequantize, QAdd, QAvgPool2d, QConv2d, QLayer, QReLU, QRequantize,
                           Quantize)
-from passes.convert import META as QPARAMS
 
 
 class SnapToGrid(nn.Module):
@@ -137,8 +137,8 @@ def _twin_of(module: nn.Module | None, node: fx.Node) -> nn.Module | None:
     if isinstance(module, QLayer):
         return FloatLayer(module)
     if isinstance(module, QAvgPool2d):
-        return FloatAvgPool(module, node.meta[QPARAMS])
+        return FloatAvgPool(module, records.get(node, ActQParams))
     if isinstance(module, (QAdd, QRequantize)):
-        inputs = [a.meta[QPARAMS] for a in node.args]
-        return OnIntegers(module.compute, inputs, node.meta[QPARAMS])
+        inputs = [records.get(a, ActQParams) for a in node.args]
+        return OnIntegers(module.compute, inputs, records.get(node, ActQParams))
     return None

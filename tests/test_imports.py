@@ -1,0 +1,72 @@
+"""One-way imports: every module imports on its own, and the import graph has no cycle."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import networkx as nx
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("fxq", "passes")
+# The public API on top of the pipeline: these run passes, so they may import them. Nothing else
+# in fxq may, so a pass can import any core module without a cycle.
+API_LAYER = {"fxq", "fxq.api", "fxq.mixed", "fxq.comparison", "fxq.explanation"}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).glob("**/*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            found[name] = path
+    return found
+
+
+def _imports(path: Path) -> set[str]:
+    """The project modules a file imports at module level (function-level imports run later)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {n for n in names if n.split(".")[0] in PACKAGES}
+
+
+def _graph() -> nx.DiGraph:
+    modules = _modules()
+    graph = nx.DiGraph()
+    graph.add_nodes_from(modules)
+    for name, path in modules.items():
+        graph.add_edges_from((name, target) for target in _imports(path) if target in modules)
+    return graph
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = _graph()
+    assert nx.is_directed_acyclic_graph(graph), nx.find_cycle(graph)
+
+
+def test_only_the_api_layer_imports_the_passes():
+    graph = _graph()
+    importers = {a for a, b in graph.edges if b.startswith("passes") and a.startswith("fxq")}
+    assert importers <= API_LAYER, importers - API_LAYER
+
+
+def test_every_module_imports_on_its_own():
+    # one interpreter (torch loads once); the project's modules are dropped between imports
+    script = (
+        "import importlib, sys\n"
+        f"for name in {sorted(_modules())!r}:\n"
+        f"    for loaded in [m for m in sys.modules if m.split('.')[0] in {PACKAGES!r}]:\n"
+        "        del sys.modules[loaded]\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception as error:\n"
+        "        print(name, type(error).__name__, error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "", result.stdout
