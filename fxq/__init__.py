@@ -17,6 +17,7 @@ _EXPORTS = {
     "InvalidModelFile": "fxq.serialize", "load": "fxq.serialize", "save": "fxq.serialize",
     "PASSES": "fxq.api", "quantize": "fxq.api",
     "PassContext": "fxq.context", "QConfig": "fxq.config",
+    "FloatFallbackWarning": "fxq.ops.fallback",
     "compare": "fxq.comparison", "explain": "fxq.explanation", "simulate": "fxq.twin",
     "search_bits": "fxq.mixed",
 }

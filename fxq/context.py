@@ -45,15 +45,17 @@ class PassContext:
         """The config of the network input's quantization."""
         return _at_8_bits(self.config) if self.config.keep_first_last_8bit else self.config
 
-    def register_layers(self, names: list[str]) -> None:
-        """Record the quantizable layers (graph order); every override pattern must match one."""
+    def register_layers(self, names: list[str], modules: list[str] | None = None) -> None:
+        """Record the layers with weights (graph order); every override pattern must match one of
+        the graph's ``modules`` (default: the layers)."""
         self.layers[:] = names
+        modules = names if modules is None else modules
         for pattern in self.overrides:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.4)
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in modules):
+                close = difflib.get_close_matches(pattern, modules, n=5, cutoff=0.4)
                 raise ValueError(
                     f"overrides pattern {pattern!r} matches no layer. Close matches: {close or 'none'}; "
-                    f"layers are named like {names[:3]} (module paths, globs allowed: 'layer4.*')"
+                    f"modules are named like {modules[:3]} (module paths, globs allowed: 'layer4.*')"
                 )
 
 

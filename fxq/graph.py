@@ -1,9 +1,14 @@
 """Small helpers every pass uses on a GraphModule."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import fx, nn
 
 from fxq import records
+
+_ROOT = Path(__file__).resolve().parent.parent
+_PACKAGES = (str(_ROOT / "fxq") + "/", str(_ROOT / "passes") + "/")  # not the user's code
 
 
 def replace_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
@@ -47,6 +52,17 @@ def finish(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def source_line(node: fx.Node) -> str | None:
+    """``file:line`` of the user's code that made ``node``, where torch.fx recorded it."""
+    frames = [line.strip() for line in (node.stack_trace or "").splitlines()
+              if line.strip().startswith('File "') and "/torch/" not in line
+              and not any(f'"{package}' in line for package in _PACKAGES)]
+    if not frames:
+        return None
+    path, _, rest = frames[-1].removeprefix('File "').partition('", line ')
+    return f"{path}:{rest.split(',')[0]}"
 
 
 def label(node: fx.Node) -> str:

@@ -38,6 +38,8 @@ class Observer(nn.Module):
         self.pass_index = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
+            return x  # sizes, indices, tuples: nothing a float range describes (no qparams)
         x_ = x.detach()
         if not torch.isfinite(x_).all():
             raise ValueError(

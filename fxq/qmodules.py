@@ -16,9 +16,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxq import affine, intmath
+from fxq import affine, intmath, records
+from fxq import schema as sc
 from fxq.affine import ActQParams
 from fxq.records import QuantizedWeight
+from fxq.schema import Schema
+from fxq.twin import FloatAvgPool, FloatLayer, FromIntegers, OnIntegers, SnapToGrid
 
 
 BIAS_LIMIT = 2**30  # |b_q| at most this, so int32 keeps room for the weighted sum beside it
@@ -54,8 +57,25 @@ class _ActBoundary(nn.Module):
         return f"scale={self.scale.item():.6g}, zero_point={int(self.zero_point)}, bits={self.bits}"
 
 
+def _boundary_ranges(module: "_ActBoundary") -> None:
+    sc.zero_point_fits(module, "zero_point", module.bits)
+    sc.expect(float(module.scale) > 0 and bool(torch.isfinite(module.scale)), "scale must be > 0")
+
+
+_BOUNDARY_TENSORS = {"scale": torch.float64, "zero_point": torch.int32}
+
+
 class Quantize(_ActBoundary):
     """float → uint8 ``clamp(round(x / s) + z)``; checks the input looks like the calibration data."""
+
+    schema = Schema({"bits": sc.act_bits, "sample_shape": sc.optional(sc.ints(1))}, _BOUNDARY_TENSORS,
+                    ranges=_boundary_ranges)
+
+    def twin(self, node) -> nn.Module:
+        return SnapToGrid(self.qparams)
+
+    def describe(self) -> str:
+        return "float → integer: clamp(round(x / s) + z)"
 
     def __init__(self, qparams: ActQParams, sample_shape: tuple[int, ...] | None):
         super().__init__(qparams)
@@ -88,6 +108,15 @@ class Quantize(_ActBoundary):
 
 class Dequantize(_ActBoundary):
     """uint8 → float32 ``s · (q − z)``."""
+
+    schema = Schema({"bits": sc.act_bits}, _BOUNDARY_TENSORS, ranges=_boundary_ranges)
+
+    def twin(self, node) -> nn.Module:
+        # the very floats the integer graph makes, so float ops after it agree bit for bit
+        return FromIntegers(self, self.qparams)
+
+    def describe(self) -> str:
+        return "integer → float: s·(q − z)"
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         return self.qparams.dequantize(q)
@@ -183,6 +212,31 @@ class QLayer(Derived):
         raise NotImplementedError
 
 
+    def twin(self, node) -> nn.Module:
+        return FloatLayer(self)
+
+    def describe(self) -> str:
+        gemm = "float64 GEMM on integers" if self.wide else "int8 GEMM"
+        return f"{gemm}, int{self.accumulator_bits} accumulator, fixed-point requantization per channel"
+
+
+_LAYER_TENSORS = {"weight": torch.int8, "bias": torch.int32, "multiplier": torch.int32,
+                  "shift": torch.int8, "weight_scale": torch.float64, "input_scale": torch.float64,
+                  "output_scale": torch.float64, "input_zero_point": torch.int32,
+                  "output_zero_point": torch.int32}
+
+
+def _layer_ranges(module: QLayer) -> None:
+    sc.zero_point_fits(module, "input_zero_point", module.input_bits)
+    sc.zero_point_fits(module, "output_zero_point", module.output_bits)
+    channels = module.weight.shape[0] if module.weight.dim() in (2, 4) else -1
+    sc.expect(all(getattr(module, n).shape == (channels,) for n in ("bias", "multiplier", "shift", "weight_scale"))
+              and (module.weight.dim() == 4) == isinstance(module, QConv2d),
+              "weight, bias, multiplier, shift and scales disagree in shape")
+    sc.expect(int(module.weight.to(torch.int64).abs().max()) <= 127, "weight outside ±127")
+    sc.fixed_point_fits(module.multiplier, module.shift, "a channel's")
+
+
 def _absmax(qp: ActQParams) -> int:
     """The largest ``|I_q − z_I|``."""
     return max(qp.zero_point, qp.qmax - qp.zero_point)
@@ -221,6 +275,10 @@ def _layer_multipliers(real: torch.Tensor, bounds: torch.Tensor, output_qp: ActQ
 class QConv2d(QLayer):
     """uint8 → uint8 2-d convolution (formulas (1), (2)); geometry copied from the float conv."""
 
+    schema = Schema({"input_bits": sc.act_bits, "output_bits": sc.act_bits, "stride": sc.ints(1, 2),
+                     "padding": sc.ints(0, 2), "dilation": sc.ints(1, 2)}, _LAYER_TENSORS,
+                    ranges=_layer_ranges)
+
     def __init__(self, conv: nn.Conv2d, weights: QuantizedWeight, input_qp: ActQParams,
                  output_qp: ActQParams, name: str):
         if conv.padding_mode != "zeros" or conv.groups != 1:
@@ -247,6 +305,9 @@ class QConv2d(QLayer):
 class QLinear(QLayer):
     """uint8 → uint8 fully connected layer (formulas (1), (2))."""
 
+    schema = Schema({"input_bits": sc.act_bits, "output_bits": sc.act_bits}, _LAYER_TENSORS,
+                    ranges=_layer_ranges)
+
     def __init__(self, linear: nn.Linear, weights: QuantizedWeight, input_qp: ActQParams,
                  output_qp: ActQParams, name: str):
         super().__init__(linear, weights, input_qp, output_qp, name)
@@ -270,6 +331,11 @@ class QAdd(Derived):
     pair with `fxq.intmath.add` when it is built, and then runs as a lookup in that table (64 KiB
     at 8 bits): the same integers, an order of magnitude fewer passes over the tensors.
     """
+
+    schema = Schema({"input_bits": lambda v: sc.bits_tuple(v) and len(v) == 2, "output_bits": sc.act_bits},
+                    {**{f"{p}_{f}": torch.int64 for p in "ab" for f in ("zero_point", "multiplier", "shift")},
+                     "output_zero_point": torch.int64},
+                    ranges=lambda m: m.check_ranges())
 
     def __init__(self, a: ActQParams, b: ActQParams, out: ActQParams, name: str):
         super().__init__()
@@ -314,6 +380,25 @@ class QAdd(Derived):
             return self.compute(a, b)
         return self.table[a.to(torch.int32) * (1 << self.input_bits[1]) + b]
 
+    def check_ranges(self) -> None:
+        for prefix, bits in zip("ab", self.input_bits):
+            sc.zero_point_fits(self, f"{prefix}_zero_point", bits)
+            sc.fixed_point_fits(getattr(self, f"{prefix}_multiplier"), getattr(self, f"{prefix}_shift"), prefix)
+        sc.zero_point_fits(self, "output_zero_point", self.output_bits)
+
+    def twin(self, node) -> nn.Module:
+        return _on_integers(self.compute, node)
+
+    def describe(self) -> str:
+        how = f"a lookup in the {1 << sum(self.input_bits)}-entry table of every input pair" if self.tabulated else "int64"
+        return f"both inputs rescaled to the output scale, one rounding: {how}"
+
+
+def _on_integers(compute, node) -> nn.Module:
+    """The twin of an integer kernel: run it on the integers its input values stand for."""
+    inputs = [records.get(a, ActQParams) for a in node.args]
+    return OnIntegers(compute, inputs, records.get(node, ActQParams))
+
 
 class QRequantize(Derived):
     """uint8 → uint8 at new parameters: ``clamp(z_O + round(M·(q − z_I)), 0, 2^b − 1)``, ``M = s_I/s_O``.
@@ -321,6 +406,11 @@ class QRequantize(Derived):
     Formula (2) with ``q − z_I`` as the accumulator; with at most 2^8 inputs it runs as a lookup
     in the table of every answer, built once with `fxq.intmath.requantize`.
     """
+
+    schema = Schema({"input_bits": sc.act_bits, "output_bits": sc.act_bits},
+                    {"input_zero_point": torch.int32, "output_zero_point": torch.int32,
+                     "multiplier": torch.int32, "shift": torch.int8},
+                    ranges=lambda m: m.check_ranges())
 
     def __init__(self, before: ActQParams, after: ActQParams):
         super().__init__()
@@ -349,12 +439,26 @@ class QRequantize(Derived):
     def extra_repr(self) -> str:
         return f"zero_point {int(self.input_zero_point)} → {int(self.output_zero_point)}"
 
+    def check_ranges(self) -> None:
+        sc.zero_point_fits(self, "input_zero_point", self.input_bits)
+        sc.zero_point_fits(self, "output_zero_point", self.output_bits)
+        sc.fixed_point_fits(self.multiplier, self.shift, "the")
+
+    def twin(self, node) -> nn.Module:
+        return _on_integers(self.compute, node)
+
+    def describe(self) -> str:
+        return f"to new parameters: a lookup in the {1 << self.input_bits}-entry table"
+
 
 class QReLU(nn.Module):
     """uint8 → uint8 ReLU: real 0 is ``q = z``, so ``relu(s·(q − z)) = s·(max(q, z) − z)``.
 
     The zero point is a buffer, so ``state_dict()`` carries it like every other integer.
     """
+
+    schema = Schema({}, {"zero_point": torch.int32},
+                    ranges=lambda m: sc.zero_point_fits(m, "zero_point", 16))
 
     def __init__(self, zero_point: int):
         super().__init__()
@@ -366,6 +470,12 @@ class QReLU(nn.Module):
     def extra_repr(self) -> str:
         return f"max(q, {int(self.zero_point)})"
 
+    def twin(self, node) -> nn.Module:
+        return nn.ReLU()  # max(q, z) on integers is max(x, 0) on their values
+
+    def describe(self) -> str:
+        return f"max(q, {int(self.zero_point)}): real 0 is the zero point"
+
 
 class QMaxPool2d(nn.MaxPool2d):
     """uint8 → uint8 max pooling: max commutes with the monotone ``q ↦ s·(q − z)``.
@@ -373,6 +483,16 @@ class QMaxPool2d(nn.MaxPool2d):
     torch's uint8 max pooling rejects channels-last input, the layout a QConv2d returns, so the
     integers are made contiguous first.
     """
+
+    schema = Schema({"kernel_size": sc.int_or_pair(1), "stride": sc.int_or_pair(1),
+                     "padding": sc.int_or_pair(0), "dilation": sc.int_or_pair(1),
+                     "return_indices": sc.one_of(False), "ceil_mode": sc.one_of(True, False)}, {})
+
+    def twin(self, node) -> nn.Module:
+        return self  # the max of values is the value of the max
+
+    def describe(self) -> str:
+        return "window max of the integers, same scale"
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         return super().forward(q.contiguous())
@@ -392,6 +512,15 @@ class QAvgPool2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kernel={self.kernel or 'global'}, stride={self.stride or self.kernel or 'global'}"
+
+    schema = Schema({"kernel": sc.optional(sc.ints(1, 2)), "stride": sc.optional(sc.ints(1, 2))},
+                    {"zero_point": torch.int32}, ranges=lambda m: sc.zero_point_fits(m, "zero_point", 16))
+
+    def twin(self, node) -> nn.Module:
+        return FloatAvgPool(self, records.get(node, ActQParams))
+
+    def describe(self) -> str:
+        return "integer window sum, one rounding division, same scale"
 
 
 def _describe(x: object) -> str:

@@ -25,33 +25,33 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import keyword
-import operator
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from fxq import packing, qmodules, records
 from fxq.affine import ActQParams
-from fxq.config import MAX_BITS, MIN_BITS, WIDE_ACT_BITS, QConfig
-from fxq.ops import METHODS as METHOD_KINDS
+from fxq import ops
+from fxq import schema as sc
+from fxq.config import QConfig
+from fxq.ops.fallback import FLOAT_FUNCTIONS, FLOAT_METHODS, FLOAT_SCHEMAS
+from fxq.ops.shape import SHAPE_ATTRIBUTES
 from fxq.qmodules import QLayer
+from fxq.schema import Schema, SchemaError
 
 FORMAT = "fxq/2"
 PLAIN = (int, float, str, bool, type(None))
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 INDEX = re.compile(r"(0|[1-9][0-9]{0,5})\Z")
+DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float64, torch.float16,
+                                                    torch.bfloat16, torch.int64, torch.int32, torch.uint8)}
 OPS = ("placeholder", "call_module", "call_function", "call_method", "get_attr", "output")
-FUNCTIONS = {f"{fn.__module__}.{fn.__name__}": fn for fn in (
-    operator.add, operator.iadd, torch.add, torch.flatten, torch.relu, F.relu,
-    F.adaptive_avg_pool2d, getattr,
-)}
-METHODS = frozenset(METHOD_KINDS)
-GETATTR_NAMES = frozenset({"shape", "dtype", "ndim"})  # what getattr(x, name) may read
+# the functions and methods a saved graph may call: its ops' forms, and the float fallback's
+FUNCTIONS = {f"{fn.__module__}.{fn.__name__}": fn
+             for fn in [f for op in ops.REGISTRY for f in op.functions] + list(FLOAT_FUNCTIONS)}
+METHODS = frozenset(m for op in ops.REGISTRY for m in op.methods) | FLOAT_METHODS
 
 
 class InvalidModelFile(ValueError):
@@ -172,88 +172,14 @@ def _smoke_run(gm: fx.GraphModule) -> None:
 
 # ---------------------------------------------------------------- modules
 
-Check = Callable[[object], bool]
+def _schemas() -> dict[type, Schema]:
+    """Every module type a quantized graph may hold: each registry entry's integer modules, and
+    the float modules a graph keeps."""
+    found = {kind: kind.schema for op in (*ops.REGISTRY, ops.FLOAT) for kind in op.integer_modules}
+    return {**found, **FLOAT_SCHEMAS}
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _act_bits(v) -> bool:
-    return _is_int(v) and (MIN_BITS <= v <= MAX_BITS or v == WIDE_ACT_BITS)
-
-
-def _ints(low: int, length: int | None = None) -> Check:
-    """A tuple of ints ≥ low (of ``length`` items, if given)."""
-    return lambda v: (isinstance(v, tuple) and (length is None or len(v) == length)
-                      and all(_is_int(x) and x >= low for x in v))
-
-
-def _int_or_pair(low: int) -> Check:
-    return lambda v: (_is_int(v) and v >= low) or _ints(low, 2)(v)
-
-
-def _optional(check: Check) -> Check:
-    return lambda v: v is None or check(v)
-
-
-def _one_of(*values) -> Check:
-    return lambda v: any(v == x and type(v) is type(x) for x in values)
-
-
-@dataclass(frozen=True)
-class Schema:
-    """What a saved module of one type consists of: its attributes (each with a check) and its
-    tensors (each with a dtype); ``build`` makes the module from them."""
-
-    attributes: dict[str, Check]
-    tensors: dict[str, torch.dtype]
-    build: Callable[[type, dict, dict], nn.Module] | None = None  # None: restore the fields as they are
-    optional_tensors: frozenset = frozenset()
-
-
-_BITS_PAIR = lambda v: isinstance(v, tuple) and len(v) == 2 and all(map(_act_bits, v))  # noqa: E731
-_LAYER_TENSORS = {"weight": torch.int8, "bias": torch.int32, "multiplier": torch.int32,
-                  "shift": torch.int8, "weight_scale": torch.float64, "input_scale": torch.float64,
-                  "output_scale": torch.float64, "input_zero_point": torch.int32,
-                  "output_zero_point": torch.int32}
-_BOUNDARY_TENSORS = {"scale": torch.float64, "zero_point": torch.int32}
-_ADD_TENSORS = {f"{p}_{f}": torch.int64 for p in "ab" for f in ("zero_point", "multiplier", "shift")}
-_ADD_TENSORS["output_zero_point"] = torch.int64
-
-
-def _with_bias(cls, attributes, tensors) -> nn.Module:
-    """A float conv or linear from its constructor's arguments; the bias if the file has one."""
-    return cls(bias="bias" in tensors, **attributes)
-
-
-SCHEMAS: dict[type, Schema] = {
-    qmodules.Quantize: Schema({"bits": _act_bits, "sample_shape": _optional(_ints(1))}, _BOUNDARY_TENSORS),
-    qmodules.Dequantize: Schema({"bits": _act_bits}, _BOUNDARY_TENSORS),
-    qmodules.QConv2d: Schema({"input_bits": _act_bits, "output_bits": _act_bits, "stride": _ints(1, 2),
-                              "padding": _ints(0, 2), "dilation": _ints(1, 2)}, _LAYER_TENSORS),
-    qmodules.QLinear: Schema({"input_bits": _act_bits, "output_bits": _act_bits}, _LAYER_TENSORS),
-    qmodules.QAdd: Schema({"input_bits": _BITS_PAIR, "output_bits": _act_bits}, _ADD_TENSORS),
-    qmodules.QReLU: Schema({}, {"zero_point": torch.int32}),
-    qmodules.QAvgPool2d: Schema({"kernel": _optional(_ints(1, 2)), "stride": _optional(_ints(1, 2))},
-                                {"zero_point": torch.int32}),
-    qmodules.QMaxPool2d: Schema({"kernel_size": _int_or_pair(1), "stride": _int_or_pair(1),
-                                 "padding": _int_or_pair(0), "dilation": _int_or_pair(1),
-                                 "return_indices": _one_of(False), "ceil_mode": _one_of(True, False)}, {}),
-    qmodules.QRequantize: Schema({"input_bits": _act_bits, "output_bits": _act_bits},
-                                 {"input_zero_point": torch.int32, "output_zero_point": torch.int32,
-                                  "multiplier": torch.int32, "shift": torch.int8}),
-    # float layers a quantized graph keeps (overrides to None), rebuilt by their constructors
-    nn.Conv2d: Schema({"in_channels": lambda v: _is_int(v) and v > 0, "out_channels": lambda v: _is_int(v) and v > 0,
-                       "kernel_size": _ints(1, 2), "stride": _ints(1, 2), "padding": lambda v: _ints(0, 2)(v) or _one_of("same", "valid")(v),
-                       "dilation": _ints(1, 2), "groups": lambda v: _is_int(v) and v > 0,
-                       "padding_mode": _one_of("zeros", "reflect", "replicate", "circular")},
-                      {"weight": torch.float32, "bias": torch.float32}, _with_bias, frozenset({"bias"})),
-    nn.Linear: Schema({"in_features": lambda v: _is_int(v) and v > 0, "out_features": lambda v: _is_int(v) and v > 0},
-                      {"weight": torch.float32, "bias": torch.float32}, _with_bias, frozenset({"bias"})),
-    nn.Flatten: Schema({"start_dim": _is_int, "end_dim": _is_int}, {},
-                       lambda cls, attributes, tensors: cls(**attributes)),
-}
+SCHEMAS = _schemas()
 MODULE_TYPES = {cls.__name__: cls for cls in SCHEMAS}
 
 
@@ -269,7 +195,10 @@ def _module_record(target: str, module: nn.Module) -> dict:
         if bits < 8:
             packed["weight"] = {"bits": bits, "shape": list(module.weight.shape),
                                 "data": packing.pack(tensors.pop("weight"), bits)}
-    attributes = {name: getattr(module, name) for name in schema.attributes}
+    attributes = {name: getattr(module, name) for name in schema.attributes
+                  if not schema.loose or (hasattr(module, name) and sc.plain(getattr(module, name)))}
+    if schema.loose:  # tuples, as the tracer and the strict state load expect them
+        attributes = {k: tuple(v) if isinstance(v, list) else v for k, v in attributes.items()}
     return {"type": type(module).__name__, "attributes": attributes, "tensors": tensors, "packed": packed}
 
 
@@ -280,10 +209,15 @@ def _module_from(target: str, record) -> nn.Module:
     _expect(cls is not None, f"'{target}' has module type {record['type']!r}, which fxq does not load")
     schema = SCHEMAS[cls]
     attributes, tensors = record["attributes"], _tensors_of(target, record)
-    _expect(isinstance(attributes, dict) and set(attributes) == set(schema.attributes),
+    _expect(isinstance(attributes, dict) and (set(attributes) == set(schema.attributes)
+                                              or schema.loose and set(attributes) <= set(schema.attributes)),
             f"'{target}' ({cls.__name__}) must have the attributes {sorted(schema.attributes)}")
-    for name, check in schema.attributes.items():
-        _expect(check(attributes[name]), f"'{target}'.{name} = {attributes[name]!r} is out of range")
+    for name, value in attributes.items():
+        _expect(schema.attributes[name](value), f"'{target}'.{name} = {value!r} is out of range")
+    if schema.loose:
+        _expect(all(t.dtype in (torch.float32, torch.int64) for t in tensors.values()),
+                f"'{target}' ({cls.__name__}) holds tensors that are neither float32 nor int64")
+        return _constructed_module(target, schema, cls, attributes, tensors)
     required = set(schema.tensors) - schema.optional_tensors
     _expect(required <= set(tensors) <= set(schema.tensors),
             f"'{target}' ({cls.__name__}) must hold the tensors {sorted(schema.tensors)}")
@@ -299,10 +233,24 @@ def _module_from(target: str, record) -> nn.Module:
     vars(module).update(attributes)
     for name, tensor in tensors.items():
         module.register_buffer(name, tensor)
-    _check_integers(target, module)
+    if schema.ranges is not None:
+        try:
+            schema.ranges(module)
+        except SchemaError as error:
+            raise InvalidModelFile(f"'{target}': {error}") from None
     if isinstance(module, qmodules.Derived):
         module.prepare()
     return module.eval()
+
+
+def _constructed_module(target: str, schema: Schema, cls: type, attributes: dict, tensors: dict) -> nn.Module:
+    try:
+        module = schema.build(cls, dict(attributes), tensors)
+        module.load_state_dict(tensors, strict=True)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise InvalidModelFile(f"'{target}' ({cls.__name__}) does not build from its fields: "
+                               f"{_first_line(error)}") from None
+    return module.eval().requires_grad_(False)
 
 
 def _tensors_of(target: str, record: dict) -> dict[str, torch.Tensor]:
@@ -313,8 +261,8 @@ def _tensors_of(target: str, record: dict) -> dict[str, torch.Tensor]:
         _expect(name == "weight" and "weight" not in tensors and isinstance(entry, dict)
                 and set(entry) == {"bits", "shape", "data"}, f"'{target}' has a malformed packed weight")
         bits, shape, data = entry["bits"], entry["shape"], entry["data"]
-        _expect(_is_int(bits) and 2 <= bits < 8 and isinstance(shape, list) and 1 <= len(shape) <= 4
-                and all(_is_int(s) and s > 0 for s in shape) and isinstance(data, torch.Tensor)
+        _expect(sc.is_int(bits) and 2 <= bits < 8 and isinstance(shape, list) and 1 <= len(shape) <= 4
+                and all(sc.is_int(s) and s > 0 for s in shape) and isinstance(data, torch.Tensor)
                 and data.dtype == torch.uint8 and data.dim() == 1, f"'{target}' has a malformed packed weight")
         count = 1
         for size in shape:
@@ -324,45 +272,6 @@ def _tensors_of(target: str, record: dict) -> dict[str, torch.Tensor]:
     _expect(all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()),
             f"'{target}' has tensors that are not tensors")
     return tensors
-
-
-def _check_integers(target: str, module: nn.Module) -> None:
-    """The ranges fxq's integer kernels rely on (see `fxq.intmath`)."""
-    def scalar(name: str) -> int:
-        value = getattr(module, name)
-        _expect(value.dim() == 0, f"'{target}'.{name} must be a scalar")
-        return int(value)
-
-    def zero_point(name: str, bits: int) -> None:
-        _expect(0 <= scalar(name) <= (1 << bits) - 1, f"'{target}'.{name} is outside its {bits}-bit range")
-
-    def fixed_point(m: torch.Tensor, shift: torch.Tensor, name: str) -> None:
-        _expect(bool((m >= 0).all() and (m < 2**31).all() and (shift < 31).all() and (shift >= -31).all()),
-                f"'{target}': {name} multiplier or shift outside [0, 2^31) × [−31, 30]")
-
-    if isinstance(module, (qmodules.Quantize, qmodules.Dequantize)):
-        zero_point("zero_point", module.bits)
-        _expect(float(module.scale) > 0 and bool(torch.isfinite(module.scale)), f"'{target}'.scale must be > 0")
-    elif isinstance(module, QLayer):
-        zero_point("input_zero_point", module.input_bits)
-        zero_point("output_zero_point", module.output_bits)
-        channels = module.weight.shape[0] if module.weight.dim() in (2, 4) else -1
-        _expect(all(getattr(module, n).shape == (channels,) for n in ("bias", "multiplier", "shift", "weight_scale"))
-                and (module.weight.dim() == 4) == isinstance(module, qmodules.QConv2d),
-                f"'{target}': weight, bias, multiplier, shift and scales disagree in shape")
-        _expect(int(module.weight.to(torch.int64).abs().max()) <= 127, f"'{target}'.weight outside ±127")
-        fixed_point(module.multiplier.long(), module.shift.long(), "a channel's")
-    elif isinstance(module, qmodules.QAdd):
-        for prefix, bits in zip("ab", module.input_bits):
-            zero_point(f"{prefix}_zero_point", bits)
-            fixed_point(torch.tensor(scalar(f"{prefix}_multiplier")), torch.tensor(scalar(f"{prefix}_shift")), prefix)
-        zero_point("output_zero_point", module.output_bits)
-    elif isinstance(module, qmodules.QRequantize):
-        zero_point("input_zero_point", module.input_bits)
-        zero_point("output_zero_point", module.output_bits)
-        fixed_point(torch.tensor(scalar("multiplier")), torch.tensor(scalar("shift")), "the")
-    elif isinstance(module, (qmodules.QReLU, qmodules.QAvgPool2d)):
-        zero_point("zero_point", 16)
 
 
 def _install(root: nn.Module, target: str, module: nn.Module) -> None:
@@ -402,7 +311,7 @@ def _node_from(graph: fx.Graph, record, nodes: dict[str, fx.Node], modules: dict
     args, kwargs = _decode(record["args"], nodes), _decode(record["kwargs"], nodes)
     _expect(isinstance(args, tuple) and isinstance(kwargs, dict), f"node '{name}' has malformed arguments")
     if target is getattr:
-        _expect(len(args) == 2 and args[1] in GETATTR_NAMES, f"node '{name}' reads an attribute fxq never reads")
+        _expect(len(args) == 2 and args[1] in SHAPE_ATTRIBUTES, f"node '{name}' reads an attribute fxq never reads")
     node = graph.create_node(op, target, args, kwargs, name)
     _expect(node.name == name, f"node name {name!r} is reserved")
     if record["qparams"] is not None:
@@ -430,8 +339,8 @@ def _target(name: str, op: str, target, modules: dict):
 def _qparams_from(name: str, values) -> ActQParams:
     _expect(isinstance(values, list) and len(values) == 3, f"node '{name}' has malformed quantization parameters")
     scale, zero_point, bits = values
-    _expect(isinstance(scale, float) and scale > 0 and scale < float("inf") and _act_bits(bits)
-            and _is_int(zero_point) and 0 <= zero_point < (1 << bits),
+    _expect(isinstance(scale, float) and scale > 0 and scale < float("inf") and sc.act_bits(bits)
+            and sc.is_int(zero_point) and 0 <= zero_point < (1 << bits),
             f"node '{name}' has quantization parameters out of range")
     return ActQParams(scale, zero_point, bits)
 
@@ -439,10 +348,16 @@ def _qparams_from(name: str, values) -> ActQParams:
 def _encode(value):
     if isinstance(value, fx.Node):
         return {"node": value.name}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_encode(v) for v in value)
+    if isinstance(value, (tuple, list)):  # fx's immutable lists and torch.Size as plain ones
+        return (list if isinstance(value, list) else tuple)(_encode(v) for v in value)
     if isinstance(value, dict):
         return {"dict": {k: _encode(v) for k, v in value.items()}}
+    if isinstance(value, slice):
+        return {"slice": [_encode(v) for v in (value.start, value.stop, value.step)]}
+    if value is Ellipsis:
+        return {"ellipsis": None}
+    if isinstance(value, torch.dtype) and value in DTYPES.values():
+        return {"dtype": str(value).removeprefix("torch.")}
     if isinstance(value, PLAIN):
         return value
     raise ValueError(f"cannot save a graph argument of type {type(value).__name__}")
@@ -450,7 +365,16 @@ def _encode(value):
 
 def _decode(value, nodes: dict[str, fx.Node]):
     if isinstance(value, dict):
-        _expect(set(value) in ({"node"}, {"dict"}), "a graph argument is malformed")
+        _expect(set(value) in ({"node"}, {"dict"}, {"slice"}, {"ellipsis"}, {"dtype"}),
+                "a graph argument is malformed")
+        if "slice" in value:
+            _expect(isinstance(value["slice"], list) and len(value["slice"]) == 3, "a malformed slice")
+            return slice(*(_decode(v, nodes) for v in value["slice"]))
+        if "ellipsis" in value:
+            return Ellipsis
+        if "dtype" in value:
+            _expect(value["dtype"] in DTYPES, f"dtype {value['dtype']!r} is not one fxq loads")
+            return DTYPES[value["dtype"]]
         if "node" in value:
             _expect(isinstance(value["node"], str) and value["node"] in nodes,
                     f"an argument names node {value['node']!r}, which is not defined before it")

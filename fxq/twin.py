@@ -27,8 +27,6 @@ from torch import fx, nn
 from fxq import records
 from fxq.affine import ActQParams, round_half_away
 from fxq.graph import replace_module
-from fxq.qmodules import (Dequantize, QAdd, QAvgPool2d, QConv2d, QLayer, QReLU, QRequantize,
-                          Quantize)
 
 
 class SnapToGrid(nn.Module):
@@ -60,10 +58,10 @@ class FloatLayer(nn.Module):
     """A conv/linear in float64 on ``q − z_I`` with the integer weights and bias: the accumulator
     of formula (1), exact, then formula (2) with the layer's own fixed-point multiplier."""
 
-    def __init__(self, layer: QLayer):
+    def __init__(self, layer: nn.Module):
         super().__init__()
         self.layer = layer
-        self.conv = isinstance(layer, QConv2d)
+        self.conv = layer.weight.dim() == 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.layer
@@ -91,6 +89,18 @@ class OnIntegers(nn.Module):
         return _values(self.compute(*integers), self.output)
 
 
+class FromIntegers(nn.Module):
+    """Recovers the integer a value stands for and runs ``module`` on it: where the integer graph
+    leaves integers (a dequantize before a float op), the twin hands on the very same floats."""
+
+    def __init__(self, module: nn.Module, qparams: ActQParams):
+        super().__init__()
+        self.module, self.qparams = module, qparams
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module((_steps(x, self.qparams.scale) + self.qparams.zero_point).to(torch.int64))
+
+
 class FloatAvgPool(nn.Module):
     """Average pooling of real values on their grid: ``s·round(mean(x/s))``.
 
@@ -99,7 +109,7 @@ class FloatAvgPool(nn.Module):
     again; taking the steps first (``round(x/s)``, exact) keeps the rounding rule's ties.
     """
 
-    def __init__(self, pool: QAvgPool2d, qparams: ActQParams):
+    def __init__(self, pool: nn.Module, qparams: ActQParams):
         super().__init__()
         self.kernel, self.stride, self.qparams = pool.kernel, pool.stride, qparams
 
@@ -112,33 +122,18 @@ class FloatAvgPool(nn.Module):
 
 
 def simulate(qmodel: fx.GraphModule) -> fx.GraphModule:
-    """A float twin of ``qmodel`` (which is left as it is): same graph, same names, float values."""
+    """A float twin of ``qmodel`` (which is left as it is): same graph, same names, float values.
+
+    Each integer module of the graph names its own twin (``module.twin(node)``, a facet of its
+    op's registry entry, `fxq.ops`); calls the integer graph keeps as they are (view, flatten,
+    max-pool on integers, float ops between dequantize and quantize) mean the same on values.
+    """
     twin = copy.deepcopy(qmodel)
-    modules = dict(twin.named_modules())
     for node in list(twin.graph.nodes):
-        module = modules.get(node.target) if node.op == "call_module" else None
-        replacement = _twin_of(module, node)
-        if replacement is not None:
-            replace_module(twin, node.target, replacement)
+        module = twin.get_submodule(node.target) if node.op == "call_module" else None
+        if module is not None and hasattr(module, "twin"):
+            replace_module(twin, node.target, module.twin(node))
     twin.delete_all_unused_submodules()
     twin.graph.lint()
     twin.recompile()
     return twin
-
-
-def _twin_of(module: nn.Module | None, node: fx.Node) -> nn.Module | None:
-    """The float module standing for ``module`` in the twin (None: keep it, or handled apart)."""
-    if isinstance(module, Quantize):
-        return SnapToGrid(module.qparams)
-    if isinstance(module, Dequantize):
-        return nn.Identity()
-    if isinstance(module, QReLU):  # max(q, z) on integers is max(x, 0) on their values
-        return nn.ReLU()
-    if isinstance(module, QLayer):
-        return FloatLayer(module)
-    if isinstance(module, QAvgPool2d):
-        return FloatAvgPool(module, records.get(node, ActQParams))
-    if isinstance(module, (QAdd, QRequantize)):
-        inputs = [records.get(a, ActQParams) for a in node.args]
-        return OnIntegers(module.compute, inputs, records.get(node, ActQParams))
-    return None

@@ -7,13 +7,9 @@ from torch import fx, nn
 
 from fxq.context import PassContext
 from fxq.graph import finish, module_name
-from fxq.ops import Kind, kind_of
+from fxq import ops
 
 SWEEPS = 20  # a chain of n layers converges in a few sweeps; pairs in ResNets need one
-# Between the two layers, ops that commute with a positive per-channel scale: relu(s·x) = s·relu(x),
-# max-pooling likewise. A residual add does not (the other branch is not scaled), nor does an
-# average pool with padding or anything nonlinear with an offset.
-HOMOGENEOUS = (Kind.ACTIVATION, Kind.PASSTHROUGH)
 
 
 def equalize(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -52,27 +48,23 @@ def _pair_after(node: fx.Node, modules: dict[str, nn.Module], ctx: PassContext):
         second = _equalizable(current, modules, ctx)
         if second is not None:
             return (first, second) if saw_relu and second.weight.shape[1] == first.weight.shape[0] else None
-        kind = kind_of(current, modules) if current.op != "output" else None
-        if kind not in HOMOGENEOUS or _merges_channels(current, modules):
+        # Between the two layers, only ops that commute with a positive per-channel scale
+        # (relu(s·x) = s·relu(x), max-pooling likewise) and keep channels apart. A residual add
+        # does not (the other branch is not scaled), nor does ReLU6 (its bound is not scaled).
+        op = ops.classify(current, modules)[0] if current.op in ops.CALLS else None
+        if op is None or not (op.homogeneous and op.channelwise):
             return None
-        saw_relu |= kind is Kind.ACTIVATION
+        saw_relu |= op.clamps
     return None
 
 
 def _equalizable(node: fx.Node, modules: dict[str, nn.Module], ctx: PassContext):
-    if node.op != "call_module" or kind_of(node, modules) is not Kind.WEIGHTED:
+    if node.op != "call_module" or not ops.classify(node, modules)[0].weighted:
         return None
     layer = modules[node.target]
     if getattr(layer, "groups", 1) != 1 or ctx.config_for(module_name(node)) is None:
         return None
     return layer
-
-
-def _merges_channels(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """A flatten or view mixes channels with positions: B's inputs are then not A's channels."""
-    if node.op == "call_module":
-        return isinstance(modules[node.target], nn.Flatten)
-    return node.target in (torch.flatten, "flatten", "view", "reshape")
 
 
 def _equalize_pair(first: nn.Module, second: nn.Module) -> None:

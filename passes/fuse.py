@@ -3,16 +3,14 @@ from __future__ import annotations
 
 from torch import fx
 
-from fxq import records
+from fxq import ops, records
 from fxq.context import PassContext
 from fxq.graph import finish
-from fxq.ops import Kind, kind_of
-
-PRODUCERS = (Kind.WEIGHTED, Kind.ADD)
 
 
 def fuse(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Group each producer with the ReLU that follows it into one unit.
+    """Group each producer (an entry that ``absorbs_activation``: conv, linear, add) with the
+    clamp that follows it (an entry that ``clamps``: ReLU) into one unit.
 
     Before: ``y = relu(conv(x))`` as two unrelated nodes. After: the same nodes, both carrying
     a ``records.FusedUnit(conv, relu)`` record. The unit is what the placement applies to:
@@ -24,11 +22,11 @@ def fuse(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
-        if node.op not in ("call_module", "call_function", "call_method") or not node.args:
+        if node.op not in ops.CALLS or not node.args or not isinstance(node.args[0], fx.Node):
             continue
         producer = node.args[0]
-        if (kind_of(node, modules) is not Kind.ACTIVATION or not isinstance(producer, fx.Node)
-                or kind_of(producer, modules) not in PRODUCERS):
+        if producer.op not in ops.CALLS or not (ops.classify(node, modules, ctx)[0].clamps
+                                                 and ops.classify(producer, modules, ctx)[0].absorbs_activation):
             continue
         if len(producer.users) > 1:  # the pre-activation value is read elsewhere too
             continue

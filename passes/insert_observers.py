@@ -1,14 +1,16 @@
 """insert_observers: an observer after every value that gets a scale of its own."""
 from __future__ import annotations
 
+import warnings
+
 from torch import fx, nn
 
-from fxq import records
+from fxq import ops, records
 from fxq.config import QConfig
 from fxq.context import PassContext
 from fxq.graph import finish, label, module_name, scope_of
 from fxq.observers import InputGram, make_observer
-from fxq.ops import Kind, kind_of, supported
+from fxq.ops.fallback import FloatFallbackWarning, float_report
 
 OBSERVERS = "observers"  # the submodule holding one observer per observed node
 INPUT_GRAMS = "input_grams"  # the submodule holding the output-aware weight rule's statistics
@@ -18,7 +20,9 @@ def insert_observers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Insert an observer call after each value that is quantized with new parameters.
 
     Before: ``y = conv(x)``. After: ``y = observers.conv(conv(x))``, an identity that records
-    ``y``'s range. Observed: every model input, and the output of each conv, linear and add.
+    ``y``'s range. Observed: every model input, and every value with parameters of its own (its
+    registry entry's ``output`` is ``Output.OWN``: conv, linear, add, and every call that will
+    run in float, whose output is quantized again after it).
     For a fused unit ``relu(conv(x))`` (`passes.fuse`) the producer's ``placement`` decides:
     "pre" observes the conv output only, "post" the ReLU output only, "both" each of them.
     Other ReLUs, pooling, flatten and view keep their input's scale and get no observer. A layer whose config asks for
@@ -26,11 +30,15 @@ def insert_observers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     input edge (the input's mean, and its Gram matrix for output_aware).
 
     Each observer follows the config of the layer producing the value (``ctx.config_for``). An
-    op fxq cannot run on integers raises a ``ValueError`` naming it and listing what is supported;
-    an ``overrides`` pattern that matches no layer raises one listing close matches.
+    ``overrides`` pattern that matches no module raises a ``ValueError`` listing close matches.
     """
     modules = dict(gm.named_modules())
-    ctx.register_layers(list(dict.fromkeys(module_name(n) for n in gm.graph.nodes if _is_weighted(n, modules))))
+    kept = ops.float_calls(gm, ctx)
+    if kept:
+        warnings.warn(float_report(kept), FloatFallbackWarning, stacklevel=2)
+    calls = [n for n in gm.graph.nodes if n.op == "call_module"]
+    ctx.register_layers(list(dict.fromkeys(module_name(n) for n in calls if _is_weighted(n, modules))),
+                        list(dict.fromkeys(module_name(n) for n in calls)))
     containers = {OBSERVERS: nn.Module(), INPUT_GRAMS: nn.Module()}
     for name, container in containers.items():
         gm.add_module(name, container)
@@ -73,22 +81,17 @@ def _insert_on_input(gm: fx.GraphModule, node: fx.Node, container: nn.Module, la
 
 
 def _is_weighted(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    return node.op == "call_module" and kind_of(node, modules) is Kind.WEIGHTED
+    return node.op == "call_module" and ops.classify(node, modules)[0].weighted
 
 
 def _needs_observer(node: fx.Node, modules: dict[str, nn.Module], ctx: PassContext) -> bool:
-    if node.op not in ("call_module", "call_function", "call_method"):
+    """Values with parameters of their own: outputs of entries with ``Output.OWN`` (layers,
+    adds, and every call kept in float), as the fused unit's placement allows."""
+    if node.op not in ops.CALLS:
         return False
-    kind = kind_of(node, modules)
-    if kind is None:
-        raise ValueError(
-            f"{label(node)} ({_describe(node, modules)}) has no integer implementation in fxq. "
-            f"Supported: {supported()}. Fix: express it with supported ops, or fold it away "
-            "before quantizing (a batchnorm must directly follow a conv to be folded)"
-        )
     unit = records.get(node, records.FusedUnit)
     if unit is None:
-        return kind in (Kind.WEIGHTED, Kind.ADD)
+        return ops.classify(node, modules, ctx)[0].output is ops.Output.OWN
     placement = _producer_config(unit.producer, ctx).placement
     if node is unit.producer:
         return placement in ("pre", "both")
@@ -100,10 +103,3 @@ def _unit_producer(node: fx.Node) -> fx.Node:
     unit = records.get(node, records.FusedUnit)
     return node if unit is None else unit.producer
 
-
-def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
-    if node.op == "call_module":
-        return type(modules[node.target]).__name__
-    if node.op == "call_method":
-        return f".{node.target}()"
-    return getattr(node.target, "__name__", str(node.target))

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from fxq import records
+from fxq import ops, records
+from fxq.ops.arithmetic import ADD
 from fxq.affine import ActQParams
 from fxq.context import PassContext
 from fxq.graph import add_module_near, finish
-from fxq.ops import Kind, kind_of
 from fxq.qmodules import Dequantize, QAdd, Quantize
 
 
@@ -42,7 +42,7 @@ def _island(node: fx.Node, modules: dict[str, nn.Module]):
     if node.op != "call_module" or not isinstance(modules[node.target], Quantize):
         return None
     add = node.args[0]
-    if not isinstance(add, fx.Node) or add.op == "call_module" or kind_of(add, modules) is not Kind.ADD:
+    if not isinstance(add, fx.Node) or add.op not in ops.CALLS or ops.classify(add, modules)[0] is not ADD:
         return None
     if len(add.users) > 1:  # the float sum is read elsewhere too
         return None

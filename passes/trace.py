@@ -41,6 +41,7 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
         raise TypeError(f"fxq.quantize takes an nn.Module, got {type(model).__name__}")
     model = copy.deepcopy(model).eval()
     tracer = _PathTracer()
+    tracer.record_stack_traces = True  # so reports can name the user's source line of each op
     try:
         graph = tracer.trace(model)
     except Exception as error:  # torch.fx raises several types; all mean "cannot trace"

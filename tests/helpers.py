@@ -99,3 +99,21 @@ def node_values(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, object]:
     with torch.no_grad():
         Recorder(gm).run(x)
     return values
+
+
+def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    noise = (reference.double() - approximation.double()).pow(2).mean()
+    return float(10 * torch.log10(reference.double().pow(2).mean() / noise.clamp_min(1e-30)))
+
+
+def check_quantized(qmodel: fx.GraphModule, model: nn.Module, x: torch.Tensor, tmp_path) -> float:
+    """The checks every quantized model must pass: the twin agrees bit for bit, save → load gives
+    the same outputs; returns the logits' SQNR against the float model in dB."""
+    import fxq
+    integer, simulated = output_steps(qmodel, fxq.simulate(qmodel), x)
+    assert torch.equal(integer, simulated)
+    fxq.save(qmodel, tmp_path / "model.fxq")
+    loaded = fxq.load(tmp_path / "model.fxq")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qmodel(x))
+        return sqnr_db(model(x), qmodel(x))

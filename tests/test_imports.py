@@ -40,7 +40,7 @@ def _graph() -> nx.DiGraph:
     graph = nx.DiGraph()
     graph.add_nodes_from(modules)
     for name, path in modules.items():
-        graph.add_edges_from((name, target) for target in _imports(path) if target in modules)
+        graph.add_edges_from((name, target) for target in _imports(path) if target in modules and target != name)
     return graph
 
 

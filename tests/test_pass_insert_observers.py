@@ -35,25 +35,3 @@ def test_observers_do_not_change_the_output(ctx):
     assert torch.allclose(prepared(model, ctx)(x), model(x), atol=1e-5)  # bn folding rounds
 
 
-class Sigmoidal(nn.Module):
-    def forward(self, x):
-        return torch.sigmoid(x)
-
-
-def test_unsupported_op_is_named_with_the_supported_list(ctx):
-    with pytest.raises(ValueError, match=r"node 'sigmoid' \(sigmoid\).*Supported: Conv2d"):
-        prepared(Sigmoidal(), ctx)
-
-
-def test_unfoldable_batchnorm_is_an_unsupported_op(ctx):
-    with pytest.raises(ValueError, match="'0' \\(BatchNorm2d\\).*must directly follow a conv"):
-        prepared(nn.Sequential(nn.BatchNorm2d(3)).eval(), ctx)
-
-
-def test_scalar_add_is_unsupported(ctx):
-    class AddOne(nn.Module):
-        def forward(self, x):
-            return x + 1.0
-
-    with pytest.raises(ValueError, match="node 'add'"):
-        prepared(AddOne(), ctx)

@@ -1,0 +1,107 @@
+"""Every op fxq knows: one `Op` entry each, with all its facets (`fxq.ops.base.Op`).
+
+    fxq.ops.REGISTRY                  the entries
+    fxq.ops.classify(node, modules)   (the entry that lowers a call, why it stays float if so)
+
+A call no entry matches, or one its entry does not accept, runs in float between integers
+(`fxq.ops.fallback.FLOAT`). Adding an op is one entry in one of the family modules below plus
+its tests; `tests/test_registry.py` checks that every entry has every facet.
+"""
+from __future__ import annotations
+
+from torch import fx, nn
+
+from fxq.context import PassContext
+from fxq.graph import module_name
+from fxq.ops import activations, arithmetic, layers, pooling, shape
+from fxq.ops.base import KeepInFloat, Lowering, Op, Output
+from fxq.ops.fallback import FLOAT, lower_in_float
+
+__all__ = ["FLOAT", "KeepInFloat", "Lowering", "Op", "Output", "REGISTRY", "classify", "lower", "match"]
+
+REGISTRY: tuple[Op, ...] = (*layers.OPS, *activations.OPS, *arithmetic.OPS, *pooling.OPS, *shape.OPS)
+_BY_MODULE = {kind: op for op in REGISTRY for kind in op.modules}
+_BY_FUNCTION = {fn: op for op in REGISTRY for fn in op.functions}
+_BY_METHOD = {name: op for op in REGISTRY for name in op.methods}
+CALLS = ("call_module", "call_function", "call_method")
+
+
+def match(node: fx.Node, modules: dict[str, nn.Module]) -> Op | None:
+    """The entry whose forms match the call (a module's exact type: a subclass may compute
+    anything), or None."""
+    if node.op == "call_module":
+        return _BY_MODULE.get(type(modules[node.target]))
+    if node.op == "call_function":
+        return _BY_FUNCTION.get(node.target)
+    if node.op == "call_method":
+        return _BY_METHOD.get(node.target)
+    return None
+
+
+KEPT_BY_OVERRIDES = "kept in float by overrides"
+# why a call of these module types has no integer form here, and what to do
+HINTS = {nn.BatchNorm2d: "a batchnorm folds into the conv it directly follows, and only there"}
+
+
+def classify(node: fx.Node, modules: dict[str, nn.Module],
+             ctx: PassContext | None = None) -> tuple[Op, str | None]:
+    """The entry that lowers the call, and why it runs in float when that entry is `FLOAT`
+    (with ``ctx``, a module its ``overrides`` map to None is kept in float)."""
+    if ctx is not None and node.op == "call_module" and ctx.config_for(module_name(node)) is None:
+        return FLOAT, KEPT_BY_OVERRIDES
+    op = match(node, modules)
+    if op is None:
+        kind = type(modules[node.target]) if node.op == "call_module" else None
+        hint = f": {HINTS[kind]}" if kind in HINTS else ""
+        return FLOAT, f"no integer form for {describe_call(node, modules)}{hint}"
+    reason = op.accepts(node, modules.get(node.target) if node.op == "call_module" else None)
+    return (op, None) if reason is None else (FLOAT, reason)
+
+
+def lower(lo: Lowering, node: fx.Node) -> None:
+    """Lower one call with its entry; in float if it has no integer form, if an override keeps
+    it in float, or if its entry finds an input it cannot take (`KeepInFloat`)."""
+    op, reason = classify(node, lo.modules, lo.ctx)
+    if op is FLOAT:
+        lower_in_float(lo, node, reason)
+        return
+    try:
+        op.lower(lo, node)
+    except KeepInFloat as why:
+        lower_in_float(lo, node, str(why))
+
+
+def describe_call(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return type(modules[node.target]).__name__
+    if node.op == "call_method":
+        return f".{node.target}()"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def tensor_calls(graph: fx.Graph) -> list[fx.Node]:
+    """The calls that read a tensor: not arithmetic on sizes (``x.size(0) // 2``), whose inputs
+    are all Python values. A tensor flows from inputs, parameters and every module call."""
+    tensors: set[fx.Node] = set()
+    calls = []
+    for node in graph.nodes:
+        if node.op in ("placeholder", "get_attr", "call_module"):
+            tensors.add(node)
+        reads_tensor = any(arg in tensors for arg in node.all_input_nodes)
+        if node.op in CALLS and reads_tensor:
+            calls.append(node)
+            if not (node.op == "call_method" and node.target == "size") and node.target is not getattr:
+                tensors.add(node)
+    return calls
+
+
+def float_calls(gm: fx.GraphModule, ctx: PassContext) -> list[tuple[fx.Node, str]]:
+    """Every call on tensors that will run in float, with the reason (what overrides keep in
+    float, the user asked for, and is not listed)."""
+    modules = dict(gm.named_modules())
+    found = []
+    for node in tensor_calls(gm.graph):
+        op, reason = classify(node, modules, ctx)
+        if op is FLOAT and reason != KEPT_BY_OVERRIDES:
+            found.append((node, reason))
+    return found

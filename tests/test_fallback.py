@@ -1,0 +1,71 @@
+"""The float fallback: ops with no integer form run in float between integers, reported once."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxq
+from fxq import records
+from tests.helpers import check_quantized
+
+
+class Mixed(nn.Module):
+    """Integer-friendly convs around ops with no integer form: a LayerNorm, a softmax over
+    channels, a lone batchnorm (nothing to fold into), a stack of a list, and size arithmetic."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.LayerNorm([8, 8, 8])
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv1(x))
+        y = self.bn(self.norm(y))
+        y = F.softmax(y, dim=1) * 4.0
+        both = torch.stack([y, y.flip(2)], dim=0).sum(0)
+        half = y.size(1) // 2
+        return self.conv2(both[:, : 2 * half])
+
+
+def _calibration():
+    return [torch.randn(8, 3, 8, 8) for _ in range(4)]
+
+
+def test_ops_without_integer_forms_run_in_float_and_are_reported_once_with_source_lines(tmp_path):
+    model = Mixed().eval()
+    with pytest.warns(fxq.FloatFallbackWarning) as caught:
+        qmodel = fxq.quantize(model, _calibration())
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    for name in ("'norm'", "'bn'", "softmax", "stack", "mul", "flip", "getitem"):
+        assert name in message
+    assert "test_fallback.py:" in message and "batchnorm folds into the conv" in message
+    assert "floordiv" not in message  # arithmetic on sizes is not an op on tensors
+    kept = {n.name for n in qmodel.graph.nodes if records.has(n, records.FloatOp)}
+    assert {"norm", "bn", "softmax", "stack"} <= kept
+    assert "conv1" not in kept and "conv2" not in kept
+    assert check_quantized(qmodel, model, torch.randn(16, 3, 8, 8), tmp_path) > 20
+
+
+def test_an_override_to_none_keeps_any_module_in_float():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.act = nn.ReLU()
+            self.pool = nn.MaxPool2d(2)
+
+        def forward(self, x):
+            return self.pool(self.act(self.conv(x)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxq.FloatFallbackWarning)
+        qmodel = fxq.quantize(Net().eval(), _calibration(), overrides={"act": None})
+    act = next(n for n in qmodel.graph.nodes if n.name == "act")
+    assert isinstance(qmodel.get_submodule("act"), nn.ReLU)
+    assert records.get(act, records.FloatOp).reason == "kept in float by overrides"
+    assert type(qmodel.get_submodule("pool")).__name__ == "QMaxPool2d"  # integers again after it

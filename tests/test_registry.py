@@ -1,0 +1,65 @@
+"""The op registry: every entry has every facet, and the properties it declares hold."""
+import pytest
+import torch
+
+from fxq import ops, serialize
+from fxq.ops import Output
+from fxq.schema import Schema
+
+ENTRIES = list(ops.REGISTRY)
+
+
+@pytest.mark.parametrize("op", ENTRIES, ids=lambda op: op.name)
+def test_every_entry_has_every_facet(op):
+    assert op.doc and callable(op.lower) and isinstance(op.output, Output)
+    assert op.modules or op.functions or op.methods, "an entry must match some call"
+    assert op.example is not None, "an example instance, on which the properties are checked"
+    for module in op.integer_modules:
+        assert isinstance(module.schema, Schema), f"{module.__name__}: how it is saved and loaded"
+        assert serialize.SCHEMAS[module] is module.schema
+        assert callable(getattr(module, "twin", None)), f"{module.__name__}: its float twin"
+        assert callable(getattr(module, "describe", None)), f"{module.__name__}: what explain says"
+    for function in op.functions:
+        assert serialize.FUNCTIONS[f"{function.__module__}.{function.__name__}"] is function
+    assert set(op.methods) <= serialize.METHODS
+
+
+def test_no_two_entries_match_the_same_call():
+    for forms in ("modules", "functions", "methods"):
+        seen = [form for op in ENTRIES for form in getattr(op, forms)]
+        assert len(seen) == len(set(seen)), forms
+
+
+def _scaled(x, a):
+    return x * a.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+@pytest.mark.parametrize("op", [op for op in ENTRIES if op.homogeneous], ids=lambda op: op.name)
+def test_homogeneous_entries_commute_with_a_positive_per_channel_scale(op):
+    """What cross-layer equalization relies on: f(a·x) = a·f(x) for every a > 0 per channel."""
+    f = op.example()
+    x = torch.randn(2, 4, 6, 6)
+    a = torch.rand(4) * 10 + 0.01 if op.channelwise else torch.full((4,), 3.7)  # else one scale
+    scaled_output = f(x)
+    scaled_output = _scaled(scaled_output, a) if op.channelwise else scaled_output * a[0]
+    assert torch.allclose(f(_scaled(x, a)), scaled_output, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", [op for op in ENTRIES if op.channelwise], ids=lambda op: op.name)
+def test_channelwise_entries_keep_channels_apart(op):
+    f = op.example()
+    x = torch.randn(2, 4, 6, 6)
+    moved = x.clone()
+    moved[:, 2] += torch.randn(2, 6, 6)
+    changed = (f(moved) != f(x)).flatten(2).any(2).any(0)
+    assert changed.tolist() == [False, False, True, False]
+
+
+@pytest.mark.parametrize("op", [op for op in ENTRIES if op.clamps], ids=lambda op: op.name)
+def test_clamping_entries_are_piecewise_identities(op):
+    """A clamp fuses after a producer: its output is either its input or a constant bound."""
+    f = op.example()
+    x = torch.randn(2, 4, 6, 6) * 10
+    y = f(x)
+    kept = y == x
+    assert kept.any() and torch.unique(y[~kept]).numel() <= 2
