@@ -17,7 +17,7 @@ from torch import fx
 from fxq import intmath, packing, records
 from fxq.affine import ActQParams
 from fxq.config import QConfig
-from fxq.qmodules import QConv2d, QLayer, QReLU, QRequantize
+from fxq.qmodules import Dequantize, QConv2d, QLayer, QReLU, QRequantize, Quantize
 from fxq.records import IntRange, Observed
 from passes.record_stats import StatsRecorder
 
@@ -100,15 +100,31 @@ class LayerExplanation:
 
 @dataclass(frozen=True)
 class NetworkExplanation:
+    """One row per op of the quantized graph; the last column says whether it ran on integers."""
+
     rows: list[list] = field(default_factory=list)
     headers: tuple = ("op", "kind", "in scale", "out scale", "in bits", "weight bits",
-                      "acc worst bits", "acc observed bits", "acc headroom", "out bits")
+                      "acc worst bits", "acc observed bits", "acc headroom", "out bits", "runs on")
+
+    @property
+    def integer_ops(self) -> int:
+        return sum(row[-1] == "integers" for row in self.rows)
+
+    @property
+    def float_ops(self) -> int:
+        return len(self.rows) - self.integer_ops
+
+    @property
+    def summary(self) -> str:
+        total = max(len(self.rows), 1)
+        return (f"{self.integer_ops} of {len(self.rows)} ops run on integers "
+                f"({100 * self.integer_ops / total:.0f} %), {self.float_ops} in float")
 
     def __str__(self) -> str:
-        return tabulate(self.rows, headers=self.headers, tablefmt="simple")
+        return tabulate(self.rows, headers=self.headers, tablefmt="simple") + "\n" + self.summary
 
     def to_markdown(self) -> str:
-        return tabulate(self.rows, headers=self.headers, tablefmt="github") + "\n"
+        return tabulate(self.rows, headers=self.headers, tablefmt="github") + "\n\n" + self.summary + "\n"
 
 
 def explain(qmodel: fx.GraphModule, layer: str | None = None, batch: torch.Tensor | None = None):
@@ -301,15 +317,19 @@ def _network(qmodel: fx.GraphModule) -> NetworkExplanation:
     modules = dict(qmodel.named_modules())
     rows = []
     for node in qmodel.graph.nodes:
-        qp = records.get(node, ActQParams)
-        if qp is None or node.op == "placeholder":
-            continue
         module = modules.get(node.target) if node.op == "call_module" else None
+        kept = records.get(node, records.FloatOp)
+        if kept is not None:
+            rows.append([_name(node), _kind(node, module)] + [""] * 8 + [f"float: {kept.reason}"])
+            continue
+        qp = records.get(node, ActQParams)
+        if qp is None or node.op == "placeholder" or isinstance(module, (Quantize, Dequantize)):
+            continue
         inputs = [a for a in node.all_input_nodes if records.has(a, ActQParams)]
         in_scale = ", ".join(f"{records.get(a, ActQParams).scale:.4g}" for a in inputs) or "float"
         in_bits = ", ".join(str(records.get(a, ActQParams).bits) for a in inputs) or "32 (float)"
-        row = [node.target if node.op == "call_module" else node.name, _kind(node, module),
-               in_scale, f"{qp.scale:.4g}", in_bits, "", "", "", "", qp.bits]
+        row = [_name(node), _kind(node, module), in_scale, f"{qp.scale:.4g}", in_bits, "", "", "", "",
+               qp.bits, "integers"]
         if isinstance(module, QLayer):
             bound = module.accumulator_bound
             worst = signed_bits(-bound, bound)
@@ -318,6 +338,10 @@ def _network(qmodel: fx.GraphModule) -> NetworkExplanation:
             row[5:9] = [bits_of(IntRange.of(module.weight)), worst, observed, module.accumulator_bits - worst]
         rows.append(row)
     return NetworkExplanation(rows)
+
+
+def _name(node: fx.Node) -> str:
+    return node.target if node.op == "call_module" else node.name
 
 
 def _kind(node: fx.Node, module) -> str:
