@@ -19,23 +19,33 @@ from fxq.ops.fallback import FLOAT, lower_in_float
 
 __all__ = ["FLOAT", "KeepInFloat", "Lowering", "Op", "Output", "REGISTRY", "classify", "lower", "match"]
 
-REGISTRY: tuple[Op, ...] = (*layers.OPS, *activations.OPS, *arithmetic.OPS, *pooling.OPS, *shape.OPS)
-_BY_MODULE = {kind: op for op in REGISTRY for kind in op.modules}
-_BY_FUNCTION = {fn: op for op in REGISTRY for fn in op.functions}
-_BY_METHOD = {name: op for op in REGISTRY for name in op.methods}
+# In order: where two entries match one form (``a + b`` and ``x + 3`` are both operator.add),
+# the first that accepts the call lowers it.
+REGISTRY: tuple[Op, ...] = (*layers.OPS, *arithmetic.OPS, *activations.OPS, *pooling.OPS, *shape.OPS)
 CALLS = ("call_module", "call_function", "call_method")
 
 
-def match(node: fx.Node, modules: dict[str, nn.Module]) -> Op | None:
-    """The entry whose forms match the call (a module's exact type: a subclass may compute
-    anything), or None."""
+def _index(forms: str) -> dict:
+    index: dict = {}
+    for op in REGISTRY:
+        for form in getattr(op, forms):
+            index.setdefault(form, []).append(op)
+    return index
+
+
+_BY_MODULE, _BY_FUNCTION, _BY_METHOD = _index("modules"), _index("functions"), _index("methods")
+
+
+def match(node: fx.Node, modules: dict[str, nn.Module]) -> list[Op]:
+    """The entries whose forms match the call (a module by its exact type: a subclass may
+    compute anything)."""
     if node.op == "call_module":
-        return _BY_MODULE.get(type(modules[node.target]))
+        return _BY_MODULE.get(type(modules[node.target]), [])
     if node.op == "call_function":
-        return _BY_FUNCTION.get(node.target)
+        return _BY_FUNCTION.get(node.target, [])
     if node.op == "call_method":
-        return _BY_METHOD.get(node.target)
-    return None
+        return _BY_METHOD.get(node.target, [])
+    return []
 
 
 KEPT_BY_OVERRIDES = "kept in float by overrides"
@@ -49,13 +59,19 @@ def classify(node: fx.Node, modules: dict[str, nn.Module],
     (with ``ctx``, a module its ``overrides`` map to None is kept in float)."""
     if ctx is not None and node.op == "call_module" and ctx.config_for(module_name(node)) is None:
         return FLOAT, KEPT_BY_OVERRIDES
-    op = match(node, modules)
-    if op is None:
+    candidates = match(node, modules)
+    if not candidates:
         kind = type(modules[node.target]) if node.op == "call_module" else None
         hint = f": {HINTS[kind]}" if kind in HINTS else ""
         return FLOAT, f"no integer form for {describe_call(node, modules)}{hint}"
-    reason = op.accepts(node, modules.get(node.target) if node.op == "call_module" else None)
-    return (op, None) if reason is None else (FLOAT, reason)
+    module = modules.get(node.target) if node.op == "call_module" else None
+    reasons = []
+    for op in candidates:
+        reason = op.accepts(node, module)
+        if reason is None:
+            return op, None
+        reasons.append(reason)
+    return FLOAT, "; ".join(reasons)
 
 
 def lower(lo: Lowering, node: fx.Node) -> None:

@@ -1,5 +1,9 @@
-"""Activations of one tensor: ReLU as ``max(q, z)`` at its input's scale."""
+"""Activations of one tensor: clamps at their input's scale (ReLU, ReLU6, Hardtanh, clamp), and
+any other elementwise function of one tensor as a lookup table (Hardswish, SiLU, GELU, x·0.5)."""
 from __future__ import annotations
+
+import copy
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -7,28 +11,133 @@ from torch import fx, nn
 
 from fxq import records
 from fxq.affine import ActQParams
-from fxq.ops.base import Lowering, Op, Output, leaf_name, qparams_of
+from fxq.ops.base import KeepInFloat, Lowering, Op, Output, leaf_name, qparams_of
+from fxq.ops.lookup import QClamp, QLookup
 from fxq.qmodules import QReLU, QRequantize
 
 
-def lower_relu(lo: Lowering, node: fx.Node) -> None:
-    """``relu(x)`` → ``QReLU(q)``: ``max(q, z)`` (placement "pre"); nothing with placement "post"
-    (the producer's clamp at z = 0 is the ReLU); with "both", ``QRequantize(QReLU(q))``."""
+def lower_clamp(lo: Lowering, node: fx.Node) -> None:
+    """``relu6(x)`` → ``QClamp(q)`` (``QReLU`` for a ReLU) at the input's scale, placement "pre".
+    With placement "post" the producer's output already has this op's parameters: the clamp stays
+    unless the grid itself does it (a ReLU on z = 0); with "both", a ``QRequantize`` follows."""
     source = node.args[0]
     qp = qparams_of(source, node)
+    low, high = clamp_bounds(node, lo.module(node))
+    clamp = QReLU(qp.zero_point) if (low, high) == (0, None) else QClamp.between(qp, low, high)
     after = records.get(node, ActQParams)
-    if after is qp:  # placement "post": the producer's clamp at z = 0 already did the ReLU
+    if after is qp and (qp.zero_point == 0 if isinstance(clamp, QReLU) else clamp.is_identity(qp)):
         lo.remove(node, source)
         return
-    lo.become(node, QReLU(qp.zero_point), leaf_name(node), (source,))
+    lo.become(node, clamp, leaf_name(node), (source,))
     records.put(node, qp)
-    if after is not None:  # placement "both": a second quantization, after the ReLU
+    if after is not None and after is not qp:  # placement "both": a second quantization after it
         requantized = lo.insert_after(node, QRequantize(qp, after), f"{leaf_name(node)}_requantize")
         records.put(requantized, after)
 
 
-RELU = Op("relu", "max(q, z) at the input's scale: real 0 is the zero point", lower_relu, Output.SAME,
+def clamp_bounds(node: fx.Node, module: nn.Module | None) -> tuple[float | None, float | None]:
+    """The real ``(low, high)`` of a clamp-like call (None: unbounded)."""
+    if isinstance(module, nn.ReLU):
+        return 0, None
+    if isinstance(module, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
+        return module.min_val, module.max_val
+    target = node.target
+    if target in (F.relu, torch.relu, torch.relu_, "relu", "relu_"):
+        return 0, None
+    if target is F.relu6:
+        return 0, 6
+    if target is F.hardtanh:
+        return _argument(node, 1, "min_val", -1.0), _argument(node, 2, "max_val", 1.0)
+    if target in ("clamp_min", "clamp_min_"):
+        return _argument(node, 1, "min", None), None
+    if target in ("clamp_max", "clamp_max_"):
+        return None, _argument(node, 1, "max", None)
+    return _argument(node, 1, "min", None), _argument(node, 2, "max", None)
+
+
+def _argument(node: fx.Node, index: int, name: str, default):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _numeric_bounds(node: fx.Node, module: nn.Module | None) -> str | None:
+    bounds = clamp_bounds(node, module)
+    if all(b is None or (isinstance(b, (int, float)) and not isinstance(b, bool)) for b in bounds):
+        return None
+    return "a clamp with tensor bounds"
+
+
+def lower_lookup(lo: Lowering, node: fx.Node) -> None:
+    """``f(x)`` → ``QLookup(q)``: the table of ``quantize_out(f(dequantize_in(q)))`` for every q."""
+    source = _the_tensor(node)
+    before, after = qparams_of(source, node), records.get(node, ActQParams)
+    if after is None:
+        raise KeepInFloat("its output was never a float tensor during calibration")
+    function, name = _float_function(node, lo.module(node), source)
+    lookup = QLookup(function, name, before, after)
+    every = torch.arange(1 << before.bits, dtype=torch.float64)
+    with torch.no_grad():
+        finite = torch.isfinite(function((every - before.zero_point) * before.scale)).all()
+    if not finite:
+        raise KeepInFloat(f"{name} is not finite on every value the input's grid holds")
+    lo.become(node, lookup, leaf_name(node), (source,))
+
+
+def _the_tensor(node: fx.Node) -> fx.Node:
+    (tensor,) = node.all_input_nodes
+    return tensor
+
+
+def _float_function(node: fx.Node, module: nn.Module | None, source: fx.Node):
+    """The op as a float64 function of its one tensor, its other arguments held fixed."""
+    if module is not None:
+        copied = copy.deepcopy(module).double()
+        return copied, type(module).__name__
+    kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
+
+    def substituted(x: torch.Tensor) -> list:
+        return [x if a is source else a for a in node.args]
+
+    if node.op == "call_method":
+        return (lambda x: getattr(x, node.target)(*substituted(x)[1:], **kwargs)), f".{node.target}()"
+    constants = [a for a in node.args if a is not source]
+    name = getattr(node.target, "__name__", str(node.target))
+    return (lambda x: node.target(*substituted(x), **kwargs)), f"{name}{tuple(constants) if constants else ''}"
+
+
+def _one_tensor_and_constants(node: fx.Node, module: nn.Module | None) -> str | None:
+    """A lookup table needs one tensor input; every other argument a constant number."""
+    if module is not None:
+        return None if not list(module.parameters()) else f"{type(module).__name__} has learned parameters"
+    if len(node.all_input_nodes) != 1:
+        return "an elementwise op of several tensors"
+    others = [a for a in list(node.args) + list(node.kwargs.values()) if not isinstance(a, fx.Node)]
+    if all(isinstance(a, (int, float, bool, str)) or a is None for a in others):
+        return None
+    return "an elementwise op with non-numeric arguments"
+
+
+RELU = Op("relu", "max(q, z) at the input's scale: real 0 is the zero point", lower_clamp, Output.SAME,
           modules=(nn.ReLU,), functions=(F.relu, torch.relu, torch.relu_), methods=("relu", "relu_"),
           integer_modules=(QReLU, QRequantize), homogeneous=True, channelwise=True, clamps=True,
           example=nn.ReLU)
-OPS = (RELU,)
+CLAMP = Op("clamp", "clamp(q, low, high) at the input's scale, the bounds rounded to its grid",
+           lower_clamp, Output.SAME, modules=(nn.ReLU6, nn.Hardtanh),
+           functions=(F.relu6, F.hardtanh, torch.clamp, torch.clip),
+           methods=("clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_", "clamp_max", "clamp_max_"),
+           accepts=_numeric_bounds, integer_modules=(QClamp, QRequantize), channelwise=True, clamps=True,
+           example=nn.ReLU6)
+LOOKUP = Op(
+    "lookup", "a lookup table: for each input integer, the output integer of the float function",
+    lower_lookup, Output.OWN,
+    modules=(nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.GELU, nn.Tanh, nn.LeakyReLU, nn.ELU,
+             nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softsign, nn.LogSigmoid, nn.Hardshrink,
+             nn.Softshrink, nn.Tanhshrink),
+    functions=(F.hardswish, F.hardsigmoid, F.silu, F.sigmoid, torch.sigmoid, F.gelu, F.tanh, torch.tanh,
+               F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, F.softsign, F.logsigmoid,
+               torch.exp, torch.neg, torch.abs, torch.square, operator.neg, operator.abs, operator.add,
+               operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div),
+    methods=("sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "neg", "abs", "square", "add", "add_", "sub",
+             "sub_", "mul", "mul_", "div", "div_"),
+    accepts=_one_tensor_and_constants, integer_modules=(QLookup,), channelwise=True,
+    example=nn.Hardswish)
+OPS = (RELU, CLAMP, LOOKUP)

@@ -1,0 +1,112 @@
+"""Integer modules of one input integer: a clamp at the input's scale, and a lookup table."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fxq import records
+from fxq import schema as sc
+from fxq.affine import ActQParams, round_half_away
+from fxq.intmath import storage_dtype
+from fxq.qmodules import Derived
+from fxq.schema import Schema
+from fxq.twin import OnIntegers
+
+
+class QClamp(nn.Module):
+    """uint8 → uint8 ``clamp(q, low, high)`` at the input's scale: ReLU6, Hardtanh, clamp.
+
+    The bounds are the real bounds rounded to the grid, ``z + round(b / s)``: for a value on the
+    grid this is exactly ``quantize(clamp(dequantize(q)))`` (a grid value below the rounded
+    bound is below the real one, and one above it is above the real one).
+    """
+
+    schema = Schema({}, {"low": torch.int32, "high": torch.int32},
+                    ranges=lambda m: sc.expect(0 <= sc.scalar(m, "low") <= sc.scalar(m, "high") < 2**16,
+                                               "clamp bounds out of order or range"))
+
+    def __init__(self, low: int, high: int):
+        super().__init__()
+        self.register_buffer("low", torch.tensor(low, dtype=torch.int32))
+        self.register_buffer("high", torch.tensor(high, dtype=torch.int32))
+
+    @classmethod
+    def between(cls, qp: ActQParams, low: float | None, high: float | None) -> "QClamp":
+        def bound(value: float | None, default: int) -> int:
+            if value is None:
+                return default
+            return int(min(max(qp.zero_point + round_half_away(torch.tensor(value / qp.scale)).item(), 0), qp.qmax))
+        return cls(bound(low, 0), bound(high, qp.qmax))
+
+    def is_identity(self, qp: ActQParams) -> bool:
+        return int(self.low) <= 0 and int(self.high) >= qp.qmax
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(q, int(self.low), int(self.high))
+
+    def extra_repr(self) -> str:
+        return f"clamp(q, {int(self.low)}, {int(self.high)})"
+
+    def twin(self, node) -> nn.Module:
+        qp = records.get(node, ActQParams)
+        return _ValueClamp(qp.scale * (int(self.low) - qp.zero_point), qp.scale * (int(self.high) - qp.zero_point))
+
+    def describe(self) -> str:
+        return f"clamp(q, {int(self.low)}, {int(self.high)}): the bounds on the input's grid"
+
+
+class _ValueClamp(nn.Module):
+    def __init__(self, low: float, high: float):
+        super().__init__()
+        self.low, self.high = low, high
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x, self.low, self.high)
+
+
+class QLookup(Derived):
+    """b-bit → b'-bit: ``table[q]``, the answer for every input integer, computed once as
+    ``quantize_out(f(dequantize_in(q)))`` with the float function ``f`` in float64.
+
+    Exact with respect to its definition for any elementwise function of one tensor (Hardswish,
+    SiLU, GELU, x·0.5, ...): there are only 2^b inputs. ``function`` names ``f`` for reports.
+    """
+
+    schema = Schema({"input_bits": sc.act_bits, "output_bits": sc.act_bits,
+                     "function": lambda v: isinstance(v, str) and len(v) <= 80},
+                    {"table": torch.int32, "scales": torch.float64, "zero_points": torch.int32},
+                    ranges=lambda m: m.check_ranges())
+
+    def __init__(self, function: Callable[[torch.Tensor], torch.Tensor], name: str,
+                 before: ActQParams, after: ActQParams):
+        super().__init__()
+        self.input_bits, self.output_bits, self.function = before.bits, after.bits, name
+        every = torch.arange(1 << before.bits, dtype=torch.float64)
+        with torch.no_grad():
+            values = function((every - before.zero_point) * before.scale)
+        self.register_buffer("table", after.quantize(values.to(torch.float64)).to(torch.int32))
+        self.register_buffer("scales", torch.tensor([before.scale, after.scale], dtype=torch.float64))
+        self.register_buffer("zero_points", torch.tensor([before.zero_point, after.zero_point], dtype=torch.int32))
+        self.prepare()
+
+    def prepare(self) -> None:
+        """The table in the output's storage dtype, so a lookup returns integers as they are held."""
+        self.register_buffer("lookup", self.table.to(storage_dtype(self.output_bits)), persistent=False)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return self.lookup[q.to(torch.int64)]
+
+    def check_ranges(self) -> None:
+        sc.table_fits(self.table, 1 << self.input_bits, self.output_bits)
+        sc.expect(self.scales.shape == (2,) and self.zero_points.shape == (2,), "malformed parameters")
+
+    def extra_repr(self) -> str:
+        return f"{self.function}, {1 << self.input_bits} entries"
+
+    def twin(self, node) -> nn.Module:
+        return OnIntegers(self.forward, [records.get(node.args[0], ActQParams)], records.get(node, ActQParams))
+
+    def describe(self) -> str:
+        return f"a lookup in the {1 << self.input_bits}-entry table of {self.function} on every input integer"
