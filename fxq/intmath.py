@@ -240,24 +240,56 @@ def relu(q: torch.Tensor, zero_point: int) -> torch.Tensor:
     return torch.clamp_min(q, zero_point)
 
 
-def rounding_divide(total: torch.Tensor, count: int) -> torch.Tensor:
-    """``round(total / count)`` on integers, half away from zero (the requantization rule)."""
+def rounding_divide(total: torch.Tensor, count) -> torch.Tensor:
+    """``round(total / count)`` on integers, half away from zero (the requantization rule);
+    ``count`` a positive int or a tensor of them broadcasting with ``total``."""
     magnitude = (total.abs() + count // 2) // count
     return torch.where(total < 0, -magnitude, magnitude)
 
 
-def mean_pool(q: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
-              zero_point: int) -> torch.Tensor:
-    """Average pooling on integers with no padding, at the input's scale and zero point:
+def pool_windows(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool,
+                 include_pad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows of average pooling along one dimension, as torch defines them: a 0/1
+    ``[out, size]`` membership matrix, and each window's divisor (its size clipped to the padded
+    input with ``include_pad``, else its number of real elements)."""
+    span = size + 2 * padding - kernel
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:  # a last window starting in the padding
+        out -= 1
+    members = torch.zeros(out, size, dtype=torch.float64)
+    divisors = torch.empty(out, dtype=torch.int64)
+    for i in range(out):
+        start = i * stride - padding
+        end = min(start + kernel, size + padding)
+        padded = end - start
+        start, end = max(start, 0), min(end, size)
+        members[i, start:end] = 1
+        divisors[i] = padded if include_pad else end - start
+    return members, divisors
 
-        O_q = z + round(Σ_window (I_q − z) / count)      (an integer sum, a rounding division)
 
-    Rounding the centred sum (the real value) half away from zero is the requantization rule.
-    The mean of values in ``[0, qmax]`` stays in ``[0, qmax]``. The window sum runs in float32
-    when ``255·count ≤ 2^24`` (exact), else in float64 (exact up to 2^53).
+def adaptive_windows(size: int, out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive average pooling's windows along one dimension: window i is
+    ``[⌊i·size/out⌋, ⌈(i+1)·size/out⌉)``; its divisor is its length."""
+    members = torch.zeros(out, size, dtype=torch.float64)
+    divisors = torch.empty(out, dtype=torch.int64)
+    for i in range(out):
+        start, end = (i * size) // out, -(-((i + 1) * size) // out)
+        members[i, start:end] = 1
+        divisors[i] = end - start
+    return members, divisors
+
+
+def window_mean(q: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, divisors: torch.Tensor,
+                zero_point: int, qmax: int) -> torch.Tensor:
+    """Average pooling on integers at the input's scale and zero point, any windows:
+
+        O_q = clamp(z + round(Σ_window (I_q − z) / divisor), 0, qmax)
+
+    The window sums ``rows · (I_q − z) · columnsᵀ`` (0/1 membership matrices) run in float64 on
+    integers, exact below 2^53; a padded position adds real 0, which is 0 once centred. Rounding
+    the centred mean half away from zero is the requantization rule.
     """
-    count = kernel[0] * kernel[1]
-    exact_in_float32 = q.dtype == torch.uint8 and 255 * count <= FLOAT32_EXACT
-    total = F.avg_pool2d(q.to(torch.float32 if exact_in_float32 else torch.float64), kernel, stride,
-                         divisor_override=1).to(torch.int64)
-    return (rounding_divide(total - count * zero_point, count) + zero_point).to(q.dtype)
+    centred = q.to(torch.float64) - zero_point
+    total = torch.einsum("oh,nchw,pw->ncop", rows, centred, columns).to(torch.int64)
+    return (rounding_divide(total, divisors) + zero_point).clamp_(0, qmax).to(q.dtype)

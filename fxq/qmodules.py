@@ -498,29 +498,87 @@ class QMaxPool2d(nn.MaxPool2d):
         return super().forward(q.contiguous())
 
 
-class QAvgPool2d(nn.Module):
-    """uint8 → uint8 average pooling without padding: window sum, rounding division, same scale."""
+class QAdaptiveMaxPool2d(nn.AdaptiveMaxPool2d):
+    """uint8 → uint8 adaptive max pooling; torch has no integer kernel for it, so it runs on the
+    integers held in float32 (exact below 2^24) and returns them as integers."""
 
-    def __init__(self, kernel: tuple[int, int] | None, stride: tuple[int, int] | None, zero_point: int):
-        super().__init__()
-        self.kernel, self.stride = kernel, stride  # None: the whole feature map (global pooling)
-        self.register_buffer("zero_point", torch.tensor(zero_point, dtype=torch.int32))
+    schema = Schema({"output_size": lambda v: isinstance(v, tuple) and len(v) == 2
+                     and all(x is None or (sc.is_int(x) and x >= 1) for x in v),
+                     "return_indices": sc.one_of(False)}, {})
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        kernel = self.kernel or tuple(q.shape[-2:])
-        return intmath.mean_pool(q, kernel, self.stride or kernel, int(self.zero_point))
+        return super().forward(q.to(torch.float32)).to(q.dtype)
+
+    def twin(self, node) -> nn.Module:
+        return nn.AdaptiveMaxPool2d(self.output_size)  # the max of values is the value of the max
+
+    def describe(self) -> str:
+        return "window max of the integers, same scale"
+
+
+class QAvgPool2d(nn.Module):
+    """uint8 → uint8 average pooling at the input's scale (`fxq.intmath.window_mean`): a window
+    pool (``kind="window"``: kernel, stride, padding, ceil_mode, count_include_pad,
+    divisor_override as in ``nn.AvgPool2d``) or an adaptive one (``kind="adaptive"``:
+    ``output_size``, None entries keeping the input's size). ``keepdim=False`` drops the two
+    pooled dimensions (``x.mean((2, 3))``)."""
+
+    schema = Schema({"kind": sc.one_of("window", "adaptive"), "kernel": sc.optional(sc.ints(1, 2)),
+                     "stride": sc.optional(sc.ints(1, 2)), "padding": sc.optional(sc.ints(0, 2)),
+                     "ceil_mode": sc.one_of(True, False), "count_include_pad": sc.one_of(True, False),
+                     "divisor_override": sc.optional(sc.int_at_least(1)),
+                     "output_size": sc.optional(lambda v: isinstance(v, tuple) and len(v) == 2
+                                                and all(x is None or (sc.is_int(x) and x >= 1) for x in v)),
+                     "keepdim": sc.one_of(True, False), "bits": sc.act_bits,
+                     "rank": sc.optional(sc.int_at_least(3))},
+                    {"zero_point": torch.int32}, ranges=lambda m: sc.zero_point_fits(m, "zero_point", m.bits))
+
+    def __init__(self, qp: ActQParams, kind: str, kernel=None, stride=None, padding=None, ceil_mode=False,
+                 count_include_pad=True, divisor_override=None, output_size=None, keepdim=True, rank=None):
+        super().__init__()
+        self.kind, self.kernel, self.stride, self.padding = kind, kernel, stride, padding
+        self.ceil_mode, self.count_include_pad, self.divisor_override = ceil_mode, count_include_pad, divisor_override
+        self.output_size, self.keepdim, self.bits = output_size, keepdim, qp.bits
+        self.rank = rank  # the input's rank, where the pooled dims were counted from the front
+        self.register_buffer("zero_point", torch.tensor(qp.zero_point, dtype=torch.int32))
+
+    @classmethod
+    def global_mean(cls, qp: ActQParams, keepdim: bool = True, rank: int | None = None) -> "QAvgPool2d":
+        return cls(qp, "adaptive", output_size=(1, 1), keepdim=keepdim, rank=rank)
+
+    def windows(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The row and column membership matrices and the ``[out_h, out_w]`` divisors."""
+        if self.kind == "adaptive":
+            out = [size if o is None else o for o, size in zip(self.output_size, (height, width))]
+            (rows, d_rows), (columns, d_columns) = (intmath.adaptive_windows(height, out[0]),
+                                                    intmath.adaptive_windows(width, out[1]))
+        else:
+            (rows, d_rows), (columns, d_columns) = (
+                intmath.pool_windows(size, k, s, p, self.ceil_mode, self.count_include_pad)
+                for size, k, s, p in zip((height, width), self.kernel, self.stride, self.padding))
+        divisors = d_rows[:, None] * d_columns[None, :]
+        if self.divisor_override is not None:
+            divisors = torch.full_like(divisors, self.divisor_override)
+        return rows, columns, divisors
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        if self.rank is not None and q.dim() != self.rank:
+            raise ValueError(f"this mean pools dims (2, 3) of a {self.rank}-d tensor; got a {q.dim()}-d one")
+        rows, columns, divisors = self.windows(*q.shape[-2:])
+        out = intmath.window_mean(q, rows, columns, divisors, int(self.zero_point), (1 << self.bits) - 1)
+        return out if self.keepdim else out.reshape(out.shape[:-2])
 
     def extra_repr(self) -> str:
-        return f"kernel={self.kernel or 'global'}, stride={self.stride or self.kernel or 'global'}"
-
-    schema = Schema({"kernel": sc.optional(sc.ints(1, 2)), "stride": sc.optional(sc.ints(1, 2))},
-                    {"zero_point": torch.int32}, ranges=lambda m: sc.zero_point_fits(m, "zero_point", 16))
+        if self.kind == "adaptive":
+            return f"adaptive to {self.output_size}" + ("" if self.keepdim else ", dims dropped")
+        return (f"kernel={self.kernel}, stride={self.stride}, padding={self.padding}, ceil_mode={self.ceil_mode}, "
+                f"count_include_pad={self.count_include_pad}")
 
     def twin(self, node) -> nn.Module:
         return FloatAvgPool(self, records.get(node, ActQParams))
 
     def describe(self) -> str:
-        return "integer window sum, one rounding division, same scale"
+        return "integer window sums, one rounding division each, same scale"
 
 
 def _describe(x: object) -> str:

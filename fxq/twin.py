@@ -102,23 +102,30 @@ class FromIntegers(nn.Module):
 
 
 class FloatAvgPool(nn.Module):
-    """Average pooling of real values on their grid: ``s·round(mean(x/s))``.
+    """Average pooling of real values on their grid, by torch's own float pooling with the
+    layer's parameters: ``s·round(avg_pool(x/s))``.
 
-    The window mean of grid values is a multiple of 1/count, so its ties (k + ½) are exact and
+    The window mean of grid values is a multiple of 1/divisor, so its ties (k + ½) are exact and
     would be broken by float noise if the mean were formed from ``s·k`` and divided by ``s``
     again; taking the steps first (``round(x/s)``, exact) keeps the rounding rule's ties.
     """
 
     def __init__(self, pool: nn.Module, qparams: ActQParams):
         super().__init__()
-        self.kernel, self.stride, self.qparams = pool.kernel, pool.stride, qparams
+        self.pool, self.qparams = pool, qparams
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.kernel or tuple(x.shape[-2:])
+        p = self.pool
         steps = _steps(x, self.qparams.scale)
-        total = F.avg_pool2d(steps, kernel, self.stride or kernel, divisor_override=1)
-        mean = total / (kernel[0] * kernel[1])  # one correctly rounded division: ties stay exact
-        return round_half_away(mean) * self.qparams.scale
+        if p.kind == "adaptive":
+            size = [s if o is None else o for o, s in zip(p.output_size, x.shape[-2:])]
+            mean = F.adaptive_avg_pool2d(steps, size)
+        else:
+            mean = F.avg_pool2d(steps, p.kernel, p.stride, p.padding, p.ceil_mode, p.count_include_pad,
+                                p.divisor_override)
+        low, high = -self.qparams.zero_point, self.qparams.qmax - self.qparams.zero_point
+        out = round_half_away(mean).clamp_(low, high) * self.qparams.scale
+        return out if p.keepdim else out.reshape(out.shape[:-2])
 
 
 def simulate(qmodel: fx.GraphModule) -> fx.GraphModule:
