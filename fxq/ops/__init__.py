@@ -34,6 +34,8 @@ def _index(forms: str) -> dict:
 
 
 _BY_MODULE, _BY_FUNCTION, _BY_METHOD = _index("modules"), _index("functions"), _index("methods")
+# the functions and methods that return sizes, not tensors
+_SIZES = frozenset(form for op in REGISTRY if op.output is Output.NONE for form in op.functions + op.methods)
 
 
 def match(node: fx.Node, modules: dict[str, nn.Module]) -> list[Op]:
@@ -106,7 +108,7 @@ def tensor_calls(graph: fx.Graph) -> list[fx.Node]:
         reads_tensor = any(arg in tensors for arg in node.all_input_nodes)
         if node.op in CALLS and reads_tensor:
             calls.append(node)
-            if not (node.op == "call_method" and node.target == "size") and node.target is not getattr:
+            if node.target not in _SIZES:
                 tensors.add(node)
     return calls
 

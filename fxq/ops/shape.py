@@ -1,10 +1,13 @@
 """Ops that move integers without changing them: they keep their input's parameters."""
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx, nn
 
 from fxq import records
+from fxq.affine import ActQParams
 from fxq.ops.base import Lowering, Op, Output, qparams_of
 
 
@@ -15,13 +18,23 @@ def lower_identity(lo: Lowering, node: fx.Node) -> None:
 
 
 def lower_same(lo: Lowering, node: fx.Node) -> None:
-    """``flatten(x)``, ``x.view(...)`` → the same call on the integers, at the same parameters
-    (an ``nn.Flatten`` becomes the ``torch.flatten`` call it stands for)."""
+    """``flatten(x)``, ``x.permute(...)``, ``x.chunk(2)``, ``x[i]`` → the same call on the integers,
+    at the same parameters (a tuple's items share them). Two rewrites: an ``nn.Flatten`` becomes
+    the ``torch.flatten`` call it stands for, and ``view`` becomes ``reshape``: an integer conv
+    returns a channels-last view, which ``view`` cannot always reshape and ``reshape`` copies."""
     records.put(node, qparams_of(node.args[0], node))
     module = lo.module(node)
     if isinstance(module, nn.Flatten):
         node.op, node.target = "call_function", torch.flatten
         node.args, node.kwargs = (node.args[0], module.start_dim, module.end_dim), {}
+    elif node.op == "call_method" and node.target == "view":
+        node.target = "reshape"
+
+
+def lower_item(lo: Lowering, node: fx.Node) -> None:
+    """``x[i]``: an item or slice of integers keeps their parameters; of sizes, it is a size."""
+    if records.has(node.args[0], ActQParams):
+        records.put(node, records.get(node.args[0], ActQParams))
 
 
 SHAPE_ATTRIBUTES = frozenset({"shape", "dtype", "ndim"})  # what getattr(x, name) may read
@@ -39,11 +52,18 @@ def lower_nothing(lo: Lowering, node: fx.Node) -> None:
 
 IDENTITY = Op("identity", "removed: the identity in eval mode", lower_identity, Output.SAME,
               modules=(nn.Identity, nn.Dropout), homogeneous=True, channelwise=True, example=nn.Identity)
-RESHAPE = Op("reshape", "the same integers in another shape", lower_same, Output.SAME,
-             modules=(nn.Flatten,), functions=(torch.flatten,),
-             methods=("flatten", "view", "reshape", "contiguous"), keeps_call=True, homogeneous=True,
-             example=lambda: nn.Flatten())
-SIZE = Op("size", "a shape, not a tensor", lower_nothing, Output.NONE, methods=("size",),
+RESHAPE = Op("reshape", "the same integers in another shape or order", lower_same, Output.SAME,
+             modules=(nn.Flatten,),
+             functions=(torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
+                        torch.unsqueeze, torch.chunk, torch.split, torch.unbind, torch.narrow, torch.flip,
+                        torch.roll),
+             methods=("flatten", "view", "reshape", "contiguous", "permute", "transpose", "squeeze",
+                      "unsqueeze", "chunk", "split", "unbind", "narrow", "flip", "roll", "expand",
+                      "expand_as", "repeat", "t"),
+             keeps_call=True, homogeneous=True, example=lambda: nn.Flatten())
+ITEM = Op("getitem", "an item or slice of integers, same parameters", lower_item, Output.SAME,
+          functions=(operator.getitem,), keeps_call=True, homogeneous=True, example=lambda: lambda x: x[:, :2])
+SIZE = Op("size", "a shape, not a tensor", lower_nothing, Output.NONE, methods=("size", "dim", "numel"),
           functions=(getattr,), accepts=_reads_a_shape, keeps_call=True,
           example=lambda: lambda x: x.size())
-OPS = (IDENTITY, RESHAPE, SIZE)
+OPS = (IDENTITY, RESHAPE, ITEM, SIZE)

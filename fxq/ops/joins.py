@@ -1,0 +1,141 @@
+"""Integer modules that join tensors: the product of two, and a concatenation of several."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fxq import intmath, records
+from fxq import schema as sc
+from fxq.affine import ActQParams
+from fxq.qmodules import Derived
+from fxq.schema import Schema
+from fxq.twin import OnIntegers
+
+
+def _grid(bits: int) -> torch.Tensor:
+    return torch.arange(1 << bits, dtype=torch.int64)
+
+
+def _twin_of(module: nn.Module, node) -> nn.Module:
+    inputs = [records.get(a, ActQParams) for a in node.args]
+    return OnIntegers(module.compute, inputs, records.get(node, ActQParams))
+
+
+class QMul(Derived):
+    """uint8 · uint8 → uint8: ``clamp(z_O + round(M·(A_q − z_A)·(B_q − z_B)))``, ``M = s_A·s_B/s_O``.
+
+    The product of two centred integers is exact in int64 and formula (2) requantizes it; with
+    inputs of up to 8 bits the op runs as a lookup in the table of every pair (as the add does),
+    broadcasting like ``a * b`` (a squeeze-and-excitation gate ``[N, C, 1, 1]`` times ``[N, C, H, W]``).
+    """
+
+    schema = Schema({"input_bits": lambda v: sc.bits_tuple(v) and len(v) == 2, "output_bits": sc.act_bits},
+                    {"zero_points": torch.int32, "multiplier": torch.int64, "shift": torch.int64},
+                    ranges=lambda m: m.check_ranges())
+
+    def __init__(self, a: ActQParams, b: ActQParams, out: ActQParams, name: str):
+        super().__init__()
+        self.input_bits, self.output_bits = (a.bits, b.bits), out.bits
+        bound = max(a.zero_point, a.qmax - a.zero_point) * max(b.zero_point, b.qmax - b.zero_point)
+        try:
+            m, shift = intmath.fixed_point(torch.tensor(a.scale * b.scale / out.scale),
+                                           intmath.multiplier_precision(bound), max(bound, 1))
+        except ValueError:
+            raise ValueError(f"{name}: the product's scale s_A·s_B/s_O = {a.scale * b.scale / out.scale:.3g} "
+                             "is too large to hold in fixed point: its output was almost constant on the "
+                             "calibration data; calibrate on varied inputs") from None
+        self.register_buffer("zero_points", torch.tensor([a.zero_point, b.zero_point, out.zero_point], dtype=torch.int32))
+        self.register_buffer("multiplier", m.reshape(()))
+        self.register_buffer("shift", shift.reshape(()))
+        self.prepare()
+
+    def compute(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The integer product itself, without the table."""
+        za, zb, zo = (int(z) for z in self.zero_points)
+        product = (a.to(torch.int64) - za) * (b.to(torch.int64) - zb)
+        return intmath.requantize(product, self.multiplier, self.shift, zo, (1 << self.output_bits) - 1)
+
+    @property
+    def tabulated(self) -> bool:
+        return sum(self.input_bits) <= 16
+
+    def prepare(self) -> None:
+        table = None
+        if self.tabulated:
+            a, b = torch.meshgrid(_grid(self.input_bits[0]), _grid(self.input_bits[1]), indexing="ij")
+            table = self.compute(a, b).flatten()
+        self.register_buffer("table", table, persistent=False)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if not self.tabulated:
+            return self.compute(a, b)
+        return self.table[a.to(torch.int32) * (1 << self.input_bits[1]) + b]
+
+    def check_ranges(self) -> None:
+        sc.expect(self.zero_points.shape == (3,), "three zero points: a, b and the output")
+        for z, bits in zip(self.zero_points.tolist(), self.input_bits + (self.output_bits,)):
+            sc.expect(0 <= z < (1 << bits), "a zero point is outside its width")
+        sc.fixed_point_fits(self.multiplier, self.shift, "the product's")
+
+    def twin(self, node) -> nn.Module:
+        return _twin_of(self, node)
+
+    def describe(self) -> str:
+        return (f"the centred product requantized once: a lookup in the {1 << sum(self.input_bits)}-entry "
+                "table of every input pair" if self.tabulated else "the centred product requantized once (int64)")
+
+
+class QCat(Derived):
+    """uint8, uint8, ... → uint8 concatenation along ``dim``: each input moved to the output's
+    parameters (``clamp(z_O + round(s_i/s_O·(q − z_i)))``, a 2^b-entry table; none for an input
+    already at them), then the integers are joined."""
+
+    schema = Schema({"input_bits": sc.bits_tuple, "output_bits": sc.act_bits, "dim": sc.is_int},
+                    {"zero_points": torch.int32, "multipliers": torch.int64, "shifts": torch.int64},
+                    ranges=lambda m: m.check_ranges())
+
+    def __init__(self, inputs: list[ActQParams], out: ActQParams, dim: int):
+        super().__init__()
+        self.input_bits, self.output_bits, self.dim = tuple(p.bits for p in inputs), out.bits, dim
+        pairs = [intmath.fixed_point(torch.tensor(p.scale / out.scale), bound=p.qmax) for p in inputs]
+        self.register_buffer("zero_points", torch.tensor([p.zero_point for p in inputs] + [out.zero_point],
+                                                         dtype=torch.int32))
+        self.register_buffer("multipliers", torch.stack([m.reshape(()) for m, _ in pairs]))
+        self.register_buffer("shifts", torch.stack([s.reshape(()) for _, s in pairs]))
+        self.prepare()
+
+    def moved(self, index: int, q: torch.Tensor) -> torch.Tensor:
+        """Input ``index``'s integers at the output's parameters (`fxq.intmath.requantize`)."""
+        centred = q.to(torch.int64) - int(self.zero_points[index])
+        return intmath.requantize(centred, self.multipliers[index], self.shifts[index],
+                                  int(self.zero_points[-1]), (1 << self.output_bits) - 1)
+
+    def prepare(self) -> None:
+        self.tables = [self.moved(i, _grid(bits)) for i, bits in enumerate(self.input_bits)]
+        self.identity = [bool(torch.equal(t.to(torch.int64), _grid(bits)))
+                         for t, bits in zip(self.tables, self.input_bits)]
+
+    def compute(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.moved(i, q) for i, q in enumerate(inputs)], self.dim)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        dtype = intmath.storage_dtype(self.output_bits)
+        parts = [q.to(dtype) if same else table[q.to(torch.int64)]
+                 for q, table, same in zip(inputs, self.tables, self.identity)]
+        return torch.cat(parts, self.dim)
+
+    def check_ranges(self) -> None:
+        count = len(self.input_bits)
+        sc.expect(self.zero_points.shape == (count + 1,) and self.multipliers.shape == (count,)
+                  and self.shifts.shape == (count,), "one zero point, multiplier and shift per input")
+        for z, bits in zip(self.zero_points.tolist(), self.input_bits + (self.output_bits,)):
+            sc.expect(0 <= z < (1 << bits), "a zero point is outside its width")
+        sc.fixed_point_fits(self.multipliers, self.shifts, "an input's")
+
+    def twin(self, node) -> nn.Module:
+        inputs = [records.get(a, ActQParams) for a in node.args]
+        return OnIntegers(self.compute, inputs, records.get(node, ActQParams))
+
+    def describe(self) -> str:
+        moved = len(self.identity) - sum(self.identity)
+        return f"{moved} of {len(self.identity)} inputs moved to the output's parameters by a table, then joined"

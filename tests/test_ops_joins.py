@@ -1,0 +1,71 @@
+"""Products, concatenations and shape ops on integer tensors."""
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxq
+from fxq import records
+from fxq.affine import ActQParams
+from fxq.ops.joins import QCat, QMul
+from tests.helpers import check_quantized
+
+
+def _exact_round(value: Fraction) -> int:
+    """Half away from zero, on an exact rational."""
+    magnitude = int(abs(value) + Fraction(1, 2))
+    return magnitude if value >= 0 else -magnitude
+
+
+def test_a_product_is_the_requantized_product_of_the_centred_integers():
+    a, b, out = ActQParams(0.02, 100, 8), ActQParams(0.011, 3, 8), ActQParams(0.05, 77, 8)
+    mul = QMul(a, b, out, "mul")
+    qa, qb = torch.randint(0, 256, (500,)), torch.randint(0, 256, (500,))
+    got = mul(qa.to(torch.uint8), qb.to(torch.uint8)).tolist()
+    m, shift = int(mul.multiplier), int(mul.shift)
+    for x, y, g in zip(qa.tolist(), qb.tolist(), got):
+        product = Fraction((x - 100) * (y - 3) * m, 2 ** (31 - shift))
+        assert g == min(max(77 + _exact_round(product), 0), 255)
+    assert abs(m * 2.0 ** (shift - 31) - 0.02 * 0.011 / 0.05) < 1e-9
+
+
+def test_a_concatenation_moves_each_input_to_the_output_parameters():
+    inputs, out = [ActQParams(0.02, 100, 8), ActQParams(0.05, 0, 8)], ActQParams(0.05, 0, 8)
+    cat = QCat(inputs, out, 1)
+    assert cat.identity == [False, True]  # the second input is already at the output's parameters
+    a, b = (torch.randint(0, 256, (2, 3, 4), dtype=torch.uint8) for _ in range(2))
+    joined = cat(a, b)
+    assert torch.equal(joined[:, 3:], b)
+    assert torch.equal(joined[:, :3], out.quantize((a.double() - 100) * 0.02))
+
+
+class Branches(nn.Module):
+    """Squeeze-and-excitation, concatenation, a channel shuffle and shape ops after convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.left, self.right = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.squeeze, self.excite = nn.Conv2d(8, 2, 1), nn.Conv2d(2, 8, 1)
+        self.fc = nn.Linear(8 * 8 * 8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat([F.relu(self.left(a)), self.right(b)], dim=1)
+        n, c, h, w = x.size()
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)  # shuffle
+        gate = torch.sigmoid(self.excite(torch.relu(self.squeeze(F.adaptive_avg_pool2d(x, 1)))))
+        x = x * gate
+        x = x.permute(0, 2, 3, 1).permute(0, 3, 1, 2)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_branches_joins_and_shape_ops_run_on_integers_exactly(tmp_path):
+    model = Branches().eval()
+    qmodel = fxq.quantize(model, [torch.randn(8, 3, 8, 8) for _ in range(4)])
+    assert [n.name for n in qmodel.graph.nodes if records.has(n, records.FloatOp)] == []
+    kinds = {type(m).__name__ for m in qmodel.modules()}
+    assert {"QMul", "QCat", "QLookup"} <= kinds
+    assert check_quantized(qmodel, model, torch.randn(32, 3, 8, 8), tmp_path) > 25
