@@ -298,14 +298,16 @@ def reference_output(m: QLayer, x_q: torch.Tensor) -> torch.Tensor:
     w = m.weight.to(torch.int64).reshape(m.weight.shape[0], -1)
     if isinstance(m, QConv2d):
         cols = F.unfold(centered, m.weight.shape[2:], m.dilation, m.padding, m.stride).round().to(torch.int64)
-        acc = torch.einsum("ok,nkl->nol", w, cols)
-        n, _, h, wd = x_q.shape
+        n, g = cols.shape[0], m.groups  # a group's outputs read its own block of input channels
+        acc = torch.einsum("gok,ngkl->ngol", w.reshape(g, -1, w.shape[1]), cols.reshape(n, g, w.shape[1], -1))
+        acc = acc.reshape(n, w.shape[0], -1)
+        h = x_q.shape[2]
         out_h = (h + 2 * m.padding[0] - m.dilation[0] * (m.weight.shape[2] - 1) - 1) // m.stride[0] + 1
         acc = acc.reshape(n, -1, out_h, acc.shape[-1] // out_h)
         shape = (1, -1, 1, 1)
     else:
         acc = centered.round().to(torch.int64) @ w.T
-        shape = (1, -1)
+        shape = (1,) * (acc.dim() - 1) + (-1,)
     acc = acc + m.bias.to(torch.int64).reshape(shape)
     p = acc * m.multiplier.to(torch.int64).reshape(shape)
     r = (31 - m.shift.to(torch.int64)).reshape(shape)

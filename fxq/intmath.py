@@ -176,6 +176,41 @@ def accumulate(columns: torch.Tensor, weight: torch.Tensor, constant: torch.Tens
     return torch._int_mm(_dense(columns), weight).add_(constant)
 
 
+def group_columns(columns: torch.Tensor, groups: int, group_channels: int) -> list[torch.Tensor]:
+    """im2col columns ``[M, k_h·k_w·C]`` (channels fastest) → each group's ``[M, k_h·k_w·C/groups]``
+    (``group_channels = C/groups``), in the order of its slice of :func:`gemm_weight`."""
+    m = columns.shape[0]
+    per_group = columns.reshape(m, -1, groups, group_channels)  # [M, k_h·k_w, groups, C/groups]
+    return [per_group[:, :, g].reshape(m, -1) for g in range(groups)]
+
+
+def depthwise_accumulate(x_q: torch.Tensor, weight_q: torch.Tensor, bias_q: torch.Tensor,
+                         stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                         zero_point: int, dtype: torch.dtype) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Formula (1) of a depthwise conv (one input channel per group, ``C_out = m·C_in``):
+    ``acc[c] = Σ_ij W[c, i, j]·(I[c // m] − z)`` shifted by (i, j), as k_h·k_w multiply-adds of
+    whole feature maps in ``dtype`` (int32: exact while the layer's worst case fits, which it
+    checks). Padding adds real 0, which is 0 once centred. Returns ``[N·H'·W', C_out]`` and
+    ``(N, H', W')``, like the GEMM path."""
+    channels, (kh, kw) = weight_q.shape[0], weight_q.shape[2:]
+    centred = x_q.to(dtype) - zero_point
+    if channels != centred.shape[1]:
+        centred = centred.repeat_interleave(channels // centred.shape[1], 1)
+    padded = F.pad(centred, (padding[1], padding[1], padding[0], padding[0]))
+    n, _, h, w = padded.shape
+    out_h = (h - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (w - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    acc = bias_q.to(dtype).reshape(1, -1, 1, 1).expand(n, channels, out_h, out_w).clone()
+    taps = weight_q.to(dtype).reshape(channels, kh, kw)
+    for i in range(kh):
+        for j in range(kw):
+            top, left = i * dilation[0], j * dilation[1]
+            window = padded[:, :, top:top + stride[0] * (out_h - 1) + 1:stride[0],
+                            left:left + stride[1] * (out_w - 1) + 1:stride[1]]
+            acc.add_(window * taps[:, i, j].reshape(1, -1, 1, 1))
+    return acc.permute(0, 2, 3, 1).reshape(-1, channels), (n, out_h, out_w)
+
+
 def _dense(matrix: torch.Tensor) -> torch.Tensor:
     """``matrix`` with row-major strides. A dimension of size 1 may carry any stride and still
     count as contiguous (im2col of a 1×1 kernel on one channel gives ``[M, 1]`` with stride

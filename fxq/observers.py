@@ -21,6 +21,7 @@ from torch import nn
 from fxq import ranges
 from fxq.affine import ActQParams
 from fxq.config import QConfig
+from fxq.qmodules import explicit_padding
 
 
 class Observer(nn.Module):
@@ -182,6 +183,8 @@ class InputGram(nn.Module):
     (``[K, K]``, float64), which ``weight_range="output_aware"`` uses to measure ‖ΔW·X‖².
 
     An identity on the layer's input edge; it reads its data in the first calibration pass only.
+    A grouped conv's channels read their group's inputs only: its statistics are kept per group,
+    ``[groups, K]`` and ``[groups, K, K]`` with K = C_in/groups·k_h·k_w.
     """
 
     passes = 1
@@ -191,32 +194,43 @@ class InputGram(nn.Module):
         self.label = label
         self.pass_index = 0
         self.geometry = None
+        self.groups = getattr(layer, "groups", 1)
         if isinstance(layer, nn.Conv2d):
             self.geometry = dict(kernel_size=layer.kernel_size, dilation=layer.dilation,
-                                 padding=layer.padding, stride=layer.stride)
+                                 padding=explicit_padding(layer), stride=layer.stride)
         size = layer.weight[0].numel()
-        self.register_buffer("gram", torch.zeros(size, size, dtype=torch.float64) if gram else None)
-        self.register_buffer("column_sum", torch.zeros(size, dtype=torch.float64))
+        self.register_buffer("gram", torch.zeros(self.groups, size, size, dtype=torch.float64) if gram else None)
+        self.register_buffer("column_sum", torch.zeros(self.groups, size, dtype=torch.float64))
         self.count = 0
 
     @property
     def mean(self) -> torch.Tensor:
-        """The mean input column, float64 ``[K]``."""
-        return self.column_sum / max(self.count, 1)
+        """The mean input column, float64 ``[K]`` (``[groups, K]`` for a grouped conv)."""
+        mean = self.column_sum / max(self.count, 1)
+        return mean[0] if self.groups == 1 else mean
+
+    @property
+    def gram_matrix(self) -> torch.Tensor | None:
+        """``H``, float64 ``[K, K]`` (``[groups, K, K]`` for a grouped conv)."""
+        if self.gram is None:
+            return None
+        return self.gram[0] if self.groups == 1 else self.gram
 
     def begin_pass(self, index: int) -> None:
         self.pass_index = index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pass_index == 0:
+            size = self.column_sum.shape[1]
             if self.geometry is None:
-                columns = x.detach().reshape(-1, x.shape[-1])
-            else:  # im2col: [N, K, L] → [N·L, K], the order of weight.reshape(C_out, -1)
-                columns = F.unfold(x.detach(), **self.geometry).transpose(1, 2).reshape(-1, self.column_sum.shape[0])
+                columns = x.detach().reshape(-1, 1, x.shape[-1])
+            else:  # im2col: [N, groups·K, L] → [N·L, groups, K], each group in weight.reshape(C_out, -1)'s order
+                unfolded = F.unfold(x.detach(), **self.geometry)
+                columns = unfolded.reshape(x.shape[0], self.groups, size, -1).permute(0, 3, 1, 2).reshape(-1, self.groups, size)
             self.column_sum += columns.sum(0).double()
             self.count += columns.shape[0]
             if self.gram is not None:
-                self.gram += (columns.T @ columns).double()
+                self.gram += torch.einsum("ngk,ngl->gkl", columns, columns).double()
         return x
 
     def merge(self, other: "InputGram") -> "InputGram":

@@ -168,18 +168,23 @@ class QLayer(Derived):
         """16-bit input: float64-exact GEMM on centred columns, int64 accumulator."""
         return self.input_bits > 8
 
+    groups = 1
+
     def prepare(self) -> None:
-        """The GEMM-ready weight and constant and the worst-case accumulator, derived from the
-        buffers (not saved)."""
+        """The GEMM-ready weight and constant (one per group: ``[groups, K, C_out / groups]``) and
+        the worst-case accumulator, derived from the buffers (not saved)."""
         self.accumulator_bound = intmath.accumulator_bound(self.weight, _absmax(self.input_qparams), self.bias)
         self.accumulator_bits = 32 if self.accumulator_bound <= intmath.INT32_MAX else 64
-        if self.wide:
-            weight = intmath.gemm_weight(self.weight).to(torch.float64).contiguous()
-            constant = self.bias.to(torch.int64)
-        else:
-            weight, constant = intmath.gemm_operands(self.weight, int(self.input_zero_point), self.bias)
-        self.register_buffer("gemm_weight", weight, persistent=False)
-        self.register_buffer("gemm_constant", constant, persistent=False)
+        weights, constants = [], []
+        for weight_q, bias_q in zip(self.weight.chunk(self.groups), self.bias.chunk(self.groups)):
+            if self.wide:
+                weight, constant = intmath.gemm_weight(weight_q).to(torch.float64).contiguous(), bias_q.to(torch.int64)
+            else:
+                weight, constant = intmath.gemm_operands(weight_q, int(self.input_zero_point), bias_q)
+            weights.append(weight)
+            constants.append(constant)
+        self.register_buffer("gemm_weight", torch.stack(weights), persistent=False)
+        self.register_buffer("gemm_constant", torch.cat(constants), persistent=False)
 
     @property
     def input_qparams(self) -> ActQParams:
@@ -190,14 +195,24 @@ class QLayer(Derived):
         return ActQParams(float(self.output_scale), int(self.output_zero_point), self.output_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acc, positions = self.accumulator(x)
+        return self.to_output(self.requantize(acc), positions)
+
+    def accumulator(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Formula (1): the accumulator ``[positions, C_out]`` (int32; int64 when wide), bias
+        included, and the shape of ``positions``."""
         columns, positions = self.columns(x)
-        return self.to_output(self.requantize(self.accumulate(columns)), positions)
+        return self.accumulate(columns), positions
 
     def accumulate(self, columns: torch.Tensor) -> torch.Tensor:
-        """Formula (1): the accumulator ``[positions, C_out]`` (int32; int64 when wide), bias included."""
-        if self.wide:
-            return intmath.accumulate_wide(columns, self.gemm_weight, self.gemm_constant)
-        return intmath.accumulate(columns, self.gemm_weight, self.gemm_constant)
+        """Formula (1) on im2col columns ``[positions, K·groups]``, one GEMM per group."""
+        kernel = intmath.accumulate_wide if self.wide else intmath.accumulate
+        if self.groups == 1:
+            return kernel(columns, self.gemm_weight[0], self.gemm_constant)
+        blocks = intmath.group_columns(columns, self.groups, self.weight.shape[1])
+        out = [kernel(block, weight, constant) for block, weight, constant
+               in zip(blocks, self.gemm_weight, self.gemm_constant.chunk(self.groups))]
+        return torch.cat(out, 1)
 
     def requantize(self, acc: torch.Tensor) -> torch.Tensor:
         """Formula (2): accumulator → uint8 at the output scale."""
@@ -231,8 +246,8 @@ def _layer_ranges(module: QLayer) -> None:
     sc.zero_point_fits(module, "output_zero_point", module.output_bits)
     channels = module.weight.shape[0] if module.weight.dim() in (2, 4) else -1
     sc.expect(all(getattr(module, n).shape == (channels,) for n in ("bias", "multiplier", "shift", "weight_scale"))
-              and (module.weight.dim() == 4) == isinstance(module, QConv2d),
-              "weight, bias, multiplier, shift and scales disagree in shape")
+              and (module.weight.dim() == 4) == isinstance(module, QConv2d) and channels % module.groups == 0,
+              "weight, bias, multiplier, shift, scales and groups disagree in shape")
     sc.expect(int(module.weight.to(torch.int64).abs().max()) <= 127, "weight outside ±127")
     sc.fixed_point_fits(module.multiplier, module.shift, "a channel's")
 
@@ -273,19 +288,35 @@ def _layer_multipliers(real: torch.Tensor, bounds: torch.Tensor, output_qp: ActQ
 
 
 class QConv2d(QLayer):
-    """uint8 → uint8 2-d convolution (formulas (1), (2)); geometry copied from the float conv."""
+    """uint8 → uint8 2-d convolution (formulas (1), (2)); geometry copied from the float conv.
+
+    Grouped convolutions run one int8 GEMM per group; a depthwise one (one input channel per
+    group) multiplies and adds its k_h·k_w shifted inputs directly in int32 (int64 when wide),
+    which is exact and needs no im2col.
+    """
 
     schema = Schema({"input_bits": sc.act_bits, "output_bits": sc.act_bits, "stride": sc.ints(1, 2),
-                     "padding": sc.ints(0, 2), "dilation": sc.ints(1, 2)}, _LAYER_TENSORS,
-                    ranges=_layer_ranges)
+                     "padding": sc.ints(0, 2), "dilation": sc.ints(1, 2), "groups": sc.int_at_least(1)},
+                    _LAYER_TENSORS, ranges=_layer_ranges)
 
     def __init__(self, conv: nn.Conv2d, weights: QuantizedWeight, input_qp: ActQParams,
                  output_qp: ActQParams, name: str):
-        if conv.padding_mode != "zeros" or conv.groups != 1:
-            raise ValueError(f"{name}: only groups=1 and padding_mode='zeros' convolutions are "
-                             f"supported, got groups={conv.groups}, padding_mode={conv.padding_mode!r}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"{name}: only padding_mode='zeros' convolutions have an integer form, "
+                             f"got padding_mode={conv.padding_mode!r}")
+        self.groups = conv.groups
         super().__init__(conv, weights, input_qp, output_qp, name)
-        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.stride, self.padding, self.dilation = conv.stride, explicit_padding(conv), conv.dilation
+
+    @property
+    def depthwise(self) -> bool:
+        return self.groups > 1 and self.weight.shape[1] == 1
+
+    def accumulator(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        if not self.depthwise:
+            return super().accumulator(x)
+        return intmath.depthwise_accumulate(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                            int(self.input_zero_point), torch.int64 if self.wide else torch.int32)
 
     def columns(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         im2col = intmath.wide_columns if self.wide else intmath.conv_columns
@@ -297,9 +328,22 @@ class QConv2d(QLayer):
         return q.reshape(*positions, -1).permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
-        return (f"{self.weight.shape[1]}, {self.weight.shape[0]}, "
+        return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, "
                 f"kernel_size={tuple(self.weight.shape[2:])}, stride={self.stride}, "
-                f"padding={self.padding}")
+                f"padding={self.padding}" + (f", groups={self.groups}" if self.groups > 1 else ""))
+
+
+def explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """A conv's padding as two numbers: ``"valid"`` is none, ``"same"`` the symmetric padding
+    that keeps the size (an even total, ``d·(k − 1)``, which odd kernels have)."""
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in totals):
+            raise ValueError("padding='same' with an even kernel pads one side more: no integer form")
+        return tuple(t // 2 for t in totals)
+    return tuple(conv.padding)
 
 
 class QLinear(QLayer):
@@ -313,12 +357,14 @@ class QLinear(QLayer):
         super().__init__(linear, weights, input_qp, output_qp, name)
 
     def columns(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Any leading dimensions (``[N, K]``, or ``[N, H, W, K]`` after a permute) are positions."""
+        positions, rows = tuple(x.shape[:-1]), x.reshape(-1, x.shape[-1])
         if self.wide:
-            return x.to(torch.float64) - int(self.input_zero_point), (x.shape[0],)
-        return (x ^ 128).view(torch.int8), (x.shape[0],)  # q − 128, as in intmath.conv_columns
+            return rows.to(torch.float64) - int(self.input_zero_point), positions
+        return (rows ^ 128).view(torch.int8), positions  # q − 128, as in intmath.conv_columns
 
     def to_output(self, q: torch.Tensor, positions: tuple[int, ...]) -> torch.Tensor:
-        return q
+        return q.reshape(*positions, q.shape[-1])
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[1]}, {self.weight.shape[0]}"

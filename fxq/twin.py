@@ -68,7 +68,7 @@ class FloatLayer(nn.Module):
         centred = _steps(x, float(m.input_scale))
         weight, bias = m.weight.to(torch.float64), m.bias.to(torch.float64)
         if self.conv:
-            acc = F.conv2d(centred, weight, bias, m.stride, m.padding, m.dilation).permute(0, 2, 3, 1)
+            acc = F.conv2d(centred, weight, bias, m.stride, m.padding, m.dilation, m.groups).permute(0, 2, 3, 1)
         else:
             acc = F.linear(centred, weight, bias)
         q = m.requantize(acc.to(torch.int64))

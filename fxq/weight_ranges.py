@@ -7,7 +7,9 @@
                                                                   minimizing ‖ΔW·X‖²
 
 ``X`` is the layer's input on the calibration data, seen through its Gram matrix ``H = X·Xᵀ``
-(``[K, K]``, K = C_in·k_h·k_w): ``‖ΔW·X‖² = Σ_c ΔW_c · H · ΔW_cᵀ``. Weights are only ever rounded
+(``[K, K]``, K = C_in·k_h·k_w): ``‖ΔW·X‖² = Σ_c ΔW_c · H · ΔW_cᵀ``. A grouped conv's channels
+read their group's inputs only: its Gram matrices are ``[groups, K, K]``, one per group, whose
+channels are consecutive. Weights are only ever rounded
 (each integer is ``floor(w/s)`` or ``ceil(w/s)``, then clamped to ``[−qmax, qmax]``), never learned.
 """
 from __future__ import annotations
@@ -67,7 +69,16 @@ def _weight_error(w: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
 def _output_error(w: torch.Tensor, w_hat: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """Per-channel ‖(w − Q(w))·X‖² = Δ_c H Δ_cᵀ."""
     delta = w - w_hat
-    return ((delta @ gram) * delta).sum(1)
+    return (_times_gram(delta, gram) * delta).sum(1)
+
+
+def _times_gram(rows: torch.Tensor, gram: torch.Tensor, inner=slice(None), outer=slice(None)) -> torch.Tensor:
+    """``rows · H[inner, outer]``, each channel's row with its own group's ``H``."""
+    if gram.dim() == 2:
+        return rows @ gram[inner, outer]
+    groups = gram.shape[0]
+    per_group = rows.reshape(groups, -1, rows.shape[1])
+    return torch.bmm(per_group, gram[:, inner, outer]).reshape(rows.shape[0], -1)
 
 
 def _best_clipping(w: torch.Tensor, bits: int, per_channel: bool, fractions: torch.Tensor,
@@ -104,6 +115,9 @@ def greedy_rounding(w: torch.Tensor, scales: torch.Tensor, bits: int, gram: torc
     err_down, err_up = (down - v) * scales[:, None], (up - v) * scales[:, None]
     g = torch.zeros_like(w)
     chosen = torch.empty_like(w)
+    # each channel's H: the layer's, or (grouped conv) its group's
+    channel_gram = gram if gram.dim() == 2 else gram.repeat_interleave(w.shape[0] // gram.shape[0], 0)
+    diagonal = torch.diagonal(channel_gram, dim1=-2, dim2=-1)  # [K] or [C, K]
     # Columns go in blocks: inside a block g is updated column by column, the rest of the row
     # once per block with one matmul (GPTQ's lazy batch; the same decisions, BLAS-speed).
     for start in range(0, w.shape[1], GREEDY_BLOCK):
@@ -111,11 +125,12 @@ def greedy_rounding(w: torch.Tensor, scales: torch.Tensor, bits: int, gram: torc
         g_block = g[:, start:end].clone()
         committed = torch.empty(w.shape[0], end - start, dtype=w.dtype)
         for j, k in enumerate(range(start, end)):
-            cost_down = err_down[:, k] * (2 * g_block[:, j] + err_down[:, k] * gram[k, k])
-            cost_up = err_up[:, k] * (2 * g_block[:, j] + err_up[:, k] * gram[k, k])
+            h_kk = diagonal[..., k]
+            cost_down = err_down[:, k] * (2 * g_block[:, j] + err_down[:, k] * h_kk)
+            cost_up = err_up[:, k] * (2 * g_block[:, j] + err_up[:, k] * h_kk)
             pick_up = cost_up < cost_down
             chosen[:, k] = torch.where(pick_up, up[:, k], down[:, k])
             committed[:, j] = torch.where(pick_up, err_up[:, k], err_down[:, k])
-            g_block.addr_(committed[:, j], gram[k, start:end])
-        g[:, end:] += committed @ gram[start:end, end:]
+            g_block += committed[:, j, None] * channel_gram[..., k, start:end]
+        g[:, end:] += _times_gram(committed, gram, slice(start, end), slice(end, None))
     return chosen

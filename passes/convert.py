@@ -60,7 +60,7 @@ def _take_calibration_statistics(lo: Lowering) -> None:
                 records.put(node.args[0], module.qparams())
         elif isinstance(module, InputGram):
             (layer,) = [user.target for user in node.users]
-            lo.grams[layer] = module.gram
+            lo.grams[layer] = module.gram_matrix
         else:
             continue
         node.replace_all_uses_with(node.args[0])

@@ -33,7 +33,7 @@ def correct_bias(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             config = ctx.config_for(module_name(user))
             if config is not None and config.bias_correction:
                 sites[user] = (modules[user.target].weight, config)
-                means[user], grams[user] = stats.mean, stats.gram
+                means[user], grams[user] = stats.mean, stats.gram_matrix
     chosen = quantize_sites(sites, grams)
     for user, weights in chosen.items():
         _shift_bias(modules[user.target], weights, means[user])
@@ -45,6 +45,10 @@ def _shift_bias(layer: nn.Module, weights, mean: torch.Tensor) -> None:
     weight_q, scales = weights
     w = layer.weight.detach().to(torch.float64).reshape(layer.weight.shape[0], -1)
     error = weight_q.to(torch.float64).reshape(w.shape) * scales[:, None] - w
-    shift = error @ mean
+    if mean.dim() == 2:  # a grouped conv: each channel's mean input is its group's
+        mean = mean.repeat_interleave(w.shape[0] // mean.shape[0], 0)
+        shift = (error * mean).sum(1)
+    else:
+        shift = error @ mean
     bias = torch.zeros(w.shape[0], dtype=torch.float64) if layer.bias is None else layer.bias.detach().double()
     layer.bias = nn.Parameter((bias - shift).to(layer.weight.dtype), requires_grad=False)

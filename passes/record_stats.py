@@ -25,8 +25,7 @@ class StatsRecorder(fx.Interpreter):
         module = self.fetch_attr(target)
         if not isinstance(module, QLayer):
             return super().call_module(target, args, kwargs)
-        columns, positions = module.columns(args[0])
-        acc = module.accumulate(columns)
+        acc, positions = module.accumulator(args[0])
         self._accumulator = IntRange.of(acc)
         return module.to_output(module.requantize(acc), positions)
 

@@ -5,16 +5,16 @@ from torch import fx, nn
 
 from fxq import records
 from fxq.ops.base import Lowering, Op, Output, output_qparams, qparams_of
-from fxq.qmodules import QConv2d, QLinear
+from fxq.qmodules import QConv2d, QLinear, explicit_padding
 
 
 def _conv_accepts(node: fx.Node, conv: nn.Conv2d) -> str | None:
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} (only zero padding has an integer form)"
-    if conv.groups != 1:
-        return f"groups={conv.groups}"
-    if isinstance(conv.padding, str):
-        return f"padding={conv.padding!r}"
+    try:
+        explicit_padding(conv)
+    except ValueError as error:
+        return str(error)
     return None
 
 
