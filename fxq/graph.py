@@ -21,12 +21,22 @@ def add_module_near(gm: fx.GraphModule, node: fx.Node, suffix: str, module: nn.M
     """Register ``module`` beside the submodule ``node`` ran in (``layer1.0`` + ``add`` →
     ``layer1.0.add``), with a number appended if the name is taken; returns its path."""
     scope = scope_of(node)
+    while scope and not _has_submodule(gm, scope):  # a module traced through is not kept in gm
+        scope = scope.rpartition(".")[0]
     owner = gm.get_submodule(scope) if scope else gm
     name, n = suffix, 1
     while hasattr(owner, name):
         name, n = f"{suffix}_{n}", n + 1
     owner.add_module(name, module)
     return f"{scope}.{name}" if scope else name
+
+
+def _has_submodule(gm: fx.GraphModule, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def module_name(node: fx.Node) -> str:

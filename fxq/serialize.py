@@ -41,10 +41,13 @@ from fxq.ops.shape import SHAPE_ATTRIBUTES
 from fxq.qmodules import QLayer
 from fxq.schema import Schema, SchemaError
 
-FORMAT = "fxq/2"
+FORMAT = "fxq/3"
 PLAIN = (int, float, str, bool, type(None))
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-INDEX = re.compile(r"(0|[1-9][0-9]{0,5})\Z")
+# A module name may also start with a digit or hold hyphens (torchvision's "block1-0", fxq's
+# "2_dequantize" beside a Sequential's "2"): torch.fx writes such a part as getattr(m, "block1-0"),
+# and without quotes or backslashes it cannot leave that string.
+MODULE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,99}\Z")
 DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float64, torch.float16,
                                                     torch.bfloat16, torch.int64, torch.int32, torch.uint8)}
 OPS = ("placeholder", "call_module", "call_function", "call_method", "get_attr", "output")
@@ -70,6 +73,7 @@ def save(qmodel: fx.GraphModule, path: str | Path) -> None:
         "class_name": type(qmodel).__name__,
         "config": None if config is None else _config_fields(config),
         "modules": {target: _module_record(target, modules[target]) for target in targets},
+        "constants": {n.target: _constant_record(qmodel, n.target) for n in qmodel.graph.nodes if n.op == "get_attr"},
         "graph": [_node_record(n) for n in qmodel.graph.nodes],
     }
     payload["sha256"] = digest(payload)
@@ -138,19 +142,24 @@ def _read(path: str | Path) -> dict:
 
 
 def _rebuild(payload: dict) -> fx.GraphModule:
-    _expect(set(payload) == {"format", "class_name", "config", "modules", "graph", "sha256"},
+    _expect(set(payload) == {"format", "class_name", "config", "modules", "constants", "graph", "sha256"},
             f"unexpected top-level entries {sorted(map(str, payload))}")
     _expect(_is_identifier(payload["class_name"]), "the class name is not an identifier")
-    _expect(isinstance(payload["modules"], dict) and isinstance(payload["graph"], list),
-            "modules must be a dict and graph a list")
+    _expect(isinstance(payload["modules"], dict) and isinstance(payload["graph"], list)
+            and isinstance(payload["constants"], dict),
+            "modules and constants must be dicts and graph a list")
     root = nn.Module()
     for target, record in payload["modules"].items():
         _expect(_is_path(target), f"module path {target!r} is not a dotted identifier")
         _install(root, target, _module_from(target, record))
+    for target, tensor in payload["constants"].items():
+        _expect(_is_path(target) and isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32,
+                f"constant {target!r} is not a float32 tensor at a dotted path")
+        _install_constant(root, target, tensor)
     graph = fx.Graph()
     nodes: dict[str, fx.Node] = {}
     for record in payload["graph"]:
-        node = _node_from(graph, record, nodes, payload["modules"])
+        node = _node_from(graph, record, nodes, payload["modules"], payload["constants"])
         nodes[node.name] = node
     graph.lint()
     _expect(sum(n.op == "output" for n in graph.nodes) == 1, "the graph needs exactly one output")
@@ -275,15 +284,36 @@ def _tensors_of(target: str, record: dict) -> dict[str, torch.Tensor]:
 
 
 def _install(root: nn.Module, target: str, module: nn.Module) -> None:
+    owner, leaf = _container(root, target)
+    owner.add_module(leaf, module)
+
+
+def _install_constant(root: nn.Module, target: str, tensor: torch.Tensor) -> None:
+    owner, leaf = _container(root, target)
+    owner.register_buffer(leaf, tensor)
+
+
+def _container(root: nn.Module, target: str) -> tuple[nn.Module, str]:
+    """The plain container module ``target`` goes in (made as needed), and its last name."""
     owner = root
     *parents, leaf = target.split(".")
     for name in parents:
         if name not in owner._modules:
             owner.add_module(name, nn.Module())
         owner = owner._modules[name]
-        _expect(type(owner) is nn.Module, f"module path {target!r} runs through a layer")
-    _expect(leaf not in owner._modules and not hasattr(owner, leaf), f"module path {target!r} is taken")
-    owner.add_module(leaf, module)
+        _expect(type(owner) is nn.Module, f"path {target!r} runs through a layer")
+    _expect(leaf not in owner._modules and not hasattr(owner, leaf), f"path {target!r} is taken")
+    return owner, leaf
+
+
+def _constant_record(qmodel: fx.GraphModule, target: str) -> torch.Tensor:
+    """A tensor the graph reads with ``get_attr`` (a float op's parameter), as float32."""
+    value = qmodel
+    for name in target.split("."):
+        value = getattr(value, name)
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise ValueError(f"cannot save '{target}': the graph reads it, and it is not a float tensor")
+    return value.detach().to(torch.float32)
 
 
 # ---------------------------------------------------------------- graph
@@ -301,13 +331,13 @@ def _node_record(node: fx.Node) -> dict:
             "qparams": None if qparams is None else [qparams.scale, qparams.zero_point, qparams.bits]}
 
 
-def _node_from(graph: fx.Graph, record, nodes: dict[str, fx.Node], modules: dict) -> fx.Node:
+def _node_from(graph: fx.Graph, record, nodes: dict[str, fx.Node], modules: dict, constants: dict) -> fx.Node:
     _expect(isinstance(record, dict) and set(record) == {"name", "op", "target", "args", "kwargs", "qparams"},
             "a graph entry is not a node record")
     name, op, target = record["name"], record["op"], record["target"]
     _expect(_is_identifier(name) and name not in nodes, f"node name {name!r} is not a new identifier")
     _expect(op in OPS, f"node '{name}' has op {op!r}")
-    target = _target(name, op, target, modules)
+    target = _target(name, op, target, modules, constants)
     args, kwargs = _decode(record["args"], nodes), _decode(record["kwargs"], nodes)
     _expect(isinstance(args, tuple) and isinstance(kwargs, dict), f"node '{name}' has malformed arguments")
     if target is getattr:
@@ -319,7 +349,7 @@ def _node_from(graph: fx.Graph, record, nodes: dict[str, fx.Node], modules: dict
     return node
 
 
-def _target(name: str, op: str, target, modules: dict):
+def _target(name: str, op: str, target, modules: dict, constants: dict):
     if op == "call_function":
         _expect(isinstance(target, str) and target in FUNCTIONS, f"node '{name}' calls {target!r}, which fxq does not load")
         return FUNCTIONS[target]
@@ -331,6 +361,8 @@ def _target(name: str, op: str, target, modules: dict):
         _expect(_is_identifier(target), f"input {target!r} is not an identifier")
     elif op == "output":
         _expect(target == "output", f"node '{name}' is an output with target {target!r}")
+    elif op == "get_attr":
+        _expect(isinstance(target, str) and target in constants, f"node '{name}' reads {target!r}, not a constant of the file")
     else:
         _expect(False, f"node '{name}': {op} nodes are not part of an fxq model")
     return target
@@ -410,8 +442,8 @@ def _is_identifier(name) -> bool:
 
 
 def _is_path(path) -> bool:
-    """A dotted module path: identifiers, or the indices of a Sequential (``layer1.0.conv1``)."""
-    return isinstance(path, str) and all(_is_identifier(part) or INDEX.match(part)
+    """A dotted module path of names torch.fx writes safely (``layer1.0.conv1``, ``block1-0``)."""
+    return isinstance(path, str) and all(MODULE_NAME.match(part) and not keyword.iskeyword(part)
                                          for part in path.split("."))
 
 

@@ -1,4 +1,5 @@
-"""fold_bn: ``conv → batchnorm`` becomes one conv whose weight and bias absorb the batchnorm."""
+"""fold_bn: ``conv → batchnorm`` becomes one conv whose weight and bias absorb the batchnorm; a
+batchnorm with no conv to fold into becomes the per-channel affine map it is, a 1×1 depthwise conv."""
 from __future__ import annotations
 
 import torch
@@ -18,6 +19,10 @@ def fold_bn(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     The folded conv is a new module (the traced copy's conv is not mutated in place).
     Guards: the conv's output feeds only the batchnorm (otherwise the unfolded value is still
     needed), and the batchnorm uses running statistics.
+
+    Any other eval-mode batchnorm (DenseNet's batchnorm → ReLU → conv, one after an add) computes
+    ``y_c = γ'_c·x_c + b'_c``: it becomes ``conv'(x)``, a 1×1 conv with ``groups = C``, weight
+    ``γ'`` and bias ``b' = β − γ'·mean``, which quantizes like any conv.
     """
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
@@ -34,6 +39,10 @@ def fold_bn(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         modules[conv_node.target] = folded
         node.replace_all_uses_with(conv_node)
         gm.graph.erase_node(node)
+    for node in gm.graph.nodes:
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        if type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.running_mean is not None:
+            replace_module(gm, node.target, _affine_conv(bn))
     return finish(gm)
 
 
@@ -45,6 +54,13 @@ def _matches(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         return False
     return any(isinstance(modules[producer.target], c) and isinstance(modules[node.target], b)
                for c, b in PATTERNS)
+
+
+@torch.no_grad()
+def _affine_conv(bn: nn.BatchNorm2d) -> nn.Conv2d:
+    identity = nn.Conv2d(bn.num_features, bn.num_features, 1, groups=bn.num_features, bias=False)
+    identity.weight.fill_(1.0)
+    return _folded_conv(identity, bn)
 
 
 @torch.no_grad()

@@ -38,9 +38,14 @@ class ConvUsedTwice(nn.Module):
         return self.bn(y) + y
 
 
-def test_conv_with_other_users_is_left_alone(ctx):
-    gm = fold_bn(trace(randomize_bn(ConvUsedTwice()), ctx), ctx)
-    assert module_types(gm) == [nn.Conv2d, nn.BatchNorm2d]
+def test_a_batchnorm_with_no_conv_to_fold_into_becomes_a_depthwise_affine_conv(ctx):
+    model = randomize_bn(ConvUsedTwice())
+    gm = fold_bn(trace(model, ctx), ctx)
+    assert module_types(gm) == [nn.Conv2d, nn.Conv2d]  # the conv's own output is needed too
+    affine = gm.get_submodule("bn")
+    assert affine.groups == affine.in_channels == 3 and affine.kernel_size == (1, 1)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(gm(x), model(x), atol=1e-5)
 
 
 def test_model_without_batchnorm_is_unchanged(ctx):

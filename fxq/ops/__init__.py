@@ -52,7 +52,7 @@ def match(node: fx.Node, modules: dict[str, nn.Module]) -> list[Op]:
 
 KEPT_BY_OVERRIDES = "kept in float by overrides"
 # why a call of these module types has no integer form here, and what to do
-HINTS = {nn.BatchNorm2d: "a batchnorm folds into the conv it directly follows, and only there"}
+HINTS = {nn.BatchNorm2d: "a batchnorm without running statistics has no fixed affine form"}
 
 
 def classify(node: fx.Node, modules: dict[str, nn.Module],

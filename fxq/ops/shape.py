@@ -4,7 +4,9 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
+from torchvision.ops import stochastic_depth
 
 from fxq import records
 from fxq.affine import ActQParams
@@ -50,8 +52,18 @@ def lower_nothing(lo: Lowering, node: fx.Node) -> None:
     """``x.size()`` returns Python ints: nothing to quantize."""
 
 
+def _not_training(node: fx.Node, module: nn.Module | None) -> str | None:
+    """Dropout and stochastic depth are identities unless called with training=True."""
+    if module is not None:
+        return None
+    position = 3 if node.target is stochastic_depth else 2
+    training = node.args[position] if len(node.args) > position else node.kwargs.get("training", True)
+    return "dropout in training mode" if training is not False else None
+
+
 IDENTITY = Op("identity", "removed: the identity in eval mode", lower_identity, Output.SAME,
-              modules=(nn.Identity, nn.Dropout), homogeneous=True, channelwise=True, example=nn.Identity)
+              modules=(nn.Identity, nn.Dropout, nn.Dropout2d), functions=(F.dropout, stochastic_depth),
+              accepts=_not_training, homogeneous=True, channelwise=True, example=nn.Identity)
 RESHAPE = Op("reshape", "the same integers in another shape or order", lower_same, Output.SAME,
              modules=(nn.Flatten,),
              functions=(torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,

@@ -1,0 +1,195 @@
+"""fxq on torchvision's classification models: what quantizes, what runs on integers, how close.
+
+    python -m scripts.zoo                      # every model: results/zoo.json + the README table
+    python -m scripts.zoo --models resnet18 mobilenet_v2 --no-reference
+
+Each model has random weights with batch norm settled on the images (train-mode passes, so the
+activations have realistic scales), 3×64×64 structured random images (smooth random fields plus
+fine noise), 64 for calibration and 256 to score. Per model, fxq at the W8A8 defaults and, as a
+reference only, torch.ao FX graph mode PTQ with the x86 default qconfig on the same data:
+quantized or not, the share of executed ops on integer tensors (`fxq.runtime.count_ops`: the
+dtypes each op actually saw), logits SQNR against float, top-1 agreement with float. For fxq
+also: the integer graph against `fxq.simulate` (bit for bit) and save → load (identical outputs).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from tabulate import tabulate
+from torch import nn
+
+import fxq
+from fxq.runtime import count_ops
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results" / "zoo.json"
+README = ROOT / "README.md"
+MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "vgg11_bn", "densenet121",
+          "squeezenet1_0", "shufflenet_v2_x0_5", "efficientnet_b0", "regnet_x_400mf", "googlenet", "convnext_tiny")
+EXTRA_ARGUMENTS = {"googlenet": {"aux_logits": False, "init_weights": True}}
+SIZE, CALIBRATION, SCORED = 64, 64, 256
+
+
+def images(count: int, seed: int) -> torch.Tensor:
+    """Smooth random fields (coarse noise upsampled) with a little fine noise: images with
+    spatial structure, so convolutions see correlated neighbours as on photographs."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = F.interpolate(torch.randn(count, 3, 8, 8, generator=g), size=SIZE, mode="bicubic", align_corners=False)
+    return coarse + 0.25 * torch.randn(count, 3, SIZE, SIZE, generator=g)
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    """The model with random weights and batch norm statistics settled on the images."""
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's notes on initialization
+        model = torchvision.models.get_model(name, weights=None, **EXTRA_ARGUMENTS.get(name, {}))
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # a cumulative average over the settling batches
+    model.train()
+    with torch.no_grad():
+        for index in range(4):
+            model(images(32, 1000 + index))
+    return model.eval()
+
+
+@dataclass
+class Result:
+    quantized: bool
+    integer_share: float | None = None   # % of executed ops (with tensors, not quantize/dequantize)
+    sqnr_db: float | None = None
+    top1_agreement: float | None = None  # % of the scored images with the float model's class
+    seconds: float | None = None
+    float_ops: list | None = None        # what ran in float, by node name
+    twin_exact: bool | None = None
+    save_load_identical: bool | None = None
+    error: str | None = None
+
+
+def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    noise = (reference.double() - approximation.double()).pow(2).mean()
+    return float(10 * torch.log10(reference.double().pow(2).mean() / noise.clamp_min(1e-30)))
+
+
+def score(model: nn.Module, qmodel: nn.Module, scored: torch.Tensor) -> tuple[float, float]:
+    with torch.no_grad():
+        reference, got = model(scored), qmodel(scored)
+    return sqnr_db(reference, got), 100.0 * float((reference.argmax(1) == got.argmax(1)).float().mean())
+
+
+def share(gm, example: torch.Tensor) -> tuple[float, list]:
+    counts = count_ops(gm, example)
+    return 100.0 * counts.integer / max(counts.integer + counts.float, 1), list(counts.float_ops)
+
+
+def run_fxq(model: nn.Module, calibration: torch.Tensor, scored: torch.Tensor) -> Result:
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxq.FloatFallbackWarning)  # the report lists them
+        qmodel = fxq.quantize(model, list(calibration.split(16)))
+    seconds = time.perf_counter() - start
+    sqnr, agreement = score(model, qmodel, scored)
+    integer_share, float_ops = share(qmodel, scored[:8])
+    twin = fxq.simulate(qmodel)
+    with torch.no_grad():
+        exact = bool(torch.equal(twin(scored), qmodel(scored)))
+        with tempfile.TemporaryDirectory() as folder:
+            fxq.save(qmodel, Path(folder) / "model.fxq")
+            identical = bool(torch.equal(fxq.load(Path(folder) / "model.fxq")(scored), qmodel(scored)))
+    return Result(True, integer_share, sqnr, agreement, seconds, float_ops, exact, identical)
+
+
+def run_torch_ao(model: nn.Module, calibration: torch.Tensor, scored: torch.Tensor) -> Result:
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notices
+        prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), (calibration[:1],))
+        with torch.no_grad():
+            for batch in calibration.split(16):
+                prepared(batch)
+        qmodel = convert_fx(prepared)
+    seconds = time.perf_counter() - start
+    sqnr, agreement = score(model, qmodel, scored)
+    integer_share, float_ops = share(qmodel, scored[:8])
+    return Result(True, integer_share, sqnr, agreement, seconds, float_ops)
+
+
+def attempt(run, *args) -> Result:
+    try:
+        return run(*args)
+    except Exception as error:  # a model a quantizer cannot take is a result, not a crash
+        line = traceback.format_exception_only(type(error), error)[-1].strip()
+        return Result(False, error=line[:300])
+
+
+def table(results: dict) -> str:
+    rows = []
+    for name, entry in results.items():
+        ours, peer = Result(**entry["fxq"]), entry.get("torch.ao") and Result(**entry["torch.ao"])
+
+        def cells(r: Result | None) -> list:
+            if r is None:
+                return ["—"] * 4
+            if not r.quantized:
+                return ["no", "", "", ""]
+            return ["yes", f"{r.integer_share:.0f} %", f"{r.sqnr_db:.1f}", f"{r.top1_agreement:.1f} %"]
+
+        checks = "" if not ours.quantized else ("✓" if ours.twin_exact and ours.save_load_identical else "✗")
+        rows.append([name] + cells(ours) + [checks] + cells(peer))
+    headers = ["model", "fxq", "integer ops", "SQNR dB", "top-1 agree", "twin & load exact",
+               "torch.ao", "integer ops", "SQNR dB", "top-1 agree"]
+    return tabulate(rows, headers=headers, tablefmt="github")
+
+
+def write_readme(text: str) -> None:
+    start, end = "<!-- zoo:start -->", "<!-- zoo:end -->"
+    readme = README.read_text()
+    block = f"{start}\n{text}\n{end}"
+    if start in readme:
+        readme = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, readme, flags=re.S)
+    else:
+        readme += f"\n{block}\n"
+    README.write_text(readme)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--no-reference", action="store_true", help="skip torch.ao")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    calibration, scored = images(CALIBRATION, 1), images(SCORED, 2)
+    for name in args.models:
+        model = build(name)
+        entry = {"fxq": asdict(attempt(run_fxq, model, calibration, scored))}
+        if not args.no_reference:
+            entry["torch.ao"] = asdict(attempt(run_torch_ao, model, calibration, scored))
+        results[name] = entry
+        print(name, json.dumps(entry), flush=True)
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=1))
+    ordered = {name: results[name] for name in MODELS if name in results}
+    text = table(ordered)
+    write_readme(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
