@@ -31,6 +31,14 @@ def add_module_near(gm: fx.GraphModule, node: fx.Node, suffix: str, module: nn.M
     return f"{scope}.{name}" if scope else name
 
 
+def attribute(gm: nn.Module, target: str):
+    """What a ``get_attr`` node with this dotted ``target`` reads."""
+    value = gm
+    for name in target.split("."):
+        value = getattr(value, name)
+    return value
+
+
 def _has_submodule(gm: fx.GraphModule, path: str) -> bool:
     try:
         gm.get_submodule(path)

@@ -36,6 +36,7 @@ from fxq.affine import ActQParams
 from fxq import ops
 from fxq import schema as sc
 from fxq.config import QConfig
+from fxq.graph import attribute
 from fxq.ops.fallback import FLOAT_FUNCTIONS, FLOAT_METHODS, FLOAT_SCHEMAS
 from fxq.ops.shape import SHAPE_ATTRIBUTES
 from fxq.qmodules import QLayer
@@ -308,9 +309,7 @@ def _container(root: nn.Module, target: str) -> tuple[nn.Module, str]:
 
 def _constant_record(qmodel: fx.GraphModule, target: str) -> torch.Tensor:
     """A tensor the graph reads with ``get_attr`` (a float op's parameter), as float32."""
-    value = qmodel
-    for name in target.split("."):
-        value = getattr(value, name)
+    value = attribute(qmodel, target)
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
         raise ValueError(f"cannot save '{target}': the graph reads it, and it is not a float tensor")
     return value.detach().to(torch.float32)

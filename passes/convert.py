@@ -9,6 +9,7 @@ from fxq.context import PassContext
 from fxq.graph import add_module_near, finish, module_name
 from fxq.observers import InputGram, Observer
 from fxq.ops import Lowering
+from fxq.ops.arithmetic import CAT
 from fxq.qmodules import Dequantize, Quantize
 from fxq.weight_ranges import quantize_sites
 from passes.insert_observers import INPUT_GRAMS, OBSERVERS
@@ -38,6 +39,8 @@ def convert(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """
     lo = Lowering(gm, ctx, dict(gm.named_modules()))
     _take_calibration_statistics(lo)
+    if SHARE_JOIN_PARAMETERS:
+        _share_join_parameters(lo)
     _choose_weights(lo)
     for node in list(gm.graph.nodes):
         if node.op == "placeholder" and records.has(node, ActQParams):
@@ -65,6 +68,42 @@ def _take_calibration_statistics(lo: Lowering) -> None:
             continue
         node.replace_all_uses_with(node.args[0])
         lo.gm.graph.erase_node(node)
+
+
+# A concatenation's inputs are quantized at its own parameters where they can be (see below);
+# False requantizes each input to them instead (what scripts/zoo.py --requantize-joins measures).
+SHARE_JOIN_PARAMETERS = True
+
+
+def _share_join_parameters(lo: Lowering) -> None:
+    """Give each input of a concatenation the concatenation's parameters, so it is joined as it is.
+
+    The concatenation's observer saw every input's values, so its range holds them all. An input
+    made only for the join (a conv → ReLU read by nothing else) is then requantized once, by its
+    producer, straight to the joined grid, instead of to its own grid and again by the join.
+    Inputs read elsewhere too, the network input, and inputs of another width keep their own.
+    """
+    for node in lo.gm.graph.nodes:
+        if node.op not in ops.CALLS or ops.classify(node, lo.modules, lo.ctx)[0] is not CAT:
+            continue
+        joined = records.get(node, ActQParams)
+        for tensor in (t for t in node.all_input_nodes if joined is not None):
+            source = _own_parameters(tensor, lo)
+            if source is not None and records.get(source, ActQParams).bits == joined.bits:
+                records.put(source, joined)
+
+
+def _own_parameters(node: fx.Node, lo: Lowering) -> fx.Node | None:
+    """The node whose parameters ``node``'s integers will have, if every step from it to ``node``
+    is read by the next step only: ``node`` itself if observed, else back through ops that keep
+    their input's parameters (ReLU, max pooling, reshapes)."""
+    while isinstance(node, fx.Node) and len(node.users) == 1 and node.op in ops.CALLS:
+        if records.has(node, ActQParams):
+            return node
+        if ops.classify(node, lo.modules, lo.ctx)[0].output is not ops.Output.SAME or not node.args:
+            return None
+        node = node.args[0]
+    return None
 
 
 def _choose_weights(lo: Lowering) -> None:

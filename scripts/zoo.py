@@ -2,6 +2,7 @@
 
     python -m scripts.zoo                      # every model: results/zoo.json + the README table
     python -m scripts.zoo --models resnet18 mobilenet_v2 --no-reference
+    python -m scripts.zoo --joins               # concatenations: shared parameters vs requantizing
 
 Each model has random weights with batch norm settled on the images (train-mode passes, so the
 activations have realistic scales), 3×64×64 structured random images (smooth random fields plus
@@ -10,6 +11,8 @@ reference only, torch.ao FX graph mode PTQ with the x86 default qconfig on the s
 quantized or not, the share of executed ops on integer tensors (`fxq.runtime.count_ops`: the
 dtypes each op actually saw), logits SQNR against float, top-1 agreement with float. For fxq
 also: the integer graph against `fxq.simulate` (bit for bit) and save → load (identical outputs).
+``--joins`` quantizes the models that concatenate twice more, each concatenation's inputs at its
+own parameters (the default) and requantized to them, and writes that comparison's table.
 """
 from __future__ import annotations
 
@@ -32,10 +35,12 @@ from torch import nn
 
 import fxq
 from fxq.runtime import count_ops
+from passes import convert as convert_pass
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "zoo.json"
 README = ROOT / "README.md"
+JOINING = ("densenet121", "squeezenet1_0", "shufflenet_v2_x0_5", "googlenet")
 MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "vgg11_bn", "densenet121",
           "squeezenet1_0", "shufflenet_v2_x0_5", "efficientnet_b0", "regnet_x_400mf", "googlenet", "convnext_tiny")
 EXTRA_ARGUMENTS = {"googlenet": {"aux_logits": False, "init_weights": True}}
@@ -157,8 +162,34 @@ def table(results: dict) -> str:
     return tabulate(rows, headers=headers, tablefmt="github")
 
 
-def write_readme(text: str) -> None:
-    start, end = "<!-- zoo:start -->", "<!-- zoo:end -->"
+def joins_table(results: dict) -> str:
+    rows = []
+    for name in JOINING:
+        entry = results.get(name, {})
+        if "joins shared" in entry:
+            shared, requantized = entry["joins shared"], entry["joins requantized"]
+            rows.append([name, f"{shared['sqnr_db']:.2f}", f"{requantized['sqnr_db']:.2f}",
+                         f"{shared['top1_agreement']:.1f} %", f"{requantized['top1_agreement']:.1f} %"])
+    return tabulate(rows, headers=["model", "SQNR dB, shared", "SQNR dB, requantized", "top-1 agree, shared",
+                                   "top-1 agree, requantized"], tablefmt="github")
+
+
+def compare_joins(results: dict, calibration: torch.Tensor, scored: torch.Tensor) -> None:
+    for name in JOINING:
+        model = build(name)
+        for key, share in (("joins shared", True), ("joins requantized", False)):
+            convert_pass.SHARE_JOIN_PARAMETERS = share
+            try:
+                results.setdefault(name, {})[key] = asdict(attempt(run_fxq, model, calibration, scored))
+            finally:
+                convert_pass.SHARE_JOIN_PARAMETERS = True
+        print(name, json.dumps({k: results[name][k] for k in ("joins shared", "joins requantized")}), flush=True)
+        RESULTS.write_text(json.dumps(results, indent=1))
+    write_readme(joins_table(results), "zoo-joins")
+
+
+def write_readme(text: str, marker: str = "zoo") -> None:
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     readme = README.read_text()
     block = f"{start}\n{text}\n{end}"
     if start in readme:
@@ -172,16 +203,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--no-reference", action="store_true", help="skip torch.ao")
+    parser.add_argument("--joins", action="store_true", help="only the concatenation comparison")
     args = parser.parse_args()
     torch.set_num_threads(2)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     calibration, scored = images(CALIBRATION, 1), images(SCORED, 2)
+    if args.joins:
+        compare_joins(results, calibration, scored)
+        print(joins_table(results))
+        return
     for name in args.models:
         model = build(name)
-        entry = {"fxq": asdict(attempt(run_fxq, model, calibration, scored))}
+        entry = results.setdefault(name, {})
+        entry["fxq"] = asdict(attempt(run_fxq, model, calibration, scored))
         if not args.no_reference:
             entry["torch.ao"] = asdict(attempt(run_torch_ao, model, calibration, scored))
-        results[name] = entry
         print(name, json.dumps(entry), flush=True)
         RESULTS.parent.mkdir(exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=1))

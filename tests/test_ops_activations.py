@@ -76,3 +76,26 @@ def test_a_function_not_finite_on_the_grid_stays_in_float():
         qmodel = fxq.quantize(Sqrt().eval(), _data())
     reasons = [records.get(n, records.FloatOp).reason for n in qmodel.graph.nodes if records.has(n, records.FloatOp)]
     assert any("not finite" in r for r in reasons)
+
+
+class Scaled(nn.Module):
+    """ConvNeXt's layer scale (a learned per-channel factor) and a per-channel shift, as parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gamma = nn.Parameter(torch.tensor([0.5, -2.0, 1e-3, 3.0]).reshape(4, 1, 1))
+        self.register_buffer("shift", torch.tensor([1.0, 0.0, -1.0, 2.0]).reshape(4, 1, 1))
+
+    def forward(self, x):
+        y = self.gamma * self.conv(x)
+        return (y + self.shift).mean((2, 3))
+
+
+def test_an_op_with_a_constant_tensor_is_a_table_per_element(tmp_path):
+    model = Scaled().eval()
+    qmodel = fxq.quantize(model, _data())
+    assert not any(records.has(n, records.FloatOp) for n in qmodel.graph.nodes)
+    tables = [m for m in qmodel.modules() if type(m).__name__ == "QConstantLookup"]
+    assert len(tables) == 2 and tables[0].table.numel() == 4 * 256
+    assert check_quantized(qmodel, model, torch.randn(32, 3, 8, 8), tmp_path) > 25

@@ -11,8 +11,9 @@ from torch import fx, nn
 
 from fxq import records
 from fxq.affine import ActQParams
+from fxq.graph import attribute
 from fxq.ops.base import KeepInFloat, Lowering, Op, Output, leaf_name, qparams_of
-from fxq.ops.lookup import QClamp, QLookup
+from fxq.ops.lookup import QClamp, QConstantLookup, QLookup
 from fxq.qmodules import QReLU, QRequantize
 
 
@@ -140,4 +141,46 @@ LOOKUP = Op(
              "sub_", "mul", "mul_", "div", "div_"),
     accepts=_one_tensor_and_constants, integer_modules=(QLookup,), channelwise=True,
     example=nn.Hardswish)
-OPS = (RELU, CLAMP, LOOKUP)
+def _constant_of(node: fx.Node) -> fx.Node | None:
+    constants = [a for a in node.all_input_nodes if a.op == "get_attr"]
+    return constants[0] if len(constants) == 1 and len(node.all_input_nodes) == 2 else None
+
+
+def _a_tensor_and_a_constant(node: fx.Node, module: nn.Module | None) -> str | None:
+    if _constant_of(node) is None or node.kwargs:
+        return "an elementwise op of two computed tensors"
+    return None
+
+
+def lower_constant_lookup(lo: Lowering, node: fx.Node) -> None:
+    """``x · γ`` with γ a parameter → ``QConstantLookup(q)``: a table per element of γ."""
+    constant_node = _constant_of(node)
+    (source,) = [a for a in node.all_input_nodes if a is not constant_node]
+    before, after = qparams_of(source, node), records.get(node, ActQParams)
+    if after is None:
+        raise KeepInFloat("its output was never a float tensor during calibration")
+    constant = attribute(lo.gm, constant_node.target)
+    if not isinstance(constant, torch.Tensor) or not constant.is_floating_point():
+        raise KeepInFloat(f"{constant_node.target} is not a float tensor")
+    target = node.target
+
+    def function(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        args = [x if a is source else c if a is constant_node else a for a in node.args]
+        return getattr(args[0], target)(*args[1:]) if node.op == "call_method" else target(*args)
+
+    name = f"{getattr(target, '__name__', target)} by {constant_node.target}"
+    every = (torch.arange(1 << before.bits, dtype=torch.float64) - before.zero_point) * before.scale
+    with torch.no_grad():
+        if not torch.isfinite(function(every[None, :], constant.detach().double().reshape(-1, 1))).all():
+            raise KeepInFloat(f"{name} is not finite on every value the input's grid holds")
+    lo.become(node, QConstantLookup(function, name, constant, before, after), leaf_name(node), (source,))
+
+
+CONSTANT = Op(
+    "constant_lookup", "an elementwise op with a constant tensor: one lookup table per element of the constant",
+    lower_constant_lookup, Output.OWN,
+    functions=(operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div),
+    methods=("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"),
+    accepts=_a_tensor_and_a_constant, integer_modules=(QConstantLookup,), channelwise=True,
+    example=lambda: lambda x: x * torch.arange(1.0, 5.0).reshape(4, 1, 1))
+OPS = (RELU, CLAMP, LOOKUP, CONSTANT)

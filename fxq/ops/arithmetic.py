@@ -14,8 +14,13 @@ from fxq.ops.joins import QCat, QMul
 from fxq.qmodules import QAdd
 
 
+def _computed(value) -> bool:
+    """A tensor the network computes (not a constant: a number, or a parameter read by get_attr)."""
+    return isinstance(value, fx.Node) and value.op != "get_attr"
+
+
 def _adds_two_tensors(node: fx.Node, module: nn.Module | None) -> str | None:
-    if len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args) and node.kwargs.get("alpha", 1) == 1:
+    if len(node.args) == 2 and all(map(_computed, node.args)) and node.kwargs.get("alpha", 1) == 1:
         return None
     return "an add of a tensor and a constant, or with alpha"
 
@@ -35,7 +40,7 @@ ADD = Op("add", "both inputs rescaled to the output scale with their own fixed-p
          accepts=_adds_two_tensors, integer_modules=(QAdd,), absorbs_activation=True,
          example=lambda: lambda x: x + x.flip(0))
 def _two_tensors(node: fx.Node, module: nn.Module | None) -> str | None:
-    if len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args) and not node.kwargs:
+    if len(node.args) == 2 and all(map(_computed, node.args)) and not node.kwargs:
         return None
     return "a product with a constant, or with keyword arguments"
 

@@ -110,3 +110,60 @@ class QLookup(Derived):
 
     def describe(self) -> str:
         return f"a lookup in the {1 << self.input_bits}-entry table of {self.function} on every input integer"
+
+
+class QConstantLookup(Derived):
+    """b-bit → b'-bit elementwise op of a tensor and a constant tensor (``x · γ`` with a learned
+    per-channel scale, ``x + bias``): one lookup table per element of the constant, each the
+    answer for every input integer, ``quantize_out(f(dequantize_in(q), c_k))``, in float64.
+
+    ``shape`` is the constant's; it broadcasts against the input as the constant did.
+    """
+
+    schema = Schema({"input_bits": sc.act_bits, "output_bits": sc.act_bits,
+                     "function": lambda v: isinstance(v, str) and len(v) <= 80,
+                     "shape": lambda v: isinstance(v, tuple) and len(v) <= 6 and all(sc.is_int(x) and x >= 1 for x in v)},
+                    {"table": torch.int32, "scales": torch.float64, "zero_points": torch.int32},
+                    ranges=lambda m: m.check_ranges())
+
+    def __init__(self, function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], name: str,
+                 constant: torch.Tensor, before: ActQParams, after: ActQParams):
+        super().__init__()
+        self.input_bits, self.output_bits, self.function = before.bits, after.bits, name
+        self.shape = tuple(constant.shape)
+        every = (torch.arange(1 << before.bits, dtype=torch.float64) - before.zero_point) * before.scale
+        with torch.no_grad():
+            values = function(every[None, :], constant.detach().to(torch.float64).reshape(-1, 1))
+        self.register_buffer("table", after.quantize(values).to(torch.int32).flatten())
+        self.register_buffer("scales", torch.tensor([before.scale, after.scale], dtype=torch.float64))
+        self.register_buffer("zero_points", torch.tensor([before.zero_point, after.zero_point], dtype=torch.int32))
+        self.prepare()
+
+    def prepare(self) -> None:
+        count = 1
+        for size in self.shape:
+            count *= size
+        offsets = (torch.arange(count, dtype=torch.int64) << self.input_bits).reshape(self.shape)
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.register_buffer("lookup", self.table.to(storage_dtype(self.output_bits)), persistent=False)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return self.lookup[self.offsets + q.to(torch.int64)]
+
+    def check_ranges(self) -> None:
+        count = 1
+        for size in self.shape:
+            count *= size
+        sc.table_fits(self.table, count << self.input_bits, self.output_bits)
+        sc.expect(self.scales.shape == (2,) and self.zero_points.shape == (2,), "malformed parameters")
+
+    def extra_repr(self) -> str:
+        return f"{self.function}, {len(self.table)} entries"
+
+    def twin(self, node) -> nn.Module:
+        source = next(a for a in node.args if records.has(a, ActQParams))
+        return OnIntegers(self.forward, [records.get(source, ActQParams)], records.get(node, ActQParams))
+
+    def describe(self) -> str:
+        return (f"{self.function}: a lookup in one {1 << self.input_bits}-entry table per element of the "
+                f"constant {list(self.shape)}")
