@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
 import traceback
 
 from torch import fx, nn
@@ -12,12 +13,19 @@ from fxq.graph import add_module_near
 
 
 class _PathTracer(fx.Tracer):
-    """A symbolic tracer that remembers which submodule it is inside, for error messages."""
+    """A symbolic tracer that remembers which submodule it is inside, for error messages, and
+    keeps the submodules ``opaque`` matches as single calls (leaves) instead of tracing into them."""
 
-    def __init__(self):
+    def __init__(self, opaque: list[str]):
         super().__init__()
         self.path: list[str] = []
         self.failed_in: str | None = None  # the innermost submodule an error came from
+        self.opaque = opaque
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        if any(fnmatch.fnmatchcase(qualified_name, pattern) for pattern in self.opaque):
+            return True
+        return super().is_leaf_module(m, qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         self.path.append(self.path_of_module(m))
@@ -34,13 +42,14 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
     """Symbolically trace an eval-mode deep copy of ``model``.
 
     Before: any ``nn.Module``. After: a ``GraphModule`` with the same submodules and the same
-    numerics. A model torch.fx cannot trace (data-dependent control flow, ...) raises a
+    numerics. A submodule ``overrides`` maps to None is kept whole, as one call that runs in float:
+    the way to quantize a model around a part torch.fx cannot trace. A model torch.fx cannot trace (data-dependent control flow, ...) raises a
     ``TypeError`` naming the submodule and the source line, with the ways out.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fxq.quantize takes an nn.Module, got {type(model).__name__}")
     model = copy.deepcopy(model).eval()
-    tracer = _PathTracer()
+    tracer = _PathTracer([pattern for pattern, config in ctx.overrides.items() if config is None])
     tracer.record_stack_traces = True  # so reports can name the user's source line of each op
     try:
         graph = tracer.trace(model)
@@ -49,8 +58,9 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
         raise TypeError(
             f"torch.fx cannot trace {type(model).__name__}: in {where} ({_user_line(error)}): "
             f"{type(error).__name__}: {error}. Fix: replace Python control flow on tensor values "
-            "with tensor ops (torch.where, masking), or move the untraceable code into a function "
-            "decorated with torch.fx.wrap so it is kept as one call"
+            "with tensor ops (torch.where, masking), move the untraceable code into a function "
+            "decorated with torch.fx.wrap so it is kept as one call, or keep that submodule whole "
+            f"and in float with overrides={{'{tracer.failed_in or 'name'}': None}}"
         ) from error
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     _one_module_per_call_site(gm)

@@ -8,7 +8,7 @@ from torch import nn
 
 import fxq
 from fxq import records
-from tests.helpers import check_quantized
+from tests.helpers import check_quantized, output_steps
 
 
 class Mixed(nn.Module):
@@ -73,3 +73,45 @@ def test_an_override_to_none_keeps_any_module_in_float():
     assert isinstance(qmodel.get_submodule("act"), nn.ReLU)
     assert records.get(act, records.FloatOp).reason == "kept in float by overrides"
     assert type(qmodel.get_submodule("pool")).__name__ == "QMaxPool2d"  # integers again after it
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else -x  # Python control flow on a tensor value
+
+
+class WithUntraceablePart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.odd = DataDependent()
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.odd(torch.relu(self.conv(x))))
+
+
+def test_an_untraceable_submodule_named_in_overrides_runs_whole_in_float(tmp_path):
+    model = WithUntraceablePart().eval()
+    with pytest.raises(TypeError, match=r"overrides=\{'odd': None\}"):
+        fxq.quantize(model, _calibration())
+    qmodel = fxq.quantize(model, _calibration(), overrides={"odd": None})
+    odd = next(n for n in qmodel.graph.nodes if n.name == "odd")
+    assert odd.op == "call_module" and records.get(odd, records.FloatOp).reason == "kept in float by overrides"
+    x = torch.randn(4, 3, 8, 8)
+    integer, simulated = output_steps(qmodel, fxq.simulate(qmodel), x)
+    assert torch.equal(integer, simulated)
+
+
+def test_the_float_ops_are_reported_before_calibration():
+    from passes import fold_bn, fuse, insert_observers, trace
+
+    class Unread(list):
+        def __iter__(self):
+            raise AssertionError("calibration data read")
+
+    ctx = fxq.PassContext(fxq.QConfig(), Unread())
+    with pytest.warns(fxq.FloatFallbackWarning, match="'norm'"):
+        gm = trace.trace(Mixed().eval(), ctx)
+        for step in (fold_bn.fold_bn, fuse.fuse, insert_observers.insert_observers):
+            gm = step(gm, ctx)
