@@ -16,7 +16,7 @@ class _PathTracer(fx.Tracer):
     """A symbolic tracer that remembers which submodule it is inside, for error messages, and
     keeps the submodules ``opaque`` matches as single calls (leaves) instead of tracing into them."""
 
-    def __init__(self, opaque: list[str]):
+    def __init__(self, opaque: tuple[str, ...] = ()):
         super().__init__()
         self.path: list[str] = []
         self.failed_in: str | None = None  # the innermost submodule an error came from
@@ -49,7 +49,8 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
     if not isinstance(model, nn.Module):
         raise TypeError(f"fxq.quantize takes an nn.Module, got {type(model).__name__}")
     model = copy.deepcopy(model).eval()
-    tracer = _PathTracer([pattern for pattern, config in ctx.overrides.items() if config is None])
+    overrides = ctx.overrides if ctx is not None else {}
+    tracer = _PathTracer(tuple(pattern for pattern, config in overrides.items() if config is None))
     tracer.record_stack_traces = True  # so reports can name the user's source line of each op
     try:
         graph = tracer.trace(model)
