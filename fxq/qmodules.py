@@ -27,6 +27,12 @@ from fxq.twin import FloatAvgPool, FloatLayer, FromIntegers, OnIntegers, SnapToG
 BIAS_LIMIT = 2**30  # |b_q| at most this, so int32 keeps room for the weighted sum beside it
 
 
+class NotRepresentable(ValueError):
+    """An op's parameters, known after calibration, have no exact integer form here (a
+    multiplier too large for fixed point, an accumulator too wide): `convert` runs that op in
+    float instead and says so."""
+
+
 class Derived(nn.Module):
     """A module whose ``prepare()`` derives non-persistent tensors (GEMM operands, lookup tables)
     from its saved integers: run once built and again after every ``load_state_dict``, so files
@@ -144,11 +150,11 @@ class QLayer(Derived):
         bound = int(bounds.max())
         if input_qp.bits <= 8 and (bound > intmath.INT32_MAX
                                    or 128 * 127 * weight_q[0].numel() > intmath.INT32_MAX):
-            raise ValueError(f"{name}: the worst-case accumulator {bound} (K = "
+            raise NotRepresentable(f"{name}: the worst-case accumulator {bound} (K = "
                              f"{weight_q[0].numel()}) does not fit the int32 GEMM; lower weight_bits "
                              "for this layer, or use 16-bit activations (an int64 accumulator)")
         if bound >= intmath.FLOAT64_EXACT:
-            raise ValueError(f"{name}: the worst-case accumulator {bound} is beyond "
+            raise NotRepresentable(f"{name}: the worst-case accumulator {bound} is beyond "
                              "2^53, where the 16-bit path is no longer exact; lower weight_bits")
         real_multiplier = input_qp.scale * weight_scale / output_qp.scale
         multiplier, shift = _layer_multipliers(real_multiplier, bounds, output_qp, name)
@@ -279,7 +285,7 @@ def _layer_multipliers(real: torch.Tensor, bounds: torch.Tensor, output_qp: ActQ
         return intmath.fixed_point(real, intmath.multiplier_precision(int(bounds.max())), bounds)
     except ValueError:
         channel = int(real.argmax())
-        raise ValueError(
+        raise NotRepresentable(
             f"{name}: channel {channel}'s requantization multiplier M = s_I·s_W/s_O = "
             f"{float(real[channel]):.3g} is too large to hold in fixed point: the output scale "
             f"s_O = {output_qp.scale:.3g} is tiny (the layer's output was almost constant on the "
@@ -388,7 +394,7 @@ class QAdd(Derived):
         operands = [intmath.AddOperand.rescale(p.zero_point, p.scale, out.scale, p.bits) for p in (a, b)]
         gap = intmath.add_max_shift_gap(max(a.bits, b.bits))
         if intmath.add_shift_gap(*operands) > gap:
-            raise ValueError(f"{name}: the two inputs' scales ({a.scale:.3g}, {b.scale:.3g}) differ by "
+            raise NotRepresentable(f"{name}: the two inputs' scales ({a.scale:.3g}, {b.scale:.3g}) differ by "
                              f"more than 2^{gap}, beyond what the int64 sum holds at these widths: "
                              "check the calibration data, or keep the block in float with overrides")
         self.input_bits, self.output_bits = (a.bits, b.bits), out.bits

@@ -1,6 +1,8 @@
 """convert: observed float graph → integer graph (qparams, integer weights, integer ops)."""
 from __future__ import annotations
 
+import warnings
+
 from torch import fx
 
 from fxq import ops, records
@@ -10,6 +12,7 @@ from fxq.graph import add_module_near, finish, module_name
 from fxq.observers import InputGram, Observer
 from fxq.ops import Lowering
 from fxq.ops.arithmetic import CAT
+from fxq.ops.fallback import FloatFallbackWarning, float_report
 from fxq.qmodules import Dequantize, Quantize
 from fxq.weight_ranges import quantize_sites
 from passes.insert_observers import INPUT_GRAMS, OBSERVERS
@@ -51,6 +54,8 @@ def convert(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             ops.lower(lo, node)
     for container in (OBSERVERS, INPUT_GRAMS):
         gm.delete_submodule(container)
+    if lo.late:
+        warnings.warn("with the calibrated parameters, " + float_report(lo.late), FloatFallbackWarning, stacklevel=2)
     return finish(gm)
 
 

@@ -1,6 +1,8 @@
 """quantize_add: the float islands convert leaves around residual adds become integer adds."""
 from __future__ import annotations
 
+import warnings
+
 from torch import fx, nn
 
 from fxq import ops, records
@@ -8,7 +10,8 @@ from fxq.ops.arithmetic import ADD
 from fxq.affine import ActQParams
 from fxq.context import PassContext
 from fxq.graph import add_module_near, finish
-from fxq.qmodules import Dequantize, QAdd, Quantize
+from fxq.ops.fallback import FloatFallbackWarning, float_report
+from fxq.qmodules import Dequantize, NotRepresentable, QAdd, Quantize
 
 
 def quantize_add(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -18,15 +21,23 @@ def quantize_add(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     ``torch.add``). After: ``y = QAdd(a, b)``, which rescales both inputs to ``y``'s scale with
     their own fixed-point multipliers and rounds once (`fxq.intmath.add`).
     Guard: the add's float result feeds only the quantize (otherwise the float value is needed).
+    An add whose two input scales are too far apart for the int64 sum stays a float island, and
+    a warning says so.
     """
     modules = dict(gm.named_modules())
+    kept = []
     for node in list(gm.graph.nodes):
         island = _island(node, modules)
         if island is None:
             continue
         add, (deq_a, deq_b) = island
         a, b = deq_a.args[0], deq_b.args[0]
-        qadd = QAdd(*(records.get(n, ActQParams) for n in (a, b, node)), f"the add {add.name}")
+        try:
+            qadd = QAdd(*(records.get(n, ActQParams) for n in (a, b, node)), f"the add {add.name}")
+        except NotRepresentable as why:  # the island stays: the add runs in float
+            records.put(add, records.FloatOp(str(why)))
+            kept.append((add, str(why)))
+            continue
         path = add_module_near(gm, add, "add", qadd)
         # Rewritten in place so the add keeps its name (add, add_1, ...) in the printed code.
         add.op, add.target, add.args, add.kwargs = "call_module", path, (a, b), {}
@@ -34,6 +45,8 @@ def quantize_add(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         node.replace_all_uses_with(add)
         for dead in (node, deq_a, deq_b):
             gm.graph.erase_node(dead)
+    if kept:
+        warnings.warn("with the calibrated parameters, " + float_report(kept), FloatFallbackWarning, stacklevel=2)
     return finish(gm)
 
 

@@ -1,10 +1,12 @@
-"""Train the float ResNet-18 that fxq quantizes, seeded, and save it as an fp16 state dict.
+"""Train a float network fxq quantizes, seeded, and save it as an fp16 state dict.
 
-    python -m scripts.train mnist            # the recipe of scripts.models.SUITE["mnist"]
-    python -m scripts.train fashion_stem5    # another member of the model suite
+    python -m scripts.train mnist                  # the recipe of scripts.models.SUITE["mnist"]
+    python -m scripts.train fashion_stem5          # another member of the model suite
+    python -m scripts.train fashion_mobilenet_v2   # a network of scripts.models.BRANCHED
 
-Writes ``checkpoints/resnet18_<name>.pt`` and ``checkpoints/resnet18_<name>.json`` (the
-command, the recipe, the float test accuracy of the saved fp16 weights and the file's sha256).
+Writes the checkpoint (``checkpoints/resnet18_<name>.pt`` for the ResNets, ``<name>.pt`` for
+the others) and a ``.json`` beside it (the command, the recipe, the float test accuracy of the
+saved fp16 weights and the file's sha256).
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def train(recipe: models.Recipe, batch_size: int) -> torch.nn.Module:
     torch.manual_seed(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
     train_split = data.load(recipe.dataset, "train")
-    model = models.resnet18_28x28(recipe.stem)
+    model = models.build(recipe)
     steps = recipe.epochs * (len(train_split) // batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9, nesterov=True,
                                 weight_decay=5e-4)
@@ -74,10 +76,10 @@ def train(recipe: models.Recipe, batch_size: int) -> torch.nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", choices=sorted(models.SUITE))
+    parser.add_argument("name", choices=sorted(models.RECIPES))
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
-    recipe = models.SUITE[args.name]
+    recipe = models.RECIPES[args.name]
     torch.set_num_threads(2)
     start = time.time()
     model = train(recipe, args.batch_size)

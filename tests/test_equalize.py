@@ -1,11 +1,13 @@
 """Cross-layer equalization: same float function, equal channel ranges, only where valid."""
 import torch
+from torch import nn
 
 import fxq
 from passes.equalize import equalize
 from passes.fold_bn import fold_bn
 from passes.trace import trace
-from tests.helpers import Chain, Residual, randomize_bn
+from fxq.ops.lookup import ChannelClamp
+from tests.helpers import Chain, Residual, check_quantized, randomize_bn
 
 
 def _equalized(model, **config):
@@ -91,3 +93,45 @@ def test_per_tensor_4_bit_weights_lose_less_after_equalization():
     """Over eight networks CLE never hurts, and typically removes over half of the error."""
     ratios = sorted(_cle_error_ratio(seed) for seed in range(8))
     assert ratios[-1] < 1.0 and ratios[len(ratios) // 2] < 0.6, ratios
+
+
+class MobileBlock(nn.Module):
+    """MobileNetV2's inverted residual without the residual: 1×1 → ReLU6 → depthwise → ReLU6 → 1×1,
+    channels of very different ranges."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.expand = nn.Conv2d(3, 12, 1)
+        self.depthwise = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+        self.project = nn.Conv2d(12, 4, 1)
+        with torch.no_grad():
+            for conv in (self.expand, self.depthwise):
+                conv.weight.mul_(torch.logspace(-1.5, 1.5, 12)[torch.randperm(12, generator=g)].reshape(-1, 1, 1, 1))
+
+    def forward(self, x):
+        x = nn.functional.relu6(self.expand(x))
+        return self.project(nn.functional.hardtanh(self.depthwise(x), 0.0, 6.0))
+
+
+def test_equalization_crosses_depthwise_convs_and_bounded_clamps_exactly():
+    model = MobileBlock().eval()
+    ctx = fxq.PassContext(fxq.QConfig(per_channel=False, cross_layer_equalization=True), [])
+    gm = equalize(trace(model, ctx), ctx)
+    x = torch.randn(8, 3, 8, 8) * 3
+    assert torch.allclose(gm(x), model(x), atol=1e-5)  # the same float function
+    clamps = [m for m in gm.modules() if isinstance(m, ChannelClamp)]
+    assert len(clamps) == 2 and not torch.allclose(clamps[0].high, torch.full((12,), 6.0))
+
+    def spread(w):  # largest over smallest channel range
+        r = w.detach().reshape(w.shape[0], -1).abs().amax(1)
+        return float(r.max() / r.min())
+
+    assert spread(gm.get_submodule("depthwise").weight) < spread(model.depthwise.weight) / 10
+
+
+def test_equalized_clamps_quantize_per_channel_and_exactly(tmp_path):
+    model = MobileBlock().eval()
+    config = fxq.QConfig(per_channel=False, cross_layer_equalization=True)
+    qmodel = fxq.quantize(model, [torch.randn(8, 3, 8, 8) * 3 for _ in range(4)], config)
+    assert check_quantized(qmodel, model, torch.randn(16, 3, 8, 8) * 3, tmp_path) > 20

@@ -115,3 +115,19 @@ def test_the_float_ops_are_reported_before_calibration():
         gm = trace.trace(Mixed().eval(), ctx)
         for step in (fold_bn.fold_bn, fuse.fuse, insert_observers.insert_observers):
             gm = step(gm, ctx)
+
+
+def test_an_op_whose_calibrated_parameters_have_no_integer_form_runs_in_float_and_is_reported():
+    """A conv whose output was a tiny constant during calibration (its input was all zeros)
+    needs a requantization multiplier far beyond fixed point: it runs in float instead of
+    stopping the whole model."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # every ReLU output is 0
+        model[2].bias.fill_(1e-12)
+    with pytest.warns(fxq.FloatFallbackWarning, match="(?s)with the calibrated parameters.*'2'.*too large"):
+        qmodel = fxq.quantize(model, _calibration())
+    assert [n.name for n in qmodel.graph.nodes if records.has(n, records.FloatOp)] == ["_2"]
+    x = torch.randn(4, 3, 8, 8)
+    integer, simulated = output_steps(qmodel, fxq.simulate(qmodel), x)
+    assert torch.equal(integer, simulated)

@@ -16,6 +16,7 @@ from fxq.graph import module_name
 from fxq.ops import activations, arithmetic, layers, pooling, shape
 from fxq.ops.base import KeepInFloat, Lowering, Op, Output
 from fxq.ops.fallback import FLOAT, lower_in_float
+from fxq.qmodules import NotRepresentable
 
 __all__ = ["FLOAT", "KeepInFloat", "Lowering", "Op", "Output", "REGISTRY", "classify", "lower", "match"]
 
@@ -87,6 +88,9 @@ def lower(lo: Lowering, node: fx.Node) -> None:
         op.lower(lo, node)
     except KeepInFloat as why:
         lower_in_float(lo, node, str(why))
+    except NotRepresentable as why:  # known only now, after calibration: reported by convert
+        lower_in_float(lo, node, str(why))
+        lo.late.append((node, str(why)))
 
 
 def describe_call(node: fx.Node, modules: dict[str, nn.Module]) -> str:

@@ -13,7 +13,7 @@ from fxq import records
 from fxq.affine import ActQParams
 from fxq.graph import attribute
 from fxq.ops.base import KeepInFloat, Lowering, Op, Output, leaf_name, qparams_of
-from fxq.ops.lookup import QClamp, QConstantLookup, QLookup
+from fxq.ops.lookup import ChannelClamp, QClamp, QConstantLookup, QLookup
 from fxq.qmodules import QReLU, QRequantize
 
 
@@ -24,7 +24,8 @@ def lower_clamp(lo: Lowering, node: fx.Node) -> None:
     source = node.args[0]
     qp = qparams_of(source, node)
     low, high = clamp_bounds(node, lo.module(node))
-    clamp = QReLU(qp.zero_point) if (low, high) == (0, None) else QClamp.between(qp, low, high)
+    relu = isinstance(low, (int, float)) and low == 0 and high is None
+    clamp = QReLU(qp.zero_point) if relu else QClamp.between(qp, low, high)
     after = records.get(node, ActQParams)
     if after is qp and (qp.zero_point == 0 if isinstance(clamp, QReLU) else clamp.is_identity(qp)):
         lo.remove(node, source)
@@ -42,6 +43,8 @@ def clamp_bounds(node: fx.Node, module: nn.Module | None) -> tuple[float | None,
         return 0, None
     if isinstance(module, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
         return module.min_val, module.max_val
+    if isinstance(module, ChannelClamp):
+        return module.low.double(), module.high.double()
     target = node.target
     if target in (F.relu, torch.relu, torch.relu_, "relu", "relu_"):
         return 0, None
@@ -61,6 +64,8 @@ def _argument(node: fx.Node, index: int, name: str, default):
 
 
 def _numeric_bounds(node: fx.Node, module: nn.Module | None) -> str | None:
+    if isinstance(module, ChannelClamp):
+        return None
     bounds = clamp_bounds(node, module)
     if all(b is None or (isinstance(b, (int, float)) and not isinstance(b, bool)) for b in bounds):
         return None
@@ -122,7 +127,7 @@ RELU = Op("relu", "max(q, z) at the input's scale: real 0 is the zero point", lo
           integer_modules=(QReLU, QRequantize), homogeneous=True, channelwise=True, clamps=True,
           example=nn.ReLU)
 CLAMP = Op("clamp", "clamp(q, low, high) at the input's scale, the bounds rounded to its grid",
-           lower_clamp, Output.SAME, modules=(nn.ReLU6, nn.Hardtanh),
+           lower_clamp, Output.SAME, modules=(nn.ReLU6, nn.Hardtanh, ChannelClamp),
            functions=(F.relu6, F.hardtanh, torch.clamp, torch.clip),
            methods=("clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_", "clamp_max", "clamp_max_"),
            accepts=_numeric_bounds, integer_modules=(QClamp, QRequantize), channelwise=True, clamps=True,

@@ -77,6 +77,7 @@ class Lowering:
     ctx: PassContext
     modules: dict[str, nn.Module]
     grams: dict[str, torch.Tensor] = field(default_factory=dict)  # layer → H of its input
+    late: list[tuple[fx.Node, str]] = field(default_factory=list)  # ops found not representable
 
     def module(self, node: fx.Node) -> nn.Module | None:
         return self.modules.get(node.target) if node.op == "call_module" else None

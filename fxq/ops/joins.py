@@ -7,7 +7,7 @@ from torch import nn
 from fxq import intmath, records
 from fxq import schema as sc
 from fxq.affine import ActQParams
-from fxq.qmodules import Derived
+from fxq.qmodules import Derived, NotRepresentable
 from fxq.schema import Schema
 from fxq.twin import OnIntegers
 
@@ -41,7 +41,7 @@ class QMul(Derived):
             m, shift = intmath.fixed_point(torch.tensor(a.scale * b.scale / out.scale),
                                            intmath.multiplier_precision(bound), max(bound, 1))
         except ValueError:
-            raise ValueError(f"{name}: the product's scale s_A·s_B/s_O = {a.scale * b.scale / out.scale:.3g} "
+            raise NotRepresentable(f"{name}: the product's scale s_A·s_B/s_O = {a.scale * b.scale / out.scale:.3g} "
                              "is too large to hold in fixed point: its output was almost constant on the "
                              "calibration data; calibrate on varied inputs") from None
         self.register_buffer("zero_points", torch.tensor([a.zero_point, b.zero_point, out.zero_point], dtype=torch.int32))

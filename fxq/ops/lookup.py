@@ -15,55 +15,84 @@ from fxq.schema import Schema
 from fxq.twin import OnIntegers
 
 
+def _per_channel(bound: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A scalar bound as it is; one bound per channel shaped to broadcast along dim 1 of ``x``."""
+    return bound if bound.dim() == 0 else bound.reshape(-1, *([1] * (x.dim() - 2)))
+
+
 class QClamp(nn.Module):
-    """uint8 → uint8 ``clamp(q, low, high)`` at the input's scale: ReLU6, Hardtanh, clamp.
+    """uint8 → uint8 ``clamp(q, low, high)`` at the input's scale: ReLU6, Hardtanh, clamp, and
+    the per-channel clamps cross-layer equalization makes of them (one bound per channel of dim 1).
 
     The bounds are the real bounds rounded to the grid, ``z + round(b / s)``: for a value on the
     grid this is exactly ``quantize(clamp(dequantize(q)))`` (a grid value below the rounded
     bound is below the real one, and one above it is above the real one).
     """
 
-    schema = Schema({}, {"low": torch.int32, "high": torch.int32},
-                    ranges=lambda m: sc.expect(0 <= sc.scalar(m, "low") <= sc.scalar(m, "high") < 2**16,
-                                               "clamp bounds out of order or range"))
+    schema = Schema({}, {"low": torch.int32, "high": torch.int32}, ranges=lambda m: m.check_ranges())
 
-    def __init__(self, low: int, high: int):
+    def __init__(self, low: torch.Tensor, high: torch.Tensor):
         super().__init__()
-        self.register_buffer("low", torch.tensor(low, dtype=torch.int32))
-        self.register_buffer("high", torch.tensor(high, dtype=torch.int32))
+        self.register_buffer("low", low.to(torch.int32))
+        self.register_buffer("high", high.to(torch.int32))
 
     @classmethod
-    def between(cls, qp: ActQParams, low: float | None, high: float | None) -> "QClamp":
-        def bound(value: float | None, default: int) -> int:
+    def between(cls, qp: ActQParams, low, high) -> "QClamp":
+        """The clamp to real ``low``/``high`` (numbers, per-channel tensors, or None: unbounded)."""
+        def bound(value, default: int) -> torch.Tensor:
             if value is None:
-                return default
-            return int(min(max(qp.zero_point + round_half_away(torch.tensor(value / qp.scale)).item(), 0), qp.qmax))
+                return torch.tensor(default)
+            steps = round_half_away(torch.as_tensor(value, dtype=torch.float64) / qp.scale)
+            return (qp.zero_point + steps).clamp(0, qp.qmax)
         return cls(bound(low, 0), bound(high, qp.qmax))
 
     def is_identity(self, qp: ActQParams) -> bool:
-        return int(self.low) <= 0 and int(self.high) >= qp.qmax
+        return bool((self.low <= 0).all() and (self.high >= qp.qmax).all())
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(q, int(self.low), int(self.high))
+        if self.low.dim() == 0:
+            return torch.clamp(q, int(self.low), int(self.high))
+        return torch.clamp(q, _per_channel(self.low, q).to(q.dtype), _per_channel(self.high, q).to(q.dtype))
+
+    def check_ranges(self) -> None:
+        sc.expect(self.low.shape == self.high.shape and self.low.dim() <= 1, "low and high disagree in shape")
+        sc.expect(bool((0 <= self.low).all() and (self.low <= self.high).all() and (self.high < 2**16).all()),
+                  "clamp bounds out of order or range")
 
     def extra_repr(self) -> str:
-        return f"clamp(q, {int(self.low)}, {int(self.high)})"
+        if self.low.dim() == 0:
+            return f"clamp(q, {int(self.low)}, {int(self.high)})"
+        return f"clamp per channel, low in [{int(self.low.min())}, {int(self.low.max())}], high in [{int(self.high.min())}, {int(self.high.max())}]"
 
     def twin(self, node) -> nn.Module:
         qp = records.get(node, ActQParams)
-        return _ValueClamp(qp.scale * (int(self.low) - qp.zero_point), qp.scale * (int(self.high) - qp.zero_point))
+        return _ValueClamp(qp.scale * (self.low.double() - qp.zero_point), qp.scale * (self.high.double() - qp.zero_point))
 
     def describe(self) -> str:
-        return f"clamp(q, {int(self.low)}, {int(self.high)}): the bounds on the input's grid"
+        return f"{self.extra_repr()}: the bounds on the input's grid"
 
 
 class _ValueClamp(nn.Module):
-    def __init__(self, low: float, high: float):
+    def __init__(self, low: torch.Tensor, high: torch.Tensor):
         super().__init__()
         self.low, self.high = low, high
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(x, self.low, self.high)
+        return torch.clamp(x, _per_channel(self.low, x).to(x.dtype), _per_channel(self.high, x).to(x.dtype))
+
+
+class ChannelClamp(nn.Module):
+    """float → float ``clamp(x, low[c], high[c])`` with one bound per channel of dim 1: what a
+    ReLU6 becomes when cross-layer equalization scales channel c by 1/s_c (``relu6(x)/s`` is
+    ``clamp(x/s, 0, 6/s)``), so the float function stays the same."""
+
+    def __init__(self, low: torch.Tensor, high: torch.Tensor):
+        super().__init__()
+        self.register_buffer("low", low.to(torch.float32))
+        self.register_buffer("high", high.to(torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x, _per_channel(self.low, x), _per_channel(self.high, x))
 
 
 class QLookup(Derived):

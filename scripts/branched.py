@@ -1,0 +1,99 @@
+"""fxq on networks that are not ResNets, trained on Fashion-MNIST by scripts/train.py.
+
+    python -m scripts.branched          # results/branched.json + the README tables
+
+For each network of ``scripts.models.BRANCHED`` (MobileNetV2, MobileNetV3-small, an
+Inception-style net joined by ``torch.cat``): full 10k test set accuracy of the float model, of
+fxq at the W8A8 defaults and of torch.ao FX x86 PTQ (reference only), all calibrated on the same
+512 training images. Then MobileNetV2 with one weight scale per tensor (``per_channel=False``),
+with and without cross-layer equalization — the classic case for it (Nagel et al. 2019 report
+ImageNet MobileNetV2 per-tensor 8-bit near chance without it).
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+import fxq
+from scripts import data, models
+from scripts.evaluate import torch_ao_x86
+from scripts.train import accuracy
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results" / "branched.json"
+README = ROOT / "README.md"
+CLE_MODEL = "fashion_mobilenet_v2"
+
+
+def quantized_accuracy(model, calib, test, config: fxq.QConfig) -> tuple[float, float]:
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxq.FloatFallbackWarning)
+        qmodel = fxq.quantize(model, calib, config)
+    seconds = time.perf_counter() - start
+    return accuracy(qmodel, test), seconds
+
+
+def measure() -> dict:
+    test = data.load("fashion", "test")
+    calib = data.calibration_batches("fashion", 512)
+    results = {}
+    for name in models.BRANCHED:
+        model = models.load_trained(name)
+        float_acc = accuracy(model, test)
+        fxq_acc, seconds = quantized_accuracy(model, calib, test, fxq.QConfig())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peer_acc = accuracy(torch_ao_x86(model, calib), test)
+        results[name] = {"float": float_acc, "fxq": fxq_acc, "torch.ao": peer_acc, "fxq_seconds": seconds}
+        print(name, results[name], flush=True)
+    model = models.load_trained(CLE_MODEL)
+    for equalize in (False, True):
+        config = fxq.QConfig(per_channel=False, cross_layer_equalization=equalize, bias_correction=False)
+        acc, _ = quantized_accuracy(model, calib, test, config)
+        results.setdefault("per_tensor_cle", {})[str(equalize)] = acc
+        print("per-tensor, CLE" if equalize else "per-tensor", acc, flush=True)
+    return results
+
+
+def tables(results: dict) -> tuple[str, str]:
+    rows = []
+    for name in models.BRANCHED:
+        r = results[name]
+        rows.append([name, models.RECIPES[name].architecture, f"{r['float']:.2f}", f"{r['fxq']:.2f}",
+                     f"{r['float'] - r['fxq']:+.2f}", f"{r['torch.ao']:.2f}", f"{r['float'] - r['torch.ao']:+.2f}"])
+    trained = tabulate(rows, headers=["model", "network", "float %", "fxq W8A8 %", "fxq drop", "torch.ao %",
+                                      "torch.ao drop"], tablefmt="github")
+    cle, float_acc = results["per_tensor_cle"], results[CLE_MODEL]["float"]
+    cle_rows = [["per-tensor W8A8, no CLE", f"{cle['False']:.2f}", f"{float_acc - cle['False']:+.2f}"],
+                ["per-tensor W8A8, CLE", f"{cle['True']:.2f}", f"{float_acc - cle['True']:+.2f}"]]
+    return trained, tabulate(cle_rows, headers=["MobileNetV2 (Fashion-MNIST)", "test acc %", "drop"], tablefmt="github")
+
+
+def write_readme(text: str, marker: str) -> None:
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    readme = README.read_text()
+    block = f"{start}\n{text}\n{end}"
+    readme = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, readme, flags=re.S)
+    README.write_text(readme)
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    results = measure()
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1))
+    trained, cle = tables(results)
+    write_readme(trained, "branched")
+    write_readme(cle, "branched-cle")
+    print(trained, cle, sep="\n\n")
+
+
+if __name__ == "__main__":
+    main()
