@@ -1,6 +1,8 @@
 """Property tests on generated networks: whatever small CNN hypothesis draws (convs of any stride,
-padding, dilation and bias, linear layers, ReLUs, residual adds, pooling, reused modules, batch
-norms with near-zero and huge γ), fxq either quantizes it or says clearly why not, and then
+padding, dilation and bias, grouped and depthwise convs, linear layers, ReLUs, ReLU6, lookup-table
+activations, residual adds, squeeze-and-excitation products, concatenations, every kind of
+pooling, reused modules, batch norms with near-zero and huge γ, an op with no integer form),
+fxq either quantizes it or says clearly why not, and then
 
 - the integer graph and `fxq.simulate` agree bit for bit,
 - the user's model is untouched,
@@ -11,6 +13,7 @@ norms with near-zero and huge γ), fxq either quantizes it or says clearly why n
 """
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -51,8 +54,18 @@ class Generated(nn.Module):
                 x = torch.relu(get("conv")(x) + x)
             elif kind == "reused":  # one conv applied twice
                 x = get("conv")(torch.relu(get("conv")(x)))
-            elif kind in ("maxpool", "avgpool"):
-                x = get("pool")(x)
+            elif kind in ("maxpool", "avgpool", "padded_avgpool", "adaptive", "depthwise", "grouped"):
+                x = get("op")(x) if kind in ("depthwise", "grouped") else get("pool")(x)
+            elif kind == "relu6":
+                x = nn.functional.relu6(x)
+            elif kind == "lookup":
+                x = nn.functional.hardswish(x * 0.5 + 0.25)
+            elif kind == "gate":  # squeeze-and-excitation
+                x = x * torch.sigmoid(get("conv")(x.mean((2, 3), keepdim=True)))
+            elif kind == "cat":
+                x = torch.cat([x, torch.relu(get("conv")(x))], 1)
+            elif kind == "float":  # no integer form: runs in float between integers
+                x = get("norm")(x)
         if self.head == "mean":
             x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
         else:
@@ -79,8 +92,9 @@ def networks(draw):
     input_shape = (channels, size, size)
     steps = []
     for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["conv", "conv_bn", "relu", "relu_module", "residual", "reused",
-                                     "maxpool", "avgpool"]))
+        kind = draw(st.sampled_from(["conv", "conv_bn", "relu", "relu_module", "residual", "reused", "maxpool",
+                                     "avgpool", "padded_avgpool", "adaptive", "depthwise", "grouped", "relu6",
+                                     "lookup", "gate", "cat", "float"]))
         if kind in ("conv", "conv_bn"):
             out = draw(st.integers(1, 5))
             kernel, stride, dilation = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
@@ -99,8 +113,27 @@ def networks(draw):
         elif kind in ("maxpool", "avgpool") and size >= 2:
             steps.append((kind, {"pool": nn.MaxPool2d(2) if kind == "maxpool" else nn.AvgPool2d(2)}))
             size //= 2
-        elif kind == "relu":
+        elif kind in ("relu", "relu6", "lookup"):
             steps.append((kind, {}))
+        elif kind == "padded_avgpool":
+            steps.append((kind, {"pool": nn.AvgPool2d(3, 1, 1, count_include_pad=draw(st.booleans()))}))
+        elif kind == "adaptive" and size >= 2:
+            size = draw(st.integers(1, size + 2))
+            steps.append((kind, {"pool": nn.AdaptiveAvgPool2d(size)}))
+        elif kind == "depthwise":
+            multiplier = draw(st.integers(1, 2))
+            steps.append((kind, {"op": nn.Conv2d(channels, channels * multiplier, 3, padding=1, groups=channels)}))
+            channels *= multiplier
+        elif kind == "grouped" and channels % 2 == 0:
+            steps.append((kind, {"op": nn.Conv2d(channels, 4, 3, padding=1, groups=2)}))
+            channels = 4
+        elif kind == "gate":
+            steps.append((kind, {"conv": nn.Conv2d(channels, channels, 1)}))
+        elif kind == "cat":
+            steps.append((kind, {"conv": nn.Conv2d(channels, 2, 1)}))
+            channels += 2
+        elif kind == "float":
+            steps.append((kind, {"norm": nn.GroupNorm(1, channels)}))
     head = draw(st.sampled_from(["mean", "flatten"]))
     features = channels if head == "mean" else channels * size * size
     model = Generated(steps, features, draw(st.integers(2, 5)), head).eval()
@@ -121,7 +154,9 @@ def test_generated_networks_quantize_exactly_and_round_trip(network, config):
     calib = [torch.randn(4, *shape) * 3 for _ in range(2)]
     state = copy.deepcopy(model.state_dict())
     try:
-        qmodel = fxq.quantize(model, calib, config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", fxq.FloatFallbackWarning)
+            qmodel = fxq.quantize(model, calib, config)
     except ValueError as error:  # a refusal must say which layer and what to do
         assert "'" in str(error) and len(str(error)) > 40, error
         return
