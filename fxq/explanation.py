@@ -179,7 +179,7 @@ def _layer(qmodel, node: fx.Node, seen: dict, source: str) -> LayerExplanation:
                  and isinstance(qmodel.get_submodule(u.target), QReLU)), None)
     in_dtype, out_dtype = _dtype(_bits_of_input(qmodel, node)), _dtype(m.output_bits)
     acc_dtype = f"int{m.accumulator_bits}"
-    gemm = ("float64 GEMM on integers < 2^53, exact" if m.wide else "int8 GEMM, exact")
+    gemm = _how_accumulated(m)
     centred = IntRange(-z_in, qmax_in - z_in)
     steps = [
         Step("input I_q", in_dtype, IntRange(0, qmax_in), in_seen, f"s_I = {float(m.input_scale):.6g}, z_I = {z_in}"),
@@ -213,6 +213,13 @@ def _layer(qmodel, node: fx.Node, seen: dict, source: str) -> LayerExplanation:
                f"M[c] = {float(m.input_scale):.6g} · s_W[c] / {float(m.output_scale):.6g} "
                f"= m[c] · 2^(shift[c] − 31), e.g. channel 0: m = {int(multiplier[0])}, shift = {int(shift[0])}")
     return LayerExplanation(node.target, summary, steps, formula, None, source)
+
+
+def _how_accumulated(m: QLayer) -> str:
+    if getattr(m, "depthwise", False):
+        return f"k_h·k_w multiply-adds of shifted maps in int{64 if m.wide else 32}, exact"
+    kernel = "float64 GEMM on integers < 2^53" if m.wide else "int8 GEMM"
+    return f"{kernel}{f' per group ({m.groups})' if m.groups > 1 else ''}, exact"
 
 
 def _times(r: IntRange, factor: int) -> IntRange:

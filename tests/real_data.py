@@ -1,4 +1,4 @@
-"""The committed ResNet-18s of the model suite with their test sets and calibration batches,
+"""The committed float networks (the model suite and the branched ones) with their test sets and calibration batches,
 loaded once."""
 import functools
 
@@ -12,7 +12,7 @@ from scripts.train import accuracy
 def suite_model(name: str):
     """``(model, test split, 512 training images as batches, float test accuracy)``."""
     torch.set_num_threads(2)
-    dataset = models.SUITE[name].dataset
+    dataset = models.RECIPES[name].dataset
     model = models.load_trained(name)
     test = data.load(dataset, "test")
     return model, test, data.calibration_batches(dataset, 512), accuracy(model, test)

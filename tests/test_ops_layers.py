@@ -69,3 +69,14 @@ def test_the_grouped_accumulator_is_exact_at_the_worst_case(groups, multiplier):
     layer.prepare()
     x = torch.where(torch.rand(2, 4, 6, 6) < 0.5, 0, 255).to(torch.uint8)
     assert torch.equal(layer(x).to(torch.int64), reference_output(layer, x))
+
+
+@pytest.mark.parametrize("layer", ["depthwise", "grouped", "multiplier", "channels_last"])
+def test_explain_recomputes_grouped_layers_exactly(layer):
+    model = Grouped().eval()
+    qmodel = fxq.quantize(model, [torch.randn(8, 3, 12, 12) for _ in range(4)])
+    explanation = fxq.explain(qmodel, layer, torch.randn(8, 3, 12, 12))
+    assert explanation.check.mismatches == 0 and explanation.check.elements > 0
+    expected = {"depthwise": "multiply-adds", "multiplier": "multiply-adds", "grouped": "per group (2)",
+                "channels_last": "int8 GEMM, exact"}[layer]
+    assert expected in str(explanation)
