@@ -102,6 +102,7 @@ def node_values(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, object]:
 
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    reference, approximation = reference.detach(), approximation.detach()
     noise = (reference.double() - approximation.double()).pow(2).mean()
     return float(10 * torch.log10(reference.double().pow(2).mean() / noise.clamp_min(1e-30)))
 
