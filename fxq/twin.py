@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxq import records
 from fxq.affine import ActQParams, round_half_away
 from fxq.graph import replace_module
 

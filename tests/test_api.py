@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 import torch
-from torch import fx, nn
+from torch import fx
 
 import fxq
 from fxq.qmodules import QConv2d

@@ -1,6 +1,5 @@
 import networkx as nx
 import pytest
-import torch
 
 import fxq
 from fxq import dump

@@ -144,9 +144,9 @@ def test_equalization_rescues_per_tensor_weights_across_depthwise_convs():
     calib = [torch.randn(8, 3, 8, 8) * 3 for _ in range(4)]
     x = torch.randn(32, 3, 8, 8) * 3
     sqnr = {}
-    for equalize in (False, True):
-        config = fxq.QConfig(per_channel=False, cross_layer_equalization=equalize)
+    for equalized in (False, True):
+        config = fxq.QConfig(per_channel=False, cross_layer_equalization=equalized)
         qmodel = fxq.quantize(model, calib, config)
         with torch.no_grad():
-            sqnr[equalize] = sqnr_db(model(x), qmodel(x))
+            sqnr[equalized] = sqnr_db(model(x), qmodel(x))
     assert sqnr[True] > sqnr[False] + 6, sqnr

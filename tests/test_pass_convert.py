@@ -1,7 +1,6 @@
 import torch
 from torch import nn
 
-from fxq import intmath
 from fxq.qmodules import Dequantize, QAvgPool2d, QConv2d, QLinear, QReLU, Quantize
 from passes.calibrate import calibrate
 from fxq import records

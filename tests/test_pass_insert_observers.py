@@ -1,6 +1,4 @@
-import pytest
 import torch
-from torch import nn
 
 from fxq.observers import MinMaxObserver
 from passes.fold_bn import fold_bn

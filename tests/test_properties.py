@@ -15,7 +15,6 @@ import copy
 import io
 import warnings
 
-import pytest
 import torch
 from hypothesis import given, strategies as st
 from torch import nn
