@@ -10,7 +10,7 @@ setup: .venv/ready data
 .venv/ready: pyproject.toml
 	python3 -m venv .venv
 	.venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-	.venv/bin/pip install -q -e '.[dev]'
+	.venv/bin/pip install -q -e '.[dev,deploy]'
 	touch $@
 
 data: .venv/ready

@@ -20,6 +20,7 @@ _EXPORTS = {
     "FloatFallbackWarning": "fxq.ops.fallback",
     "compare": "fxq.comparison", "explain": "fxq.explanation", "simulate": "fxq.twin",
     "search_bits": "fxq.mixed",
+    "export_onnx": "fxq.onnx_export", "deploy": "fxq.onnx_export",
 }
 __all__ = sorted(_EXPORTS)
 

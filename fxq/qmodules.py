@@ -83,6 +83,9 @@ class Quantize(_ActBoundary):
     def describe(self) -> str:
         return "float → integer: clamp(round(x / s) + z)"
 
+    def to_onnx(self, b, node, inputs):
+        return b.quantize(inputs[0], self.qparams, node.name)
+
     def __init__(self, qparams: ActQParams, sample_shape: tuple[int, ...] | None):
         super().__init__(qparams)
         self.sample_shape = sample_shape  # None: an inner float island, not the network input
@@ -123,6 +126,9 @@ class Dequantize(_ActBoundary):
 
     def describe(self) -> str:
         return "integer → float: s·(q − z)"
+
+    def to_onnx(self, b, node, inputs):
+        return b.dequantize(inputs[0], self.qparams, node.name)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         return self.qparams.dequantize(q)
@@ -239,6 +245,9 @@ class QLayer(Derived):
     def describe(self) -> str:
         gemm = "float64 GEMM on integers" if self.wide else "int8 GEMM"
         return f"{gemm}, int{self.accumulator_bits} accumulator, fixed-point requantization per channel"
+
+    def to_onnx(self, b, node, inputs):
+        return b.layer(self, inputs[0], node.name)
 
 
 _LAYER_TENSORS = {"weight": torch.int8, "bias": torch.int32, "multiplier": torch.int32,
@@ -445,6 +454,11 @@ class QAdd(Derived):
         how = f"a lookup in the {1 << sum(self.input_bits)}-entry table of every input pair" if self.tabulated else "int64"
         return f"both inputs rescaled to the output scale, one rounding: {how}"
 
+    def to_onnx(self, b, node, inputs):
+        if not self.tabulated:
+            raise ValueError(f"node '{node.name}': adds of 16-bit inputs do not export yet")
+        return b.pair_table(self.table, inputs[0], inputs[1], 1 << self.input_bits[1], node.name)
+
 
 def _on_integers(compute, node) -> nn.Module:
     """The twin of an integer kernel: run it on the integers its input values stand for."""
@@ -502,6 +516,9 @@ class QRequantize(Derived):
     def describe(self) -> str:
         return f"to new parameters: a lookup in the {1 << self.input_bits}-entry table"
 
+    def to_onnx(self, b, node, inputs):
+        return b.gather(self.table, b.as_index(inputs[0], node.name), node.name)
+
 
 class QReLU(nn.Module):
     """uint8 → uint8 ReLU: real 0 is ``q = z``, so ``relu(s·(q − z)) = s·(max(q, z) − z)``.
@@ -528,6 +545,9 @@ class QReLU(nn.Module):
     def describe(self) -> str:
         return f"max(q, {int(self.zero_point)}): real 0 is the zero point"
 
+    def to_onnx(self, b, node, inputs):
+        return b.clamp(inputs[0], self.zero_point, torch.tensor(255), node.name)
+
 
 class QMaxPool2d(nn.MaxPool2d):
     """uint8 → uint8 max pooling: max commutes with the monotone ``q ↦ s·(q − z)``.
@@ -545,6 +565,11 @@ class QMaxPool2d(nn.MaxPool2d):
 
     def describe(self) -> str:
         return "window max of the integers, same scale"
+
+    def to_onnx(self, b, node, inputs):  # on the uint8 integers themselves
+        k, s, p, d = (_pair(v) for v in (self.kernel_size, self.stride, self.padding, self.dilation))
+        return b.node("MaxPool", [inputs[0]], node.name, kernel_shape=k, strides=s, pads=p + p, dilations=d,
+                      ceil_mode=int(self.ceil_mode))
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         return super().forward(q.contiguous())
@@ -566,6 +591,21 @@ class QAdaptiveMaxPool2d(nn.AdaptiveMaxPool2d):
 
     def describe(self) -> str:
         return "window max of the integers, same scale"
+
+    def to_onnx(self, b, node, inputs):
+        """Separably: the max over each window's rows, then over its columns (slices of the uint8
+        integers, ReduceMax, Concat): exact."""
+        x = inputs[0]
+        for axis, (size, out) in enumerate(zip(b.shape_of(node.args[0])[-2:], b.shape_of(node)[-2:]), start=2):
+            windows = [((i * size) // out, -(-((i + 1) * size) // out)) for i in range(out)]
+            parts = [b.node("ReduceMax", [b.node("Slice", [x, b.constant(f"{node.name}_start", b.ints([start])),
+                                                            b.constant(f"{node.name}_end", b.ints([end])),
+                                                            b.constant(f"{node.name}_axis", b.ints([axis]))],
+                                                 f"{node.name}_slice"),
+                                          b.constant(f"{node.name}_axes", b.ints([axis]))], f"{node.name}_max", keepdims=1)
+                     for start, end in windows]
+            x = b.node("Concat", parts, f"{node.name}_{axis}", axis=axis)
+        return x
 
 
 class QAvgPool2d(nn.Module):
@@ -631,6 +671,35 @@ class QAvgPool2d(nn.Module):
 
     def describe(self) -> str:
         return "integer window sums, one rounding division each, same scale"
+
+    def to_onnx(self, b, node, inputs):
+        """Exactly fxq's pooling: the centred integers' window means in float32 (ONNX's
+        AveragePool / GlobalAveragePool, or products with the window membership matrices for
+        other adaptive sizes; every window sum an exact integer), rounded half away from zero."""
+        qp, name = records.get(node, ActQParams), node.name
+        if self.kind == "window":
+            if self.divisor_override is not None:
+                raise ValueError(f"node '{name}': divisor_override does not export")
+            out = b.exact_mean(inputs[0], qp, name, "AveragePool", kernel_shape=list(self.kernel),
+                               strides=list(self.stride), pads=list(self.padding) * 2, ceil_mode=int(self.ceil_mode),
+                               count_include_pad=int(self.count_include_pad))
+        elif self.output_size == (1, 1):
+            out = b.exact_mean(inputs[0], qp, name, "GlobalAveragePool")
+        else:
+            height, width = b.shape_of(node.args[0])[-2:]
+            rows, columns, divisors = self.windows(height, width)
+            x = b.centred(inputs[0], qp, name)
+            across = b.node("MatMul", [x, b.constant(f"{name}_columns", columns.t().float())], f"{name}_w")
+            both = b.node("MatMul", [b.constant(f"{name}_rows", rows.float()), across], f"{name}_h")
+            mean = b.node("Div", [both, b.constant(f"{name}_divisors", divisors.float())], f"{name}_mean")
+            out = b.rounded_back(mean, qp, name)
+        if self.keepdim:
+            return out
+        return b.node("Reshape", [out, b.constant(f"{name}_shape", b.ints([-1, *b.shape_of(node)[1:]]))], f"{name}_flat")
+
+
+def _pair(value) -> list[int]:
+    return list(value) if isinstance(value, (tuple, list)) else [value, value]
 
 
 def _describe(x: object) -> str:

@@ -19,6 +19,9 @@ def test_every_entry_has_every_facet(op):
         assert serialize.SCHEMAS[module] is module.schema
         assert callable(getattr(module, "twin", None)), f"{module.__name__}: its float twin"
         assert callable(getattr(module, "describe", None)), f"{module.__name__}: what explain says"
+        assert callable(getattr(module, "to_onnx", None)), f"{module.__name__}: how it exports"
+    if op.keeps_call:
+        assert callable(op.export), "a call the integer graph keeps must say how it exports"
     for function in op.functions:
         assert serialize.FUNCTIONS[f"{function.__module__}.{function.__name__}"] is function
     assert set(op.methods) <= serialize.METHODS

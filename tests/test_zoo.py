@@ -1,5 +1,6 @@
-"""torchvision's classification models quantize, run on integers and agree with their twins and
-their saved copies bit for bit (scripts/zoo.py measures them against torch.ao)."""
+"""torchvision's classification models quantize, run on integers, agree with their twins and
+their saved copies bit for bit, and export to onnxruntime (scripts/zoo.py measures them against
+torch.ao)."""
 import io
 import warnings
 
@@ -31,3 +32,5 @@ def test_every_zoo_model_quantizes_onto_integers_exactly(name):
         buffer.seek(0)
         assert torch.equal(fxq.load(buffer)(x), qmodel(x))
         assert zoo.sqnr_db(model(x), qmodel(x)) > 0  # it computes the model, not noise
+        deployed = fxq.deploy(qmodel, threads=2)(x)  # exported to ONNX, run by onnxruntime
+        assert deployed.shape == qmodel(x).shape and zoo.sqnr_db(qmodel(x), deployed) > 0

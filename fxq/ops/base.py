@@ -46,6 +46,8 @@ class Op:
     following clamp fuses with), ``weighted`` (a layer with weights: what per-layer configs,
     keep_first_last_8bit, equalization and bias correction apply to). ``example`` makes one
     float instance of the op on a ``[N, C, H, W]`` tensor, on which tests check the properties.
+    ``export`` writes a call the integer graph keeps as ONNX (`fxq.onnx_export`); integer modules
+    export themselves (``to_onnx``).
     """
 
     name: str
@@ -64,6 +66,7 @@ class Op:
     absorbs_activation: bool = False
     weighted: bool = False
     example: Callable[[], Callable] | None = None
+    export: Callable | None = None  # a kept call as ONNX: (builder, node, inputs, module) -> value
 
     def __repr__(self) -> str:
         return f"Op({self.name})"

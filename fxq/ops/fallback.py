@@ -128,8 +128,22 @@ FLOAT_METHODS = frozenset({
     "sqrt", "rsqrt", "exp", "abs", "neg", "matmul", "float", "type_as", "contiguous", "__getitem__",
 })
 
+def export_float(b, node: fx.Node, inputs: list, module: nn.Module | None) -> str:
+    """Float ops with an ONNX form: layer normalization (ConvNeXt's), group normalization."""
+    if isinstance(module, nn.LayerNorm):
+        weight, bias = (b.constant(f"{node.name}_{k}", getattr(module, k).detach()) for k in ("weight", "bias"))
+        return b.node("LayerNormalization", [inputs[0], weight, bias], node.name,
+                      axis=-len(module.normalized_shape), epsilon=module.eps)
+    if node.target is F.layer_norm:
+        bound = inspect.signature(F.layer_norm).bind(*node.args, **node.kwargs).arguments
+        return b.node("LayerNormalization", [inputs[0], b.value(bound["weight"]), b.value(bound["bias"])], node.name,
+                      axis=-len(bound["normalized_shape"]), epsilon=bound.get("eps", 1e-5))
+    what = type(module).__name__ if module is not None else getattr(node.target, "__name__", node.target)
+    raise ValueError(f"node '{node.name}' ({what}) runs in float and has no ONNX export yet")
+
+
 FLOAT = Op(
     "float", "kept in float: dequantize its integer inputs, run it, quantize its output",
     lambda lo, node: lower_in_float(lo, node, "no integer form"), Output.OWN,
-    integer_modules=(Quantize, Dequantize),
+    integer_modules=(Quantize, Dequantize), export=export_float,
 )

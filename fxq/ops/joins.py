@@ -84,6 +84,11 @@ class QMul(Derived):
         return (f"the centred product requantized once: a lookup in the {1 << sum(self.input_bits)}-entry "
                 "table of every input pair" if self.tabulated else "the centred product requantized once (int64)")
 
+    def to_onnx(self, b, node, inputs):
+        if not self.tabulated:
+            raise ValueError(f"node '{node.name}': products of 16-bit inputs do not export yet")
+        return b.pair_table(self.table, inputs[0], inputs[1], 1 << self.input_bits[1], node.name)
+
 
 class QCat(Derived):
     """uint8, uint8, ... → uint8 concatenation along ``dim``: each input moved to the output's
@@ -139,3 +144,8 @@ class QCat(Derived):
     def describe(self) -> str:
         moved = len(self.identity) - sum(self.identity)
         return f"{moved} of {len(self.identity)} inputs moved to the output's parameters by a table, then joined"
+
+    def to_onnx(self, b, node, inputs):
+        parts = [q if same else b.gather(table, b.as_index(q, f"{node.name}_{i}"), f"{node.name}_{i}")
+                 for i, (q, table, same) in enumerate(zip(inputs, self.tables, self.identity))]
+        return b.node("Concat", parts, node.name, axis=self.dim)

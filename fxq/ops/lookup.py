@@ -71,6 +71,9 @@ class QClamp(nn.Module):
     def describe(self) -> str:
         return f"{self.extra_repr()}: the bounds on the input's grid"
 
+    def to_onnx(self, b, node, inputs):
+        return b.clamp(inputs[0], self.low, self.high, node.name)
+
 
 class _ValueClamp(nn.Module):
     def __init__(self, low: torch.Tensor, high: torch.Tensor):
@@ -140,6 +143,9 @@ class QLookup(Derived):
     def describe(self) -> str:
         return f"a lookup in the {1 << self.input_bits}-entry table of {self.function} on every input integer"
 
+    def to_onnx(self, b, node, inputs):
+        return b.gather(self.lookup, b.as_index(inputs[0], node.name), node.name)
+
 
 class QConstantLookup(Derived):
     """b-bit → b'-bit elementwise op of a tensor and a constant tensor (``x · γ`` with a learned
@@ -196,3 +202,8 @@ class QConstantLookup(Derived):
     def describe(self) -> str:
         return (f"{self.function}: a lookup in one {1 << self.input_bits}-entry table per element of the "
                 f"constant {list(self.shape)}")
+
+    def to_onnx(self, b, node, inputs):
+        index = b.node("Add", [b.as_index(inputs[0], node.name), b.constant(f"{node.name}_offsets", self.offsets)],
+                       f"{node.name}_offset")
+        return b.gather(self.lookup, index, node.name)

@@ -61,6 +61,61 @@ def _not_training(node: fx.Node, module: nn.Module | None) -> str | None:
     return "dropout in training mode" if training is not False else None
 
 
+def export_reshape(b, node: fx.Node, inputs: list, module) -> object:
+    """Reshapes as ONNX Reshape to the shape they produced (batch kept as -1), permutes and
+    transposes as Transpose, chunks and splits as Split (sizes as they came out)."""
+    target, x, name = node.target, inputs[0], node.name
+    in_shape, out_shape = b.shape_of(node.args[0]), b.shape_of(node)
+    if target == "contiguous":
+        return x
+    if target in (torch.chunk, torch.split, "chunk", "split"):
+        axis = _dim_argument(node, 2, "dim", 0) % len(in_shape)
+        sizes = b.ints([shape[axis] for shape in out_shape])
+        return list(b.node("Split", [x, b.constant(f"{name}_sizes", sizes)], name, outputs=len(sizes), axis=axis))
+    if target in (torch.permute, "permute"):
+        dims = node.args[1:] if target == "permute" and not isinstance(node.args[1], (tuple, list)) else node.args[1]
+        return b.node("Transpose", [x], name, perm=[d % len(in_shape) for d in dims])
+    if target in (torch.transpose, "transpose", "t"):
+        first, second = (0, 1) if target == "t" else (node.args[1] % len(in_shape), node.args[2] % len(in_shape))
+        perm = list(range(len(in_shape)))
+        perm[first], perm[second] = perm[second], perm[first]
+        return b.node("Transpose", [x], name, perm=perm)
+    if target in (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, "flatten", "view", "reshape",
+                  "squeeze", "unsqueeze") and out_shape[:1] == in_shape[:1]:
+        shape = b.ints([-1, *out_shape[1:]])
+        return b.node("Reshape", [x, b.constant(f"{name}_shape", shape)], name)
+    raise ValueError(f"node '{name}' ({target if isinstance(target, str) else target.__name__}) does not export yet")
+
+
+def _dim_argument(node: fx.Node, index: int, keyword: str, default: int) -> int:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(keyword, default)
+
+
+def export_item(b, node: fx.Node, inputs: list, module) -> object:
+    """An item of a split (a name), or a slice of a tensor as ONNX Slice."""
+    source, index = inputs[0], node.args[1]
+    if source is None:  # an item of a size
+        return None
+    if isinstance(source, list):
+        return source[index]
+    index = index if isinstance(index, tuple) else (index,)
+    if not all(isinstance(i, slice) and all(v is None or isinstance(v, int) for v in (i.start, i.stop, i.step))
+               for i in index):
+        raise ValueError(f"node '{node.name}': only slices of a tensor export, got {index!r}")
+    big = torch.iinfo(torch.int64).max
+    starts, ends, steps = ([i.start or 0 for i in index], [big if i.stop is None else i.stop for i in index],
+                           [i.step or 1 for i in index])
+    axes = list(range(len(index)))
+    return b.node("Slice", [source] + [b.constant(f"{node.name}_{k}", b.ints(v))
+                                       for k, v in (("starts", starts), ("ends", ends), ("axes", axes), ("steps", steps))],
+                  node.name)
+
+
+def export_size(b, node: fx.Node, inputs: list, module) -> None:
+    """Sizes are not values of the ONNX graph: the reshapes read the shapes they produced."""
+    return None
+
+
 IDENTITY = Op("identity", "removed: the identity in eval mode", lower_identity, Output.SAME,
               modules=(nn.Identity, nn.Dropout, nn.Dropout2d), functions=(F.dropout, stochastic_depth),
               accepts=_not_training, homogeneous=True, channelwise=True, example=nn.Identity)
@@ -72,10 +127,11 @@ RESHAPE = Op("reshape", "the same integers in another shape or order", lower_sam
              methods=("flatten", "view", "reshape", "contiguous", "permute", "transpose", "squeeze",
                       "unsqueeze", "chunk", "split", "unbind", "narrow", "flip", "roll", "expand",
                       "expand_as", "repeat", "t"),
-             keeps_call=True, homogeneous=True, example=lambda: nn.Flatten())
+             keeps_call=True, homogeneous=True, example=lambda: nn.Flatten(), export=export_reshape)
 ITEM = Op("getitem", "an item or slice of integers, same parameters", lower_item, Output.SAME,
-          functions=(operator.getitem,), keeps_call=True, homogeneous=True, example=lambda: lambda x: x[:, :2])
+          functions=(operator.getitem,), keeps_call=True, homogeneous=True, example=lambda: lambda x: x[:, :2],
+          export=export_item)
 SIZE = Op("size", "a shape, not a tensor", lower_nothing, Output.NONE, methods=("size", "dim", "numel"),
           functions=(getattr,), accepts=_reads_a_shape, keeps_call=True,
-          example=lambda: lambda x: x.size())
+          example=lambda: lambda x: x.size(), export=export_size)
 OPS = (IDENTITY, RESHAPE, ITEM, SIZE)

@@ -1,0 +1,282 @@
+"""`fxq.export_onnx` and `fxq.deploy`: a quantized model as a standard ONNX graph, run by onnxruntime.
+
+    fxq.export_onnx(qmodel, "model.onnx")
+    deployed = fxq.deploy(qmodel)          # a module running that graph in onnxruntime
+
+The graph carries fxq's own integers: int8 weight initializers with their per-channel scales,
+int32 biases at ``s_I·s_W``, every activation's scale and zero point. Convolutions and linear
+layers are written in the QDQ form (DequantizeLinear → Conv/Gemm → QuantizeLinear), which
+onnxruntime fuses into its int8 kernels (MLAS; VNNI on this CPU). Ops that are tables in fxq
+(lookup activations, adds, products, requantizations) become a ``Gather`` in the very same
+table, and clamps and max pooling run on the integers, so they compute exactly what fxq does.
+onnxruntime's int8 kernels requantize differently from fxq's fixed point (a float32 scale and
+round half to even), so a conv's output may differ by a step; the differences are measured
+(tests/test_onnx_export.py, scripts/bench.py).
+
+How each op exports is a facet of its registry entry (`fxq.ops`): every integer module has a
+``to_onnx(builder, node, inputs)`` method, and every call the integer graph keeps (reshapes,
+sizes) its entry's ``export``. A float op with no ONNX form raises a ``ValueError`` naming it.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from fxq import ops
+from fxq.affine import ActQParams
+
+OPSET = 21
+BATCH = 2  # the batch the export runs once with, to learn every value's shape
+
+
+class Builder:
+    """Collects ONNX nodes and initializers; one method per ONNX idiom the facets use."""
+
+    def __init__(self, shapes: dict):
+        from onnx import TensorProto, helper, numpy_helper
+        self.helper, self.numpy_helper, self.types = helper, numpy_helper, TensorProto
+        self.nodes, self.initializers, self.shapes = [], [], shapes
+        self.values: dict[fx.Node, object] = {}  # what each fx node became in the ONNX graph
+        self.count = 0
+
+    def value(self, argument):
+        """An fx argument as the ONNX graph holds it (nodes by their ONNX names)."""
+        return fx.map_arg(argument, lambda a: self.values[a])
+
+    # -------------------------------------------------------------- plumbing
+
+    def constant(self, name: str, value) -> str:
+        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        name = self.fresh(name)
+        self.initializers.append(self.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    @staticmethod
+    def ints(values) -> torch.Tensor:
+        """A list of ints as the int64 tensor ONNX's shape, axis and index inputs take."""
+        return torch.tensor(values, dtype=torch.int64)
+
+    def fresh(self, name: str) -> str:
+        self.count += 1
+        return f"{name}_{self.count}"
+
+    def node(self, op: str, inputs: list[str], name: str, outputs: int = 1, **attributes):
+        names = [self.fresh(name) for _ in range(outputs)]
+        self.nodes.append(self.helper.make_node(op, inputs, names, name=names[0], **attributes))
+        return names[0] if outputs == 1 else names
+
+    def shape_of(self, node: fx.Node) -> tuple:
+        """The node's output shape on the export's example run (batch first, ``BATCH``)."""
+        return self.shapes[node]
+
+    # -------------------------------------------------------------- quantization
+
+    def scale_zero(self, name: str, qp: ActQParams) -> tuple[str, str]:
+        if qp.bits != 8:
+            raise ValueError(f"{name}: {qp.bits}-bit activations do not export yet (ONNX's int8 kernels "
+                             "are 8-bit; narrower widths need a clip in their container)")
+        return (self.constant(f"{name}_scale", np.float32(qp.scale)),
+                self.constant(f"{name}_zero", np.uint8(qp.zero_point)))
+
+    def dequantize(self, value: str, qp: ActQParams, name: str) -> str:
+        return self.node("DequantizeLinear", [value, *self.scale_zero(name, qp)], f"{name}_dq")
+
+    def quantize(self, value: str, qp: ActQParams, name: str) -> str:
+        return self.node("QuantizeLinear", [value, *self.scale_zero(name, qp)], f"{name}_q")
+
+    def in_float(self, value: str, qp: ActQParams, name: str, op: str, **attributes) -> str:
+        """``quantize(op(dequantize(q)))``: an op onnxruntime fuses or runs in float between."""
+        return self.quantize(self.node(op, [self.dequantize(value, qp, f"{name}_in")], f"{name}_op", **attributes),
+                             qp, name)
+
+    def layer(self, m, x: str, name: str) -> str:
+        """DequantizeLinear → Conv/Gemm (int8 weight and int32 bias, dequantized) → QuantizeLinear."""
+        x_f = self.dequantize(x, m.input_qparams, f"{name}_in")
+        weight = self.node("DequantizeLinear", [
+            self.constant(f"{name}_weight", m.weight),
+            self.constant(f"{name}_weight_scale", m.weight_scale.to(torch.float32)),
+            self.constant(f"{name}_weight_zero", torch.zeros(m.weight.shape[0], dtype=torch.int8))],
+            f"{name}_w", axis=0)
+        bias = self.node("DequantizeLinear", [
+            self.constant(f"{name}_bias", m.bias),
+            self.constant(f"{name}_bias_scale", (m.input_scale * m.weight_scale).to(torch.float32)),
+            self.constant(f"{name}_bias_zero", torch.zeros_like(m.bias))], f"{name}_b", axis=0)
+        if m.weight.dim() == 4:
+            p = list(m.padding)
+            y = self.node("Conv", [x_f, weight, bias], f"{name}_conv", pads=p + p, strides=list(m.stride),
+                          dilations=list(m.dilation), group=m.groups)
+        elif len(self.shapes.get(name, ())) > 2:  # a linear over the last dim of [N, ..., K]
+            transposed = self.node("Transpose", [weight], f"{name}_wt", perm=[1, 0])
+            y = self.node("Add", [self.node("MatMul", [x_f, transposed], f"{name}_mm"), bias], f"{name}_add")
+        else:
+            y = self.node("Gemm", [x_f, weight, bias], f"{name}_gemm", transB=1)
+        return self.quantize(y, m.output_qparams, name)
+
+    # -------------------------------------------------------------- exact integer idioms
+
+    def centred(self, q: str, qp: ActQParams, name: str) -> str:
+        """``q − z`` in float32 (exact: small integers)."""
+        as_float = self.node("Cast", [q], f"{name}_float", to=self.types.FLOAT)
+        return self.node("Sub", [as_float, self.constant(f"{name}_z", np.float32(qp.zero_point))], f"{name}_centred")
+
+    def rounded_back(self, mean: str, qp: ActQParams, name: str) -> str:
+        """``clamp(z + round_half_away(mean), 0, qmax)`` as uint8: fxq's rounding rule."""
+        magnitude = self.node("Floor", [self.node("Add", [self.node("Abs", [mean], f"{name}_abs"),
+                                                          self.constant(f"{name}_half", np.float32(0.5))], f"{name}_nudge")],
+                              f"{name}_floor")
+        rounded = self.node("Mul", [self.node("Sign", [mean], f"{name}_sign"), magnitude], f"{name}_round")
+        shifted = self.node("Add", [rounded, self.constant(f"{name}_z", np.float32(qp.zero_point))], f"{name}_shift")
+        clipped = self.node("Clip", [shifted, self.constant(f"{name}_lo", np.float32(0)),
+                                     self.constant(f"{name}_hi", np.float32(qp.qmax))], f"{name}_clip")
+        return self.node("Cast", [clipped], name, to=self.types.UINT8)
+
+    def exact_mean(self, q: str, qp: ActQParams, name: str, op: str, **attributes) -> str:
+        """An average pooling of the centred integers in float32 (every window sum is an exact
+        integer, one correctly rounded division), rounded back as fxq does: exact."""
+        return self.rounded_back(self.node(op, [self.centred(q, qp, name)], f"{name}_mean", **attributes), qp, name)
+
+    def as_index(self, value: str, name: str) -> str:
+        return self.node("Cast", [value], f"{name}_index", to=self.types.INT64)
+
+    def gather(self, table: torch.Tensor, index: str, name: str) -> str:
+        """``table[index]``: fxq's own table, looked up exactly (uint8 answers)."""
+        return self.node("Gather", [self.constant(f"{name}_table", table.to(torch.uint8)), index], name)
+
+    def pair_table(self, table: torch.Tensor, a: str, b: str, width: int, name: str) -> str:
+        """``table[a·width + b]`` (broadcasting like the op it stands for)."""
+        row = self.node("Mul", [self.as_index(a, f"{name}_a"), self.constant(f"{name}_width", np.int64(width))],
+                        f"{name}_row")
+        return self.gather(table, self.node("Add", [row, self.as_index(b, f"{name}_b")], f"{name}_pair"), name)
+
+    def clamp(self, value: str, low: torch.Tensor, high: torch.Tensor, name: str) -> str:
+        """``min(max(q, low), high)`` on uint8; per-channel bounds broadcast along dim 1."""
+        shape = (-1, 1, 1) if low.dim() else ()
+        low, high = low.to(torch.uint8).reshape(shape), high.to(torch.uint8).reshape(shape)
+        raised = self.node("Max", [value, self.constant(f"{name}_low", low)], f"{name}_max")
+        return self.node("Min", [raised, self.constant(f"{name}_high", high)], name)
+
+
+def _recorded_shapes(qmodel: fx.GraphModule, sample_shape: tuple) -> dict:
+    """Every node's output shape (or list of shapes) on zeros of ``BATCH`` samples, by node and name."""
+    shapes = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            result = super().run_node(n)
+            if isinstance(result, torch.Tensor):
+                shapes[n] = shapes[n.name] = tuple(result.shape)
+            elif isinstance(result, (tuple, list)) and all(isinstance(r, torch.Tensor) for r in result):
+                shapes[n] = shapes[n.name] = [tuple(r.shape) for r in result]
+            return result
+
+    with torch.no_grad():
+        Recorder(qmodel).run(torch.zeros(BATCH, *sample_shape))
+    return shapes
+
+
+def to_onnx(qmodel: fx.GraphModule):
+    """The ONNX ``ModelProto`` of ``qmodel`` (opset 21, dynamic batch)."""
+    from onnx import TensorProto, helper
+
+    inputs = [m for m in qmodel.modules() if type(m).__name__ == "Quantize" and m.sample_shape is not None]
+    if len(inputs) != 1:
+        raise ValueError("export a model from fxq.quantize or fxq.load: it has no network-input quantize step")
+    sample_shape = tuple(inputs[0].sample_shape)
+    b = Builder(_recorded_shapes(qmodel, sample_shape))
+    modules = dict(qmodel.named_modules())
+    values = b.values
+    for node in qmodel.graph.nodes:
+        if node.op == "placeholder":
+            values[node] = node.name
+        elif node.op == "output":
+            outputs = [values[a] for a in node.all_input_nodes]
+        elif node.op == "get_attr":
+            values[node] = b.constant(node.name, _attribute(qmodel, node.target))
+        elif _reads_only_sizes(node, values):
+            values[node] = None  # arithmetic on sizes: the reshapes read the shapes they produced
+        else:
+            values[node] = _export_call(b, node, modules, b.value(node.args))
+    placeholders = [n for n in qmodel.graph.nodes if n.op == "placeholder"]
+    graph_inputs = [helper.make_tensor_value_info(n.name, TensorProto.FLOAT, ["batch", *sample_shape]) for n in placeholders]
+    output_nodes = [a for n in qmodel.graph.nodes if n.op == "output" for a in n.all_input_nodes]
+    graph_outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *b.shapes[n][1:]])
+                     for name, n in zip(outputs, output_nodes)]
+    graph = helper.make_graph(b.nodes, "fxq", graph_inputs, graph_outputs, b.initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="fxq")
+
+
+def _reads_only_sizes(node: fx.Node, values: dict) -> bool:
+    return all(values[a] is None for a in node.all_input_nodes)
+
+
+def _export_call(b: Builder, node: fx.Node, modules: dict, arguments: tuple):
+    module = modules.get(node.target) if node.op == "call_module" else None
+    if module is not None and hasattr(module, "to_onnx"):
+        return module.to_onnx(b, node, list(arguments))
+    # a call the integer graph kept (a reshape, a size) exports by its entry; any other call is a
+    # float op between integers
+    op = next((c for c in ops.match(node, modules) if c.export is not None and c.accepts(node, module) is None),
+              ops.FLOAT)
+    return op.export(b, node, list(arguments), module)
+
+
+def _attribute(qmodel: fx.GraphModule, target: str) -> torch.Tensor:
+    from fxq.graph import attribute
+    return attribute(qmodel, target).detach().to(torch.float32)
+
+
+def export_onnx(qmodel: fx.GraphModule, path: str | Path | io.BytesIO) -> None:
+    """Write ``qmodel`` (from `fxq.quantize` or `fxq.load`) as an ONNX model (opset 21, dynamic
+    batch) that ``onnx.checker`` accepts and onnxruntime runs."""
+    import onnx
+
+    model = to_onnx(qmodel)
+    onnx.checker.check_model(model)
+    if isinstance(path, io.BytesIO):
+        path.write(model.SerializeToString())
+    else:
+        onnx.save(model, str(path))
+
+
+class Deployed(nn.Module):
+    """float in, float out: a quantized model exported to ONNX and run by an onnxruntime session."""
+
+    def __init__(self, model_bytes: bytes, threads: int):
+        super().__init__()
+        self.model_bytes, self.threads = model_bytes, threads
+        self._session = None
+
+    def session(self):
+        if self._session is None:
+            import onnxruntime as ort
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+            self._session = ort.InferenceSession(self.model_bytes, options, providers=["CPUExecutionProvider"])
+        return self._session
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        session = self.session()
+        feed = {session.get_inputs()[0].name: x.detach().to(torch.float32).contiguous().numpy()}
+        return torch.from_numpy(session.run(None, feed)[0])
+
+    def __getstate__(self):
+        return {**self.__dict__, "_session": None}  # a session does not pickle; it is made again
+
+    def extra_repr(self) -> str:
+        return f"onnxruntime, {len(self.model_bytes) / 1e6:.2f} MB model, {self.threads} threads"
+
+
+def deploy(qmodel: fx.GraphModule, example_input: torch.Tensor | None = None, threads: int = 2) -> Deployed:
+    """``qmodel`` exported (`export_onnx`) and loaded into onnxruntime with ``threads`` threads;
+    with ``example_input``, runs it once (so the first real call is not the slow one)."""
+    buffer = io.BytesIO()
+    export_onnx(qmodel, buffer)
+    deployed = Deployed(buffer.getvalue(), threads)
+    if example_input is not None:
+        deployed(example_input)
+    return deployed
