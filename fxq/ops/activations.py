@@ -116,6 +116,8 @@ def _one_tensor_and_constants(node: fx.Node, module: nn.Module | None) -> str | 
         return None if not list(module.parameters()) else f"{type(module).__name__} has learned parameters"
     if len(node.all_input_nodes) != 1:
         return "an elementwise op of several tensors"
+    if node.all_input_nodes[0] not in node.args:
+        return "an elementwise op with its tensor passed by keyword"
     others = [a for a in list(node.args) + list(node.kwargs.values()) if not isinstance(a, fx.Node)]
     if all(isinstance(a, (int, float, bool, str)) or a is None for a in others):
         return None
