@@ -1,0 +1,182 @@
+"""Latency of every way to run a model here: float, the peers' int8, fxq's executor and fxq deployed.
+
+    python -m scripts.bench                   # results/bench.json + the README table
+    python -m scripts.bench --shapes mnist    # only the 28×28 ResNet-18
+
+Shapes: the committed MNIST ResNet-18 (1×28×28; batches 1, 32, 256; full-test accuracy) and
+torchvision ResNet-18 and MobileNetV2 at 3×224×224 (random weights, batch norm settled and
+everything calibrated on structured random images; batches 1 and 32). Two threads everywhere.
+Rows: fp32 torch, fp32 onnxruntime (torch.onnx export), torch.ao FX x86 int8 and onnxruntime's
+own ``quantize_static`` (per-channel QDQ int8) as references, fxq's integer executor, fxq
+deployed (`fxq.deploy`). Each cell is the median of ``RUNS`` runs after two warm-ups, all in the
+same process; "× ORT int8" divides by onnxruntime's own int8 model in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import re
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+import fxq
+from scripts import data, models, zoo
+from scripts.evaluate import torch_ao_x86
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS, README = ROOT / "results" / "bench.json", ROOT / "README.md"
+RUNS, THREADS = 10, 2
+SHAPES = {"mnist": (1, 32, 256), "resnet18_224": (1, 32), "mobilenet_v2_224": (1, 32)}
+
+
+def median_ms(run, x) -> float:
+    with torch.no_grad():
+        for _ in range(2):
+            run(x)
+        times = []
+        for _ in range(RUNS):
+            start = time.perf_counter()
+            run(x)
+            times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+class Session(torch.nn.Module):
+    """An onnxruntime session as a module (float in, float out)."""
+
+    def __init__(self, model_bytes: bytes):
+        super().__init__()
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
+        self.session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        self.model_bytes = model_bytes
+
+    def forward(self, x):
+        return torch.from_numpy(self.session.run(None, {"x": x.numpy()})[0])
+
+
+def float_onnx(model, example) -> bytes:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17)
+    return buffer.getvalue()
+
+
+def ort_int8(model_bytes: bytes, calib: list) -> bytes:
+    """onnxruntime's own static quantization: per-channel QDQ int8 (reference only)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"x": b.numpy()} for b in calib])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as folder:
+        source, target = Path(folder) / "float.onnx", Path(folder) / "int8.onnx"
+        source.write_bytes(model_bytes)
+        quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        return target.read_bytes()
+
+
+def setup(shape: str):
+    """(float model, calibration batches, example input, test split or None)."""
+    if shape == "mnist":
+        model = models.load_trained("mnist")
+        calib = [images for images, _ in data.calibration_batches("mnist", 512)]
+        return model, calib, calib[0][:1], data.load("mnist", "test")
+    zoo.SIZE = 224
+    model = zoo.build(shape.removesuffix("_224"))
+    calib = list(zoo.images(64, 1).split(16))
+    return model, calib, calib[0][:1], None
+
+
+def size_mb(module) -> float:
+    if hasattr(module, "model_bytes"):
+        return len(module.model_bytes) / 1e6
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.tell() / 1e6
+
+
+def bench(shape: str) -> list[dict]:
+    model, calib, example, test = setup(shape)
+    float_bytes = float_onnx(model, example)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qmodel = fxq.quantize(model, calib)
+        runners = {"fp32 torch": model, "fp32 onnxruntime": Session(float_bytes),
+                   "torch.ao x86 int8 (reference)": torch_ao_x86(model, [(b, None) for b in calib]),
+                   "onnxruntime quantize_static int8 (reference)": Session(ort_int8(float_bytes, calib)),
+                   "fxq executor": qmodel, "fxq deployed": fxq.deploy(qmodel, threads=THREADS)}
+    rows = []
+    for name, runner in runners.items():
+        row = {"shape": shape, "runner": name, "size_mb": size_mb(runner)}
+        for batch in SHAPES[shape]:
+            x = torch.cat([calib[0]] * (batch // len(calib[0]) + 1))[:batch]
+            row[f"ms_batch{batch}"] = median_ms(runner, x)
+        if test is not None:
+            with torch.no_grad():
+                predictions = torch.cat([runner(x).argmax(1) for x in test.images.split(500)])
+            row["accuracy"] = 100 * float((predictions == test.labels).float().mean())
+        rows.append(row)
+        print(row, flush=True)
+    reference = next(r for r in rows if r["runner"].startswith("onnxruntime quantize_static"))
+    for row in rows:
+        for batch in SHAPES[shape]:
+            row[f"x_ort_int8_batch{batch}"] = row[f"ms_batch{batch}"] / reference[f"ms_batch{batch}"]
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        batches = SHAPES[shape]
+        headers = ["runner", *(f"ms, batch {b}" for b in batches), *(f"× ORT int8, b{b}" for b in batches), "MB"]
+        if shape == "mnist":
+            headers.append("test acc %")
+        body = []
+        for r in (r for r in rows if r["shape"] == shape):
+            line = [r["runner"], *(f"{r[f'ms_batch{b}']:.2f}" for b in batches),
+                    *(f"{r[f'x_ort_int8_batch{b}']:.2f}" for b in batches), f"{r['size_mb']:.1f}"]
+            if shape == "mnist":
+                line.append(f"{r['accuracy']:.2f}")
+            body.append(line)
+        out.append(f"**{shape}**\n\n" + tabulate(body, headers=headers, tablefmt="github"))
+    return "\n\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    kept = [r for r in json.loads(RESULTS.read_text()) if r["shape"] not in args.shapes] if RESULTS.exists() else []
+    rows = kept + [row for shape in args.shapes for row in bench(shape)]
+    rows.sort(key=lambda r: list(SHAPES).index(r["shape"]))
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(rows, indent=1))
+    text = table(rows)
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    readme = README.read_text()
+    if start in readme:
+        README.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{text}\n{end}",
+                                 readme, flags=re.S))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
