@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-FLOAT32_EXACT = 2**24  # every integer of magnitude ≤ 2^24 is exact in float32
 FLOAT64_EXACT = 2**53
 INT32_MAX = 2**31 - 1
 MULTIPLIER_BITS = 31

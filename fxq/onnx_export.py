@@ -88,11 +88,6 @@ class Builder:
     def quantize(self, value: str, qp: ActQParams, name: str) -> str:
         return self.node("QuantizeLinear", [value, *self.scale_zero(name, qp)], f"{name}_q")
 
-    def in_float(self, value: str, qp: ActQParams, name: str, op: str, **attributes) -> str:
-        """``quantize(op(dequantize(q)))``: an op onnxruntime fuses or runs in float between."""
-        return self.quantize(self.node(op, [self.dequantize(value, qp, f"{name}_in")], f"{name}_op", **attributes),
-                             qp, name)
-
     def layer(self, m, x: str, name: str) -> str:
         """DequantizeLinear → Conv/Gemm (int8 weight and int32 bias, dequantized) → QuantizeLinear."""
         x_f = self.dequantize(x, m.input_qparams, f"{name}_in")

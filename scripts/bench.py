@@ -14,7 +14,6 @@ same process; "× ORT int8" divides by onnxruntime's own int8 model in the same 
 from __future__ import annotations
 
 import argparse
-import copy
 import io
 import json
 import re

@@ -39,16 +39,12 @@ def lower_max_pool(lo: Lowering, node: fx.Node) -> None:
     qp = qparams_of(node.args[0], node)
     pool = _max_pool_of(node, lo.module(node))
     if isinstance(pool, nn.AdaptiveMaxPool2d):
-        integer = QAdaptiveMaxPool2d(_size_pair(pool.output_size))
+        integer = QAdaptiveMaxPool2d(pair(pool.output_size))
     else:
         integer = QMaxPool2d(pool.kernel_size, pool.stride or pool.kernel_size, pool.padding, pool.dilation,
                              ceil_mode=pool.ceil_mode)
     lo.become(node, integer, leaf_name(node), node.args[:1])
     records.put(node, qp)
-
-
-def _size_pair(size) -> tuple:
-    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
 
 def _avg_pool_of(lo_module: nn.Module | None, node: fx.Node, qp) -> QAvgPool2d:
@@ -60,7 +56,7 @@ def _avg_pool_of(lo_module: nn.Module | None, node: fx.Node, qp) -> QAvgPool2d:
                                     "count_include_pad": True, "divisor_override": None})
         pool = nn.AvgPool2d(**a)
     if isinstance(pool, nn.AdaptiveAvgPool2d):
-        return QAvgPool2d(qp, "adaptive", output_size=_size_pair(pool.output_size))
+        return QAvgPool2d(qp, "adaptive", output_size=pair(pool.output_size))
     return QAvgPool2d(qp, "window", pair(pool.kernel_size), pair(pool.stride or pool.kernel_size),
                       pair(pool.padding), pool.ceil_mode, pool.count_include_pad, pool.divisor_override)
 
