@@ -48,9 +48,11 @@ class ActQParams:
         zero_point = int(min(max(round(-lo / scale), 0), qmax))
         return cls(scale, zero_point, bits)
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """float → integers: ``clamp(round(x / s) + z, 0, 2^bits − 1)``, uint8 (int32 above 8 bits)."""
-        q = round_half_away(x / self.scale) + self.zero_point
+    def quantize(self, x: torch.Tensor, half_even: bool = False) -> torch.Tensor:
+        """float → integers: ``clamp(round(x / s) + z, 0, 2^bits − 1)``, uint8 (int32 above 8 bits);
+        ties away from zero, or to even (ONNX's QuantizeLinear) with ``half_even``."""
+        x = x / self.scale
+        q = (torch.round(x) if half_even else round_half_away(x)) + self.zero_point
         return q.clamp_(self.qmin, self.qmax).to(storage_dtype(self.bits))
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:

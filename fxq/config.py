@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 WEIGHT_RANGES = ("minmax", "mse", "output_aware")
 ACT_RANGES = ("minmax", "moving_average", "percentile", "mse", "entropy")
 PLACEMENTS = ("pre", "post", "both")
+REQUANTIZE = ("fixed_point", "onnxruntime")
 MIN_BITS, MAX_BITS = 2, 8
 WIDE_ACT_BITS = 16  # activations may also be 16-bit (int32 storage, float64-exact GEMM)
 # Fields that None leaves to `defaults_for` the bit widths.
@@ -38,6 +39,12 @@ class QConfig:
                   conv/linear/add output before the ReLU, which then runs as max(q, z); "post"
                   quantizes only the ReLU's output (z = 0, the ReLU is the requantization's
                   clamp); "both" does one, then the other (max(q, z), then a requantization).
+    requantize:   the arithmetic that brings integers to new parameters. "fixed_point": an int32
+                  multiplier and a rounding right shift, half away from zero (what an integer-only
+                  accelerator runs; DESIGN.md). "onnxruntime": what onnxruntime's int8 kernels
+                  compute on x86 (MLAS), so that `fxq.deploy` is bit-exact with the quantized
+                  model: the accumulator times a float32 multiplier rounded half to even, adds in
+                  float32 with fused multiply-adds, inputs rounded half to even (`fxq.intmath`).
     percentile:   for act_range="percentile": the share of values kept inside the range, in %.
     histogram_bins: bins of the histogram the percentile, mse and entropy observers keep.
     averaging_constant: for act_range="moving_average": c in v ← v + c·(batch − v).
@@ -56,6 +63,7 @@ class QConfig:
     bias_correction: bool | None = None
     keep_first_last_8bit: bool | None = None
     placement: str = "pre"
+    requantize: str = "fixed_point"
     percentile: float = 99.99
     histogram_bins: int = 2048
     averaging_constant: float = 0.01
@@ -80,6 +88,11 @@ class QConfig:
         _check_choice("weight_range", self.weight_range, WEIGHT_RANGES)
         _check_choice("act_range", self.act_range, ACT_RANGES)
         _check_choice("placement", self.placement, PLACEMENTS)
+        _check_choice("requantize", self.requantize, REQUANTIZE)
+        if self.requantize == "onnxruntime" and self.act_bits > 8:
+            raise ValueError(f"QConfig.requantize='onnxruntime' with act_bits={self.act_bits}: onnxruntime's "
+                             "integer kernels take activations of up to 8 bits; use act_bits ≤ 8 or "
+                             "requantize='fixed_point'")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"QConfig.percentile={self.percentile!r}: use a value in (50, 100]")
         # The entropy rule compares the histogram against every level; the others only need

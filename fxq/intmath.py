@@ -102,6 +102,42 @@ def requantize(acc: torch.Tensor, m: torch.Tensor, shift: torch.Tensor, zero_poi
     return q.clamp_(0, qmax).to(storage_dtype(qmax.bit_length()))
 
 
+def runtime_multiplier(input_scale: torch.Tensor, weight_scale: torch.Tensor,
+                       output_scale: torch.Tensor) -> torch.Tensor:
+    """onnxruntime's requantization scale per channel: ``(s_I · s_W[c]) / s_O`` in float32, each
+    scale first rounded to the float32 the ONNX graph carries."""
+    f32 = torch.float32
+    return input_scale.to(f32) * weight_scale.to(f32) / output_scale.to(f32)
+
+
+def runtime_requantize(acc: torch.Tensor, multiplier: torch.Tensor, zero_point: int, qmax: int) -> torch.Tensor:
+    """Formula (2) as onnxruntime's int8 kernels compute it (MLAS ``RequantizeOutput``): the int32
+    accumulator converted to float32, times the float32 ``multiplier`` (`runtime_multiplier`),
+    rounded half to even, plus ``z``, clamped; channels last."""
+    scaled = torch.round(acc.to(torch.int32).to(torch.float32) * multiplier)
+    q = scaled.clamp_(-zero_point, qmax - zero_point).to(torch.int32) + zero_point
+    return q.to(storage_dtype(qmax.bit_length()))
+
+
+def runtime_add(a_q: torch.Tensor, b_q: torch.Tensor, scales: tuple[float, float, float],
+                zero_points: tuple[int, int, int], qmax: int) -> torch.Tensor:
+    """``A + B`` as onnxruntime's QLinearAdd computes it on x86 (MLAS, AVX2): with float32 ratios
+    ``r_A = s_A / s_O``, ``r_B = s_B / s_O`` and ``c = z_O − fma(r_A, z_A, r_B·z_B)``,
+    ``O = clamp(round_half_even(fma(A, r_A, fma(B, r_B, c))), 0, qmax)``.
+
+    Each fused multiply-add rounds once: it is formed exactly in float64 (an 8-bit integer times a
+    float32 fits 32 bits) and then rounded to float32.
+    """
+    f32, f64 = torch.float32, torch.float64
+    s_a, s_b, s_o = (torch.tensor(s, dtype=f32) for s in scales)
+    z_a, z_b, z_o = zero_points
+    r_a, r_b = s_a / s_o, s_b / s_o
+    c = torch.tensor(z_o, dtype=f32) - (r_a.to(f64) * z_a + (r_b * z_b).to(f64)).to(f32)
+    inner = (b_q.to(f64) * r_b.to(f64) + c.to(f64)).to(f32)
+    total = (a_q.to(f64) * r_a.to(f64) + inner.to(f64)).to(f32)
+    return torch.round(total).clamp_(0, qmax).to(storage_dtype(qmax.bit_length()))
+
+
 def accumulator_bounds(weight_q: torch.Tensor, input_absmax: int, bias_q: torch.Tensor) -> torch.Tensor:
     """Worst-case ``|acc[c]|`` of formula (1) per output channel, int64:
     ``Σ_k |W_q[c,k]| · max|I_q − z_I| + |b_q[c]|``."""

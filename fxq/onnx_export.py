@@ -52,7 +52,7 @@ class Builder:
     def constant(self, name: str, value) -> str:
         array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
         name = self.fresh(name)
-        self.initializers.append(self.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.initializers.append(self.numpy_helper.from_array(np.array(array, order="C"), name))  # 0-d stays 0-d
         return name
 
     @staticmethod
@@ -76,9 +76,9 @@ class Builder:
     # -------------------------------------------------------------- quantization
 
     def scale_zero(self, name: str, qp: ActQParams) -> tuple[str, str]:
-        if qp.bits != 8:
-            raise ValueError(f"{name}: {qp.bits}-bit activations do not export yet (ONNX's int8 kernels "
-                             "are 8-bit; narrower widths need a clip in their container)")
+        if qp.bits > 8:
+            raise ValueError(f"{name}: {qp.bits}-bit activations do not export (onnxruntime's integer "
+                             "kernels take 8-bit activations); quantize with act_bits ≤ 8 to deploy")
         return (self.constant(f"{name}_scale", np.float32(qp.scale)),
                 self.constant(f"{name}_zero", np.uint8(qp.zero_point)))
 
@@ -86,7 +86,11 @@ class Builder:
         return self.node("DequantizeLinear", [value, *self.scale_zero(name, qp)], f"{name}_dq")
 
     def quantize(self, value: str, qp: ActQParams, name: str) -> str:
-        return self.node("QuantizeLinear", [value, *self.scale_zero(name, qp)], f"{name}_q")
+        """QuantizeLinear; a narrower width is held in uint8 and saturates at its own top, 2^b − 1."""
+        q = self.node("QuantizeLinear", [value, *self.scale_zero(name, qp)], f"{name}_q")
+        if qp.qmax == 255:
+            return q
+        return self.node("Min", [q, self.constant(f"{name}_top", np.uint8(qp.qmax))], f"{name}_top")
 
     def layer(self, m, x: str, name: str) -> str:
         """DequantizeLinear → Conv/Gemm (int8 weight and int32 bias, dequantized) → QuantizeLinear."""
@@ -104,12 +108,29 @@ class Builder:
             p = list(m.padding)
             y = self.node("Conv", [x_f, weight, bias], f"{name}_conv", pads=p + p, strides=list(m.stride),
                           dilations=list(m.dilation), group=m.groups)
-        elif len(self.shapes.get(name, ())) > 2:  # a linear over the last dim of [N, ..., K]
-            transposed = self.node("Transpose", [weight], f"{name}_wt", perm=[1, 0])
-            y = self.node("Add", [self.node("MatMul", [x_f, transposed], f"{name}_mm"), bias], f"{name}_add")
         else:
             y = self.node("Gemm", [x_f, weight, bias], f"{name}_gemm", transB=1)
         return self.quantize(y, m.output_qparams, name)
+
+    def linear(self, m, x: str, name: str) -> str:
+        """A linear layer; over the last dim of ``[N, ..., K]`` as Reshape → [−1, K] → Gemm → Reshape
+        back, so that onnxruntime still runs its int8 GEMM (QGemm) on it."""
+        shape = self.shapes[name]
+        if len(shape) == 2:
+            return self.layer(m, x, name)
+        rows = self.node("Reshape", [x, self.constant(f"{name}_rows", self.ints([-1, m.weight.shape[1]]))],
+                         f"{name}_rows")
+        y = self.layer(m, rows, name)
+        return self.node("Reshape", [y, self.constant(f"{name}_shape", self.ints([-1, *shape[1:]]))], f"{name}_back")
+
+    def add(self, inputs: list[str], qparams: list[ActQParams], out: ActQParams, name: str) -> str:
+        """DequantizeLinear ×2 → Add → QuantizeLinear, which onnxruntime fuses into QLinearAdd."""
+        values = [self.dequantize(q, qp, f"{name}_{i}") for i, (q, qp) in enumerate(zip(inputs, qparams))]
+        return self.quantize(self.node("Add", values, f"{name}_sum"), out, name)
+
+    def relu(self, q: str, qp: ActQParams, name: str) -> str:
+        """max(q, z)."""
+        return self.node("Max", [q, self.constant(f"{name}_z", np.uint8(qp.zero_point))], name)
 
     # -------------------------------------------------------------- exact integer idioms
 

@@ -74,14 +74,20 @@ _BOUNDARY_TENSORS = {"scale": torch.float64, "zero_point": torch.int32}
 class Quantize(_ActBoundary):
     """float → uint8 ``clamp(round(x / s) + z)``; checks the input looks like the calibration data."""
 
-    schema = Schema({"bits": sc.act_bits, "sample_shape": sc.optional(sc.ints(1))}, _BOUNDARY_TENSORS,
-                    ranges=_boundary_ranges)
+    schema = Schema({"bits": sc.act_bits, "sample_shape": sc.optional(sc.ints(1)), "requantize_as": sc.REQUANTIZE},
+                    _BOUNDARY_TENSORS, ranges=_boundary_ranges)
+    requantize_as = "fixed_point"  # "onnxruntime": ties to even, as QuantizeLinear rounds
+
+    @property
+    def half_even(self) -> bool:
+        return self.requantize_as == "onnxruntime"
 
     def twin(self, node) -> nn.Module:
-        return SnapToGrid(self.qparams)
+        return SnapToGrid(self.qparams, self.half_even)
 
     def describe(self) -> str:
-        return "float → integer: clamp(round(x / s) + z)"
+        ties = "to even" if self.half_even else "away from zero"
+        return f"float → integer: clamp(round(x / s) + z), ties {ties}"
 
     def to_onnx(self, b, node, inputs):
         return b.quantize(inputs[0], self.qparams, node.name)
@@ -95,7 +101,7 @@ class Quantize(_ActBoundary):
             self._check(x)
         # float16/bfloat16 values are exact in float32: the same values give the same integers
         # whatever dtype they arrive in
-        return self.qparams.quantize(x.to(torch.promote_types(x.dtype, torch.float32)))
+        return self.qparams.quantize(x.to(torch.promote_types(x.dtype, torch.float32)), self.half_even)
 
     def _check(self, x: object) -> None:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -181,10 +187,14 @@ class QLayer(Derived):
         return self.input_bits > 8
 
     groups = 1
+    requantize_as = "fixed_point"  # or "onnxruntime" (`passes.adopt_runtime`): QConfig.requantize
 
     def prepare(self) -> None:
-        """The GEMM-ready weight and constant (one per group: ``[groups, K, C_out / groups]``) and
-        the worst-case accumulator, derived from the buffers (not saved)."""
+        """The GEMM-ready weight and constant (one per group: ``[groups, K, C_out / groups]``), the
+        worst-case accumulator and onnxruntime's float32 multipliers, derived from the buffers
+        (not saved)."""
+        self.register_buffer("runtime_multiplier", intmath.runtime_multiplier(
+            self.input_scale, self.weight_scale, self.output_scale), persistent=False)
         self.accumulator_bound = intmath.accumulator_bound(self.weight, _absmax(self.input_qparams), self.bias)
         self.accumulator_bits = 32 if self.accumulator_bound <= intmath.INT32_MAX else 64
         weights, constants = [], []
@@ -228,6 +238,9 @@ class QLayer(Derived):
 
     def requantize(self, acc: torch.Tensor) -> torch.Tensor:
         """Formula (2): accumulator → uint8 at the output scale."""
+        if self.requantize_as == "onnxruntime":
+            return intmath.runtime_requantize(acc, self.runtime_multiplier, int(self.output_zero_point),
+                                              (1 << self.output_bits) - 1)
         return intmath.requantize(acc, self.multiplier.to(torch.int64), self.shift.to(torch.int64),
                                   int(self.output_zero_point), (1 << self.output_bits) - 1)
 
@@ -244,7 +257,9 @@ class QLayer(Derived):
 
     def describe(self) -> str:
         gemm = "float64 GEMM on integers" if self.wide else "int8 GEMM"
-        return f"{gemm}, int{self.accumulator_bits} accumulator, fixed-point requantization per channel"
+        how = ("requantized as onnxruntime does (float32 multiplier per channel, half to even)"
+               if self.requantize_as == "onnxruntime" else "fixed-point requantization per channel")
+        return f"{gemm}, int{self.accumulator_bits} accumulator, {how}"
 
     def to_onnx(self, b, node, inputs):
         return b.layer(self, inputs[0], node.name)
@@ -311,7 +326,8 @@ class QConv2d(QLayer):
     """
 
     schema = Schema({"input_bits": sc.act_bits, "output_bits": sc.act_bits, "stride": sc.ints(1, 2),
-                     "padding": sc.ints(0, 2), "dilation": sc.ints(1, 2), "groups": sc.int_at_least(1)},
+                     "padding": sc.ints(0, 2), "dilation": sc.ints(1, 2), "groups": sc.int_at_least(1),
+                     "requantize_as": sc.REQUANTIZE},
                     _LAYER_TENSORS, ranges=_layer_ranges)
 
     def __init__(self, conv: nn.Conv2d, weights: QuantizedWeight, input_qp: ActQParams,
@@ -364,8 +380,8 @@ def explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
 class QLinear(QLayer):
     """uint8 → uint8 fully connected layer (formulas (1), (2))."""
 
-    schema = Schema({"input_bits": sc.act_bits, "output_bits": sc.act_bits}, _LAYER_TENSORS,
-                    ranges=_layer_ranges)
+    schema = Schema({"input_bits": sc.act_bits, "output_bits": sc.act_bits, "requantize_as": sc.REQUANTIZE},
+                    _LAYER_TENSORS, ranges=_layer_ranges)
 
     def __init__(self, linear: nn.Linear, weights: QuantizedWeight, input_qp: ActQParams,
                  output_qp: ActQParams, name: str):
@@ -384,6 +400,9 @@ class QLinear(QLayer):
     def extra_repr(self) -> str:
         return f"{self.weight.shape[1]}, {self.weight.shape[0]}"
 
+    def to_onnx(self, b, node, inputs):
+        return b.linear(self, inputs[0], node.name)
+
 
 class QAdd(Derived):
     """uint8 + uint8 → uint8: ``clamp(z_O + round(M_A·(A_q − z_A) + M_B·(B_q − z_B)))``.
@@ -393,10 +412,12 @@ class QAdd(Derived):
     at 8 bits): the same integers, an order of magnitude fewer passes over the tensors.
     """
 
-    schema = Schema({"input_bits": lambda v: sc.bits_tuple(v) and len(v) == 2, "output_bits": sc.act_bits},
+    schema = Schema({"input_bits": lambda v: sc.bits_tuple(v) and len(v) == 2, "output_bits": sc.act_bits,
+                     "requantize_as": sc.REQUANTIZE},
                     {**{f"{p}_{f}": torch.int64 for p in "ab" for f in ("zero_point", "multiplier", "shift")},
-                     "output_zero_point": torch.int64},
+                     "output_zero_point": torch.int64, "scales": torch.float64},
                     ranges=lambda m: m.check_ranges())
+    requantize_as = "fixed_point"  # or "onnxruntime": QLinearAdd's float32 arithmetic
 
     def __init__(self, a: ActQParams, b: ActQParams, out: ActQParams, name: str):
         super().__init__()
@@ -411,6 +432,7 @@ class QAdd(Derived):
             for field in ("zero_point", "multiplier", "shift"):
                 self.register_buffer(f"{prefix}_{field}", torch.tensor(getattr(operand, field)))
         self.register_buffer("output_zero_point", torch.tensor(out.zero_point))
+        self.register_buffer("scales", torch.tensor([a.scale, b.scale, out.scale], dtype=torch.float64))
         self.prepare()
 
     def operand(self, prefix: str) -> intmath.AddOperand:
@@ -418,7 +440,10 @@ class QAdd(Derived):
                                     for f in ("zero_point", "multiplier", "shift")))
 
     def compute(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """The integer add itself (`fxq.intmath.add`), without the table."""
+        """The integer add itself (`fxq.intmath.add`, or `fxq.intmath.runtime_add`), without the table."""
+        if self.requantize_as == "onnxruntime":
+            zero_points = (int(self.a_zero_point), int(self.b_zero_point), int(self.output_zero_point))
+            return intmath.runtime_add(a, b, tuple(self.scales.tolist()), zero_points, (1 << self.output_bits) - 1)
         return intmath.add(a, b, self.operand("a"), self.operand("b"), int(self.output_zero_point),
                            (1 << self.output_bits) - 1)
 
@@ -452,12 +477,14 @@ class QAdd(Derived):
 
     def describe(self) -> str:
         how = f"a lookup in the {1 << sum(self.input_bits)}-entry table of every input pair" if self.tabulated else "int64"
+        if self.requantize_as == "onnxruntime":
+            return f"onnxruntime's QLinearAdd: float32 ratios and fused multiply-adds, ties to even: {how}"
         return f"both inputs rescaled to the output scale, one rounding: {how}"
 
     def to_onnx(self, b, node, inputs):
         if not self.tabulated:
             raise ValueError(f"node '{node.name}': adds of 16-bit inputs do not export yet")
-        return b.pair_table(self.table, inputs[0], inputs[1], 1 << self.input_bits[1], node.name)
+        return b.add(inputs, [records.get(a, ActQParams) for a in node.args[:2]], records.get(node, ActQParams), node.name)
 
 
 def _on_integers(compute, node) -> nn.Module:
@@ -546,7 +573,7 @@ class QReLU(nn.Module):
         return f"max(q, {int(self.zero_point)}): real 0 is the zero point"
 
     def to_onnx(self, b, node, inputs):
-        return b.clamp(inputs[0], self.zero_point, torch.tensor(255), node.name)
+        return b.relu(inputs[0], records.get(node, ActQParams), node.name)
 
 
 class QMaxPool2d(nn.MaxPool2d):

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fxq.config import MAX_BITS, MIN_BITS, WIDE_ACT_BITS
+from fxq.config import MAX_BITS, MIN_BITS, REQUANTIZE as _REQUANTIZE, WIDE_ACT_BITS
 
 Check = Callable[[object], bool]
 
@@ -73,6 +73,9 @@ def optional(check: Check) -> Check:
 
 def one_of(*values) -> Check:
     return lambda v: any(v == x and type(v) is type(x) for x in values)
+
+
+REQUANTIZE = one_of(*_REQUANTIZE)
 
 
 def finite_float(v) -> bool:

@@ -42,7 +42,7 @@ from fxq.ops.shape import SHAPE_ATTRIBUTES
 from fxq.qmodules import QLayer
 from fxq.schema import Schema, SchemaError
 
-FORMAT = "fxq/3"
+FORMAT = "fxq/4"
 PLAIN = (int, float, str, bool, type(None))
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # A module name may also start with a digit or hold hyphens (torchvision's "block1-0", fxq's

@@ -31,13 +31,13 @@ from fxq.graph import replace_module
 class SnapToGrid(nn.Module):
     """float → float: ``s·(clamp(round(x/s) + z, 0, 2^b − 1) − z)``, the value an integer holds."""
 
-    def __init__(self, qparams: ActQParams):
+    def __init__(self, qparams: ActQParams, half_even: bool = False):
         super().__init__()
-        self.qparams = qparams
+        self.qparams, self.half_even = qparams, half_even
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # in the precision the integer graph's Quantize uses, so both round the same way
-        q = self.qparams.quantize(x.to(torch.promote_types(x.dtype, torch.float32)))
+        q = self.qparams.quantize(x.to(torch.promote_types(x.dtype, torch.float32)), self.half_even)
         return _values(q, self.qparams)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,30 @@
+"""adopt_runtime: the integer graph computes exactly what onnxruntime's int8 kernels compute."""
+from __future__ import annotations
+
+from torch import fx
+
+from fxq.context import PassContext
+from fxq.qmodules import Derived, QAdd, QLayer, Quantize
+
+ADOPTERS = (QLayer, QAdd, Quantize)
+
+
+def adopt_runtime(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """With ``QConfig.requantize="onnxruntime"``; otherwise ``gm`` is returned as it is.
+
+    Before: ``QConv2d``/``QLinear`` requantize with a fixed-point multiplier (ties away from
+    zero), ``QAdd`` is the table of the fixed-point add, ``Quantize`` rounds ties away from zero.
+    After: the same modules, the same integers, scales and zero points, computing what
+    onnxruntime runs for their ONNX form (`fxq.export_onnx`): a float32 multiplier per channel
+    rounded half to even, QLinearAdd's float32 fused multiply-adds, QuantizeLinear's ties to even
+    (`fxq.intmath.runtime_requantize`, `runtime_add`). Every other integer op already exports
+    as the very table or integer op fxq runs, so `fxq.deploy` of the result is bit-exact.
+    """
+    if ctx.config.requantize != "onnxruntime":
+        return gm
+    for module in gm.modules():
+        if isinstance(module, ADOPTERS):
+            module.requantize_as = "onnxruntime"
+            if isinstance(module, Derived):
+                module.prepare()
+    return gm
