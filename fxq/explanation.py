@@ -103,6 +103,7 @@ class NetworkExplanation:
     """One row per op of the quantized graph; the last column says whether it ran on integers."""
 
     rows: list[list] = field(default_factory=list)
+    requantize: str = "fixed_point"
     headers: tuple = ("op", "kind", "in scale", "out scale", "in bits", "weight bits",
                       "acc worst bits", "acc observed bits", "acc headroom", "out bits", "runs on")
 
@@ -117,8 +118,10 @@ class NetworkExplanation:
     @property
     def summary(self) -> str:
         total = max(len(self.rows), 1)
+        arithmetic = ("onnxruntime's (float32 multipliers, ties to even): fxq.deploy is bit-exact"
+                      if self.requantize == "onnxruntime" else "fixed point (int32 multiplier and shift, ties away from zero)")
         return (f"{self.integer_ops} of {len(self.rows)} ops run on integers "
-                f"({100 * self.integer_ops / total:.0f} %), {self.float_ops} in float")
+                f"({100 * self.integer_ops / total:.0f} %), {self.float_ops} in float; requantization: {arithmetic}")
 
     def __str__(self) -> str:
         return tabulate(self.rows, headers=self.headers, tablefmt="simple") + "\n" + self.summary
@@ -191,12 +194,13 @@ def _layer(qmodel, node: fx.Node, seen: dict, source: str) -> LayerExplanation:
         Step("bias b_q", "int32", bias, bias, "at scale s_I·s_W[c], zero point 0"),
         Step(f"acc = Σ_{k} W_q·(I_q − z_I) + b_q", acc_dtype, IntRange(-bound, bound), acc_seen,
              f"K = {k} terms; {gemm}; headroom {m.accumulator_bits - signed_bits(-bound, bound)} b of {acc_dtype}"),
-        Step("acc · m", "int64", _times(IntRange(-bound, bound), int(multiplier.max())),
-             None if acc_seen is None else _times(acc_seen, int(multiplier.max())),
-             f"M = s_I·s_W/s_O ∈ [{float(real_m.min()):.3g}, {float(real_m.max()):.3g}] = m·2^(shift−31), "
-             f"m ∈ [{int(multiplier.min())}, {int(multiplier.max())}], shift ∈ [{int(shift.min())}, {int(shift.max())}]"),
-        Step("O_q = clamp(z_O + round(·/2^(31−shift)))", out_dtype, IntRange(0, qmax_out), out_seen,
-             f"round half away from zero; z_O = {z_out}, s_O = {float(m.output_scale):.6g}"),
+        *(_runtime_steps(m, bound, acc_seen, out_dtype, out_seen) if m.requantize_as == "onnxruntime" else [
+            Step("acc · m", "int64", _times(IntRange(-bound, bound), int(multiplier.max())),
+                 None if acc_seen is None else _times(acc_seen, int(multiplier.max())),
+                 f"M = s_I·s_W/s_O ∈ [{float(real_m.min()):.3g}, {float(real_m.max()):.3g}] = m·2^(shift−31), "
+                 f"m ∈ [{int(multiplier.min())}, {int(multiplier.max())}], shift ∈ [{int(shift.min())}, {int(shift.max())}]"),
+            Step("O_q = clamp(z_O + round(·/2^(31−shift)))", out_dtype, IntRange(0, qmax_out), out_seen,
+                 f"round half away from zero; z_O = {z_out}, s_O = {float(m.output_scale):.6g}")]),
     ]
     if relu is not None:
         steps.append(Step("ReLU: max(O_q, z_O)", out_dtype, IntRange(z_out, qmax_out), _observed(seen, relu),
@@ -212,7 +216,25 @@ def _layer(qmodel, node: fx.Node, seen: dict, source: str) -> LayerExplanation:
     formula = (f"O_q = clamp({z_out} + round(M[c] · (Σ W_q·(I_q − {z_in}) + b_q[c])), 0, {qmax_out})\n"
                f"M[c] = {float(m.input_scale):.6g} · s_W[c] / {float(m.output_scale):.6g} "
                f"= m[c] · 2^(shift[c] − 31), e.g. channel 0: m = {int(multiplier[0])}, shift = {int(shift[0])}")
+    if m.requantize_as == "onnxruntime":
+        formula = (f"O_q = clamp({z_out} + round_half_even(float32(acc[c]) · M[c]), 0, {qmax_out}),  "
+                   f"acc[c] = Σ W_q·(I_q − {z_in}) + b_q[c]\n"
+                   f"M[c] = float32(s_I·s_W[c]) / float32(s_O) in float32, as onnxruntime's QLinearConv/QGemm; "
+                   f"e.g. channel 0: M = {float(m.runtime_multiplier[0]):.9g}")
     return LayerExplanation(node.target, summary, steps, formula, None, source)
+
+
+def _runtime_steps(m: QLayer, bound: int, acc_seen, out_dtype: str, out_seen) -> list[Step]:
+    """Formula (2) as `QConfig.requantize="onnxruntime"` computes it: what onnxruntime runs."""
+    largest = float(m.runtime_multiplier.max())
+    return [
+        Step("float32(acc) · M", "float32", IntRange(round(-bound * largest), round(bound * largest)),
+             None if acc_seen is None else IntRange(round(acc_seen.lo * largest), round(acc_seen.hi * largest)),
+             f"M = float32(s_I·s_W)/float32(s_O) ∈ [{float(m.runtime_multiplier.min()):.3g}, {largest:.3g}], "
+             "one float32 multiply (onnxruntime's MLAS requantization)"),
+        Step("O_q = clamp(z_O + round(·))", out_dtype, IntRange(0, (1 << m.output_bits) - 1), out_seen,
+             f"round half to even; z_O = {int(m.output_zero_point)}, s_O = {float(m.output_scale):.6g}"),
+    ]
 
 
 def _how_accumulated(m: QLayer) -> str:
@@ -316,6 +338,10 @@ def reference_output(m: QLayer, x_q: torch.Tensor) -> torch.Tensor:
         acc = centered.round().to(torch.int64) @ w.T
         shape = (1,) * (acc.dim() - 1) + (-1,)
     acc = acc + m.bias.to(torch.int64).reshape(shape)
+    if m.requantize_as == "onnxruntime":  # float32 throughout, ties to even (torch.round)
+        scale = (m.input_scale.float() * m.weight_scale.float() / m.output_scale.float()).reshape(shape)
+        rounded = torch.round(acc.to(torch.float32) * scale).to(torch.int64)
+        return torch.clamp(rounded + int(m.output_zero_point), 0, (1 << m.output_bits) - 1)
     p = acc * m.multiplier.to(torch.int64).reshape(shape)
     r = (31 - m.shift.to(torch.int64)).reshape(shape)
     rounded = torch.sign(p) * torch.div(p.abs() + (1 << (r - 1)), 1 << r, rounding_mode="floor")
@@ -346,7 +372,8 @@ def _network(qmodel: fx.GraphModule) -> NetworkExplanation:
             observed = bits_of(stats.accumulator) if stats and stats.accumulator else "—"
             row[5:9] = [bits_of(IntRange.of(module.weight)), worst, observed, module.accumulator_bits - worst]
         rows.append(row)
-    return NetworkExplanation(rows)
+    config = records.get(qmodel, QConfig)
+    return NetworkExplanation(rows, "fixed_point" if config is None else config.requantize)
 
 
 def _name(node: fx.Node) -> str:

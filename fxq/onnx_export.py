@@ -4,14 +4,21 @@
     deployed = fxq.deploy(qmodel)          # a module running that graph in onnxruntime
 
 The graph carries fxq's own integers: int8 weight initializers with their per-channel scales,
-int32 biases at ``s_I·s_W``, every activation's scale and zero point. Convolutions and linear
-layers are written in the QDQ form (DequantizeLinear → Conv/Gemm → QuantizeLinear), which
-onnxruntime fuses into its int8 kernels (MLAS; VNNI on this CPU). Ops that are tables in fxq
-(lookup activations, adds, products, requantizations) become a ``Gather`` in the very same
-table, and clamps and max pooling run on the integers, so they compute exactly what fxq does.
-onnxruntime's int8 kernels requantize differently from fxq's fixed point (a float32 scale and
-round half to even), so a conv's output may differ by a step; the differences are measured
-(tests/test_onnx_export.py, scripts/bench.py).
+int32 biases at ``s_I·s_W``, every activation's scale and zero point. It is written in the forms
+onnxruntime fuses into its int8 kernels (MLAS; VNNI on this CPU) and runs in NHWC without
+layout changes between them: convolutions and linear layers as DequantizeLinear → Conv/Gemm →
+QuantizeLinear (QLinearConv, QGemm), residual adds as DequantizeLinear ×2 → Add → QuantizeLinear
+(QLinearAdd), ReLU as ``Max(q, z)`` on the uint8 integers (the default placement quantizes before
+the ReLU, so z > 0 and the ReLU cannot vanish into the conv's clamp; with placement "post" it
+does). Ops that are tables in fxq (lookup activations, products, requantizations) become a
+``Gather`` in the very same table, clamps and max pooling run on the integers and average pools
+on exact float32 window sums, so they compute exactly what fxq does. A value narrower than 8
+bits travels in uint8 and saturates at its own top (a ``Min`` after each QuantizeLinear).
+
+Convs, linears and adds requantize in onnxruntime with float32 arithmetic, not fxq's fixed
+point: a model from ``QConfig(requantize="fixed_point")`` (the default) deploys within a step or
+two of fxq's executor; one from ``QConfig(requantize="onnxruntime")`` computes exactly what
+onnxruntime does and deploys bit-exact (tests/test_onnx_export.py, tests/test_deploy_real_data.py).
 
 How each op exports is a facet of its registry entry (`fxq.ops`): every integer module has a
 ``to_onnx(builder, node, inputs)`` method, and every call the integer graph keeps (reshapes,

@@ -108,3 +108,12 @@ def test_whole_network_table_has_a_row_per_integer_op_and_headroom(qmodel):
 def test_unknown_layer_lists_the_integer_layers(qmodel):
     with pytest.raises(ValueError, match=r"'pool' is not an integer conv/linear.*'unit.conv'"):
         fxq.explain(qmodel, "pool")
+
+
+@pytest.mark.parametrize("layer", ["unit.conv", "fc"])
+def test_with_onnxruntime_requantization_the_explanation_states_and_checks_what_runs(ctx, layer):
+    qmodel = fxq.quantize(randomize_bn(Residual()), ctx.calib_loader, fxq.QConfig(requantize="onnxruntime"))
+    explanation = fxq.explain(qmodel, layer, batch=ctx.calib_loader[0])
+    assert "round_half_even(float32(acc[c])" in explanation.formula
+    assert explanation.check.mismatches == 0 and explanation.check.elements > 0
+    assert "bit-exact" in fxq.explain(qmodel).summary

@@ -1,6 +1,8 @@
 """fxq.export_onnx / fxq.deploy: every op kind exports, onnx.checker accepts the graph, onnxruntime
-runs it at any batch size; table, clamp and pooling ops compute exactly what fxq computes, and
-int8 convs differ from fxq's fixed-point requantization by at most a step or two."""
+runs it at any batch size; table, clamp and pooling ops compute exactly what fxq computes; int8
+convs and adds differ from fxq's fixed-point requantization by at most a step or two, and with
+QConfig(requantize="onnxruntime") every output is bit-exact (the adds' arithmetic is checked
+against onnxruntime's QLinearAdd for every input pair: its x86 AVX2 kernel)."""
 import io
 import pickle
 import warnings
@@ -93,3 +95,81 @@ def test_a_float_op_without_an_onnx_form_is_named():
         qmodel = fxq.quantize(Softmaxed().eval(), [torch.randn(4, 3, 4, 4)])
     with pytest.raises(ValueError, match="node 'logsumexp'.*no ONNX export"):
         fxq.export_onnx(qmodel, io.BytesIO())
+
+
+RUNTIME = fxq.QConfig(requantize="onnxruntime")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_with_onnxruntime_requantization_deploy_is_bit_exact(name):
+    make, shape = MODELS[name]
+    qmodel = fxq.quantize(make().eval(), [torch.randn(8, *shape) for _ in range(4)], config=RUNTIME)
+    deployed = fxq.deploy(qmodel, threads=1)
+    x = torch.randn(64, *shape) * 1.5  # beyond the calibrated ranges too: saturation agrees
+    with torch.no_grad():
+        assert torch.equal(deployed(x), qmodel(x))
+
+
+@pytest.mark.parametrize("bits", [(8, 4), (4, 6), (3, 2)])
+def test_narrow_widths_deploy_bit_exact_in_uint8_containers(bits):
+    config = fxq.QConfig(weight_bits=bits[0], act_bits=bits[1], requantize="onnxruntime",
+                         keep_first_last_8bit=False)
+    qmodel = fxq.quantize(randomize_bn(Residual()).eval(), [torch.randn(8, 3, 8, 8) for _ in range(4)], config=config)
+    model = onnx.load_from_string(_exported(qmodel))
+    assert "Min" in {n.op_type for n in model.graph.node}  # each narrow value saturates at 2^b − 1
+    x = torch.randn(32, 3, 8, 8) * 2
+    with torch.no_grad():
+        assert torch.equal(fxq.deploy(qmodel, threads=1)(x), qmodel(x))
+
+
+def _exported(qmodel) -> bytes:
+    buffer = io.BytesIO()
+    fxq.export_onnx(qmodel, buffer)
+    return buffer.getvalue()
+
+
+def test_onnxruntime_requantization_survives_save_and_load(tmp_path):
+    qmodel = fxq.quantize(randomize_bn(Residual()).eval(), [torch.randn(8, 3, 8, 8) for _ in range(4)], config=RUNTIME)
+    fxq.save(qmodel, tmp_path / "m.fxq")
+    loaded = fxq.load(tmp_path / "m.fxq")
+    x = torch.randn(16, 3, 8, 8) * 2
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qmodel(x)) and torch.equal(fxq.deploy(loaded, threads=1)(x), loaded(x))
+    assert "onnxruntime" in fxq.explain(loaded).to_markdown()
+
+
+def test_sixteen_bit_activations_cannot_take_onnxruntime_requantization():
+    with pytest.raises(ValueError, match="act_bits ≤ 8"):
+        fxq.QConfig(act_bits=16, requantize="onnxruntime")
+
+
+def _qlinear_add_session(scales, zero_points):
+    """onnxruntime's own add of two uint8 tensors (DequantizeLinear ×2 → Add → QuantizeLinear,
+    which it fuses into QLinearAdd)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    constants = [numpy_helper.from_array(np.array(v, dtype=t), n) for n, v, t in
+                 [("sa", scales[0], np.float32), ("sb", scales[1], np.float32), ("so", scales[2], np.float32),
+                  ("za", zero_points[0], np.uint8), ("zb", zero_points[1], np.uint8), ("zo", zero_points[2], np.uint8)]]
+    nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["af"]),
+             helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bf"]),
+             helper.make_node("Add", ["af", "bf"], ["of"]),
+             helper.make_node("QuantizeLinear", ["of", "so", "zo"], ["o"])]
+    io_ = [helper.make_tensor_value_info(n, TensorProto.UINT8, [65536]) for n in "abo"]
+    graph = helper.make_graph(nodes, "add", io_[:2], io_[2:], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_runtime_add_is_onnxruntimes_qlinear_add_for_every_input_pair():
+    from fxq import intmath
+    a, b = torch.meshgrid(torch.arange(256, dtype=torch.uint8), torch.arange(256, dtype=torch.uint8), indexing="ij")
+    a, b = a.flatten(), b.flatten()
+    for _ in range(30):
+        scales = tuple(float(torch.empty(1).uniform_(-6, 0).exp().float()) for _ in range(3))
+        zero_points = tuple(int(z) for z in torch.randint(0, 256, (3,)))
+        ours = intmath.runtime_add(a, b, scales, zero_points, 255)
+        theirs = _qlinear_add_session(scales, zero_points).run(None, {"a": a.numpy(), "b": b.numpy()})[0]
+        assert torch.equal(ours, torch.from_numpy(theirs)), (scales, zero_points)

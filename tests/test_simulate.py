@@ -1,4 +1,5 @@
 """fxq.simulate: the float twin tracks the integer graph."""
+import pytest
 import torch
 
 import fxq
@@ -25,8 +26,9 @@ def test_twin_has_the_same_layers_in_float_and_leaves_the_integer_model_alone(ct
     assert all(v.is_floating_point() for v in values.values() if isinstance(v, torch.Tensor))
 
 
-def test_twin_matches_the_integer_graph_bit_for_bit(ctx):
-    qmodel = fxq.quantize(randomize_bn(Residual()), ctx.calib_loader)
+@pytest.mark.parametrize("requantize", ["fixed_point", "onnxruntime"])
+def test_twin_matches_the_integer_graph_bit_for_bit(ctx, requantize):
+    qmodel = fxq.quantize(randomize_bn(Residual()), ctx.calib_loader, fxq.QConfig(requantize=requantize))
     twin = fxq.simulate(qmodel)
     for x in ctx.calib_loader + [10 * torch.randn(16, 3, 8, 8)]:
         integer, simulated = output_steps(qmodel, twin, x)
