@@ -19,7 +19,7 @@ from fxq.affine import ActQParams
 from fxq.config import QConfig
 from fxq.qmodules import Dequantize, QConv2d, QLayer, QReLU, QRequantize, Quantize
 from fxq.records import IntRange, Observed
-from passes.record_stats import StatsRecorder
+from passes.record_stats import StatsRecorder, observe_on_demand
 
 
 def unsigned_bits(hi: int) -> int:
@@ -133,7 +133,11 @@ class NetworkExplanation:
 def explain(qmodel: fx.GraphModule, layer: str | None = None, batch: torch.Tensor | None = None):
     """Explain ``layer`` of a quantized model (a conv or linear module path), or, with no layer,
     the whole network. With ``batch``, the observed ranges come from that batch and the layer's
-    formula is recomputed in int64 and compared with the executed graph."""
+    formula is recomputed in int64 and compared with the executed graph. Without ``batch``, the
+    ranges are those of the calibration data, run through the integer graph the first time an
+    explanation asks for them (not for a model read by `fxq.load`: it carries no data)."""
+    if batch is None:
+        observe_on_demand(qmodel)
     if layer is None:
         return _network(qmodel)
     node = _layer_node(qmodel, layer)

@@ -8,11 +8,15 @@ turn them into a range (``qparams``) with one of the rules of `fxq.ranges`.
     mse                  2        `histogram_bins`     least expected squared error
     entropy              2        `histogram_bins`     least KL divergence (TensorRT)
 
-Histogram observers look at the data twice: the first pass finds the extent, the second fills a
-fixed-edge histogram over it. Two observers of the same value merge (``a.merge(b)``) after each
-pass, so calibration can be split across workers.
+A histogram observer reads the data once: its bins lie on a power-of-two grid that only ever
+coarsens (pairs of bins merge) as wider values arrive, so the final histogram is the one a single
+pass over the final grid would count, whatever the batch order. Two observers of the same value
+merge (``a.merge(b)``) into exactly what one observer of both would hold, so calibration can be
+split across workers.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -27,33 +31,30 @@ from fxq.qmodules import explicit_padding
 class Observer(nn.Module):
     """An identity that records statistics of what passes through it.
 
-    Subclasses implement ``observe``, ``merge`` and ``range``; ``passes`` says how many times the
-    calibration data must go through (``begin_pass`` is called before each).
+    Subclasses implement ``observe``, ``merge`` and ``range``; each reads the calibration data once.
     """
 
-    passes = 1
+    recording = True  # False: pass data through untouched (`passes.calibrate.paused`)
 
     def __init__(self, label: str, bits: int = 8):
         super().__init__()
         self.label, self.bits = label, bits
-        self.pass_index = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
+        if not self.recording or not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
             return x  # sizes, indices, tuples: nothing a float range describes (no qparams)
-        x_ = x.detach()
-        if not torch.isfinite(x_).all():
+        x_ = _in_memory_order(x.detach()).float()
+        lo, hi = torch.aminmax(x_)  # NaN propagates into both, ±Inf shows in one: no extra pass
+        if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
             raise ValueError(
                 f"{self.label} holds NaN or Inf during calibration: check the calibration data "
                 "(every input must be finite) and the model's weights"
             )
-        self.observe(x_.float())
+        self.observe(x_, lo, hi)
         return x
 
-    def begin_pass(self, index: int) -> None:
-        self.pass_index = index
-
-    def observe(self, x: torch.Tensor) -> None:
+    def observe(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Record ``x``, whose least and greatest values are ``lo`` and ``hi``."""
         raise NotImplementedError
 
     def merge(self, other: "Observer") -> "Observer":
@@ -75,6 +76,15 @@ class Observer(nn.Module):
         return f"{self.label}, min={self.min_val.item():.4g}, max={self.max_val.item():.4g}"
 
 
+def _in_memory_order(x: torch.Tensor) -> torch.Tensor:
+    """The values of ``x`` as a flat view in the order memory holds them (a channels-last batch
+    too): a range or a histogram depends on the values only, and reductions over contiguous
+    memory are several times faster than over strided views."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        x = x.permute(0, 2, 3, 1)
+    return x.reshape(-1)
+
+
 class MinMaxObserver(Observer):
     """Running min and max of every tensor seen: two floats of memory."""
 
@@ -83,8 +93,7 @@ class MinMaxObserver(Observer):
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
 
-    def observe(self, x: torch.Tensor) -> None:
-        lo, hi = torch.aminmax(x)
+    def observe(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
         self.min_val = torch.minimum(self.min_val, lo)
         self.max_val = torch.maximum(self.max_val, hi)
 
@@ -108,8 +117,7 @@ class MovingAverageObserver(MinMaxObserver):
         self.averaging_constant = averaging_constant
         self.batches = 0
 
-    def observe(self, x: torch.Tensor) -> None:
-        lo, hi = torch.aminmax(x)
+    def observe(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
         if self.batches == 0:
             self.min_val, self.max_val = lo, hi
         else:
@@ -129,37 +137,70 @@ class MovingAverageObserver(MinMaxObserver):
 
 
 class HistogramObserver(MinMaxObserver):
-    """Pass 0: the extent (min, max). Pass 1: ``bins`` counts over that extent. ``rule`` picks the
-    range from the histogram (percentile, mse or entropy)."""
+    """Counts over a power-of-two grid, in one pass; ``rule`` picks the range from the histogram
+    (percentile, mse or entropy).
 
-    passes = 2
+    The grid's bins are ``[k·w, (k+1)·w)`` with ``w = 2^e``: the finest such grid on which
+    ``2·bins`` bins hold every value seen so far, so at least ``bins`` of them span the extent.
+    A wider value coarsens the grid (``e`` grows); each new bin is the sum of whole old bins, so
+    no count is ever split and the histogram equals a count of every value on the final grid —
+    which depends on the extent alone, not on batch order or on how the data was sharded.
+    """
 
     def __init__(self, label: str, bits: int, rule: str, bins: int, percentile: float):
         super().__init__(label, bits)
         self.rule, self.bins, self.percentile = rule, bins, percentile
-        self.register_buffer("counts", torch.zeros(bins, dtype=torch.float64))
+        self.register_buffer("counts", torch.zeros(2 * bins, dtype=torch.float64))
+        self.exponent, self.first = None, 0  # the grid: w = 2^exponent, bins first … first + 2·bins − 1
 
-    def observe(self, x: torch.Tensor) -> None:
-        if self.pass_index == 0:
-            super().observe(x)
-        elif self.max_val > self.min_val:
-            lo, hi = self.min_val.item(), self.max_val.item()
-            self.counts += torch.histc(x.clamp(lo, hi), self.bins, lo, hi).double()
+    def _grid(self, lo: float, hi: float) -> tuple[int, int]:
+        """The finest ``(e, first)`` whose ``2·bins`` bins of width ``2^e`` cover ``[lo, hi]``."""
+        slots = self.counts.numel()
+        span = hi - lo if hi > lo else max(abs(lo), 2.0**-100) * 2.0**-30  # a constant: any fine grid
+        e = math.frexp(span / slots)[1] - 1  # 2^e ≤ span/slots: one step finer would need 2·slots bins
+        while math.floor(hi / 2.0**e) - math.floor(lo / 2.0**e) >= slots:
+            e += 1
+        return e, math.floor(lo / 2.0**e)
+
+    def _moved(self, e: int, first: int) -> torch.Tensor:
+        """The counts on the grid ``(e, first)``, no finer than this one: whole bins summed."""
+        if self.exponent is None or (e, first) == (self.exponent, self.first):
+            return self.counts
+        old = torch.arange(self.counts.numel(), dtype=torch.int64) + self.first
+        index = torch.div(old, 2 ** (e - self.exponent), rounding_mode="floor") - first
+        index.clamp_(0, self.counts.numel() - 1)  # only empty bins fall outside the new grid
+        return torch.zeros_like(self.counts).index_add_(0, index, self.counts)
+
+    def _coarsen(self, e: int, first: int) -> None:
+        self.counts = self._moved(e, first)
+        self.exponent, self.first = e, first
+
+    def observe(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        super().observe(x, lo, hi)
+        self._coarsen(*self._grid(self.min_val.item(), self.max_val.item()))
+        width, slots = 2.0**self.exponent, self.counts.numel()
+        start = self.first * width  # exact in float32: a power of two times an integer
+        self.counts += torch.histc(x, slots, start, start + slots * width).double()
 
     def merge(self, other: "HistogramObserver") -> "HistogramObserver":
-        if self.pass_index == 0:
-            return super().merge(other)
-        if not (torch.equal(self.min_val, other.min_val) and torch.equal(self.max_val, other.max_val)):
-            raise ValueError(f"{self.label}: histograms over different extents cannot be merged; "
-                             "merge the observers after the first pass, then run the second")
-        self.counts += other.counts
+        if other.exponent is None:
+            return self
+        super().merge(other)
+        grid = self._grid(self.min_val.item(), self.max_val.item())
+        theirs = other._moved(*grid)
+        self._coarsen(*grid)
+        self.counts += theirs
         return self
 
     def histogram(self) -> ranges.Histogram:
-        return ranges.Histogram(self.counts, self.min_val.item(), self.max_val.item())
+        """The occupied bins (first to last non-empty) and their outer edges."""
+        occupied = torch.nonzero(self.counts).flatten()
+        a, b = int(occupied[0]), int(occupied[-1])
+        width = 2.0**self.exponent
+        return ranges.Histogram(self.counts[a:b + 1], (self.first + a) * width, (self.first + b + 1) * width)
 
     def range(self, bits: int) -> tuple[float, float]:
-        if self.counts.sum() == 0:  # a constant tensor, or the second pass never ran
+        if self.max_val == self.min_val:  # a constant tensor: one value, nothing to clip
             return super().range(bits)
         hist = self.histogram()
         if self.rule == "percentile":
@@ -182,17 +223,14 @@ class InputGram(nn.Module):
     mean, which bias correction uses, and, with ``gram=True``, the Gram matrix ``H = Σ x·xᵀ``
     (``[K, K]``, float64), which ``weight_range="output_aware"`` uses to measure ‖ΔW·X‖².
 
-    An identity on the layer's input edge; it reads its data in the first calibration pass only.
+    An identity on the layer's input edge.
     A grouped conv's channels read their group's inputs only: its statistics are kept per group,
     ``[groups, K]`` and ``[groups, K, K]`` with K = C_in/groups·k_h·k_w.
     """
 
-    passes = 1
-
     def __init__(self, layer: nn.Module, label: str, gram: bool = True):
         super().__init__()
         self.label = label
-        self.pass_index = 0
         self.geometry = None
         self.groups = getattr(layer, "groups", 1)
         if isinstance(layer, nn.Conv2d):
@@ -216,21 +254,21 @@ class InputGram(nn.Module):
             return None
         return self.gram[0] if self.groups == 1 else self.gram
 
-    def begin_pass(self, index: int) -> None:
-        self.pass_index = index
+    recording = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pass_index == 0:
-            size = self.column_sum.shape[1]
-            if self.geometry is None:
-                columns = x.detach().reshape(-1, 1, x.shape[-1])
-            else:  # im2col: [N, groups·K, L] → [N·L, groups, K], each group in weight.reshape(C_out, -1)'s order
-                unfolded = F.unfold(x.detach(), **self.geometry)
-                columns = unfolded.reshape(x.shape[0], self.groups, size, -1).permute(0, 3, 1, 2).reshape(-1, self.groups, size)
-            self.column_sum += columns.sum(0).double()
-            self.count += columns.shape[0]
-            if self.gram is not None:
-                self.gram += torch.einsum("ngk,ngl->gkl", columns, columns).double()
+        if not self.recording:
+            return x
+        size = self.column_sum.shape[1]
+        if self.geometry is None:
+            columns = x.detach().reshape(-1, 1, x.shape[-1])
+        else:  # im2col: [N, groups·K, L] → [N·L, groups, K], each group in weight.reshape(C_out, -1)'s order
+            unfolded = F.unfold(x.detach(), **self.geometry)
+            columns = unfolded.reshape(x.shape[0], self.groups, size, -1).permute(0, 3, 1, 2).reshape(-1, self.groups, size)
+        self.column_sum += columns.sum(0).double()
+        self.count += columns.shape[0]
+        if self.gram is not None:
+            self.gram += torch.einsum("ngk,ngl->gkl", columns, columns).double()
         return x
 
     def merge(self, other: "InputGram") -> "InputGram":
@@ -241,4 +279,3 @@ class InputGram(nn.Module):
         return self
 
 
-CALIBRATED = (Observer, InputGram)  # the modules calibration runs data through

@@ -13,6 +13,7 @@ definition, here, and one key that no module spells out:
     Calibration       on the input placeholder: what calibration saw               (calibrate)
     QuantizedWeight   a layer's integer weight and scales, chosen once             (correct_bias, convert)
     Observed          what an integer op produced on the calibration data          (record_stats)
+    StatsSource       on the quantized GraphModule: the data Observed is taken from (record_stats)
     FloatOp           an op kept in float, and why                                 (convert)
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from fxq.affine import ActQParams
 from fxq.config import QConfig
 
 __all__ = ["ActQParams", "Calibration", "FloatOp", "FusedUnit", "IntRange", "Observed", "Origin",
-           "QConfig", "QuantizedWeight", "get", "has", "pop", "put"]
+           "QConfig", "QuantizedWeight", "StatsSource", "get", "has", "pop", "put"]
 
 Record = TypeVar("Record")
 
@@ -85,6 +86,17 @@ class Observed:
 
     output: IntRange
     accumulator: IntRange | None = None  # conv/linear only
+
+
+@dataclass(frozen=True, eq=False)
+class StatsSource:
+    """The calibration data, kept on the quantized model until its `Observed` records are first
+    needed; copies of the model share it (the data is never copied)."""
+
+    loader: object
+
+    def __deepcopy__(self, memo) -> "StatsSource":
+        return self
 
 
 @dataclass(frozen=True)

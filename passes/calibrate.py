@@ -1,37 +1,28 @@
 """calibrate: run the calibration loader through the observed graph so every observer fills."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import fx
 
 from fxq import records
 from fxq.context import PassContext
 from fxq.graph import finish
-from fxq.observers import CALIBRATED, Observer
+from fxq.observers import InputGram, Observer
 
 
 
 def calibrate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Feed every batch of ``ctx.calib_loader`` through the graph (eval mode, no grad).
+    """Feed every batch of ``ctx.calib_loader`` through the graph once (eval mode, no grad).
 
-    The graph does not change; its observers accumulate statistics, over as many passes as the
-    most demanding observer needs (a histogram needs two). A batch is a tensor or a
+    The graph does not change; its observers accumulate statistics. A batch is a tensor or a
     tuple/list whose first item is the input (``(images, labels)`` from a DataLoader). Raises a
     ``ValueError`` for an empty loader, a batch with NaN/Inf, or a batch the model cannot run on
     (wrong shape), and a ``TypeError`` for a batch that is not a float tensor.
     """
     gm.eval()
-    observers = [m for m in gm.modules() if isinstance(m, CALIBRATED)]
-    passes = max((o.passes for o in observers), default=1)
-    if passes > 1 and iter(ctx.calib_loader) is ctx.calib_loader:
-        raise ValueError(
-            f"act_range={ctx.config.act_range!r} reads the calibration data {passes} times, but "
-            "calib_loader is a one-shot iterator: pass a DataLoader or a list of batches"
-        )
-    for index in range(passes):
-        for observer in observers:
-            observer.begin_pass(index)
-        batches, samples, sample_shape = _one_pass(gm, ctx.calib_loader)
+    batches, samples, sample_shape = _one_pass(gm, ctx.calib_loader)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     _check_not_constant(gm, placeholders[0])
     records.put(placeholders[0], records.Calibration(batches, samples, sample_shape))
@@ -52,19 +43,51 @@ def _check_not_constant(gm: fx.GraphModule, placeholder: fx.Node) -> None:
 def _one_pass(gm: fx.GraphModule, loader) -> tuple[int, int, tuple[int, ...] | None]:
     batches = samples = 0
     sample_shape = None
+    layout = torch.contiguous_format
     with torch.no_grad():
         for index, item in enumerate(loader):
             x = batch_input(item, index)
             if sample_shape is None:
                 sample_shape = tuple(x.shape[1:])
-            _run(gm, x, index)
+                layout = _fastest_layout(gm, x)
+            _run(gm, x.to(memory_format=layout), index)
             batches, samples = batches + 1, samples + x.shape[0]
+    gm.to(memory_format=torch.contiguous_format)
     if batches == 0:
         raise ValueError(
             "calib_loader yielded no batches: pass a non-empty DataLoader or list of input "
             "batches (a few hundred training images are typical)"
         )
     return batches, samples, sample_shape
+
+
+def _fastest_layout(gm: fx.GraphModule, x: torch.Tensor) -> torch.memory_format:
+    """Channels-last for image batches when the model runs in it (CPU convs are ~30 % faster;
+    the observers see the same values), tried on one sample with the observers paused; else the
+    usual contiguous layout (a model that ``view``s its activations needs that one)."""
+    if x.dim() != 4:
+        return torch.contiguous_format
+    gm.to(memory_format=torch.channels_last)
+    try:
+        with paused(gm):
+            gm(x[:1].to(memory_format=torch.channels_last))
+        return torch.channels_last
+    except Exception:  # any failure here: the contiguous run reports real errors properly
+        gm.to(memory_format=torch.contiguous_format)
+        return torch.contiguous_format
+
+
+@contextlib.contextmanager
+def paused(gm: fx.GraphModule):
+    """Run ``gm`` without its observers recording anything."""
+    observers = [m for m in gm.modules() if isinstance(m, (Observer, InputGram))]
+    for m in observers:
+        m.recording = False
+    try:
+        yield
+    finally:
+        for m in observers:
+            m.recording = True
 
 
 def batch_input(item: object, index: int) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""record_stats: run the calibration data once more, through the integer graph, and record the
-integer range every op produced (and every conv/linear accumulator), for `fxq.explain`."""
+"""record_stats: the integer range every op produces on the calibration data (and every
+conv/linear accumulator's), for `fxq.explain` — recorded the first time it is asked for."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +7,6 @@ from torch import fx
 
 from fxq import records
 from fxq.context import PassContext
-from fxq.graph import finish
 from fxq.qmodules import QLayer
 from fxq.records import IntRange, Observed
 from passes.calibrate import batch_input
@@ -42,15 +41,25 @@ class StatsRecorder(fx.Interpreter):
 
 
 def record_stats(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Annotate every integer op with the ranges it produced on the calibration data.
+    """Before → after: the same graph, carrying a ``records.StatsSource`` (the calibration data).
 
-    Before → after: the same graph; each node that returned an integer tensor gets
-    a ``records.Observed(output range, accumulator range)`` record.
+    The ranges themselves (``records.Observed`` on each node that returns integers) are recorded
+    by `observe_on_demand`, which `fxq.explain` calls: a run through the integer executor costs
+    more than calibration itself, and a model that is deployed but never explained needs none.
     """
+    records.put(gm, records.StatsSource(ctx.calib_loader))
+    return gm
+
+
+def observe_on_demand(gm: fx.GraphModule) -> None:
+    """Run the calibration data a model still carries through its integer graph, once, and
+    annotate every integer op with a ``records.Observed(output range, accumulator range)``."""
+    source = records.pop(gm, records.StatsSource)
+    if source is None:
+        return
     recorder = StatsRecorder(gm)
     with torch.no_grad():
-        for index, item in enumerate(ctx.calib_loader):
+        for index, item in enumerate(source.loader):
             recorder.run(batch_input(item, index))
     for node, observed in recorder.seen.items():
         records.put(node, observed)
-    return finish(gm)

@@ -93,10 +93,8 @@ def activation_example(name: str, values: torch.Tensor, lines: list[str], stem: 
     for act_range in ACT_RANGES:
         for bits in (8, 4):
             observer = make_observer(fxq.QConfig(act_range=act_range, act_bits=bits, histogram_bins=2048), name)
-            for p in range(observer.passes):
-                observer.begin_pass(p)
-                for chunk in values.split(64):
-                    observer(chunk)
+            for chunk in values.split(64):
+                observer(chunk)
             qp: ActQParams = observer.qparams()
             lo, hi = observer.range(bits)
             picks.setdefault(act_range, (lo, hi))

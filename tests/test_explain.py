@@ -88,10 +88,19 @@ def test_text_and_markdown_state_the_formula_with_the_layers_numbers(qmodel):
     assert "calibration data" in text  # no batch: ranges recorded while quantizing
 
 
-def test_calibration_statistics_are_recorded_by_quantize(qmodel):
-    stats = [records.get(n, records.Observed) for n in qmodel.graph.nodes if n.target == "conv2"][0]
+def test_calibration_statistics_are_recorded_when_first_explained(qmodel, ctx):
+    conv2 = next(n for n in qmodel.graph.nodes if n.target == "conv2")
+    assert records.get(conv2, records.Observed) is None  # quantize does not run the data twice
+    fxq.explain(qmodel)
+    stats = records.get(conv2, records.Observed)
     assert stats is not None and stats.accumulator is not None
     assert stats.output.lo >= 0 and stats.output.hi <= 255
+    assert records.get(qmodel, records.StatsSource) is None  # the data is let go once used
+    on_batches = [fxq.explain(qmodel, "conv2", batch=x) for x in ctx.calib_loader]
+    acc = on_batches[0].steps[5].observed
+    for e in on_batches[1:]:
+        acc = acc.union(e.steps[5].observed)
+    assert acc == stats.accumulator  # the union over the calibration batches
 
 
 def test_whole_network_table_has_a_row_per_integer_op_and_headroom(qmodel):

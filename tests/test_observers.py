@@ -44,32 +44,38 @@ def test_moving_average_follows_the_ema_formula():
     assert (obs.min_val.item(), obs.max_val.item()) == (-1.0, 2.0)
 
 
-def test_histogram_observer_needs_two_passes_and_merges_per_pass():
+def test_histogram_observer_reads_the_data_once_whatever_the_order():
     torch.manual_seed(0)
-    data = [torch.randn(1000), torch.randn(1000) * 2]
-    whole, a, b = (HistogramObserver(n, 8, "mse", 256, 99.9) for n in "wab")
-    assert whole.passes == 2
-    for p in range(2):
-        for obs in (whole, a, b):
-            obs.begin_pass(p)
-        for x in data:
-            whole(x)
-        a(data[0]), b(data[1])
-        if p == 0:
-            a.merge(b)
-            b.min_val, b.max_val = a.min_val.clone(), a.max_val.clone()
-    a.merge(b)
-    assert torch.equal(a.counts, whole.counts) and a.qparams() == whole.qparams()
-    assert a.counts.numel() == 256  # bounded memory: the histogram, never the activations
+    data = [torch.randn(1000) * 0.1, torch.randn(1000) * 2 + 1, torch.rand(1000) * 9]
+    forward, backward = (HistogramObserver(n, 8, "mse", 256, 99.9) for n in "fb")
+    for x in data:
+        forward(x)
+    for x in reversed(data):
+        backward(x)
+    assert torch.equal(forward.counts, backward.counts) and forward.qparams() == backward.qparams()
+    assert forward.counts.sum() == 3000 and forward.counts.numel() == 512  # bounded memory
+    hist = forward.histogram()  # occupied bins span the extent, at least `bins` of them
+    assert len(hist.counts) >= 256 and hist.lo <= -0.5 and hist.hi >= 9.0
 
 
-def test_histograms_over_different_extents_refuse_to_merge():
-    a, b = HistogramObserver("a", 8, "mse", 256, 99.9), HistogramObserver("b", 8, "mse", 256, 99.9)
-    for obs, x in ((a, torch.tensor([0.0, 1.0])), (b, torch.tensor([0.0, 2.0]))):
-        obs(x)
-        obs.begin_pass(1)
-    with pytest.raises(ValueError, match="different extents"):
-        a.merge(b)
+def test_merged_shards_equal_one_observer_of_everything():
+    torch.manual_seed(1)
+    data = [torch.randn(500) * s + m for s, m in ((0.01, 0.0), (1.0, -3.0), (5.0, 2.0), (0.5, 40.0))]
+    whole = HistogramObserver("whole", 8, "entropy", 256, 99.9)
+    a, b = HistogramObserver("a", 8, "entropy", 256, 99.9), HistogramObserver("b", 8, "entropy", 256, 99.9)
+    for x in data:
+        whole(x)
+    a(data[0]), b(data[1]), a(data[3]), b(data[2])
+    merged = a.merge(b)
+    assert torch.equal(merged.counts, whole.counts) and merged.qparams() == whole.qparams()
+
+
+def test_a_histogram_of_one_repeated_value_gives_that_value():
+    obs = HistogramObserver("c", 8, "percentile", 256, 99.9)
+    obs(torch.full((100,), 3.0))
+    assert obs.range(8) == (3.0, 3.0)
+    obs(torch.tensor([-1.0]))  # the grid grows from a single point
+    assert obs.counts.sum() == 101 and obs.histogram().lo <= -1.0
 
 
 @pytest.mark.parametrize("act_range, kind", [
