@@ -5,6 +5,7 @@ the scale and zero point. The histogram is the bounded-memory summary every rule
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -47,13 +48,28 @@ def percentile_range(hist: Histogram, percentile: float) -> tuple[float, float]:
 
 def expected_squared_error(hist: Histogram, lo: torch.Tensor, hi: torch.Tensor,
                            bits: int) -> torch.Tensor:
-    """``E(l, h)`` of :func:`mse_range` for a batch of candidate ranges (``lo``, ``hi``: ``[n]``)."""
-    lo, hi = lo[:, None], hi[:, None]
-    x, n = hist.centers[None, :], hist.counts[None, :]
+    """``E(l, h)`` of :func:`mse_range` for a batch of candidate ranges (``lo``, ``hi``: ``[n]``).
+
+    The clipped tails' ``Σ n·(x − c)²`` expand to ``Σn·x² − 2c·Σn·x + c²·Σn`` over the bins beyond
+    ``c``, so prefix sums of ``n``, ``n·x`` and ``n·x²`` give every candidate in O(1)."""
+    x, n = hist.centers, hist.counts.to(torch.float64)
+
+    def prefix(values: torch.Tensor) -> torch.Tensor:
+        return torch.cat([values.new_zeros(1), values.cumsum(0)])
+
+    moments = [prefix(n), prefix(n * x), prefix(n * x * x)]
+    start = torch.searchsorted(x, lo.contiguous())  # the first bin with x ≥ lo
+    stop = torch.searchsorted(x, hi.contiguous(), right=True)  # one past the last bin with x ≤ hi
+
+    def tail_error(begin: torch.Tensor, end: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        s0, s1, s2 = (m[end] - m[begin] for m in moments)
+        return s2 - 2 * c * s1 + c * c * s0
+
+    below = tail_error(torch.zeros_like(start), start, lo)
+    above = tail_error(stop, torch.full_like(stop, len(x)), hi)
+    inside = (moments[0][stop] - moments[0][start]).clamp(min=0)
     step = (hi - lo) / ((1 << bits) - 1)
-    clipped = torch.minimum(torch.maximum(x, lo), hi)
-    inside = (x >= lo) & (x <= hi)
-    return (n * ((x - clipped) ** 2 + inside * step**2 / 12)).sum(1)
+    return below + above + inside * step**2 / 12
 
 
 def mse_range(hist: Histogram, bits: int) -> tuple[float, float]:
@@ -91,38 +107,71 @@ def kl_divergences(hist: Histogram, lo: torch.Tensor, hi: torch.Tensor, bits: in
     Clipping costs through P's heavy edge bins; too coarse a step costs through Q's flattening.
     Zero is exactly representable (the zero point), so the bin holding 0 — the spike a ReLU
     leaves — keeps its own mass in Q. A range with fewer bins than levels (Q = P trivially) or
-    no mass inside scores ``inf``. All candidates at once: ``[candidates, bins]`` tensors.
+    no mass inside scores ``inf``.
+
+    Q is constant over each level's non-empty bins, so with ``K`` the kept mass, ``T`` the total
+    and ``w_l`` the P-mass of level l's non-empty bins,
+    ``KL = (Σ_j p_j log p_j)/T − log T − (Σ_l w_l log max(m_l/(o_l·K), floor) + folded mass on
+    empty edge bins · log floor)/T``: every sum is a difference of prefix sums over the bins, so
+    each candidate costs O(2^bits), not O(bins). tests/test_ranges.py checks it against the
+    bin-by-bin definition.
     """
     levels_n = 1 << bits
+    counts = hist.counts.to(torch.float64)
+    bins = len(counts)
     edges = hist.edges
     centers = (edges[:-1] + edges[1:]) / 2
-    counts = hist.counts[None, :]
-    inside = (centers[None, :] >= lo[:, None]) & (centers[None, :] <= hi[:, None])
-    width = inside.sum(1, keepdim=True)
-    first = inside.to(torch.int64).argmax(1, keepdim=True)
-    position = torch.arange(len(centers))[None, :] - first  # bin index within the kept range
-    kept = torch.where(inside, counts, torch.zeros_like(counts))
-    p = kept.clone()
-    below = (counts * (centers[None, :] < lo[:, None])).sum(1)
-    above = (counts * (centers[None, :] > hi[:, None])).sum(1)
+    first = torch.searchsorted(centers, lo.contiguous())  # the first bin whose center is ≥ lo
+    last = torch.searchsorted(centers, hi.contiguous(), right=True) - 1
+    width = (last - first + 1).clamp(min=0)
+    a, b = first.clamp(0, bins - 1), last.clamp(0, bins - 1)
+
+    def prefix(values: torch.Tensor) -> torch.Tensor:
+        return torch.cat([values.new_zeros(1), values.cumsum(0)])
+
+    n_log_n = torch.where(counts > 0, counts * torch.log(counts.clamp(min=1e-300)), torch.zeros_like(counts))
+    mass_sum, busy_sum, entropy_sum = prefix(counts), prefix((counts > 0).double()), prefix(n_log_n)
+    total = float(mass_sum[-1])
+    kept = mass_sum[b + 1] - mass_sum[a]
+    below, above = mass_sum[a], total - mass_sum[b + 1]
+
+    # level l holds bins a + ceil(l·W/L) … a + ceil((l+1)·W/L) − 1
+    bounds = a[:, None] + torch.div(torch.arange(levels_n + 1)[None, :] * width[:, None] + levels_n - 1,
+                                    levels_n, rounding_mode="floor")
+    bounds = bounds.clamp(max=bins)
+    mass = mass_sum[bounds[:, 1:]] - mass_sum[bounds[:, :-1]]
+    busy = busy_sum[bounds[:, 1:]] - busy_sum[bounds[:, :-1]]
+    weight = mass.clone()  # P-mass of each level's non-empty bins (edges get the folded mass below)
     rows = torch.arange(len(lo))
-    p[rows, first.squeeze(1)] += below
-    p[rows, (first + width - 1).clamp(min=0).squeeze(1)] += above
-    level = torch.div(position.clamp(min=0) * levels_n, width.clamp(min=1), rounding_mode="floor")
-    holds_zero = (edges[None, :-1] <= 0) & (edges[None, 1:] > 0)
-    level = torch.where(holds_zero, levels_n, level).clamp(max=levels_n)
-    slot = rows[:, None] * (levels_n + 1) + torch.where(inside, level, levels_n)
-    mass = torch.zeros(len(lo) * (levels_n + 1), dtype=torch.float64).index_add_(0, slot.flatten(), kept.flatten())
-    occupied = torch.zeros_like(mass).index_add_(0, slot.flatten(), (kept > 0).double().flatten())
-    q = torch.where(kept > 0, mass[slot] / occupied[slot].clamp(min=1), torch.zeros_like(kept))
-    p = p / p.sum(1, keepdim=True)
-    q = q / q.sum(1, keepdim=True).clamp(min=1e-300)
-    # P has mass where Q has none when outliers fold into an empty edge bin: give Q a floor
-    # (as TensorRT and MXNet smooth it) so that costs a finite, mass-proportional amount.
-    q = torch.clamp(q, min=KL_FLOOR)
-    terms = torch.where(p > 0, p * torch.log(p / q), torch.zeros_like(p))
-    kl = terms.sum(1)
-    invalid = (width.squeeze(1) < levels_n) | (kept.sum(1) == 0)
+    zero_bin = int(torch.searchsorted(edges, torch.tensor(0.0, dtype=torch.float64), right=True)) - 1
+    has_zero = 0 <= zero_bin < bins
+    n_zero = counts[zero_bin] if has_zero else counts.new_zeros(())
+    at_zero_bin = (a <= zero_bin) & (zero_bin <= b) & (width > 0) & has_zero  # zero keeps its own slot
+    level = torch.div((zero_bin - a) * levels_n, width.clamp(min=1), rounding_mode="floor").clamp(0, levels_n - 1)
+    for table, amount in ((mass, n_zero), (busy, (n_zero > 0).double()), (weight, n_zero)):
+        table[rows, level] -= torch.where(at_zero_bin, amount, 0.0)
+    zero_weight = torch.where(at_zero_bin, n_zero, 0.0)
+    # the folded tails: into the edge bin's level, or the zero slot, or (an empty edge bin) at the floor
+    floor_weight = torch.zeros_like(kept)
+    for edge, folded, edge_level in ((a, below, 0), (b, above, levels_n - 1)):
+        is_zero_bin = at_zero_bin & (edge == zero_bin)
+        occupied = counts[edge] > 0
+        weight[:, edge_level] += torch.where(~is_zero_bin & occupied, folded, 0.0)
+        zero_weight = zero_weight + torch.where(is_zero_bin, folded, 0.0)
+        floor_weight = floor_weight + torch.where(~is_zero_bin & ~occupied, folded, 0.0)
+    scale = kept.clamp(min=1e-300)[:, None]
+    level_q = torch.clamp(mass / busy.clamp(min=1) / scale, min=KL_FLOOR)
+    cross = torch.where((busy > 0) & (weight > 0), weight * torch.log(level_q), torch.zeros_like(weight)).sum(1)
+    zero_q = torch.clamp(n_zero / scale[:, 0], min=KL_FLOOR)
+    cross = cross + torch.where(zero_weight > 0, zero_weight * torch.log(zero_q), 0.0) + floor_weight * math.log(KL_FLOOR)
+
+    def x_log_x(v: torch.Tensor) -> torch.Tensor:
+        return torch.where(v > 0, v * torch.log(v.clamp(min=1e-300)), torch.zeros_like(v))
+
+    own = (entropy_sum[b + 1] - entropy_sum[a] - n_log_n[a] - n_log_n[b]
+           + x_log_x(counts[a] + below) + x_log_x(counts[b] + above))
+    kl = (own - cross) / total - math.log(total)
+    invalid = (width < levels_n) | (kept <= 0)
     return torch.where(invalid, torch.full_like(kl, float("inf")), kl)
 
 

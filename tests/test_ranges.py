@@ -70,3 +70,68 @@ def test_entropy_clips_rare_far_outliers():
 def test_kl_is_zero_when_nothing_is_clipped_and_bins_equal_levels():
     hist = Histogram(torch.rand(256, dtype=torch.float64) + 0.1, 0.0, 1.0)
     assert ranges.kl_divergence_of_range(hist, 0.0, 1.0, 8) == pytest.approx(0.0, abs=1e-12)
+
+
+def _kl_bin_by_bin(hist: Histogram, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+    """The entropy rule's KL(P ‖ Q) as its definition reads, one [candidates, bins] matrix per
+    quantity (what `ranges.kl_divergences` computes with prefix sums)."""
+    levels_n = 1 << bits
+    edges = hist.edges
+    centers = (edges[:-1] + edges[1:]) / 2
+    counts = hist.counts[None, :]
+    inside = (centers[None, :] >= lo[:, None]) & (centers[None, :] <= hi[:, None])
+    width = inside.sum(1, keepdim=True)
+    first = inside.to(torch.int64).argmax(1, keepdim=True)
+    position = torch.arange(len(centers))[None, :] - first
+    kept = torch.where(inside, counts, torch.zeros_like(counts))
+    p = kept.clone()
+    rows = torch.arange(len(lo))
+    p[rows, first.squeeze(1)] += (counts * (centers[None, :] < lo[:, None])).sum(1)
+    p[rows, (first + width - 1).clamp(min=0).squeeze(1)] += (counts * (centers[None, :] > hi[:, None])).sum(1)
+    level = torch.div(position.clamp(min=0) * levels_n, width.clamp(min=1), rounding_mode="floor")
+    holds_zero = (edges[None, :-1] <= 0) & (edges[None, 1:] > 0)
+    level = torch.where(holds_zero, levels_n, level).clamp(max=levels_n)
+    slot = rows[:, None] * (levels_n + 1) + torch.where(inside, level, levels_n)
+    mass = torch.zeros(len(lo) * (levels_n + 1), dtype=torch.float64).index_add_(0, slot.flatten(), kept.flatten())
+    occupied = torch.zeros_like(mass).index_add_(0, slot.flatten(), (kept > 0).double().flatten())
+    q = torch.where(kept > 0, mass[slot] / occupied[slot].clamp(min=1), torch.zeros_like(kept))
+    p = p / p.sum(1, keepdim=True)
+    q = torch.clamp(q / q.sum(1, keepdim=True).clamp(min=1e-300), min=ranges.KL_FLOOR)
+    kl = torch.where(p > 0, p * torch.log(p / q), torch.zeros_like(p)).sum(1)
+    invalid = (width.squeeze(1) < levels_n) | (kept.sum(1) == 0)
+    return torch.where(invalid, torch.full_like(kl, float("inf")), kl)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_prefix_sum_kl_equals_the_bin_by_bin_definition(seed):
+    g = torch.Generator().manual_seed(seed)
+    bins = int(torch.randint(300, 3000, (1,), generator=g))
+    counts = torch.randint(0, 50, (bins,), generator=g).double() * (torch.rand(bins, generator=g) > 0.3)
+    counts[int(torch.randint(0, bins, (1,), generator=g))] += 5000  # a spike (a ReLU's zeros)
+    lo, hi = sorted(float(v) for v in torch.randn(2, generator=g) * 3)
+    hist = Histogram(counts, lo if seed % 3 else 0.0, hi)
+    fractions = torch.arange(1, 101, dtype=torch.float64) / 100
+    c_lo, c_hi = min(hist.lo, 0.0) * fractions, max(hist.hi, 0.0) * fractions
+    for bits in (4, 8):
+        fast, slow = ranges.kl_divergences(hist, c_lo, c_hi, bits), _kl_bin_by_bin(hist, c_lo, c_hi, bits)
+        assert torch.equal(torch.isinf(fast), torch.isinf(slow))
+        finite = ~torch.isinf(slow)
+        assert torch.allclose(fast[finite], slow[finite], rtol=1e-9, atol=1e-12)
+        if finite.any():
+            assert int(fast.argmin()) == int(slow.argmin())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_prefix_sum_squared_error_equals_the_bin_by_bin_sum(seed):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 100, (1500,), generator=g).double()
+    hist = Histogram(counts, -2.0 + seed, 3.0 + seed)
+    fractions = torch.arange(1, 101, dtype=torch.float64) / 100
+    lo, hi = torch.full((100,), min(hist.lo, 0.0) * 0.7, dtype=torch.float64), max(hist.hi, 0.0) * fractions
+    x, n = hist.centers[None, :], hist.counts[None, :]
+    step = (hi[:, None] - lo[:, None]) / 255
+    inside = (x >= lo[:, None]) & (x <= hi[:, None])
+    clipped = torch.minimum(torch.maximum(x, lo[:, None]), hi[:, None])
+    direct = (n * ((x - clipped) ** 2 + inside * step**2 / 12)).sum(1)
+    fast = ranges.expected_squared_error(hist, lo, hi, 8)
+    assert torch.allclose(fast, direct, rtol=1e-9) and int(fast.argmin()) == int(direct.argmin())
