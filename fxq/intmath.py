@@ -138,6 +138,19 @@ def runtime_add(a_q: torch.Tensor, b_q: torch.Tensor, scales: tuple[float, float
     return torch.round(total).clamp_(0, qmax).to(storage_dtype(qmax.bit_length()))
 
 
+def runtime_global_mean(q: torch.Tensor, scale: float, zero_point: int, qmax: int) -> torch.Tensor:
+    """The mean over the last two dims at the input's own parameters, as onnxruntime's
+    QLinearGlobalAveragePool computes it (MLAS): the int32 sum of ``q − z`` over the ``N`` values,
+    times the float32 ``s / (s · N)``, rounded half to even, plus ``z``; dims kept."""
+    count = q.shape[-1] * q.shape[-2]
+    total = q.to(torch.int32).sum((-2, -1), keepdim=True, dtype=torch.int32) - zero_point * count
+    s = torch.tensor(scale, dtype=torch.float32)
+    factor = s / (s * torch.tensor(count, dtype=torch.float32))
+    scaled = torch.round(total.to(torch.float32) * factor)
+    q_out = scaled.clamp_(-zero_point, qmax - zero_point).to(torch.int32) + zero_point
+    return q_out.to(storage_dtype(qmax.bit_length()))
+
+
 def accumulator_bounds(weight_q: torch.Tensor, input_absmax: int, bias_q: torch.Tensor) -> torch.Tensor:
     """Worst-case ``|acc[c]|`` of formula (1) per output channel, int64:
     ``Σ_k |W_q[c,k]| · max|I_q − z_I| + |b_q[c]|``."""

@@ -136,8 +136,8 @@ class Builder:
         return self.quantize(self.node("Add", values, f"{name}_sum"), out, name)
 
     def relu(self, q: str, qp: ActQParams, name: str) -> str:
-        """max(q, z)."""
-        return self.node("Max", [q, self.constant(f"{name}_z", np.uint8(qp.zero_point))], name)
+        """max(q, z), as a Clip with no upper bound (one fast op that onnxruntime keeps in NHWC)."""
+        return self.node("Clip", [q, self.constant(f"{name}_z", np.uint8(qp.zero_point))], name)
 
     # -------------------------------------------------------------- exact integer idioms
 
@@ -177,6 +177,9 @@ class Builder:
 
     def clamp(self, value: str, low: torch.Tensor, high: torch.Tensor, name: str) -> str:
         """``min(max(q, low), high)`` on uint8; per-channel bounds broadcast along dim 1."""
+        if low.dim() == 0 and high.dim() == 0:  # one op, which onnxruntime keeps in NHWC
+            bounds = [self.constant(f"{name}_{k}", v.to(torch.uint8)) for k, v in (("low", low), ("high", high))]
+            return self.node("Clip", [value, *bounds], name)
         shape = (-1, 1, 1) if low.dim() else ()
         low, high = low.to(torch.uint8).reshape(shape), high.to(torch.uint8).reshape(shape)
         raised = self.node("Max", [value, self.constant(f"{name}_low", low)], f"{name}_max")

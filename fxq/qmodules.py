@@ -649,8 +649,10 @@ class QAvgPool2d(nn.Module):
                      "output_size": sc.optional(lambda v: isinstance(v, tuple) and len(v) == 2
                                                 and all(x is None or (sc.is_int(x) and x >= 1) for x in v)),
                      "keepdim": sc.one_of(True, False), "bits": sc.act_bits,
-                     "rank": sc.optional(sc.int_at_least(3))},
-                    {"zero_point": torch.int32}, ranges=lambda m: sc.zero_point_fits(m, "zero_point", m.bits))
+                     "rank": sc.optional(sc.int_at_least(3)), "requantize_as": sc.REQUANTIZE},
+                    {"zero_point": torch.int32, "scale": torch.float64},
+                    ranges=lambda m: sc.zero_point_fits(m, "zero_point", m.bits))
+    requantize_as = "fixed_point"  # "onnxruntime": a global mean as QLinearGlobalAveragePool computes it
 
     def __init__(self, qp: ActQParams, kind: str, kernel=None, stride=None, padding=None, ceil_mode=False,
                  count_include_pad=True, divisor_override=None, output_size=None, keepdim=True, rank=None):
@@ -660,6 +662,12 @@ class QAvgPool2d(nn.Module):
         self.output_size, self.keepdim, self.bits = output_size, keepdim, qp.bits
         self.rank = rank  # the input's rank, where the pooled dims were counted from the front
         self.register_buffer("zero_point", torch.tensor(qp.zero_point, dtype=torch.int32))
+        self.register_buffer("scale", torch.tensor(qp.scale, dtype=torch.float64))
+
+    @property
+    def runtime_mean(self) -> bool:
+        """A global mean computed as onnxruntime does (`fxq.intmath.runtime_global_mean`)."""
+        return self.requantize_as == "onnxruntime" and self.kind == "adaptive" and self.output_size == (1, 1)
 
     @classmethod
     def global_mean(cls, qp: ActQParams, keepdim: bool = True, rank: int | None = None) -> "QAvgPool2d":
@@ -683,8 +691,11 @@ class QAvgPool2d(nn.Module):
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         if self.rank is not None and q.dim() != self.rank:
             raise ValueError(f"this mean pools dims (2, 3) of a {self.rank}-d tensor; got a {q.dim()}-d one")
-        rows, columns, divisors = self.windows(*q.shape[-2:])
-        out = intmath.window_mean(q, rows, columns, divisors, int(self.zero_point), (1 << self.bits) - 1)
+        if self.runtime_mean:
+            out = intmath.runtime_global_mean(q, float(self.scale), int(self.zero_point), (1 << self.bits) - 1)
+        else:
+            rows, columns, divisors = self.windows(*q.shape[-2:])
+            out = intmath.window_mean(q, rows, columns, divisors, int(self.zero_point), (1 << self.bits) - 1)
         return out if self.keepdim else out.reshape(out.shape[:-2])
 
     def extra_repr(self) -> str:
@@ -694,9 +705,13 @@ class QAvgPool2d(nn.Module):
                 f"count_include_pad={self.count_include_pad}")
 
     def twin(self, node) -> nn.Module:
+        if self.runtime_mean:
+            return _on_integers(self, node)
         return FloatAvgPool(self, records.get(node, ActQParams))
 
     def describe(self) -> str:
+        if self.runtime_mean:
+            return "integer sums times onnxruntime's float32 1/N, ties to even (QLinearGlobalAveragePool)"
         return "integer window sums, one rounding division each, same scale"
 
     def to_onnx(self, b, node, inputs):
@@ -704,7 +719,10 @@ class QAvgPool2d(nn.Module):
         AveragePool / GlobalAveragePool, or products with the window membership matrices for
         other adaptive sizes; every window sum an exact integer), rounded half away from zero."""
         qp, name = records.get(node, ActQParams), node.name
-        if self.kind == "window":
+        if self.runtime_mean:  # DequantizeLinear → GlobalAveragePool → QuantizeLinear: QLinearGlobalAveragePool
+            out = b.quantize(b.node("GlobalAveragePool", [b.dequantize(inputs[0], qp, f"{name}_in")], f"{name}_mean"),
+                             qp, name)
+        elif self.kind == "window":
             if self.divisor_override is not None:
                 raise ValueError(f"node '{name}': divisor_override does not export")
             out = b.exact_mean(inputs[0], qp, name, "AveragePool", kernel_shape=list(self.kernel),

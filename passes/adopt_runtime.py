@@ -4,20 +4,22 @@ from __future__ import annotations
 from torch import fx
 
 from fxq.context import PassContext
-from fxq.qmodules import Derived, QAdd, QLayer, Quantize
+from fxq.qmodules import Derived, QAdd, QAvgPool2d, QLayer, Quantize
 
-ADOPTERS = (QLayer, QAdd, Quantize)
+ADOPTERS = (QLayer, QAdd, QAvgPool2d, Quantize)
 
 
 def adopt_runtime(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """With ``QConfig.requantize="onnxruntime"``; otherwise ``gm`` is returned as it is.
 
     Before: ``QConv2d``/``QLinear`` requantize with a fixed-point multiplier (ties away from
-    zero), ``QAdd`` is the table of the fixed-point add, ``Quantize`` rounds ties away from zero.
+    zero), ``QAdd`` is the table of the fixed-point add, a global ``QAvgPool2d`` divides exactly
+    and rounds ties away from zero, as ``Quantize`` does.
     After: the same modules, the same integers, scales and zero points, computing what
     onnxruntime runs for their ONNX form (`fxq.export_onnx`): a float32 multiplier per channel
-    rounded half to even, QLinearAdd's float32 fused multiply-adds, QuantizeLinear's ties to even
-    (`fxq.intmath.runtime_requantize`, `runtime_add`). Every other integer op already exports
+    rounded half to even, QLinearAdd's float32 fused multiply-adds, QLinearGlobalAveragePool's
+    float32 1/N, QuantizeLinear's ties to even (`fxq.intmath.runtime_requantize`, `runtime_add`,
+    `runtime_global_mean`). Every other integer op already exports
     as the very table or integer op fxq runs, so `fxq.deploy` of the result is bit-exact.
     """
     if ctx.config.requantize != "onnxruntime":

@@ -1,15 +1,24 @@
-"""Latency of every way to run a model here: float, the peers' int8, fxq's executor and fxq deployed.
+"""Latency of every way to run a model here, and how long quantizing takes.
 
-    python -m scripts.bench                   # results/bench.json + the README table
+    python -m scripts.bench                   # results/bench.json + the README tables
     python -m scripts.bench --shapes mnist    # only the 28×28 ResNet-18
 
 Shapes: the committed MNIST ResNet-18 (1×28×28; batches 1, 32, 256; full-test accuracy) and
 torchvision ResNet-18 and MobileNetV2 at 3×224×224 (random weights, batch norm settled and
 everything calibrated on structured random images; batches 1 and 32). Two threads everywhere.
-Rows: fp32 torch, fp32 onnxruntime (torch.onnx export), torch.ao FX x86 int8 and onnxruntime's
-own ``quantize_static`` (per-channel QDQ int8) as references, fxq's integer executor, fxq
-deployed (`fxq.deploy`). Each cell is the median of ``RUNS`` runs after two warm-ups, all in the
-same process; "× ORT int8" divides by onnxruntime's own int8 model in the same run.
+
+Latency rows: fp32 torch, fp32 onnxruntime (torch.onnx export), torch.ao FX x86 int8 and
+onnxruntime's own ``quantize_static`` (per-channel QDQ int8) as references, fxq's integer executor
+and fxq deployed (`fxq.deploy`), both of the model quantized with
+``QConfig(requantize="onnxruntime")`` so the two agree bit for bit, and fxq deployed with
+``placement="post"`` too: there each ReLU is the conv's own clamp (z = 0), where the default
+"pre" placement runs it as a separate ``Clip`` on the integers. Each cell is the median of at
+least ``RUNS`` runs (more for fast cells, ``MIN_SECONDS`` of runs in all) after two warm-ups, all in
+the same process; "× ORT int8" divides by onnxruntime's own int8 model in the same run.
+
+Quantize rows: wall time of ``fxq.quantize`` at W8A8 with each activation range rule against
+torch.ao's ``prepare_fx`` + calibration + ``convert_fx`` (its x86 default: histogram observers),
+on ``CALIBRATION`` images; every method once to warm up, then ``REPEATS`` alternating runs, median.
 """
 from __future__ import annotations
 
@@ -32,7 +41,9 @@ from scripts.evaluate import torch_ao_x86
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS, README = ROOT / "results" / "bench.json", ROOT / "README.md"
-RUNS, THREADS = 10, 2
+RUNS, THREADS, MIN_SECONDS = 10, 2, 1.0
+CALIBRATION, REPEATS = 512, 3
+ACT_RANGES = ("minmax", "percentile", "mse", "entropy")
 SHAPES = {"mnist": (1, 32, 256), "resnet18_224": (1, 32), "mobilenet_v2_224": (1, 32)}
 
 
@@ -41,7 +52,7 @@ def median_ms(run, x) -> float:
         for _ in range(2):
             run(x)
         times = []
-        for _ in range(RUNS):
+        while len(times) < RUNS or (sum(times) < 1000 * MIN_SECONDS and len(times) < 50 * RUNS):
             start = time.perf_counter()
             run(x)
             times.append(1000 * (time.perf_counter() - start))
@@ -95,12 +106,32 @@ def setup(shape: str):
     """(float model, calibration batches, example input, test split or None)."""
     if shape == "mnist":
         model = models.load_trained("mnist")
-        calib = [images for images, _ in data.calibration_batches("mnist", 512)]
+        calib = [images for images, _ in data.calibration_batches("mnist", CALIBRATION)]
         return model, calib, calib[0][:1], data.load("mnist", "test")
     zoo.SIZE = 224
     model = zoo.build(shape.removesuffix("_224"))
-    calib = list(zoo.images(64, 1).split(16))
+    calib = list(zoo.images(CALIBRATION, 1).split(32))
     return model, calib, calib[0][:1], None
+
+
+def quantize_seconds(shape: str, model, calib: list) -> list[dict]:
+    """Wall time of each way to quantize ``model`` on ``calib``, medians of alternating runs."""
+    methods = {f"fxq.quantize, act_range={r}": (lambda r=r: fxq.quantize(model, calib, fxq.QConfig(act_range=r)))
+               for r in ACT_RANGES}
+    methods["torch.ao prepare_fx + calibrate + convert_fx (x86)"] = lambda: torch_ao_x86(model, [(b, None) for b in calib])
+    times = {name: [] for name in methods}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for repeat in range(REPEATS + 1):
+            for name, make in methods.items():
+                start = time.perf_counter()
+                make()
+                if repeat:  # the first round warms up imports and kernels for everyone
+                    times[name].append(time.perf_counter() - start)
+    reference = statistics.median(times[next(reversed(times))])
+    return [{"shape": shape, "method": name, "images": sum(len(b) for b in calib),
+             "seconds": statistics.median(t), "x_torch_ao": statistics.median(t) / reference}
+            for name, t in times.items()]
 
 
 def size_mb(module) -> float:
@@ -116,11 +147,13 @@ def bench(shape: str) -> list[dict]:
     float_bytes = float_onnx(model, example)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        qmodel = fxq.quantize(model, calib)
+        qmodel = fxq.quantize(model, calib, fxq.QConfig(requantize="onnxruntime"))
+        fused = fxq.quantize(model, calib, fxq.QConfig(requantize="onnxruntime", placement="post"))
         runners = {"fp32 torch": model, "fp32 onnxruntime": Session(float_bytes),
                    "torch.ao x86 int8 (reference)": torch_ao_x86(model, [(b, None) for b in calib]),
                    "onnxruntime quantize_static int8 (reference)": Session(ort_int8(float_bytes, calib)),
-                   "fxq executor": qmodel, "fxq deployed": fxq.deploy(qmodel, threads=THREADS)}
+                   "fxq executor": qmodel, "fxq deployed": fxq.deploy(qmodel, threads=THREADS),
+                   "fxq deployed, placement post": fxq.deploy(fused, threads=THREADS)}
     rows = []
     for name, runner in runners.items():
         row = {"shape": shape, "runner": name, "size_mb": size_mb(runner)}
@@ -158,23 +191,34 @@ def table(rows: list[dict]) -> str:
     return "\n\n".join(out)
 
 
+def quantize_table(rows: list[dict]) -> str:
+    body = [[r["shape"], r["method"], r["images"], f"{r['seconds']:.2f}", f"{r['x_torch_ao']:.2f}"] for r in rows]
+    return tabulate(body, headers=["shape", "method", "images", "seconds", "× torch.ao"], tablefmt="github")
+
+
+def _replace(readme: str, marker: str, text: str) -> str:
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{text}\n{end}", readme, flags=re.S)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
-    kept = [r for r in json.loads(RESULTS.read_text()) if r["shape"] not in args.shapes] if RESULTS.exists() else []
-    rows = kept + [row for shape in args.shapes for row in bench(shape)]
-    rows.sort(key=lambda r: list(SHAPES).index(r["shape"]))
+    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results = {kind: [r for r in old.get(kind, []) if r["shape"] not in args.shapes] for kind in ("latency", "quantize")}
+    for shape in args.shapes:
+        model, calib, _, _ = setup(shape)
+        results["quantize"] += quantize_seconds(shape, model, calib)
+        results["latency"] += bench(shape)
+    for rows in results.values():
+        rows.sort(key=lambda r: list(SHAPES).index(r["shape"]))
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(rows, indent=1))
-    text = table(rows)
-    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
-    readme = README.read_text()
-    if start in readme:
-        README.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{text}\n{end}",
-                                 readme, flags=re.S))
-    print(text)
+    RESULTS.write_text(json.dumps({"command": "python -m scripts.bench", **results}, indent=1))
+    latency, quantize = table(results["latency"]), quantize_table(results["quantize"])
+    README.write_text(_replace(_replace(README.read_text(), "bench", latency), "bench-quantize", quantize))
+    print(latency, quantize, sep="\n\n")
 
 
 if __name__ == "__main__":

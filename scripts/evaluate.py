@@ -80,10 +80,11 @@ def timed(make):
 
 
 def measure(name: str, model, test: data.Split, float_bytes: int, float_acc: float | None,
-            quantize_s: float, runs: int) -> Row:
+            quantize_s: float, runs: int, graph=None) -> Row:
+    """``graph``: the GraphModule whose ops ``model`` runs (a deployed model is a session)."""
     acc = accuracy(model, test)
-    ops = count_ops(model, test.images[:2])
-    size = saved_bytes(model)
+    ops = count_ops(graph if graph is not None else model, test.images[:2])
+    size = len(model.model_bytes) if hasattr(model, "model_bytes") else saved_bytes(model)
     return Row(name, round(acc, 2), round((float_acc if float_acc is not None else acc) - acc, 2),
                round(size / 1e6, 2), round(size / float_bytes, 4),
                round(latency_ms(model, test.images[:1], runs * 10), 2),
@@ -91,7 +92,7 @@ def measure(name: str, model, test: data.Split, float_bytes: int, float_acc: flo
                round(quantize_s, 2), ops.integer, ops.float)
 
 
-def evaluate(dataset: str, reference: bool, runs: int = 5) -> list[Row]:
+def evaluate(dataset: str, reference: bool, runs: int = 5, deploy: bool = True) -> list[Row]:
     torch.set_num_threads(2)
     model = models.load_trained(dataset)
     test = data.load(dataset, "test")
@@ -101,6 +102,11 @@ def evaluate(dataset: str, reference: bool, runs: int = 5) -> list[Row]:
     rows = [measure("float32", traced, test, float_bytes, None, 0.0, runs)]
     qmodel, seconds = timed(lambda: fxq.quantize(model, calib))
     rows.append(measure("fxq int8 (W8A8)", qmodel, test, float_bytes, rows[0].accuracy, seconds, runs))
+    if deploy:  # onnxruntime's arithmetic, so the deployed model is bit-exact with fxq's executor
+        exact, seconds = timed(lambda: fxq.quantize(model, calib, fxq.QConfig(requantize="onnxruntime")))
+        deployed = fxq.deploy(exact, test.images[:1], threads=2)
+        rows.append(measure("fxq deployed (onnxruntime, bit-exact)", deployed, test, float_bytes,
+                            rows[0].accuracy, seconds, runs, graph=exact))
     if reference:
         peer, seconds = timed(lambda: torch_ao_x86(model, calib))
         rows.append(measure("torch.ao FX x86 (reference)", peer, test, float_bytes,
@@ -112,12 +118,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", choices=data.DATASETS, default=list(data.DATASETS))
     parser.add_argument("--no-reference", action="store_true", help="skip the torch.ao row")
+    parser.add_argument("--no-deploy", action="store_true", help="skip the deployed (onnxruntime) row")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS / "evaluate.json")
     args = parser.parse_args(argv)
     report = {}
     for dataset in args.datasets:
-        rows = evaluate(dataset, not args.no_reference, args.runs)
+        rows = evaluate(dataset, not args.no_reference, args.runs, not args.no_deploy)
         report[dataset] = [asdict(r) for r in rows]
         print(f"\n{dataset} — ResNet-18, 10k test images, calibration 512 training images")
         print(tabulate(report[dataset], headers="keys", tablefmt="github"))
