@@ -37,8 +37,8 @@ def quantize(model: nn.Module, calib_loader: Iterable, config: QConfig | None = 
     not modified. ``passes`` replaces :data:`PASSES` (the first pass receives ``model``).
     ``overrides`` maps module-name globs to a layer's own ``QConfig``, or to ``None`` to keep it
     in float (``{"layer4.*": QConfig(weight_bits=4), "fc": None}``); first match wins.
-    A one-shot iterator (a generator) is read once into a list, since calibration, histogram
-    ranges and ``record_stats`` read the data more than once; pass a ``DataLoader`` for large sets.
+    A one-shot iterator (a generator) is read once into a list, since bias correction and
+    `fxq.explain`'s statistics read the data again; pass a ``DataLoader`` for large sets.
     """
     config = QConfig() if config is None else config
     if not isinstance(config, QConfig):

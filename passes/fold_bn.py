@@ -58,7 +58,7 @@ def _matches(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 @torch.no_grad()
 def _affine_conv(bn: nn.BatchNorm2d) -> nn.Conv2d:
-    identity = nn.Conv2d(bn.num_features, bn.num_features, 1, groups=bn.num_features, bias=False)
+    identity = nn.utils.skip_init(nn.Conv2d, bn.num_features, bn.num_features, 1, groups=bn.num_features, bias=False)
     identity.weight.fill_(1.0)
     return _folded_conv(identity, bn)
 
@@ -69,9 +69,9 @@ def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
     factor = gamma / torch.sqrt(bn.running_var + bn.eps)
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                       conv.padding, conv.dilation, conv.groups, bias=True,
-                       padding_mode=conv.padding_mode)
+    folded = nn.utils.skip_init(nn.Conv2d, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                conv.padding, conv.dilation, conv.groups, bias=True,
+                                padding_mode=conv.padding_mode)  # no random init: both tensors are written
     folded.weight.copy_(conv.weight * factor.reshape(-1, 1, 1, 1))
     folded.bias.copy_((bias - bn.running_mean) * factor + beta)
     return folded.eval()

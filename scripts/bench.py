@@ -13,8 +13,10 @@ and fxq deployed (`fxq.deploy`), both of the model quantized with
 ``QConfig(requantize="onnxruntime")`` so the two agree bit for bit, and fxq deployed with
 ``placement="post"`` too: there each ReLU is the conv's own clamp (z = 0), where the default
 "pre" placement runs it as a separate ``Clip`` on the integers. Each cell is the median of at
-least ``RUNS`` runs (more for fast cells, ``MIN_SECONDS`` of runs in all) after two warm-ups, all in
-the same process; "× ORT int8" divides by onnxruntime's own int8 model in the same run.
+least ``RUNS`` runs (more for fast cells, ``MIN_SECONDS`` of runs in all) after two warm-ups, and
+the median of ``ROUNDS`` such medians taken in turn with every other runner (the reference
+executor: one round), all in the same process; "× ORT int8" divides by onnxruntime's own int8
+model in the same run.
 
 Quantize rows: wall time of ``fxq.quantize`` at W8A8 with each activation range rule against
 torch.ao's ``prepare_fx`` + calibration + ``convert_fx`` (its x86 default: histogram observers),
@@ -41,7 +43,8 @@ from scripts.evaluate import torch_ao_x86
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS, README = ROOT / "results" / "bench.json", ROOT / "README.md"
-RUNS, THREADS, MIN_SECONDS = 10, 2, 1.0
+RUNS, THREADS, MIN_SECONDS, ROUNDS = 10, 2, 1.0, 3
+SLOW = "fxq executor"  # timed in the first round only: seconds per call at 224×224
 CALIBRATION, REPEATS = 512, 3
 ACT_RANGES = ("minmax", "percentile", "mse", "entropy")
 SHAPES = {"mnist": (1, 32, 256), "resnet18_224": (1, 32), "mobilenet_v2_224": (1, 32)}
@@ -154,17 +157,21 @@ def bench(shape: str) -> list[dict]:
                    "onnxruntime quantize_static int8 (reference)": Session(ort_int8(float_bytes, calib)),
                    "fxq executor": qmodel, "fxq deployed": fxq.deploy(qmodel, threads=THREADS),
                    "fxq deployed, placement post": fxq.deploy(fused, threads=THREADS)}
-    rows = []
-    for name, runner in runners.items():
-        row = {"shape": shape, "runner": name, "size_mb": size_mb(runner)}
-        for batch in SHAPES[shape]:
-            x = torch.cat([calib[0]] * (batch // len(calib[0]) + 1))[:batch]
-            row[f"ms_batch{batch}"] = median_ms(runner, x)
+    rows = [{"shape": shape, "runner": name, "size_mb": size_mb(runner)} for name, runner in runners.items()]
+    for batch in SHAPES[shape]:
+        x = torch.cat([calib[0]] * (batch // len(calib[0]) + 1))[:batch]
+        cells = {name: [] for name in runners}
+        for _ in range(ROUNDS):  # interleaved, so a slow stretch of the machine hits every runner
+            for name, runner in runners.items():
+                if name != SLOW or not cells[name]:
+                    cells[name].append(median_ms(runner, x))
+        for row in rows:
+            row[f"ms_batch{batch}"] = statistics.median(cells[row["runner"]])
+    for row, runner in zip(rows, runners.values()):
         if test is not None:
             with torch.no_grad():
                 predictions = torch.cat([runner(x).argmax(1) for x in test.images.split(500)])
             row["accuracy"] = 100 * float((predictions == test.labels).float().mean())
-        rows.append(row)
         print(row, flush=True)
     reference = next(r for r in rows if r["runner"].startswith("onnxruntime quantize_static"))
     for row in rows:
@@ -207,6 +214,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    old = old if isinstance(old, dict) else {}  # a file from before the quantize rows: measured again
     results = {kind: [r for r in old.get(kind, []) if r["shape"] not in args.shapes] for kind in ("latency", "quantize")}
     for shape in args.shapes:
         model, calib, _, _ = setup(shape)
