@@ -46,7 +46,9 @@ class QConfig:
                   model: the accumulator times a float32 multiplier rounded half to even, adds in
                   float32 with fused multiply-adds, inputs rounded half to even (`fxq.intmath`).
     percentile:   for act_range="percentile": the share of values kept inside the range, in %.
-    histogram_bins: bins of the histogram the percentile, mse and entropy observers keep.
+    histogram_bins: the least number of bins over the observed values that the percentile, mse
+                  and entropy observers read their range from (they keep twice as many, so the
+                  grid can grow in one pass).
     averaging_constant: for act_range="moving_average": c in v ← v + c·(batch − v).
 
     weight_range, act_range, cross_layer_equalization, bias_correction and keep_first_last_8bit

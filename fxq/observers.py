@@ -1,18 +1,18 @@
 """Observers: identity modules that record statistics of the tensor flowing through them, and
 turn them into a range (``qparams``) with one of the rules of `fxq.ranges`.
 
-    observer             passes   memory               range
-    minmax               1        2 floats             [min, max]
-    moving_average       1        2 floats             EMA of per-batch min and max
-    percentile           2        `histogram_bins`     clips (100 − p) % of each tail
-    mse                  2        `histogram_bins`     least expected squared error
-    entropy              2        `histogram_bins`     least KL divergence (TensorRT)
+    observer             memory                 range
+    minmax               2 floats               [min, max]
+    moving_average       2 floats               EMA of per-batch min and max
+    percentile           2·`histogram_bins`     clips (100 − p) % of each tail
+    mse                  2·`histogram_bins`     least expected squared error
+    entropy              2·`histogram_bins`     least KL divergence (TensorRT)
 
-A histogram observer reads the data once: its bins lie on a power-of-two grid that only ever
-coarsens (pairs of bins merge) as wider values arrive, so the final histogram is the one a single
-pass over the final grid would count, whatever the batch order. Two observers of the same value
-merge (``a.merge(b)``) into exactly what one observer of both would hold, so calibration can be
-split across workers.
+Every observer reads the calibration data once. A histogram observer's bins lie on a
+power-of-two grid that only ever coarsens (pairs of bins merge) as wider values arrive, so the
+final histogram is the one a single pass over the final grid would count, whatever the batch
+order. Two observers of the same value merge (``a.merge(b)``) into exactly what one observer of
+both would hold, so calibration can be split across workers.
 """
 from __future__ import annotations
 
@@ -179,7 +179,7 @@ class HistogramObserver(MinMaxObserver):
         super().observe(x, lo, hi)
         self._coarsen(*self._grid(self.min_val.item(), self.max_val.item()))
         width, slots = 2.0**self.exponent, self.counts.numel()
-        start = self.first * width  # exact in float32: a power of two times an integer
+        start = self.first * width  # a power of two times an integer: exact in float32 for |first| < 2^24
         self.counts += torch.histc(x, slots, start, start + slots * width).double()
 
     def merge(self, other: "HistogramObserver") -> "HistogramObserver":

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import time
 
 import torch
 from torch import fx
@@ -12,6 +11,7 @@ from fxq.context import PassContext
 from fxq.graph import finish
 from fxq.observers import InputGram, Observer
 
+CHANNELS_LAST_PIXELS = 96 * 96  # measured: 28×28 MNIST runs 11 % slower channels-last, 224×224 28 % faster
 
 
 def calibrate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -44,17 +44,14 @@ def _check_not_constant(gm: fx.GraphModule, placeholder: fx.Node) -> None:
 def _one_pass(gm: fx.GraphModule, loader) -> tuple[int, int, tuple[int, ...] | None]:
     batches = samples = 0
     sample_shape = None
-    layouts = Layouts()
+    layout = torch.contiguous_format
     with torch.no_grad():
         for index, item in enumerate(loader):
             x = batch_input(item, index)
             if sample_shape is None:
                 sample_shape = tuple(x.shape[1:])
-                layouts.consider(gm, x)
-            layout = layouts.next(gm)
-            start = time.perf_counter()
+                layout = _layout(gm, x)
             _run(gm, x.to(memory_format=layout), index)
-            layouts.record(layout, (time.perf_counter() - start) / x.shape[0])
             batches, samples = batches + 1, samples + x.shape[0]
     gm.to(memory_format=torch.contiguous_format)
     if batches == 0:
@@ -65,38 +62,23 @@ def _one_pass(gm: fx.GraphModule, loader) -> tuple[int, int, tuple[int, ...] | N
     return batches, samples, sample_shape
 
 
-class Layouts:
-    """Which memory layout calibration runs the model in: the observers see the same values
-    either way, and CPU convolutions on large maps run ~30 % faster channels-last (on small ones
-    a little slower). The first batch runs contiguous, the second channels-last (when the model
-    runs in it at all: tried on one sample, observers paused — a model that ``view``s its
-    activations needs the contiguous layout), the rest in whichever took less time per sample."""
-
-    def __init__(self):
-        self.candidates, self.seconds, self.current = [torch.contiguous_format], {}, torch.contiguous_format
-
-    def consider(self, gm: fx.GraphModule, x: torch.Tensor) -> None:
-        if x.dim() != 4:
-            return
-        gm.to(memory_format=torch.channels_last)
-        try:
-            with paused(gm):
-                gm(x[:1].to(memory_format=torch.channels_last))
-            self.candidates.append(torch.channels_last)
-        except Exception:  # any failure here: the contiguous run reports real errors properly
-            pass
+def _layout(gm: fx.GraphModule, x: torch.Tensor) -> torch.memory_format:
+    """The memory layout calibration runs the model in. The observers see the same values either
+    way, and CPU convolutions on large maps run ~30 % faster channels-last (on small ones a little
+    slower), so images of at least ``CHANNELS_LAST_PIXELS`` run channels-last when the model runs
+    in it at all (tried on one sample, observers paused: a model that ``view``s its activations
+    needs the contiguous layout). Decided by the input's shape, never by a timing, so the same
+    data always gives the same model."""
+    if x.dim() != 4 or x.shape[2] * x.shape[3] < CHANNELS_LAST_PIXELS:
+        return torch.contiguous_format
+    gm.to(memory_format=torch.channels_last)
+    try:
+        with paused(gm):
+            gm(x[:1].to(memory_format=torch.channels_last))
+        return torch.channels_last
+    except Exception:  # any failure here: the contiguous run reports real errors properly
         gm.to(memory_format=torch.contiguous_format)
-
-    def next(self, gm: fx.GraphModule) -> torch.memory_format:
-        untried = [c for c in self.candidates if c not in self.seconds]
-        layout = untried[0] if untried else min(self.seconds, key=self.seconds.get)
-        if layout != self.current:
-            gm.to(memory_format=layout)
-            self.current = layout
-        return layout
-
-    def record(self, layout: torch.memory_format, seconds_per_sample: float) -> None:
-        self.seconds.setdefault(layout, seconds_per_sample)
+        return torch.contiguous_format
 
 
 @contextlib.contextmanager

@@ -53,3 +53,30 @@ def test_image_label_tuples_and_dataloaders_are_accepted(ctx):
 def test_bad_calibration_data_is_named(ctx, loader, error, pattern):
     with pytest.raises(error, match=pattern):
         calibrate(observed_graph(ctx), fxq.PassContext(fxq.QConfig(), loader))
+
+
+class Viewing(nn.Module):
+    """Flattens its activations with ``view``, which a channels-last tensor cannot do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=8)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.view(y.shape[0], -1)
+
+
+@pytest.mark.parametrize("model", [Viewing, lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())])
+def test_large_images_calibrate_channels_last_only_where_the_model_allows_and_ranges_agree(model):
+    torch.manual_seed(0)
+    net = model().eval()
+    images = [torch.randn(4, 3, 100, 100) for _ in range(3)]  # beyond CHANNELS_LAST_PIXELS
+    context = fxq.PassContext(fxq.QConfig(), images)
+    gm = calibrate(insert_observers(trace(net, context), context), context)
+    assert all(p.is_contiguous() for p in gm.parameters())  # the layout is the calibration's own
+    with torch.no_grad():
+        outputs = torch.cat([net(x).flatten(1) for x in images])
+    inner = [m for m in gm.modules() if isinstance(m, MinMaxObserver) and m is not input_observer(gm)]
+    # the observed conv range is the float model's own (up to the conv's float rounding)
+    assert max(m.max_val.item() for m in inner) == pytest.approx(outputs.max().item(), rel=1e-5)
