@@ -33,8 +33,9 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from fxq import ops
+from fxq import ops, records
 from fxq.affine import ActQParams
+from fxq.config import QConfig
 
 OPSET = 21
 BATCH = 2  # the batch the export runs once with, to learn every value's shape
@@ -271,9 +272,10 @@ def export_onnx(qmodel: fx.GraphModule, path: str | Path | io.BytesIO) -> None:
 class Deployed(nn.Module):
     """float in, float out: a quantized model exported to ONNX and run by an onnxruntime session."""
 
-    def __init__(self, model_bytes: bytes, threads: int):
+    def __init__(self, model_bytes: bytes, threads: int, bit_exact: bool):
         super().__init__()
         self.model_bytes, self.threads = model_bytes, threads
+        self.bit_exact = bit_exact  # the quantized model computes onnxruntime's arithmetic
         self._session = None
 
     def session(self):
@@ -294,15 +296,22 @@ class Deployed(nn.Module):
         return {**self.__dict__, "_session": None}  # a session does not pickle; it is made again
 
     def extra_repr(self) -> str:
-        return f"onnxruntime, {len(self.model_bytes) / 1e6:.2f} MB model, {self.threads} threads"
+        agreement = ("bit-exact with fxq's executor" if self.bit_exact else
+                     "within a few output steps of fxq's executor (QConfig(requantize='onnxruntime') makes it bit-exact)")
+        return f"onnxruntime, {len(self.model_bytes) / 1e6:.2f} MB model, {self.threads} threads, {agreement}"
 
 
 def deploy(qmodel: fx.GraphModule, example_input: torch.Tensor | None = None, threads: int = 2) -> Deployed:
     """``qmodel`` exported (`export_onnx`) and loaded into onnxruntime with ``threads`` threads;
-    with ``example_input``, runs it once (so the first real call is not the slow one)."""
+    with ``example_input``, runs it once (so the first real call is not the slow one).
+
+    It computes exactly what ``qmodel`` does when ``qmodel`` was quantized with
+    ``QConfig(requantize="onnxruntime")`` (``deployed.bit_exact``); otherwise convs, linears and
+    adds may land a step or two apart (onnxruntime requantizes in float32, fxq in fixed point)."""
     buffer = io.BytesIO()
     export_onnx(qmodel, buffer)
-    deployed = Deployed(buffer.getvalue(), threads)
+    config = records.get(qmodel, QConfig)
+    deployed = Deployed(buffer.getvalue(), threads, config is not None and config.requantize == "onnxruntime")
     if example_input is not None:
         deployed(example_input)
     return deployed

@@ -108,6 +108,13 @@ def test_with_onnxruntime_requantization_deploy_is_bit_exact(name):
     x = torch.randn(64, *shape) * 1.5  # beyond the calibrated ranges too: saturation agrees
     with torch.no_grad():
         assert torch.equal(deployed(x), qmodel(x))
+    assert deployed.bit_exact and "bit-exact" in repr(deployed)
+
+
+def test_a_fixed_point_model_deploys_and_says_it_is_not_bit_exact():
+    qmodel = fxq.quantize(randomize_bn(Residual()).eval(), [torch.randn(8, 3, 8, 8) for _ in range(4)])
+    deployed = fxq.deploy(qmodel, threads=1)
+    assert not deployed.bit_exact and "requantize='onnxruntime'" in repr(deployed)
 
 
 @pytest.mark.parametrize("bits", [(8, 4), (4, 6), (3, 2)])
