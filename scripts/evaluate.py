@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 from tabulate import tabulate
 
 import fxq
+from fxq.measure import latency_ms, saved_bytes
 from fxq.runtime import count_ops
 from scripts import data, models
 from scripts.train import accuracy
@@ -41,23 +40,6 @@ class Row:
     quantize_s: float        # wall time of the quantization call (calibration included)
     integer_ops: int
     float_ops: int
-
-
-def saved_bytes(model: torch.nn.Module) -> int:
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.tell()
-
-
-@torch.no_grad()
-def latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int) -> float:
-    model(x)  # warm-up: first-call allocations and kernel selection
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        model(x)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def torch_ao_x86(model: torch.nn.Module, calib: list) -> torch.nn.Module:
@@ -84,7 +66,7 @@ def measure(name: str, model, test: data.Split, float_bytes: int, float_acc: flo
     """``graph``: the GraphModule whose ops ``model`` runs (a deployed model is a session)."""
     acc = accuracy(model, test)
     ops = count_ops(graph if graph is not None else model, test.images[:2])
-    size = len(model.model_bytes) if hasattr(model, "model_bytes") else saved_bytes(model)
+    size = saved_bytes(model)
     return Row(name, round(acc, 2), round((float_acc if float_acc is not None else acc) - acc, 2),
                round(size / 1e6, 2), round(size / float_bytes, 4),
                round(latency_ms(model, test.images[:1], runs * 10), 2),

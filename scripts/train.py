@@ -19,6 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from fxq import measure
 from scripts import data, models
 
 def augment(images: torch.Tensor, flip: bool, generator: torch.Generator) -> torch.Tensor:
@@ -35,11 +36,7 @@ def augment(images: torch.Tensor, flip: bool, generator: torch.Generator) -> tor
 
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, split: data.Split, batch_size: int = 500) -> float:
-    model.eval()
-    correct = 0
-    for images, labels in zip(split.images.split(batch_size), split.labels.split(batch_size)):
-        correct += (model(images).argmax(1) == labels).sum().item()
-    return 100.0 * correct / len(split)
+    return measure.accuracy(model, zip(split.images.split(batch_size), split.labels.split(batch_size)))
 
 
 def train(recipe: models.Recipe, batch_size: int) -> torch.nn.Module:

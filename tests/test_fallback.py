@@ -55,6 +55,18 @@ def test_ops_without_integer_forms_run_in_float_and_are_reported_once_with_sourc
     assert check_quantized(qmodel, model, torch.randn(16, 3, 8, 8), tmp_path) > 20
 
 
+def test_a_saved_model_keeps_why_each_op_runs_in_float(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxq.FloatFallbackWarning)
+        qmodel = fxq.quantize(Mixed().eval(), _calibration())
+    fxq.save(qmodel, tmp_path / "m.fxq")
+    loaded = fxq.load(tmp_path / "m.fxq")
+    reasons = {n.name: records.get(n, records.FloatOp) for n in loaded.graph.nodes if records.has(n, records.FloatOp)}
+    assert reasons == {n.name: records.get(n, records.FloatOp) for n in qmodel.graph.nodes
+                       if records.has(n, records.FloatOp)}
+    assert reasons["norm"].reason == "no integer form for LayerNorm"
+
+
 def test_an_override_to_none_keeps_any_module_in_float():
     class Net(nn.Module):
         def __init__(self):

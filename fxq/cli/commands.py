@@ -1,0 +1,136 @@
+"""The subcommands: each takes the parsed arguments, prints its result, raises on failure."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tabulate import tabulate
+
+import fxq
+from fxq import dump
+from fxq.cli import inputs
+from fxq.cli.measurements import measure_rows
+from fxq.comparison import integer_layers
+from fxq.config import QConfig
+
+
+def _model_and_data(args):
+    model = inputs.build_model(args.model, args.weights, args.num_classes)
+    return model, _data(args, inputs.input_channels(model))
+
+
+def _data(args, channels: int) -> inputs.Data:
+    data = inputs.load_data(args.data, channels, args.image_size, args.mean, args.std, args.batch_size)
+    if data.same_images:
+        print(f"note: {args.data} has no train/ and test/ folders: its images both calibrate and evaluate")
+    return data
+
+
+def _config(args) -> tuple[QConfig, dict]:
+    values, overrides = inputs.read_config(args.config) if args.config else ({}, {})
+    flags = {"weight_bits": args.w_bits, "act_bits": args.a_bits, "weight_range": args.weight_range,
+             "act_range": args.act_range, "placement": args.placement, "requantize": args.requantize,
+             "per_channel": False if args.per_tensor else None}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return inputs.make_config(values, overrides)
+
+
+def _load(path: Path):
+    if not path.is_file():
+        raise inputs.UsageError(f"{path}: no such file; write one with `fxq quantize ... --out {path}`")
+    return fxq.load(path)
+
+
+def describe(config: QConfig) -> str:
+    """``W8A8 per-channel, weights minmax, activations minmax, ...`` (every field, in short)."""
+    granularity = "per-channel" if config.per_channel else "per-tensor"
+    extras = [name for name, on in (("CLE", config.cross_layer_equalization), ("bias correction", config.bias_correction),
+                                    ("first/last 8-bit", config.keep_first_last_8bit)) if on]
+    return (f"W{config.weight_bits}A{config.act_bits} {granularity}, weights {config.weight_range}, "
+            f"activations {config.act_range}, placement {config.placement}, requantize {config.requantize}"
+            + "".join(f", {e}" for e in extras))
+
+
+def quantize(args) -> None:
+    model, data = _model_and_data(args)
+    config, overrides = _config(args)
+    start = time.perf_counter()
+    qmodel = fxq.quantize(model, data.calibration(args.calib), config, overrides=overrides)
+    seconds = time.perf_counter() - start
+    fxq.save(qmodel, args.out)
+    network = fxq.explain(qmodel)
+    print(f"quantized {args.model} in {seconds:.1f} s on {min(args.calib, len(data.calibration_split))} "
+          f"{data.name} images: {describe(config)}")
+    print(network.summary)
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
+
+
+def evaluate(args) -> None:
+    qmodel = _load(args.qmodel)
+    model = inputs.build_model(args.model, args.weights, args.num_classes) if args.model else None
+    data = _data(args, inputs.input_channels(qmodel))
+    rows = measure_rows(qmodel, data, model, args.limit, args.runs, not args.no_deploy, args.threads)
+    print(tabulate(rows, headers="keys", tablefmt="simple"))
+    if model is None:
+        print("(give --model and --weights for the float row)")
+
+
+def explain(args) -> None:
+    qmodel = _load(args.qmodel)
+    if args.layer is not None and args.layer not in integer_layers(qmodel):
+        raise inputs.UsageError(f"{args.layer!r} is not a conv/linear layer of {args.qmodel}; "
+                                f"choose one of {list(integer_layers(qmodel))}")
+    batch = _data(args, inputs.input_channels(qmodel)).example(args.batch_size) if args.data else None
+    explanation = fxq.explain(qmodel, args.layer, batch)
+    print(explanation.to_markdown() if args.markdown else explanation)
+    if args.layer is not None and batch is None:
+        print("(give --data to see the observed ranges and check the formula in int64)")
+
+
+def dump_graph(args) -> None:
+    model, data = _model_and_data(args)
+    config, overrides = _config(args)
+    passes = fxq.PASSES[:[p.__name__ for p in fxq.PASSES].index(args.after) + 1]
+    gm = fxq.quantize(model, data.calibration(args.calib), config, passes=passes, overrides=overrides)
+    table = dump.rows(gm, data.example(2))
+    print(f"{args.model} after {args.after} ({len(table)} nodes)")
+    print(tabulate([asdict(r) for r in table], headers="keys", tablefmt="simple"))
+    graph = dump.to_networkx(gm, table)
+    if args.graphml:
+        import networkx as nx
+        nx.write_graphml(graph, args.graphml)
+        print(f"wrote {args.graphml}")
+    if args.dot:
+        args.dot.write_text(dump.to_dot(graph))
+        print(f"wrote {args.dot}")
+
+
+def search_bits(args) -> None:
+    model, data = _model_and_data(args)
+    config, overrides = _config(args)
+    if overrides:
+        raise inputs.UsageError("search-bits chooses every layer's weight width itself: remove [overrides] "
+                                "from --config")
+    result = fxq.search_bits(model, data.calibration(args.calib), args.avg_bits, config, args.candidates,
+                             eval_loader=data.evaluation(args.eval), progress=True)
+    print(result.to_markdown())
+    print(f"chosen for {args.avg_bits:g} bits: average {result.avg_weight_bits:.2f} bits; "
+          + ", ".join(f"{name} {bits}" for name, bits in result.bits.items()))
+    if args.out_config:
+        inputs.write_config(args.out_config, result.config, result.overrides)
+        print(f"wrote {args.out_config} (use it: fxq quantize ... --config {args.out_config})")
+    if args.plot:
+        result.plot(str(args.plot))
+        print(f"wrote {args.plot}")
+
+
+def report(args) -> None:
+    from fxq.report import write_report
+
+    qmodel = _load(args.qmodel)
+    model, data = _model_and_data(args)
+    rows = measure_rows(qmodel, data, model, args.limit, args.runs, not args.no_deploy, args.threads)
+    index = write_report(args.out, qmodel, model, data, rows, args.sensitivity_images, args.worst,
+                         source=str(args.qmodel))
+    print(f"wrote {index} and {args.out / 'report.md'}")

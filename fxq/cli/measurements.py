@@ -1,0 +1,39 @@
+"""The float / fxq / deployed table of `fxq evaluate` and `fxq report`."""
+from __future__ import annotations
+
+import importlib.util
+
+from torch import fx, nn
+
+from fxq import measure, records
+from fxq.config import QConfig
+
+
+def measure_rows(qmodel: fx.GraphModule, data, model: nn.Module | None, limit: int | None, runs: int,
+                 deploy: bool, threads: int | None) -> list[dict]:
+    """One row per model: accuracy on the test images, saved size, latency at batch 1 and at the
+    batch size (median of ``runs``)."""
+    candidates = []
+    if model is not None:
+        candidates.append(("float32", model))
+    candidates.append(("fxq (integer executor)", qmodel))
+    if deploy and importlib.util.find_spec("onnxruntime") is not None:
+        import fxq
+        exact = records.get(qmodel, QConfig) is not None and records.get(qmodel, QConfig).requantize == "onnxruntime"
+        deployed = fxq.deploy(qmodel, data.example(1), threads=threads or 2)
+        candidates.append((f"fxq deployed (onnxruntime, {'bit-exact' if exact else 'within a few steps'})", deployed))
+    x1, xb = data.example(1), data.example(data.batch_size)
+    rows, float_row = [], None
+    for name, m in candidates:
+        accuracy = measure.accuracy(m, data.evaluation(limit, f"accuracy of {name}"))
+        size = measure.saved_bytes(m)
+        row = {"model": name, "accuracy %": round(accuracy, 2),
+               "vs float (points)": None if float_row is None else round(accuracy - float_row["accuracy %"], 2),
+               "size MB": round(size / 1e6, 2),
+               "× float size": None if float_row is None else round(size / float_row["_bytes"], 3),
+               "ms batch 1": round(measure.latency_ms(m, x1, runs), 2),
+               f"ms batch {len(xb)}": round(measure.latency_ms(m, xb, max(3, runs // 4)), 1),
+               "_bytes": size}
+        float_row = float_row or (row if model is not None else None)
+        rows.append(row)
+    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
