@@ -15,10 +15,11 @@ import torch
 from tabulate import tabulate
 from torch import fx, nn
 
-from fxq.qmodules import QLayer
+from fxq import progress as bars
 from fxq import records
 from fxq.config import QConfig
 from fxq.context import PassContext
+from fxq.qmodules import QLayer
 from passes.equalize import equalize
 from passes.fold_bn import fold_bn
 from passes.trace import trace
@@ -136,8 +137,9 @@ class Sensitivity:
 
 
 def sensitivity(model: nn.Module, qmodel: fx.GraphModule, images: torch.Tensor,
-                labels: torch.Tensor) -> Sensitivity:
-    """Quantize one layer at a time (the rest float), and all layers but one, as ``qmodel`` does."""
+                labels: torch.Tensor, progress: bool = False) -> Sensitivity:
+    """Quantize one layer at a time (the rest float), and all layers but one, as ``qmodel`` does.
+    ``progress``: a bar over the layers."""
     folded = folded_float(model, records.get(qmodel, QConfig))
     names = list(integer_layers(qmodel))
 
@@ -149,5 +151,5 @@ def sensitivity(model: nn.Module, qmodel: fx.GraphModule, images: torch.Tensor,
 
     rows = [(name, accuracy(with_quantized_layers(folded, qmodel, [name])),
              accuracy(with_quantized_layers(folded, qmodel, [n for n in names if n != name])))
-            for name in names]
+            for name in (bars.items(names, "sensitivity, layer by layer", "layer") if progress else names)]
     return Sensitivity(accuracy(folded), accuracy(with_quantized_layers(folded, qmodel, names)), rows)

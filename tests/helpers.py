@@ -1,4 +1,11 @@
-"""Tiny models the pass tests are built on, and graph-reading helpers."""
+"""Tiny models the pass tests are built on, graph-reading helpers, and running the command."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from torch import fx, nn
 
@@ -118,3 +125,31 @@ def check_quantized(qmodel: fx.GraphModule, model: nn.Module, x: torch.Tensor, t
     with torch.no_grad():
         assert torch.equal(loaded(x), qmodel(x))
         return sqnr_db(model(x), qmodel(x))
+
+
+ROOT = Path(__file__).resolve().parent.parent
+BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser")
+
+
+def run_fxq(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """The installed ``fxq`` command, as a user runs it (MNIST read from the repository's cache)."""
+    command = Path(sys.executable).parent / "fxq"
+    env = {**os.environ, "FXQ_DATA": str(ROOT / "data")}
+    return subprocess.run([str(command), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def images_shown(page: Path) -> tuple[int, int]:
+    """(images on the page, images a headless Chromium decoded) for an HTML file: a copy of the
+    page with a probe script that counts them once the page has loaded."""
+    browser = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+    assert browser, "no headless Chromium: `make setup` installs Debian's chromium-headless-shell"
+    probe = ("<script>addEventListener('load', () => { const all = [...document.images]; "
+             "document.body.dataset.images = all.length + '/' + "
+             "all.filter(i => i.complete && i.naturalWidth > 0).length; });</script></body>")
+    copy = page.with_name("probe.html")
+    copy.write_text(page.read_text().replace("</body>", probe))
+    dom = subprocess.run([browser, "--no-sandbox", "--disable-gpu", "--dump-dom", copy.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    found = re.search(r'data-images="(\d+)/(\d+)"', dom)
+    assert found, f"the browser did not render {page}: {dom[:300]!r}"
+    return int(found[1]), int(found[2])

@@ -144,7 +144,7 @@ class Data:
         return next(iter(self._first(self.evaluation_split, count)))[0]
 
     def tensors(self, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = zip(*self._first(self.evaluation_split, min(limit, len(self.evaluation_split))))
+        images, labels = zip(*self._first(self.evaluation_split, limit))
         return torch.cat(images), torch.cat(labels)
 
     def _sample(self, split, count: int) -> list:
@@ -154,6 +154,7 @@ class Data:
         return self._loaded(torch.utils.data.Subset(split, index.tolist()))
 
     def _first(self, split, count: int) -> list:
+        count = min(count, len(split))
         if isinstance(split, datasets.Split):
             return list(zip(split.images[:count].split(self.batch_size), split.labels[:count].split(self.batch_size)))
         return self._loaded(torch.utils.data.Subset(split, range(count)))

@@ -185,12 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     progress.enable(not args.quiet)
-    if not args.debug:
-        warnings.showwarning = _show_warning
     if args.threads is not None:
         import torch
         torch.set_num_threads(args.threads)
+    shown = warnings.showwarning
     try:
+        if not args.debug:
+            warnings.showwarning = _show_warning
         args.run(args)
     except UsageError as error:
         args.parser.print_usage(sys.stderr)
@@ -204,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fxq {args.command}: error: {_one_line(error)} (--debug shows the traceback)", file=sys.stderr)
         return 1
+    finally:
+        warnings.showwarning = shown
     return 0
 
 

@@ -1,0 +1,178 @@
+"""The `fxq` command on a user's own model (PKG.MODULE:FACTORY in a file of a temporary folder) and
+an image folder: every subcommand, errors and exit codes, the config file, the report in a browser."""
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fxq
+from fxq.cli import inputs
+from fxq.cli.main import EXAMPLES, main
+from tests.helpers import images_shown, run_fxq
+
+NET = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    def build():
+        return nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+''')
+
+
+def _images(folder, count: int, seed: int) -> None:
+    """Two classes of 12×12 grayscale PNGs: bright top half, bright bottom half."""
+    rng = np.random.default_rng(seed)
+    for label in (0, 1):
+        (folder / f"c{label}").mkdir(parents=True)
+        for i in range(count):
+            pixels = rng.integers(0, 60, (12, 12))
+            pixels[:6] += 180 if label == 0 else 0
+            pixels[6:] += 180 if label == 1 else 0
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"c{label}" / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A user's folder: their network in tinynet.py, its trained weights, train/ and test/ images."""
+    root = tmp_path_factory.mktemp("project")
+    (root / "tinynet.py").write_text(NET)
+    sys.path.insert(0, str(root))
+    try:
+        import tinynet
+        torch.manual_seed(0)
+        model = tinynet.build()
+    finally:
+        sys.path.remove(str(root))
+    _images(root / "digits" / "train", 24, seed=0)
+    _images(root / "digits" / "test", 16, seed=1)
+    batches = list(inputs.load_data(str(root / "digits"), channels=1).calibration(48).batches)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(20):  # a few steps: the classes are easy
+        for images, labels in batches:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+    torch.save(model.eval().state_dict(), root / "tinynet.pt")
+    return root
+
+
+MODEL = ["--model", "tinynet:build", "--weights", "tinynet.pt", "--data", "digits"]
+
+
+def test_a_users_own_model_quantizes_evaluates_and_reports_from_the_command_line(project):
+    done = run_fxq("quantize", *MODEL, "--out", "tiny.fxq", "--calib", "32", "--quiet", cwd=project)
+    assert done.returncode == 0, done.stderr
+    assert "ops run on integers" in done.stdout and "wrote tiny.fxq" in done.stdout
+    assert done.stderr == ""  # --quiet: no progress bars
+    assert fxq.load(project / "tiny.fxq")(torch.zeros(1, 1, 12, 12)).shape == (1, 2)
+
+    done = run_fxq("evaluate", "tiny.fxq", *MODEL, "--runs", "2", cwd=project)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("  ")[0]: line for line in done.stdout.splitlines()}
+    assert {"float32", "fxq (integer executor)"} <= set(rows) and any(k.startswith("fxq deployed") for k in rows)
+    assert "img/s" in done.stderr  # progress bars with throughput
+
+    done = run_fxq("report", "tiny.fxq", *MODEL, "--out", "report", "--runs", "2", "--worst", "2", cwd=project)
+    assert done.returncode == 0, done.stderr
+    page = project / "report" / "index.html"
+    total, decoded = images_shown(page)
+    assert total == 2 + 2 * 2 + 1 and decoded == total  # summary, SQNR, 2 × (weights, activations), sensitivity
+    markdown = (project / "report" / "report.md").read_text()
+    for heading in ("Float vs quantized", "Every op", "The worst layers", "Sensitivity", "What runs in float",
+                    "The config"):
+        assert f"## {heading}" in markdown
+    assert "Nothing: every op of the model runs on integers." in markdown
+
+
+@pytest.mark.parametrize("command", sorted(EXAMPLES))
+def test_every_subcommand_has_help_with_an_example(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"fxq {command} " in out
+
+
+def test_the_installed_command_runs_and_a_usage_error_exits_2():
+    command = [sys.executable, "-m", "fxq.cli.main", "quantize", "--model", "resnet18"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 2 and "the following arguments are required: --data, --out" in done.stderr
+
+
+def test_errors_are_one_line_with_the_fix_and_exit_1_or_2(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    cases = [  # (arguments, exit code, part of the message)
+        (["quantize", "--model", "no_such_model", "--data", "digits", "--out", "x.fxq"], 2, "not a torchvision"),
+        (["quantize", "--model", "tinynet:nothing", "--data", "digits", "--out", "x.fxq"], 2, "has no 'nothing'"),
+        (["quantize", "--model", "resnet18", "--weights", "tinynet.pt", "--data", "digits", "--out", "x.fxq"], 1,
+         "does not fit the model"),
+        (["quantize", *MODEL, "--data", "nowhere", "--out", "x.fxq"], 2, "neither mnist"),
+        (["explain", "missing.fxq"], 2, "no such file; write one with `fxq quantize"),
+        (["quantize", *MODEL, "--calib", "0", "--out", "x.fxq"], 1, "calibrate on at least one image"),
+    ]
+    for argv, code, message in cases:
+        assert main(argv) == code, argv
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert message in last and last.startswith(f"fxq {argv[0]}: error:"), err
+        assert "Traceback" not in err
+    with pytest.raises(ValueError, match="calibrate on at least one image"):  # --debug: the real exception
+        main(["quantize", *MODEL, "--calib", "0", "--out", "x.fxq", "--debug"])
+
+
+def test_a_damaged_model_file_is_refused_in_one_line(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    (project / "bad.fxq").write_bytes(b"not a model")
+    assert main(["explain", "bad.fxq"]) == 1
+    assert "is not a valid fxq model file" in capsys.readouterr().err
+
+
+def test_explain_names_the_layers_to_choose_from(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    assert main(["quantize", *MODEL, "--out", "e.fxq", "--calib", "16", "--quiet"]) == 0
+    assert main(["explain", "e.fxq", "nope"]) == 2
+    assert "choose one of ['0', '3', '7']" in capsys.readouterr().err
+    assert main(["explain", "e.fxq", "3", "--data", "digits", "--quiet"]) == 0
+    assert "exact match" in capsys.readouterr().out
+
+
+def test_config_file_and_flags_set_the_qconfig_and_overrides(project, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(project)
+    config = tmp_path / "c.toml"
+    config.write_text('act_range = "percentile"\nweight_bits = 6\n[overrides]\n"7" = "float"\n"3" = { weight_bits = 4 }\n')
+    assert main(["quantize", *MODEL, "--config", str(config), "--a-bits", "6", "--out", "c.fxq", "--quiet"]) == 0
+    qmodel = fxq.load(project / "c.fxq")
+    chosen = fxq.explain(qmodel)
+    weight_bits = {row[0]: row[5] for row in chosen.rows if row[1].startswith("QConv")}
+    assert weight_bits == {"0": 8, "3": 4}  # the first layer stays at 8 bits below 8 bits, by default
+    assert "W6A6 per-channel, weights output_aware, activations percentile" in capsys.readouterr().out
+    assert "float: kept in float by overrides" in {row[0]: row[-1] for row in chosen.rows}["7"]
+    config.write_text("wieght_bits = 4\n")
+    assert main(["quantize", *MODEL, "--config", str(config), "--out", "c.fxq"]) == 1
+    assert "unknown QConfig field(s) ['wieght_bits']" in capsys.readouterr().err
+
+
+def test_a_written_config_reads_back_as_the_same_configs(tmp_path):
+    base = fxq.QConfig(act_range="mse", keep_first_last_8bit=False)
+    overrides = {"layer1.*": base.with_bits(weight_bits=4), "fc": None, "conv1": base.replace(placement="post")}
+    inputs.write_config(tmp_path / "c.toml", base, overrides)
+    config, read = inputs.make_config(*inputs.read_config(tmp_path / "c.toml"))
+    assert config == base and read == overrides
+    assert read["layer1.*"].weight_range == "output_aware"  # left to the 4-bit defaults, as written
+
+
+def test_quiet_silences_the_progress_bars_only(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    assert main(["quantize", *MODEL, "--out", "q.fxq", "--calib", "16"]) == 0
+    loud = capsys.readouterr()
+    assert "calibration images" in loud.err and "img/s" in loud.err
+    assert main(["quantize", *MODEL, "--out", "q.fxq", "--calib", "16", "--quiet"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.err == "" and quiet.out.splitlines()[-1] == loud.out.splitlines()[-1]
