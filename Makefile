@@ -2,9 +2,9 @@
 PY := .venv/bin/python
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup demo test data docs
+.PHONY: setup demo test data docs browser
 
-setup: .venv/ready data
+setup: .venv/ready data browser
 
 # torch/torchvision are pinned to the CPU-usable wheels this machine serves from local files.
 .venv/ready: pyproject.toml
@@ -16,6 +16,11 @@ setup: .venv/ready data
 data: .venv/ready
 	@test -d $(FASHION) || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }
 	$(PY) -c "from scripts import data; data.load('mnist', 'test'); data.load('fashion', 'test')"
+
+# The report test renders `fxq report`'s page in a headless Chromium (Debian's build, as root).
+browser:
+	@command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null || \
+		{ apt-get update -q && apt-get install -y -q chromium-headless-shell; }
 
 demo: setup
 	$(PY) -m scripts.evaluate

@@ -17,7 +17,6 @@ own parameters (the default) and requantized to them, and writes that comparison
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import re
 import tempfile
@@ -36,6 +35,7 @@ from torch import nn
 import fxq
 from fxq.runtime import count_ops
 from passes import convert as convert_pass
+from scripts.evaluate import torch_ao_x86
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "zoo.json"
@@ -118,17 +118,8 @@ def run_fxq(model: nn.Module, calibration: torch.Tensor, scored: torch.Tensor) -
 
 
 def run_torch_ao(model: nn.Module, calibration: torch.Tensor, scored: torch.Tensor) -> Result:
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's deprecation notices
-        prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), (calibration[:1],))
-        with torch.no_grad():
-            for batch in calibration.split(16):
-                prepared(batch)
-        qmodel = convert_fx(prepared)
+    qmodel = torch_ao_x86(model, [(batch, None) for batch in calibration.split(16)])
     seconds = time.perf_counter() - start
     sqnr, agreement = score(model, qmodel, scored)
     integer_share, float_ops = share(qmodel, scored[:8])

@@ -1,9 +1,7 @@
 import networkx as nx
-import pytest
 
 import fxq
 from fxq import dump
-from scripts import dump_graph
 from tests.helpers import Residual, randomize_bn
 
 
@@ -40,12 +38,3 @@ def test_networkx_graph_mirrors_the_fx_graph_and_writes_graphml_and_dot(ctx, tmp
     assert nx.read_graphml(tmp_path / "g.graphml").nodes["add"]["dtype"] == "uint8"
     dot = dump.to_dot(graph)
     assert dot.startswith("digraph fxq {") and '"unit_relu" -> "conv2";' in dot
-
-
-@pytest.mark.real_data
-def test_script_prints_the_table_after_a_chosen_pass(tmp_path, capsys):
-    dump_graph.main(["--dataset", "mnist", "--after", "fold_bn", "--calib-images", "64",
-                     "--graphml", str(tmp_path / "g.graphml"), "--dot", str(tmp_path / "g.dot")])
-    out = capsys.readouterr().out
-    assert "after fold_bn" in out and "layer4.1.conv2" in out and "bn1" not in out
-    assert (tmp_path / "g.graphml").exists() and (tmp_path / "g.dot").read_text().startswith("digraph")
