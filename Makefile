@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup demo test data docs browser
+.PHONY: setup demo test data docs browser report
 
 setup: .venv/ready data browser
 
@@ -36,3 +36,13 @@ docs: setup
 	$(PY) -m scripts.explain_report
 	$(PY) -m scripts.low_bits
 	$(PY) -m scripts.model_suite
+	$(MAKE) report
+
+FASHION_NET := --model scripts.models:resnet18_28x28 --weights checkpoints/resnet18_fashion.pt --data fashion-mnist
+# docs/report: `fxq report` on the Fashion-MNIST ResNet-18 at W4A4 (where layers differ), and a
+# screenshot of its page
+report: setup
+	.venv/bin/fxq quantize $(FASHION_NET) --w-bits 4 --a-bits 4 --out results/fashion_w4a4.fxq --quiet
+	.venv/bin/fxq report results/fashion_w4a4.fxq $(FASHION_NET) --out docs/report --threads 2 --quiet
+	chromium-headless-shell --no-sandbox --hide-scrollbars --window-size=1200,6400 \
+		--screenshot=$(CURDIR)/docs/report/screenshot.png file://$(CURDIR)/docs/report/index.html 2>/dev/null

@@ -7,14 +7,24 @@ import time
 from typing import Iterable
 
 import torch
+from torch import fx
+
+from fxq import records
+from fxq.config import QConfig
+from fxq.serialize import save
 
 
 def saved_bytes(model: torch.nn.Module) -> int:
-    """Bytes of ``torch.save(model.state_dict())`` (a deployed model: its ONNX file)."""
+    """Bytes of the file the model is kept in: `fxq.save`'s for a quantized model (weights
+    bit-packed at their widths), the ONNX file for a deployed one, else
+    ``torch.save(model.state_dict())``."""
     if hasattr(model, "model_bytes"):
         return len(model.model_bytes)
     buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
+    if isinstance(model, fx.GraphModule) and records.get(model, QConfig) is not None:
+        save(model, buffer)
+    else:
+        torch.save(model.state_dict(), buffer)
     return buffer.tell()
 
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 import fxq
+from fxq.measure import saved_bytes
 from scripts import data, models
 from scripts.sweeps import RESULTS, Cache, test_subset
 from scripts.train import accuracy
@@ -54,13 +53,6 @@ def config_of(setting: str, method: dict, **extra) -> fxq.QConfig:
 
 def key_of(config: fxq.QConfig, **extra) -> dict:
     return {**{f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}, **extra}
-
-
-def saved_bytes(qmodel) -> int:
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "m.fxq"
-        fxq.save(qmodel, path)
-        return path.stat().st_size
 
 
 def float_bytes(model) -> int:

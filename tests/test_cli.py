@@ -127,6 +127,17 @@ def test_errors_are_one_line_with_the_fix_and_exit_1_or_2(project, monkeypatch, 
         main(["quantize", *MODEL, "--calib", "0", "--out", "x.fxq", "--debug"])
 
 
+def test_images_of_different_sizes_ask_for_a_size(project, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(project)
+    for label, size in ((0, 12), (1, 16)):
+        (tmp_path / "mixed" / f"c{label}").mkdir(parents=True)
+        Image.new("L", (size, size)).save(tmp_path / "mixed" / f"c{label}" / "a.png")
+    argv = ["quantize", "--model", "tinynet:build", "--data", str(tmp_path / "mixed"), "--out", "m.fxq", "--quiet"]
+    assert main(argv) == 1
+    assert "differ in size; give --image-size H or HxW" in capsys.readouterr().err
+    assert main(argv + ["--image-size", "12"]) == 0
+
+
 def test_a_damaged_model_file_is_refused_in_one_line(project, monkeypatch, capsys):
     monkeypatch.chdir(project)
     (project / "bad.fxq").write_bytes(b"not a model")

@@ -17,6 +17,8 @@ from fxq.config import QConfig
 
 def _model_and_data(args):
     model = inputs.build_model(args.model, args.weights, args.num_classes)
+    if args.weights is None:
+        print(f"note: no --weights: {args.model} runs with the weights its constructor gives it")
     return model, _data(args, inputs.input_channels(model))
 
 

@@ -160,7 +160,13 @@ class Data:
         return self._loaded(torch.utils.data.Subset(split, range(count)))
 
     def _loaded(self, subset) -> list:
-        return list(torch.utils.data.DataLoader(subset, batch_size=self.batch_size))
+        try:
+            return list(torch.utils.data.DataLoader(subset, batch_size=self.batch_size))
+        except RuntimeError as error:
+            if "stack expects each tensor to be equal size" not in str(error):
+                raise
+            raise ValueError(f"the images of {self.name} differ in size; give --image-size H or HxW to "
+                             "resize them all") from None
 
 
 def load_data(spec: str, channels: int, image_size=None, mean=None, std=None, batch_size: int = 64) -> Data:
