@@ -131,7 +131,8 @@ def test_images_of_different_sizes_ask_for_a_size(project, monkeypatch, capsys, 
     monkeypatch.chdir(project)
     for label, size in ((0, 12), (1, 16)):
         (tmp_path / "mixed" / f"c{label}").mkdir(parents=True)
-        Image.new("L", (size, size)).save(tmp_path / "mixed" / f"c{label}" / "a.png")
+        pixels = np.random.default_rng(label).integers(0, 255, (size, size)).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "mixed" / f"c{label}" / "a.png")
     argv = ["quantize", "--model", "tinynet:build", "--data", str(tmp_path / "mixed"), "--out", "m.fxq", "--quiet"]
     assert main(argv) == 1
     assert "differ in size; give --image-size H or HxW" in capsys.readouterr().err
