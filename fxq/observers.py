@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxq import ranges
+from fxq import distributed, ranges
 from fxq.affine import ActQParams
 from fxq.config import QConfig
 from fxq.qmodules import explicit_padding
@@ -55,6 +55,11 @@ class Observer(nn.Module):
 
     def observe(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Record ``x``, whose least and greatest values are ``lo`` and ``hi``."""
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        """Make this observer, on every rank of a process group, hold what one observer of every
+        rank's data would (`fxq.distributed`; a collective: every rank calls it)."""
         raise NotImplementedError
 
     def merge(self, other: "Observer") -> "Observer":
@@ -97,6 +102,9 @@ class MinMaxObserver(Observer):
         self.min_val = torch.minimum(self.min_val, lo)
         self.max_val = torch.maximum(self.max_val, hi)
 
+    def synchronize(self) -> None:  # 2 floats each way
+        self.min_val, self.max_val = distributed.reduce_min(self.min_val), distributed.reduce_max(self.max_val)
+
     def merge(self, other: "MinMaxObserver") -> "MinMaxObserver":
         self.min_val = torch.minimum(self.min_val, other.min_val)
         self.max_val = torch.maximum(self.max_val, other.max_val)
@@ -125,6 +133,16 @@ class MovingAverageObserver(MinMaxObserver):
             self.min_val = self.min_val + c * (lo - self.min_val)
             self.max_val = self.max_val + c * (hi - self.max_val)
         self.batches += 1
+
+    def synchronize(self) -> None:
+        """The ranks' averages merged in rank order (:meth:`merge`). An average of batches in
+        sequence depends on their order, so this is not what one process would compute."""
+        states = distributed.gather((self.min_val.item(), self.max_val.item(), self.batches))
+        self.batches, self.min_val, self.max_val = 0, self.min_val.new_tensor(0.0), self.max_val.new_tensor(0.0)
+        for lo, hi, batches in states:
+            other = MovingAverageObserver(self.label, self.bits, self.averaging_constant)
+            other.min_val, other.max_val, other.batches = self.min_val.new_tensor(lo), self.max_val.new_tensor(hi), batches
+            self.merge(other)
 
     def merge(self, other: "MovingAverageObserver") -> "MovingAverageObserver":
         total = self.batches + other.batches
@@ -181,6 +199,16 @@ class HistogramObserver(MinMaxObserver):
         width, slots = 2.0**self.exponent, self.counts.numel()
         start = self.first * width  # a power of two times an integer: exact in float32 for |first| < 2^24
         self.counts += torch.histc(x, slots, start, start + slots * width).double()
+
+    def synchronize(self) -> None:
+        """The extent over every rank (2 floats), each rank's counts moved to that extent's grid —
+        whole bins summed, so no count is split — and summed (``2·bins`` float64): exactly one
+        observer's histogram of all the data."""
+        super().synchronize()
+        if not self.observed:
+            return
+        self._coarsen(*self._grid(self.min_val.item(), self.max_val.item()))
+        self.counts = distributed.reduce_sum(self.counts)
 
     def merge(self, other: "HistogramObserver") -> "HistogramObserver":
         if other.exponent is None:
@@ -270,6 +298,15 @@ class InputGram(nn.Module):
         if self.gram is not None:
             self.gram += torch.einsum("ngk,ngl->gkl", columns, columns).double()
         return x
+
+    def synchronize(self) -> None:
+        """Sums over every rank: the Gram matrix (K² float64: the output-aware rule's statistics),
+        the column sums (K) and the count. Summed in float64 as one process sums its batches, in
+        a different order: equal up to the last bit of that rounding."""
+        if self.gram is not None:
+            self.gram = distributed.reduce_sum(self.gram)
+        self.column_sum = distributed.reduce_sum(self.column_sum)
+        self.count = int(distributed.reduce_sum(torch.tensor(self.count, dtype=torch.int64)))
 
     def merge(self, other: "InputGram") -> "InputGram":
         if self.gram is not None:

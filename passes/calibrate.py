@@ -6,7 +6,7 @@ import contextlib
 import torch
 from torch import fx
 
-from fxq import records
+from fxq import distributed, records
 from fxq.context import PassContext
 from fxq.graph import finish
 from fxq.observers import InputGram, Observer
@@ -23,7 +23,12 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     (wrong shape), and a ``TypeError`` for a batch that is not a float tensor.
     """
     gm.eval()
-    batches, samples, sample_shape = _one_pass(gm, ctx.calib_loader)
+    batches, samples, sample_shape = _synchronized(gm, ctx.calib_loader)
+    if batches == 0:
+        raise ValueError(
+            "calib_loader yielded no batches: pass a non-empty DataLoader or list of input "
+            "batches (a few hundred training images are typical)"
+        )
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     _check_not_constant(gm, placeholders[0])
     records.put(placeholders[0], records.Calibration(batches, samples, sample_shape))
@@ -54,12 +59,27 @@ def _one_pass(gm: fx.GraphModule, loader) -> tuple[int, int, tuple[int, ...] | N
             _run(gm, x.to(memory_format=layout), index)
             batches, samples = batches + 1, samples + x.shape[0]
     gm.to(memory_format=torch.contiguous_format)
-    if batches == 0:
-        raise ValueError(
-            "calib_loader yielded no batches: pass a non-empty DataLoader or list of input "
-            "batches (a few hundred training images are typical)"
-        )
     return batches, samples, sample_shape
+
+
+def _synchronized(gm: fx.GraphModule, loader) -> tuple[int, int, tuple[int, ...] | None]:
+    """One pass over this process's data; in a process group (`fxq.distributed`), over each
+    rank's shard, then every observer synchronized: each rank holds what one process observing
+    the union would hold, and the counts are the union's. A rank may hold no batches."""
+    if not distributed.active():
+        return _one_pass(gm, loader)
+    error = stats = None
+    try:
+        stats = _one_pass(gm, loader)
+    except Exception as caught:  # every rank must learn of it before the collectives below
+        error = caught
+    distributed.agree(error)
+    for module in gm.modules():  # the same modules in the same order on every rank
+        if isinstance(module, (Observer, InputGram)):
+            module.synchronize()
+    shapes = [shape for shape in distributed.gather(stats[2]) if shape is not None]
+    counts = distributed.reduce_sum(torch.tensor(stats[:2], dtype=torch.int64))
+    return int(counts[0]), int(counts[1]), shapes[0] if shapes else None
 
 
 def _layout(gm: fx.GraphModule, x: torch.Tensor) -> torch.memory_format:

@@ -1,0 +1,95 @@
+"""Calibration on a 2-process gloo group (loopback): every rank ends with the model one process
+calibrating on the union of the shards produces, bit for bit, for every range rule."""
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import pytest
+
+import fxq
+from tests.helpers import Residual, randomize_bn
+
+WORLD = 2
+CONFIGS = {
+    "minmax": fxq.QConfig(),
+    "percentile": fxq.QConfig(act_range="percentile"),
+    "mse": fxq.QConfig(act_range="mse"),
+    "entropy": fxq.QConfig(act_range="entropy"),
+    "output_aware": fxq.QConfig(weight_bits=4, weight_range="output_aware", bias_correction=True),
+}
+
+
+def _model():
+    torch.manual_seed(0)
+    return randomize_bn(Residual(8))
+
+
+def _batches():
+    """Six batches whose spread grows, so each histogram's grid coarsens as the data arrives."""
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(8, 8, 16, 16, generator=g) * (1 + i) for i in range(6)]
+
+
+def _join(rank: int, folder) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD)
+
+
+def _quantize_shards(rank: int, folder) -> None:
+    _join(rank, folder)
+    try:
+        shard = _batches()[rank::WORLD]
+        for name, config in CONFIGS.items():
+            fxq.save(fxq.quantize(_model(), shard, config), folder / f"{name}_{rank}.fxq")
+        only_one = _batches()[:1] if rank == 0 else []  # a rank may hold no data at all
+        fxq.save(fxq.quantize(_model(), only_one), folder / f"one_batch_{rank}.fxq")
+    finally:
+        dist.destroy_process_group()
+
+
+def _fail_on_rank_1(rank: int, folder) -> None:
+    _join(rank, folder)
+    try:
+        shard = _batches()[rank::WORLD]
+        if rank == 1:
+            shard[0][0, 0, 0, 0] = float("nan")
+        try:
+            fxq.quantize(_model(), shard)
+        except Exception as error:
+            (folder / f"error_{rank}.txt").write_text(f"{type(error).__name__}: {error}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_quantize_shards, args=(folder,), nprocs=WORLD, join=True)
+    return folder
+
+
+def _same(a, b) -> None:
+    state_a, state_b = a.state_dict(), b.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
+
+
+@pytest.mark.parametrize("rule", sorted(CONFIGS))
+def test_every_rank_ends_with_the_model_one_process_makes_from_the_union(shards, rule):
+    ranks = [fxq.load(shards / f"{rule}_{r}.fxq") for r in range(WORLD)]
+    single = fxq.quantize(_model(), _batches(), CONFIGS[rule])
+    x = torch.randn(16, 8, 16, 16) * 3
+    for model in ranks:
+        _same(model, single)
+        assert torch.equal(model(x), single(x))
+
+
+def test_a_rank_without_data_gets_the_model_of_the_others(shards):
+    single = fxq.quantize(_model(), _batches()[:1])
+    for r in range(WORLD):
+        _same(fxq.load(shards / f"one_batch_{r}.fxq"), single)
+
+
+def test_an_error_on_one_rank_stops_every_rank_saying_where(tmp_path):
+    mp.spawn(_fail_on_rank_1, args=(tmp_path,), nprocs=WORLD, join=True)
+    assert "NaN or Inf" in (tmp_path / "error_1.txt").read_text()
+    assert (tmp_path / "error_0.txt").read_text().startswith("RuntimeError: rank 1 failed: ValueError:")
