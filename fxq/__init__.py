@@ -18,7 +18,7 @@ _EXPORTS = {
     "PASSES": "fxq.api", "quantize": "fxq.api",
     "PassContext": "fxq.context", "QConfig": "fxq.config",
     "FloatFallbackWarning": "fxq.ops.fallback",
-    "compare": "fxq.comparison", "explain": "fxq.explanation", "simulate": "fxq.twin",
+    "compare": "fxq.comparison", "evaluate": "fxq.evaluation", "explain": "fxq.explanation", "simulate": "fxq.twin",
     "search_bits": "fxq.mixed",
     "export_onnx": "fxq.onnx_export", "deploy": "fxq.onnx_export",
 }

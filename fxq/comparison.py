@@ -9,6 +9,7 @@ quantized with exactly the parameters ``qmodel`` uses.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,18 +47,40 @@ def integer_layers(qmodel: fx.GraphModule) -> dict[str, QLayer]:
     return {name: m for name, m in qmodel.named_modules() if isinstance(m, QLayer)}
 
 
-def _capture(gm: nn.Module, names, batch: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Each named submodule's (input, output) on ``batch``."""
+def capture(gm: nn.Module, names, batch: torch.Tensor):
+    """Each named submodule's (input, output) on ``batch``, and ``gm``'s output."""
     seen, handles = {}, []
     for name in names:
         def record(_, args, output, name=name):  # clone: an in-place ReLU would overwrite it
             seen[name] = (args[0].clone(), output.clone())
         handles.append(gm.get_submodule(name).register_forward_hook(record))
     with torch.no_grad():
-        gm(batch)
+        output = gm(batch)
     for handle in handles:
         handle.remove()
-    return seen
+    return seen, output
+
+
+def power_sums(folded: fx.GraphModule, qmodel: fx.GraphModule, batch: torch.Tensor):
+    """Per conv/linear: float64 ``[Σ r², Σ (r − cumulative)², Σ (r − isolated)²]`` over ``batch``
+    (``r`` the float layer's output; see :func:`compare`), and ``qmodel``'s output. Sums, so that
+    batches and ranks add up to the SQNR of all of them."""
+    layers = integer_layers(qmodel)
+    reference, _ = capture(folded, layers, batch)
+    quantized, output = capture(qmodel, layers, batch)
+    sums = {}
+    with torch.no_grad():
+        for name, m in layers.items():
+            float_in, float_out = reference[name]
+            r = float_out.double()
+            cumulative = m.output_qparams.dequantize(quantized[name][1]).double()
+            isolated = m.output_qparams.dequantize(m(m.input_qparams.quantize(float_in))).double()
+            sums[name] = torch.stack([(r ** 2).sum(), ((r - cumulative) ** 2).sum(), ((r - isolated) ** 2).sum()])
+    return sums, output
+
+
+def sqnr_of_sums(signal: float, noise: float) -> float:
+    return float("inf") if noise == 0 else 10 * math.log10(signal / noise)
 
 
 @dataclass(frozen=True)
@@ -76,25 +99,22 @@ class Comparison:
     def to_markdown(self) -> str:
         return self._table("github") + "\n"
 
+    @classmethod
+    def of(cls, sums: dict) -> "Comparison":
+        """From :func:`power_sums` (summed over any number of batches)."""
+        return cls([(name, sqnr_of_sums(float(s[0]), float(s[1])), sqnr_of_sums(float(s[0]), float(s[2])))
+                    for name, s in sums.items()])
+
 
 def compare(model: nn.Module, qmodel: fx.GraphModule, batch: torch.Tensor) -> Comparison:
     """SQNR of each conv/linear output (before its activation) of ``qmodel`` against ``model``.
 
     cumulative: the integer network end to end, so errors of all earlier layers are included.
     isolated: the float network's own input to the layer, quantized, through this one integer
-    layer: the error this layer adds by itself.
+    layer: the error this layer adds by itself. (`fxq.evaluate` does the same over a loader.)
     """
-    layers = integer_layers(qmodel)
-    reference = _capture(folded_float(model), layers, batch)
-    quantized = _capture(qmodel, layers, batch)
-    rows = []
-    with torch.no_grad():
-        for name, m in layers.items():
-            float_in, float_out = reference[name]
-            cumulative = m.output_qparams.dequantize(quantized[name][1])
-            isolated = m.output_qparams.dequantize(m(m.input_qparams.quantize(float_in)))
-            rows.append((name, sqnr_db(float_out, cumulative), sqnr_db(float_out, isolated)))
-    return Comparison(rows)
+    sums, _ = power_sums(folded_float(model), qmodel, batch)
+    return Comparison.of(sums)
 
 
 def _snap_to_grid(qparams):

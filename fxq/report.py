@@ -16,7 +16,7 @@ from tabulate import tabulate
 from torch import fx, nn
 
 from fxq import packing, plots, records
-from fxq.comparison import compare, folded_float, integer_layers, sensitivity, sqnr_db
+from fxq.comparison import capture, compare, folded_float, integer_layers, sensitivity, sqnr_db
 from fxq.config import ACT_RANGES, WEIGHT_RANGES, QConfig
 from fxq.explanation import explain
 from fxq.observers import InputGram, make_observer
@@ -102,17 +102,9 @@ def _worst(qmodel, model, config: QConfig, data, names: list[str]) -> list:
 
 
 def _capture(folded: fx.GraphModule, names: list[str], batches) -> dict:
-    seen = {name: ([], []) for name in names}
-    hooks = [folded.get_submodule(name).register_forward_hook(
-        lambda _, args, out, name=name: (seen[name][0].append(args[0].detach().clone()),
-                                         seen[name][1].append(out.detach().clone())) and None)
-        for name in names]
-    with torch.no_grad():
-        for item in batches:
-            folded(item[0] if isinstance(item, (tuple, list)) else item)
-    for hook in hooks:
-        hook.remove()
-    return {name: (torch.cat(i), torch.cat(o)) for name, (i, o) in seen.items()}
+    """Each named layer's (input, output) over every batch."""
+    seen = [capture(folded, names, item[0] if isinstance(item, (tuple, list)) else item)[0] for item in batches]
+    return {name: (torch.cat([s[name][0] for s in seen]), torch.cat([s[name][1] for s in seen])) for name in names}
 
 
 def _weight_clipping(name: str, layer: nn.Module, qlayer: nn.Module, inputs: torch.Tensor, config: QConfig) -> list:

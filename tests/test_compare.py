@@ -1,6 +1,7 @@
 """fxq.compare and layer sensitivity on a tiny model."""
 import math
 
+import pytest
 import torch
 
 import fxq
@@ -54,3 +55,22 @@ def test_sensitivity_reports_every_layer_both_ways(ctx):
     assert result.rows[1][2] == accuracy(["unit.conv", "fc"])
     assert result.all_quantized == accuracy(["unit.conv", "conv2", "fc"])
     assert len(result.ranked()) == 3 and "only this layer quantized" in result.to_markdown()
+
+
+def test_evaluate_sums_over_batches_what_compare_measures_on_one():
+    torch.manual_seed(0)
+    model = randomize_bn(Residual()).eval()
+    calib = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    qmodel = fxq.quantize(model, calib)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 5, (6,), generator=g)) for _ in range(3)]
+    result = fxq.evaluate(qmodel, batches, model)
+    images, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    assert result.samples == 18
+    assert result.accuracy == pytest.approx(100.0 * (qmodel(images).argmax(1) == labels).sum().item() / 18)
+    whole = fxq.compare(model, qmodel, images)
+    for (name, c, i), (name1, c1, i1) in zip(result.layers.rows, whole.rows):
+        assert name == name1 and c == pytest.approx(c1, rel=1e-9) and i == pytest.approx(i1, rel=1e-9)
+    assert fxq.evaluate(qmodel, [b[0] for b in batches]).accuracy is None  # no labels: no accuracy
+    with pytest.raises(ValueError, match="no batches"):
+        fxq.evaluate(qmodel, [])

@@ -29,6 +29,11 @@ def _batches():
     return [torch.randn(8, 8, 16, 16, generator=g) * (1 + i) for i in range(6)]
 
 
+def _labelled():
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(8, 8, 16, 16, generator=g) * 2, torch.randint(0, 5, (8,), generator=g)) for _ in range(5)]
+
+
 def _join(rank: int, folder) -> None:
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD)
 
@@ -41,6 +46,9 @@ def _quantize_shards(rank: int, folder) -> None:
             fxq.save(fxq.quantize(_model(), shard, config), folder / f"{name}_{rank}.fxq")
         only_one = _batches()[:1] if rank == 0 else []  # a rank may hold no data at all
         fxq.save(fxq.quantize(_model(), only_one), folder / f"one_batch_{rank}.fxq")
+        qmodel = fxq.load(folder / f"minmax_{rank}.fxq")
+        result = fxq.evaluate(qmodel, _labelled()[rank::WORLD], _model())
+        torch.save((result.accuracy, result.samples, result.layers.rows), folder / f"evaluation_{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -87,6 +95,16 @@ def test_a_rank_without_data_gets_the_model_of_the_others(shards):
     single = fxq.quantize(_model(), _batches()[:1])
     for r in range(WORLD):
         _same(fxq.load(shards / f"one_batch_{r}.fxq"), single)
+
+
+def test_evaluation_over_shards_is_the_evaluation_of_the_union_on_every_rank(shards):
+    single = fxq.evaluate(fxq.load(shards / "minmax_0.fxq"), _labelled(), _model())
+    for r in range(WORLD):
+        accuracy, samples, rows = torch.load(shards / f"evaluation_{r}.pt")
+        assert (accuracy, samples) == (single.accuracy, single.samples) == (accuracy, 40)
+        assert [n for n, _, _ in rows] == [n for n, _, _ in single.layers.rows]
+        for (_, c, i), (_, c1, i1) in zip(rows, single.layers.rows):  # float64 sums in another order
+            assert c == pytest.approx(c1, rel=1e-12) and i == pytest.approx(i1, rel=1e-12)
 
 
 def test_an_error_on_one_rank_stops_every_rank_saying_where(tmp_path):
