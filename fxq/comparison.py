@@ -16,8 +16,8 @@ import torch
 from tabulate import tabulate
 from torch import fx, nn
 
+from fxq import distributed, records
 from fxq import progress as bars
-from fxq import records
 from fxq.config import QConfig
 from fxq.context import PassContext
 from fxq.qmodules import QLayer
@@ -159,7 +159,10 @@ class Sensitivity:
 def sensitivity(model: nn.Module, qmodel: fx.GraphModule, images: torch.Tensor,
                 labels: torch.Tensor, progress: bool = False) -> Sensitivity:
     """Quantize one layer at a time (the rest float), and all layers but one, as ``qmodel`` does.
-    ``progress``: a bar over the layers."""
+    ``progress``: a bar over the layers. In a process group, each rank passes its shard of the
+    images; they are gathered to every rank, the layers divided among the ranks, and every rank
+    returns the whole study."""
+    images, labels = distributed.concat(images), distributed.concat(labels)
     folded = folded_float(model, records.get(qmodel, QConfig))
     names = list(integer_layers(qmodel))
 
@@ -169,7 +172,10 @@ def sensitivity(model: nn.Module, qmodel: fx.GraphModule, images: torch.Tensor,
                        for x, y in zip(images.split(500), labels.split(500)))
         return 100.0 * hits / len(labels)
 
-    rows = [(name, accuracy(with_quantized_layers(folded, qmodel, [name])),
-             accuracy(with_quantized_layers(folded, qmodel, [n for n in names if n != name])))
-            for name in (bars.items(names, "sensitivity, layer by layer", "layer") if progress else names)]
+    mine = distributed.mine(names)
+    done = distributed.collected({
+        name: (accuracy(with_quantized_layers(folded, qmodel, [name])),
+               accuracy(with_quantized_layers(folded, qmodel, [n for n in names if n != name])))
+        for name in (bars.items(mine, "sensitivity, layer by layer", "layer") if progress else mine)})
+    rows = [(name, *done[name]) for name in names]
     return Sensitivity(accuracy(folded), accuracy(with_quantized_layers(folded, qmodel, names)), rows)

@@ -60,11 +60,13 @@ def gather(obj) -> list:
     return gathered
 
 
-def concat(tensor: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``tensor`` concatenated along dim 0 in rank order (sizes may differ)."""
+def concat(tensor: torch.Tensor | None) -> torch.Tensor:
+    """Every rank's ``tensor`` concatenated along dim 0 in rank order (sizes may differ; a rank
+    with nothing passes None)."""
     if not active():
         return tensor
-    return torch.cat([t for t in gather(tensor.cpu())]).to(tensor.device)
+    parts = [t for t in gather(None if tensor is None else tensor.cpu()) if t is not None]
+    return torch.cat(parts).to(tensor.device if tensor is not None else "cpu")
 
 
 def agree(error: BaseException | None) -> None:

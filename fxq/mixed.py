@@ -20,8 +20,8 @@ import torch
 from tabulate import tabulate
 from torch import fx, nn
 
+from fxq import distributed, records
 from fxq import progress as bars
-from fxq import records
 from fxq.api import quantize
 from fxq.comparison import folded_float, integer_layers, with_quantized_layers
 from fxq.config import MAX_BITS, MIN_BITS, QConfig
@@ -109,7 +109,7 @@ def search_bits(model: nn.Module, loader: Iterable, avg_weight_bits: float = 5.0
         config = config.replace(keep_first_last_8bit=False)
     candidates = _check(avg_weight_bits, candidates)
     batches = list(loader)
-    if not batches:
+    if int(distributed.reduce_sum(torch.tensor(len(batches)))) == 0:  # a rank's shard may be empty
         raise ValueError("search_bits got an empty loader: pass calibration batches (images, labels)")
     per_width = {b: quantize(model, batches, config.with_bits(weight_bits=b))
                  for b in steps(candidates, "quantizing at each width")}
@@ -168,23 +168,28 @@ def _check(budget: float, candidates: Sequence[int]) -> list[int]:
 
 
 def _layer_errors(model: nn.Module, per_width: dict[int, fx.GraphModule], batches, steps) -> dict:
-    """Mean squared logit error (relative to the logits' mean square) with one layer quantized."""
-    inputs = torch.cat([batch_input(item, i) for i, item in enumerate(batches)])[:512]
+    """Mean squared logit error (relative to the logits' mean square) with one layer quantized,
+    on the first 512 inputs. In a process group: the first 512 of every rank's inputs in rank
+    order, each rank measuring its share of the layers (`fxq.distributed.mine`)."""
+    local = torch.cat([batch_input(item, i) for i, item in enumerate(batches)])[:512] if batches else None
+    inputs = distributed.concat(local)[:512]
     errors: dict[str, dict[int, float]] = {}
     with torch.no_grad():
         for width, qmodel in steps(list(per_width.items()), "error of each layer at each width"):
             folded = folded_float(model, records.get(qmodel, QConfig))
             reference = folded(inputs)
             power = reference.pow(2).mean()
-            for name in integer_layers(qmodel):
+            for name in distributed.mine(list(integer_layers(qmodel))):
                 out = with_quantized_layers(folded, qmodel, [name])(inputs)
                 errors.setdefault(name, {})[width] = float((out - reference).pow(2).mean() / power)
-    return errors
+    gathered = distributed.collected(errors)
+    return {name: gathered[name] for name in integer_layers(next(iter(per_width.values())))}
 
 
 def _references(folded: fx.GraphModule, batches) -> tuple[list, list | None]:
-    """Per batch: the float top-1, and the labels if the loader has them."""
+    """Per batch: the float top-1, and the labels if the loader has them (on every rank)."""
     labelled = all(isinstance(item, (tuple, list)) and len(item) > 1 for item in batches)
+    labelled = bool(distributed.reduce_min(torch.tensor(int(labelled))))
     with torch.no_grad():
         top1 = [folded(batch_input(item, i)).argmax(1) for i, item in enumerate(batches)]
     return top1, [item[1] for item in batches] if labelled else None
@@ -198,6 +203,7 @@ def _score(gm: nn.Module, batches, references) -> float:
         for i, (item, target) in enumerate(zip(batches, targets)):
             hits += (gm(batch_input(item, i)).argmax(1) == target).sum().item()
             total += len(target)
+    hits, total = distributed.reduce_sum(torch.tensor([hits, total])).tolist()
     return 100.0 * hits / total
 
 

@@ -6,6 +6,7 @@ import torch.multiprocessing as mp
 import pytest
 
 import fxq
+from fxq.comparison import sensitivity
 from tests.helpers import Residual, randomize_bn
 
 WORLD = 2
@@ -34,6 +35,15 @@ def _labelled():
     return [(torch.randn(8, 8, 16, 16, generator=g) * 2, torch.randint(0, 5, (8,), generator=g)) for _ in range(5)]
 
 
+def _in_rank_order(items: list) -> list:
+    """The union of the shards as the ranks hold them: rank 0's, then rank 1's."""
+    return [item for r in range(WORLD) for item in items[r::WORLD]]
+
+
+def _searched(search) -> tuple:
+    return search.bits, search.errors, [p.accuracy for p in search.curve], search.float_accuracy
+
+
 def _join(rank: int, folder) -> None:
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD)
 
@@ -49,6 +59,11 @@ def _quantize_shards(rank: int, folder) -> None:
         qmodel = fxq.load(folder / f"minmax_{rank}.fxq")
         result = fxq.evaluate(qmodel, _labelled()[rank::WORLD], _model())
         torch.save((result.accuracy, result.samples, result.layers.rows), folder / f"evaluation_{rank}.pt")
+        search = fxq.search_bits(_model(), _labelled()[rank::WORLD], 6.0, candidates=(4, 8))
+        torch.save(_searched(search), folder / f"search_{rank}.pt")
+        images, labels = (torch.cat(t) for t in zip(*_labelled()[rank::WORLD]))
+        study = sensitivity(_model(), qmodel, images, labels)
+        torch.save((study.float_accuracy, study.all_quantized, study.rows), folder / f"sensitivity_{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -105,6 +120,19 @@ def test_evaluation_over_shards_is_the_evaluation_of_the_union_on_every_rank(sha
         assert [n for n, _, _ in rows] == [n for n, _, _ in single.layers.rows]
         for (_, c, i), (_, c1, i1) in zip(rows, single.layers.rows):  # float64 sums in another order
             assert c == pytest.approx(c1, rel=1e-12) and i == pytest.approx(i1, rel=1e-12)
+
+
+def test_bit_search_divides_the_layers_and_finds_what_one_process_finds(shards):
+    single = _searched(fxq.search_bits(_model(), _in_rank_order(_labelled()), 6.0, candidates=(4, 8)))
+    for r in range(WORLD):
+        assert torch.load(shards / f"search_{r}.pt", weights_only=False) == single
+
+
+def test_sensitivity_divides_the_layers_and_gathers_the_whole_study(shards):
+    images, labels = (torch.cat(t) for t in zip(*_in_rank_order(_labelled())))
+    study = sensitivity(_model(), fxq.load(shards / "minmax_0.fxq"), images, labels)
+    for r in range(WORLD):
+        assert torch.load(shards / f"sensitivity_{r}.pt") == (study.float_accuracy, study.all_quantized, study.rows)
 
 
 def test_an_error_on_one_rank_stops_every_rank_saying_where(tmp_path):
