@@ -15,7 +15,7 @@ import torch
 from tabulate import tabulate
 from torch import fx, nn
 
-from fxq import packing, plots, records
+from fxq import distributed, packing, plots, records
 from fxq.comparison import capture, compare, folded_float, integer_layers, sensitivity, sqnr_db
 from fxq.config import ACT_RANGES, WEIGHT_RANGES, QConfig
 from fxq.explanation import explain
@@ -45,7 +45,7 @@ def write_report(out: Path, qmodel: fx.GraphModule, model: nn.Module, data, rows
 
     ``data``: a `fxq.cli.inputs.Data`; ``rows``: `fxq.cli.measurements.measure_rows`'s table."""
     config = records.get(qmodel, QConfig) or QConfig()
-    records.put(qmodel, records.StatsSource(data.calibration(HISTOGRAM_IMAGES)))  # observed accumulators
+    records.put(qmodel, records.StatsSource(data.calibration(HISTOGRAM_IMAGES, shard=False)))  # observed accumulators
     images, _ = data.tensors(SQNR_IMAGES)
     comparison = {name: (c, i) for name, c, i in compare(model, qmodel, images).rows}
     worst_layers = sorted(comparison, key=lambda name: comparison[name][1])[:worst]
@@ -58,6 +58,8 @@ def write_report(out: Path, qmodel: fx.GraphModule, model: nn.Module, data, rows
         ("The config", _config(config)),
     ]
     title = f"fxq report: {source}"
+    if distributed.rank() != 0:  # under torchrun every rank computed the same report
+        return out / "index.html"
     out.mkdir(parents=True, exist_ok=True)
     (out / "img").mkdir(exist_ok=True)
     (out / "report.md").write_text(_markdown(title, sections, out))
@@ -90,7 +92,7 @@ def _layers(qmodel: fx.GraphModule, comparison: dict) -> list:
 
 def _worst(qmodel, model, config: QConfig, data, names: list[str]) -> list:
     folded = folded_float(model, config)
-    captured = _capture(folded, names, data.calibration(HISTOGRAM_IMAGES))
+    captured = _capture(folded, names, data.calibration(HISTOGRAM_IMAGES, shard=False))
     blocks = [f"The {len(names)} layers with the lowest isolated SQNR. Each histogram has the range every rule "
               "would choose drawn as dashed lines; the thick line is the range the model uses."]
     for name in names:
@@ -149,7 +151,7 @@ def _activation_clipping(name: str, values: torch.Tensor, qlayer: nn.Module, con
 
 
 def _sensitivity(qmodel, model, data, count: int) -> list:
-    images, labels = data.tensors(count)
+    images, labels = data.tensors(count, shard=True)  # gathered, the layers divided among ranks
     result = sensitivity(model, qmodel, images, labels, progress=True)
     names = [n for n, _, _ in result.rows]
     png = plots.sensitivity(names, [o - result.float_accuracy for _, o, _ in result.rows],

@@ -1,8 +1,10 @@
 """The `fxq` command on a user's own model (PKG.MODULE:FACTORY in a file of a temporary folder) and
 an image folder: every subcommand, errors and exit codes, the config file, the report in a browser."""
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,3 +190,34 @@ def test_quiet_silences_the_progress_bars_only(project, monkeypatch, capsys):
     assert main(["quantize", *MODEL, "--out", "q.fxq", "--calib", "16", "--quiet"]) == 0
     quiet = capsys.readouterr()
     assert quiet.err == "" and quiet.out.splitlines()[-1] == loud.out.splitlines()[-1]
+
+
+def test_the_command_runs_unchanged_under_torchrun_and_gives_the_single_process_model(project):
+    done = run_fxq("quantize", *MODEL, "--out", "single.fxq", "--calib", "40", "--quiet", cwd=project)
+    assert done.returncode == 0, done.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run([*torchrun, str(Path(sys.executable).parent / "fxq"), "quantize", *MODEL,
+                           "--out", "two.fxq", "--calib", "40", "--quiet"],
+                          cwd=project, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("wrote two.fxq") == 1  # rank 0 speaks and writes
+    single, two = fxq.load(project / "single.fxq"), fxq.load(project / "two.fxq")
+    for key, value in single.state_dict().items():
+        assert torch.equal(value, two.state_dict()[key]), key
+    done = subprocess.run([*torchrun, str(Path(sys.executable).parent / "fxq"), "evaluate", "two.fxq", *MODEL,
+                           "--runs", "2", "--no-deploy", "--quiet"], cwd=project, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    alone = run_fxq("evaluate", "single.fxq", *MODEL, "--runs", "2", "--no-deploy", "--quiet", cwd=project)
+    assert _column(done.stdout, "accuracy %") == _column(alone.stdout, "accuracy %")
+    assert len(_column(done.stdout, "accuracy %")) == 2
+
+
+def _column(table: str, header: str) -> list[str]:
+    """The cells under ``header`` of a tabulate "simple" table (its dashes mark the columns)."""
+    lines = table.splitlines()
+    dashes = next(i for i, line in enumerate(lines) if line.startswith("---"))
+    spans = [m.span() for m in re.finditer(r"-+", lines[dashes])]
+    index = next(i for i, (a, b) in enumerate(spans) if lines[dashes - 1][a:b].strip() == header)
+    a, b = spans[index]
+    return [line[a:b].strip() for line in lines[dashes + 1:] if line.strip() and not line.startswith("(")]

@@ -8,24 +8,30 @@ from pathlib import Path
 from tabulate import tabulate
 
 import fxq
-from fxq import dump
+from fxq import distributed, dump
 from fxq.cli import inputs
 from fxq.cli.measurements import measure_rows
 from fxq.comparison import integer_layers
 from fxq.config import QConfig
 
 
+def say(*lines) -> None:
+    """Print, on one rank only when the command runs on several (torchrun)."""
+    if distributed.rank() == 0:
+        print(*lines)
+
+
 def _model_and_data(args):
     model = inputs.build_model(args.model, args.weights, args.num_classes)
     if args.weights is None:
-        print(f"note: no --weights: {args.model} runs with the weights its constructor gives it")
+        say(f"note: no --weights: {args.model} runs with the weights its constructor gives it")
     return model, _data(args, inputs.input_channels(model))
 
 
 def _data(args, channels: int) -> inputs.Data:
     data = inputs.load_data(args.data, channels, args.image_size, args.mean, args.std, args.batch_size)
     if data.same_images:
-        print(f"note: {args.data} has no train/ and test/ folders: its images both calibrate and evaluate")
+        say(f"note: {args.data} has no train/ and test/ folders: its images both calibrate and evaluate")
     return data
 
 
@@ -60,12 +66,12 @@ def quantize(args) -> None:
     start = time.perf_counter()
     qmodel = fxq.quantize(model, data.calibration(args.calib), config, overrides=overrides)
     seconds = time.perf_counter() - start
-    fxq.save(qmodel, args.out)
-    network = fxq.explain(qmodel)
-    print(f"quantized {args.model} in {seconds:.1f} s on {min(args.calib, len(data.calibration_split))} "
-          f"{data.name} images: {describe(config)}")
-    print(network.summary)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
+    say(f"quantized {args.model} in {seconds:.1f} s on {min(args.calib, len(data.calibration_split))} "
+        f"{data.name} images: {describe(config)}")
+    if distributed.rank() == 0:  # every rank holds the same model
+        say(fxq.explain(qmodel).summary)
+        fxq.save(qmodel, args.out)
+        say(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
 
 
 def evaluate(args) -> None:
@@ -73,9 +79,9 @@ def evaluate(args) -> None:
     model = inputs.build_model(args.model, args.weights, args.num_classes) if args.model else None
     data = _data(args, inputs.input_channels(qmodel))
     rows = measure_rows(qmodel, data, model, args.limit, args.runs, not args.no_deploy, args.threads)
-    print(tabulate(rows, headers="keys", tablefmt="simple"))
+    say(tabulate(rows, headers="keys", tablefmt="simple"))
     if model is None:
-        print("(give --model and --weights for the float row)")
+        say("(give --model and --weights for the float row)")
 
 
 def explain(args) -> None:
@@ -85,9 +91,9 @@ def explain(args) -> None:
                                 f"choose one of {list(integer_layers(qmodel))}")
     batch = _data(args, inputs.input_channels(qmodel)).example(args.batch_size) if args.data else None
     explanation = fxq.explain(qmodel, args.layer, batch)
-    print(explanation.to_markdown() if args.markdown else explanation)
+    say(explanation.to_markdown() if args.markdown else explanation)
     if args.layer is not None and batch is None:
-        print("(give --data to see the observed ranges and check the formula in int64)")
+        say("(give --data to see the observed ranges and check the formula in int64)")
 
 
 def dump_graph(args) -> None:
@@ -96,16 +102,16 @@ def dump_graph(args) -> None:
     passes = fxq.PASSES[:[p.__name__ for p in fxq.PASSES].index(args.after) + 1]
     gm = fxq.quantize(model, data.calibration(args.calib), config, passes=passes, overrides=overrides)
     table = dump.rows(gm, data.example(2))
-    print(f"{args.model} after {args.after} ({len(table)} nodes)")
-    print(tabulate([asdict(r) for r in table], headers="keys", tablefmt="simple"))
+    say(f"{args.model} after {args.after} ({len(table)} nodes)")
+    say(tabulate([asdict(r) for r in table], headers="keys", tablefmt="simple"))
     graph = dump.to_networkx(gm, table)
-    if args.graphml:
+    if args.graphml and distributed.rank() == 0:
         import networkx as nx
         nx.write_graphml(graph, args.graphml)
-        print(f"wrote {args.graphml}")
-    if args.dot:
+        say(f"wrote {args.graphml}")
+    if args.dot and distributed.rank() == 0:
         args.dot.write_text(dump.to_dot(graph))
-        print(f"wrote {args.dot}")
+        say(f"wrote {args.dot}")
 
 
 def search_bits(args) -> None:
@@ -116,15 +122,15 @@ def search_bits(args) -> None:
                                 "from --config")
     result = fxq.search_bits(model, data.calibration(args.calib), args.avg_bits, config, args.candidates,
                              eval_loader=data.evaluation(args.eval), progress=True)
-    print(result.to_markdown())
-    print(f"chosen for {args.avg_bits:g} bits: average {result.avg_weight_bits:.2f} bits; "
+    say(result.to_markdown())
+    say(f"chosen for {args.avg_bits:g} bits: average {result.avg_weight_bits:.2f} bits; "
           + ", ".join(f"{name} {bits}" for name, bits in result.bits.items()))
-    if args.out_config:
+    if args.out_config and distributed.rank() == 0:
         inputs.write_config(args.out_config, result.config, result.overrides)
-        print(f"wrote {args.out_config} (use it: fxq quantize ... --config {args.out_config})")
-    if args.plot:
+        say(f"wrote {args.out_config} (use it: fxq quantize ... --config {args.out_config})")
+    if args.plot and distributed.rank() == 0:
         result.plot(str(args.plot))
-        print(f"wrote {args.plot}")
+        say(f"wrote {args.plot}")
 
 
 def report(args) -> None:
@@ -135,4 +141,4 @@ def report(args) -> None:
     rows = measure_rows(qmodel, data, model, args.limit, args.runs, not args.no_deploy, args.threads)
     index = write_report(args.out, qmodel, model, data, rows, args.sensitivity_images, args.worst,
                          source=str(args.qmodel))
-    print(f"wrote {index} and {args.out / 'report.md'}")
+    say(f"wrote {index} and {args.out / 'report.md'}")

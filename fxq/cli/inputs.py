@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fxq import datasets
+from fxq import datasets, distributed
 from fxq.config import QConfig
 from fxq.progress import Batches
 
@@ -130,21 +130,28 @@ class Data:
     batch_size: int = 64
     same_images: bool = False  # a folder without train/ and test/: both read the same images
 
-    def calibration(self, count: int) -> Batches:
+    def calibration(self, count: int, shard: bool = True) -> Batches:
+        """``count`` images drawn with seed 0; under torchrun, this rank's share of the batches
+        (``shard``), so that the ranks together calibrate on the same images one process would."""
         count = min(count, len(self.calibration_split))
         if count < 1:
             raise ValueError(f"--calib {count}: calibrate on at least one image")
-        return Batches(self._sample(self.calibration_split, count), count, "calibration images")
+        return _batches(self._sample(self.calibration_split, count), shard, "calibration images")
 
-    def evaluation(self, limit: int | None = None, desc: str = "evaluating") -> Batches:
+    def evaluation(self, limit: int | None = None, desc: str = "evaluating", shard: bool = True) -> Batches:
+        """The first ``limit`` test images (default all); under torchrun, this rank's share."""
         count = len(self.evaluation_split) if limit is None else min(limit, len(self.evaluation_split))
-        return Batches(self._first(self.evaluation_split, count), count, desc)
+        return _batches(self._first(self.evaluation_split, count), shard, desc)
 
     def example(self, count: int = 1) -> torch.Tensor:
         return next(iter(self._first(self.evaluation_split, count)))[0]
 
-    def tensors(self, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = zip(*self._first(self.evaluation_split, limit))
+    def tensors(self, limit: int, shard: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``limit`` test images and labels (this rank's share with ``shard``)."""
+        batches = self.evaluation(limit, shard=shard).batches
+        if not batches:
+            return self.example(1)[:0], torch.zeros(0, dtype=torch.int64)
+        images, labels = zip(*batches)
         return torch.cat(images), torch.cat(labels)
 
     def _sample(self, split, count: int) -> list:
@@ -186,6 +193,12 @@ def load_data(spec: str, channels: int, image_size=None, mean=None, std=None, ba
         return Data(spec, folder(root / "train"), folder(test), batch_size)
     images = folder(root)
     return Data(spec, images, images, batch_size, same_images=True)
+
+
+def _batches(batches: list, shard: bool, desc: str) -> Batches:
+    if shard and distributed.active():
+        batches = distributed.mine(batches)
+    return Batches(batches, sum(len(b[0]) for b in batches), desc)
 
 
 # --- the QConfig -------------------------------------------------------------------------

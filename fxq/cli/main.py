@@ -6,11 +6,12 @@ traceback), 2 bad usage (argparse's convention), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
 
-from fxq import progress
+from fxq import distributed, progress
 from fxq.api import PASSES
 from fxq.config import ACT_RANGES, MAX_BITS, MIN_BITS, PLACEMENTS, REQUANTIZE, WEIGHT_RANGES, WIDE_ACT_BITS
 from fxq.cli import commands
@@ -173,6 +174,11 @@ def _size(text: str) -> tuple[int, int]:
     return (int(parts[0]), int(parts[-1]))
 
 
+def _who(args) -> str:
+    """``fxq COMMAND``, and the rank when several run it (torchrun)."""
+    return f"fxq {args.command}" + (f" [rank {distributed.rank()}]" if distributed.active() else "")
+
+
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
@@ -181,10 +187,35 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"fxq: warning: {message}", file=sys.stderr)
 
 
+def _join_torchrun() -> bool:
+    """Under torchrun (WORLD_SIZE > 1 in the environment), join its process group: gloo on CPUs,
+    NCCL when every rank has a GPU. True if this call created the group."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if gpu else "gloo")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    progress.enable(not args.quiet)
+    joined = _join_torchrun()
+    try:
+        return _run(args)
+    finally:
+        if joined:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _run(args) -> int:
+    progress.enable(not args.quiet and distributed.rank() == 0)
     if args.threads is not None:
         import torch
         torch.set_num_threads(args.threads)
@@ -195,15 +226,15 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except UsageError as error:
         args.parser.print_usage(sys.stderr)
-        print(f"fxq {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        print(f"{_who(args)}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"fxq {args.command}: interrupted", file=sys.stderr)
+        print(f"{_who(args)}: interrupted", file=sys.stderr)
         return 130
     except Exception as error:
         if args.debug:
             raise
-        print(f"fxq {args.command}: error: {_one_line(error)} (--debug shows the traceback)", file=sys.stderr)
+        print(f"{_who(args)}: error: {_one_line(error)} (--debug shows the traceback)", file=sys.stderr)
         return 1
     finally:
         warnings.showwarning = shown

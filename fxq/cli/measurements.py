@@ -5,14 +5,16 @@ import importlib.util
 
 from torch import fx, nn
 
-from fxq import measure, records
+from fxq import distributed, measure, records
 from fxq.config import QConfig
+from fxq.evaluation import evaluate
 
 
 def measure_rows(qmodel: fx.GraphModule, data, model: nn.Module | None, limit: int | None, runs: int,
                  deploy: bool, threads: int | None) -> list[dict]:
     """One row per model: accuracy on the test images, saved size, latency at batch 1 and at the
-    batch size (median of ``runs``)."""
+    batch size (median of ``runs``). Under torchrun the ranks share the test images
+    (`fxq.evaluate`) and rank 0 alone times the latency, so that no rank competes with it."""
     candidates = []
     if model is not None:
         candidates.append(("float32", model))
@@ -25,14 +27,15 @@ def measure_rows(qmodel: fx.GraphModule, data, model: nn.Module | None, limit: i
     x1, xb = data.example(1), data.example(data.batch_size)
     rows, float_row = [], None
     for name, m in candidates:
-        accuracy = measure.accuracy(m, data.evaluation(limit, f"accuracy of {name}"))
+        accuracy = evaluate(m, data.evaluation(limit, f"accuracy of {name}")).accuracy
         size = measure.saved_bytes(m)
+        timed = distributed.rank() == 0
         row = {"model": name, "accuracy %": round(accuracy, 2),
                "vs float (points)": None if float_row is None else round(accuracy - float_row["accuracy %"], 2),
                "size MB": round(size / 1e6, 2),
                "× float size": None if float_row is None else round(size / float_row["_bytes"], 3),
-               "ms batch 1": round(measure.latency_ms(m, x1, runs), 2),
-               f"ms batch {len(xb)}": round(measure.latency_ms(m, xb, max(3, runs // 4)), 1),
+               "ms batch 1": round(measure.latency_ms(m, x1, runs), 2) if timed else None,
+               f"ms batch {len(xb)}": round(measure.latency_ms(m, xb, max(3, runs // 4)), 1) if timed else None,
                "_bytes": size}
         float_row = float_row or (row if model is not None else None)
         rows.append(row)
