@@ -184,7 +184,7 @@ class HistogramObserver(MinMaxObserver):
         """The counts on the grid ``(e, first)``, no finer than this one: whole bins summed."""
         if self.exponent is None or (e, first) == (self.exponent, self.first):
             return self.counts
-        old = torch.arange(self.counts.numel(), dtype=torch.int64) + self.first
+        old = torch.arange(self.counts.numel(), dtype=torch.int64, device=self.counts.device) + self.first
         index = torch.div(old, 2 ** (e - self.exponent), rounding_mode="floor") - first
         index.clamp_(0, self.counts.numel() - 1)  # only empty bins fall outside the new grid
         return torch.zeros_like(self.counts).index_add_(0, index, self.counts)

@@ -39,7 +39,8 @@ class _PathTracer(fx.Tracer):
 
 
 def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
-    """Symbolically trace an eval-mode deep copy of ``model``.
+    """Symbolically trace an eval-mode deep copy of ``model``, on the CPU (calibration moves it to
+    wherever the calibration batches are; the integer graph runs on the CPU).
 
     Before: any ``nn.Module``. After: a ``GraphModule`` with the same submodules and the same
     numerics. A submodule ``overrides`` maps to None is kept whole, as one call that runs in float:
@@ -48,7 +49,7 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fxq.quantize takes an nn.Module, got {type(model).__name__}")
-    model = copy.deepcopy(model).eval()
+    model = copy.deepcopy(model).eval().cpu()
     overrides = ctx.overrides if ctx is not None else {}
     tracer = _PathTracer(tuple(pattern for pattern, config in overrides.items() if config is None))
     tracer.record_stack_traces = True  # so reports can name the user's source line of each op
