@@ -192,25 +192,26 @@ def test_quiet_silences_the_progress_bars_only(project, monkeypatch, capsys):
     assert quiet.err == "" and quiet.out.splitlines()[-1] == loud.out.splitlines()[-1]
 
 
-def test_the_command_runs_unchanged_under_torchrun_and_gives_the_single_process_model(project):
-    done = run_fxq("quantize", *MODEL, "--out", "single.fxq", "--calib", "40", "--quiet", cwd=project)
-    assert done.returncode == 0, done.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    done = subprocess.run([*torchrun, str(Path(sys.executable).parent / "fxq"), "quantize", *MODEL,
-                           "--out", "two.fxq", "--calib", "40", "--quiet"],
-                          cwd=project, capture_output=True, text=True, timeout=300)
+def test_the_command_runs_unchanged_under_torchrun_and_gives_the_single_process_model(project, monkeypatch, capsys):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                str(Path(sys.executable).parent / "fxq")]
+    run = lambda *args: subprocess.run([*torchrun, *args], cwd=project, capture_output=True, text=True,  # noqa: E731
+                                       timeout=300)
+    done = run("quantize", *MODEL, "--out", "two.fxq", "--calib", "40", "--quiet")
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("wrote two.fxq") == 1  # rank 0 speaks and writes
+    together = run("evaluate", "two.fxq", *MODEL, "--runs", "2", "--no-deploy", "--quiet")
+    assert together.returncode == 0, together.stderr
+    monkeypatch.chdir(project)
+    assert main(["quantize", *MODEL, "--out", "single.fxq", "--calib", "40", "--quiet"]) == 0
     single, two = fxq.load(project / "single.fxq"), fxq.load(project / "two.fxq")
     for key, value in single.state_dict().items():
         assert torch.equal(value, two.state_dict()[key]), key
-    done = subprocess.run([*torchrun, str(Path(sys.executable).parent / "fxq"), "evaluate", "two.fxq", *MODEL,
-                           "--runs", "2", "--no-deploy", "--quiet"], cwd=project, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
-    alone = run_fxq("evaluate", "single.fxq", *MODEL, "--runs", "2", "--no-deploy", "--quiet", cwd=project)
-    assert _column(done.stdout, "accuracy %") == _column(alone.stdout, "accuracy %")
-    assert len(_column(done.stdout, "accuracy %")) == 2
+    capsys.readouterr()
+    assert main(["evaluate", "single.fxq", *MODEL, "--runs", "2", "--no-deploy", "--quiet"]) == 0
+    alone = capsys.readouterr().out
+    assert _column(together.stdout, "accuracy %") == _column(alone, "accuracy %")
+    assert len(_column(alone, "accuracy %")) == 2
 
 
 def _column(table: str, header: str) -> list[str]:
