@@ -4,8 +4,9 @@ and the bytes each rank sends per observer.
     python -m scripts.bench_distributed      # writes results/bench_distributed.json and a table
 
 The MNIST ResNet-18; 512 training images calibrate, the 10,000 test images evaluate
-(`fxq.evaluate` on fxq's integer executor). Both settings use this machine's 2 cores: one process
-with 2 threads, or two processes with 1 thread each, each rank holding half the batches. Times are
+(`fxq.evaluate` on fxq's integer executor). Settings: one process with one thread (one core),
+one process with 2 threads (this machine's 2 cores by torch's intra-op threads), two processes
+with one thread each (the 2 cores by torch.distributed, each rank holding half the batches). Times are
 wall times between barriers, medians of ``--runs``. Bytes: the payload each rank hands to
 all-reduce while one observer synchronizes (a ring all-reduce sends about 2·(N − 1)/N of it).
 """
@@ -28,7 +29,7 @@ from fxq import observers
 from scripts import data, models
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "bench_distributed.json"
-SETTINGS = ((1, 2), (2, 1))  # (processes, threads each)
+SETTINGS = ((1, 1), (1, 2), (2, 1))  # (processes, threads each)
 RULES = {"minmax": fxq.QConfig(), "entropy": fxq.QConfig(act_range="entropy"),
          "output_aware (W4)": fxq.QConfig(weight_bits=4, act_bits=8, bias_correction=False)}
 
@@ -44,6 +45,8 @@ def _count_bytes(sent: list) -> None:
 
     def counted(original):
         def synchronize(self):
+            if state["depth"] == 0:  # not the counts all-reduced between observers' turns
+                state["bytes"] = 0
             state["depth"] += 1
             try:
                 original(self)
@@ -102,15 +105,16 @@ def measure(processes: int, threads: int, runs: int) -> dict:
 
 
 def table(results: list[dict]) -> str:
+    """Seconds, and the speed-up over one process with one thread."""
     one = results[0]
-    rows = []
-    for r in results:
-        rows.append([f"{r['processes']} × {r['threads']} thread(s)", f"{r['evaluate_s']:.2f}",
-                     f"{one['evaluate_s'] / r['evaluate_s']:.2f}×", f"{r['accuracy']:.2f}",
-                     *[f"{r['quantize_s'][rule]:.2f} ({one['quantize_s'][rule] / r['quantize_s'][rule]:.2f}×)"
-                       for rule in RULES]])
-    return tabulate(rows, headers=["processes × threads", "evaluate 10k s", "speed-up", "accuracy %",
-                                   *[f"quantize {rule} s (speed-up)" for rule in RULES]], tablefmt="github")
+
+    def cell(seconds: float, reference: float) -> str:
+        return f"{seconds:.2f} ({reference / seconds:.2f}×)"
+
+    rows = [[f"{r['processes']} × {r['threads']}", cell(r["evaluate_s"], one["evaluate_s"]), f"{r['accuracy']:.2f}",
+             *[cell(r["quantize_s"][rule], one["quantize_s"][rule]) for rule in RULES]] for r in results]
+    return tabulate(rows, headers=["processes × threads", "evaluate 10k, s (speed-up)", "accuracy %",
+                                   *[f"quantize {rule}, s (speed-up)" for rule in RULES]], tablefmt="github")
 
 
 def bytes_table(result: dict) -> str:
