@@ -144,6 +144,7 @@ class Sensitivity:
     float_accuracy: float
     all_quantized: float
     rows: list[tuple[str, float, float]]  # (layer, only this layer, all but this layer)
+    images: int = 0  # how many test images (of every rank) it was measured on
 
     def ranked(self) -> list[tuple[str, float, float]]:
         """Layers by the accuracy lost when only they are quantized, worst first."""
@@ -178,4 +179,4 @@ def sensitivity(model: nn.Module, qmodel: fx.GraphModule, images: torch.Tensor,
                accuracy(with_quantized_layers(folded, qmodel, [n for n in names if n != name])))
         for name in (bars.items(mine, "sensitivity, layer by layer", "layer") if progress else mine)})
     rows = [(name, *done[name]) for name in names]
-    return Sensitivity(accuracy(folded), accuracy(with_quantized_layers(folded, qmodel, names)), rows)
+    return Sensitivity(accuracy(folded), accuracy(with_quantized_layers(folded, qmodel, names)), rows, len(labels))

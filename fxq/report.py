@@ -44,22 +44,24 @@ def write_report(out: Path, qmodel: fx.GraphModule, model: nn.Module, data, rows
     """Write ``out/index.html``, ``out/report.md`` and ``out/img/*.png``; returns the HTML's path.
 
     ``data``: a `fxq.cli.inputs.Data`; ``rows``: `fxq.cli.measurements.measure_rows`'s table."""
+    images, labels = data.tensors(sensitivity_images, shard=True)  # gathered, the layers divided among ranks
+    study = sensitivity(model, qmodel, images, labels, progress=True)  # a collective: every rank takes part
+    if distributed.rank() != 0:  # under torchrun rank 0 alone writes the report
+        return out / "index.html"
     config = records.get(qmodel, QConfig) or QConfig()
     records.put(qmodel, records.StatsSource(data.calibration(HISTOGRAM_IMAGES, shard=False)))  # observed accumulators
-    images, _ = data.tensors(SQNR_IMAGES)
-    comparison = {name: (c, i) for name, c, i in compare(model, qmodel, images).rows}
+    sample, _ = data.tensors(SQNR_IMAGES)
+    comparison = {name: (c, i) for name, c, i in compare(model, qmodel, sample).rows}
     worst_layers = sorted(comparison, key=lambda name: comparison[name][1])[:worst]
     sections = [
         ("Float vs quantized", _summary(rows)),
         ("Every op: bits, scales, accumulator headroom, error", _layers(qmodel, comparison)),
         ("The worst layers: where the range rules clip", _worst(qmodel, model, config, data, worst_layers)),
-        ("Sensitivity: one layer at a time", _sensitivity(qmodel, model, data, sensitivity_images)),
+        ("Sensitivity: one layer at a time", _sensitivity(study)),
         ("What runs in float, and why", _float_ops(qmodel)),
         ("The config", _config(config)),
     ]
     title = f"fxq report: {source}"
-    if distributed.rank() != 0:  # under torchrun every rank computed the same report
-        return out / "index.html"
     out.mkdir(parents=True, exist_ok=True)
     (out / "img").mkdir(exist_ok=True)
     (out / "report.md").write_text(_markdown(title, sections, out))
@@ -150,14 +152,12 @@ def _activation_clipping(name: str, values: torch.Tensor, qlayer: nn.Module, con
             Table(["activation rule", "range", "SQNR dB"], rows)]
 
 
-def _sensitivity(qmodel, model, data, count: int) -> list:
-    images, labels = data.tensors(count, shard=True)  # gathered, the layers divided among ranks
-    result = sensitivity(model, qmodel, images, labels, progress=True)
+def _sensitivity(result) -> list:
     names = [n for n, _, _ in result.rows]
     png = plots.sensitivity(names, [o - result.float_accuracy for _, o, _ in result.rows],
                             [a - result.all_quantized for _, _, a in result.rows])
     ranked = ", ".join(f"{n} ({o - result.float_accuracy:+.2f})" for n, o, _ in result.ranked()[:3])
-    return [f"On {len(labels)} test images: float {result.float_accuracy:.2f} %, every layer quantized "
+    return [f"On {result.images} test images: float {result.float_accuracy:.2f} %, every layer quantized "
             f"{result.all_quantized:.2f} % (weights and activations on the model's grids, in float arithmetic). "
             f"Most sensitive alone: {ranked}.",
             Figure("sensitivity", png, "Red: the accuracy lost with only this layer quantized. Green: the "
