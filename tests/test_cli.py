@@ -214,6 +214,23 @@ def test_the_command_runs_unchanged_under_torchrun_and_gives_the_single_process_
     assert len(_column(alone, "accuracy %")) == 2
 
 
+def test_report_and_bit_search_run_under_torchrun(project):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                str(Path(sys.executable).parent / "fxq")]
+    run = lambda *args: subprocess.run([*torchrun, *args], cwd=project, capture_output=True, text=True,  # noqa: E731
+                                       timeout=300)
+    done = run("quantize", *MODEL, "--out", "r.fxq", "--calib", "32", "--quiet")
+    assert done.returncode == 0, done.stderr
+    done = run("report", "r.fxq", *MODEL, "--out", "report2", "--runs", "2", "--worst", "1", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("wrote report2/index.html") == 1
+    assert "On 32 test images" in (project / "report2" / "report.md").read_text()  # both ranks' shards
+    done = run("search-bits", *MODEL, "--avg-bits", "6", "--candidates", "4,8", "--calib", "16", "--eval", "16",
+               "--out-config", "b.toml", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("chosen for 6 bits") == 1 and (project / "b.toml").exists()
+
+
 def _column(table: str, header: str) -> list[str]:
     """The cells under ``header`` of a tabulate "simple" table (its dashes mark the columns)."""
     lines = table.splitlines()
