@@ -68,6 +68,7 @@ def project(tmp_path_factory):
 MODEL = ["--model", "tinynet:build", "--weights", "tinynet.pt", "--data", "digits"]
 
 
+@pytest.mark.real_data  # processes of their own: left to `make test`
 def test_a_users_own_model_quantizes_evaluates_and_reports_from_the_command_line(project):
     done = run_fxq("quantize", *MODEL, "--out", "tiny.fxq", "--calib", "32", "--quiet", cwd=project)
     assert done.returncode == 0, done.stderr
@@ -192,6 +193,7 @@ def test_quiet_silences_the_progress_bars_only(project, monkeypatch, capsys):
     assert quiet.err == "" and quiet.out.splitlines()[-1] == loud.out.splitlines()[-1]
 
 
+@pytest.mark.real_data  # processes of their own: left to `make test`
 def test_the_command_runs_unchanged_under_torchrun_and_gives_the_single_process_model(project, monkeypatch, capsys):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 str(Path(sys.executable).parent / "fxq")]
@@ -214,6 +216,7 @@ def test_the_command_runs_unchanged_under_torchrun_and_gives_the_single_process_
     assert len(_column(alone, "accuracy %")) == 2
 
 
+@pytest.mark.real_data  # processes of their own: left to `make test`
 def test_report_and_bit_search_run_under_torchrun(project):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 str(Path(sys.executable).parent / "fxq")]

@@ -1,14 +1,15 @@
 """Calibration on a 2-process gloo group (loopback): every rank ends with the model one process
 calibrating on the union of the shards produces, bit for bit, for every range rule."""
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import pytest
 
 import fxq
 from fxq.comparison import sensitivity
 from tests.helpers import Residual, randomize_bn
 
+pytestmark = pytest.mark.real_data  # spawns its ranks: left to `make test`
 WORLD = 2
 CONFIGS = {
     "minmax": fxq.QConfig(),
