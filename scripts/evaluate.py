@@ -4,8 +4,8 @@
     python -m scripts.evaluate --datasets fashion --no-reference
 
 Accuracy is on the full 10k test set; calibration uses 512 training images (never test images).
-Size is the bytes of ``torch.save(model.state_dict())``. Latency is the median over several runs
-with ``torch.set_num_threads(2)``. Op counts come from the dtypes each op saw at run time.
+Size is the saved file (`fxq.measure.saved_bytes`: fxq.save's, the ONNX file, or the float state
+dict). Latency is the median over several runs with ``torch.set_num_threads(2)``. Op counts come from the dtypes each op saw at run time.
 """
 from __future__ import annotations
 

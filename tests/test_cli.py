@@ -195,10 +195,7 @@ def test_quiet_silences_the_progress_bars_only(project, monkeypatch, capsys):
 
 @pytest.mark.real_data  # processes of their own: left to `make test`
 def test_the_command_runs_unchanged_under_torchrun_and_gives_the_single_process_model(project, monkeypatch, capsys):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                str(Path(sys.executable).parent / "fxq")]
-    run = lambda *args: subprocess.run([*torchrun, *args], cwd=project, capture_output=True, text=True,  # noqa: E731
-                                       timeout=300)
+    run = lambda *args: _torchrun(project, *args)  # noqa: E731
     done = run("quantize", *MODEL, "--out", "two.fxq", "--calib", "40", "--quiet")
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("wrote two.fxq") == 1  # rank 0 speaks and writes
@@ -218,10 +215,7 @@ def test_the_command_runs_unchanged_under_torchrun_and_gives_the_single_process_
 
 @pytest.mark.real_data  # processes of their own: left to `make test`
 def test_report_and_bit_search_run_under_torchrun(project):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                str(Path(sys.executable).parent / "fxq")]
-    run = lambda *args: subprocess.run([*torchrun, *args], cwd=project, capture_output=True, text=True,  # noqa: E731
-                                       timeout=300)
+    run = lambda *args: _torchrun(project, *args)  # noqa: E731
     done = run("quantize", *MODEL, "--out", "r.fxq", "--calib", "32", "--quiet")
     assert done.returncode == 0, done.stderr
     done = run("report", "r.fxq", *MODEL, "--out", "report2", "--runs", "2", "--worst", "1", "--quiet")
@@ -232,6 +226,13 @@ def test_report_and_bit_search_run_under_torchrun(project):
                "--out-config", "b.toml", "--quiet")
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("chosen for 6 bits") == 1 and (project / "b.toml").exists()
+
+
+def _torchrun(folder, *args: str) -> subprocess.CompletedProcess:
+    """The installed command on 2 processes of one machine, as a user starts it."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(Path(sys.executable).parent / "fxq"), *args]
+    return subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=300)
 
 
 def _column(table: str, header: str) -> list[str]:
