@@ -21,7 +21,8 @@ def measure_rows(qmodel: fx.GraphModule, data, model: nn.Module | None, limit: i
     candidates.append(("fxq (integer executor)", qmodel))
     if deploy and importlib.util.find_spec("onnxruntime") is not None:
         import fxq
-        exact = records.get(qmodel, QConfig) is not None and records.get(qmodel, QConfig).requantize == "onnxruntime"
+        config = records.get(qmodel, QConfig)
+        exact = config is not None and config.requantize == "onnxruntime"
         deployed = fxq.deploy(qmodel, data.example(1), threads=threads or 2)
         candidates.append((f"fxq deployed (onnxruntime, {'bit-exact' if exact else 'within a few steps'})", deployed))
     x1, xb = data.example(1), data.example(data.batch_size)
