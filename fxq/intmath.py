@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fxq import gemm
+
 FLOAT64_EXACT = 2**53
 INT32_MAX = 2**31 - 1
 MULTIPLIER_BITS = 31
@@ -175,14 +177,6 @@ def conv_columns(x_q: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, 
     return _im2col(signed, kernel, stride, padding, dilation, pad_value - 128)
 
 
-def wide_columns(x_q: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
-                 padding: tuple[int, int], dilation: tuple[int, int], zero_point: int) -> tuple:
-    """im2col of 16-bit integers: int32 ``[N, C, H, W]`` → float64 columns of ``q − z`` (exact:
-    |q − z| < 2^16), padded with 0 (real 0). Returns the columns and ``(N, H', W')``."""
-    centred = x_q.permute(0, 2, 3, 1).to(torch.float64) - zero_point
-    return _im2col(centred, kernel, stride, padding, dilation, 0)
-
-
 def _im2col(nhwc: torch.Tensor, kernel, stride, padding, dilation, pad_value) -> tuple:
     padded = F.pad(nhwc, (0, 0, padding[1], padding[1], padding[0], padding[0]), value=pad_value)
     n, h, w, c = padded.shape
@@ -218,10 +212,11 @@ def accumulate(columns: torch.Tensor, weight: torch.Tensor, constant: torch.Tens
     """Formula (1) as one int8 × int8 → int32 GEMM: ``[M, K]`` columns of ``I_q − 128`` times the
     :func:`gemm_operands` weight, plus their constant → ``[M, C_out]``.
 
-    The GEMM is integer arithmetic (``torch._int_mm``, int32 accumulation): exact whenever the
-    worst case ``128·127·K`` fits int32 (K < 132,000; ResNet-18's widest layer has K = 4608).
+    The GEMM is integer arithmetic (``torch._int_mm`` by `fxq.gemm.int_mm`, int32 accumulation):
+    exact whenever the worst case ``128·127·K`` fits int32 (K < 132,000; ResNet-18's widest layer
+    has K = 4608).
     """
-    return torch._int_mm(_dense(columns), weight).add_(constant)
+    return gemm.int_mm(_dense(columns), weight).add_(constant)
 
 
 def group_columns(columns: torch.Tensor, groups: int, group_channels: int) -> list[torch.Tensor]:
@@ -266,13 +261,6 @@ def _dense(matrix: torch.Tensor) -> torch.Tensor:
     if matrix.stride() == (matrix.shape[1], 1):
         return matrix
     return matrix.clone(memory_format=torch.contiguous_format)
-
-
-def accumulate_wide(columns: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Formula (1) for 16-bit inputs: float64 ``[M, K]`` columns of ``I_q − z`` times the float64
-    ``[K, C_out]`` weight, plus the bias → int64. Exact: every product and partial sum is an
-    integer below 2^53 (the layer checks its worst case), where float64 arithmetic is exact."""
-    return (columns @ weight).to(torch.int64).add_(bias)
 
 
 def add(a_q: torch.Tensor, b_q: torch.Tensor, a: "AddOperand", b: "AddOperand", zero_point: int,

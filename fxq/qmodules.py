@@ -13,10 +13,13 @@
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from fxq import affine, intmath, records
+from fxq import affine, gemm, intmath, records
 from fxq import schema as sc
 from fxq.affine import ActQParams
 from fxq.records import QuantizedWeight
@@ -190,21 +193,23 @@ class QLayer(Derived):
     requantize_as = "fixed_point"  # or "onnxruntime" (`passes.adopt_runtime`): QConfig.requantize
 
     def prepare(self) -> None:
-        """The GEMM-ready weight and constant (one per group: ``[groups, K, C_out / groups]``), the
-        worst-case accumulator and onnxruntime's float32 multipliers, derived from the buffers
-        (not saved)."""
+        """The int8 GEMM's weight and constant (one per group: ``[groups, K, C_out / groups]``), the
+        worst-case accumulator, the float32 chunks and onnxruntime's float32 multipliers, derived
+        from the buffers (not saved)."""
         self.register_buffer("runtime_multiplier", intmath.runtime_multiplier(
             self.input_scale, self.weight_scale, self.output_scale), persistent=False)
-        self.accumulator_bound = intmath.accumulator_bound(self.weight, _absmax(self.input_qparams), self.bias)
+        absmax = _absmax(self.input_qparams)
+        self.accumulator_bound = intmath.accumulator_bound(self.weight, absmax, self.bias)
         self.accumulator_bits = 32 if self.accumulator_bound <= intmath.INT32_MAX else 64
-        weights, constants = [], []
-        for weight_q, bias_q in zip(self.weight.chunk(self.groups), self.bias.chunk(self.groups)):
-            if self.wide:
-                weight, constant = intmath.gemm_weight(weight_q).to(torch.float64).contiguous(), bias_q.to(torch.int64)
-            else:
-                weight, constant = intmath.gemm_operands(weight_q, int(self.input_zero_point), bias_q)
-            weights.append(weight)
-            constants.append(constant)
+        self.float32_chunks = None if self.wide else gemm.float32_chunks(self.weight, absmax)
+        self._float_weights = {}
+        self.backend = None  # the backend of the last call (`fxq.gemm`)
+        if self.wide:  # 16-bit inputs accumulate in float64 only
+            self.register_buffer("gemm_weight", None, persistent=False)
+            self.register_buffer("gemm_constant", None, persistent=False)
+            return
+        weights, constants = zip(*(intmath.gemm_operands(w, int(self.input_zero_point), b) for w, b
+                                   in zip(self.weight.chunk(self.groups), self.bias.chunk(self.groups))))
         self.register_buffer("gemm_weight", torch.stack(weights), persistent=False)
         self.register_buffer("gemm_constant", torch.cat(constants), persistent=False)
 
@@ -222,19 +227,86 @@ class QLayer(Derived):
 
     def accumulator(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Formula (1): the accumulator ``[positions, C_out]`` (int32; int64 when wide), bias
-        included, and the shape of ``positions``."""
+        included, and the shape of ``positions``, by the backend `fxq.gemm` chooses for this shape
+        (every backend gives the same integers)."""
+        candidates = {b: functools.partial(self.accumulate_by, b, x[:1]) for b in self.backends()}
+        self.backend = gemm.choose(self._shape_key(x), x.device, candidates)
+        return self.accumulate_by(self.backend, x)
+
+    def backends(self) -> list[gemm.Backend]:
+        """The exact ways this layer can accumulate; a 16-bit input only in float64."""
+        if self.wide:
+            return [gemm.Backend.FLOAT64]
+        return [gemm.Backend.INTEGER] + [gemm.Backend.FLOAT32] * (self.float32_chunks is not None) + [
+            gemm.Backend.FLOAT64]
+
+    def accumulate_by(self, backend: gemm.Backend, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Formula (1) by one named backend."""
+        if backend is gemm.Backend.INTEGER:
+            return self.integer_accumulator(x)
+        return self.float_accumulator(x, torch.float32 if backend is gemm.Backend.FLOAT32 else torch.float64)
+
+    def _shape_key(self, x: torch.Tensor) -> tuple:
+        geometry = tuple(getattr(self, a, None) for a in ("stride", "padding", "dilation"))
+        return (type(self).__name__, tuple(self.weight.shape), geometry, self.groups, self.wide,
+                len(self.float32_chunks or ()), tuple(x.shape[1:]), x.device.type)
+
+    def integer_accumulator(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Formula (1) as int8 GEMMs on im2col columns, one per group."""
         columns, positions = self.columns(x)
         return self.accumulate(columns), positions
 
     def accumulate(self, columns: torch.Tensor) -> torch.Tensor:
-        """Formula (1) on im2col columns ``[positions, K·groups]``, one GEMM per group."""
-        kernel = intmath.accumulate_wide if self.wide else intmath.accumulate
+        """Formula (1) on int8 im2col columns ``[positions, K·groups]``, one GEMM per group."""
         if self.groups == 1:
-            return kernel(columns, self.gemm_weight[0], self.gemm_constant)
+            return intmath.accumulate(columns, self.gemm_weight[0], self.gemm_constant)
         blocks = intmath.group_columns(columns, self.groups, self.weight.shape[1])
-        out = [kernel(block, weight, constant) for block, weight, constant
+        out = [intmath.accumulate(block, weight, constant) for block, weight, constant
                in zip(blocks, self.gemm_weight, self.gemm_constant.chunk(self.groups))]
         return torch.cat(out, 1)
+
+    def float_accumulator(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Formula (1) by float convs/GEMMs on ``I_q − z``: in float32 one per chunk of input
+        channels (`gemm.float32_chunks`: each exact), added in int32; in float64 one."""
+        parts = self._float_parts(dtype, x.device)
+        whole = len(parts) == 1
+        bias = self._float_bias(dtype) if whole else None  # exact inside the op: |b| is in the bound
+        centred = x.to(dtype).sub_(int(self.input_zero_point))
+        acc_dtype = torch.int64 if self.wide else torch.int32
+        acc = positions = None
+        for (start, end), weight in parts:
+            part = centred if whole else self.input_slice(centred, start, end)
+            y, positions = self.as_positions(gemm.exact_float(self.float_op, part, weight, bias))
+            acc = y.to(acc_dtype) if acc is None else acc.add_(y.to(acc_dtype))
+        if bias is None:
+            acc.add_(self.bias.to(acc_dtype))
+        return acc, positions
+
+    def _float_parts(self, dtype: torch.dtype, device: torch.device) -> list:
+        """``[((start, end), weight chunk)]`` in ``dtype`` on ``device``, made once."""
+        key = (dtype, device)
+        if key not in self._float_weights:
+            chunks = self.float32_chunks if dtype == torch.float32 else [(0, self.weight.shape[1])]
+            weight = self.weight.to(device=device, dtype=dtype)
+            self._float_weights[key] = [((s, e), weight[:, s:e].contiguous()) for s, e in chunks]
+        return self._float_weights[key]
+
+    def _float_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        if dtype == torch.float32 and self.accumulator_bound > gemm.FLOAT32_EXACT:
+            return None
+        return self.bias.to(dtype)
+
+    def input_slice(self, centred: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Input channels ``[start, end)`` of every group."""
+        raise NotImplementedError
+
+    def float_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The float conv/linear itself."""
+        raise NotImplementedError
+
+    def as_positions(self, y: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """A float op's output as ``[positions, C_out]`` and the shape of positions."""
+        raise NotImplementedError
 
     def requantize(self, acc: torch.Tensor) -> torch.Tensor:
         """Formula (2): accumulator → uint8 at the output scale."""
@@ -256,10 +328,10 @@ class QLayer(Derived):
         return FloatLayer(self)
 
     def describe(self) -> str:
-        gemm = "float64 GEMM on integers" if self.wide else "int8 GEMM"
+        kernel = "float64 GEMM on integers" if self.wide else "int8 GEMM"
         how = ("requantized as onnxruntime does (float32 multiplier per channel, half to even)"
                if self.requantize_as == "onnxruntime" else "fixed-point requantization per channel")
-        return f"{gemm}, int{self.accumulator_bits} accumulator, {how}"
+        return f"{kernel}, int{self.accumulator_bits} accumulator, {how}"
 
     def to_onnx(self, b, node, inputs):
         return b.layer(self, inputs[0], node.name)
@@ -343,16 +415,25 @@ class QConv2d(QLayer):
     def depthwise(self) -> bool:
         return self.groups > 1 and self.weight.shape[1] == 1
 
-    def accumulator(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    def integer_accumulator(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         if not self.depthwise:
-            return super().accumulator(x)
+            return super().integer_accumulator(x)
         return intmath.depthwise_accumulate(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                                            int(self.input_zero_point), torch.int64 if self.wide else torch.int32)
+                                            int(self.input_zero_point), torch.int32)
 
     def columns(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-        im2col = intmath.wide_columns if self.wide else intmath.conv_columns
-        return im2col(x, tuple(self.weight.shape[2:]), self.stride, self.padding, self.dilation,
-                      int(self.input_zero_point))
+        return intmath.conv_columns(x, tuple(self.weight.shape[2:]), self.stride, self.padding, self.dilation,
+                                    int(self.input_zero_point))
+
+    def input_slice(self, centred: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        return gemm.input_channels(centred, self.groups, start, end)
+
+    def float_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def as_positions(self, y: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        n, c, h, w = y.shape
+        return y.permute(0, 2, 3, 1).reshape(-1, c), (n, h, w)
 
     def to_output(self, q: torch.Tensor, positions: tuple[int, ...]) -> torch.Tensor:
         # channels-last integers viewed as NCHW: no copy, and the next conv reads them as they are
@@ -390,9 +471,16 @@ class QLinear(QLayer):
     def columns(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Any leading dimensions (``[N, K]``, or ``[N, H, W, K]`` after a permute) are positions."""
         positions, rows = tuple(x.shape[:-1]), x.reshape(-1, x.shape[-1])
-        if self.wide:
-            return rows.to(torch.float64) - int(self.input_zero_point), positions
         return (rows ^ 128).view(torch.int8), positions  # q − 128, as in intmath.conv_columns
+
+    def input_slice(self, centred: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        return centred[..., start:end]
+
+    def float_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    def as_positions(self, y: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        return y.reshape(-1, y.shape[-1]), tuple(y.shape[:-1])
 
     def to_output(self, q: torch.Tensor, positions: tuple[int, ...]) -> torch.Tensor:
         return q.reshape(*positions, q.shape[-1])

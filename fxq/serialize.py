@@ -172,13 +172,14 @@ def _rebuild(payload: dict) -> fx.GraphModule:
 
 
 def _smoke_run(gm: fx.GraphModule) -> None:
-    """Run once on zeros of the calibration shape: a file that passes every check must also run."""
+    """Run once on two samples of zeros of the calibration shape: a file that passes every check
+    must also run (two: a norm over one value per group, after a global pool, refuses one)."""
     inputs = [m for m in gm.modules() if isinstance(m, qmodules.Quantize) and m.sample_shape is not None]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     _expect(len(inputs) == 1 and len(placeholders) == 1,
             "expected one network input and its quantize step")
     with torch.no_grad():
-        gm(torch.zeros(1, *inputs[0].sample_shape))
+        gm(torch.zeros(2, *inputs[0].sample_shape))
 
 
 # ---------------------------------------------------------------- modules

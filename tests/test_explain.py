@@ -25,7 +25,7 @@ def executed(qmodel, layer, batch):
             result = super().run_node(n)
             if n is node:
                 seen["input"] = self.env[n.args[0]]
-                seen["acc"] = module.accumulate(module.columns(seen["input"])[0])
+                seen["acc"] = module.accumulator(seen["input"])[0]
                 seen["output"] = result
             if n.op == "call_function" and n.args and n.args[0] is node:
                 seen["relu"] = result

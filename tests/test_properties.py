@@ -20,6 +20,7 @@ from hypothesis import given, strategies as st
 from torch import nn
 
 import fxq
+from fxq import gemm
 from tests.helpers import output_steps
 
 GAMMAS = [1e-9, 1e-6, 1e-5, 1e-3, 0.1, 1.0, 10.0, 1e3]
@@ -163,6 +164,9 @@ def test_generated_networks_quantize_exactly_and_round_trip(network, config):
     x = torch.randn(6, *shape) * 3
     integer, simulated = output_steps(qmodel, fxq.simulate(qmodel), x)
     assert torch.equal(integer, simulated)
+    for backend in gemm.Backend:  # every exact accumulator gives the twin's integers
+        with gemm.forced(backend):
+            assert torch.equal(output_steps(qmodel, fxq.simulate(qmodel), x)[0], simulated)
     buffer = io.BytesIO()
     fxq.save(qmodel, buffer)
     buffer.seek(0)

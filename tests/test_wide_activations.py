@@ -27,7 +27,7 @@ def test_worst_case_beyond_int32_gets_an_int64_accumulator_and_stays_exact():
     assert fc1.accumulator_bound > intmath.INT32_MAX and fc1.accumulator_bits == 64
     x_q = qmodel.get_submodule("quantize_x")(torch.randn(8, 2048) * 3)
     assert x_q.dtype == torch.int32 and int(x_q.max()) > 255
-    acc = fc1.accumulate(fc1.columns(x_q)[0])
+    acc = fc1.accumulator(x_q)[0]
     reference = ((x_q.to(torch.int64) - int(fc1.input_zero_point)) @ fc1.weight.to(torch.int64).T
                  + fc1.bias.to(torch.int64))
     assert torch.equal(acc, reference)
