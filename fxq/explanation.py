@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 from torch import fx
 
-from fxq import intmath, packing, records
+from fxq import gemm, intmath, packing, records
 from fxq.affine import ActQParams
 from fxq.config import QConfig
 from fxq.qmodules import Dequantize, QConv2d, QLayer, QReLU, QRequantize, Quantize
@@ -104,6 +104,7 @@ class NetworkExplanation:
 
     rows: list[list] = field(default_factory=list)
     requantize: str = "fixed_point"
+    backends: dict = field(default_factory=dict)  # layer → the `fxq.gemm` backend of its last call
     headers: tuple = ("op", "kind", "in scale", "out scale", "in bits", "weight bits",
                       "acc worst bits", "acc observed bits", "acc headroom", "out bits", "runs on")
 
@@ -120,8 +121,12 @@ class NetworkExplanation:
         total = max(len(self.rows), 1)
         arithmetic = ("onnxruntime's (float32 multipliers, ties to even): fxq.deploy is bit-exact"
                       if self.requantize == "onnxruntime" else "fixed point (int32 multiplier and shift, ties away from zero)")
+        used = [str(b) for b in self.backends.values() if b is not None]
+        counts = ", ".join(f"{name} ×{used.count(name)}" for name in dict.fromkeys(sorted(used)))
+        backends = (f"; accumulators (all exact): {counts} ({gemm.how_chosen()})" if used else "")
         return (f"{self.integer_ops} of {len(self.rows)} ops run on integers "
-                f"({100 * self.integer_ops / total:.0f} %), {self.float_ops} in float; requantization: {arithmetic}")
+                f"({100 * self.integer_ops / total:.0f} %), {self.float_ops} in float; requantization: {arithmetic}"
+                + backends)
 
     def __str__(self) -> str:
         return tabulate(self.rows, headers=self.headers, tablefmt="simple") + "\n" + self.summary
@@ -186,7 +191,7 @@ def _layer(qmodel, node: fx.Node, seen: dict, source: str) -> LayerExplanation:
                  and isinstance(qmodel.get_submodule(u.target), QReLU)), None)
     in_dtype, out_dtype = _dtype(_bits_of_input(qmodel, node)), _dtype(m.output_bits)
     acc_dtype = f"int{m.accumulator_bits}"
-    gemm = _how_accumulated(m)
+    accumulated = _how_accumulated(m)
     centred = IntRange(-z_in, qmax_in - z_in)
     steps = [
         Step("input I_q", in_dtype, IntRange(0, qmax_in), in_seen, f"s_I = {float(m.input_scale):.6g}, z_I = {z_in}"),
@@ -197,7 +202,7 @@ def _layer(qmodel, node: fx.Node, seen: dict, source: str) -> LayerExplanation:
              None, "one product"),
         Step("bias b_q", "int32", bias, bias, "at scale s_I·s_W[c], zero point 0"),
         Step(f"acc = Σ_{k} W_q·(I_q − z_I) + b_q", acc_dtype, IntRange(-bound, bound), acc_seen,
-             f"K = {k} terms; {gemm}; headroom {m.accumulator_bits - signed_bits(-bound, bound)} b of {acc_dtype}"),
+             f"K = {k} terms; {accumulated}; headroom {m.accumulator_bits - signed_bits(-bound, bound)} b of {acc_dtype}"),
         *(_runtime_steps(m, bound, acc_seen, out_dtype, out_seen) if m.requantize_as == "onnxruntime" else [
             Step("acc · m", "int64", _times(IntRange(-bound, bound), int(multiplier.max())),
                  None if acc_seen is None else _times(acc_seen, int(multiplier.max())),
@@ -242,10 +247,21 @@ def _runtime_steps(m: QLayer, bound: int, acc_seen, out_dtype: str, out_seen) ->
 
 
 def _how_accumulated(m: QLayer) -> str:
-    if getattr(m, "depthwise", False):
-        return f"k_h·k_w multiply-adds of shifted maps in int{64 if m.wide else 32}, exact"
-    kernel = "float64 GEMM on integers < 2^53" if m.wide else "int8 GEMM"
-    return f"{kernel}{f' per group ({m.groups})' if m.groups > 1 else ''}, exact"
+    """How the executed graph formed the accumulator: the backend `fxq.gemm` chose here."""
+    backend = m.backend
+    if backend is None:
+        return "not run yet in this process (the backend is chosen at the first call), exact"
+    if backend is gemm.Backend.INTEGER and getattr(m, "depthwise", False):
+        kernel = "k_h·k_w multiply-adds of shifted maps in int32"
+    elif backend is gemm.Backend.INTEGER:
+        kernel = "int8 GEMM (torch._int_mm)" + (f" per group ({m.groups})" if m.groups > 1 else "")
+    elif backend is gemm.Backend.FLOAT32:
+        chunks = len(m.float32_chunks)
+        kernel = (f"float32 {'conv' if isinstance(m, QConv2d) else 'GEMM'} on I_q − z_I in {chunks} "
+                  f"chunk{'s' * (chunks > 1)} of input channels, every partial sum ≤ 2^24")
+    else:
+        kernel = f"float64 {'conv' if isinstance(m, QConv2d) else 'GEMM'} on integers < 2^53"
+    return f"{kernel}, exact ({backend} backend, {gemm.how_chosen()})"
 
 
 def _times(r: IntRange, factor: int) -> IntRange:
@@ -377,7 +393,8 @@ def _network(qmodel: fx.GraphModule) -> NetworkExplanation:
             row[5:9] = [bits_of(IntRange.of(module.weight)), worst, observed, module.accumulator_bits - worst]
         rows.append(row)
     config = records.get(qmodel, QConfig)
-    return NetworkExplanation(rows, "fixed_point" if config is None else config.requantize)
+    backends = {name: m.backend for name, m in modules.items() if isinstance(m, QLayer)}
+    return NetworkExplanation(rows, "fixed_point" if config is None else config.requantize, backends)
 
 
 def _name(node: fx.Node) -> str:

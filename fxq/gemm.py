@@ -94,6 +94,15 @@ def choose(key: Hashable, device: torch.device, candidates: dict[Backend, Callab
     return _choices[key]
 
 
+def how_chosen() -> str:
+    """Why layers use the backends they do, in a phrase for reports."""
+    if _forced:
+        return "forced by fxq.gemm.forced"
+    if requested() is not None:
+        return f"forced by {ENVIRONMENT}={os.environ[ENVIRONMENT]}"
+    return f"the fastest of those timed on this CPU ({torch.backends.cpu.get_cpu_capability()})"
+
+
 def choices() -> dict[Hashable, Backend]:
     """Every layer shape this process has timed, and the backend it chose."""
     return dict(_choices)

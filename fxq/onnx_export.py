@@ -33,9 +33,11 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from fxq import ops, records
+from fxq import ops, records, saturation
 from fxq.affine import ActQParams
 from fxq.config import QConfig
+from fxq.qmodules import QLayer
+from fxq.saturation import WeightFormat
 
 OPSET = 21
 BATCH = 2  # the batch the export runs once with, to learn every value's shape
@@ -44,10 +46,11 @@ BATCH = 2  # the batch the export runs once with, to learn every value's shape
 class Builder:
     """Collects ONNX nodes and initializers; one method per ONNX idiom the facets use."""
 
-    def __init__(self, shapes: dict):
+    def __init__(self, shapes: dict, formats: dict | None = None):
         from onnx import TensorProto, helper, numpy_helper
         self.helper, self.numpy_helper, self.types = helper, numpy_helper, TensorProto
         self.nodes, self.initializers, self.shapes = [], [], shapes
+        self.formats = formats or {}  # layer module → `saturation.WeightFormat` (default U8S8)
         self.values: dict[fx.Node, object] = {}  # what each fx node became in the ONNX graph
         self.count = 0
 
@@ -101,12 +104,17 @@ class Builder:
         return self.node("Min", [q, self.constant(f"{name}_top", np.uint8(qp.qmax))], f"{name}_top")
 
     def layer(self, m, x: str, name: str) -> str:
-        """DequantizeLinear → Conv/Gemm (int8 weight and int32 bias, dequantized) → QuantizeLinear."""
+        """DequantizeLinear → Conv/Gemm (int8 weight and int32 bias, dequantized) → QuantizeLinear.
+        In the U8U8 format the weight travels as uint8 ``W_q + 128`` with zero point 128: the same
+        values, which onnxruntime multiplies without 16-bit pair sums (`fxq.saturation`)."""
         x_f = self.dequantize(x, m.input_qparams, f"{name}_in")
+        weight_q, zero = m.weight, torch.zeros(m.weight.shape[0], dtype=torch.int8)
+        if self.formats.get(m) is WeightFormat.U8U8:
+            weight_q, zero = (weight_q.to(torch.int16) + 128).to(torch.uint8), (zero.to(torch.int16) + 128).to(torch.uint8)
         weight = self.node("DequantizeLinear", [
-            self.constant(f"{name}_weight", m.weight),
+            self.constant(f"{name}_weight", weight_q),
             self.constant(f"{name}_weight_scale", m.weight_scale.to(torch.float32)),
-            self.constant(f"{name}_weight_zero", torch.zeros(m.weight.shape[0], dtype=torch.int8))],
+            self.constant(f"{name}_weight_zero", zero)],
             f"{name}_w", axis=0)
         bias = self.node("DequantizeLinear", [
             self.constant(f"{name}_bias", m.bias),
@@ -205,16 +213,30 @@ def _recorded_shapes(qmodel: fx.GraphModule, sample_shape: tuple) -> dict:
     return shapes
 
 
-def to_onnx(qmodel: fx.GraphModule):
-    """The ONNX ``ModelProto`` of ``qmodel`` (opset 21, dynamic batch)."""
+def layer_bounds(qmodel: fx.GraphModule) -> dict[str, tuple[int, int]]:
+    """Each integer conv/linear's ``(q_max of its input, max|W_q|)``, what formula (3) of
+    `fxq.saturation` reads."""
+    return {name: ((1 << m.input_bits) - 1, int(m.weight.to(torch.int64).abs().max()))
+            for name, m in qmodel.named_modules() if isinstance(m, QLayer)}
+
+
+def weight_formats(qmodel: fx.GraphModule, weights: str = "auto") -> dict[str, WeightFormat]:
+    """Each integer conv/linear's weight format (`fxq.saturation`) for the choice ``weights``."""
+    return saturation.layer_formats(layer_bounds(qmodel), weights)
+
+
+def to_onnx(qmodel: fx.GraphModule, weights: str = "auto"):
+    """The ONNX ``ModelProto`` of ``qmodel`` (opset 21, dynamic batch), weights in the formats
+    ``weights`` chooses (`fxq.saturation`)."""
     from onnx import TensorProto, helper
 
     inputs = [m for m in qmodel.modules() if type(m).__name__ == "Quantize" and m.sample_shape is not None]
     if len(inputs) != 1:
         raise ValueError("export a model from fxq.quantize or fxq.load: it has no network-input quantize step")
     sample_shape = tuple(inputs[0].sample_shape)
-    b = Builder(_recorded_shapes(qmodel, sample_shape))
     modules = dict(qmodel.named_modules())
+    formats = {modules[name]: f for name, f in weight_formats(qmodel, weights).items()}
+    b = Builder(_recorded_shapes(qmodel, sample_shape), formats)
     values = b.values
     for node in qmodel.graph.nodes:
         if node.op == "placeholder":
@@ -256,12 +278,15 @@ def _attribute(qmodel: fx.GraphModule, target: str) -> torch.Tensor:
     return attribute(qmodel, target).detach().to(torch.float32)
 
 
-def export_onnx(qmodel: fx.GraphModule, path: str | Path | io.BytesIO) -> None:
+def export_onnx(qmodel: fx.GraphModule, path: str | Path | io.BytesIO, weights: str = "auto") -> None:
     """Write ``qmodel`` (from `fxq.quantize` or `fxq.load`) as an ONNX model (opset 21, dynamic
-    batch) that ``onnx.checker`` accepts and onnxruntime runs."""
+    batch) that ``onnx.checker`` accepts and onnxruntime runs.
+
+    ``weights`` (`fxq.saturation`): "auto" suits this machine's onnxruntime; a file bound for
+    other CPUs takes "exact" (U8U8 where a U8S8 kernel without VNNI could saturate)."""
     import onnx
 
-    model = to_onnx(qmodel)
+    model = to_onnx(qmodel, weights)
     onnx.checker.check_model(model)
     if isinstance(path, io.BytesIO):
         path.write(model.SerializeToString())
@@ -270,13 +295,26 @@ def export_onnx(qmodel: fx.GraphModule, path: str | Path | io.BytesIO) -> None:
 
 
 class Deployed(nn.Module):
-    """float in, float out: a quantized model exported to ONNX and run by an onnxruntime session."""
+    """float in, float out: a quantized model exported to ONNX and run by an onnxruntime session.
 
-    def __init__(self, model_bytes: bytes, threads: int, bit_exact: bool):
+    ``bit_exact``: its outputs equal the quantized model's bit for bit — the model computes
+    onnxruntime's arithmetic (``QConfig(requantize="onnxruntime")``) and no layer runs a kernel
+    that saturates on this machine. ``formats``: each layer's weight format; ``saturating``:
+    whether this machine's U8S8 kernels add products in saturating 16-bit pairs."""
+
+    def __init__(self, model_bytes: bytes, threads: int, bit_exact: bool,
+                 formats: dict[str, WeightFormat] | None = None, saturating: bool = False):
         super().__init__()
         self.model_bytes, self.threads = model_bytes, threads
-        self.bit_exact = bit_exact  # the quantized model computes onnxruntime's arithmetic
+        self.bit_exact = bit_exact
+        self.formats, self.saturating = dict(formats or {}), saturating
         self._session = None
+
+    @property
+    def weight_format(self) -> str:
+        """The weight formats in one phrase: ``"u8s8"``, ``"u8u8"`` or ``"u8s8 ×17, u8u8 ×4"``."""
+        counts = {f.value: list(self.formats.values()).count(f) for f in WeightFormat if f in self.formats.values()}
+        return next(iter(counts)) if len(counts) == 1 else ", ".join(f"{k} ×{v}" for k, v in counts.items())
 
     def session(self):
         if self._session is None:
@@ -296,22 +334,41 @@ class Deployed(nn.Module):
         return {**self.__dict__, "_session": None}  # a session does not pickle; it is made again
 
     def extra_repr(self) -> str:
-        agreement = ("bit-exact with fxq's executor" if self.bit_exact else
-                     "within a few output steps of fxq's executor (QConfig(requantize='onnxruntime') makes it bit-exact)")
-        return f"onnxruntime, {len(self.model_bytes) / 1e6:.2f} MB model, {self.threads} threads, {agreement}"
+        if self.bit_exact:
+            agreement = "bit-exact with fxq's executor"
+        elif self.saturating and any(f is WeightFormat.U8S8 for f in self.formats.values()):
+            agreement = ("NOT exact: U8S8 layers that can saturate on this CPU's onnxruntime "
+                         "(deploy with weights='auto' or 'exact')")
+        else:
+            agreement = ("within a few output steps of fxq's executor "
+                         "(QConfig(requantize='onnxruntime') makes it bit-exact)")
+        runtime = "saturating U8S8 kernels (no VNNI)" if self.saturating else "exact U8S8 kernels"
+        return (f"onnxruntime ({runtime}), weights {self.weight_format}, {len(self.model_bytes) / 1e6:.2f} MB "
+                f"model, {self.threads} threads, {agreement}")
 
 
-def deploy(qmodel: fx.GraphModule, example_input: torch.Tensor | None = None, threads: int = 2) -> Deployed:
+def deploy(qmodel: fx.GraphModule, example_input: torch.Tensor | None = None, threads: int = 2,
+           weights: str = "auto") -> Deployed:
     """``qmodel`` exported (`export_onnx`) and loaded into onnxruntime with ``threads`` threads;
     with ``example_input``, runs it once (so the first real call is not the slow one).
 
-    It computes exactly what ``qmodel`` does when ``qmodel`` was quantized with
-    ``QConfig(requantize="onnxruntime")`` (``deployed.bit_exact``); otherwise convs, linears and
-    adds may land a step or two apart (onnxruntime requantizes in float32, fxq in fixed point)."""
+    ``weights`` picks each layer's weight format (`fxq.saturation`): by default U8S8 (int8
+    weights, the fastest kernels) where this machine's onnxruntime adds products exactly, and
+    where it saturates (x86 without VNNI) U8S8 only for layers that cannot saturate, U8U8 for
+    the rest. It computes exactly what ``qmodel`` does when ``qmodel`` was quantized with
+    ``QConfig(requantize="onnxruntime")`` and no layer can saturate (``deployed.bit_exact``);
+    otherwise convs, linears and adds may land a step or two apart (onnxruntime requantizes in
+    float32, fxq in fixed point)."""
     buffer = io.BytesIO()
-    export_onnx(qmodel, buffer)
+    export_onnx(qmodel, buffer, weights)
     config = records.get(qmodel, QConfig)
-    deployed = Deployed(buffer.getvalue(), threads, config is not None and config.requantize == "onnxruntime")
+    bounds = layer_bounds(qmodel)
+    formats = saturation.layer_formats(bounds, weights)
+    saturating = saturation.runtime_saturates()
+    exact_kernels = not saturating or all(f is WeightFormat.U8U8 or saturation.pair_safe(*bounds[name])
+                                          for name, f in formats.items())
+    runtime_arithmetic = config is not None and config.requantize == "onnxruntime"
+    deployed = Deployed(buffer.getvalue(), threads, runtime_arithmetic and exact_kernels, formats, saturating)
     if example_input is not None:
         deployed(example_input)
     return deployed

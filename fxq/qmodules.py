@@ -782,7 +782,7 @@ class QAvgPool2d(nn.Module):
         if self.runtime_mean:
             out = intmath.runtime_global_mean(q, float(self.scale), int(self.zero_point), (1 << self.bits) - 1)
         else:
-            rows, columns, divisors = self.windows(*q.shape[-2:])
+            rows, columns, divisors = (t.to(q.device) for t in self.windows(*q.shape[-2:]))
             out = intmath.window_mean(q, rows, columns, divisors, int(self.zero_point), (1 << self.bits) - 1)
         return out if self.keepdim else out.reshape(out.shape[:-2])
 

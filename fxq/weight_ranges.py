@@ -32,7 +32,7 @@ def quantize_sites(sites: dict[object, tuple[torch.Tensor, QConfig]],
     for (_, config), names in groups.items():
         site_grams = [grams[n] for n in names if grams.get(n) is not None]
         gram = sum(site_grams[1:], site_grams[0]) if site_grams else None
-        weights = quantize_weights(sites[names[0]][0], config.weight_bits, config.per_channel,
+        weights = quantize_weights(sites[names[0]][0], config.layer_weight_bits, config.per_channel,
                                    config.weight_range, gram)
         result.update(dict.fromkeys(names, weights))
     return result

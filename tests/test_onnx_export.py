@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxq
+from fxq import onnx_export, saturation
 from tests.helpers import Residual, randomize_bn
 from tests.test_ops_activations import Activations, Scaled
 from tests.test_ops_joins import Branches
@@ -129,9 +130,9 @@ def test_narrow_widths_deploy_bit_exact_in_uint8_containers(bits):
         assert torch.equal(fxq.deploy(qmodel, threads=1)(x), qmodel(x))
 
 
-def _exported(qmodel) -> bytes:
+def _exported(qmodel, weights: str = "auto") -> bytes:
     buffer = io.BytesIO()
-    fxq.export_onnx(qmodel, buffer)
+    fxq.export_onnx(qmodel, buffer, weights)
     return buffer.getvalue()
 
 
@@ -180,3 +181,58 @@ def test_runtime_add_is_onnxruntimes_qlinear_add_for_every_input_pair():
         ours = intmath.runtime_add(a, b, scales, zero_points, 255)
         theirs = _qlinear_add_session(scales, zero_points).run(None, {"a": a.numpy(), "b": b.numpy()})[0]
         assert torch.equal(ours, torch.from_numpy(theirs)), (scales, zero_points)
+
+
+def _weight_dtypes(qmodel, weights: str) -> set:
+    model = onnx.load_from_string(_exported(qmodel, weights))
+    names = {i for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].count("_weight_")
+             for i in n.input[:1]}
+    return {onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name for t in model.graph.initializer if t.name in names}
+
+
+@pytest.mark.parametrize("weights", ["exact", "u8u8", "u8s8", "auto"])
+def test_every_weight_format_deploys_bit_exact_where_it_says_so(weights):
+    """U8U8 and "exact" on every CPU; U8S8 only where this machine's onnxruntime does not saturate."""
+    qmodel = fxq.quantize(randomize_bn(Residual()).eval(), [torch.randn(8, 3, 8, 8) for _ in range(4)], config=RUNTIME)
+    deployed = fxq.deploy(qmodel, threads=1, weights=weights)
+    x = torch.randn(64, 3, 8, 8) * 2
+    exact = weights != "u8s8" or not saturation.runtime_saturates()
+    assert deployed.bit_exact == exact
+    if exact:
+        with torch.no_grad():
+            assert torch.equal(deployed(x), qmodel(x))
+
+
+def test_u8u8_weights_travel_as_uint8_with_zero_point_128_and_exact_picks_per_layer():
+    config = RUNTIME.replace(pair_safe=True, keep_first_last_8bit=True, weight_bits=8)
+    qmodel = fxq.quantize(randomize_bn(Residual()).eval(), [torch.randn(8, 3, 8, 8) for _ in range(4)], config=config)
+    assert _weight_dtypes(qmodel, "u8u8") == {"uint8"} and _weight_dtypes(qmodel, "u8s8") == {"int8"}
+    formats = onnx_export.weight_formats(qmodel, "exact")
+    bounds = onnx_export.layer_bounds(qmodel)
+    assert all(bounds[n][1] <= 63 for n in formats)  # pair_safe: 7-bit weights beside 8-bit inputs
+    assert set(formats.values()) == {saturation.WeightFormat.U8S8}
+
+
+def test_deploy_never_claims_bit_exact_on_a_format_that_saturates_here(monkeypatch):
+    """On a CPU whose U8S8 kernels saturate (no VNNI), "auto" takes U8U8 for every layer that
+    could pass 32767 in a pair, and forcing U8S8 there is reported as not exact."""
+    monkeypatch.setattr(saturation, "runtime_saturates", lambda: True)
+    qmodel = fxq.quantize(randomize_bn(Residual()).eval(), [torch.randn(8, 3, 8, 8) for _ in range(4)], config=RUNTIME)
+    forced = fxq.deploy(qmodel, threads=1, weights="u8s8")
+    assert not forced.bit_exact and forced.saturating and "NOT exact" in repr(forced)
+    auto = fxq.deploy(qmodel, threads=1)
+    assert auto.bit_exact and auto.weight_format == "u8u8"
+    x = torch.randn(32, 3, 8, 8) * 2
+    with torch.no_grad():
+        assert torch.equal(auto(x), qmodel(x))
+    safe = fxq.quantize(randomize_bn(Residual()).eval(), [torch.randn(8, 3, 8, 8) for _ in range(4)],
+                        config=RUNTIME.replace(pair_safe=True))
+    fast = fxq.deploy(safe, threads=1)
+    assert fast.bit_exact and fast.weight_format == "u8s8"
+
+
+def test_a_layer_is_pair_safe_exactly_when_no_two_products_can_pass_32767():
+    assert saturation.pair_safe(255, 64) and not saturation.pair_safe(255, 65)
+    assert saturation.pair_safe(127, 127) and not saturation.pair_safe(130, 127)
+    with pytest.raises(ValueError, match="auto.*exact.*u8s8.*u8u8"):
+        saturation.layer_formats({"fc": (255, 127)}, "int8")

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import fxq
-from fxq import records
+from fxq import gemm, records
 from fxq.explanation import reference_output
 from fxq.qmodules import QConv2d
 from tests.helpers import check_quantized
@@ -75,8 +75,10 @@ def test_the_grouped_accumulator_is_exact_at_the_worst_case(groups, multiplier):
 def test_explain_recomputes_grouped_layers_exactly(layer):
     model = Grouped().eval()
     qmodel = fxq.quantize(model, [torch.randn(8, 3, 12, 12) for _ in range(4)])
-    explanation = fxq.explain(qmodel, layer, torch.randn(8, 3, 12, 12))
-    assert explanation.check.mismatches == 0 and explanation.check.elements > 0
-    expected = {"depthwise": "multiply-adds", "multiplier": "multiply-adds", "grouped": "per group (2)",
-                "channels_last": "int8 GEMM, exact"}[layer]
-    assert expected in str(explanation)
+    for backend, expected in [("integer", {"depthwise": "multiply-adds", "multiplier": "multiply-adds",
+                                           "grouped": "per group (2)", "channels_last": "int8 GEMM"}[layer]),
+                              ("float32", "float32"), ("float64", "float64")]:
+        with gemm.forced(backend):
+            explanation = fxq.explain(qmodel, layer, torch.randn(8, 3, 12, 12))
+        assert explanation.check.mismatches == 0 and explanation.check.elements > 0
+        assert expected in str(explanation) and f"exact ({backend} backend, forced" in str(explanation)

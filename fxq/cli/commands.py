@@ -39,7 +39,7 @@ def _config(args) -> tuple[QConfig, dict]:
     values, overrides = inputs.read_config(args.config) if args.config else ({}, {})
     flags = {"weight_bits": args.w_bits, "act_bits": args.a_bits, "weight_range": args.weight_range,
              "act_range": args.act_range, "placement": args.placement, "requantize": args.requantize,
-             "per_channel": False if args.per_tensor else None}
+             "per_channel": False if args.per_tensor else None, "pair_safe": True if args.pair_safe else None}
     values.update({k: v for k, v in flags.items() if v is not None})
     return inputs.make_config(values, overrides)
 
@@ -54,7 +54,8 @@ def describe(config: QConfig) -> str:
     """``W8A8 per-channel, weights minmax, activations minmax, ...`` (every field, in short)."""
     granularity = "per-channel" if config.per_channel else "per-tensor"
     extras = [name for name, on in (("CLE", config.cross_layer_equalization), ("bias correction", config.bias_correction),
-                                    ("first/last 8-bit", config.keep_first_last_8bit)) if on]
+                                    ("first/last 8-bit", config.keep_first_last_8bit),
+                                    ("pair-safe 7-bit weights", config.pair_safe)) if on]
     return (f"W{config.weight_bits}A{config.act_bits} {granularity}, weights {config.weight_range}, "
             f"activations {config.act_range}, placement {config.placement}, requantize {config.requantize}"
             + "".join(f", {e}" for e in extras))
