@@ -2,9 +2,9 @@
 PY := .venv/bin/python
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup demo test data docs browser report
+.PHONY: setup demo test data docs browser emulator report
 
-setup: .venv/ready data browser
+setup: .venv/ready data browser emulator
 
 # torch/torchvision are pinned to the CPU-usable wheels this machine serves from local files.
 .venv/ready: pyproject.toml
@@ -17,12 +17,18 @@ data: .venv/ready
 	@test -d $(FASHION) || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }
 	$(PY) -c "from scripts import data; data.load('mnist', 'test'); data.load('fashion', 'test')"
 
+# tests/test_deploy_real_data.py runs onnxruntime as an AVX2-only CPU does, under QEMU's user-mode
+# emulation (Debian's qemu-user), whatever this machine's CPU
+emulator:
+	@command -v qemu-x86_64 >/dev/null || [ "$$(uname -m)" != x86_64 ] || \
+		{ apt-get update -q && apt-get install -y -q qemu-user; }
+
 # The report test renders `fxq report`'s page in a headless Chromium (Debian's build, as root).
 browser:
 	@command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null || \
 		{ apt-get update -q && apt-get install -y -q chromium-headless-shell; }
 
-demo: setup
+demo: .venv/ready data
 	$(PY) -m scripts.evaluate
 
 test: setup

@@ -50,8 +50,8 @@ class QConfig:
                   a 16-bit lane, which a layer with 8-bit inputs and 8-bit weights can pass.
                   True holds such layers' weights at 7 bits (±63; 2·255·63 < 2^15), so
                   `fxq.deploy` keeps int8 weights (U8S8) there instead of the exact but slower
-                  uint8 ones (U8U8). Measured on the model suite: within ±0.07 points of 8-bit
-                  weights (docs/deploy.md).
+                  uint8 ones (U8U8). Measured on the model suite against 8-bit weights:
+                  README, "Exact and fast on every CPU" (python -m scripts.pair_safe).
     percentile:   for act_range="percentile": the share of values kept inside the range, in %.
     histogram_bins: the least number of bins over the observed values that the percentile, mse
                   and entropy observers read their range from (they keep twice as many, so the

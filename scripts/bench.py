@@ -12,7 +12,12 @@ onnxruntime's own ``quantize_static`` (per-channel QDQ int8) as references, fxq'
 and fxq deployed (`fxq.deploy`), both of the model quantized with
 ``QConfig(requantize="onnxruntime")`` so the two agree bit for bit, and fxq deployed with
 ``placement="post"`` too: there each ReLU is the conv's own clamp (z = 0), where the default
-"pre" placement runs it as a separate ``Clip`` on the integers. Each cell is the median of at
+"pre" placement runs it as a separate ``Clip`` on the integers; fxq deployed with weights "exact"
+(U8U8 where a U8S8 kernel without VNNI could saturate: what `fxq.deploy` picks on such a CPU) and
+of the model quantized with ``pair_safe=True`` (7-bit weights: U8S8 exact on every CPU). The
+"inside" column says which accumulator backends the executor's layers chose here (`fxq.gemm`) and
+each deployed model's weight format; the table's first line names the CPU, its torch capability
+and whether its onnxruntime's U8S8 kernels saturate. Each cell is the median of at
 least ``RUNS`` runs (more for fast cells, ``MIN_SECONDS`` of runs in all) after two warm-ups, and
 the median of ``ROUNDS`` such medians taken in turn with every other runner (the reference
 executor: one round), all in the same process; "× ORT int8" divides by onnxruntime's own int8
@@ -25,6 +30,7 @@ on ``CALIBRATION`` images; every method once to warm up, then ``REPEATS`` altern
 from __future__ import annotations
 
 import argparse
+import collections
 import io
 import json
 import re
@@ -38,7 +44,10 @@ import torch
 from tabulate import tabulate
 
 import fxq
-from scripts import data, models, zoo
+from fxq import saturation
+from fxq.onnx_export import Deployed
+from fxq.qmodules import QLayer
+from scripts import bench_backends, data, models, zoo
 from scripts.evaluate import torch_ao_x86
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,12 +161,16 @@ def bench(shape: str) -> list[dict]:
         warnings.simplefilter("ignore")
         qmodel = fxq.quantize(model, calib, fxq.QConfig(requantize="onnxruntime"))
         fused = fxq.quantize(model, calib, fxq.QConfig(requantize="onnxruntime", placement="post"))
+        pair_safe = fxq.quantize(model, calib, fxq.QConfig(requantize="onnxruntime", pair_safe=True))
         runners = {"fp32 torch": model, "fp32 onnxruntime": Session(float_bytes),
                    "torch.ao x86 int8 (reference)": torch_ao_x86(model, [(b, None) for b in calib]),
                    "onnxruntime quantize_static int8 (reference)": Session(ort_int8(float_bytes, calib)),
                    "fxq executor": qmodel, "fxq deployed": fxq.deploy(qmodel, threads=THREADS),
-                   "fxq deployed, placement post": fxq.deploy(fused, threads=THREADS)}
-    rows = [{"shape": shape, "runner": name, "size_mb": size_mb(runner)} for name, runner in runners.items()]
+                   "fxq deployed, placement post": fxq.deploy(fused, threads=THREADS),
+                   "fxq deployed, weights exact on any CPU": fxq.deploy(qmodel, threads=THREADS, weights="exact"),
+                   "fxq deployed, pair_safe (7-bit weights)": fxq.deploy(pair_safe, threads=THREADS)}
+    rows = [{"shape": shape, "runner": name, "size_mb": size_mb(runner), "how": _how(runner)}
+            for name, runner in runners.items()]
     for batch in SHAPES[shape]:
         x = torch.cat([calib[0]] * (batch // len(calib[0]) + 1))[:batch]
         cells = {name: [] for name in runners}
@@ -180,17 +193,32 @@ def bench(shape: str) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    out = []
+def _how(runner) -> str:
+    """What runs inside: the executor's accumulator backends, a deployed model's weight format."""
+    if isinstance(runner, Deployed):
+        return f"weights {runner.weight_format}" + ("" if runner.bit_exact else ", not bit-exact")
+    layers = [m for m in runner.modules() if isinstance(m, QLayer)]
+    if not layers:
+        return ""
+    return "accumulators: " + ", ".join(f"{b} ×{n}" for b, n in
+                                        collections.Counter(str(m.backend) for m in layers).items())
+
+
+def table(rows: list[dict], machine: dict) -> str:
+    out = [f"Measured on {machine['cpu']} (torch capability {machine['capability']}), onnxruntime "
+           f"{machine['onnxruntime']} with {'saturating' if machine['onnxruntime_saturates'] else 'exact'} "
+           f"U8S8 kernels, {THREADS} threads."]
     for shape in dict.fromkeys(r["shape"] for r in rows):
         batches = SHAPES[shape]
-        headers = ["runner", *(f"ms, batch {b}" for b in batches), *(f"× ORT int8, b{b}" for b in batches), "MB"]
+        headers = ["runner", *(f"ms, batch {b}" for b in batches), *(f"× ORT int8, b{b}" for b in batches), "MB",
+                   "inside"]
         if shape == "mnist":
             headers.append("test acc %")
         body = []
         for r in (r for r in rows if r["shape"] == shape):
             line = [r["runner"], *(f"{r[f'ms_batch{b}']:.2f}" for b in batches),
-                    *(f"{r[f'x_ort_int8_batch{b}']:.2f}" for b in batches), f"{r['size_mb']:.1f}"]
+                    *(f"{r[f'x_ort_int8_batch{b}']:.2f}" for b in batches), f"{r['size_mb']:.1f}",
+                    r.get("how", "")]
             if shape == "mnist":
                 line.append(f"{r['accuracy']:.2f}")
             body.append(line)
@@ -223,8 +251,11 @@ def main() -> None:
     for rows in results.values():
         rows.sort(key=lambda r: list(SHAPES).index(r["shape"]))
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"command": "python -m scripts.bench", **results}, indent=1))
-    latency, quantize = table(results["latency"]), quantize_table(results["quantize"])
+    import onnxruntime
+    machine = {**bench_backends.machine(), "onnxruntime": onnxruntime.__version__,
+               "onnxruntime_saturates": saturation.runtime_saturates()}
+    RESULTS.write_text(json.dumps({"command": "python -m scripts.bench", "machine": machine, **results}, indent=1))
+    latency, quantize = table(results["latency"], machine), quantize_table(results["quantize"])
     README.write_text(_replace(_replace(README.read_text(), "bench", latency), "bench-quantize", quantize))
     print(latency, quantize, sep="\n\n")
 

@@ -6,9 +6,15 @@ For the committed MNIST and Fashion-MNIST ResNet-18s at W8A8 (512 calibration im
 fxq's fixed-point requantization (the default) and with ``QConfig(requantize="onnxruntime")``:
 both models' test accuracy, the share of the 10k test images on which they predict the same
 class, the share of logits that are identical, and the largest logit difference in output steps.
+
+Then the onnxruntime rows again as an x86 CPU with AVX2 alone runs them (`scripts.emulated_cpu`:
+its U8S8 kernels saturate), with the weights fxq deploys there ("exact": U8U8 where a layer could
+saturate) and with int8 weights everywhere ("u8s8", what fxq deployed before and onnxruntime's own
+quantizer writes).
 """
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -17,23 +23,31 @@ import torch
 from tabulate import tabulate
 
 import fxq
-from scripts import data, models
+from scripts import data, emulated_cpu, models
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "deploy_agreement.json"
 README = ROOT / "README.md"
 
 
-def agreement(name: str, requantize: str) -> dict:
+def agreement(name: str, requantize: str, avx2_weights: str | None = None, limit: int | None = None) -> dict:
+    """With ``avx2_weights``, the deployed model (weights in that format) runs on the emulated AVX2
+    CPU; ``limit``: the first test images only."""
     model, test = models.load_trained(name), data.load(name, "test")
     qmodel = fxq.quantize(model, data.calibration_batches(name, 512), fxq.QConfig(requantize=requantize))
-    deployed = fxq.deploy(qmodel, threads=2)
+    images, labels = test.images[:limit], test.labels[:limit]
     with torch.no_grad():
-        reference = torch.cat([qmodel(x) for x in test.images.split(500)])
-        runtime = torch.cat([deployed(x) for x in test.images.split(500)])
+        reference = torch.cat([qmodel(x) for x in images.split(500)])
+        if avx2_weights is None:
+            deployed = fxq.deploy(qmodel, threads=2)
+            runtime = torch.cat([deployed(x) for x in images.split(500)])
+        else:
+            buffer = io.BytesIO()
+            fxq.export_onnx(qmodel, buffer, avx2_weights)
+            runtime = torch.from_numpy(emulated_cpu.run(buffer.getvalue(), images.numpy()))
     step = qmodel.get_submodule("dequantize").scale.item()
-    return {"reference_accuracy": 100 * float((reference.argmax(1) == test.labels).float().mean()),
-            "deployed_accuracy": 100 * float((runtime.argmax(1) == test.labels).float().mean()),
+    return {"reference_accuracy": 100 * float((reference.argmax(1) == labels).float().mean()),
+            "deployed_accuracy": 100 * float((runtime.argmax(1) == labels).float().mean()),
             "same_prediction": 100 * float((reference.argmax(1) == runtime.argmax(1)).float().mean()),
             "identical_logits": 100 * float((reference == runtime).float().mean()),
             "max_steps": round(float((reference - runtime).abs().max() / step))}
@@ -43,12 +57,15 @@ def main() -> None:
     torch.set_num_threads(2)
     results = {f"{name} {mode}": agreement(name, mode) for name in ("mnist", "fashion")
                for mode in ("fixed_point", "onnxruntime")}
+    if emulated_cpu.available():
+        results.update({f"{name} onnxruntime AVX2-{weights}": agreement(name, "onnxruntime", weights)
+                        for name in ("mnist", "fashion") for weights in ("exact", "u8s8")})
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1))
-    rows = [[*name.split(), f"{r['reference_accuracy']:.2f}", f"{r['deployed_accuracy']:.2f}",
+    rows = [[*name.split(maxsplit=1), f"{r['reference_accuracy']:.2f}", f"{r['deployed_accuracy']:.2f}",
              f"{r['same_prediction']:.2f} %", f"{r['identical_logits']:.2f} %", r["max_steps"]]
             for name, r in results.items()]
-    text = tabulate(rows, headers=["ResNet-18", "requantize", "fxq executor %", "deployed (onnxruntime) %",
+    text = tabulate(rows, headers=["ResNet-18", "requantize (on emulated AVX2: weights)", "fxq executor %", "deployed (onnxruntime) %",
                                    "same class", "identical logits", "largest logit difference (steps)"],
                     tablefmt="github")
     start, end = "<!-- deploy:start -->", "<!-- deploy:end -->"

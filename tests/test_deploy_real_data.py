@@ -1,10 +1,15 @@
 """fxq.deploy against fxq's own integer executor on the full MNIST and Fashion-MNIST test sets:
-with QConfig(requantize="onnxruntime") every logit of all 10,000 images is identical."""
+with QConfig(requantize="onnxruntime") every logit of all 10,000 images is identical. And as an
+x86 CPU with AVX2 alone runs onnxruntime (QEMU's Haswell model: U8S8 kernels that saturate), on
+the first 500 test images: the weights fxq deploys there keep every logit identical, and the
+int8 weights onnxruntime's own quantizer writes do not."""
 import pytest
 
+from scripts import emulated_cpu
 from scripts.deploy_agreement import agreement
 
 pytestmark = pytest.mark.real_data
+EMULATED_IMAGES = 500
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion"])
@@ -12,3 +17,20 @@ def test_onnxruntime_requantization_deploys_bit_exact_on_the_full_test_set(name)
     result = agreement(name, "onnxruntime")
     assert result["identical_logits"] == 100.0 and result["max_steps"] == 0
     assert result["deployed_accuracy"] == result["reference_accuracy"] > 90.0
+
+
+needs_emulator = pytest.mark.skipif(not emulated_cpu.available(), reason="needs x86-64 and qemu-x86_64 (make setup)")
+
+
+@needs_emulator
+def test_the_emulated_avx2_cpus_onnxruntime_saturates_and_fxq_finds_out():
+    assert emulated_cpu.saturates()
+
+
+@needs_emulator
+@pytest.mark.parametrize("name", ["mnist", "fashion"])
+def test_on_an_avx2_cpu_the_deployed_weights_keep_every_logit_and_int8_weights_do_not(name):
+    exact = agreement(name, "onnxruntime", "exact", limit=EMULATED_IMAGES)
+    assert exact["identical_logits"] == 100.0 and exact["max_steps"] == 0
+    saturating = agreement(name, "onnxruntime", "u8s8", limit=EMULATED_IMAGES)
+    assert saturating["identical_logits"] < 90.0
