@@ -70,10 +70,18 @@ def test_default_config_is_the_contract():
     ({"weight_bits": 9}, "weight_bits=9"),
     ({"act_bits": 1}, "act_bits=1"),
     ({"weight_bits": 8.0}, "weight_bits=8.0"),
+    ({"pair_safe": True, "act_bits": 16}, "pair_safe=True with act_bits=16"),
 ])
 def test_unsupported_config_values_are_rejected_by_name(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         fxq.QConfig(**kwargs)
+
+
+def test_pair_safe_takes_one_bit_from_weights_only_beside_8_bit_activations():
+    assert fxq.QConfig().layer_weight_bits == 8 and fxq.QConfig(pair_safe=True).layer_weight_bits == 7
+    assert fxq.QConfig(pair_safe=True, act_bits=6).layer_weight_bits == 8  # 2·63·127 < 2^15 already
+    assert fxq.QConfig(pair_safe=True, weight_bits=4).layer_weight_bits == 4
+    assert fxq.QConfig(pair_safe=True).weight_range == "minmax"  # the 8-bit methods, one bit less
 
 
 def test_wrong_config_type_and_missing_loader(ctx):

@@ -174,6 +174,14 @@ def test_config_file_and_flags_set_the_qconfig_and_overrides(project, monkeypatc
     assert "unknown QConfig field(s) ['wieght_bits']" in capsys.readouterr().err
 
 
+def test_pair_safe_quantizes_7_bit_weights_beside_8_bit_activations(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    assert main(["quantize", *MODEL, "--pair-safe", "--out", "p.fxq", "--quiet"]) == 0
+    assert "pair-safe 7-bit weights" in capsys.readouterr().out
+    rows = fxq.explain(fxq.load(project / "p.fxq")).rows
+    assert {row[5] for row in rows if row[1].startswith("QConv")} == {7}
+
+
 def test_a_written_config_reads_back_as_the_same_configs(tmp_path):
     base = fxq.QConfig(act_range="mse", keep_first_last_8bit=False)
     overrides = {"layer1.*": base.with_bits(weight_bits=4), "fc": None, "conv1": base.replace(placement="post")}
