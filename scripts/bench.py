@@ -33,7 +33,6 @@ import argparse
 import collections
 import io
 import json
-import re
 import statistics
 import tempfile
 import time
@@ -47,11 +46,11 @@ import fxq
 from fxq import saturation
 from fxq.onnx_export import Deployed
 from fxq.qmodules import QLayer
-from scripts import bench_backends, data, models, zoo
+from scripts import bench_backends, data, models, readme, zoo
 from scripts.evaluate import torch_ao_x86
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS, README = ROOT / "results" / "bench.json", ROOT / "README.md"
+RESULTS = ROOT / "results" / "bench.json"
 RUNS, THREADS, MIN_SECONDS, ROUNDS = 10, 2, 1.0, 3
 SLOW = "fxq executor"  # timed in the first round only: seconds per call at 224×224
 CALIBRATION, REPEATS = 512, 3
@@ -231,11 +230,6 @@ def quantize_table(rows: list[dict]) -> str:
     return tabulate(body, headers=["shape", "method", "images", "seconds", "× torch.ao"], tablefmt="github")
 
 
-def _replace(readme: str, marker: str, text: str) -> str:
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{text}\n{end}", readme, flags=re.S)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -256,7 +250,8 @@ def main() -> None:
                "onnxruntime_saturates": saturation.runtime_saturates()}
     RESULTS.write_text(json.dumps({"command": "python -m scripts.bench", "machine": machine, **results}, indent=1))
     latency, quantize = table(results["latency"], machine), quantize_table(results["quantize"])
-    README.write_text(_replace(_replace(README.read_text(), "bench", latency), "bench-quantize", quantize))
+    readme.write("bench", latency)
+    readme.write("bench-quantize", quantize)
     print(latency, quantize, sep="\n\n")
 
 

@@ -16,7 +16,6 @@ import collections
 import contextlib
 import json
 import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -27,10 +26,10 @@ from tabulate import tabulate
 import fxq
 from fxq import gemm
 from fxq.qmodules import QLayer
-from scripts import data, models, zoo
+from scripts import data, models, readme, zoo
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS, README = ROOT / "results" / "bench_backends.json", ROOT / "README.md"
+RESULTS = ROOT / "results" / "bench_backends.json"
 BATCHES, THREADS = (32, 256), 2
 GEMMS = [(784, 576, 64), (196, 2304, 256)]
 
@@ -120,11 +119,7 @@ def main() -> None:
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1))
     text = table(results)
-    start, end = "<!-- bench-backends:start -->", "<!-- bench-backends:end -->"
-    readme = README.read_text()
-    if start in readme:
-        README.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{text}\n{end}",
-                                 readme, flags=re.S))
+    readme.write("bench-backends", text)
     print(text)
 
 

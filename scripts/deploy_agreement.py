@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
 import fxq
-from scripts import data, emulated_cpu, models
+from scripts import data, emulated_cpu, models, readme
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "deploy_agreement.json"
-README = ROOT / "README.md"
 
 
 def agreement(name: str, requantize: str, avx2_weights: str | None = None, limit: int | None = None) -> dict:
@@ -68,10 +66,7 @@ def main() -> None:
     text = tabulate(rows, headers=["ResNet-18", "requantize (on emulated AVX2: weights)", "fxq executor %", "deployed (onnxruntime) %",
                                    "same class", "identical logits", "largest logit difference (steps)"],
                     tablefmt="github")
-    start, end = "<!-- deploy:start -->", "<!-- deploy:end -->"
-    readme = README.read_text()
-    README.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{text}\n{end}",
-                             readme, flags=re.S))
+    readme.write("deploy", text)
     print(text)
 
 

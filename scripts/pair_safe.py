@@ -12,18 +12,17 @@ ranges both ways and plain (and so are the branched models: MobileNetV2, MobileN
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
 import fxq
-from scripts import data, models
+from scripts import data, models, readme
 from scripts.train import accuracy
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS, README = ROOT / "results" / "pair_safe.json", ROOT / "README.md"
+RESULTS = ROOT / "results" / "pair_safe.json"
 CONFIGS = {
     "W8A8 (default)": {},
     "pair_safe=True (7-bit weights)": {"pair_safe": True},
@@ -61,10 +60,7 @@ def main() -> None:
             results[name] = measure(name)
             RESULTS.write_text(json.dumps(results, indent=1))
     text = table(results)
-    start, end = "<!-- pair-safe:start -->", "<!-- pair-safe:end -->"
-    readme = README.read_text()
-    README.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{text}\n{end}",
-                             readme, flags=re.S))
+    readme.write("pair-safe", text)
     print(text)
 
 
