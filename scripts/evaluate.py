@@ -105,7 +105,9 @@ def evaluate(dataset: str, reference: bool, runs: int = 5, deploy: bool = True) 
     if deploy:  # onnxruntime's arithmetic, so the deployed model is bit-exact with fxq's executor
         exact, seconds = timed(lambda: fxq.quantize(model, calib, fxq.QConfig(requantize="onnxruntime")))
         deployed = fxq.deploy(exact, test.images[:1], threads=2)
-        rows.append(measure("fxq deployed (onnxruntime, bit-exact)", deployed, test, float_bytes,
+        agreement = "bit-exact" if deployed.bit_exact else "NOT bit-exact"
+        rows.append(measure(f"fxq deployed (onnxruntime, {agreement}, weights {deployed.weight_format})",
+                            deployed, test, float_bytes,
                             rows[0].accuracy, seconds, runs, graph=exact))
     if reference:
         peer, seconds = timed(lambda: torch_ao_x86(model, calib))

@@ -5,8 +5,7 @@ import importlib.util
 
 from torch import fx, nn
 
-from fxq import distributed, measure, records
-from fxq.config import QConfig
+from fxq import distributed, measure
 from fxq.evaluation import evaluate
 
 
@@ -21,10 +20,9 @@ def measure_rows(qmodel: fx.GraphModule, data, model: nn.Module | None, limit: i
     candidates.append(("fxq (integer executor)", qmodel))
     if deploy and importlib.util.find_spec("onnxruntime") is not None:
         import fxq
-        config = records.get(qmodel, QConfig)
-        exact = config is not None and config.requantize == "onnxruntime"
         deployed = fxq.deploy(qmodel, data.example(1), threads=threads or 2)
-        candidates.append((f"fxq deployed (onnxruntime, {'bit-exact' if exact else 'within a few steps'})", deployed))
+        agreement = "bit-exact" if deployed.bit_exact else "within a few steps"
+        candidates.append((f"fxq deployed (onnxruntime, {agreement})", deployed))
     x1, xb = data.example(1), data.example(data.batch_size)
     rows, float_row = [], None
     for name, m in candidates:
