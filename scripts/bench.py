@@ -204,9 +204,10 @@ def _how(runner) -> str:
 
 
 def table(rows: list[dict], machine: dict) -> str:
-    out = [f"Measured on {machine['cpu']} (torch capability {machine['capability']}), onnxruntime "
-           f"{machine['onnxruntime']} with {'saturating' if machine['onnxruntime_saturates'] else 'exact'} "
-           f"U8S8 kernels, {THREADS} threads."]
+    out = [f"{', '.join(machine['shapes'])} measured on {machine['cpu']} (torch capability "
+           f"{machine['capability']}), onnxruntime {machine['onnxruntime']} with "
+           f"{'saturating' if machine['onnxruntime_saturates'] else 'exact'} U8S8 kernels, {THREADS} threads; "
+           "other shapes' rows come from earlier runs of this script (results/bench.json's history)."]
     for shape in dict.fromkeys(r["shape"] for r in rows):
         batches = SHAPES[shape]
         headers = ["runner", *(f"ms, batch {b}" for b in batches), *(f"× ORT int8, b{b}" for b in batches), "MB",
@@ -247,7 +248,7 @@ def main() -> None:
     RESULTS.parent.mkdir(exist_ok=True)
     import onnxruntime
     machine = {**bench_backends.machine(), "onnxruntime": onnxruntime.__version__,
-               "onnxruntime_saturates": saturation.runtime_saturates()}
+               "onnxruntime_saturates": saturation.runtime_saturates(), "shapes": args.shapes}
     RESULTS.write_text(json.dumps({"command": "python -m scripts.bench", "machine": machine, **results}, indent=1))
     latency, quantize = table(results["latency"], machine), quantize_table(results["quantize"])
     readme.write("bench", latency)
