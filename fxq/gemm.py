@@ -197,14 +197,14 @@ def float32_chunks(weight_q: torch.Tensor, input_absmax: int) -> list[tuple[int,
     per_input = per_input * input_absmax  # [C_out, C_in per group]
     if per_input.numel() and int(per_input.max()) > FLOAT32_EXACT:
         return None
-    chunks, start = [], 0
-    running = torch.zeros(per_input.shape[0], dtype=torch.int64)
-    for i in range(per_input.shape[1]):
-        if int((running + per_input[:, i]).max()) > FLOAT32_EXACT:
-            chunks.append((start, i))
-            start, running = i, torch.zeros_like(running)
-        running += per_input[:, i]
-    chunks.append((start, per_input.shape[1]))
+    # cumulative[c, i]: the bound of channels [0, i); a chunk [start, end) costs cumulative[:, end] − cumulative[:, start]
+    cumulative = F.pad(per_input.cumsum(1), (1, 0))
+    chunks, start, channels = [], 0, per_input.shape[1]
+    while start < channels:
+        cost = (cumulative[:, start + 1:] - cumulative[:, start:start + 1]).amax(0)  # of [start, start + 1 + j)
+        end = start + int((cost <= FLOAT32_EXACT).sum())  # costs grow with j: the fitting ones come first
+        chunks.append((start, end))
+        start = end
     return chunks
 
 
