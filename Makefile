@@ -36,6 +36,7 @@ test: setup
 
 # docs/ranges.md, docs/explain.md and docs/low_bits.md with their plots; sweeps are cached in results/
 docs: setup
+	$(PY) -m scripts.evaluate --reference --readme
 	$(PY) -m scripts.sensitivity --dataset mnist
 	$(PY) -m scripts.sensitivity --dataset fashion
 	$(PY) -m scripts.ranges_report

@@ -87,14 +87,19 @@ def load(path: str | Path) -> fx.GraphModule:
 
     Raises :class:`InvalidModelFile` for anything that is not an intact fxq model file.
     """
-    payload = _read(path)
+    return build(_read(path), path)
+
+
+def build(payload: dict, source: str | Path) -> fx.GraphModule:
+    """The model a read, digest-checked ``payload`` describes, checked field by field and run once
+    on a tiny input; anything wrong raises :class:`InvalidModelFile` naming ``source``."""
     try:
         gm = _rebuild(payload)
         _smoke_run(gm)
     except InvalidModelFile as error:
-        raise InvalidModelFile(f"{path} is not a valid fxq model file: {error}") from None
+        raise InvalidModelFile(f"{source} is not a valid fxq model file: {error}") from None
     except Exception as error:  # a checked file that still fails to build or run is corrupt
-        raise InvalidModelFile(f"{path} is not a valid fxq model file: it does not build into a "
+        raise InvalidModelFile(f"{source} is not a valid fxq model file: it does not build into a "
                                f"working model ({type(error).__name__}: {_first_line(error)})") from None
     return gm
 

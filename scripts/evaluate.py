@@ -1,7 +1,7 @@
 """The results table: float32 vs fxq int8 (vs torch.ao's FX x86 PTQ as a reference) per data set.
 
-    python -m scripts.evaluate                       # both data sets, writes results/evaluate.json
-    python -m scripts.evaluate --datasets fashion --no-reference
+    python -m scripts.evaluate                       # both data sets: the table `make demo` prints
+    python -m scripts.evaluate --reference --readme  # + torch.ao's row; results/evaluate.json + README
 
 Accuracy is on the full 10k test set; calibration uses 512 training images (never test images).
 Size is the saved file (`fxq.measure.saved_bytes`: fxq.save's, the ONNX file, or the float state
@@ -24,10 +24,13 @@ from tabulate import tabulate
 import fxq
 from fxq.measure import latency_ms, saved_bytes
 from fxq.runtime import count_ops
-from scripts import data, models
+from scripts import bench_backends, data, models, readme
 from scripts.train import accuracy
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
+HEADERS = ("model", "test acc %", "drop (pt)", "size MB", "× float", "ms, batch 1", "ms, batch 256",
+           "quantize s", "integer ops", "float ops")
+TITLES = {"mnist": "MNIST", "fashion": "Fashion-MNIST"}
 
 
 @dataclass(frozen=True)
@@ -119,21 +122,28 @@ def evaluate(dataset: str, reference: bool, runs: int = 5, deploy: bool = True) 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", choices=data.DATASETS, default=list(data.DATASETS))
-    parser.add_argument("--no-reference", action="store_true", help="skip the torch.ao row")
+    parser.add_argument("--reference", action="store_true", help="add torch.ao's FX x86 PTQ as a row")
     parser.add_argument("--no-deploy", action="store_true", help="skip the deployed (onnxruntime) row")
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=RESULTS / "evaluate.json")
+    parser.add_argument("--readme", action="store_true",
+                        help="write results/evaluate.json and the README's results tables")
     args = parser.parse_args(argv)
-    report = {}
+    report, tables = {}, []
     for dataset in args.datasets:
-        rows = evaluate(dataset, not args.no_reference, args.runs, not args.no_deploy)
+        rows = evaluate(dataset, args.reference, args.runs, not args.no_deploy)
         report[dataset] = [asdict(r) for r in rows]
-        print(f"\n{dataset} — ResNet-18, 10k test images, calibration 512 training images")
-        print(tabulate(report[dataset], headers="keys", tablefmt="github"))
-    args.out.parent.mkdir(exist_ok=True)
-    args.out.write_text(json.dumps({"command": "python -m scripts.evaluate", "torch": torch.__version__,
-                                    "results": report}, indent=2) + "\n")
-
+        tables.append(f"**{TITLES[dataset]}** — ResNet-18 (float trained by `scripts/train.py`), "
+                      f"10k test images, calibration 512 training images\n\n"
+                      + tabulate([list(r.values()) for r in report[dataset]], headers=HEADERS, tablefmt="github"))
+        print("\n" + tables[-1])
+    if args.readme:
+        machine = bench_backends.machine()
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "evaluate.json").write_text(json.dumps(
+            {"command": "python -m scripts.evaluate --reference --readme", "machine": machine,
+             "results": report}, indent=2) + "\n")
+        readme.write("results", f"Measured on {machine['cpu']} (torch capability {machine['capability']}), "
+                                f"torch {machine['torch']}, {machine['threads']} threads.\n\n" + "\n\n".join(tables))
 
 if __name__ == "__main__":
     main()

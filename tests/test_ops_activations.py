@@ -99,3 +99,49 @@ def test_an_op_with_a_constant_tensor_is_a_table_per_element(tmp_path):
     tables = [m for m in qmodel.modules() if type(m).__name__ == "QConstantLookup"]
     assert len(tables) == 2 and tables[0].table.numel() == 4 * 256
     assert check_quantized(qmodel, model, torch.randn(32, 3, 8, 8), tmp_path) > 25
+
+
+class PReLUs(nn.Module):
+    """PReLU per channel and with one slope, as a module and as F.prelu, after convs and a linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), nn.Linear(6, 5)
+        self.per_channel, self.shared, self.after_fc = nn.PReLU(6), nn.PReLU(), nn.PReLU(5)
+        with torch.no_grad():
+            self.per_channel.weight.copy_(torch.linspace(-0.8, 1.2, 6))
+        self.slope = nn.Parameter(torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]))
+
+    def forward(self, x):
+        x = F.prelu(self.shared(self.per_channel(self.conv1(x))), self.slope)
+        return self.after_fc(self.fc(self.conv2(x).mean((2, 3))))
+
+
+def test_prelu_is_a_table_per_channel_on_integers_and_saves_and_deploys(tmp_path):
+    torch.manual_seed(0)
+    model = PReLUs().eval()
+    qmodel = fxq.quantize(model, _data(), fxq.QConfig(requantize="onnxruntime"))
+    assert not any(records.has(n, records.FloatOp) for n in qmodel.graph.nodes)
+    tables = {n.name: qmodel.get_submodule(n.target) for n in qmodel.graph.nodes
+              if n.op == "call_module" and type(qmodel.get_submodule(n.target)).__name__ == "QChannelLookup"}
+    assert sorted(t.table.numel() // 256 for t in tables.values()) == [1, 5, 6, 6]
+    x = torch.randn(32, 3, 8, 8)
+    assert check_quantized(qmodel, model, x, tmp_path) > 25
+    deployed = fxq.deploy(fxq.load(tmp_path / "model.fxq"), x[:1], threads=1, weights="exact")
+    with torch.no_grad():
+        assert deployed.bit_exact and torch.equal(deployed(x), qmodel(x))
+
+
+def test_a_prelu_table_is_quantize_of_prelu_of_every_grid_value_per_channel():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.PReLU(4)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([-1.0, 0.0, 0.25, 2.0]))
+    qmodel = fxq.quantize(model, _data())
+    node = next(n for n in qmodel.graph.nodes if n.op == "call_module" and n.target.startswith("1"))
+    before, after = records.get(node.args[0], ActQParams), records.get(node, ActQParams)
+    q = torch.arange(256).reshape(1, 1, 1, 256).expand(1, 4, 1, 256)
+    values = (q.double() - before.zero_point) * before.scale
+    slopes = model[1].weight.double().reshape(1, 4, 1, 1)
+    expected = after.quantize(torch.where(values >= 0, values, slopes * values))
+    assert torch.equal(qmodel.get_submodule(node.target)(q).long(), expected.long())

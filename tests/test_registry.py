@@ -1,10 +1,15 @@
-"""The op registry: every entry has every facet, and the properties it declares hold."""
+"""The op registry: every entry has every facet, runs on integers as its twin does, saves and
+exports; and the properties it declares hold. A new entry is tested by being added."""
 import pytest
 import torch
+from torch import nn
 
+import fxq
 from fxq import ops, serialize
 from fxq.ops import Output
+from fxq.runtime import count_ops
 from fxq.schema import Schema
+from tests.helpers import output_steps
 
 ENTRIES = list(ops.REGISTRY)
 
@@ -25,6 +30,42 @@ def test_every_entry_has_every_facet(op):
     for function in op.functions:
         assert serialize.FUNCTIONS[f"{function.__module__}.{function.__name__}"] is function
     assert set(op.methods) <= serialize.METHODS
+
+
+class Probe(nn.Module):
+    """An entry's example between two convs: integers in, integers out, so the example's call is
+    lowered by its entry; an example that returns sizes reshapes the tensor by them."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.before, self.example = nn.Conv2d(3, 4, 3, padding=1), op.example()
+        self.sizes = op.output is Output.NONE
+        y = self._middle(torch.zeros(1, 4, 8, 8))
+        self.after = nn.Conv2d(y.shape[1], 4, 1) if y.dim() == 4 else nn.Identity()
+
+    def _middle(self, h):
+        return h.reshape(self.example(h)) if self.sizes else self.example(h)
+
+    def forward(self, x):
+        return self.after(self._middle(self.before(x)))
+
+
+@pytest.mark.parametrize("op", ENTRIES, ids=lambda op: op.name)
+def test_every_entry_runs_on_integers_like_its_twin_saves_and_exports(op, tmp_path):
+    torch.manual_seed(0)
+    model = Probe(op).eval()
+    calib = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    qmodel = fxq.quantize(model, calib, fxq.QConfig(requantize="onnxruntime"))
+    x = torch.randn(5, 3, 8, 8)
+    assert count_ops(qmodel, x).float == 0, f"{op.name}'s example ran in float"
+    integer, simulated = output_steps(qmodel, fxq.simulate(qmodel), x)
+    assert torch.equal(integer, simulated)
+    fxq.save(qmodel, tmp_path / "m.fxq")
+    loaded = fxq.load(tmp_path / "m.fxq")
+    deployed = fxq.deploy(qmodel, x[:1], threads=1, weights="exact")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qmodel(x))
+        assert deployed.bit_exact and torch.equal(deployed(x), qmodel(x))
 
 
 def test_a_module_type_belongs_to_one_entry():

@@ -1,5 +1,6 @@
-"""Activations of one tensor: clamps at their input's scale (ReLU, ReLU6, Hardtanh, clamp), and
-any other elementwise function of one tensor as a lookup table (Hardswish, SiLU, GELU, x·0.5)."""
+"""Activations of one tensor: clamps at their input's scale (ReLU, ReLU6, Hardtanh, clamp), any
+other elementwise function of one tensor as a lookup table (Hardswish, SiLU, GELU, x·0.5), and
+PReLU as one table per channel."""
 from __future__ import annotations
 
 import copy
@@ -190,4 +191,67 @@ CONSTANT = Op(
     methods=("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"),
     accepts=_a_tensor_and_a_constant, integer_modules=(QConstantLookup,), channelwise=True,
     example=lambda: lambda x: x * torch.arange(1.0, 5.0).reshape(4, 1, 1))
-OPS = (RELU, CLAMP, LOOKUP, CONSTANT)
+
+
+class QChannelLookup(QConstantLookup):
+    """b-bit → b'-bit: one lookup table per channel (dim 1, whatever the input's rank), for an
+    op with one learned number per channel such as PReLU's slope; ``shape`` is ``(C,)``."""
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return self.lookup[self._along_channels(self.offsets, q.dim()) + q.to(torch.int64)]
+
+    @staticmethod
+    def _along_channels(offsets: torch.Tensor, rank: int) -> torch.Tensor:
+        return offsets.reshape(-1, *[1] * (rank - 2)) if rank >= 2 else offsets
+
+    def to_onnx(self, b, node, inputs):
+        offsets = self._along_channels(self.offsets, len(b.shape_of(node)))
+        index = b.node("Add", [b.as_index(inputs[0], node.name), b.constant(f"{node.name}_offsets", offsets)],
+                       f"{node.name}_offset")
+        return b.gather(self.lookup, index, node.name)
+
+
+def _prelu(x: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= 0, x, slope * x)
+
+
+def _slope_is_a_constant(node: fx.Node, module: nn.Module | None) -> str | None:
+    if module is not None:
+        return None
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    return None if isinstance(weight, fx.Node) and weight.op == "get_attr" else "a PReLU whose slope is computed"
+
+
+def lower_prelu(lo: Lowering, node: fx.Node) -> None:
+    """``prelu(x, a)`` → ``QChannelLookup(q)``: per channel c, the table of
+    ``quantize_out(prelu(dequantize_in(q), a_c))`` for every q (one table if a has one number)."""
+    module = lo.module(node)
+    source = node.args[0]
+    before, after = qparams_of(source, node), records.get(node, ActQParams)
+    if after is None:
+        raise KeepInFloat("its output was never a float tensor during calibration")
+    if module is not None:
+        slope, name = module.weight, "PReLU"
+    else:
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+        slope, name = attribute(lo.gm, weight.target), f"prelu by {weight.target}"
+    if not torch.isfinite(slope).all():
+        raise KeepInFloat("its slope is not finite")
+    lookup = QChannelLookup(_prelu, name, slope.detach().reshape(-1), before, after)
+    lo.become(node, lookup, leaf_name(node), (source,))
+
+
+PRELU = Op("prelu", "max(x, 0) + a_c·min(x, 0): one lookup table per channel c of the learned slope",
+           lower_prelu, Output.OWN, modules=(nn.PReLU,), functions=(F.prelu, torch.prelu),
+           methods=("prelu",), accepts=_slope_is_a_constant, integer_modules=(QChannelLookup,),
+           channelwise=True, example=lambda: _a_prelu(4))
+
+
+def _a_prelu(channels: int) -> nn.PReLU:
+    prelu = nn.PReLU(channels)
+    with torch.no_grad():  # slopes of both signs, as trained ones end up
+        prelu.weight.copy_(torch.linspace(-0.5, 1.5, channels))
+    return prelu
+
+
+OPS = (RELU, CLAMP, LOOKUP, CONSTANT, PRELU)

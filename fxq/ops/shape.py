@@ -63,7 +63,7 @@ def _not_training(node: fx.Node, module: nn.Module | None) -> str | None:
 
 def export_reshape(b, node: fx.Node, inputs: list, module) -> object:
     """Reshapes as ONNX Reshape to the shape they produced (batch kept as -1), permutes and
-    transposes as Transpose, chunks and splits as Split (sizes as they came out)."""
+    transposes as Transpose, chunks and splits as Split (sizes as they came out), flips as Slice."""
     target, x, name = node.target, inputs[0], node.name
     in_shape, out_shape = b.shape_of(node.args[0]), b.shape_of(node)
     if target == "contiguous":
@@ -80,6 +80,12 @@ def export_reshape(b, node: fx.Node, inputs: list, module) -> object:
         perm = list(range(len(in_shape)))
         perm[first], perm[second] = perm[second], perm[first]
         return b.node("Transpose", [x], name, perm=perm)
+    if target in (torch.flip, "flip"):  # a Slice that runs backwards over each flipped axis
+        dims = node.args[1:] if target == "flip" and not isinstance(node.args[1], (tuple, list)) else node.args[1]
+        axes = b.ints([d % len(in_shape) for d in dims])
+        starts, ends, steps = b.ints([-1] * len(axes)), b.ints([-2**63] * len(axes)), b.ints([-1] * len(axes))
+        return b.node("Slice", [x, b.constant(f"{name}_starts", starts), b.constant(f"{name}_ends", ends),
+                                b.constant(f"{name}_axes", axes), b.constant(f"{name}_steps", steps)], name)
     if target in (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, "flatten", "view", "reshape",
                   "squeeze", "unsqueeze") and out_shape[:1] == in_shape[:1]:
         shape = b.ints([-1, *out_shape[1:]])
