@@ -1,4 +1,5 @@
-"""Pooling on integers, at the input's scale: window max, and window mean with one rounding."""
+"""Pooling and resampling on integers, at the input's scale: window max, window mean with one
+rounding, and nearest-neighbour upsampling (each output integer a copy of an input integer)."""
 from __future__ import annotations
 
 import torch
@@ -6,8 +7,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxq import records
+from fxq import schema as sc
+from fxq.affine import ActQParams
 from fxq.ops.base import Lowering, Op, Output, leaf_name, pair, qparams_of
 from fxq.qmodules import QAdaptiveMaxPool2d, QAvgPool2d, QMaxPool2d
+from fxq.schema import Schema
+from fxq.twin import OnIntegers
 
 
 def _arguments(node: fx.Node, names: tuple[str, ...], defaults: dict) -> dict:
@@ -103,4 +108,106 @@ AVG_POOL = Op("avg_pool2d", "integer window sums, one rounding division each, at
 MEAN = Op("mean", "the spatial mean as global average pooling", lower_mean, Output.SAME,
           functions=(torch.mean,), methods=("mean",), accepts=_spatial_mean, integer_modules=(QAvgPool2d,),
           homogeneous=True, channelwise=True, example=lambda: lambda x: x.mean((2, 3), keepdim=True))
-OPS = (MAX_POOL, AVG_POOL, MEAN)
+
+
+class QResizeNearest(nn.Module):
+    """Integers → integers: nearest-neighbour resampling (``F.interpolate`` with mode "nearest" or
+    "nearest-exact", by ``size`` or ``scale_factor``): every output integer is a copy of an input
+    integer, so the input's parameters hold and nothing rounds. torch resamples uint8 itself;
+    wider integers go through float32, exact below 2^24."""
+
+    schema = Schema({"size": sc.optional(sc.ints(1)),
+                     "scale_factor": sc.optional(lambda v: isinstance(v, tuple) and 1 <= len(v) <= 3
+                                                 and all(sc.finite_float(x) and x > 0 for x in v)),
+                     "mode": sc.one_of("nearest", "nearest-exact"),
+                     "recompute_scale_factor": sc.one_of(True, False)}, {})
+
+    def __init__(self, size: tuple | None, scale_factor: tuple | None, mode: str, recompute_scale_factor: bool):
+        super().__init__()
+        self.size, self.scale_factor, self.mode = size, scale_factor, mode
+        self.recompute_scale_factor = recompute_scale_factor
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        x = q if q.dtype == torch.uint8 else q.to(torch.float32)
+        resized = F.interpolate(x, _one_for_all(self.size), _one_for_all(self.scale_factor), self.mode,
+                                recompute_scale_factor=self.recompute_scale_factor or None)
+        return resized.to(q.dtype)
+
+    def extra_repr(self) -> str:
+        how = f"size={self.size}" if self.size else f"scale_factor={self.scale_factor}"
+        return f"{how}, mode={self.mode}"
+
+    def twin(self, node) -> nn.Module:
+        qp = records.get(node, ActQParams)
+        return OnIntegers(self.forward, [qp], qp)
+
+    def describe(self) -> str:
+        return "each output integer a copy of its nearest input integer, same scale"
+
+    def to_onnx(self, b, node, inputs):
+        """ONNX Resize on the integers: torch's "nearest" is Resize's asymmetric floor, its
+        "nearest-exact" half_pixel rounding half up; by the output size the export saw, or by
+        the scale factors torch was given (then torch and onnxruntime compute the same ratio)."""
+        rank = len(b.shape_of(node))
+        transform, rounding = (("asymmetric", "floor") if self.mode == "nearest"
+                               else ("half_pixel", "round_prefer_ceil"))
+        if self.scale_factor is not None and not self.recompute_scale_factor:
+            factors = self.scale_factor * (rank - 2) if len(self.scale_factor) == 1 else self.scale_factor
+            scales = torch.tensor([1.0, 1.0, *factors], dtype=torch.float32)
+            how = ["", b.constant(f"{node.name}_scales", scales)]
+        else:
+            how = ["", "", b.node("Concat", [b.node("Slice", [b.node("Shape", [inputs[0]], f"{node.name}_shape"),
+                                                        b.constant(f"{node.name}_0", b.ints([0])),
+                                                        b.constant(f"{node.name}_2", b.ints([2]))],
+                                              f"{node.name}_nc"),
+                                       b.constant(f"{node.name}_hw", b.ints(list(b.shape_of(node)[2:])))],
+                            f"{node.name}_sizes", axis=0)]
+        return b.node("Resize", [inputs[0], *how], node.name, mode="nearest",
+                      coordinate_transformation_mode=transform, nearest_mode=rounding)
+
+
+def _one_for_all(values: tuple | None):
+    """A one-item size or scale as torch takes it for every spatial dim: a number."""
+    return values[0] if values is not None and len(values) == 1 else values
+
+
+_RESIZE = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
+
+
+def _resize_of(node: fx.Node, module: nn.Module | None) -> dict:
+    if module is not None:
+        return {"size": module.size, "scale_factor": module.scale_factor, "mode": module.mode,
+                "recompute_scale_factor": module.recompute_scale_factor, "antialias": False}
+    return _arguments(node, _RESIZE, {"mode": "nearest", "antialias": False})
+
+
+def _nearest(node: fx.Node, module: nn.Module | None) -> str | None:
+    a = _resize_of(node, module)
+    if a["mode"] not in ("nearest", "nearest-exact") or a["antialias"]:
+        return f"{a['mode']} resampling (the integer form copies nearest neighbours)"
+    if any(isinstance(v, fx.Node) for v in (a["size"], a["scale_factor"])):
+        return "resampling to a size computed from the input"
+    return None
+
+
+def _as_tuple(value, convert) -> tuple | None:
+    if value is None:
+        return None
+    return tuple(convert(v) for v in value) if isinstance(value, (tuple, list)) else (convert(value),)
+
+
+def lower_resize(lo: Lowering, node: fx.Node) -> None:
+    """``interpolate(x, mode="nearest")`` → ``QResizeNearest(q)``: copies of the integers."""
+    qp = qparams_of(node.args[0], node)
+    a = _resize_of(node, lo.module(node))
+    resize = QResizeNearest(_as_tuple(a["size"], int), _as_tuple(a["scale_factor"], float), a["mode"],
+                            bool(a["recompute_scale_factor"]))
+    lo.become(node, resize, leaf_name(node), node.args[:1])
+    records.put(node, qp)
+
+
+RESIZE = Op("resize_nearest", "nearest-neighbour upsampling: copies of the integers, same scale", lower_resize,
+            Output.SAME, modules=(nn.Upsample, nn.UpsamplingNearest2d), functions=(F.interpolate,),
+            accepts=_nearest, integer_modules=(QResizeNearest,), homogeneous=True, channelwise=True,
+            example=lambda: nn.Upsample(scale_factor=2))
+OPS = (MAX_POOL, AVG_POOL, MEAN, RESIZE)
