@@ -20,7 +20,7 @@ from fxq import distributed, records
 from fxq import progress as bars
 from fxq.config import QConfig
 from fxq.context import PassContext
-from fxq.qmodules import QLayer
+from fxq.ops.layers import QLayer
 from passes.equalize import equalize
 from passes.fold_bn import fold_bn
 from passes.trace import trace

@@ -17,7 +17,9 @@ from torch import fx
 from fxq import gemm, intmath, packing, records
 from fxq.affine import ActQParams
 from fxq.config import QConfig
-from fxq.qmodules import Dequantize, QConv2d, QLayer, QReLU, QRequantize, Quantize
+from fxq.ops.activations import QReLU, QRequantize
+from fxq.ops.layers import QConv2d, QLayer
+from fxq.qmodules import Dequantize, Quantize
 from fxq.records import IntRange, Observed
 from passes.record_stats import StatsRecorder, observe_on_demand
 

@@ -25,7 +25,7 @@ from torch import nn
 from fxq import distributed, ranges
 from fxq.affine import ActQParams
 from fxq.config import QConfig
-from fxq.qmodules import explicit_padding
+from fxq.ops.layers import explicit_padding
 
 
 class Observer(nn.Module):

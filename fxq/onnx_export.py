@@ -36,7 +36,7 @@ from torch import fx, nn
 from fxq import ops, records, saturation
 from fxq.affine import ActQParams
 from fxq.config import QConfig
-from fxq.qmodules import QLayer
+from fxq.ops.layers import QLayer
 from fxq.saturation import WeightFormat
 
 OPSET = 21

@@ -16,7 +16,7 @@ from tabulate import tabulate
 from torch import fx, nn
 
 from fxq import distributed, packing, plots, records
-from fxq.comparison import capture, compare, folded_float, integer_layers, sensitivity, sqnr_db
+from fxq.comparison import capture, compare, folded_float, sensitivity, sqnr_db
 from fxq.config import ACT_RANGES, WEIGHT_RANGES, QConfig
 from fxq.explanation import explain
 from fxq.observers import InputGram, make_observer

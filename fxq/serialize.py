@@ -39,7 +39,7 @@ from fxq.config import QConfig
 from fxq.graph import attribute
 from fxq.ops.fallback import FLOAT_FUNCTIONS, FLOAT_METHODS, FLOAT_SCHEMAS
 from fxq.ops.shape import SHAPE_ATTRIBUTES
-from fxq.qmodules import QLayer
+from fxq.ops.layers import QLayer
 from fxq.schema import Schema, SchemaError
 
 FORMAT = "fxq/5"

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fxq import records
 from fxq.affine import ActQParams, round_half_away
 from fxq.graph import replace_module
 
@@ -86,6 +87,12 @@ class OnIntegers(nn.Module):
         integers = [(_steps(v, qp.scale) + qp.zero_point).to(torch.int64)
                     for v, qp in zip(values, self.inputs)]
         return _values(self.compute(*integers), self.output)
+
+
+def on_integers(compute, node: fx.Node) -> nn.Module:
+    """The twin of an integer kernel of ``node``'s inputs: run it on the integers they stand for."""
+    inputs = [records.get(a, ActQParams) for a in node.args]
+    return OnIntegers(compute, inputs, records.get(node, ActQParams))
 
 
 class FromIntegers(nn.Module):

@@ -4,7 +4,10 @@ from __future__ import annotations
 from torch import fx
 
 from fxq.context import PassContext
-from fxq.qmodules import Derived, QAdd, QAvgPool2d, QLayer, Quantize
+from fxq.ops.arithmetic import QAdd
+from fxq.ops.layers import QLayer
+from fxq.ops.pooling import QAvgPool2d
+from fxq.qmodules import Derived, Quantize
 
 ADOPTERS = (QLayer, QAdd, QAvgPool2d, Quantize)
 

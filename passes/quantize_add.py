@@ -11,7 +11,8 @@ from fxq.affine import ActQParams
 from fxq.context import PassContext
 from fxq.graph import add_module_near, finish
 from fxq.ops.fallback import FloatFallbackWarning, float_report
-from fxq.qmodules import Dequantize, NotRepresentable, QAdd, Quantize
+from fxq.ops.arithmetic import QAdd
+from fxq.qmodules import Dequantize, NotRepresentable, Quantize
 
 
 def quantize_add(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:

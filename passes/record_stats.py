@@ -7,7 +7,7 @@ from torch import fx
 
 from fxq import records
 from fxq.context import PassContext
-from fxq.qmodules import QLayer
+from fxq.ops.layers import QLayer
 from fxq.records import IntRange, Observed
 from passes.calibrate import batch_input
 

@@ -45,8 +45,8 @@ from tabulate import tabulate
 import fxq
 from fxq import saturation
 from fxq.onnx_export import Deployed
-from fxq.qmodules import QLayer
-from scripts import bench_backends, data, models, readme, zoo
+from fxq.ops.layers import QLayer
+from scripts import data, models, readme, zoo
 from scripts.evaluate import torch_ao_x86
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -247,7 +247,7 @@ def main() -> None:
         rows.sort(key=lambda r: list(SHAPES).index(r["shape"]))
     RESULTS.parent.mkdir(exist_ok=True)
     import onnxruntime
-    machine = {**bench_backends.machine(), "onnxruntime": onnxruntime.__version__,
+    machine = {**readme.machine(THREADS), "onnxruntime": onnxruntime.__version__,
                "onnxruntime_saturates": saturation.runtime_saturates(), "shapes": args.shapes}
     RESULTS.write_text(json.dumps({"command": "python -m scripts.bench", "machine": machine, **results}, indent=1))
     latency, quantize = table(results["latency"], machine), quantize_table(results["quantize"])

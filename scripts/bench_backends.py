@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -25,23 +24,13 @@ from tabulate import tabulate
 
 import fxq
 from fxq import gemm
-from fxq.qmodules import QLayer
+from fxq.ops.layers import QLayer
 from scripts import data, models, readme, zoo
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "bench_backends.json"
 BATCHES, THREADS = (32, 256), 2
 GEMMS = [(784, 576, 64), (196, 2304, 256)]
-
-
-def machine() -> dict:
-    """What the numbers were measured on."""
-    info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.exists() else []
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                platform.processor())
-    return {"cpu": name, "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-            "threads": THREADS}
 
 
 def median_ms(run, x, seconds: float = 2.0, least: int = 3) -> float:
@@ -114,7 +103,7 @@ def table(results: dict) -> str:
 def main() -> None:
     torch.set_num_threads(THREADS)
     rows = [row for shape in ("mnist", "resnet18_224") for row in bench(shape)]
-    results = {"command": "python -m scripts.bench_backends", "machine": machine(),
+    results = {"command": "python -m scripts.bench_backends", "machine": readme.machine(THREADS),
                "admitted": sorted(str(b) for b in gemm.admitted("cpu")), "rows": rows, "gemms": gemm_rows()}
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1))

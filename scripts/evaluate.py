@@ -24,7 +24,7 @@ from tabulate import tabulate
 import fxq
 from fxq.measure import latency_ms, saved_bytes
 from fxq.runtime import count_ops
-from scripts import bench_backends, data, models, readme
+from scripts import data, models, readme
 from scripts.train import accuracy
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
                       + tabulate([list(r.values()) for r in report[dataset]], headers=HEADERS, tablefmt="github"))
         print("\n" + tables[-1])
     if args.readme:
-        machine = bench_backends.machine()
+        machine = readme.machine(torch.get_num_threads())
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "evaluate.json").write_text(json.dumps(
             {"command": "python -m scripts.evaluate --reference --readme", "machine": machine,

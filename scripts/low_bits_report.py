@@ -14,7 +14,7 @@ from tabulate import tabulate  # noqa: E402
 import fxq  # noqa: E402
 from fxq.comparison import folded_float  # noqa: E402
 from fxq.explanation import signed_bits  # noqa: E402
-from fxq.qmodules import QLayer  # noqa: E402
+from fxq.ops.layers import QLayer  # noqa: E402
 from scripts import data, evaluate, models  # noqa: E402
 from scripts.low_bits import (CURVE_BUDGETS, METHODS, MIXED, PLACEMENT_WIDTHS, SETTINGS,  # noqa: E402
                               config_of, defaults_study, key_of)

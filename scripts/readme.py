@@ -1,8 +1,11 @@
 """The README's generated tables: each lives between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``."""
 from __future__ import annotations
 
+import platform
 import re
 from pathlib import Path
+
+import torch
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -16,3 +19,13 @@ def replaced(readme: str, marker: str, text: str) -> str:
 def write(marker: str, text: str) -> None:
     """Put ``text`` in the README's block ``marker``."""
     README.write_text(replaced(README.read_text(), marker, text))
+
+
+def machine(threads: int) -> dict:
+    """What a table's numbers were measured on: the CPU by name and torch's capability for it."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor())
+    return {"cpu": name, "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "threads": threads}

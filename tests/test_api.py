@@ -6,7 +6,7 @@ import torch
 from torch import fx
 
 import fxq
-from fxq.qmodules import QConv2d
+from fxq.ops.layers import QConv2d
 from tests.helpers import Residual, randomize_bn
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import fxq
-from fxq.qmodules import QAdd, QConv2d, QLinear
+from fxq.ops.arithmetic import QAdd
+from fxq.ops.layers import QConv2d, QLinear
 from fxq.runtime import count_ops
 from scripts import data, evaluate, models
 from scripts.train import accuracy

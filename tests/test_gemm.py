@@ -8,7 +8,7 @@ from torch import nn
 import fxq
 from fxq import gemm
 from fxq.affine import ActQParams
-from fxq.qmodules import QConv2d, QLinear
+from fxq.ops.layers import QConv2d, QLinear
 from fxq.records import QuantizedWeight
 
 BACKENDS = list(gemm.Backend)

@@ -6,7 +6,7 @@ from torch import nn
 import fxq
 from fxq import gemm, records
 from fxq.explanation import reference_output
-from fxq.qmodules import QConv2d
+from fxq.ops.layers import QConv2d
 from tests.helpers import check_quantized
 
 

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 import fxq
-from fxq.qmodules import Dequantize, QConv2d, QLayer, QLinear, Quantize
+from fxq.ops.layers import QConv2d, QLayer, QLinear
+from fxq.qmodules import Dequantize, Quantize
 from fxq.runtime import count_ops
 from tests.helpers import Chain, Residual, randomize_bn
 

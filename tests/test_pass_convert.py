@@ -1,7 +1,10 @@
 import torch
 from torch import nn
 
-from fxq.qmodules import Dequantize, QAvgPool2d, QConv2d, QLinear, QReLU, Quantize
+from fxq.ops.activations import QReLU
+from fxq.ops.layers import QConv2d, QLinear
+from fxq.ops.pooling import QAvgPool2d
+from fxq.qmodules import Dequantize, Quantize
 from passes.calibrate import calibrate
 from fxq import records
 from fxq.affine import ActQParams

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import fxq
-from fxq.qmodules import QAdd
+from fxq.ops.arithmetic import QAdd
 from passes.quantize_add import quantize_add
 from tests.helpers import Residual, module_types, node_values, ops, randomize_bn
 from tests.test_pass_convert import converted

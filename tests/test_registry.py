@@ -23,7 +23,6 @@ def test_every_entry_has_every_facet(op):
         assert isinstance(module.schema, Schema), f"{module.__name__}: how it is saved and loaded"
         assert serialize.SCHEMAS[module] is module.schema
         assert callable(getattr(module, "twin", None)), f"{module.__name__}: its float twin"
-        assert callable(getattr(module, "describe", None)), f"{module.__name__}: what explain says"
         assert callable(getattr(module, "to_onnx", None)), f"{module.__name__}: how it exports"
     if op.keeps_call:
         assert callable(op.export), "a call the integer graph keeps must say how it exports"

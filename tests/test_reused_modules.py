@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 import fxq
-from fxq.qmodules import QAvgPool2d, QConv2d
+from fxq.ops.layers import QConv2d
+from fxq.ops.pooling import QAvgPool2d
 from tests.helpers import output_steps
 
 

@@ -7,7 +7,7 @@ from torch import nn
 
 import fxq
 from fxq import packing, records, serialize
-from fxq.qmodules import QLayer
+from fxq.ops.layers import QLayer
 from tests.helpers import Chain, Residual, randomize_bn
 
 

@@ -4,7 +4,7 @@ import torch
 
 import fxq
 from fxq.twin import FloatLayer, SnapToGrid
-from fxq.qmodules import QConv2d
+from fxq.ops.layers import QConv2d
 from tests.helpers import Residual, output_steps, randomize_bn
 
 

@@ -4,7 +4,7 @@ from torch import nn
 
 import fxq
 from fxq import intmath
-from fxq.qmodules import QLinear
+from fxq.ops.layers import QLinear
 from tests.helpers import output_steps, Chain, Residual, randomize_bn
 
 

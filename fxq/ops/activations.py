@@ -10,12 +10,92 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxq import records
+from fxq import intmath, records
+from fxq import schema as sc
 from fxq.affine import ActQParams
 from fxq.graph import attribute
 from fxq.ops.base import KeepInFloat, Lowering, Op, Output, leaf_name, qparams_of
 from fxq.ops.lookup import ChannelClamp, QClamp, QConstantLookup, QLookup
-from fxq.qmodules import QReLU, QRequantize
+from fxq.qmodules import Derived
+from fxq.schema import Schema
+from fxq.twin import on_integers
+
+
+class QRequantize(Derived):
+    """uint8 → uint8 at new parameters: ``clamp(z_O + round(M·(q − z_I)), 0, 2^b − 1)``, ``M = s_I/s_O``.
+
+    Formula (2) with ``q − z_I`` as the accumulator; with at most 2^8 inputs it runs as a lookup
+    in the table of every answer, built once with `fxq.intmath.requantize`.
+    """
+
+    schema = Schema({"input_bits": sc.act_bits, "output_bits": sc.act_bits},
+                    {"input_zero_point": torch.int32, "output_zero_point": torch.int32,
+                     "multiplier": torch.int32, "shift": torch.int8},
+                    ranges=lambda m: m.check_ranges())
+
+    def __init__(self, before: ActQParams, after: ActQParams):
+        super().__init__()
+        self.input_bits, self.output_bits = before.bits, after.bits
+        multiplier, shift = intmath.fixed_point(torch.tensor(before.scale / after.scale),
+                                                bound=before.qmax)
+        self.register_buffer("input_zero_point", torch.tensor(before.zero_point, dtype=torch.int32))
+        self.register_buffer("output_zero_point", torch.tensor(after.zero_point, dtype=torch.int32))
+        self.register_buffer("multiplier", multiplier.to(torch.int32))
+        self.register_buffer("shift", shift.to(torch.int8))
+        self.prepare()
+
+    def compute(self, q: torch.Tensor) -> torch.Tensor:
+        """The requantization itself, without the table."""
+        centred = q.to(torch.int64) - int(self.input_zero_point)
+        return intmath.requantize(centred, self.multiplier.to(torch.int64), self.shift.to(torch.int64),
+                                  int(self.output_zero_point), (1 << self.output_bits) - 1)
+
+    def prepare(self) -> None:
+        every = torch.arange(1 << self.input_bits)
+        self.register_buffer("table", self.compute(every), persistent=False)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return self.table[q.to(torch.int64)]
+
+    def extra_repr(self) -> str:
+        return f"zero_point {int(self.input_zero_point)} → {int(self.output_zero_point)}"
+
+    def check_ranges(self) -> None:
+        sc.zero_point_fits(self, "input_zero_point", self.input_bits)
+        sc.zero_point_fits(self, "output_zero_point", self.output_bits)
+        sc.fixed_point_fits(self.multiplier, self.shift, "the")
+
+    def twin(self, node) -> nn.Module:
+        return on_integers(self.compute, node)
+
+    def to_onnx(self, b, node, inputs):
+        return b.gather(self.table, b.as_index(inputs[0], node.name), node.name)
+
+
+class QReLU(nn.Module):
+    """uint8 → uint8 ReLU: real 0 is ``q = z``, so ``relu(s·(q − z)) = s·(max(q, z) − z)``.
+
+    The zero point is a buffer, so ``state_dict()`` carries it like every other integer.
+    """
+
+    schema = Schema({}, {"zero_point": torch.int32},
+                    ranges=lambda m: sc.zero_point_fits(m, "zero_point", 16))
+
+    def __init__(self, zero_point: int):
+        super().__init__()
+        self.register_buffer("zero_point", torch.tensor(zero_point, dtype=torch.int32))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return intmath.relu(q, int(self.zero_point))
+
+    def extra_repr(self) -> str:
+        return f"max(q, {int(self.zero_point)})"
+
+    def twin(self, node) -> nn.Module:
+        return nn.ReLU()  # max(q, z) on integers is max(x, 0) on their values
+
+    def to_onnx(self, b, node, inputs):
+        return b.relu(inputs[0], records.get(node, ActQParams), node.name)
 
 
 def lower_clamp(lo: Lowering, node: fx.Node) -> None:

@@ -6,12 +6,92 @@ import operator
 import torch
 from torch import fx, nn
 
-from fxq import records
+from fxq import intmath, records
+from fxq import schema as sc
 from fxq.affine import ActQParams
 from fxq.ops.base import KeepInFloat, Lowering, Op, Output, leaf_name, output_qparams, qparams_of
 from fxq.ops.fallback import lower_in_float
 from fxq.ops.joins import QCat, QMul
-from fxq.qmodules import QAdd
+from fxq.qmodules import Derived, NotRepresentable
+from fxq.schema import Schema
+from fxq.twin import on_integers
+
+
+class QAdd(Derived):
+    """uint8 + uint8 → uint8: ``clamp(z_O + round(M_A·(A_q − z_A) + M_B·(B_q − z_B)))``.
+
+    Inputs of up to 8 bits take at most 2^8 values each, so the op is evaluated once for every
+    pair with `fxq.intmath.add` when it is built, and then runs as a lookup in that table (64 KiB
+    at 8 bits): the same integers, an order of magnitude fewer passes over the tensors.
+    """
+
+    schema = Schema({"input_bits": lambda v: sc.bits_tuple(v) and len(v) == 2, "output_bits": sc.act_bits,
+                     "requantize_as": sc.REQUANTIZE},
+                    {**{f"{p}_{f}": torch.int64 for p in "ab" for f in ("zero_point", "multiplier", "shift")},
+                     "output_zero_point": torch.int64, "scales": torch.float64},
+                    ranges=lambda m: m.check_ranges())
+    requantize_as = "fixed_point"  # or "onnxruntime": QLinearAdd's float32 arithmetic
+
+    def __init__(self, a: ActQParams, b: ActQParams, out: ActQParams, name: str):
+        super().__init__()
+        operands = [intmath.AddOperand.rescale(p.zero_point, p.scale, out.scale, p.bits) for p in (a, b)]
+        gap = intmath.add_max_shift_gap(max(a.bits, b.bits))
+        if intmath.add_shift_gap(*operands) > gap:
+            raise NotRepresentable(f"{name}: the two inputs' scales ({a.scale:.3g}, {b.scale:.3g}) differ by "
+                             f"more than 2^{gap}, beyond what the int64 sum holds at these widths: "
+                             "check the calibration data, or keep the block in float with overrides")
+        self.input_bits, self.output_bits = (a.bits, b.bits), out.bits
+        for prefix, operand in zip("ab", operands):
+            for field in ("zero_point", "multiplier", "shift"):
+                self.register_buffer(f"{prefix}_{field}", torch.tensor(getattr(operand, field)))
+        self.register_buffer("output_zero_point", torch.tensor(out.zero_point))
+        self.register_buffer("scales", torch.tensor([a.scale, b.scale, out.scale], dtype=torch.float64))
+        self.prepare()
+
+    def operand(self, prefix: str) -> intmath.AddOperand:
+        return intmath.AddOperand(*(int(getattr(self, f"{prefix}_{f}"))
+                                    for f in ("zero_point", "multiplier", "shift")))
+
+    def compute(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The integer add itself (`fxq.intmath.add`, or `fxq.intmath.runtime_add`), without the table."""
+        if self.requantize_as == "onnxruntime":
+            zero_points = (int(self.a_zero_point), int(self.b_zero_point), int(self.output_zero_point))
+            return intmath.runtime_add(a, b, tuple(self.scales.tolist()), zero_points, (1 << self.output_bits) - 1)
+        return intmath.add(a, b, self.operand("a"), self.operand("b"), int(self.output_zero_point),
+                           (1 << self.output_bits) - 1)
+
+    @property
+    def tabulated(self) -> bool:
+        """Up to 8-bit inputs the add is a 2^(b_a + b_b)-entry lookup; 16-bit ones compute it."""
+        return sum(self.input_bits) <= 16
+
+    def prepare(self) -> None:
+        if not self.tabulated:
+            self.register_buffer("table", None, persistent=False)
+            return
+        grid_a, grid_b = torch.meshgrid(torch.arange(1 << self.input_bits[0], dtype=torch.uint8),
+                                        torch.arange(1 << self.input_bits[1], dtype=torch.uint8),
+                                        indexing="ij")
+        self.register_buffer("table", self.compute(grid_a, grid_b).flatten(), persistent=False)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if not self.tabulated:
+            return self.compute(a, b)
+        return self.table[a.to(torch.int32) * (1 << self.input_bits[1]) + b]
+
+    def check_ranges(self) -> None:
+        for prefix, bits in zip("ab", self.input_bits):
+            sc.zero_point_fits(self, f"{prefix}_zero_point", bits)
+            sc.fixed_point_fits(getattr(self, f"{prefix}_multiplier"), getattr(self, f"{prefix}_shift"), prefix)
+        sc.zero_point_fits(self, "output_zero_point", self.output_bits)
+
+    def twin(self, node) -> nn.Module:
+        return on_integers(self.compute, node)
+
+    def to_onnx(self, b, node, inputs):
+        if not self.tabulated:
+            raise ValueError(f"node '{node.name}': adds of 16-bit inputs do not export yet")
+        return b.add(inputs, [records.get(a, ActQParams) for a in node.args[:2]], records.get(node, ActQParams), node.name)
 
 
 def _computed(value) -> bool:

@@ -36,8 +36,8 @@ class Op:
     Quantizing: ``output`` says whether the op's output is observed; ``lower`` rewrites the call
     into integer ops during `passes.convert`. Each module ``lower`` puts in the graph is listed in
     ``integer_modules`` and carries the other facets itself: ``schema`` (how it is saved and
-    checked on load), ``twin(node)`` (its float twin for `fxq.simulate`) and ``describe()``
-    (what `fxq.explain` says). A call ``lower`` leaves in the integer graph as it is (view,
+    checked on load), ``twin(node)`` (its float twin for `fxq.simulate`) and ``to_onnx`` (how it
+    exports). A call ``lower`` leaves in the integer graph as it is (view,
     flatten) has ``keeps_call``: it is saved by name and runs the same on values in the twin.
     Properties algorithms rely on: ``homogeneous`` (``f(a·x) = a·f(x)`` for a > 0 per channel:
     cross-layer equalization may scale across it), ``channelwise`` (channel c of the output

@@ -80,10 +80,6 @@ class QMul(Derived):
     def twin(self, node) -> nn.Module:
         return _twin_of(self, node)
 
-    def describe(self) -> str:
-        return (f"the centred product requantized once: a lookup in the {1 << sum(self.input_bits)}-entry "
-                "table of every input pair" if self.tabulated else "the centred product requantized once (int64)")
-
     def to_onnx(self, b, node, inputs):
         if not self.tabulated:
             raise ValueError(f"node '{node.name}': products of 16-bit inputs do not export yet")
@@ -140,10 +136,6 @@ class QCat(Derived):
     def twin(self, node) -> nn.Module:
         inputs = [records.get(a, ActQParams) for a in node.args]
         return OnIntegers(self.compute, inputs, records.get(node, ActQParams))
-
-    def describe(self) -> str:
-        moved = len(self.identity) - sum(self.identity)
-        return f"{moved} of {len(self.identity)} inputs moved to the output's parameters by a table, then joined"
 
     def to_onnx(self, b, node, inputs):
         parts = [q if same else b.gather(table, b.as_index(q, f"{node.name}_{i}"), f"{node.name}_{i}")

@@ -68,9 +68,6 @@ class QClamp(nn.Module):
         qp = records.get(node, ActQParams)
         return _ValueClamp(qp.scale * (self.low.double() - qp.zero_point), qp.scale * (self.high.double() - qp.zero_point))
 
-    def describe(self) -> str:
-        return f"{self.extra_repr()}: the bounds on the input's grid"
-
     def to_onnx(self, b, node, inputs):
         return b.clamp(inputs[0], self.low, self.high, node.name)
 
@@ -140,9 +137,6 @@ class QLookup(Derived):
     def twin(self, node) -> nn.Module:
         return OnIntegers(self.forward, [records.get(node.args[0], ActQParams)], records.get(node, ActQParams))
 
-    def describe(self) -> str:
-        return f"a lookup in the {1 << self.input_bits}-entry table of {self.function} on every input integer"
-
     def to_onnx(self, b, node, inputs):
         return b.gather(self.lookup, b.as_index(inputs[0], node.name), node.name)
 
@@ -198,10 +192,6 @@ class QConstantLookup(Derived):
     def twin(self, node) -> nn.Module:
         source = next(a for a in node.args if records.has(a, ActQParams))
         return OnIntegers(self.forward, [records.get(source, ActQParams)], records.get(node, ActQParams))
-
-    def describe(self) -> str:
-        return (f"{self.function}: a lookup in one {1 << self.input_bits}-entry table per element of the "
-                f"constant {list(self.shape)}")
 
     def to_onnx(self, b, node, inputs):
         index = b.node("Add", [b.as_index(inputs[0], node.name), b.constant(f"{node.name}_offsets", self.offsets)],

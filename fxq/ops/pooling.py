@@ -6,13 +6,168 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxq import records
+from fxq import intmath, records
 from fxq import schema as sc
 from fxq.affine import ActQParams
 from fxq.ops.base import Lowering, Op, Output, leaf_name, pair, qparams_of
-from fxq.qmodules import QAdaptiveMaxPool2d, QAvgPool2d, QMaxPool2d
 from fxq.schema import Schema
-from fxq.twin import OnIntegers
+from fxq.twin import FloatAvgPool, OnIntegers, on_integers
+
+
+class QMaxPool2d(nn.MaxPool2d):
+    """uint8 → uint8 max pooling: max commutes with the monotone ``q ↦ s·(q − z)``.
+
+    torch's uint8 max pooling rejects channels-last input, the layout a QConv2d returns, so the
+    integers are made contiguous first.
+    """
+
+    schema = Schema({"kernel_size": sc.int_or_pair(1), "stride": sc.int_or_pair(1),
+                     "padding": sc.int_or_pair(0), "dilation": sc.int_or_pair(1),
+                     "return_indices": sc.one_of(False), "ceil_mode": sc.one_of(True, False)}, {})
+
+    def twin(self, node) -> nn.Module:
+        return self  # the max of values is the value of the max
+
+    def to_onnx(self, b, node, inputs):  # on the uint8 integers themselves
+        k, s, p, d = (list(pair(v)) for v in (self.kernel_size, self.stride, self.padding, self.dilation))
+        return b.node("MaxPool", [inputs[0]], node.name, kernel_shape=k, strides=s, pads=p + p, dilations=d,
+                      ceil_mode=int(self.ceil_mode))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return super().forward(q.contiguous())
+
+
+class QAdaptiveMaxPool2d(nn.AdaptiveMaxPool2d):
+    """uint8 → uint8 adaptive max pooling; torch has no integer kernel for it, so it runs on the
+    integers held in float32 (exact below 2^24) and returns them as integers."""
+
+    schema = Schema({"output_size": lambda v: isinstance(v, tuple) and len(v) == 2
+                     and all(x is None or (sc.is_int(x) and x >= 1) for x in v),
+                     "return_indices": sc.one_of(False)}, {})
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return super().forward(q.to(torch.float32)).to(q.dtype)
+
+    def twin(self, node) -> nn.Module:
+        return nn.AdaptiveMaxPool2d(self.output_size)  # the max of values is the value of the max
+
+    def to_onnx(self, b, node, inputs):
+        """Separably: the max over each window's rows, then over its columns (slices of the uint8
+        integers, ReduceMax, Concat): exact."""
+        x = inputs[0]
+        for axis, (size, out) in enumerate(zip(b.shape_of(node.args[0])[-2:], b.shape_of(node)[-2:]), start=2):
+            windows = [((i * size) // out, -(-((i + 1) * size) // out)) for i in range(out)]
+            parts = [b.node("ReduceMax", [b.node("Slice", [x, b.constant(f"{node.name}_start", b.ints([start])),
+                                                            b.constant(f"{node.name}_end", b.ints([end])),
+                                                            b.constant(f"{node.name}_axis", b.ints([axis]))],
+                                                 f"{node.name}_slice"),
+                                          b.constant(f"{node.name}_axes", b.ints([axis]))], f"{node.name}_max", keepdims=1)
+                     for start, end in windows]
+            x = b.node("Concat", parts, f"{node.name}_{axis}", axis=axis)
+        return x
+
+
+class QAvgPool2d(nn.Module):
+    """uint8 → uint8 average pooling at the input's scale (`fxq.intmath.window_mean`): a window
+    pool (``kind="window"``: kernel, stride, padding, ceil_mode, count_include_pad,
+    divisor_override as in ``nn.AvgPool2d``) or an adaptive one (``kind="adaptive"``:
+    ``output_size``, None entries keeping the input's size). ``keepdim=False`` drops the two
+    pooled dimensions (``x.mean((2, 3))``)."""
+
+    schema = Schema({"kind": sc.one_of("window", "adaptive"), "kernel": sc.optional(sc.ints(1, 2)),
+                     "stride": sc.optional(sc.ints(1, 2)), "padding": sc.optional(sc.ints(0, 2)),
+                     "ceil_mode": sc.one_of(True, False), "count_include_pad": sc.one_of(True, False),
+                     "divisor_override": sc.optional(sc.int_at_least(1)),
+                     "output_size": sc.optional(lambda v: isinstance(v, tuple) and len(v) == 2
+                                                and all(x is None or (sc.is_int(x) and x >= 1) for x in v)),
+                     "keepdim": sc.one_of(True, False), "bits": sc.act_bits,
+                     "rank": sc.optional(sc.int_at_least(3)), "requantize_as": sc.REQUANTIZE},
+                    {"zero_point": torch.int32, "scale": torch.float64},
+                    ranges=lambda m: sc.zero_point_fits(m, "zero_point", m.bits))
+    requantize_as = "fixed_point"  # "onnxruntime": a global mean as QLinearGlobalAveragePool computes it
+
+    def __init__(self, qp: ActQParams, kind: str, kernel=None, stride=None, padding=None, ceil_mode=False,
+                 count_include_pad=True, divisor_override=None, output_size=None, keepdim=True, rank=None):
+        super().__init__()
+        self.kind, self.kernel, self.stride, self.padding = kind, kernel, stride, padding
+        self.ceil_mode, self.count_include_pad, self.divisor_override = ceil_mode, count_include_pad, divisor_override
+        self.output_size, self.keepdim, self.bits = output_size, keepdim, qp.bits
+        self.rank = rank  # the input's rank, where the pooled dims were counted from the front
+        self.register_buffer("zero_point", torch.tensor(qp.zero_point, dtype=torch.int32))
+        self.register_buffer("scale", torch.tensor(qp.scale, dtype=torch.float64))
+
+    @property
+    def runtime_mean(self) -> bool:
+        """A global mean computed as onnxruntime does (`fxq.intmath.runtime_global_mean`)."""
+        return self.requantize_as == "onnxruntime" and self.kind == "adaptive" and self.output_size == (1, 1)
+
+    @classmethod
+    def global_mean(cls, qp: ActQParams, keepdim: bool = True, rank: int | None = None) -> "QAvgPool2d":
+        return cls(qp, "adaptive", output_size=(1, 1), keepdim=keepdim, rank=rank)
+
+    def windows(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The row and column membership matrices and the ``[out_h, out_w]`` divisors."""
+        if self.kind == "adaptive":
+            out = [size if o is None else o for o, size in zip(self.output_size, (height, width))]
+            (rows, d_rows), (columns, d_columns) = (intmath.adaptive_windows(height, out[0]),
+                                                    intmath.adaptive_windows(width, out[1]))
+        else:
+            (rows, d_rows), (columns, d_columns) = (
+                intmath.pool_windows(size, k, s, p, self.ceil_mode, self.count_include_pad)
+                for size, k, s, p in zip((height, width), self.kernel, self.stride, self.padding))
+        divisors = d_rows[:, None] * d_columns[None, :]
+        if self.divisor_override is not None:
+            divisors = torch.full_like(divisors, self.divisor_override)
+        return rows, columns, divisors
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        if self.rank is not None and q.dim() != self.rank:
+            raise ValueError(f"this mean pools dims (2, 3) of a {self.rank}-d tensor; got a {q.dim()}-d one")
+        if self.runtime_mean:
+            out = intmath.runtime_global_mean(q, float(self.scale), int(self.zero_point), (1 << self.bits) - 1)
+        else:
+            rows, columns, divisors = (t.to(q.device) for t in self.windows(*q.shape[-2:]))
+            out = intmath.window_mean(q, rows, columns, divisors, int(self.zero_point), (1 << self.bits) - 1)
+        return out if self.keepdim else out.reshape(out.shape[:-2])
+
+    def extra_repr(self) -> str:
+        if self.kind == "adaptive":
+            return f"adaptive to {self.output_size}" + ("" if self.keepdim else ", dims dropped")
+        return (f"kernel={self.kernel}, stride={self.stride}, padding={self.padding}, ceil_mode={self.ceil_mode}, "
+                f"count_include_pad={self.count_include_pad}")
+
+    def twin(self, node) -> nn.Module:
+        if self.runtime_mean:
+            return on_integers(self, node)
+        return FloatAvgPool(self, records.get(node, ActQParams))
+
+    def to_onnx(self, b, node, inputs):
+        """Exactly fxq's pooling: the centred integers' window means in float32 (ONNX's
+        AveragePool / GlobalAveragePool, or products with the window membership matrices for
+        other adaptive sizes; every window sum an exact integer), rounded half away from zero."""
+        qp, name = records.get(node, ActQParams), node.name
+        if self.runtime_mean:  # DequantizeLinear → GlobalAveragePool → QuantizeLinear: QLinearGlobalAveragePool
+            out = b.quantize(b.node("GlobalAveragePool", [b.dequantize(inputs[0], qp, f"{name}_in")], f"{name}_mean"),
+                             qp, name)
+        elif self.kind == "window":
+            if self.divisor_override is not None:
+                raise ValueError(f"node '{name}': divisor_override does not export")
+            out = b.exact_mean(inputs[0], qp, name, "AveragePool", kernel_shape=list(self.kernel),
+                               strides=list(self.stride), pads=list(self.padding) * 2, ceil_mode=int(self.ceil_mode),
+                               count_include_pad=int(self.count_include_pad))
+        elif self.output_size == (1, 1):
+            out = b.exact_mean(inputs[0], qp, name, "GlobalAveragePool")
+        else:
+            height, width = b.shape_of(node.args[0])[-2:]
+            rows, columns, divisors = self.windows(height, width)
+            x = b.centred(inputs[0], qp, name)
+            across = b.node("MatMul", [x, b.constant(f"{name}_columns", columns.t().float())], f"{name}_w")
+            both = b.node("MatMul", [b.constant(f"{name}_rows", rows.float()), across], f"{name}_h")
+            mean = b.node("Div", [both, b.constant(f"{name}_divisors", divisors.float())], f"{name}_mean")
+            out = b.rounded_back(mean, qp, name)
+        if self.keepdim:
+            return out
+        return b.node("Reshape", [out, b.constant(f"{name}_shape", b.ints([-1, *b.shape_of(node)[1:]]))], f"{name}_flat")
 
 
 def _arguments(node: fx.Node, names: tuple[str, ...], defaults: dict) -> dict:
@@ -140,9 +295,6 @@ class QResizeNearest(nn.Module):
     def twin(self, node) -> nn.Module:
         qp = records.get(node, ActQParams)
         return OnIntegers(self.forward, [qp], qp)
-
-    def describe(self) -> str:
-        return "each output integer a copy of its nearest input integer, same scale"
 
     def to_onnx(self, b, node, inputs):
         """ONNX Resize on the integers: torch's "nearest" is Resize's asymmetric floor, its
