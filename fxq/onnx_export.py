@@ -103,73 +103,7 @@ class Builder:
             return q
         return self.node("Min", [q, self.constant(f"{name}_top", np.uint8(qp.qmax))], f"{name}_top")
 
-    def layer(self, m, x: str, name: str) -> str:
-        """DequantizeLinear → Conv/Gemm (int8 weight and int32 bias, dequantized) → QuantizeLinear.
-        In the U8U8 format the weight travels as uint8 ``W_q + 128`` with zero point 128: the same
-        values, which onnxruntime multiplies without 16-bit pair sums (`fxq.saturation`)."""
-        x_f = self.dequantize(x, m.input_qparams, f"{name}_in")
-        weight_q, zero = m.weight, torch.zeros(m.weight.shape[0], dtype=torch.int8)
-        if self.formats.get(m) is WeightFormat.U8U8:
-            weight_q, zero = (weight_q.to(torch.int16) + 128).to(torch.uint8), (zero.to(torch.int16) + 128).to(torch.uint8)
-        weight = self.node("DequantizeLinear", [
-            self.constant(f"{name}_weight", weight_q),
-            self.constant(f"{name}_weight_scale", m.weight_scale.to(torch.float32)),
-            self.constant(f"{name}_weight_zero", zero)],
-            f"{name}_w", axis=0)
-        bias = self.node("DequantizeLinear", [
-            self.constant(f"{name}_bias", m.bias),
-            self.constant(f"{name}_bias_scale", (m.input_scale * m.weight_scale).to(torch.float32)),
-            self.constant(f"{name}_bias_zero", torch.zeros_like(m.bias))], f"{name}_b", axis=0)
-        if m.weight.dim() == 4:
-            p = list(m.padding)
-            y = self.node("Conv", [x_f, weight, bias], f"{name}_conv", pads=p + p, strides=list(m.stride),
-                          dilations=list(m.dilation), group=m.groups)
-        else:
-            y = self.node("Gemm", [x_f, weight, bias], f"{name}_gemm", transB=1)
-        return self.quantize(y, m.output_qparams, name)
-
-    def linear(self, m, x: str, name: str) -> str:
-        """A linear layer; over the last dim of ``[N, ..., K]`` as Reshape → [−1, K] → Gemm → Reshape
-        back, so that onnxruntime still runs its int8 GEMM (QGemm) on it."""
-        shape = self.shapes[name]
-        if len(shape) == 2:
-            return self.layer(m, x, name)
-        rows = self.node("Reshape", [x, self.constant(f"{name}_rows", self.ints([-1, m.weight.shape[1]]))],
-                         f"{name}_rows")
-        y = self.layer(m, rows, name)
-        return self.node("Reshape", [y, self.constant(f"{name}_shape", self.ints([-1, *shape[1:]]))], f"{name}_back")
-
-    def add(self, inputs: list[str], qparams: list[ActQParams], out: ActQParams, name: str) -> str:
-        """DequantizeLinear ×2 → Add → QuantizeLinear, which onnxruntime fuses into QLinearAdd."""
-        values = [self.dequantize(q, qp, f"{name}_{i}") for i, (q, qp) in enumerate(zip(inputs, qparams))]
-        return self.quantize(self.node("Add", values, f"{name}_sum"), out, name)
-
-    def relu(self, q: str, qp: ActQParams, name: str) -> str:
-        """max(q, z), as a Clip with no upper bound (one fast op that onnxruntime keeps in NHWC)."""
-        return self.node("Clip", [q, self.constant(f"{name}_z", np.uint8(qp.zero_point))], name)
-
     # -------------------------------------------------------------- exact integer idioms
-
-    def centred(self, q: str, qp: ActQParams, name: str) -> str:
-        """``q − z`` in float32 (exact: small integers)."""
-        as_float = self.node("Cast", [q], f"{name}_float", to=self.types.FLOAT)
-        return self.node("Sub", [as_float, self.constant(f"{name}_z", np.float32(qp.zero_point))], f"{name}_centred")
-
-    def rounded_back(self, mean: str, qp: ActQParams, name: str) -> str:
-        """``clamp(z + round_half_away(mean), 0, qmax)`` as uint8: fxq's rounding rule."""
-        magnitude = self.node("Floor", [self.node("Add", [self.node("Abs", [mean], f"{name}_abs"),
-                                                          self.constant(f"{name}_half", np.float32(0.5))], f"{name}_nudge")],
-                              f"{name}_floor")
-        rounded = self.node("Mul", [self.node("Sign", [mean], f"{name}_sign"), magnitude], f"{name}_round")
-        shifted = self.node("Add", [rounded, self.constant(f"{name}_z", np.float32(qp.zero_point))], f"{name}_shift")
-        clipped = self.node("Clip", [shifted, self.constant(f"{name}_lo", np.float32(0)),
-                                     self.constant(f"{name}_hi", np.float32(qp.qmax))], f"{name}_clip")
-        return self.node("Cast", [clipped], name, to=self.types.UINT8)
-
-    def exact_mean(self, q: str, qp: ActQParams, name: str, op: str, **attributes) -> str:
-        """An average pooling of the centred integers in float32 (every window sum is an exact
-        integer, one correctly rounded division), rounded back as fxq does: exact."""
-        return self.rounded_back(self.node(op, [self.centred(q, qp, name)], f"{name}_mean", **attributes), qp, name)
 
     def as_index(self, value: str, name: str) -> str:
         return self.node("Cast", [value], f"{name}_index", to=self.types.INT64)
@@ -177,23 +111,6 @@ class Builder:
     def gather(self, table: torch.Tensor, index: str, name: str) -> str:
         """``table[index]``: fxq's own table, looked up exactly (uint8 answers)."""
         return self.node("Gather", [self.constant(f"{name}_table", table.to(torch.uint8)), index], name)
-
-    def pair_table(self, table: torch.Tensor, a: str, b: str, width: int, name: str) -> str:
-        """``table[a·width + b]`` (broadcasting like the op it stands for)."""
-        row = self.node("Mul", [self.as_index(a, f"{name}_a"), self.constant(f"{name}_width", np.int64(width))],
-                        f"{name}_row")
-        return self.gather(table, self.node("Add", [row, self.as_index(b, f"{name}_b")], f"{name}_pair"), name)
-
-    def clamp(self, value: str, low: torch.Tensor, high: torch.Tensor, name: str) -> str:
-        """``min(max(q, low), high)`` on uint8; per-channel bounds broadcast along dim 1."""
-        if low.dim() == 0 and high.dim() == 0:  # one op, which onnxruntime keeps in NHWC
-            bounds = [self.constant(f"{name}_{k}", v.to(torch.uint8)) for k, v in (("low", low), ("high", high))]
-            return self.node("Clip", [value, *bounds], name)
-        shape = (-1, 1, 1) if low.dim() else ()
-        low, high = low.to(torch.uint8).reshape(shape), high.to(torch.uint8).reshape(shape)
-        raised = self.node("Max", [value, self.constant(f"{name}_low", low)], f"{name}_max")
-        return self.node("Min", [raised, self.constant(f"{name}_high", high)], name)
-
 
 def _recorded_shapes(qmodel: fx.GraphModule, sample_shape: tuple) -> dict:
     """Every node's output shape (or list of shapes) on zeros of ``BATCH`` samples, by node and name."""

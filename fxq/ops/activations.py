@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import operator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -95,7 +96,12 @@ class QReLU(nn.Module):
         return nn.ReLU()  # max(q, z) on integers is max(x, 0) on their values
 
     def to_onnx(self, b, node, inputs):
-        return b.relu(inputs[0], records.get(node, ActQParams), node.name)
+        return _onnx_relu(b, inputs[0], records.get(node, ActQParams), node.name)
+
+
+def _onnx_relu(b, q: str, qp: ActQParams, name: str) -> str:
+    """max(q, z), as a Clip with no upper bound (one fast op that onnxruntime keeps in NHWC)."""
+    return b.node("Clip", [q, b.constant(f"{name}_z", np.uint8(qp.zero_point))], name)
 
 
 def lower_clamp(lo: Lowering, node: fx.Node) -> None:

@@ -91,7 +91,13 @@ class QAdd(Derived):
     def to_onnx(self, b, node, inputs):
         if not self.tabulated:
             raise ValueError(f"node '{node.name}': adds of 16-bit inputs do not export yet")
-        return b.add(inputs, [records.get(a, ActQParams) for a in node.args[:2]], records.get(node, ActQParams), node.name)
+        return _onnx_add(b, inputs, [records.get(a, ActQParams) for a in node.args[:2]], records.get(node, ActQParams), node.name)
+
+
+def _onnx_add(b, inputs: list[str], qparams: list[ActQParams], out: ActQParams, name: str) -> str:
+    """DequantizeLinear ×2 → Add → QuantizeLinear, which onnxruntime fuses into QLinearAdd."""
+    values = [b.dequantize(q, qp, f"{name}_{i}") for i, (q, qp) in enumerate(zip(inputs, qparams))]
+    return b.quantize(b.node("Add", values, f"{name}_sum"), out, name)
 
 
 def _computed(value) -> bool:

@@ -1,6 +1,7 @@
 """Integer modules that join tensors: the product of two, and a concatenation of several."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -83,7 +84,14 @@ class QMul(Derived):
     def to_onnx(self, b, node, inputs):
         if not self.tabulated:
             raise ValueError(f"node '{node.name}': products of 16-bit inputs do not export yet")
-        return b.pair_table(self.table, inputs[0], inputs[1], 1 << self.input_bits[1], node.name)
+        return _pair_table(b, self.table, inputs[0], inputs[1], 1 << self.input_bits[1], node.name)
+
+
+def _pair_table(b, table: torch.Tensor, first: str, second: str, width: int, name: str) -> str:
+    """``table[first·width + second]`` (broadcasting like the op it stands for)."""
+    row = b.node("Mul", [b.as_index(first, f"{name}_a"), b.constant(f"{name}_width", np.int64(width))],
+                 f"{name}_row")
+    return b.gather(table, b.node("Add", [row, b.as_index(second, f"{name}_b")], f"{name}_pair"), name)
 
 
 class QCat(Derived):

@@ -69,7 +69,18 @@ class QClamp(nn.Module):
         return _ValueClamp(qp.scale * (self.low.double() - qp.zero_point), qp.scale * (self.high.double() - qp.zero_point))
 
     def to_onnx(self, b, node, inputs):
-        return b.clamp(inputs[0], self.low, self.high, node.name)
+        return _clamp(b, inputs[0], self.low, self.high, node.name)
+
+
+def _clamp(b, value: str, low: torch.Tensor, high: torch.Tensor, name: str) -> str:
+    """``min(max(q, low), high)`` on uint8; per-channel bounds broadcast along dim 1."""
+    if low.dim() == 0 and high.dim() == 0:  # one op, which onnxruntime keeps in NHWC
+        bounds = [b.constant(f"{name}_{k}", v.to(torch.uint8)) for k, v in (("low", low), ("high", high))]
+        return b.node("Clip", [value, *bounds], name)
+    shape = (-1, 1, 1) if low.dim() else ()
+    low, high = low.to(torch.uint8).reshape(shape), high.to(torch.uint8).reshape(shape)
+    raised = b.node("Max", [value, b.constant(f"{name}_low", low)], f"{name}_max")
+    return b.node("Min", [raised, b.constant(f"{name}_high", high)], name)
 
 
 class _ValueClamp(nn.Module):

@@ -2,6 +2,7 @@
 rounding, and nearest-neighbour upsampling (each output integer a copy of an input integer)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -152,22 +153,46 @@ class QAvgPool2d(nn.Module):
         elif self.kind == "window":
             if self.divisor_override is not None:
                 raise ValueError(f"node '{name}': divisor_override does not export")
-            out = b.exact_mean(inputs[0], qp, name, "AveragePool", kernel_shape=list(self.kernel),
+            out = _exact_mean(b, inputs[0], qp, name, "AveragePool", kernel_shape=list(self.kernel),
                                strides=list(self.stride), pads=list(self.padding) * 2, ceil_mode=int(self.ceil_mode),
                                count_include_pad=int(self.count_include_pad))
         elif self.output_size == (1, 1):
-            out = b.exact_mean(inputs[0], qp, name, "GlobalAveragePool")
+            out = _exact_mean(b, inputs[0], qp, name, "GlobalAveragePool")
         else:
             height, width = b.shape_of(node.args[0])[-2:]
             rows, columns, divisors = self.windows(height, width)
-            x = b.centred(inputs[0], qp, name)
+            x = _centred(b, inputs[0], qp, name)
             across = b.node("MatMul", [x, b.constant(f"{name}_columns", columns.t().float())], f"{name}_w")
             both = b.node("MatMul", [b.constant(f"{name}_rows", rows.float()), across], f"{name}_h")
             mean = b.node("Div", [both, b.constant(f"{name}_divisors", divisors.float())], f"{name}_mean")
-            out = b.rounded_back(mean, qp, name)
+            out = _rounded_back(b, mean, qp, name)
         if self.keepdim:
             return out
         return b.node("Reshape", [out, b.constant(f"{name}_shape", b.ints([-1, *b.shape_of(node)[1:]]))], f"{name}_flat")
+
+
+def _centred(b, q: str, qp: ActQParams, name: str) -> str:
+    """``q − z`` in float32 (exact: small integers)."""
+    as_float = b.node("Cast", [q], f"{name}_float", to=b.types.FLOAT)
+    return b.node("Sub", [as_float, b.constant(f"{name}_z", np.float32(qp.zero_point))], f"{name}_centred")
+
+
+def _rounded_back(b, mean: str, qp: ActQParams, name: str) -> str:
+    """``clamp(z + round_half_away(mean), 0, qmax)`` as uint8: fxq's rounding rule."""
+    magnitude = b.node("Floor", [b.node("Add", [b.node("Abs", [mean], f"{name}_abs"),
+                                                      b.constant(f"{name}_half", np.float32(0.5))], f"{name}_nudge")],
+                          f"{name}_floor")
+    rounded = b.node("Mul", [b.node("Sign", [mean], f"{name}_sign"), magnitude], f"{name}_round")
+    shifted = b.node("Add", [rounded, b.constant(f"{name}_z", np.float32(qp.zero_point))], f"{name}_shift")
+    clipped = b.node("Clip", [shifted, b.constant(f"{name}_lo", np.float32(0)),
+                                 b.constant(f"{name}_hi", np.float32(qp.qmax))], f"{name}_clip")
+    return b.node("Cast", [clipped], name, to=b.types.UINT8)
+
+
+def _exact_mean(b, q: str, qp: ActQParams, name: str, op: str, **attributes) -> str:
+    """An average pooling of the centred integers in float32 (every window sum is an exact
+    integer, one correctly rounded division), rounded back as fxq does: exact."""
+    return _rounded_back(b, b.node(op, [_centred(b, q, qp, name)], f"{name}_mean", **attributes), qp, name)
 
 
 def _arguments(node: fx.Node, names: tuple[str, ...], defaults: dict) -> dict:
