@@ -32,6 +32,7 @@ demo: .venv/ready data
 	$(PY) -m scripts.evaluate
 
 test: setup
+	$(PY) -m ruff check fxq passes scripts tests
 	$(PY) -m pytest -q
 
 # docs/ranges.md, docs/explain.md and docs/low_bits.md with their plots; sweeps are cached in results/

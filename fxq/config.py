@@ -80,12 +80,12 @@ class QConfig:
     _auto: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for field, extra in (("weight_bits", ()), ("act_bits", (WIDE_ACT_BITS,))):
-            bits = getattr(self, field)
+        for name, extra in (("weight_bits", ()), ("act_bits", (WIDE_ACT_BITS,))):
+            bits = getattr(self, name)
             if (not isinstance(bits, int) or isinstance(bits, bool)
                     or not (MIN_BITS <= bits <= MAX_BITS or bits in extra)):
                 also = f" (or {WIDE_ACT_BITS})" if extra else ""
-                raise ValueError(f"QConfig.{field}={bits!r}: use an int from {MIN_BITS} to {MAX_BITS}{also}")
+                raise ValueError(f"QConfig.{name}={bits!r}: use an int from {MIN_BITS} to {MAX_BITS}{also}")
         for name in ("per_channel", "pair_safe") + AUTO_FIELDS[2:]:
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name in AUTO_FIELDS):

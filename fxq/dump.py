@@ -14,7 +14,6 @@ from fxq.affine import ActQParams
 from fxq.observers import Observer
 
 
-
 @dataclass(frozen=True)
 class Row:
     node: str

@@ -122,7 +122,8 @@ class NetworkExplanation:
     def summary(self) -> str:
         total = max(len(self.rows), 1)
         arithmetic = ("onnxruntime's (float32 multipliers, ties to even): fxq.deploy is bit-exact"
-                      if self.requantize == "onnxruntime" else "fixed point (int32 multiplier and shift, ties away from zero)")
+                      if self.requantize == "onnxruntime"
+                      else "fixed point (int32 multiplier and shift, ties away from zero)")
         used = [str(b) for b in self.backends.values() if b is not None]
         counts = ", ".join(f"{name} ×{used.count(name)}" for name in dict.fromkeys(sorted(used)))
         backends = (f"; accumulators (all exact): {counts} ({gemm.how_chosen()})" if used else "")
@@ -199,17 +200,20 @@ def _layer(qmodel, node: fx.Node, seen: dict, source: str) -> LayerExplanation:
         Step("input I_q", in_dtype, IntRange(0, qmax_in), in_seen, f"s_I = {float(m.input_scale):.6g}, z_I = {z_in}"),
         Step("I_q − z_I", _signed_dtype(centred), centred, centered_seen, "centred: real 0 is 0"),
         Step("weight W_q", "int8", IntRange.of(m.weight), IntRange.of(m.weight),
-             f"{_weight_bits(m)}-bit symmetric {_granularity(m)}, s_W ∈ [{float(m.weight_scale.min()):.3g}, {float(m.weight_scale.max()):.3g}]"),
+             f"{_weight_bits(m)}-bit symmetric {_granularity(m)}, "
+             f"s_W ∈ [{float(m.weight_scale.min()):.3g}, {float(m.weight_scale.max()):.3g}]"),
         Step("W_q·(I_q − z_I)", "int32", IntRange(-wmax * max(z_in, qmax_in - z_in), wmax * max(z_in, qmax_in - z_in)),
              None, "one product"),
         Step("bias b_q", "int32", bias, bias, "at scale s_I·s_W[c], zero point 0"),
         Step(f"acc = Σ_{k} W_q·(I_q − z_I) + b_q", acc_dtype, IntRange(-bound, bound), acc_seen,
-             f"K = {k} terms; {accumulated}; headroom {m.accumulator_bits - signed_bits(-bound, bound)} b of {acc_dtype}"),
+             f"K = {k} terms; {accumulated}; "
+             f"headroom {m.accumulator_bits - signed_bits(-bound, bound)} b of {acc_dtype}"),
         *(_runtime_steps(m, bound, acc_seen, out_dtype, out_seen) if m.requantize_as == "onnxruntime" else [
             Step("acc · m", "int64", _times(IntRange(-bound, bound), int(multiplier.max())),
                  None if acc_seen is None else _times(acc_seen, int(multiplier.max())),
                  f"M = s_I·s_W/s_O ∈ [{float(real_m.min()):.3g}, {float(real_m.max()):.3g}] = m·2^(shift−31), "
-                 f"m ∈ [{int(multiplier.min())}, {int(multiplier.max())}], shift ∈ [{int(shift.min())}, {int(shift.max())}]"),
+                 f"m ∈ [{int(multiplier.min())}, {int(multiplier.max())}], "
+                 f"shift ∈ [{int(shift.min())}, {int(shift.max())}]"),
             Step("O_q = clamp(z_O + round(·/2^(31−shift)))", out_dtype, IntRange(0, qmax_out), out_seen,
                  f"round half away from zero; z_O = {z_out}, s_O = {float(m.output_scale):.6g}")]),
     ]

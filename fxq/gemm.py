@@ -197,7 +197,8 @@ def float32_chunks(weight_q: torch.Tensor, input_absmax: int) -> list[tuple[int,
     per_input = per_input * input_absmax  # [C_out, C_in per group]
     if per_input.numel() and int(per_input.max()) > FLOAT32_EXACT:
         return None
-    # cumulative[c, i]: the bound of channels [0, i); a chunk [start, end) costs cumulative[:, end] − cumulative[:, start]
+    # cumulative[c, i]: the bound of channels [0, i); a chunk [start, end) costs
+    # cumulative[:, end] − cumulative[:, start]
     cumulative = F.pad(per_input.cumsum(1), (1, 0))
     chunks, start, channels = [], 0, per_input.shape[1]
     while start < channels:

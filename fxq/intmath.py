@@ -76,11 +76,6 @@ def rounding_right_shift(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return (p + (torch.ones_like(r) << (r - 1)) - (p < 0).to(torch.int64)) >> r
 
 
-def apply_multiplier(acc: torch.Tensor, m: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``round(M · acc)`` as int64 with ``M = m · 2^(shift − 31)`` (formula (2) without z and clamp)."""
-    return rounding_right_shift(acc.to(torch.int64) * m, MULTIPLIER_BITS - shift)
-
-
 def requantize(acc: torch.Tensor, m: torch.Tensor, shift: torch.Tensor, zero_point: int,
                qmax: int) -> torch.Tensor:
     """Formula (2): accumulator ``[..., C]`` (channels last) → ``clamp(z + round(M[c]·acc), 0, qmax)``

@@ -141,7 +141,8 @@ class MovingAverageObserver(MinMaxObserver):
         self.batches, self.min_val, self.max_val = 0, self.min_val.new_tensor(0.0), self.max_val.new_tensor(0.0)
         for lo, hi, batches in states:
             other = MovingAverageObserver(self.label, self.bits, self.averaging_constant)
-            other.min_val, other.max_val, other.batches = self.min_val.new_tensor(lo), self.max_val.new_tensor(hi), batches
+            other.min_val, other.max_val = self.min_val.new_tensor(lo), self.max_val.new_tensor(hi)
+            other.batches = batches
             self.merge(other)
 
     def merge(self, other: "MovingAverageObserver") -> "MovingAverageObserver":
@@ -292,7 +293,8 @@ class InputGram(nn.Module):
             columns = x.detach().reshape(-1, 1, x.shape[-1])
         else:  # im2col: [N, groups·K, L] → [N·L, groups, K], each group in weight.reshape(C_out, -1)'s order
             unfolded = F.unfold(x.detach(), **self.geometry)
-            columns = unfolded.reshape(x.shape[0], self.groups, size, -1).permute(0, 3, 1, 2).reshape(-1, self.groups, size)
+            columns = (unfolded.reshape(x.shape[0], self.groups, size, -1).permute(0, 3, 1, 2)
+                       .reshape(-1, self.groups, size))
         self.column_sum += columns.sum(0).double()
         self.count += columns.shape[0]
         if self.gram is not None:
@@ -314,5 +316,3 @@ class InputGram(nn.Module):
         self.column_sum += other.column_sum
         self.count += other.count
         return self
-
-

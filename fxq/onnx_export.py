@@ -112,6 +112,7 @@ class Builder:
         """``table[index]``: fxq's own table, looked up exactly (uint8 answers)."""
         return self.node("Gather", [self.constant(f"{name}_table", table.to(torch.uint8)), index], name)
 
+
 def _recorded_shapes(qmodel: fx.GraphModule, sample_shape: tuple) -> dict:
     """Every node's output shape (or list of shapes) on zeros of ``BATCH`` samples, by node and name."""
     shapes = {}
@@ -167,7 +168,8 @@ def to_onnx(qmodel: fx.GraphModule, weights: str = "auto"):
         else:
             values[node] = _export_call(b, node, modules, b.value(node.args))
     placeholders = [n for n in qmodel.graph.nodes if n.op == "placeholder"]
-    graph_inputs = [helper.make_tensor_value_info(n.name, TensorProto.FLOAT, ["batch", *sample_shape]) for n in placeholders]
+    graph_inputs = [helper.make_tensor_value_info(n.name, TensorProto.FLOAT, ["batch", *sample_shape])
+                    for n in placeholders]
     output_nodes = [a for n in qmodel.graph.nodes if n.op == "output" for a in n.all_input_nodes]
     graph_outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *b.shapes[n][1:]])
                      for name, n in zip(outputs, output_nodes)]

@@ -13,10 +13,6 @@ def enable(on: bool) -> None:
     _enabled = on
 
 
-def enabled() -> bool:
-    return _enabled
-
-
 def bar(total: int | None, desc: str, unit: str = "img"):
     """A tqdm bar with throughput in ``unit``/s, or a silent one under ``--quiet``."""
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False, disable=not _enabled,

@@ -163,7 +163,8 @@ def kl_divergences(hist: Histogram, lo: torch.Tensor, hi: torch.Tensor, bits: in
     level_q = torch.clamp(mass / busy.clamp(min=1) / scale, min=KL_FLOOR)
     cross = torch.where((busy > 0) & (weight > 0), weight * torch.log(level_q), torch.zeros_like(weight)).sum(1)
     zero_q = torch.clamp(n_zero / scale[:, 0], min=KL_FLOOR)
-    cross = cross + torch.where(zero_weight > 0, zero_weight * torch.log(zero_q), 0.0) + floor_weight * math.log(KL_FLOOR)
+    cross = (cross + torch.where(zero_weight > 0, zero_weight * torch.log(zero_q), 0.0)
+             + floor_weight * math.log(KL_FLOOR))
 
     def x_log_x(v: torch.Tensor) -> torch.Tensor:
         return torch.where(v > 0, v * torch.log(v.clamp(min=1e-300)), torch.zeros_like(v))

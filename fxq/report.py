@@ -85,7 +85,8 @@ def _layers(qmodel: fx.GraphModule, comparison: dict) -> list:
     names = list(comparison)
     return [network.summary + ". Acc worst bits: what the accumulator can reach by construction; headroom: "
             "int32 bits to spare. SQNR (dB) of each conv/linear output against the float network: "
-            f"cumulative with everything before it quantized, isolated with only this layer ({SQNR_IMAGES} test images).",
+            "cumulative with everything before it quantized, isolated with only this layer "
+            f"({SQNR_IMAGES} test images).",
             Table(headers, rows),
             Figure("sqnr", plots.sqnr(names, [comparison[n][0] for n in names], [comparison[n][1] for n in names]),
                    "Per-layer SQNR: a drop in the isolated line is a layer's own rounding; the cumulative line "
@@ -205,7 +206,8 @@ def _file_name(name: str) -> str:
 
 STYLE = """body{font:14px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
-table{border-collapse:collapse;margin:.8em 0;font-size:12px}td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}
+table{border-collapse:collapse;margin:.8em 0;font-size:12px}
+td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}
 td:first-child,th:first-child{text-align:left}tr:nth-child(even){background:#f7f7f7}
 figure{margin:1em 0}img{max-width:100%}figcaption{color:#555;font-size:12px}code{background:#f2f2f2}"""
 

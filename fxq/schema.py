@@ -13,7 +13,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fxq.config import MAX_BITS, MIN_BITS, REQUANTIZE as _REQUANTIZE, WIDE_ACT_BITS
+from fxq.config import MAX_BITS, MIN_BITS, WIDE_ACT_BITS
+from fxq.config import REQUANTIZE as _REQUANTIZE
 
 Check = Callable[[object], bool]
 

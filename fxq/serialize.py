@@ -31,15 +31,14 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from fxq import packing, qmodules, records
-from fxq.affine import ActQParams
-from fxq import ops
+from fxq import ops, packing, qmodules, records
 from fxq import schema as sc
+from fxq.affine import ActQParams
 from fxq.config import QConfig
 from fxq.graph import attribute
 from fxq.ops.fallback import FLOAT_FUNCTIONS, FLOAT_METHODS, FLOAT_SCHEMAS
-from fxq.ops.shape import SHAPE_ATTRIBUTES
 from fxq.ops.layers import QLayer
+from fxq.ops.shape import SHAPE_ATTRIBUTES
 from fxq.schema import Schema, SchemaError
 
 FORMAT = "fxq/5"
@@ -363,18 +362,21 @@ def _node_from(graph: fx.Graph, record, nodes: dict[str, fx.Node], modules: dict
 
 def _target(name: str, op: str, target, modules: dict, constants: dict):
     if op == "call_function":
-        _expect(isinstance(target, str) and target in FUNCTIONS, f"node '{name}' calls {target!r}, which fxq does not load")
+        _expect(isinstance(target, str) and target in FUNCTIONS,
+                f"node '{name}' calls {target!r}, which fxq does not load")
         return FUNCTIONS[target]
     if op == "call_method":
         _expect(target in METHODS, f"node '{name}' calls method {target!r}, which fxq does not load")
     elif op == "call_module":
-        _expect(isinstance(target, str) and target in modules, f"node '{name}' calls {target!r}, not a module of the file")
+        _expect(isinstance(target, str) and target in modules,
+                f"node '{name}' calls {target!r}, not a module of the file")
     elif op == "placeholder":
         _expect(_is_identifier(target), f"input {target!r} is not an identifier")
     elif op == "output":
         _expect(target == "output", f"node '{name}' is an output with target {target!r}")
     elif op == "get_attr":
-        _expect(isinstance(target, str) and target in constants, f"node '{name}' reads {target!r}, not a constant of the file")
+        _expect(isinstance(target, str) and target in constants,
+                f"node '{name}' reads {target!r}, not a constant of the file")
     else:
         _expect(False, f"node '{name}': {op} nodes are not part of an fxq model")
     return target

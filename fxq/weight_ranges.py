@@ -20,6 +20,7 @@ from fxq.affine import quantize_weight, round_half_away, weight_qmax, weight_sca
 from fxq.config import QConfig
 from fxq.records import QuantizedWeight
 
+
 def quantize_sites(sites: dict[object, tuple[torch.Tensor, QConfig]],
                    grams: dict[object, torch.Tensor]) -> dict[object, QuantizedWeight]:
     """Each call site's integer weights (``sites``: name → (float weight, config)), quantized once

@@ -12,6 +12,7 @@ from fxq.graph import finish, module_name
 from fxq.observers import InputGram
 from fxq.weight_ranges import quantize_sites
 
+
 def correct_bias(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Quantize each layer's weights now, and shift its bias by the mean error they cause.
 

@@ -75,4 +75,3 @@ def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     folded.weight.copy_(conv.weight * factor.reshape(-1, 1, 1, 1))
     folded.bias.copy_((bias - bn.running_mean) * factor + beta)
     return folded.eval()
-

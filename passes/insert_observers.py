@@ -102,4 +102,3 @@ def _unit_producer(node: fx.Node) -> fx.Node:
     """The node whose config quantizes ``node``'s value: the producer of its fused unit, if any."""
     unit = records.get(node, records.FusedUnit)
     return node if unit is None else unit.producer
-

@@ -6,12 +6,11 @@ import warnings
 from torch import fx, nn
 
 from fxq import ops, records
-from fxq.ops.arithmetic import ADD
 from fxq.affine import ActQParams
 from fxq.context import PassContext
 from fxq.graph import add_module_near, finish
+from fxq.ops.arithmetic import ADD, QAdd
 from fxq.ops.fallback import FloatFallbackWarning, float_report
-from fxq.ops.arithmetic import QAdd
 from fxq.qmodules import Dequantize, NotRepresentable, Quantize
 
 

@@ -7,8 +7,8 @@ import traceback
 
 from torch import fx, nn
 
-from fxq.context import PassContext
 from fxq import records
+from fxq.context import PassContext
 from fxq.graph import add_module_near
 
 
@@ -44,8 +44,9 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
 
     Before: any ``nn.Module``. After: a ``GraphModule`` with the same submodules and the same
     numerics. A submodule ``overrides`` maps to None is kept whole, as one call that runs in float:
-    the way to quantize a model around a part torch.fx cannot trace. A model torch.fx cannot trace (data-dependent control flow, ...) raises a
-    ``TypeError`` naming the submodule and the source line, with the ways out.
+    the way to quantize a model around a part torch.fx cannot trace. A model torch.fx cannot trace
+    (data-dependent control flow, ...) raises a ``TypeError`` naming the submodule and the source
+    line, with the ways out.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fxq.quantize takes an nn.Module, got {type(model).__name__}")

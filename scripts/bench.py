@@ -129,7 +129,8 @@ def quantize_seconds(shape: str, model, calib: list) -> list[dict]:
     """Wall time of each way to quantize ``model`` on ``calib``, medians of alternating runs."""
     methods = {f"fxq.quantize, act_range={r}": (lambda r=r: fxq.quantize(model, calib, fxq.QConfig(act_range=r)))
                for r in ACT_RANGES}
-    methods["torch.ao prepare_fx + calibrate + convert_fx (x86)"] = lambda: torch_ao_x86(model, [(b, None) for b in calib])
+    methods["torch.ao prepare_fx + calibrate + convert_fx (x86)"] = lambda: torch_ao_x86(
+        model, [(b, None) for b in calib])
     times = {name: [] for name in methods}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -238,7 +239,8 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     old = old if isinstance(old, dict) else {}  # a file from before the quantize rows: measured again
-    results = {kind: [r for r in old.get(kind, []) if r["shape"] not in args.shapes] for kind in ("latency", "quantize")}
+    results = {kind: [r for r in old.get(kind, []) if r["shape"] not in args.shapes]
+               for kind in ("latency", "quantize")}
     for shape in args.shapes:
         model, calib, _, _ = setup(shape)
         results["quantize"] += quantize_seconds(shape, model, calib)

@@ -65,8 +65,9 @@ def main() -> None:
     rows = [[*name.split(maxsplit=1), f"{r['reference_accuracy']:.2f}", f"{r['deployed_accuracy']:.2f}",
              f"{r['same_prediction']:.2f} %", f"{r['identical_logits']:.2f} %", r["max_steps"]]
             for name, r in results.items()]
-    text = tabulate(rows, headers=["ResNet-18", "requantize (on emulated AVX2: weights)", "fxq executor %", "deployed (onnxruntime) %",
-                                   "same class", "identical logits", "largest logit difference (steps)"],
+    text = tabulate(rows, headers=["ResNet-18", "requantize (on emulated AVX2: weights)", "fxq executor %",
+                                   "deployed (onnxruntime) %", "same class", "identical logits",
+                                   "largest logit difference (steps)"],
                     tablefmt="github")
     readme.write("deploy", text)
     print(text)

@@ -5,7 +5,8 @@
 
 Accuracy is on the full 10k test set; calibration uses 512 training images (never test images).
 Size is the saved file (`fxq.measure.saved_bytes`: fxq.save's, the ONNX file, or the float state
-dict). Latency is the median over several runs with ``torch.set_num_threads(2)``. Op counts come from the dtypes each op saw at run time.
+dict). Latency is the median over several runs with ``torch.set_num_threads(2)``. Op counts come
+from the dtypes each op saw at run time.
 """
 from __future__ import annotations
 
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
              "results": report}, indent=2) + "\n")
         readme.write("results", f"Measured on {machine['cpu']} (torch capability {machine['capability']}), "
                                 f"torch {machine['torch']}, {machine['threads']} threads.\n\n" + "\n\n".join(tables))
+
 
 if __name__ == "__main__":
     main()

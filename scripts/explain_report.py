@@ -49,12 +49,14 @@ def _first_two(qmodel) -> list[str]:
         "```",
         f"I_q  = clamp(round(x / s_I) + z_I, 0, 255)                 s_I = {q_in.scale:.6g}, z_I = {q_in.zero_point}",
         "O1_q = clamp(z_O1 + round(M1[c] · (Σ_k W1_q[c,k] · (I_q − z_I) + b1_q[c])), 0, 255)",
-        f"       M1[c] = s_I · s_W1[c] / s_O1,  s_O1 = {float(c1.output_scale):.6g}, z_O1 = {int(c1.output_zero_point)}, "
+        f"       M1[c] = s_I · s_W1[c] / s_O1,  s_O1 = {float(c1.output_scale):.6g}, "
+        f"z_O1 = {int(c1.output_zero_point)}, "
         f"s_W1 ∈ [{float(c1.weight_scale.min()):.4g}, {float(c1.weight_scale.max()):.4g}]",
         "       b1_q[c] = round(b1[c] / (s_I · s_W1[c]))   (int32)",
         "R1_q = max(O1_q, z_O1)                                        the ReLU, on the same grid",
         "O2_q = clamp(z_O2 + round(M2[c] · (Σ_k W2_q[c,k] · (R1_q − z_O1) + b2_q[c])), 0, 255)",
-        f"       M2[c] = s_O1 · s_W2[c] / s_O2,  s_O2 = {float(c2.output_scale):.6g}, z_O2 = {int(c2.output_zero_point)}",
+        f"       M2[c] = s_O1 · s_W2[c] / s_O2,  s_O2 = {float(c2.output_scale):.6g}, "
+        f"z_O2 = {int(c2.output_zero_point)}",
         "```",
     ]
 

@@ -16,8 +16,16 @@ from fxq.comparison import folded_float  # noqa: E402
 from fxq.explanation import signed_bits  # noqa: E402
 from fxq.ops.layers import QLayer  # noqa: E402
 from scripts import data, evaluate, models  # noqa: E402
-from scripts.low_bits import (CURVE_BUDGETS, METHODS, MIXED, PLACEMENT_WIDTHS, SETTINGS,  # noqa: E402
-                              config_of, defaults_study, key_of)
+from scripts.low_bits import (  # noqa: E402
+    CURVE_BUDGETS,
+    METHODS,
+    MIXED,
+    PLACEMENT_WIDTHS,
+    SETTINGS,
+    config_of,
+    defaults_study,
+    key_of,
+)
 from scripts.sweeps import RESULTS, SUBSET, Cache  # noqa: E402
 
 ROOT = RESULTS.parent
@@ -235,5 +243,3 @@ def write() -> None:
     )
     DOC.write_text(body)
     print(f"wrote {DOC}")
-
-

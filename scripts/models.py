@@ -71,7 +71,8 @@ class Branches(nn.Module):
         super().__init__()
 
         def unit(c_in, c_out, k):
-            return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+            return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out),
+                                 nn.ReLU())
 
         self.one = unit(cin, width, 1)
         self.three = nn.Sequential(unit(cin, width, 1), unit(width, width, 3))

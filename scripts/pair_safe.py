@@ -7,7 +7,8 @@ Without VNNI, onnxruntime's U8S8 kernels add two uint8 × int8 products in a 16-
 roads keep U8S8 (the fast kernels) exact: one bit less on the weights (``QConfig(pair_safe=True)``:
 7-bit weights beside 8-bit activations) or on the activations (7-bit activations, the network
 input included). Each model of the suite (scripts.models.SUITE) is quantized at W8A8 with min-max
-ranges both ways and plain (and so are the branched models: MobileNetV2, MobileNetV3, Inception), calibrated on 512 training images, scored on its full test set.
+ranges both ways and plain (and so are the branched models: MobileNetV2, MobileNetV3, Inception),
+calibrated on 512 training images, scored on its full test set.
 """
 from __future__ import annotations
 

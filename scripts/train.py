@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from fxq import measure
 from scripts import data, models
 
+
 def augment(images: torch.Tensor, flip: bool, generator: torch.Generator) -> torch.Tensor:
     """Random 28×28 crop of the image padded by 2 (and a horizontal flip for clothes)."""
     n = images.shape[0]

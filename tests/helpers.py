@@ -80,8 +80,8 @@ class Chain(nn.Module):
         self.pool = nn.MaxPool2d(2)
         with torch.no_grad():  # channel ranges spread over two decades, as in real networks
             for conv in (self.conv1, self.conv2):
-                conv.weight.mul_(torch.logspace(-1, 1, conv.out_channels)[torch.randperm(conv.out_channels, generator=g)]
-                                 .reshape(-1, 1, 1, 1))
+                spread = torch.logspace(-1, 1, conv.out_channels)[torch.randperm(conv.out_channels, generator=g)]
+                conv.weight.mul_(spread.reshape(-1, 1, 1, 1))
 
     def forward(self, x):
         return self.conv3(torch.relu(self.conv2(self.pool(torch.relu(self.conv1(x))))))

@@ -161,7 +161,8 @@ def test_explain_names_the_layers_to_choose_from(project, monkeypatch, capsys):
 def test_config_file_and_flags_set_the_qconfig_and_overrides(project, monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(project)
     config = tmp_path / "c.toml"
-    config.write_text('act_range = "percentile"\nweight_bits = 6\n[overrides]\n"7" = "float"\n"3" = { weight_bits = 4 }\n')
+    config.write_text('act_range = "percentile"\nweight_bits = 6\n'
+                      '[overrides]\n"7" = "float"\n"3" = { weight_bits = 4 }\n')
     assert main(["quantize", *MODEL, "--config", str(config), "--a-bits", "6", "--out", "c.fxq", "--quiet"]) == 0
     qmodel = fxq.load(project / "c.fxq")
     chosen = fxq.explain(qmodel)

@@ -55,7 +55,8 @@ def test_dump_graph_after_a_chosen_pass(tmp_path):
 def test_search_bits_writes_a_config_that_quantize_uses(tmp_path):
     config = tmp_path / "bits.toml"
     done = run_fxq("search-bits", *MNIST, "--avg-bits", "6", "--candidates", "4,8", "--calib", "128",
-                   "--eval", "500", "--weight-range", "minmax", "--out-config", str(config), "--plot", str(tmp_path / "bits.png"))
+                   "--eval", "500", "--weight-range", "minmax", "--out-config", str(config),
+                   "--plot", str(tmp_path / "bits.png"))
     assert done.returncode == 0, done.stderr
     assert "avg weight bits" in done.stdout and "chosen for 6 bits" in done.stdout
     assert "error of each layer at each width" in done.stderr  # the search's own progress

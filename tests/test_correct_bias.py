@@ -2,8 +2,8 @@
 import torch
 
 import fxq
-from passes.calibrate import calibrate
 from fxq import records
+from passes.calibrate import calibrate
 from passes.correct_bias import correct_bias
 from passes.fold_bn import fold_bn
 from passes.fuse import fuse

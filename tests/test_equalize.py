@@ -3,10 +3,10 @@ import torch
 from torch import nn
 
 import fxq
+from fxq.ops.lookup import ChannelClamp
 from passes.equalize import equalize
 from passes.fold_bn import fold_bn
 from passes.trace import trace
-from fxq.ops.lookup import ChannelClamp
 from tests.helpers import Chain, Residual, check_quantized, randomize_bn, sqnr_db
 
 

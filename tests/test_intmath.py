@@ -136,5 +136,3 @@ def test_integer_add_matches_exact_rational_formula():
 def test_relu_is_max_with_the_zero_point():
     q = torch.tensor([0, 99, 100, 101, 255], dtype=torch.uint8)
     assert intmath.relu(q, 100).tolist() == [100, 100, 100, 101, 255]
-
-

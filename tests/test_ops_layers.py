@@ -45,7 +45,8 @@ def test_grouped_and_depthwise_convs_run_on_integers_exactly(config, tmp_path):
     assert not any(records.has(n, records.FloatOp) for n in qmodel.graph.nodes)
     groups = sorted(m.groups for m in qmodel.modules() if isinstance(m, QConv2d))
     assert groups == [1, 1, 2, 8, 12]
-    assert check_quantized(qmodel, model, torch.randn(32, 3, 12, 12), tmp_path) > (15 if config.weight_bits == 4 else 25)
+    floor_db = 15 if config.weight_bits == 4 else 25
+    assert check_quantized(qmodel, model, torch.randn(32, 3, 12, 12), tmp_path) > floor_db
 
 
 @pytest.mark.parametrize("groups,multiplier", [(4, 1), (4, 3), (2, 1)])
@@ -57,7 +58,8 @@ def test_the_grouped_accumulator_is_exact_at_the_worst_case(groups, multiplier):
     layer.groups, layer.input_bits, layer.output_bits = groups, 8, 8
     layer.stride, layer.padding, layer.dilation = (1, 1), (1, 1), (1, 1)
     weight = torch.where(torch.rand(conv.weight.shape) < 0.5, -127, 127).to(torch.int8)
-    for name, value in [("weight", weight), ("bias", torch.randint(-2**20, 2**20, (4 * multiplier,), dtype=torch.int32)),
+    for name, value in [("weight", weight),
+                        ("bias", torch.randint(-2**20, 2**20, (4 * multiplier,), dtype=torch.int32)),
                         ("multiplier", torch.full((4 * multiplier,), 2**30, dtype=torch.int32)),
                         ("shift", torch.full((4 * multiplier,), -12, dtype=torch.int8)),
                         ("input_scale", torch.tensor(1.0, dtype=torch.float64)),

@@ -9,8 +9,7 @@ from torch import nn
 import fxq
 from fxq import records
 from fxq.affine import ActQParams, round_half_away
-from fxq.ops.pooling import QResizeNearest
-from fxq.ops.pooling import QAvgPool2d
+from fxq.ops.pooling import QAvgPool2d, QResizeNearest
 from tests.helpers import check_quantized
 
 QP = ActQParams(0.1, 37, 8)
@@ -96,7 +95,8 @@ class Upsampling(nn.Module):
         h = torch.relu(self.stem(x))
         low = torch.relu(self.down(h))
         fused = h + self.up(low)[:, :, :9, :9]
-        odd = F.interpolate(low, size=(7, 11)) + F.interpolate(low, scale_factor=1.5, mode="nearest-exact")[:, :, :7, :1]
+        exact = F.interpolate(low, scale_factor=1.5, mode="nearest-exact")
+        odd = F.interpolate(low, size=(7, 11)) + exact[:, :, :7, :1]
         return self.head(fused).mean((2, 3)) + self.head(odd).mean((2, 3)) + self.head(self.up_module(low)).mean((2, 3))
 
 
@@ -125,7 +125,8 @@ def test_bilinear_resampling_stays_in_float_and_says_why():
 
 def test_nearest_resampling_is_torchs_on_the_integers():
     q = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
-    for size, scale, mode in [(None, (2.0,), "nearest"), ((8, 3), None, "nearest"), (None, (1.7, 0.6), "nearest-exact")]:
+    cases = [(None, (2.0,), "nearest"), ((8, 3), None, "nearest"), (None, (1.7, 0.6), "nearest-exact")]
+    for size, scale, mode in cases:
         resize = QResizeNearest(size, scale, mode, False)
         expected = F.interpolate(q.double(), size, scale if scale is None or len(scale) > 1 else scale[0], mode)
         assert torch.equal(resize(q).double(), expected) and resize(q).dtype == torch.uint8

@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 import fxq
-from fxq.observers import MinMaxObserver
 from fxq import records
+from fxq.observers import MinMaxObserver
 from passes.calibrate import calibrate
 from passes.insert_observers import insert_observers
 from passes.trace import trace
@@ -45,7 +45,8 @@ def test_image_label_tuples_and_dataloaders_are_accepted(ctx):
     ([], ValueError, "no batches"),
     ([torch.tensor([[[[float("nan")]]]]).expand(1, 3, 2, 2)], ValueError, "batch 0 contains NaN"),
     ([torch.ones(1, 3, 2, 2), torch.full((1, 3, 2, 2), float("inf"))], ValueError, "batch 1 contains NaN or Inf"),
-    ([torch.ones(2, 5, 8, 8)], ValueError, r"batch 0 of shape \(2, 5, 8, 8\) cannot run"),
+    ([torch.ones(2, 5, 8, 8)], ValueError,
+     r"batch 0 of shape \(2, 5, 8, 8\) cannot run through the model at '0' \(%_0 : .*call_module\[target=0\]"),
     ([torch.ones(3, 8, 8, dtype=torch.long)], TypeError, "int64 tensor"),
     (["not a tensor"], TypeError, "batch 0 is str"),
     ([torch.ones(8)], ValueError, "batch dimension"),

@@ -1,9 +1,9 @@
 import torch
 from torch import nn
 
-from passes.fold_bn import fold_bn
 from fxq import records
 from fxq.records import FusedUnit
+from passes.fold_bn import fold_bn
 from passes.fuse import fuse
 from passes.trace import trace
 from tests.helpers import ConvBnRelu, Residual, randomize_bn

@@ -31,5 +31,3 @@ def test_observers_do_not_change_the_output(ctx):
     model = randomize_bn(Residual())
     x = torch.randn(2, 3, 8, 8)
     assert torch.allclose(prepared(model, ctx)(x), model(x), atol=1e-5)  # bn folding rounds
-
-

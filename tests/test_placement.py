@@ -3,12 +3,12 @@ import pytest
 import torch
 
 import fxq
+from fxq import records
+from fxq.affine import ActQParams
 from fxq.ops.activations import QReLU, QRequantize
 from fxq.ops.arithmetic import QAdd
 from fxq.ops.layers import QConv2d, QLinear
 from fxq.qmodules import Dequantize, Quantize
-from fxq import records
-from fxq.affine import ActQParams
 from tests.helpers import ConvBnRelu, Residual, ops, randomize_bn
 
 

@@ -16,7 +16,8 @@ import io
 import warnings
 
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import fxq

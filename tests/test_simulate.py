@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import fxq
-from fxq.twin import FloatLayer, SnapToGrid
 from fxq.ops.layers import QConv2d
+from fxq.twin import FloatLayer, SnapToGrid
 from tests.helpers import Residual, output_steps, randomize_bn
 
 

@@ -58,7 +58,8 @@ def test_output_aware_only_rounds_each_weight_down_or_up():
     q = aware.weight.double()
     assert aware.weight.dtype == torch.int8 and aware.weight.abs().max() <= 7
     inside = v.abs() < 7
-    assert ((q - torch.floor(v))[inside].abs() <= 1).all() and ((q == torch.floor(v)) | (q == torch.ceil(v)))[inside].all()
+    assert ((q - torch.floor(v))[inside].abs() <= 1).all()
+    assert ((q == torch.floor(v)) | (q == torch.ceil(v)))[inside].all()
 
 
 def test_greedy_rounding_with_identity_gram_is_nearest_rounding():

@@ -5,7 +5,7 @@ from torch import nn
 import fxq
 from fxq import intmath
 from fxq.ops.layers import QLinear
-from tests.helpers import output_steps, Chain, Residual, randomize_bn
+from tests.helpers import Chain, Residual, output_steps, randomize_bn
 
 
 class Wide(nn.Module):

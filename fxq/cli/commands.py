@@ -53,7 +53,8 @@ def _load(path: Path):
 def describe(config: QConfig) -> str:
     """``W8A8 per-channel, weights minmax, activations minmax, ...`` (every field, in short)."""
     granularity = "per-channel" if config.per_channel else "per-tensor"
-    extras = [name for name, on in (("CLE", config.cross_layer_equalization), ("bias correction", config.bias_correction),
+    extras = [name for name, on in (("CLE", config.cross_layer_equalization),
+                                    ("bias correction", config.bias_correction),
                                     ("first/last 8-bit", config.keep_first_last_8bit),
                                     ("pair-safe 7-bit weights", config.pair_safe)) if on]
     return (f"W{config.weight_bits}A{config.act_bits} {granularity}, weights {config.weight_range}, "

@@ -4,10 +4,10 @@ from __future__ import annotations
 import importlib
 import re
 import sys
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import tomllib
 import torch
 from torch import nn
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from fxq import distributed, progress
 from fxq.api import PASSES
-from fxq.config import ACT_RANGES, MAX_BITS, MIN_BITS, PLACEMENTS, REQUANTIZE, WEIGHT_RANGES, WIDE_ACT_BITS
 from fxq.cli import commands
 from fxq.cli.inputs import UsageError
+from fxq.config import ACT_RANGES, MAX_BITS, MIN_BITS, PLACEMENTS, REQUANTIZE, WEIGHT_RANGES, WIDE_ACT_BITS
 
 PASS_NAMES = tuple(p.__name__ for p in PASSES)
 MNIST = "--model scripts.models:resnet18_28x28 --weights checkpoints/resnet18_mnist.pt --data mnist"

@@ -235,6 +235,8 @@ LOOKUP = Op(
              "sub_", "mul", "mul_", "div", "div_"),
     accepts=_one_tensor_and_constants, integer_modules=(QLookup,), channelwise=True,
     example=nn.Hardswish)
+
+
 def _constant_of(node: fx.Node) -> fx.Node | None:
     constants = [a for a in node.all_input_nodes if a.op == "get_attr"]
     return constants[0] if len(constants) == 1 and len(node.all_input_nodes) == 2 else None

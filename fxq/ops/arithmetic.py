@@ -91,7 +91,8 @@ class QAdd(Derived):
     def to_onnx(self, b, node, inputs):
         if not self.tabulated:
             raise ValueError(f"node '{node.name}': adds of 16-bit inputs do not export yet")
-        return _onnx_add(b, inputs, [records.get(a, ActQParams) for a in node.args[:2]], records.get(node, ActQParams), node.name)
+        operands = [records.get(a, ActQParams) for a in node.args[:2]]
+        return _onnx_add(b, inputs, operands, records.get(node, ActQParams), node.name)
 
 
 def _onnx_add(b, inputs: list[str], qparams: list[ActQParams], out: ActQParams, name: str) -> str:
@@ -125,6 +126,8 @@ ADD = Op("add", "both inputs rescaled to the output scale with their own fixed-p
          functions=(operator.add, operator.iadd, torch.add), methods=("add", "add_"),
          accepts=_adds_two_tensors, integer_modules=(QAdd,), absorbs_activation=True,
          example=lambda: lambda x: x + x.flip(0))
+
+
 def _two_tensors(node: fx.Node, module: nn.Module | None) -> str | None:
     if len(node.args) == 2 and all(map(_computed, node.args)) and not node.kwargs:
         return None

@@ -86,6 +86,8 @@ FLOAT_SCHEMAS: dict[type, Schema] = {
     nn.Linear: Schema({"in_features": _positive, "out_features": _positive},
                       {"weight": torch.float32, "bias": torch.float32}, _with_bias, frozenset({"bias"})),
 }
+
+
 def _constructed(cls, attributes, tensors) -> nn.Module:
     return cls(**attributes)
 
@@ -127,6 +129,7 @@ FLOAT_METHODS = frozenset({
     "expand_as", "view_as", "reshape_as", "clamp", "clamp_", "clamp_min", "clamp_max", "pow",
     "sqrt", "rsqrt", "exp", "abs", "neg", "matmul", "float", "type_as", "contiguous", "__getitem__",
 })
+
 
 def export_float(b, node: fx.Node, inputs: list, module: nn.Module | None) -> str:
     """Float ops with an ONNX form: layer normalization (ConvNeXt's), group normalization."""

@@ -45,7 +45,8 @@ class QMul(Derived):
             raise NotRepresentable(f"{name}: the product's scale s_A·s_B/s_O = {a.scale * b.scale / out.scale:.3g} "
                              "is too large to hold in fixed point: its output was almost constant on the "
                              "calibration data; calibrate on varied inputs") from None
-        self.register_buffer("zero_points", torch.tensor([a.zero_point, b.zero_point, out.zero_point], dtype=torch.int32))
+        self.register_buffer("zero_points", torch.tensor([a.zero_point, b.zero_point, out.zero_point],
+                                                         dtype=torch.int32))
         self.register_buffer("multiplier", m.reshape(()))
         self.register_buffer("shift", shift.reshape(()))
         self.prepare()

@@ -127,7 +127,6 @@ class QLinear(QLayer):
         return b.node("Reshape", [y, b.constant(f"{name}_shape", b.ints([-1, *shape[1:]]))], f"{name}_back")
 
 
-
 def _conv_accepts(node: fx.Node, conv: nn.Conv2d) -> str | None:
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} (only zero padding has an integer form)"

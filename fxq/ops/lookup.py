@@ -62,11 +62,13 @@ class QClamp(nn.Module):
     def extra_repr(self) -> str:
         if self.low.dim() == 0:
             return f"clamp(q, {int(self.low)}, {int(self.high)})"
-        return f"clamp per channel, low in [{int(self.low.min())}, {int(self.low.max())}], high in [{int(self.high.min())}, {int(self.high.max())}]"
+        return (f"clamp per channel, low in [{int(self.low.min())}, {int(self.low.max())}], "
+                f"high in [{int(self.high.min())}, {int(self.high.max())}]")
 
     def twin(self, node) -> nn.Module:
         qp = records.get(node, ActQParams)
-        return _ValueClamp(qp.scale * (self.low.double() - qp.zero_point), qp.scale * (self.high.double() - qp.zero_point))
+        return _ValueClamp(qp.scale * (self.low.double() - qp.zero_point),
+                           qp.scale * (self.high.double() - qp.zero_point))
 
     def to_onnx(self, b, node, inputs):
         return _clamp(b, inputs[0], self.low, self.high, node.name)
@@ -162,7 +164,8 @@ class QConstantLookup(Derived):
 
     schema = Schema({"input_bits": sc.act_bits, "output_bits": sc.act_bits,
                      "function": lambda v: isinstance(v, str) and len(v) <= 80,
-                     "shape": lambda v: isinstance(v, tuple) and len(v) <= 6 and all(sc.is_int(x) and x >= 1 for x in v)},
+                     "shape": lambda v: (isinstance(v, tuple) and len(v) <= 6
+                                         and all(sc.is_int(x) and x >= 1 for x in v))},
                     {"table": torch.int32, "scales": torch.float64, "zero_points": torch.int32},
                     ranges=lambda m: m.check_ranges())
 

@@ -62,7 +62,8 @@ class QAdaptiveMaxPool2d(nn.AdaptiveMaxPool2d):
                                                             b.constant(f"{node.name}_end", b.ints([end])),
                                                             b.constant(f"{node.name}_axis", b.ints([axis]))],
                                                  f"{node.name}_slice"),
-                                          b.constant(f"{node.name}_axes", b.ints([axis]))], f"{node.name}_max", keepdims=1)
+                                          b.constant(f"{node.name}_axes", b.ints([axis]))],
+                                f"{node.name}_max", keepdims=1)
                      for start, end in windows]
             x = b.node("Concat", parts, f"{node.name}_{axis}", axis=axis)
         return x
@@ -168,7 +169,8 @@ class QAvgPool2d(nn.Module):
             out = _rounded_back(b, mean, qp, name)
         if self.keepdim:
             return out
-        return b.node("Reshape", [out, b.constant(f"{name}_shape", b.ints([-1, *b.shape_of(node)[1:]]))], f"{name}_flat")
+        shape = b.constant(f"{name}_shape", b.ints([-1, *b.shape_of(node)[1:]]))
+        return b.node("Reshape", [out, shape], f"{name}_flat")
 
 
 def _centred(b, q: str, qp: ActQParams, name: str) -> str:

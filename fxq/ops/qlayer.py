@@ -200,7 +200,6 @@ class QLayer(Derived):
     def to_output(self, q: torch.Tensor, positions: tuple[int, ...]) -> torch.Tensor:
         raise NotImplementedError
 
-
     def twin(self, node) -> nn.Module:
         return FloatLayer(self)
 
@@ -215,7 +214,8 @@ class QLayer(Derived):
         x_f = b.dequantize(x, self.input_qparams, f"{name}_in")
         weight_q, zero = self.weight, torch.zeros(self.weight.shape[0], dtype=torch.int8)
         if b.formats.get(self) is WeightFormat.U8U8:
-            weight_q, zero = (weight_q.to(torch.int16) + 128).to(torch.uint8), (zero.to(torch.int16) + 128).to(torch.uint8)
+            weight_q = (weight_q.to(torch.int16) + 128).to(torch.uint8)
+            zero = torch.full_like(zero, 128, dtype=torch.uint8)
         weight = b.node("DequantizeLinear", [
             b.constant(f"{name}_weight", weight_q),
             b.constant(f"{name}_weight_scale", self.weight_scale.to(torch.float32)),

@@ -112,8 +112,8 @@ def export_item(b, node: fx.Node, inputs: list, module) -> object:
     starts, ends, steps = ([i.start or 0 for i in index], [big if i.stop is None else i.stop for i in index],
                            [i.step or 1 for i in index])
     axes = list(range(len(index)))
-    return b.node("Slice", [source] + [b.constant(f"{node.name}_{k}", b.ints(v))
-                                       for k, v in (("starts", starts), ("ends", ends), ("axes", axes), ("steps", steps))],
+    bounds = (("starts", starts), ("ends", ends), ("axes", axes), ("steps", steps))
+    return b.node("Slice", [source] + [b.constant(f"{node.name}_{k}", b.ints(v)) for k, v in bounds],
                   node.name)
 
 
