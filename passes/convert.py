@@ -11,7 +11,6 @@ from fxq.context import PassContext
 from fxq.graph import add_module_near, finish, module_name
 from fxq.observers import InputGram, Observer
 from fxq.ops import Lowering
-from fxq.ops.arithmetic import CAT
 from fxq.ops.fallback import FloatFallbackWarning, float_report
 from fxq.qmodules import Dequantize, Quantize
 from fxq.weight_ranges import quantize_sites
@@ -89,7 +88,7 @@ def _share_join_parameters(lo: Lowering) -> None:
     Inputs read elsewhere too, the network input, and inputs of another width keep their own.
     """
     for node in lo.gm.graph.nodes:
-        if node.op not in ops.CALLS or ops.classify(node, lo.modules, lo.ctx)[0] is not CAT:
+        if node.op not in ops.CALLS or not ops.classify(node, lo.modules, lo.ctx)[0].concatenates:
             continue
         joined = records.get(node, ActQParams)
         for tensor in (t for t in node.all_input_nodes if joined is not None):

@@ -8,7 +8,7 @@ from torch import fx, nn
 from fxq import ops
 from fxq.context import PassContext
 from fxq.graph import add_module_near, finish, replace_module
-from fxq.ops.activations import CLAMP, clamp_bounds
+from fxq.ops.activations import clamp_bounds
 from fxq.ops.lookup import ChannelClamp
 
 SWEEPS = 20  # a chain of n layers converges in a few sweeps; pairs in ResNets need one
@@ -61,7 +61,7 @@ def _chain_after(node: fx.Node, modules: dict[str, nn.Module], ctx: PassContext)
             fits = _input_channels(second) == first.weight.shape[0]
             return (first, clamps, second) if saw_activation and fits else None
         op = ops.classify(current, modules, ctx)[0] if current.op in ops.CALLS else None
-        if op is CLAMP:
+        if op is not None and op.rescalable_bounds:
             clamps.append(current)
         elif op is None or not (op.homogeneous and op.channelwise):
             return None

@@ -9,7 +9,7 @@ from fxq import ops, records
 from fxq.affine import ActQParams
 from fxq.context import PassContext
 from fxq.graph import add_module_near, finish
-from fxq.ops.arithmetic import ADD, QAdd
+from fxq.ops.arithmetic import QAdd
 from fxq.ops.fallback import FloatFallbackWarning, float_report
 from fxq.qmodules import Dequantize, NotRepresentable, Quantize
 
@@ -55,7 +55,7 @@ def _island(node: fx.Node, modules: dict[str, nn.Module]):
     if node.op != "call_module" or not isinstance(modules[node.target], Quantize):
         return None
     add = node.args[0]
-    if not isinstance(add, fx.Node) or add.op not in ops.CALLS or ops.classify(add, modules)[0] is not ADD:
+    if not isinstance(add, fx.Node) or add.op not in ops.CALLS or not ops.classify(add, modules)[0].residual_join:
         return None
     if len(add.users) > 1:  # the float sum is read elsewhere too
         return None

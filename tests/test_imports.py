@@ -70,3 +70,19 @@ def test_every_module_imports_on_its_own():
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "", result.stdout
+
+
+def test_no_pass_names_an_op_entry():
+    """Passes find the entries they need by a declared role (``residual_join``, ``concatenates``,
+    ...), so an entry can be added, moved or split without touching a pass."""
+    import importlib
+
+    from fxq.ops import Op
+    named = []
+    for path in sorted((ROOT / "passes").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fxq.ops"):
+                source = importlib.import_module(node.module)
+                named += [f"{path.name}: {alias.name}" for alias in node.names
+                          if isinstance(getattr(source, alias.name, None), Op)]
+    assert not named, named

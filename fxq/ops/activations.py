@@ -220,6 +220,7 @@ CLAMP = Op("clamp", "clamp(q, low, high) at the input's scale, the bounds rounde
            functions=(F.relu6, F.hardtanh, torch.clamp, torch.clip),
            methods=("clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_", "clamp_max", "clamp_max_"),
            accepts=_numeric_bounds, integer_modules=(QClamp, QRequantize), channelwise=True, clamps=True,
+           rescalable_bounds=True,
            example=nn.ReLU6)
 LOOKUP = Op(
     "lookup", "a lookup table: for each input integer, the output integer of the float function",

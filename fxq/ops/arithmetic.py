@@ -124,7 +124,7 @@ def lower_add(lo: Lowering, node: fx.Node) -> None:
 ADD = Op("add", "both inputs rescaled to the output scale with their own fixed-point multipliers, "
          "one rounding (a lookup in the table of every input pair)", lower_add, Output.OWN,
          functions=(operator.add, operator.iadd, torch.add), methods=("add", "add_"),
-         accepts=_adds_two_tensors, integer_modules=(QAdd,), absorbs_activation=True,
+         accepts=_adds_two_tensors, integer_modules=(QAdd,), absorbs_activation=True, residual_join=True,
          example=lambda: lambda x: x + x.flip(0))
 
 
@@ -171,5 +171,5 @@ MUL = Op("mul", "the centred product of two tensors, requantized once (a lookup 
          example=lambda: lambda x: x * x.flip(0))
 CAT = Op("cat", "each input moved to the output's parameters, then joined", lower_cat, Output.OWN,
          functions=(torch.cat, torch.concat, torch.concatenate), accepts=_a_list_of_tensors,
-         integer_modules=(QCat,), example=lambda: lambda x: torch.cat([x, x.flip(0)], 1))
+         integer_modules=(QCat,), concatenates=True, example=lambda: lambda x: torch.cat([x, x.flip(0)], 1))
 OPS = (ADD, MUL, CAT)

@@ -44,7 +44,11 @@ class Op:
     depends on channel c of the input only), ``clamps`` (a piecewise identity that fuses after a
     producer: the "pre"/"post" placement applies to it), ``absorbs_activation`` (a producer a
     following clamp fuses with), ``weighted`` (a layer with weights: what per-layer configs,
-    keep_first_last_8bit, equalization and bias correction apply to). ``example`` makes one
+    keep_first_last_8bit, equalization and bias correction apply to), ``residual_join`` (a sum of
+    two tensors, which `passes.quantize_add` makes an integer add with operands at their own
+    scales), ``concatenates`` (a join whose inputs `passes.convert` may quantize at its own
+    parameters), ``rescalable_bounds`` (a clamp whose bounds cross-layer equalization rescales per
+    channel, so it may scale across it). ``example`` makes one
     float instance of the op on a ``[N, C, H, W]`` tensor, on which tests check the properties.
     ``export`` writes a call the integer graph keeps as ONNX (`fxq.onnx_export`); integer modules
     export themselves (``to_onnx``).
@@ -65,6 +69,9 @@ class Op:
     clamps: bool = False
     absorbs_activation: bool = False
     weighted: bool = False
+    residual_join: bool = False
+    concatenates: bool = False
+    rescalable_bounds: bool = False
     example: Callable[[], Callable] | None = None
     export: Callable | None = None  # a kept call as ONNX: (builder, node, inputs, module) -> value
 
