@@ -8,7 +8,6 @@ from torch import fx, nn
 from fxq import records
 from fxq.config import QConfig
 from fxq.context import PassContext
-from passes.adopt_runtime import adopt_runtime
 from passes.calibrate import calibrate
 from passes.convert import convert
 from passes.correct_bias import correct_bias
@@ -24,7 +23,7 @@ Pass = Callable[[nn.Module, PassContext], fx.GraphModule]
 
 # The pipeline, in order. A list, so it can be printed, reordered or extended.
 PASSES: list[Pass] = [trace, fold_bn, equalize, fuse, insert_observers, calibrate, correct_bias,
-                      convert, quantize_add, adopt_runtime, record_stats]
+                      convert, quantize_add, record_stats]
 
 
 def quantize(model: nn.Module, calib_loader: Iterable, config: QConfig | None = None,

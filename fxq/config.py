@@ -1,13 +1,25 @@
 """`QConfig`: what to quantize to, and how the ranges are chosen."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field, fields
 
 # Values each field accepts today. Later issues add values (never new names).
 WEIGHT_RANGES = ("minmax", "mse", "output_aware")
 ACT_RANGES = ("minmax", "moving_average", "percentile", "mse", "entropy")
 PLACEMENTS = ("pre", "post", "both")
-REQUANTIZE = ("fixed_point", "onnxruntime")
+
+
+class Rounding(str, enum.Enum):
+    """How an integer module rounds, chosen when it is built (`QConfig.requantize`): fxq's fixed
+    point (int32 multiplier and shift, ties away from zero), or onnxruntime's own arithmetic
+    (float32 multipliers, ties to even), so that the deployed model is bit-exact."""
+
+    FIXED_POINT = "fixed_point"
+    ONNXRUNTIME = "onnxruntime"
+
+
+REQUANTIZE = tuple(r.value for r in Rounding)
 MIN_BITS, MAX_BITS = 2, 8
 WIDE_ACT_BITS = 16  # activations may also be 16-bit (int32 storage, float64-exact GEMM)
 # Fields that None leaves to `defaults_for` the bit widths.

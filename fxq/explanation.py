@@ -16,7 +16,7 @@ from torch import fx
 
 from fxq import gemm, intmath, packing, records
 from fxq.affine import ActQParams
-from fxq.config import QConfig
+from fxq.config import QConfig, Rounding
 from fxq.ops.activations import QReLU, QRequantize
 from fxq.ops.layers import QConv2d, QLayer
 from fxq.qmodules import Dequantize, Quantize
@@ -208,7 +208,7 @@ def _layer(qmodel, node: fx.Node, seen: dict, source: str) -> LayerExplanation:
         Step(f"acc = Σ_{k} W_q·(I_q − z_I) + b_q", acc_dtype, IntRange(-bound, bound), acc_seen,
              f"K = {k} terms; {accumulated}; "
              f"headroom {m.accumulator_bits - signed_bits(-bound, bound)} b of {acc_dtype}"),
-        *(_runtime_steps(m, bound, acc_seen, out_dtype, out_seen) if m.requantize_as == "onnxruntime" else [
+        *(_runtime_steps(m, bound, acc_seen, out_dtype, out_seen) if m.requantize_as is Rounding.ONNXRUNTIME else [
             Step("acc · m", "int64", _times(IntRange(-bound, bound), int(multiplier.max())),
                  None if acc_seen is None else _times(acc_seen, int(multiplier.max())),
                  f"M = s_I·s_W/s_O ∈ [{float(real_m.min()):.3g}, {float(real_m.max()):.3g}] = m·2^(shift−31), "
@@ -231,7 +231,7 @@ def _layer(qmodel, node: fx.Node, seen: dict, source: str) -> LayerExplanation:
     formula = (f"O_q = clamp({z_out} + round(M[c] · (Σ W_q·(I_q − {z_in}) + b_q[c])), 0, {qmax_out})\n"
                f"M[c] = {float(m.input_scale):.6g} · s_W[c] / {float(m.output_scale):.6g} "
                f"= m[c] · 2^(shift[c] − 31), e.g. channel 0: m = {int(multiplier[0])}, shift = {int(shift[0])}")
-    if m.requantize_as == "onnxruntime":
+    if m.requantize_as is Rounding.ONNXRUNTIME:
         formula = (f"O_q = clamp({z_out} + round_half_even(float32(acc[c]) · M[c]), 0, {qmax_out}),  "
                    f"acc[c] = Σ W_q·(I_q − {z_in}) + b_q[c]\n"
                    f"M[c] = float32(s_I·s_W[c]) / float32(s_O) in float32, as onnxruntime's QLinearConv/QGemm; "
@@ -364,7 +364,7 @@ def reference_output(m: QLayer, x_q: torch.Tensor) -> torch.Tensor:
         acc = centered.round().to(torch.int64) @ w.T
         shape = (1,) * (acc.dim() - 1) + (-1,)
     acc = acc + m.bias.to(torch.int64).reshape(shape)
-    if m.requantize_as == "onnxruntime":  # float32 throughout, ties to even (torch.round)
+    if m.requantize_as is Rounding.ONNXRUNTIME:  # float32 throughout, ties to even (torch.round)
         scale = (m.input_scale.float() * m.weight_scale.float() / m.output_scale.float()).reshape(shape)
         rounded = torch.round(acc.to(torch.float32) * scale).to(torch.int64)
         return torch.clamp(rounded + int(m.output_zero_point), 0, (1 << m.output_bits) - 1)

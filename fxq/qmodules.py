@@ -12,6 +12,7 @@ from torch import nn
 
 from fxq import schema as sc
 from fxq.affine import ActQParams
+from fxq.config import Rounding
 from fxq.schema import Schema
 from fxq.twin import FromIntegers, SnapToGrid
 
@@ -65,11 +66,10 @@ class Quantize(_ActBoundary):
 
     schema = Schema({"bits": sc.act_bits, "sample_shape": sc.optional(sc.ints(1)), "requantize_as": sc.REQUANTIZE},
                     _BOUNDARY_TENSORS, ranges=_boundary_ranges)
-    requantize_as = "fixed_point"  # "onnxruntime": ties to even, as QuantizeLinear rounds
 
     @property
     def half_even(self) -> bool:
-        return self.requantize_as == "onnxruntime"
+        return self.requantize_as is Rounding.ONNXRUNTIME  # ties to even, as QuantizeLinear rounds
 
     def twin(self, node) -> nn.Module:
         return SnapToGrid(self.qparams, self.half_even)
@@ -77,8 +77,10 @@ class Quantize(_ActBoundary):
     def to_onnx(self, b, node, inputs):
         return b.quantize(inputs[0], self.qparams, node.name)
 
-    def __init__(self, qparams: ActQParams, sample_shape: tuple[int, ...] | None):
+    def __init__(self, qparams: ActQParams, sample_shape: tuple[int, ...] | None,
+                 rounding: Rounding = Rounding.FIXED_POINT):
         super().__init__(qparams)
+        self.requantize_as = Rounding(rounding)
         self.sample_shape = sample_shape  # None: an inner float island, not the network input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from torch import fx, nn
 from fxq import ops, packing, qmodules, records
 from fxq import schema as sc
 from fxq.affine import ActQParams
-from fxq.config import QConfig
+from fxq.config import QConfig, Rounding
 from fxq.graph import attribute
 from fxq.ops.fallback import FLOAT_FUNCTIONS, FLOAT_METHODS, FLOAT_SCHEMAS
 from fxq.ops.layers import QLayer
@@ -213,6 +213,7 @@ def _module_record(target: str, module: nn.Module) -> dict:
                                 "data": packing.pack(tensors.pop("weight"), bits)}
     attributes = {name: getattr(module, name) for name in schema.attributes
                   if not schema.loose or (hasattr(module, name) and sc.plain(getattr(module, name)))}
+    attributes = {k: v.value if isinstance(v, Rounding) else v for k, v in attributes.items()}
     if schema.loose:  # tuples, as the tracer and the strict state load expect them
         attributes = {k: tuple(v) if isinstance(v, list) else v for k, v in attributes.items()}
     return {"type": type(module).__name__, "attributes": attributes, "tensors": tensors, "packed": packed}
@@ -247,6 +248,8 @@ def _module_from(target: str, record) -> nn.Module:
     module = cls.__new__(cls)
     nn.Module.__init__(module)
     vars(module).update(attributes)
+    if "requantize_as" in attributes:
+        module.requantize_as = Rounding(attributes["requantize_as"])
     for name, tensor in tensors.items():
         module.register_buffer(name, tensor)
     if schema.ranges is not None:

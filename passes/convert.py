@@ -7,6 +7,7 @@ from torch import fx
 
 from fxq import ops, records
 from fxq.affine import ActQParams
+from fxq.config import Rounding
 from fxq.context import PassContext
 from fxq.graph import add_module_near, finish, module_name
 from fxq.observers import InputGram, Observer
@@ -46,7 +47,7 @@ def convert(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     _choose_weights(lo)
     for node in list(gm.graph.nodes):
         if node.op == "placeholder" and records.has(node, ActQParams):
-            _quantize_input(gm, node)
+            _quantize_input(gm, node, lo.rounding)
         elif node.op == "output":
             _dequantize_outputs(gm, node)
         elif node.op in ops.CALLS:
@@ -124,10 +125,10 @@ def _choose_weights(lo: Lowering) -> None:
         records.put(node, weights)
 
 
-def _quantize_input(gm: fx.GraphModule, node: fx.Node) -> None:
+def _quantize_input(gm: fx.GraphModule, node: fx.Node, rounding: Rounding) -> None:
     calibration = records.get(node, records.Calibration)
     qp = records.get(node, ActQParams)
-    path = add_module_near(gm, node, f"quantize_{node.name}", Quantize(qp, calibration.sample_shape))
+    path = add_module_near(gm, node, f"quantize_{node.name}", Quantize(qp, calibration.sample_shape, rounding))
     with gm.graph.inserting_after(node):
         quantized = gm.graph.call_module(path, (node,))
     node.replace_all_uses_with(quantized, delete_user_cb=lambda user: user is not quantized)

@@ -7,6 +7,7 @@ from torch import fx, nn
 
 from fxq import ops, records
 from fxq.affine import ActQParams
+from fxq.config import Rounding
 from fxq.context import PassContext
 from fxq.graph import add_module_near, finish
 from fxq.ops.arithmetic import QAdd
@@ -33,7 +34,8 @@ def quantize_add(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         add, (deq_a, deq_b) = island
         a, b = deq_a.args[0], deq_b.args[0]
         try:
-            qadd = QAdd(*(records.get(n, ActQParams) for n in (a, b, node)), f"the add {add.name}")
+            qadd = QAdd(*(records.get(n, ActQParams) for n in (a, b, node)), f"the add {add.name}",
+                        Rounding(ctx.config.requantize))
         except NotRepresentable as why:  # the island stays: the add runs in float
             records.put(add, records.FloatOp(str(why)))
             kept.append((add, str(why)))

@@ -5,6 +5,7 @@ from torch import nn
 
 import fxq
 from fxq import gemm, records
+from fxq.config import Rounding
 from fxq.explanation import reference_output
 from fxq.ops.layers import QConv2d
 from tests.helpers import check_quantized
@@ -56,6 +57,7 @@ def test_the_grouped_accumulator_is_exact_at_the_worst_case(groups, multiplier):
     layer = QConv2d.__new__(QConv2d)
     nn.Module.__init__(layer)
     layer.groups, layer.input_bits, layer.output_bits = groups, 8, 8
+    layer.requantize_as = Rounding.FIXED_POINT
     layer.stride, layer.padding, layer.dilation = (1, 1), (1, 1), (1, 1)
     weight = torch.where(torch.rand(conv.weight.shape) < 0.5, -127, 127).to(torch.int8)
     for name, value in [("weight", weight),

@@ -9,6 +9,7 @@ from torch import fx, nn
 from fxq import intmath, records
 from fxq import schema as sc
 from fxq.affine import ActQParams
+from fxq.config import Rounding
 from fxq.ops.base import KeepInFloat, Lowering, Op, Output, leaf_name, output_qparams, qparams_of
 from fxq.ops.fallback import lower_in_float
 from fxq.ops.joins import QCat, QMul
@@ -30,10 +31,11 @@ class QAdd(Derived):
                     {**{f"{p}_{f}": torch.int64 for p in "ab" for f in ("zero_point", "multiplier", "shift")},
                      "output_zero_point": torch.int64, "scales": torch.float64},
                     ranges=lambda m: m.check_ranges())
-    requantize_as = "fixed_point"  # or "onnxruntime": QLinearAdd's float32 arithmetic
 
-    def __init__(self, a: ActQParams, b: ActQParams, out: ActQParams, name: str):
+    def __init__(self, a: ActQParams, b: ActQParams, out: ActQParams, name: str,
+                 rounding: Rounding = Rounding.FIXED_POINT):
         super().__init__()
+        self.requantize_as = Rounding(rounding)  # onnxruntime's: QLinearAdd's float32 arithmetic
         operands = [intmath.AddOperand.rescale(p.zero_point, p.scale, out.scale, p.bits) for p in (a, b)]
         gap = intmath.add_max_shift_gap(max(a.bits, b.bits))
         if intmath.add_shift_gap(*operands) > gap:
@@ -54,7 +56,7 @@ class QAdd(Derived):
 
     def compute(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The integer add itself (`fxq.intmath.add`, or `fxq.intmath.runtime_add`), without the table."""
-        if self.requantize_as == "onnxruntime":
+        if self.requantize_as is Rounding.ONNXRUNTIME:
             zero_points = (int(self.a_zero_point), int(self.b_zero_point), int(self.output_zero_point))
             return intmath.runtime_add(a, b, tuple(self.scales.tolist()), zero_points, (1 << self.output_bits) - 1)
         return intmath.add(a, b, self.operand("a"), self.operand("b"), int(self.output_zero_point),

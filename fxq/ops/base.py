@@ -10,6 +10,7 @@ from torch import fx, nn
 
 from fxq import records
 from fxq.affine import ActQParams
+from fxq.config import Rounding
 from fxq.context import PassContext
 from fxq.graph import add_module_near, replace_module
 
@@ -88,6 +89,11 @@ class Lowering:
     modules: dict[str, nn.Module]
     grams: dict[str, torch.Tensor] = field(default_factory=dict)  # layer → H of its input
     late: list[tuple[fx.Node, str]] = field(default_factory=list)  # ops found not representable
+
+    @property
+    def rounding(self) -> Rounding:
+        """How the integer modules made now round (`QConfig.requantize`)."""
+        return Rounding(self.ctx.config.requantize)
 
     def module(self, node: fx.Node) -> nn.Module | None:
         return self.modules.get(node.target) if node.op == "call_module" else None

@@ -60,7 +60,7 @@ def lower_in_float(lo: Lowering, node: fx.Node, reason: str | None) -> None:
     node.args, node.kwargs = fx.map_arg(node.args, dequantize), fx.map_arg(node.kwargs, dequantize)
     qparams = records.pop(node, ActQParams)  # from the op's own observer
     if qparams is not None:
-        quantized = lo.insert_after(node, Quantize(qparams, None), f"{leaf_name(node)}_quantize")
+        quantized = lo.insert_after(node, Quantize(qparams, None, lo.rounding), f"{leaf_name(node)}_quantize")
         records.put(quantized, qparams)
     if reason is not None and (dequantized or qparams is not None):  # arithmetic on sizes is not an op on tensors
         records.put(node, records.FloatOp(reason))

@@ -9,6 +9,7 @@ from torch import fx, nn
 from fxq import gemm, intmath, records
 from fxq import schema as sc
 from fxq.affine import ActQParams
+from fxq.config import Rounding
 from fxq.ops.base import Lowering, Op, Output, output_qparams, qparams_of
 from fxq.ops.qlayer import LAYER_TENSORS, QLayer, layer_ranges
 from fxq.records import QuantizedWeight
@@ -30,12 +31,12 @@ class QConv2d(QLayer):
     weight_dims = 4
 
     def __init__(self, conv: nn.Conv2d, weights: QuantizedWeight, input_qp: ActQParams,
-                 output_qp: ActQParams, name: str):
+                 output_qp: ActQParams, name: str, rounding: Rounding = Rounding.FIXED_POINT):
         if conv.padding_mode != "zeros":
             raise ValueError(f"{name}: only padding_mode='zeros' convolutions have an integer form, "
                              f"got padding_mode={conv.padding_mode!r}")
         self.groups = conv.groups
-        super().__init__(conv, weights, input_qp, output_qp, name)
+        super().__init__(conv, weights, input_qp, output_qp, name, rounding)
         self.stride, self.padding, self.dilation = conv.stride, explicit_padding(conv), conv.dilation
 
     @property
@@ -92,8 +93,8 @@ class QLinear(QLayer):
                     LAYER_TENSORS, ranges=layer_ranges)
 
     def __init__(self, linear: nn.Linear, weights: QuantizedWeight, input_qp: ActQParams,
-                 output_qp: ActQParams, name: str):
-        super().__init__(linear, weights, input_qp, output_qp, name)
+                 output_qp: ActQParams, name: str, rounding: Rounding = Rounding.FIXED_POINT):
+        super().__init__(linear, weights, input_qp, output_qp, name, rounding)
 
     def columns(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Any leading dimensions (``[N, K]``, or ``[N, H, W, K]`` after a permute) are positions."""
@@ -143,7 +144,7 @@ def lower_layer(lo: Lowering, node: fx.Node) -> None:
     layer = lo.modules[node.target]
     weights = records.get(node, records.QuantizedWeight)
     make = QConv2d if isinstance(layer, nn.Conv2d) else QLinear
-    lo.become(node, make(layer, weights, input_qp, output_qparams(node), node.target),
+    lo.become(node, make(layer, weights, input_qp, output_qparams(node), node.target, lo.rounding),
               node.target, node.args[:1])
 
 

@@ -10,6 +10,7 @@ from torch import fx, nn
 from fxq import intmath, records
 from fxq import schema as sc
 from fxq.affine import ActQParams
+from fxq.config import Rounding
 from fxq.ops.base import Lowering, Op, Output, leaf_name, pair, qparams_of
 from fxq.schema import Schema
 from fxq.twin import FloatAvgPool, OnIntegers, on_integers
@@ -86,11 +87,12 @@ class QAvgPool2d(nn.Module):
                      "rank": sc.optional(sc.int_at_least(3)), "requantize_as": sc.REQUANTIZE},
                     {"zero_point": torch.int32, "scale": torch.float64},
                     ranges=lambda m: sc.zero_point_fits(m, "zero_point", m.bits))
-    requantize_as = "fixed_point"  # "onnxruntime": a global mean as QLinearGlobalAveragePool computes it
 
     def __init__(self, qp: ActQParams, kind: str, kernel=None, stride=None, padding=None, ceil_mode=False,
-                 count_include_pad=True, divisor_override=None, output_size=None, keepdim=True, rank=None):
+                 count_include_pad=True, divisor_override=None, output_size=None, keepdim=True, rank=None,
+                 rounding: Rounding = Rounding.FIXED_POINT):
         super().__init__()
+        self.requantize_as = Rounding(rounding)  # onnxruntime's: a global mean as QLinearGlobalAveragePool
         self.kind, self.kernel, self.stride, self.padding = kind, kernel, stride, padding
         self.ceil_mode, self.count_include_pad, self.divisor_override = ceil_mode, count_include_pad, divisor_override
         self.output_size, self.keepdim, self.bits = output_size, keepdim, qp.bits
@@ -101,11 +103,12 @@ class QAvgPool2d(nn.Module):
     @property
     def runtime_mean(self) -> bool:
         """A global mean computed as onnxruntime does (`fxq.intmath.runtime_global_mean`)."""
-        return self.requantize_as == "onnxruntime" and self.kind == "adaptive" and self.output_size == (1, 1)
+        return self.requantize_as is Rounding.ONNXRUNTIME and self.kind == "adaptive" and self.output_size == (1, 1)
 
     @classmethod
-    def global_mean(cls, qp: ActQParams, keepdim: bool = True, rank: int | None = None) -> "QAvgPool2d":
-        return cls(qp, "adaptive", output_size=(1, 1), keepdim=keepdim, rank=rank)
+    def global_mean(cls, qp: ActQParams, keepdim: bool = True, rank: int | None = None,
+                    rounding: Rounding = Rounding.FIXED_POINT) -> "QAvgPool2d":
+        return cls(qp, "adaptive", output_size=(1, 1), keepdim=keepdim, rank=rank, rounding=rounding)
 
     def windows(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The row and column membership matrices and the ``[out_h, out_w]`` divisors."""
@@ -234,8 +237,8 @@ def lower_max_pool(lo: Lowering, node: fx.Node) -> None:
     records.put(node, qp)
 
 
-def _avg_pool_of(lo_module: nn.Module | None, node: fx.Node, qp) -> QAvgPool2d:
-    pool = lo_module
+def _avg_pool_of(lo: Lowering, node: fx.Node, qp) -> QAvgPool2d:
+    pool = lo.module(node)
     if pool is None and node.target is F.adaptive_avg_pool2d:
         pool = nn.AdaptiveAvgPool2d(_arguments(node, ("output_size",), {})["output_size"])
     elif pool is None:
@@ -243,15 +246,16 @@ def _avg_pool_of(lo_module: nn.Module | None, node: fx.Node, qp) -> QAvgPool2d:
                                     "count_include_pad": True, "divisor_override": None})
         pool = nn.AvgPool2d(**a)
     if isinstance(pool, nn.AdaptiveAvgPool2d):
-        return QAvgPool2d(qp, "adaptive", output_size=pair(pool.output_size))
+        return QAvgPool2d(qp, "adaptive", output_size=pair(pool.output_size), rounding=lo.rounding)
     return QAvgPool2d(qp, "window", pair(pool.kernel_size), pair(pool.stride or pool.kernel_size),
-                      pair(pool.padding), pool.ceil_mode, pool.count_include_pad, pool.divisor_override)
+                      pair(pool.padding), pool.ceil_mode, pool.count_include_pad, pool.divisor_override,
+                      rounding=lo.rounding)
 
 
 def lower_avg_pool(lo: Lowering, node: fx.Node) -> None:
     """``avgpool(x)`` → ``QAvgPool2d(q)``: integer window sums, one rounding division each."""
     qp = qparams_of(node.args[0], node)
-    lo.become(node, _avg_pool_of(lo.module(node), node, qp), leaf_name(node), node.args[:1])
+    lo.become(node, _avg_pool_of(lo, node, qp), leaf_name(node), node.args[:1])
     records.put(node, qp)
 
 
@@ -273,7 +277,7 @@ def lower_mean(lo: Lowering, node: fx.Node) -> None:
     qp = qparams_of(node.args[0], node)
     dims, keepdim = _mean_dims(node)
     # dims counted from the front are the last two of a 4-d tensor only
-    pool = QAvgPool2d.global_mean(qp, keepdim, rank=4 if dims == (2, 3) else None)
+    pool = QAvgPool2d.global_mean(qp, keepdim, rank=4 if dims == (2, 3) else None, rounding=lo.rounding)
     lo.become(node, pool, leaf_name(node), node.args[:1])
     records.put(node, qp)
 

@@ -11,6 +11,7 @@ from torch import nn
 from fxq import affine, gemm, intmath
 from fxq import schema as sc
 from fxq.affine import ActQParams
+from fxq.config import Rounding
 from fxq.qmodules import Derived, NotRepresentable
 from fxq.records import QuantizedWeight
 from fxq.saturation import WeightFormat
@@ -32,8 +33,9 @@ class QLayer(Derived):
     """
 
     def __init__(self, layer: nn.Module, weights: QuantizedWeight, input_qp: ActQParams,
-                 output_qp: ActQParams, name: str):
+                 output_qp: ActQParams, name: str, rounding: Rounding = Rounding.FIXED_POINT):
         super().__init__()
+        self.requantize_as = Rounding(rounding)
         weight_q, weight_scale = _fit_bias(layer, weights, input_qp.scale)
         bias_q = affine.quantize_bias(layer.bias, input_qp.scale, weight_scale)
         self.input_bits, self.output_bits = input_qp.bits, output_qp.bits
@@ -67,7 +69,6 @@ class QLayer(Derived):
 
     groups = 1
     weight_dims = 2  # [C_out, K]; a conv's is [C_out, C_in / groups, k_h, k_w]
-    requantize_as = "fixed_point"  # or "onnxruntime" (`passes.adopt_runtime`): QConfig.requantize
 
     def prepare(self) -> None:
         """The int8 GEMM's weight and constant (one per group: ``[groups, K, C_out / groups]``), the
@@ -187,7 +188,7 @@ class QLayer(Derived):
 
     def requantize(self, acc: torch.Tensor) -> torch.Tensor:
         """Formula (2): accumulator → uint8 at the output scale."""
-        if self.requantize_as == "onnxruntime":
+        if self.requantize_as is Rounding.ONNXRUNTIME:
             return intmath.runtime_requantize(acc, self.runtime_multiplier, int(self.output_zero_point),
                                               (1 << self.output_bits) - 1)
         return intmath.requantize(acc, self.multiplier.to(torch.int64), self.shift.to(torch.int64),
