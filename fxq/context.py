@@ -9,9 +9,13 @@ from typing import Iterable, Mapping
 from fxq.config import QConfig
 
 
-@dataclass(frozen=True)
+@dataclass
 class PassContext:
     """The configuration and the calibration data; every pass is ``(gm, ctx) -> gm``.
+
+    A plain mutable object, and one thing in it changes: `passes.insert_observers` records the
+    network's layers with :meth:`register_layers`. Until then ``keep_first_last_8bit`` cannot
+    know the first and last layer, so :meth:`config_for` answers for the layers as configured.
 
     ``overrides`` maps module-name glob patterns (``"layer4.*"``, ``"fc"``) to the ``QConfig`` of
     the layers they match, or to ``None`` to keep those layers in float. The first matching
@@ -48,7 +52,7 @@ class PassContext:
     def register_layers(self, names: list[str], modules: list[str] | None = None) -> None:
         """Record the layers with weights (graph order); every override pattern must match one of
         the graph's ``modules`` (default: the layers)."""
-        self.layers[:] = names
+        self.layers = list(names)
         modules = names if modules is None else modules
         for pattern in self.overrides:
             if not any(fnmatch.fnmatchcase(n, pattern) for n in modules):

@@ -40,9 +40,20 @@ def convert(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
     The graph runs correctly after this pass; only the adds still compute in float.
     """
+    return _convert(gm, ctx, share_joins=True)
+
+
+def convert_requantizing_joins(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """`convert`, except that every input of a concatenation keeps its own parameters and is
+    requantized to the join's by the join (what ``scripts/zoo.py`` compares `convert` with:
+    ``passes=[convert_requantizing_joins if p is convert else p for p in fxq.PASSES]``)."""
+    return _convert(gm, ctx, share_joins=False)
+
+
+def _convert(gm: fx.GraphModule, ctx: PassContext, share_joins: bool) -> fx.GraphModule:
     lo = Lowering(gm, ctx, dict(gm.named_modules()))
     _take_calibration_statistics(lo)
-    if SHARE_JOIN_PARAMETERS:
+    if share_joins:
         _share_join_parameters(lo)
     _choose_weights(lo)
     for node in list(gm.graph.nodes):
@@ -73,11 +84,6 @@ def _take_calibration_statistics(lo: Lowering) -> None:
             continue
         node.replace_all_uses_with(node.args[0])
         lo.gm.graph.erase_node(node)
-
-
-# A concatenation's inputs are quantized at its own parameters where they can be (see below);
-# False requantizes each input to them instead (what scripts/zoo.py --requantize-joins measures).
-SHARE_JOIN_PARAMETERS = True
 
 
 def _share_join_parameters(lo: Lowering) -> None:

@@ -34,7 +34,7 @@ from torch import nn
 
 import fxq
 from fxq.runtime import count_ops
-from passes import convert as convert_pass
+from passes.convert import convert, convert_requantizing_joins
 from scripts.evaluate import torch_ao_x86
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,11 +100,11 @@ def share(gm, example: torch.Tensor) -> tuple[float, list]:
     return 100.0 * counts.integer / max(counts.integer + counts.float, 1), list(counts.float_ops)
 
 
-def run_fxq(model: nn.Module, calibration: torch.Tensor, scored: torch.Tensor) -> Result:
+def run_fxq(model: nn.Module, calibration: torch.Tensor, scored: torch.Tensor, passes=None) -> Result:
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fxq.FloatFallbackWarning)  # the report lists them
-        qmodel = fxq.quantize(model, list(calibration.split(16)))
+        qmodel = fxq.quantize(model, list(calibration.split(16)), passes=passes)
     seconds = time.perf_counter() - start
     sqnr, agreement = score(model, qmodel, scored)
     integer_share, float_ops = share(qmodel, scored[:8])
@@ -168,12 +168,9 @@ def joins_table(results: dict) -> str:
 def compare_joins(results: dict, calibration: torch.Tensor, scored: torch.Tensor) -> None:
     for name in JOINING:
         model = build(name)
-        for key, share in (("joins shared", True), ("joins requantized", False)):
-            convert_pass.SHARE_JOIN_PARAMETERS = share
-            try:
-                results.setdefault(name, {})[key] = asdict(attempt(run_fxq, model, calibration, scored))
-            finally:
-                convert_pass.SHARE_JOIN_PARAMETERS = True
+        requantizing = [convert_requantizing_joins if p is convert else p for p in fxq.PASSES]
+        for key, passes in (("joins shared", None), ("joins requantized", requantizing)):
+            results.setdefault(name, {})[key] = asdict(attempt(run_fxq, model, calibration, scored, passes))
         print(name, json.dumps({k: results[name][k] for k in ("joins shared", "joins requantized")}), flush=True)
         RESULTS.write_text(json.dumps(results, indent=1))
     write_readme(joins_table(results), "zoo-joins")

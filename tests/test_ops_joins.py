@@ -69,3 +69,19 @@ def test_branches_joins_and_shape_ops_run_on_integers_exactly(tmp_path):
     kinds = {type(m).__name__ for m in qmodel.modules()}
     assert {"QMul", "QCat", "QLookup"} <= kinds
     assert check_quantized(qmodel, model, torch.randn(32, 3, 8, 8), tmp_path) > 25
+
+
+def test_a_concatenation_shares_its_parameters_with_inputs_made_for_it_unless_asked_not_to(tmp_path):
+    from passes.convert import convert, convert_requantizing_joins
+
+    torch.manual_seed(0)
+    model = Branches().eval()
+    calib = [torch.randn(8, 3, 8, 8) for _ in range(4)]
+    requantizing = [convert_requantizing_joins if p is convert else p for p in fxq.PASSES]
+    for passes, shared in ((None, True), (requantizing, False)):
+        qmodel = fxq.quantize(model, calib, passes=passes)
+        (cat,) = [m for m in qmodel.modules() if isinstance(m, QCat)]
+        # the two convs' outputs are read by the join only: shared, both arrive at its parameters;
+        # otherwise the ReLU'd one (its own range [0, max]) is requantized by the join
+        assert all(cat.identity) == shared
+        assert check_quantized(qmodel, model, torch.randn(16, 3, 8, 8), tmp_path) > 20
