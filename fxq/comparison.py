@@ -16,7 +16,7 @@ import torch
 from tabulate import tabulate
 from torch import fx, nn
 
-from fxq import distributed, records
+from fxq import distributed, measure, records
 from fxq import progress as bars
 from fxq.config import QConfig
 from fxq.context import PassContext
@@ -28,10 +28,8 @@ from passes.trace import trace
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio ``10·log10(Σ r² / Σ (r − a)²)`` in dB (inf if equal)."""
-    noise = ((reference.double() - approx.double()) ** 2).sum()
-    if noise == 0:
-        return float("inf")
-    return 10 * torch.log10((reference.double() ** 2).sum() / noise).item()
+    reference, approx = reference.detach().double(), approx.detach().double()
+    return sqnr_of_sums(float((reference ** 2).sum()), float(((reference - approx) ** 2).sum()))
 
 
 def folded_float(model: nn.Module, config: QConfig | None = None) -> fx.GraphModule:
@@ -168,10 +166,7 @@ def sensitivity(model: nn.Module, qmodel: fx.GraphModule, images: torch.Tensor,
     names = list(integer_layers(qmodel))
 
     def accuracy(gm) -> float:
-        with torch.no_grad():
-            hits = sum((gm(x).argmax(1) == y).sum().item()
-                       for x, y in zip(images.split(500), labels.split(500)))
-        return 100.0 * hits / len(labels)
+        return measure.accuracy(gm, zip(images.split(500), labels.split(500)))
 
     mine = distributed.mine(names)
     done = distributed.collected({

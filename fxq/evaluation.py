@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 from torch import fx, nn
 
-from fxq import distributed, records
+from fxq import distributed, measure, records
 from fxq.comparison import Comparison, folded_float, integer_layers, power_sums
 from fxq.config import QConfig
 from passes.calibrate import batch_input
@@ -52,7 +52,7 @@ def evaluate(qmodel: fx.GraphModule, loader: Iterable, model: nn.Module | None =
                 batch_sums, output = power_sums(folded, qmodel, x)
                 sums = {name: sums.get(name, 0) + value for name, value in batch_sums.items()}
             if isinstance(item, (tuple, list)) and len(item) > 1:
-                hits += int((output.argmax(1) == item[1]).sum())
+                hits += measure.correct(output, item[1])
                 labelled += len(item[1])
             samples += len(x)
     hits, samples, labelled = distributed.reduce_sum(torch.tensor([hits, samples, labelled])).tolist()

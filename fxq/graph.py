@@ -31,6 +31,15 @@ def add_module_near(gm: fx.GraphModule, node: fx.Node, suffix: str, module: nn.M
     return f"{scope}.{name}" if scope else name
 
 
+def call_after(gm: fx.GraphModule, node: fx.Node, path: str) -> fx.Node:
+    """A call of the submodule at ``path`` on ``node``'s output, inserted right after it; every
+    other user of ``node`` reads the call's output instead."""
+    with gm.graph.inserting_after(node):
+        inserted = gm.graph.call_module(path, (node,))
+    node.replace_all_uses_with(inserted, delete_user_cb=lambda user: user is not inserted)
+    return inserted
+
+
 def attribute(gm: nn.Module, target: str):
     """What a ``get_attr`` node with this dotted ``target`` reads."""
     value = gm

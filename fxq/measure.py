@@ -40,15 +40,26 @@ def latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int) -> float:
     return statistics.median(times)
 
 
+def correct(logits: torch.Tensor, labels: torch.Tensor) -> int:
+    """How many rows of ``logits`` have their largest value at the label (top-1 hits)."""
+    return int((logits.argmax(1) == labels).sum())
+
+
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, batches: Iterable) -> float:
-    """Top-1 accuracy in % over ``(images, labels)`` batches."""
+def top1_hits(model, batches: Iterable) -> tuple[int, int]:
+    """``(hits, images)`` of ``model`` over ``(images, labels)`` batches."""
     if isinstance(model, torch.nn.Module):
         model.eval()
-    correct = total = 0
+    hits = total = 0
     for images, labels in batches:
-        correct += (model(images).argmax(1) == labels).sum().item()
+        hits += correct(model(images), labels)
         total += len(labels)
+    return hits, total
+
+
+def accuracy(model, batches: Iterable) -> float:
+    """Top-1 accuracy in % over ``(images, labels)`` batches."""
+    hits, total = top1_hits(model, batches)
     if total == 0:
         raise ValueError("no labelled images to measure accuracy on: the evaluation data is empty")
-    return 100.0 * correct / total
+    return 100.0 * hits / total

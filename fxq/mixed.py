@@ -20,7 +20,7 @@ import torch
 from tabulate import tabulate
 from torch import fx, nn
 
-from fxq import distributed, records
+from fxq import distributed, measure, records
 from fxq import progress as bars
 from fxq.api import quantize
 from fxq.comparison import folded_float, integer_layers, with_quantized_layers
@@ -198,11 +198,8 @@ def _references(folded: fx.GraphModule, batches) -> tuple[list, list | None]:
 def _score(gm: nn.Module, batches, references) -> float:
     top1, labels = references
     targets = labels if labels is not None else top1
-    hits = total = 0
-    with torch.no_grad():
-        for i, (item, target) in enumerate(zip(batches, targets)):
-            hits += (gm(batch_input(item, i)).argmax(1) == target).sum().item()
-            total += len(target)
+    hits, total = measure.top1_hits(gm, ((batch_input(item, i), target)
+                                        for i, (item, target) in enumerate(zip(batches, targets))))
     hits, total = distributed.reduce_sum(torch.tensor([hits, total])).tolist()
     return 100.0 * hits / total
 

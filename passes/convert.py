@@ -9,7 +9,7 @@ from fxq import ops, records
 from fxq.affine import ActQParams
 from fxq.config import Rounding
 from fxq.context import PassContext
-from fxq.graph import add_module_near, finish, module_name
+from fxq.graph import add_module_near, call_after, finish, module_name
 from fxq.observers import InputGram, Observer
 from fxq.ops import Lowering
 from fxq.ops.fallback import FloatFallbackWarning, float_report
@@ -135,10 +135,7 @@ def _quantize_input(gm: fx.GraphModule, node: fx.Node, rounding: Rounding) -> No
     calibration = records.get(node, records.Calibration)
     qp = records.get(node, ActQParams)
     path = add_module_near(gm, node, f"quantize_{node.name}", Quantize(qp, calibration.sample_shape, rounding))
-    with gm.graph.inserting_after(node):
-        quantized = gm.graph.call_module(path, (node,))
-    node.replace_all_uses_with(quantized, delete_user_cb=lambda user: user is not quantized)
-    records.put(quantized, qp)
+    records.put(call_after(gm, node, path), qp)
 
 
 def _dequantize_outputs(gm: fx.GraphModule, output: fx.Node) -> None:

@@ -8,7 +8,7 @@ from torch import fx, nn
 from fxq import ops, records
 from fxq.config import QConfig
 from fxq.context import PassContext
-from fxq.graph import finish, label, module_name, scope_of
+from fxq.graph import call_after, finish, label, module_name, scope_of
 from fxq.observers import InputGram, make_observer
 from fxq.ops.fallback import FloatFallbackWarning, float_report
 
@@ -67,9 +67,7 @@ def _producer_config(node: fx.Node, ctx: PassContext) -> QConfig:
 
 def _insert_after(gm: fx.GraphModule, node: fx.Node, container: nn.Module, observer: nn.Module):
     container.add_module(node.name, observer)
-    with gm.graph.inserting_after(node):
-        observed = gm.graph.call_module(f"{OBSERVERS}.{node.name}", (node,))
-    node.replace_all_uses_with(observed, delete_user_cb=lambda user: user is not observed)
+    call_after(gm, node, f"{OBSERVERS}.{node.name}")
 
 
 def _insert_on_input(gm: fx.GraphModule, node: fx.Node, container: nn.Module, layer: nn.Module,

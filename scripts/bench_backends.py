@@ -108,8 +108,7 @@ def main() -> None:
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1))
     text = table(results)
-    readme.write("bench-backends", text)
-    print(text)
+    readme.publish("bench-backends", text)
 
 
 if __name__ == "__main__":

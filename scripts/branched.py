@@ -14,7 +14,6 @@ ranges are before and after.
 from __future__ import annotations
 
 import json
-import re
 import statistics
 import time
 import warnings
@@ -25,13 +24,12 @@ from tabulate import tabulate
 
 import fxq
 from fxq.comparison import folded_float
-from scripts import data, models
+from scripts import data, models, readme
 from scripts.evaluate import torch_ao_x86
 from scripts.train import accuracy
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "branched.json"
-README = ROOT / "README.md"
 CLE_MODEL = "fashion_mobilenet_v2"
 CLE_WIDTHS = (8, 6, 4)  # weight bits; 8-bit activations
 
@@ -96,22 +94,14 @@ def tables(results: dict) -> tuple[str, str]:
                                                 "depthwise channel-range spread (median)"], tablefmt="github")
 
 
-def write_readme(text: str, marker: str) -> None:
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    readme = README.read_text()
-    block = f"{start}\n{text}\n{end}"
-    readme = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, readme, flags=re.S)
-    README.write_text(readme)
-
-
 def main() -> None:
     torch.set_num_threads(2)
     results = measure()
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1))
     trained, cle = tables(results)
-    write_readme(trained, "branched")
-    write_readme(cle, "branched-cle")
+    readme.write("branched", trained)
+    readme.write("branched-cle", cle)
     print(trained, cle, sep="\n\n")
 
 

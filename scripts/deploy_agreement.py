@@ -69,8 +69,7 @@ def main() -> None:
                                    "deployed (onnxruntime) %", "same class", "identical logits",
                                    "largest logit difference (steps)"],
                     tablefmt="github")
-    readme.write("deploy", text)
-    print(text)
+    readme.publish("deploy", text)
 
 
 if __name__ == "__main__":

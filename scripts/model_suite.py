@@ -12,7 +12,6 @@ Results are cached in results/model_suite.json.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from tabulate import tabulate
 
 import fxq
-from scripts import data, models
+from scripts import data, models, readme
 from scripts.sweeps import RESULTS, Cache
 from scripts.train import accuracy
 
@@ -30,7 +29,6 @@ WIDTHS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
 ALTERNATIVES = {"input, first and last layer at the width too": {"keep_first_last_8bit": False}}
 CACHE = RESULTS / "model_suite.json"
 ROOT = Path(__file__).resolve().parent.parent
-MARKERS = ("<!-- model-suite:start -->", "<!-- model-suite:end -->")
 
 
 def measure(cache: Cache, name: str, setting: str, alternative: str | None = None) -> dict:
@@ -99,16 +97,6 @@ def tables() -> str:
                        tablefmt="github"))
 
 
-def write(path: Path, text: str) -> None:
-    """Put ``text`` between the model-suite markers of ``path``."""
-    content = path.read_text()
-    block = f"{MARKERS[0]}\n{text}\n{MARKERS[1]}"
-    pattern = re.compile(re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), re.S)
-    if not pattern.search(content):
-        raise ValueError(f"{path} has no {MARKERS[0]} … {MARKERS[1]} section to fill")
-    path.write_text(pattern.sub(lambda _: block, content))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", nargs="?", choices=("all", "table"), default="all")
@@ -118,7 +106,7 @@ def main() -> None:
     text = tables()
     if args.what == "all":
         for path in (ROOT / "docs" / "low_bits.md", ROOT / "README.md"):
-            write(path, text)
+            readme.write("model-suite", text, path)
     print(text)
 
 

@@ -61,8 +61,7 @@ def main() -> None:
             results[name] = measure(name)
             RESULTS.write_text(json.dumps(results, indent=1))
     text = table(results)
-    readme.write("pair-safe", text)
-    print(text)
+    readme.publish("pair-safe", text)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from tabulate import tabulate
 
 import fxq
 from fxq.affine import ActQParams
+from fxq.comparison import sqnr_db
 from fxq.config import ACT_RANGES, WEIGHT_RANGES
 from fxq.observers import InputGram, make_observer
 from fxq.weight_ranges import quantize_weights
@@ -28,11 +29,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 LAYER = "layer2.0.conv1"
 WEIGHT_SETTINGS = {"W8 per-channel": (8, True), "W4 per-tensor": (4, False)}
-
-
-def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio, 10·log10(Σx² / Σ(x − x̂)²)."""
-    return 10 * torch.log10((x.double() ** 2).sum() / ((x - x_hat).double() ** 2).sum()).item()
 
 
 def capture(dataset: str, layer: str):

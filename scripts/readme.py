@@ -16,9 +16,18 @@ def replaced(readme: str, marker: str, text: str) -> str:
     return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{text}\n{end}", readme, flags=re.S)
 
 
-def write(marker: str, text: str) -> None:
-    """Put ``text`` in the README's block ``marker``."""
-    README.write_text(replaced(README.read_text(), marker, text))
+def write(marker: str, text: str, path: Path = README) -> None:
+    """Put ``text`` in the block ``marker`` of ``path`` (the README), which must have one."""
+    content = path.read_text()
+    if f"<!-- {marker}:start -->" not in content:
+        raise ValueError(f"{path} has no <!-- {marker}:start --> … <!-- {marker}:end --> block to fill")
+    path.write_text(replaced(content, marker, text))
+
+
+def publish(marker: str, text: str) -> None:
+    """The README's block ``marker`` holds ``text``, which is printed too."""
+    write(marker, text)
+    print(text)
 
 
 def machine(threads: int) -> dict:

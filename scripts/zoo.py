@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import tempfile
 import time
 import traceback
@@ -33,13 +32,14 @@ from tabulate import tabulate
 from torch import nn
 
 import fxq
+from fxq.comparison import sqnr_db
 from fxq.runtime import count_ops
 from passes.convert import convert, convert_requantizing_joins
+from scripts import readme
 from scripts.evaluate import torch_ao_x86
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "zoo.json"
-README = ROOT / "README.md"
 JOINING = ("densenet121", "squeezenet1_0", "shufflenet_v2_x0_5", "googlenet")
 MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "vgg11_bn", "densenet121",
           "squeezenet1_0", "shufflenet_v2_x0_5", "efficientnet_b0", "regnet_x_400mf", "googlenet", "convnext_tiny")
@@ -82,11 +82,6 @@ class Result:
     twin_exact: bool | None = None
     save_load_identical: bool | None = None
     error: str | None = None
-
-
-def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
-    noise = (reference.double() - approximation.double()).pow(2).mean()
-    return float(10 * torch.log10(reference.double().pow(2).mean() / noise.clamp_min(1e-30)))
 
 
 def score(model: nn.Module, qmodel: nn.Module, scored: torch.Tensor) -> tuple[float, float]:
@@ -173,18 +168,7 @@ def compare_joins(results: dict, calibration: torch.Tensor, scored: torch.Tensor
             results.setdefault(name, {})[key] = asdict(attempt(run_fxq, model, calibration, scored, passes))
         print(name, json.dumps({k: results[name][k] for k in ("joins shared", "joins requantized")}), flush=True)
         RESULTS.write_text(json.dumps(results, indent=1))
-    write_readme(joins_table(results), "zoo-joins")
-
-
-def write_readme(text: str, marker: str = "zoo") -> None:
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    readme = README.read_text()
-    block = f"{start}\n{text}\n{end}"
-    if start in readme:
-        readme = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, readme, flags=re.S)
-    else:
-        readme += f"\n{block}\n"
-    README.write_text(readme)
+    readme.write("zoo-joins", joins_table(results))
 
 
 def main() -> None:
@@ -211,7 +195,7 @@ def main() -> None:
         RESULTS.write_text(json.dumps(results, indent=1))
     ordered = {name: results[name] for name in MODELS if name in results}
     text = table(ordered)
-    write_readme(text)
+    readme.write("zoo", text)
     print(text)
 
 

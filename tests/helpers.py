@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from fxq.comparison import sqnr_db
+
 
 class ConvBnRelu(nn.Module):
     """conv → bn → relu, the unit every CNN repeats."""
@@ -106,12 +108,6 @@ def node_values(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, object]:
     with torch.no_grad():
         Recorder(gm).run(x)
     return values
-
-
-def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
-    reference, approximation = reference.detach(), approximation.detach()
-    noise = (reference.double() - approximation.double()).pow(2).mean()
-    return float(10 * torch.log10(reference.double().pow(2).mean() / noise.clamp_min(1e-30)))
 
 
 def check_quantized(qmodel: fx.GraphModule, model: nn.Module, x: torch.Tensor, tmp_path) -> float:

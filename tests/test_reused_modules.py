@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import fxq
+from fxq.comparison import sqnr_db
 from fxq.ops.layers import QConv2d
 from fxq.ops.pooling import QAvgPool2d
 from tests.helpers import output_steps
@@ -26,10 +27,6 @@ class Reused(nn.Module):
         b = self.conv(self.widen(a))
         c = self.conv(self.pool(b))
         return self.fc(torch.flatten(self.pool(c), 1))
-
-
-def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
-    return float(10 * torch.log10(reference.pow(2).sum() / (reference - approximation).pow(2).sum()))
 
 
 def test_each_call_site_has_its_own_parameters_and_the_model_stays_accurate():

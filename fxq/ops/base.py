@@ -12,7 +12,7 @@ from fxq import records
 from fxq.affine import ActQParams
 from fxq.config import Rounding
 from fxq.context import PassContext
-from fxq.graph import add_module_near, replace_module
+from fxq.graph import add_module_near, call_after, replace_module
 
 
 class Output(enum.Enum):
@@ -111,11 +111,7 @@ class Lowering:
 
     def insert_after(self, node: fx.Node, module: nn.Module, leaf: str) -> fx.Node:
         """A call of ``module`` on ``node``'s output, which every other user now reads."""
-        path = add_module_near(self.gm, node, leaf, module)
-        with self.gm.graph.inserting_after(node):
-            inserted = self.gm.graph.call_module(path, (node,))
-        node.replace_all_uses_with(inserted, delete_user_cb=lambda user: user is not inserted)
-        return inserted
+        return call_after(self.gm, node, add_module_near(self.gm, node, leaf, module))
 
     def remove(self, node: fx.Node, source: fx.Node) -> None:
         """Drop ``node``, an identity on the integers: its users read ``source``."""
