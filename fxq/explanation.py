@@ -356,8 +356,7 @@ def reference_output(m: QLayer, x_q: torch.Tensor) -> torch.Tensor:
         n, g = cols.shape[0], m.groups  # a group's outputs read its own block of input channels
         acc = torch.einsum("gok,ngkl->ngol", w.reshape(g, -1, w.shape[1]), cols.reshape(n, g, w.shape[1], -1))
         acc = acc.reshape(n, w.shape[0], -1)
-        h = x_q.shape[2]
-        out_h = (h + 2 * m.padding[0] - m.dilation[0] * (m.weight.shape[2] - 1) - 1) // m.stride[0] + 1
+        out_h = intmath.output_size(x_q.shape[2] + 2 * m.padding[0], m.weight.shape[2], m.stride[0], m.dilation[0])
         acc = acc.reshape(n, -1, out_h, acc.shape[-1] // out_h)
         shape = (1, -1, 1, 1)
     else:

@@ -172,11 +172,15 @@ def conv_columns(x_q: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, 
     return _im2col(signed, kernel, stride, padding, dilation, pad_value - 128)
 
 
+def output_size(size: int, kernel: int, stride: int, dilation: int = 1) -> int:
+    """A conv's (or window's) output length along one dim of a ``size`` input, padding included."""
+    return (size - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def _im2col(nhwc: torch.Tensor, kernel, stride, padding, dilation, pad_value) -> tuple:
     padded = F.pad(nhwc, (0, 0, padding[1], padding[1], padding[0], padding[0]), value=pad_value)
     n, h, w, c = padded.shape
-    out_h = (h - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    out_w = (w - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    out_h, out_w = (output_size(s, k, st, d) for s, k, st, d in zip((h, w), kernel, stride, dilation))
     sn, sh, sw, sc = padded.stride()
     windows = padded.as_strided((n, out_h, out_w, kernel[0], kernel[1], c),
                                 (sn, sh * stride[0], sw * stride[1], sh * dilation[0],
@@ -236,8 +240,7 @@ def depthwise_accumulate(x_q: torch.Tensor, weight_q: torch.Tensor, bias_q: torc
         centred = centred.repeat_interleave(channels // centred.shape[1], 1)
     padded = F.pad(centred, (padding[1], padding[1], padding[0], padding[0]))
     n, _, h, w = padded.shape
-    out_h = (h - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    out_w = (w - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out_h, out_w = (output_size(s, k, st, d) for s, k, st, d in zip((h, w), (kh, kw), stride, dilation))
     acc = bias_q.to(dtype).reshape(1, -1, 1, 1).expand(n, channels, out_h, out_w).clone()
     taps = weight_q.to(dtype).reshape(channels, kh, kw)
     for i in range(kh):

@@ -12,13 +12,12 @@ from fxq.affine import ActQParams
 from fxq.config import Rounding
 from fxq.ops.base import KeepInFloat, Lowering, Op, Output, leaf_name, output_qparams, qparams_of
 from fxq.ops.fallback import lower_in_float
-from fxq.ops.joins import QCat, QMul
-from fxq.qmodules import Derived, NotRepresentable
+from fxq.ops.joins import PairOp, QCat, QMul
+from fxq.qmodules import NotRepresentable
 from fxq.schema import Schema
-from fxq.twin import on_integers
 
 
-class QAdd(Derived):
+class QAdd(PairOp):
     """uint8 + uint8 → uint8: ``clamp(z_O + round(M_A·(A_q − z_A) + M_B·(B_q − z_B)))``.
 
     Inputs of up to 8 bits take at most 2^8 values each, so the op is evaluated once for every
@@ -62,35 +61,14 @@ class QAdd(Derived):
         return intmath.add(a, b, self.operand("a"), self.operand("b"), int(self.output_zero_point),
                            (1 << self.output_bits) - 1)
 
-    @property
-    def tabulated(self) -> bool:
-        """Up to 8-bit inputs the add is a 2^(b_a + b_b)-entry lookup; 16-bit ones compute it."""
-        return sum(self.input_bits) <= 16
-
-    def prepare(self) -> None:
-        if not self.tabulated:
-            self.register_buffer("table", None, persistent=False)
-            return
-        grid_a, grid_b = torch.meshgrid(torch.arange(1 << self.input_bits[0], dtype=torch.uint8),
-                                        torch.arange(1 << self.input_bits[1], dtype=torch.uint8),
-                                        indexing="ij")
-        self.register_buffer("table", self.compute(grid_a, grid_b).flatten(), persistent=False)
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if not self.tabulated:
-            return self.compute(a, b)
-        return self.table[a.to(torch.int32) * (1 << self.input_bits[1]) + b]
-
     def check_ranges(self) -> None:
         for prefix, bits in zip("ab", self.input_bits):
             sc.zero_point_fits(self, f"{prefix}_zero_point", bits)
             sc.fixed_point_fits(getattr(self, f"{prefix}_multiplier"), getattr(self, f"{prefix}_shift"), prefix)
         sc.zero_point_fits(self, "output_zero_point", self.output_bits)
 
-    def twin(self, node) -> nn.Module:
-        return on_integers(self.compute, node)
-
     def to_onnx(self, b, node, inputs):
+        """DequantizeLinear ×2 → Add → QuantizeLinear, which onnxruntime fuses into QLinearAdd."""
         if not self.tabulated:
             raise ValueError(f"node '{node.name}': adds of 16-bit inputs do not export yet")
         operands = [records.get(a, ActQParams) for a in node.args[:2]]

@@ -1,4 +1,5 @@
-"""Integer modules that join tensors: the product of two, and a concatenation of several."""
+"""Integer modules that join tensors: ops of two tensors as tables of every input pair (`PairOp`: the
+product here, the add in `fxq.ops.arithmetic`), and a concatenation of several."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,19 +11,52 @@ from fxq import schema as sc
 from fxq.affine import ActQParams
 from fxq.qmodules import Derived, NotRepresentable
 from fxq.schema import Schema
-from fxq.twin import OnIntegers
+from fxq.twin import OnIntegers, on_integers
 
 
 def _grid(bits: int) -> torch.Tensor:
+    """Every integer of a ``bits``-wide value."""
     return torch.arange(1 << bits, dtype=torch.int64)
 
 
-def _twin_of(module: nn.Module, node) -> nn.Module:
-    inputs = [records.get(a, ActQParams) for a in node.args]
-    return OnIntegers(module.compute, inputs, records.get(node, ActQParams))
+class PairOp(Derived):
+    """An integer op of two tensors (``compute(a, b)``) that, with inputs of up to 8 bits each,
+    runs as a lookup in the table of its answer for every input pair (broadcasting like the op);
+    wider inputs compute it. ``input_bits`` and ``output_bits`` are set by the op."""
+
+    input_bits: tuple[int, int]
+    output_bits: int
+
+    def compute(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def tabulated(self) -> bool:
+        return sum(self.input_bits) <= 16
+
+    def prepare(self) -> None:
+        table = None
+        if self.tabulated:
+            a, b = torch.meshgrid(*(_grid(bits) for bits in self.input_bits), indexing="ij")
+            table = self.compute(a, b).flatten()
+        self.register_buffer("table", table, persistent=False)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if not self.tabulated:
+            return self.compute(a, b)
+        return self.table[a.to(torch.int32) * (1 << self.input_bits[1]) + b]
+
+    def twin(self, node) -> nn.Module:
+        return on_integers(self.compute, node)
+
+    def to_onnx(self, b, node, inputs):
+        """``table[a·2^b_B + b]``, fxq's own table looked up exactly."""
+        if not self.tabulated:
+            raise ValueError(f"node '{node.name}': {type(self).__name__} of 16-bit inputs does not export yet")
+        return _pair_table(b, self.table, inputs[0], inputs[1], 1 << self.input_bits[1], node.name)
 
 
-class QMul(Derived):
+class QMul(PairOp):
     """uint8 · uint8 → uint8: ``clamp(z_O + round(M·(A_q − z_A)·(B_q − z_B)))``, ``M = s_A·s_B/s_O``.
 
     The product of two centred integers is exact in int64 and formula (2) requantizes it; with
@@ -57,35 +91,11 @@ class QMul(Derived):
         product = (a.to(torch.int64) - za) * (b.to(torch.int64) - zb)
         return intmath.requantize(product, self.multiplier, self.shift, zo, (1 << self.output_bits) - 1)
 
-    @property
-    def tabulated(self) -> bool:
-        return sum(self.input_bits) <= 16
-
-    def prepare(self) -> None:
-        table = None
-        if self.tabulated:
-            a, b = torch.meshgrid(_grid(self.input_bits[0]), _grid(self.input_bits[1]), indexing="ij")
-            table = self.compute(a, b).flatten()
-        self.register_buffer("table", table, persistent=False)
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if not self.tabulated:
-            return self.compute(a, b)
-        return self.table[a.to(torch.int32) * (1 << self.input_bits[1]) + b]
-
     def check_ranges(self) -> None:
         sc.expect(self.zero_points.shape == (3,), "three zero points: a, b and the output")
         for z, bits in zip(self.zero_points.tolist(), self.input_bits + (self.output_bits,)):
             sc.expect(0 <= z < (1 << bits), "a zero point is outside its width")
         sc.fixed_point_fits(self.multiplier, self.shift, "the product's")
-
-    def twin(self, node) -> nn.Module:
-        return _twin_of(self, node)
-
-    def to_onnx(self, b, node, inputs):
-        if not self.tabulated:
-            raise ValueError(f"node '{node.name}': products of 16-bit inputs do not export yet")
-        return _pair_table(b, self.table, inputs[0], inputs[1], 1 << self.input_bits[1], node.name)
 
 
 def _pair_table(b, table: torch.Tensor, first: str, second: str, width: int, name: str) -> str:
