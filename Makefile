@@ -43,6 +43,7 @@ docs: setup
 	$(PY) -m scripts.ranges_report
 	$(PY) -m scripts.explain_report
 	$(PY) -m scripts.low_bits
+	$(PY) -m scripts.low_bits_report
 	$(PY) -m scripts.model_suite
 	$(MAKE) report
 

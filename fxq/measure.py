@@ -29,13 +29,21 @@ def saved_bytes(model: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int) -> float:
-    """Median wall time of ``model(x)`` over ``runs`` calls, after one warm-up call."""
-    model(x)  # first-call allocations and kernel selection
-    times = []
-    for _ in range(runs):
+def latency_ms(model, x, runs: int, seconds: float = 0.0, most: int | None = None, warmup: int = 1) -> float:
+    """Median wall time in ms of ``model(x)`` over ``runs`` calls, or more until ``seconds`` have
+    passed (``most`` calls at the most), after ``warmup`` calls (first-call allocations and kernel
+    selection). On CUDA each call is waited for."""
+    cuda = isinstance(x, torch.Tensor) and x.is_cuda
+    for _ in range(warmup):
+        model(x)
+    if cuda:
+        torch.cuda.synchronize()
+    times: list[float] = []
+    while len(times) < runs or (sum(times) < 1000 * seconds and len(times) < (most or runs)):
         start = time.perf_counter()
         model(x)
+        if cuda:
+            torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
 

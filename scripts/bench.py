@@ -44,6 +44,7 @@ from tabulate import tabulate
 
 import fxq
 from fxq import saturation
+from fxq.measure import latency_ms
 from fxq.onnx_export import Deployed
 from fxq.ops.layers import QLayer
 from scripts import data, models, readme, zoo
@@ -56,18 +57,6 @@ SLOW = "fxq executor"  # timed in the first round only: seconds per call at 224Ã
 CALIBRATION, REPEATS = 512, 3
 ACT_RANGES = ("minmax", "percentile", "mse", "entropy")
 SHAPES = {"mnist": (1, 32, 256), "resnet18_224": (1, 32), "mobilenet_v2_224": (1, 32)}
-
-
-def median_ms(run, x) -> float:
-    with torch.no_grad():
-        for _ in range(2):
-            run(x)
-        times = []
-        while len(times) < RUNS or (sum(times) < 1000 * MIN_SECONDS and len(times) < 50 * RUNS):
-            start = time.perf_counter()
-            run(x)
-            times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 class Session(torch.nn.Module):
@@ -177,7 +166,7 @@ def bench(shape: str) -> list[dict]:
         for _ in range(ROUNDS):  # interleaved, so a slow stretch of the machine hits every runner
             for name, runner in runners.items():
                 if name != SLOW or not cells[name]:
-                    cells[name].append(median_ms(runner, x))
+                    cells[name].append(latency_ms(runner, x, RUNS, MIN_SECONDS, 50 * RUNS, warmup=2))
         for row in rows:
             row[f"ms_batch{batch}"] = statistics.median(cells[row["runner"]])
     for row, runner in zip(rows, runners.values()):

@@ -15,8 +15,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ from tabulate import tabulate
 
 import fxq
 from fxq import gemm
+from fxq.measure import latency_ms
 from fxq.ops.layers import QLayer
 from scripts import data, models, readme, zoo
 
@@ -33,15 +32,8 @@ BATCHES, THREADS = (32, 256), 2
 GEMMS = [(784, 576, 64), (196, 2304, 256)]
 
 
-def median_ms(run, x, seconds: float = 2.0, least: int = 3) -> float:
-    with torch.no_grad():
-        run(x)
-        times = []
-        while len(times) < least or sum(times) < 1000 * seconds and len(times) < 20:
-            start = time.perf_counter()
-            run(x)
-            times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+def median_ms(run, x, seconds: float = 2.0) -> float:
+    return latency_ms(run, x, 3, seconds, most=20)
 
 
 def setup(shape: str):

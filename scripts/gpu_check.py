@@ -14,9 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,23 +22,11 @@ from tabulate import tabulate
 
 import fxq
 from fxq import gemm
+from fxq.measure import latency_ms
 from scripts import data, models
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "gpu_check.json"
 MODELS = ("mnist", "fashion_mobilenet_v2")
-
-
-def _ms(run, x, repeats: int = 10) -> float:
-    with torch.no_grad():
-        run(x)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run(x)
-            torch.cuda.synchronize()
-            times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 def check(name: str) -> list[dict]:
@@ -54,14 +40,14 @@ def check(name: str) -> list[dict]:
         reference = torch.cat([on_cpu(x) for x in test.images.split(500)])
     gpu_model, float_model = copy.deepcopy(on_cpu).cuda(), copy.deepcopy(model).cuda()
     x256 = test.images[:256].cuda()
-    rows = [{"model": name, "run": "float32 torch", "ms_b256": _ms(float_model, x256)}]
+    rows = [{"model": name, "run": "float32 torch", "ms_b256": latency_ms(float_model, x256, 10)}]
     for backend in [None, *gemm.Backend]:
         with gemm.forced(backend) if backend else contextlib.nullcontext():
             with torch.no_grad():
                 logits = torch.cat([gpu_model(x.cuda()).cpu() for x in test.images.split(500)])
             rows.append({"model": name, "run": f"fxq integer graph, {backend or 'timed choice'}",
                          "calibration_equal": same_model, "identical_logits": bool(torch.equal(logits, reference)),
-                         "ms_b256": _ms(gpu_model, x256)})
+                         "ms_b256": latency_ms(gpu_model, x256, 10)})
     return rows
 
 

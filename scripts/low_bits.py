@@ -1,8 +1,8 @@
 """Below 8 bits: the measurements behind docs/low_bits.md, cached in results/low_bits_<dataset>.json.
 
-    python -m scripts.low_bits                          # both data sets, then docs/low_bits.md
-    python -m scripts.low_bits run --dataset fashion    # run what is not cached yet
-    python -m scripts.low_bits report                   # write docs/low_bits.md and its plots
+    python -m scripts.low_bits                          # both data sets
+    python -m scripts.low_bits --dataset fashion        # run what is not cached yet
+    python -m scripts.low_bits_report                   # then write docs/low_bits.md and its plots
 
 Accuracy is on the fixed 2,000-image test subset of scripts/sweeps.py (the "full 10k" rows on
 the whole test set); calibration uses 512 training images. Size is the bytes `fxq.save` writes
@@ -152,17 +152,10 @@ def run_all(dataset: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", nargs="?", choices=["all", "run", "report"], default="all")
-    parser.add_argument("--dataset", choices=data.DATASETS, default="fashion")
+    parser.add_argument("--dataset", choices=data.DATASETS, help="one data set (default: both)")
     args = parser.parse_args(argv)
-    if args.action == "run":
-        run_all(args.dataset)
-        return
-    if args.action == "all":
-        for dataset in data.DATASETS:
-            run_all(dataset)
-    from scripts import low_bits_report  # matplotlib: only the report needs it
-    low_bits_report.write()
+    for dataset in [args.dataset] if args.dataset else data.DATASETS:
+        run_all(dataset)
 
 
 if __name__ == "__main__":

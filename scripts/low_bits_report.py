@@ -1,6 +1,6 @@
-"""docs/low_bits.md from results/low_bits_<dataset>.json (run `python -m scripts.low_bits run` first).
+"""docs/low_bits.md from results/low_bits_<dataset>.json (run `python -m scripts.low_bits` first).
 
-    python -m scripts.low_bits report
+    python -m scripts.low_bits_report
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from tabulate import tabulate  # noqa: E402
 import fxq  # noqa: E402
 from fxq.comparison import folded_float  # noqa: E402
 from fxq.explanation import signed_bits  # noqa: E402
+from fxq.measure import latency_ms  # noqa: E402
 from fxq.ops.layers import QLayer  # noqa: E402
-from scripts import data, evaluate, models  # noqa: E402
+from scripts import data, models  # noqa: E402
 from scripts.low_bits import (  # noqa: E402
     CURVE_BUDGETS,
     METHODS,
@@ -219,7 +220,7 @@ def accumulator_table() -> str:
         worst = max(signed_bits(-m.accumulator_bound, m.accumulator_bound) for m in layers)
         wide = sum(m.accumulator_bits == 64 for m in layers)
         torch.set_num_threads(2)
-        latency = evaluate.latency_ms(qmodel, x, runs=3)
+        latency = latency_ms(qmodel, x, runs=3)
         rows.append((name, worst, f"{wide} of {len(layers)}", f"{latency:.0f}"))
     return tabulate(rows, headers=["setting", "widest worst-case accumulator (bits)", "layers needing int64",
                                    "latency, batch 256 (ms)"], tablefmt="github")
@@ -243,3 +244,7 @@ def write() -> None:
     )
     DOC.write_text(body)
     print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+    write()

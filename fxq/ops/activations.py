@@ -286,18 +286,8 @@ class QChannelLookup(QConstantLookup):
     """b-bit → b'-bit: one lookup table per channel (dim 1, whatever the input's rank), for an
     op with one learned number per channel such as PReLU's slope; ``shape`` is ``(C,)``."""
 
-    def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return self.lookup[self._along_channels(self.offsets, q.dim()) + q.to(torch.int64)]
-
-    @staticmethod
-    def _along_channels(offsets: torch.Tensor, rank: int) -> torch.Tensor:
-        return offsets.reshape(-1, *[1] * (rank - 2)) if rank >= 2 else offsets
-
-    def to_onnx(self, b, node, inputs):
-        offsets = self._along_channels(self.offsets, len(b.shape_of(node)))
-        index = b.node("Add", [b.as_index(inputs[0], node.name), b.constant(f"{node.name}_offsets", offsets)],
-                       f"{node.name}_offset")
-        return b.gather(self.lookup, index, node.name)
+    def offsets_for(self, rank: int) -> torch.Tensor:
+        return self.offsets.reshape(-1, *[1] * (rank - 2)) if rank >= 2 else self.offsets
 
 
 def _prelu(x: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Integer modules of one input integer: a clamp at the input's scale, and a lookup table."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -124,14 +125,23 @@ class QLookup(Derived):
     def __init__(self, function: Callable[[torch.Tensor], torch.Tensor], name: str,
                  before: ActQParams, after: ActQParams):
         super().__init__()
+        self.tabulate(function, name, before, after)
+
+    def tabulate(self, values_of: Callable[[torch.Tensor], torch.Tensor], name: str,
+                 before: ActQParams, after: ActQParams) -> None:
+        """The table: ``quantize_out(values_of(every input value))``, flattened."""
         self.input_bits, self.output_bits, self.function = before.bits, after.bits, name
-        every = torch.arange(1 << before.bits, dtype=torch.float64)
+        every = (torch.arange(1 << before.bits, dtype=torch.float64) - before.zero_point) * before.scale
         with torch.no_grad():
-            values = function((every - before.zero_point) * before.scale)
-        self.register_buffer("table", after.quantize(values.to(torch.float64)).to(torch.int32))
+            values = values_of(every).to(torch.float64)
+        self.register_buffer("table", after.quantize(values).to(torch.int32).flatten())
         self.register_buffer("scales", torch.tensor([before.scale, after.scale], dtype=torch.float64))
         self.register_buffer("zero_points", torch.tensor([before.zero_point, after.zero_point], dtype=torch.int32))
         self.prepare()
+
+    @property
+    def tables(self) -> int:
+        return 1
 
     def prepare(self) -> None:
         """The table in the output's storage dtype, so a lookup returns integers as they are held."""
@@ -141,20 +151,21 @@ class QLookup(Derived):
         return self.lookup[q.to(torch.int64)]
 
     def check_ranges(self) -> None:
-        sc.table_fits(self.table, 1 << self.input_bits, self.output_bits)
+        sc.table_fits(self.table, self.tables << self.input_bits, self.output_bits)
         sc.expect(self.scales.shape == (2,) and self.zero_points.shape == (2,), "malformed parameters")
 
     def extra_repr(self) -> str:
-        return f"{self.function}, {1 << self.input_bits} entries"
+        return f"{self.function}, {len(self.table)} entries"
 
     def twin(self, node) -> nn.Module:
-        return OnIntegers(self.forward, [records.get(node.args[0], ActQParams)], records.get(node, ActQParams))
+        source = next(a for a in node.args if records.has(a, ActQParams))
+        return OnIntegers(self.forward, [records.get(source, ActQParams)], records.get(node, ActQParams))
 
     def to_onnx(self, b, node, inputs):
         return b.gather(self.lookup, b.as_index(inputs[0], node.name), node.name)
 
 
-class QConstantLookup(Derived):
+class QConstantLookup(QLookup):
     """b-bit → b'-bit elementwise op of a tensor and a constant tensor (``x · γ`` with a learned
     per-channel scale, ``x + bias``): one lookup table per element of the constant, each the
     answer for every input integer, ``quantize_out(f(dequantize_in(q), c_k))``, in float64.
@@ -171,43 +182,28 @@ class QConstantLookup(Derived):
 
     def __init__(self, function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], name: str,
                  constant: torch.Tensor, before: ActQParams, after: ActQParams):
-        super().__init__()
-        self.input_bits, self.output_bits, self.function = before.bits, after.bits, name
+        nn.Module.__init__(self)
         self.shape = tuple(constant.shape)
-        every = (torch.arange(1 << before.bits, dtype=torch.float64) - before.zero_point) * before.scale
-        with torch.no_grad():
-            values = function(every[None, :], constant.detach().to(torch.float64).reshape(-1, 1))
-        self.register_buffer("table", after.quantize(values).to(torch.int32).flatten())
-        self.register_buffer("scales", torch.tensor([before.scale, after.scale], dtype=torch.float64))
-        self.register_buffer("zero_points", torch.tensor([before.zero_point, after.zero_point], dtype=torch.int32))
-        self.prepare()
+        per_element = constant.detach().to(torch.float64).reshape(-1, 1)
+        self.tabulate(lambda every: function(every[None, :], per_element), name, before, after)
+
+    @property
+    def tables(self) -> int:
+        return math.prod(self.shape)
 
     def prepare(self) -> None:
-        count = 1
-        for size in self.shape:
-            count *= size
-        offsets = (torch.arange(count, dtype=torch.int64) << self.input_bits).reshape(self.shape)
+        super().prepare()
+        offsets = (torch.arange(self.tables, dtype=torch.int64) << self.input_bits).reshape(self.shape)
         self.register_buffer("offsets", offsets, persistent=False)
-        self.register_buffer("lookup", self.table.to(storage_dtype(self.output_bits)), persistent=False)
+
+    def offsets_for(self, rank: int) -> torch.Tensor:
+        """Where each table starts, shaped to broadcast against an input of ``rank`` dims."""
+        return self.offsets
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return self.lookup[self.offsets + q.to(torch.int64)]
-
-    def check_ranges(self) -> None:
-        count = 1
-        for size in self.shape:
-            count *= size
-        sc.table_fits(self.table, count << self.input_bits, self.output_bits)
-        sc.expect(self.scales.shape == (2,) and self.zero_points.shape == (2,), "malformed parameters")
-
-    def extra_repr(self) -> str:
-        return f"{self.function}, {len(self.table)} entries"
-
-    def twin(self, node) -> nn.Module:
-        source = next(a for a in node.args if records.has(a, ActQParams))
-        return OnIntegers(self.forward, [records.get(source, ActQParams)], records.get(node, ActQParams))
+        return self.lookup[self.offsets_for(q.dim()) + q.to(torch.int64)]
 
     def to_onnx(self, b, node, inputs):
-        index = b.node("Add", [b.as_index(inputs[0], node.name), b.constant(f"{node.name}_offsets", self.offsets)],
-                       f"{node.name}_offset")
+        offsets = b.constant(f"{node.name}_offsets", self.offsets_for(len(b.shape_of(node))))
+        index = b.node("Add", [b.as_index(inputs[0], node.name), offsets], f"{node.name}_offset")
         return b.gather(self.lookup, index, node.name)
