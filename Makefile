@@ -1,35 +1,46 @@
 # Two commands on a fresh machine:  `make demo` (quantize, print the results table) and `make test`.
 PY := .venv/bin/python
 FASHION := /usr/share/datasets/fashion-mnist
+APT_LOG := /tmp/fxq-apt.log
 
 .PHONY: setup demo test data docs browser emulator report
 
 setup: .venv/ready data browser emulator
 
 # torch/torchvision are pinned to the CPU-usable wheels this machine serves from local files.
+# Installers' output goes to .venv/setup.log, shown only if a step fails.
 .venv/ready: pyproject.toml
-	python3 -m venv .venv
-	.venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-	.venv/bin/pip install -q -e '.[dev,deploy]'
-	touch $@
+	@python3 -m venv .venv
+	@{ .venv/bin/pip install torch==2.14.1 torchvision==0.29.1 && .venv/bin/pip install -e '.[dev,deploy]'; } \
+		> .venv/setup.log 2>&1 || { cat .venv/setup.log; exit 1; }
+	@touch $@
 
 data: .venv/ready
-	@test -d $(FASHION) || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }
-	$(PY) -c "from scripts import data; data.load('mnist', 'test'); data.load('fashion', 'test')"
+	@test -d $(FASHION) || { apt-get update && apt-get install -y dataset-fashion-mnist; } > $(APT_LOG) 2>&1 \
+		|| { cat $(APT_LOG); exit 1; }
+	@$(PY) -c "from scripts import data; data.load('mnist', 'test'); data.load('fashion', 'test')"
 
 # tests/test_deploy_real_data.py runs onnxruntime as an AVX2-only CPU does, under QEMU's user-mode
 # emulation (Debian's qemu-user), whatever this machine's CPU
 emulator:
 	@command -v qemu-x86_64 >/dev/null || [ "$$(uname -m)" != x86_64 ] || \
-		{ apt-get update -q && apt-get install -y -q qemu-user; }
+		{ apt-get update && apt-get install -y qemu-user; } > $(APT_LOG) 2>&1 || { cat $(APT_LOG); exit 1; }
 
 # The report test renders `fxq report`'s page in a headless Chromium (Debian's build, as root).
 browser:
 	@command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null || \
-		{ apt-get update -q && apt-get install -y -q chromium-headless-shell; }
+		{ apt-get update && apt-get install -y chromium-headless-shell; } > $(APT_LOG) 2>&1 || { cat $(APT_LOG); exit 1; }
 
+# The results table as a user makes it: `fxq quantize`, then `fxq evaluate` (float, fxq's integer
+# graph, and the deployed onnxruntime model, bit-exact with it), on both data sets. The README's
+# table, with torch.ao's PTQ beside it: `python -m scripts.evaluate --reference --readme`.
 demo: .venv/ready data
-	$(PY) -m scripts.evaluate
+	@export FXQ_DATA=$(CURDIR)/data; for set in mnist:mnist fashion:fashion-mnist; do \
+		name=$${set%%:*}; net="--model scripts.models:resnet18_28x28 --weights checkpoints/resnet18_$$name.pt"; \
+		echo; echo "$${set#*:}: ResNet-18 at W8A8, 512 calibration images, the full test set"; \
+		.venv/bin/fxq quantize $$net --data $${set#*:} --requantize onnxruntime --out results/$$name.fxq --quiet \
+			&& .venv/bin/fxq evaluate results/$$name.fxq $$net --data $${set#*:} --threads 2 || exit 1; \
+	done
 
 test: setup
 	$(PY) -m ruff check fxq passes scripts tests

