@@ -46,9 +46,18 @@ test: setup
 	$(PY) -m ruff check fxq passes scripts tests
 	$(PY) -m pytest -q
 
-# docs/ranges.md, docs/explain.md and docs/low_bits.md with their plots; sweeps are cached in results/
+# Every results table of the README (each between <!-- name:start/end --> markers) and
+# docs/ranges.md, docs/explain.md and docs/low_bits.md with their plots; sweeps are cached in
+# results/. Hours on 2 cores: the zoo, the benchmarks, and the emulated AVX2 deploy rows.
 docs: setup
 	$(PY) -m scripts.evaluate --reference --readme
+	$(PY) -m scripts.zoo
+	$(PY) -m scripts.zoo --joins
+	$(PY) -m scripts.branched
+	$(PY) -m scripts.deploy_agreement
+	$(PY) -m scripts.bench
+	$(PY) -m scripts.bench_backends
+	$(PY) -m scripts.pair_safe
 	$(PY) -m scripts.sensitivity --dataset mnist
 	$(PY) -m scripts.sensitivity --dataset fashion
 	$(PY) -m scripts.ranges_report

@@ -11,8 +11,8 @@ file reaches the graph unchecked:
 
 - every name (node, placeholder, keyword) is a plain Python identifier that torch.fx keeps as it
   is; a module path is dotted identifiers or Sequential indices and must name a module of the file;
-- functions, methods and module types come from fixed tables (:data:`FUNCTIONS`,
-  :data:`METHODS`, :data:`SCHEMAS`), looked up by name — a name is never imported or evaluated;
+- functions, methods and module types come from fixed tables (`fxq.saved_graph.FUNCTIONS` and
+  ``METHODS``, :data:`SCHEMAS`), looked up by name — a name is never imported or evaluated;
 - each module is rebuilt from exactly the attributes and tensors its schema lists, each checked
   for type, dtype and range (zero points inside the width, multipliers in ``[0, 2^31)``, ...);
 - a SHA-256 digest over the content catches a damaged file; a crafted file that passes every
@@ -33,33 +33,18 @@ from torch import fx, nn
 
 from fxq import ops, packing, qmodules, records
 from fxq import schema as sc
-from fxq.affine import ActQParams
 from fxq.config import QConfig, Rounding
 from fxq.graph import attribute
-from fxq.ops.fallback import FLOAT_FUNCTIONS, FLOAT_METHODS, FLOAT_SCHEMAS
+from fxq.ops.fallback import FLOAT_SCHEMAS
 from fxq.ops.layers import QLayer
-from fxq.ops.shape import SHAPE_ATTRIBUTES
+from fxq.saved_graph import PLAIN, InvalidModelFile, expect, is_identifier, node_from, node_record
 from fxq.schema import Schema, SchemaError
 
 FORMAT = "fxq/5"
-PLAIN = (int, float, str, bool, type(None))
-MAX_REASON = 1000  # characters of why an op runs in float
-IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # A module name may also start with a digit or hold hyphens (torchvision's "block1-0", fxq's
 # "2_dequantize" beside a Sequential's "2"): torch.fx writes such a part as getattr(m, "block1-0"),
 # and without quotes or backslashes it cannot leave that string.
 MODULE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,99}\Z")
-DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float64, torch.float16,
-                                                    torch.bfloat16, torch.int64, torch.int32, torch.uint8)}
-OPS = ("placeholder", "call_module", "call_function", "call_method", "get_attr", "output")
-# the functions and methods a saved graph may call: its ops' forms, and the float fallback's
-FUNCTIONS = {f"{fn.__module__}.{fn.__name__}": fn
-             for fn in [f for op in ops.REGISTRY for f in op.functions] + list(FLOAT_FUNCTIONS)}
-METHODS = frozenset(m for op in ops.REGISTRY for m in op.methods) | FLOAT_METHODS
-
-
-class InvalidModelFile(ValueError):
-    """The file is not a valid fxq model: damaged, written by something else, or crafted."""
 
 
 def save(qmodel: fx.GraphModule, path: str | Path) -> None:
@@ -75,7 +60,7 @@ def save(qmodel: fx.GraphModule, path: str | Path) -> None:
         "config": None if config is None else _config_fields(config),
         "modules": {target: _module_record(target, modules[target]) for target in targets},
         "constants": {n.target: _constant_record(qmodel, n.target) for n in qmodel.graph.nodes if n.op == "get_attr"},
-        "graph": [_node_record(n) for n in qmodel.graph.nodes],
+        "graph": [node_record(n) for n in qmodel.graph.nodes],
     }
     payload["sha256"] = digest(payload)
     torch.save(payload, path)
@@ -148,27 +133,27 @@ def _read(path: str | Path) -> dict:
 
 
 def _rebuild(payload: dict) -> fx.GraphModule:
-    _expect(set(payload) == {"format", "class_name", "config", "modules", "constants", "graph", "sha256"},
+    expect(set(payload) == {"format", "class_name", "config", "modules", "constants", "graph", "sha256"},
             f"unexpected top-level entries {sorted(map(str, payload))}")
-    _expect(_is_identifier(payload["class_name"]), "the class name is not an identifier")
-    _expect(isinstance(payload["modules"], dict) and isinstance(payload["graph"], list)
+    expect(is_identifier(payload["class_name"]), "the class name is not an identifier")
+    expect(isinstance(payload["modules"], dict) and isinstance(payload["graph"], list)
             and isinstance(payload["constants"], dict),
             "modules and constants must be dicts and graph a list")
     root = nn.Module()
     for target, record in payload["modules"].items():
-        _expect(_is_path(target), f"module path {target!r} is not a dotted identifier")
+        expect(_is_path(target), f"module path {target!r} is not a dotted identifier")
         _install(root, target, _module_from(target, record))
     for target, tensor in payload["constants"].items():
-        _expect(_is_path(target) and isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32,
+        expect(_is_path(target) and isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32,
                 f"constant {target!r} is not a float32 tensor at a dotted path")
         _install_constant(root, target, tensor)
     graph = fx.Graph()
     nodes: dict[str, fx.Node] = {}
     for record in payload["graph"]:
-        node = _node_from(graph, record, nodes, payload["modules"], payload["constants"])
+        node = node_from(graph, record, nodes, payload["modules"], payload["constants"])
         nodes[node.name] = node
     graph.lint()
-    _expect(sum(n.op == "output" for n in graph.nodes) == 1, "the graph needs exactly one output")
+    expect(sum(n.op == "output" for n in graph.nodes) == 1, "the graph needs exactly one output")
     gm = fx.GraphModule(root, graph, class_name=payload["class_name"])
     if payload["config"] is not None:
         records.put(gm, _config_from(payload["config"]))
@@ -180,7 +165,7 @@ def _smoke_run(gm: fx.GraphModule) -> None:
     must also run (two: a norm over one value per group, after a global pool, refuses one)."""
     inputs = [m for m in gm.modules() if isinstance(m, qmodules.Quantize) and m.sample_shape is not None]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    _expect(len(inputs) == 1 and len(placeholders) == 1,
+    expect(len(inputs) == 1 and len(placeholders) == 1,
             "expected one network input and its quantize step")
     with torch.no_grad():
         gm(torch.zeros(2, *inputs[0].sample_shape))
@@ -220,26 +205,26 @@ def _module_record(target: str, module: nn.Module) -> dict:
 
 
 def _module_from(target: str, record) -> nn.Module:
-    _expect(isinstance(record, dict) and set(record) == {"type", "attributes", "tensors", "packed"},
+    expect(isinstance(record, dict) and set(record) == {"type", "attributes", "tensors", "packed"},
             f"'{target}' is not a module record")
     cls = MODULE_TYPES.get(record["type"]) if isinstance(record["type"], str) else None
-    _expect(cls is not None, f"'{target}' has module type {record['type']!r}, which fxq does not load")
+    expect(cls is not None, f"'{target}' has module type {record['type']!r}, which fxq does not load")
     schema = SCHEMAS[cls]
     attributes, tensors = record["attributes"], _tensors_of(target, record)
-    _expect(isinstance(attributes, dict) and (set(attributes) == set(schema.attributes)
+    expect(isinstance(attributes, dict) and (set(attributes) == set(schema.attributes)
                                               or schema.loose and set(attributes) <= set(schema.attributes)),
             f"'{target}' ({cls.__name__}) must have the attributes {sorted(schema.attributes)}")
     for name, value in attributes.items():
-        _expect(schema.attributes[name](value), f"'{target}'.{name} = {value!r} is out of range")
+        expect(schema.attributes[name](value), f"'{target}'.{name} = {value!r} is out of range")
     if schema.loose:
-        _expect(all(t.dtype in (torch.float32, torch.int64) for t in tensors.values()),
+        expect(all(t.dtype in (torch.float32, torch.int64) for t in tensors.values()),
                 f"'{target}' ({cls.__name__}) holds tensors that are neither float32 nor int64")
         return _constructed_module(target, schema, cls, attributes, tensors)
     required = set(schema.tensors) - schema.optional_tensors
-    _expect(required <= set(tensors) <= set(schema.tensors),
+    expect(required <= set(tensors) <= set(schema.tensors),
             f"'{target}' ({cls.__name__}) must hold the tensors {sorted(schema.tensors)}")
     for name, tensor in tensors.items():
-        _expect(tensor.dtype == schema.tensors[name],
+        expect(tensor.dtype == schema.tensors[name],
                 f"'{target}'.{name} is {tensor.dtype}, expected {schema.tensors[name]}")
     if schema.build is not None:
         module = schema.build(cls, dict(attributes), tensors)
@@ -274,21 +259,21 @@ def _constructed_module(target: str, schema: Schema, cls: type, attributes: dict
 
 def _tensors_of(target: str, record: dict) -> dict[str, torch.Tensor]:
     tensors, packed = record["tensors"], record["packed"]
-    _expect(isinstance(tensors, dict) and isinstance(packed, dict), f"'{target}' has malformed tensors")
+    expect(isinstance(tensors, dict) and isinstance(packed, dict), f"'{target}' has malformed tensors")
     tensors = dict(tensors)
     for name, entry in packed.items():
-        _expect(name == "weight" and "weight" not in tensors and isinstance(entry, dict)
+        expect(name == "weight" and "weight" not in tensors and isinstance(entry, dict)
                 and set(entry) == {"bits", "shape", "data"}, f"'{target}' has a malformed packed weight")
         bits, shape, data = entry["bits"], entry["shape"], entry["data"]
-        _expect(sc.is_int(bits) and 2 <= bits < 8 and isinstance(shape, list) and 1 <= len(shape) <= 4
+        expect(sc.is_int(bits) and 2 <= bits < 8 and isinstance(shape, list) and 1 <= len(shape) <= 4
                 and all(sc.is_int(s) and s > 0 for s in shape) and isinstance(data, torch.Tensor)
                 and data.dtype == torch.uint8 and data.dim() == 1, f"'{target}' has a malformed packed weight")
         count = 1
         for size in shape:
             count *= size
-        _expect(data.numel() == (count * bits + 7) // 8, f"'{target}': packed weight of the wrong size")
+        expect(data.numel() == (count * bits + 7) // 8, f"'{target}': packed weight of the wrong size")
         tensors[name] = packing.unpack(data, bits, tuple(shape), torch.int8)
-    _expect(all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()),
+    expect(all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()),
             f"'{target}' has tensors that are not tensors")
     return tensors
 
@@ -311,8 +296,8 @@ def _container(root: nn.Module, target: str) -> tuple[nn.Module, str]:
         if name not in owner._modules:
             owner.add_module(name, nn.Module())
         owner = owner._modules[name]
-        _expect(type(owner) is nn.Module, f"path {target!r} runs through a layer")
-    _expect(leaf not in owner._modules and not hasattr(owner, leaf), f"path {target!r} is taken")
+        expect(type(owner) is nn.Module, f"path {target!r} runs through a layer")
+    expect(leaf not in owner._modules and not hasattr(owner, leaf), f"path {target!r} is taken")
     return owner, leaf
 
 
@@ -324,120 +309,6 @@ def _constant_record(qmodel: fx.GraphModule, target: str) -> torch.Tensor:
     return value.detach().to(torch.float32)
 
 
-# ---------------------------------------------------------------- graph
-
-def _node_record(node: fx.Node) -> dict:
-    target = node.target
-    if node.op == "call_function":
-        target = next((name for name, fn in FUNCTIONS.items() if fn is node.target), None)
-        if target is None:
-            raise ValueError(f"cannot save node '{node.name}': function {node.target} is not one "
-                             "fxq knows how to save")
-    qparams, kept = records.get(node, ActQParams), records.get(node, records.FloatOp)
-    return {"name": node.name, "op": node.op, "target": target,
-            "args": _encode(node.args), "kwargs": _encode(node.kwargs),
-            "qparams": None if qparams is None else [qparams.scale, qparams.zero_point, qparams.bits],
-            "float_reason": None if kept is None else kept.reason}
-
-
-def _node_from(graph: fx.Graph, record, nodes: dict[str, fx.Node], modules: dict, constants: dict) -> fx.Node:
-    _expect(isinstance(record, dict) and set(record) == {"name", "op", "target", "args", "kwargs", "qparams",
-                                                         "float_reason"},
-            "a graph entry is not a node record")
-    name, op, target = record["name"], record["op"], record["target"]
-    _expect(_is_identifier(name) and name not in nodes, f"node name {name!r} is not a new identifier")
-    _expect(op in OPS, f"node '{name}' has op {op!r}")
-    target = _target(name, op, target, modules, constants)
-    args, kwargs = _decode(record["args"], nodes), _decode(record["kwargs"], nodes)
-    _expect(isinstance(args, tuple) and isinstance(kwargs, dict), f"node '{name}' has malformed arguments")
-    if target is getattr:
-        _expect(len(args) == 2 and args[1] in SHAPE_ATTRIBUTES, f"node '{name}' reads an attribute fxq never reads")
-    node = graph.create_node(op, target, args, kwargs, name)
-    _expect(node.name == name, f"node name {name!r} is reserved")
-    if record["qparams"] is not None:
-        records.put(node, _qparams_from(name, record["qparams"]))
-    reason = record["float_reason"]
-    if reason is not None:  # shown to the user as text, never run
-        _expect(isinstance(reason, str) and len(reason) <= MAX_REASON, f"node '{name}' has a malformed float reason")
-        records.put(node, records.FloatOp(reason))
-    return node
-
-
-def _target(name: str, op: str, target, modules: dict, constants: dict):
-    if op == "call_function":
-        _expect(isinstance(target, str) and target in FUNCTIONS,
-                f"node '{name}' calls {target!r}, which fxq does not load")
-        return FUNCTIONS[target]
-    if op == "call_method":
-        _expect(target in METHODS, f"node '{name}' calls method {target!r}, which fxq does not load")
-    elif op == "call_module":
-        _expect(isinstance(target, str) and target in modules,
-                f"node '{name}' calls {target!r}, not a module of the file")
-    elif op == "placeholder":
-        _expect(_is_identifier(target), f"input {target!r} is not an identifier")
-    elif op == "output":
-        _expect(target == "output", f"node '{name}' is an output with target {target!r}")
-    elif op == "get_attr":
-        _expect(isinstance(target, str) and target in constants,
-                f"node '{name}' reads {target!r}, not a constant of the file")
-    else:
-        _expect(False, f"node '{name}': {op} nodes are not part of an fxq model")
-    return target
-
-
-def _qparams_from(name: str, values) -> ActQParams:
-    _expect(isinstance(values, list) and len(values) == 3, f"node '{name}' has malformed quantization parameters")
-    scale, zero_point, bits = values
-    _expect(isinstance(scale, float) and scale > 0 and scale < float("inf") and sc.act_bits(bits)
-            and sc.is_int(zero_point) and 0 <= zero_point < (1 << bits),
-            f"node '{name}' has quantization parameters out of range")
-    return ActQParams(scale, zero_point, bits)
-
-
-def _encode(value):
-    if isinstance(value, fx.Node):
-        return {"node": value.name}
-    if isinstance(value, (tuple, list)):  # fx's immutable lists and torch.Size as plain ones
-        return (list if isinstance(value, list) else tuple)(_encode(v) for v in value)
-    if isinstance(value, dict):
-        return {"dict": {k: _encode(v) for k, v in value.items()}}
-    if isinstance(value, slice):
-        return {"slice": [_encode(v) for v in (value.start, value.stop, value.step)]}
-    if value is Ellipsis:
-        return {"ellipsis": None}
-    if isinstance(value, torch.dtype) and value in DTYPES.values():
-        return {"dtype": str(value).removeprefix("torch.")}
-    if isinstance(value, PLAIN):
-        return value
-    raise ValueError(f"cannot save a graph argument of type {type(value).__name__}")
-
-
-def _decode(value, nodes: dict[str, fx.Node]):
-    if isinstance(value, dict):
-        _expect(set(value) in ({"node"}, {"dict"}, {"slice"}, {"ellipsis"}, {"dtype"}),
-                "a graph argument is malformed")
-        if "slice" in value:
-            _expect(isinstance(value["slice"], list) and len(value["slice"]) == 3, "a malformed slice")
-            return slice(*(_decode(v, nodes) for v in value["slice"]))
-        if "ellipsis" in value:
-            return Ellipsis
-        if "dtype" in value:
-            _expect(value["dtype"] in DTYPES, f"dtype {value['dtype']!r} is not one fxq loads")
-            return DTYPES[value["dtype"]]
-        if "node" in value:
-            _expect(isinstance(value["node"], str) and value["node"] in nodes,
-                    f"an argument names node {value['node']!r}, which is not defined before it")
-            return nodes[value["node"]]
-        entries = value["dict"]
-        _expect(isinstance(entries, dict) and all(_is_identifier(k) for k in entries),
-                "keyword arguments must be identifiers")
-        return {k: _decode(v, nodes) for k, v in entries.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_decode(v, nodes) for v in value)
-    _expect(isinstance(value, PLAIN), f"a graph argument of type {type(value).__name__}")
-    return value
-
-
 # ---------------------------------------------------------------- config and names
 
 def _config_fields(config: QConfig) -> dict:
@@ -446,27 +317,18 @@ def _config_fields(config: QConfig) -> dict:
 
 def _config_from(values) -> QConfig:
     names = {f.name for f in dataclasses.fields(QConfig) if f.init}
-    _expect(isinstance(values, dict) and set(values) <= names, "the config has unknown fields")
-    _expect(all(isinstance(v, PLAIN) for v in values.values()), "the config holds non-plain values")
+    expect(isinstance(values, dict) and set(values) <= names, "the config has unknown fields")
+    expect(all(isinstance(v, PLAIN) for v in values.values()), "the config holds non-plain values")
     try:
         return QConfig(**values)
     except (TypeError, ValueError) as error:
         raise InvalidModelFile(f"its config is invalid: {error}") from None
 
 
-def _is_identifier(name) -> bool:
-    return isinstance(name, str) and IDENTIFIER.match(name) is not None and not keyword.iskeyword(name)
-
-
 def _is_path(path) -> bool:
     """A dotted module path of names torch.fx writes safely (``layer1.0.conv1``, ``block1-0``)."""
     return isinstance(path, str) and all(MODULE_NAME.match(part) and not keyword.iskeyword(part)
                                          for part in path.split("."))
-
-
-def _expect(condition: bool, problem: str) -> None:
-    if not condition:
-        raise InvalidModelFile(problem)
 
 
 def _first_line(error: Exception) -> str:

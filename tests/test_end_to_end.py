@@ -96,7 +96,7 @@ def test_explain_formula_matches_the_real_resnet18_exactly():
 
 def test_recursive_formula_unrolls_the_first_two_layers():
     """I_q → conv1 → ReLU → layer1.0.conv1 by the documented formulas, in plain int64."""
-    from fxq.explanation import reference_output
+    from fxq.reference import reference_output
 
     _, qmodel, test, *_ = results("mnist")
     x = test.images[:8]

@@ -6,8 +6,8 @@ from torch import nn
 import fxq
 from fxq import gemm, records
 from fxq.config import Rounding
-from fxq.explanation import reference_output
 from fxq.ops.layers import QConv2d
+from fxq.reference import reference_output
 from tests.helpers import check_quantized
 
 

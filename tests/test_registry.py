@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import fxq
-from fxq import ops, serialize
+from fxq import ops, saved_graph, serialize
 from fxq.ops import Output
 from fxq.runtime import count_ops
 from fxq.schema import Schema
@@ -27,8 +27,8 @@ def test_every_entry_has_every_facet(op):
     if op.keeps_call:
         assert callable(op.export), "a call the integer graph keeps must say how it exports"
     for function in op.functions:
-        assert serialize.FUNCTIONS[f"{function.__module__}.{function.__name__}"] is function
-    assert set(op.methods) <= serialize.METHODS
+        assert saved_graph.FUNCTIONS[f"{function.__module__}.{function.__name__}"] is function
+    assert set(op.methods) <= saved_graph.METHODS
 
 
 class Probe(nn.Module):
