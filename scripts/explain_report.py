@@ -129,8 +129,7 @@ def _sensitivity_section() -> list[str]:
             lines += [f"**{dataset} {setting}**: float {r['float']:.2f} %, all layers quantized "
                       f"{r['all_quantized']:.2f} %. Most sensitive alone: "
                       + ", ".join(f"`{w['layer']}` ({w['only'] - r['float']:+.2f})" for w in worst), "",
-                      r["markdown"]]
-        lines += [f"![sensitivity](img/sensitivity_{dataset}.png)", ""]
+                      r["markdown"], "", f"![sensitivity](img/sensitivity_{dataset}_{setting}.png)", ""]
     return lines
 
 

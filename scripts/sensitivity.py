@@ -6,7 +6,7 @@ with all but one quantized, at W8A8 and W4A4; a table and a plot.
 On the fixed 2,000-image test subset of scripts/sweeps.py; calibration: 512 training images.
 "Quantized" means as fxq's integer model does it: the layer's integer weights and bias, its input
 and its output (before the ReLU) on fxq's grids. Writes results/sensitivity_<data set>.json and
-docs/img/sensitivity_<data set>.png.
+docs/img/sensitivity_<data set>_<setting>.png (`fxq report`'s plot).
 """
 from __future__ import annotations
 
@@ -14,15 +14,12 @@ import argparse
 import json
 from pathlib import Path
 
-import matplotlib
 import torch
 
 import fxq
+from fxq import plots
 from fxq.comparison import sensitivity
 from scripts import data, models, sweeps
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {"W8A8": fxq.QConfig(), "W4A4": fxq.QConfig(weight_bits=4, act_bits=4)}
@@ -44,24 +41,17 @@ def run(dataset: str) -> dict:
     return report
 
 
-def plot(dataset: str, report: dict) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
-    for ax, (setting, r) in zip(axes, report.items()):
-        names = [row["layer"] for row in r["layers"]]
-        ax.plot([row["only"] - r["float"] for row in r["layers"]], "o-", label="only this layer")
-        ax.plot([row["all_but"] - r["all_quantized"] for row in r["layers"]], "s-",
-                label="all but this layer (vs all)")
-        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-        ax.axhline(0, color="gray", linewidth=0.5)
-        ax.set_title(f"{dataset} {setting}: float {r['float']:.1f} %, all quantized {r['all_quantized']:.1f} %")
-        ax.set_ylabel("accuracy change (points)")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = ROOT / "docs" / "img" / f"sensitivity_{dataset}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def plot(dataset: str, report: dict) -> list[Path]:
+    """`fxq report`'s sensitivity plot (`fxq.plots.sensitivity`), one per setting."""
+    paths = []
+    for setting, r in report.items():
+        png = plots.sensitivity([row["layer"] for row in r["layers"]],
+                                [row["only"] - r["float"] for row in r["layers"]],
+                                [row["all_but"] - r["all_quantized"] for row in r["layers"]])
+        paths.append(ROOT / "docs" / "img" / f"sensitivity_{dataset}_{setting}.png")
+        paths[-1].parent.mkdir(parents=True, exist_ok=True)
+        paths[-1].write_bytes(png)
+    return paths
 
 
 def main(argv: list[str] | None = None) -> None:
