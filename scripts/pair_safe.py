@@ -12,7 +12,6 @@ calibrated on 512 training images, scored on its full test set.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from tabulate import tabulate
 
 import fxq
 from scripts import data, models, readme
+from scripts.results import Store
 from scripts.train import accuracy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,12 +55,11 @@ def table(results: dict) -> str:
 
 def main() -> None:
     torch.set_num_threads(2)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    store = Store(RESULTS)
     for name in models.RECIPES:
-        if name not in results:
-            results[name] = measure(name)
-            RESULTS.write_text(json.dumps(results, indent=1))
-    text = table(results)
+        if name not in store:
+            store.put(name, measure(name))
+    text = table(store.data)
     readme.publish("pair-safe", text)
 
 

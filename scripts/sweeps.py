@@ -10,7 +10,6 @@ is already there is not repeated.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 import fxq
 from fxq.config import ACT_RANGES, WEIGHT_RANGES
 from scripts import data, models
+from scripts.results import Store
 from scripts.train import accuracy
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -41,8 +41,8 @@ class Cache:
     """Results keyed by a run's description, saved after every run."""
 
     def __init__(self, path: Path):
-        self.path = path
-        self.runs = json.loads(path.read_text())["runs"] if path.exists() else []
+        self.store = Store(path)
+        self.runs = self.store.get("runs", [])
 
     def get(self, key: dict):
         return next((r for r in self.runs if r["key"] == key), None)
@@ -50,9 +50,8 @@ class Cache:
     def add(self, key: dict, result: dict) -> dict:
         record = {"key": key, **result}
         self.runs.append(record)
-        RESULTS.mkdir(exist_ok=True)
-        self.path.write_text(json.dumps({"subset": SUBSET, "subset_seed": SUBSET_SEED,
-                                         "runs": self.runs}, indent=1) + "\n")
+        self.store.data.update(subset=SUBSET, subset_seed=SUBSET_SEED)
+        self.store.put("runs", self.runs)
         return record
 
 

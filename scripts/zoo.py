@@ -37,6 +37,7 @@ from fxq.runtime import count_ops
 from passes.convert import convert, convert_requantizing_joins
 from scripts import readme
 from scripts.evaluate import torch_ao_x86
+from scripts.results import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "zoo.json"
@@ -160,15 +161,16 @@ def joins_table(results: dict) -> str:
                                    "top-1 agree, requantized"], tablefmt="github")
 
 
-def compare_joins(results: dict, calibration: torch.Tensor, scored: torch.Tensor) -> None:
+def compare_joins(store: Store, calibration: torch.Tensor, scored: torch.Tensor) -> None:
     for name in JOINING:
         model = build(name)
         requantizing = [convert_requantizing_joins if p is convert else p for p in fxq.PASSES]
+        entry = dict(store.get(name, {}))
         for key, passes in (("joins shared", None), ("joins requantized", requantizing)):
-            results.setdefault(name, {})[key] = asdict(attempt(run_fxq, model, calibration, scored, passes))
-        print(name, json.dumps({k: results[name][k] for k in ("joins shared", "joins requantized")}), flush=True)
-        RESULTS.write_text(json.dumps(results, indent=1))
-    readme.write("zoo-joins", joins_table(results))
+            entry[key] = asdict(attempt(run_fxq, model, calibration, scored, passes))
+        store.put(name, entry)
+        print(name, json.dumps({k: entry[k] for k in ("joins shared", "joins requantized")}), flush=True)
+    readme.write("zoo-joins", joins_table(store.data))
 
 
 def main() -> None:
@@ -178,22 +180,21 @@ def main() -> None:
     parser.add_argument("--joins", action="store_true", help="only the concatenation comparison")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    store = Store(RESULTS)
     calibration, scored = images(CALIBRATION, 1), images(SCORED, 2)
     if args.joins:
-        compare_joins(results, calibration, scored)
-        print(joins_table(results))
+        compare_joins(store, calibration, scored)
+        print(joins_table(store.data))
         return
     for name in args.models:
         model = build(name)
-        entry = results.setdefault(name, {})
+        entry = dict(store.get(name, {}))
         entry["fxq"] = asdict(attempt(run_fxq, model, calibration, scored))
         if not args.no_reference:
             entry["torch.ao"] = asdict(attempt(run_torch_ao, model, calibration, scored))
+        store.put(name, entry)
         print(name, json.dumps(entry), flush=True)
-        RESULTS.parent.mkdir(exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=1))
-    ordered = {name: results[name] for name in MODELS if name in results}
+    ordered = {name: store.data[name] for name in MODELS if name in store}
     text = table(ordered)
     readme.write("zoo", text)
     print(text)
