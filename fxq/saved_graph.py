@@ -12,7 +12,6 @@ from torch import fx
 from fxq import ops, records
 from fxq import schema as sc
 from fxq.affine import ActQParams
-from fxq.ops.fallback import FLOAT_FUNCTIONS, FLOAT_METHODS
 from fxq.ops.shape import SHAPE_ATTRIBUTES
 
 PLAIN = (int, float, str, bool, type(None))
@@ -22,9 +21,8 @@ DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float6
                                                     torch.bfloat16, torch.int64, torch.int32, torch.uint8)}
 OPS = ("placeholder", "call_module", "call_function", "call_method", "get_attr", "output")
 # the functions and methods a saved graph may call: its ops' forms, and the float fallback's
-FUNCTIONS = {f"{fn.__module__}.{fn.__name__}": fn
-             for fn in [f for op in ops.REGISTRY for f in op.functions] + list(FLOAT_FUNCTIONS)}
-METHODS = frozenset(m for op in ops.REGISTRY for m in op.methods) | FLOAT_METHODS
+FUNCTIONS = {f"{fn.__module__}.{fn.__name__}": fn for op in (*ops.REGISTRY, ops.FLOAT) for fn in op.functions}
+METHODS = frozenset(m for op in (*ops.REGISTRY, ops.FLOAT) for m in op.methods)
 
 
 class InvalidModelFile(ValueError):

@@ -177,7 +177,7 @@ def _schemas() -> dict[type, Schema]:
     """Every module type a quantized graph may hold: each registry entry's integer modules, and
     the float modules a graph keeps."""
     found = {kind: kind.schema for op in (*ops.REGISTRY, ops.FLOAT) for kind in op.integer_modules}
-    return {**found, **FLOAT_SCHEMAS}
+    return {**found, **{cls: FLOAT_SCHEMAS[cls] for cls in ops.FLOAT.modules}}
 
 
 SCHEMAS = _schemas()

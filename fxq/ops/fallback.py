@@ -145,8 +145,11 @@ def export_float(b, node: fx.Node, inputs: list, module: nn.Module | None) -> st
     raise ValueError(f"node '{node.name}' ({what}) runs in float and has no ONNX export yet")
 
 
+# Not in the registry, so it matches nothing: its forms are what a saved model may keep in float
+# (its modules, functions and methods, each saved by its schema or by name).
 FLOAT = Op(
     "float", "kept in float: dequantize its integer inputs, run it, quantize its output",
     lambda lo, node: lower_in_float(lo, node, "no integer form"), Output.OWN,
+    modules=tuple(FLOAT_SCHEMAS), functions=FLOAT_FUNCTIONS, methods=tuple(sorted(FLOAT_METHODS)),
     integer_modules=(Quantize, Dequantize), export=export_float,
 )
