@@ -142,7 +142,7 @@ def batch_input(item: object, index: int) -> torch.Tensor:
 def _run(gm: fx.GraphModule, x: torch.Tensor, index: int) -> None:
     try:
         gm(x)
-    except RuntimeError as error:
+    except (RuntimeError, AssertionError) as error:  # a shape mismatch, a model's own shape assertion
         node = _failing_node(gm, x)
         where = ""
         if node is not None:

@@ -7,6 +7,7 @@ from torch import fx
 
 from fxq import ops, records
 from fxq.affine import ActQParams
+from fxq.canonical import drop_shape_checks
 from fxq.config import Rounding
 from fxq.context import PassContext
 from fxq.graph import add_module_near, call_after, finish, module_name
@@ -51,6 +52,7 @@ def convert_requantizing_joins(gm: fx.GraphModule, ctx: PassContext) -> fx.Graph
 
 
 def _convert(gm: fx.GraphModule, ctx: PassContext, share_joins: bool) -> fx.GraphModule:
+    drop_shape_checks(gm)  # calibration ran them on real data: they held
     lo = Lowering(gm, ctx, dict(gm.named_modules()))
     _take_calibration_statistics(lo)
     if share_joins:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from fxq.canonical import is_shape_query, torch_class
 from fxq.context import PassContext
 from fxq.graph import finish, replace_module
 
@@ -29,8 +30,8 @@ def fold_bn(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if not _matches(node, modules):
             continue
         conv_node = node.args[0]
-        if len(conv_node.users) > 1:  # the conv's own output is used elsewhere: cannot replace it
-            continue
+        if any(user is not node and not is_shape_query(user) for user in conv_node.users):
+            continue  # the conv's own values are read elsewhere (its shape may be): cannot replace them
         bn = modules[node.target]
         if not bn.track_running_stats or bn.running_mean is None:
             continue  # batch statistics at inference: nothing fixed to fold
@@ -41,7 +42,8 @@ def fold_bn(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         gm.graph.erase_node(node)
     for node in gm.graph.nodes:
         bn = modules.get(node.target) if node.op == "call_module" else None
-        if type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.running_mean is not None:
+        if bn is not None and torch_class(bn) is nn.BatchNorm2d and bn.track_running_stats \
+                and bn.running_mean is not None:
             replace_module(gm, node.target, _affine_conv(bn))
     return finish(gm)
 
@@ -52,7 +54,8 @@ def _matches(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     producer = node.args[0]
     if producer.op != "call_module":
         return False
-    return any(isinstance(modules[producer.target], c) and isinstance(modules[node.target], b)
+    # by what they compute: a conv subclass with a forward of its own (dynamic padding) does not fold
+    return any(torch_class(modules[producer.target]) is c and torch_class(modules[node.target]) is b
                for c, b in PATTERNS)
 
 

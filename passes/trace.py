@@ -5,11 +5,13 @@ import copy
 import fnmatch
 import traceback
 
+import torch
 from torch import fx, nn
 
-from fxq import records
+from fxq import canonical, records
 from fxq.context import PassContext
 from fxq.graph import add_module_near
+from passes.calibrate import batch_input
 
 
 class _PathTracer(fx.Tracer):
@@ -24,6 +26,10 @@ class _PathTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
         if any(fnmatch.fnmatchcase(qualified_name, pattern) for pattern in self.opaque):
+            return True
+        # a subclass running a torch layer's own forward is that layer (its forward may not trace)
+        base = canonical.torch_class(m)
+        if base is not type(m) and not issubclass(base, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return True
         return super().is_leaf_module(m, qualified_name)
 
@@ -43,10 +49,11 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
     wherever the calibration batches are; the integer graph runs on the CPU).
 
     Before: any ``nn.Module``. After: a ``GraphModule`` with the same submodules and the same
-    numerics. A submodule ``overrides`` maps to None is kept whole, as one call that runs in float:
-    the way to quantize a model around a part torch.fx cannot trace. A model torch.fx cannot trace
-    (data-dependent control flow, ...) raises a ``TypeError`` naming the submodule and the source
-    line, with the ways out.
+    numerics; a layer its module computes with ``F.linear``/``F.conv2d``/``F.batch_norm`` on its own
+    tensors is a call of the torch module it is (`fxq.canonical`). A submodule ``overrides`` maps
+    to None is kept whole, as one call that runs in float: the way to quantize a model around a
+    part torch.fx cannot trace. A model torch.fx cannot trace (data-dependent control flow, ...)
+    raises a ``TypeError`` naming the submodule and the source line, with the ways out.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fxq.quantize takes an nn.Module, got {type(model).__name__}")
@@ -67,6 +74,7 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
         ) from error
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     _one_module_per_call_site(gm)
+    canonical.layers_from_functions(gm, _rank_probe(gm, ctx))
     _check_one_input(gm, model)
     gm.graph.lint()
     gm.recompile()
@@ -93,6 +101,40 @@ def _one_module_per_call_site(gm: fx.GraphModule) -> None:
             node.target = add_module_near(gm, node, leaf, copy.deepcopy(module, memo=shared))
         for node in nodes:
             records.put(node, records.Origin(target))
+
+
+def _rank_probe(gm: fx.GraphModule, ctx: PassContext):
+    """``rank_of(node)``: a value's number of dims, from a conv's output or, when needed, from one
+    calibration image run through the graph (None if unknown: that call is left as it is)."""
+    ranks: dict | None = None
+
+    def rank_of(node: fx.Node) -> int | None:
+        nonlocal ranks
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Conv2d):
+            return 4
+        if ranks is None:
+            ranks = _ranks(gm, ctx)
+        return ranks.get(node)
+    return rank_of
+
+
+def _ranks(gm: fx.GraphModule, ctx: PassContext) -> dict:
+    ranks = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if isinstance(value, torch.Tensor):
+                ranks[n] = value.dim()
+            return value
+
+    try:
+        x = batch_input(next(iter(ctx.calib_loader)), 0)[:1].cpu()
+        with torch.no_grad():
+            Recorder(gm).run(x)
+    except Exception:  # bad calibration data is calibrate's to report, with its reason
+        return {}
+    return ranks
 
 
 def _check_one_input(gm: fx.GraphModule, model: nn.Module) -> None:

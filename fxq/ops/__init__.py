@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import fx, nn
 
+from fxq.canonical import torch_class
 from fxq.context import PassContext
 from fxq.graph import module_name
 from fxq.ops import activations, arithmetic, layers, pooling, shape
@@ -40,10 +41,10 @@ _SIZES = frozenset(form for op in REGISTRY if op.output is Output.NONE for form 
 
 
 def match(node: fx.Node, modules: dict[str, nn.Module]) -> list[Op]:
-    """The entries whose forms match the call (a module by its exact type: a subclass may
-    compute anything)."""
+    """The entries whose forms match the call (a module by the torch class whose forward it runs:
+    a subclass that overrides ``forward`` may compute anything)."""
     if node.op == "call_module":
-        return _BY_MODULE.get(type(modules[node.target]), [])
+        return _BY_MODULE.get(torch_class(modules[node.target]), [])
     if node.op == "call_function":
         return _BY_FUNCTION.get(node.target, [])
     if node.op == "call_method":

@@ -1,0 +1,164 @@
+"""What an op computes, not how it is spelled: layers written as functions of constant parameters
+(timm's ``BatchNormAct2d`` calls ``F.batch_norm``, its ``Linear`` ``F.linear``, a weight-standardized
+conv ``F.conv2d``) become the torch modules they are, so that batch norms fold and layers quantize
+whatever class wrote them; and the shape assertions such forwards carry (``torch._assert(x.ndim ==
+4)``) leave the graph once calibration has checked them on real data.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxq.graph import add_module_near
+
+# calls that read a tensor's shape, and Python comparisons and logic on what they return
+SHAPE_QUERIES = frozenset({getattr, len, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
+                           operator.ge, operator.and_, operator.or_, operator.not_, operator.getitem})
+SHAPE_METHODS = frozenset({"size", "dim", "numel"})
+
+
+def torch_class(module: nn.Module) -> type:
+    """The torch.nn class whose computation ``module`` runs: its own type, or, for a subclass that
+    only constructs it differently (``class MyNorm(nn.BatchNorm2d)`` with an ``__init__`` of its
+    own), that base — what the module computes, whatever it is called. A subclass that defines
+    any other method (``forward``, ``_conv_forward``, ...) may compute anything: its own type."""
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith("torch.nn."):
+            return cls
+        if any(callable(v) and name not in _CONSTRUCTION for name, v in vars(cls).items()):
+            return type(module)
+    return type(module)
+
+
+_CONSTRUCTION = frozenset({"__init__", "extra_repr", "__repr__", "reset_parameters"})
+
+
+def layers_from_functions(gm: fx.GraphModule, rank_of: Callable[[fx.Node], int | None]) -> int:
+    """Rewrite each ``F.linear``/``F.conv2d``/``F.batch_norm`` call whose parameters are the
+    model's own tensors (``get_attr``) into a call of ``nn.Linear``/``nn.Conv2d``/``nn.BatchNorm2d``
+    holding those very tensors, registered beside the call. A batch norm in training mode, or
+    over an input that is not 4-d (``rank_of``), stays as it is. Returns how many were rewritten."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        make = _MAKERS.get(node.target) if node.op == "call_function" else None
+        bound = _bound(node) if make is not None else None
+        if bound is None or not _constant_parameters(bound):
+            continue
+        module = make(gm, node, bound, rank_of)
+        if module is None:
+            continue
+        path = add_module_near(gm, node, node.name, module)
+        node.op, node.target, node.args, node.kwargs = "call_module", path, (bound["input"],), {}
+        done += 1
+    return done
+
+
+# each function's parameters in order, with their defaults (F.linear and F.conv2d are builtins
+# without a signature to inspect)
+_SIGNATURES = {
+    F.linear: (("input", ...), ("weight", ...), ("bias", None)),
+    F.conv2d: (("input", ...), ("weight", ...), ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1),
+               ("groups", 1)),
+    F.batch_norm: (("input", ...), ("running_mean", ...), ("running_var", ...), ("weight", None), ("bias", None),
+                   ("training", False), ("momentum", 0.1), ("eps", 1e-5)),
+}
+
+
+def _bound(node: fx.Node) -> dict | None:
+    """The call's arguments by name, defaults filled in; None if they do not fit the function."""
+    names = _SIGNATURES[node.target]
+    if len(node.args) > len(names) or set(node.kwargs) - {n for n, _ in names}:
+        return None
+    bound = dict(zip((n for n, _ in names), node.args))
+    for name, default in names[len(node.args):]:
+        bound[name] = node.kwargs.get(name, default)
+    return None if any(v is ... for v in bound.values()) else bound
+
+
+_PARAMETERS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _constant_parameters(bound: dict) -> bool:
+    """Every tensor argument but the input is a parameter or buffer of the model (or None)."""
+    return isinstance(bound["input"], fx.Node) and all(
+        value is None or (isinstance(value, fx.Node) and value.op == "get_attr")
+        for name, value in bound.items() if name in _PARAMETERS) and not any(
+        isinstance(value, fx.Node) for name, value in bound.items() if name not in _PARAMETERS + ("input",))
+
+
+def _tensor(gm: fx.GraphModule, node: fx.Node | None) -> torch.Tensor | None:
+    if node is None:
+        return None
+    owner, _, name = node.target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def _linear(gm, node, bound, rank_of) -> nn.Module:
+    weight, bias = _tensor(gm, bound["weight"]), _tensor(gm, bound["bias"])
+    layer = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None)
+    return _holding(layer, weight, bias)
+
+
+def _conv(gm, node, bound, rank_of) -> nn.Module | None:
+    weight, bias = _tensor(gm, bound["weight"]), _tensor(gm, bound["bias"])
+    if weight.dim() != 4:
+        return None
+    groups = bound["groups"]
+    layer = nn.utils.skip_init(nn.Conv2d, weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+                               bound["stride"], bound["padding"], bound["dilation"], groups, bias=bias is not None)
+    return _holding(layer, weight, bias)
+
+
+def _batch_norm(gm, node, bound, rank_of) -> nn.Module | None:
+    if bound["training"] is not False or bound["running_mean"] is None or rank_of(bound["input"]) != 4:
+        return None
+    mean, var = _tensor(gm, bound["running_mean"]), _tensor(gm, bound["running_var"])
+    weight, bias = _tensor(gm, bound["weight"]), _tensor(gm, bound["bias"])
+    norm = nn.BatchNorm2d(mean.numel(), eps=bound["eps"], affine=False)
+    norm.running_mean, norm.running_var = mean, var
+    if weight is not None or bias is not None:  # one of them alone: the other is the identity's
+        norm.weight = _parameter(weight if weight is not None else torch.ones_like(mean))
+        norm.bias = _parameter(bias if bias is not None else torch.zeros_like(mean))
+        norm.affine = True
+    return norm.eval()
+
+
+def _holding(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """``layer`` with the model's own tensors as its parameters (shared, not copied)."""
+    layer.weight = _parameter(weight)
+    if bias is not None:
+        layer.bias = _parameter(bias)
+    return layer.eval()
+
+
+def _parameter(tensor: torch.Tensor) -> nn.Parameter:
+    return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+
+
+_MAKERS = {F.linear: _linear, F.conv2d: _conv, F.batch_norm: _batch_norm}
+
+
+def is_shape_query(node: fx.Node) -> bool:
+    """A call that reads sizes, ranks or comparisons of them: never a tensor op."""
+    if node.op == "call_function":
+        return node.target in SHAPE_QUERIES
+    return node.op == "call_method" and node.target in SHAPE_METHODS
+
+
+def drop_shape_checks(gm: fx.GraphModule) -> int:
+    """Erase every ``torch._assert`` (calibration ran them on real data: they held) and the shape
+    queries only they read. Returns how many assertions were erased."""
+    asserts = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch._assert]
+    for node in asserts:
+        gm.graph.erase_node(node)
+    changed = True
+    while changed:
+        dead = [n for n in gm.graph.nodes if not n.users and is_shape_query(n)]
+        for node in dead:
+            gm.graph.erase_node(node)
+        changed = bool(dead)
+    return len(asserts)
