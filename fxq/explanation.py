@@ -16,6 +16,7 @@ from torch import fx
 from fxq import gemm, intmath, packing, records
 from fxq.affine import ActQParams
 from fxq.config import QConfig, Rounding
+from fxq.graph import run_recording
 from fxq.ops.activations import QReLU, QRequantize
 from fxq.ops.layers import QConv2d, QLayer
 from fxq.qmodules import Dequantize, Quantize
@@ -328,20 +329,16 @@ def _final_dequantize(qmodel) -> Step:
 
 
 def _check(qmodel: fx.GraphModule, node: fx.Node, batch: torch.Tensor) -> Check:
-    captured = {}
+    values = {}
 
-    class Capture(fx.Interpreter):
-        def run_node(self, n):
-            result = super().run_node(n)
-            if n is node:
-                captured["in"], captured["out"] = self.env[n.args[0]], result
-            return result
+    def keep(n: fx.Node, value) -> None:
+        if n is node or n is node.args[0]:  # the layer's input and output integers
+            values[n] = value
 
-    with torch.no_grad():
-        Capture(qmodel).run(batch)
+    run_recording(qmodel, batch, keep)
     m: QLayer = qmodel.get_submodule(node.target)
-    expected = reference_output(m, captured["in"])
-    got = captured["out"].to(torch.int64)
+    expected = reference_output(m, values[node.args[0]])
+    got = values[node].to(torch.int64)
     return Check(got.numel(), int((got != expected).sum()))
 
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
+import torch
 from torch import fx, nn
 
 from fxq import records
@@ -38,6 +40,19 @@ def call_after(gm: fx.GraphModule, node: fx.Node, path: str) -> fx.Node:
         inserted = gm.graph.call_module(path, (node,))
     node.replace_all_uses_with(inserted, delete_user_cb=lambda user: user is not inserted)
     return inserted
+
+
+def run_recording(gm: fx.GraphModule, x, record: Callable[[fx.Node, object], None]):
+    """``gm(x)`` node by node (no gradients), handing each node and its value to ``record`` as it
+    is computed; returns the output. A node that raises is not recorded."""
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            record(n, value)
+            return value
+
+    with torch.no_grad():
+        return Recorder(gm).run(x)
 
 
 def attribute(gm: nn.Module, target: str):

@@ -36,6 +36,7 @@ from torch import fx, nn
 from fxq import ops, records, saturation
 from fxq.affine import ActQParams
 from fxq.config import QConfig
+from fxq.graph import run_recording
 from fxq.ops.layers import QLayer
 from fxq.saturation import WeightFormat
 
@@ -117,17 +118,13 @@ def _recorded_shapes(qmodel: fx.GraphModule, sample_shape: tuple) -> dict:
     """Every node's output shape (or list of shapes) on zeros of ``BATCH`` samples, by node and name."""
     shapes = {}
 
-    class Recorder(fx.Interpreter):
-        def run_node(self, n):
-            result = super().run_node(n)
-            if isinstance(result, torch.Tensor):
-                shapes[n] = shapes[n.name] = tuple(result.shape)
-            elif isinstance(result, (tuple, list)) and all(isinstance(r, torch.Tensor) for r in result):
-                shapes[n] = shapes[n.name] = [tuple(r.shape) for r in result]
-            return result
+    def record(n: fx.Node, result) -> None:
+        if isinstance(result, torch.Tensor):
+            shapes[n] = shapes[n.name] = tuple(result.shape)
+        elif isinstance(result, (tuple, list)) and all(isinstance(r, torch.Tensor) for r in result):
+            shapes[n] = shapes[n.name] = [tuple(r.shape) for r in result]
 
-    with torch.no_grad():
-        Recorder(qmodel).run(torch.zeros(BATCH, *sample_shape))
+    run_recording(qmodel, torch.zeros(BATCH, *sample_shape), record)
     return shapes
 
 

@@ -8,7 +8,7 @@ from torch import fx
 
 from fxq import distributed, records
 from fxq.context import PassContext
-from fxq.graph import finish, label, source_line
+from fxq.graph import finish, label, run_recording, source_line
 from fxq.observers import InputGram, Observer
 
 CHANNELS_LAST_PIXELS = 96 * 96  # measured: 28×28 MNIST runs 11 % slower channels-last, 224×224 28 % faster
@@ -157,20 +157,12 @@ def _run(gm: fx.GraphModule, x: torch.Tensor, index: int) -> None:
 def _failing_node(gm: fx.GraphModule, x: torch.Tensor) -> fx.Node | None:
     """The node that raises on ``x``, found by running the graph again node by node (only after
     a failure: the compiled graph is faster)."""
-    failed = []
-
-    class Finder(fx.Interpreter):
-        def run_node(self, n):
-            try:
-                return super().run_node(n)
-            except Exception:
-                failed.append(n)
-                raise
-
+    ran = set()
     try:
-        Finder(gm).run(x)
+        run_recording(gm, x, lambda n, _: ran.add(n))
     except Exception:
         pass
+    failed = [n for n in gm.graph.nodes if n not in ran]
     return failed[0] if failed else None
 
 

@@ -10,7 +10,7 @@ from torch import fx, nn
 
 from fxq import canonical, records
 from fxq.context import PassContext
-from fxq.graph import add_module_near
+from fxq.graph import add_module_near, run_recording
 from passes.calibrate import batch_input
 
 
@@ -121,17 +121,12 @@ def _rank_probe(gm: fx.GraphModule, ctx: PassContext):
 def _ranks(gm: fx.GraphModule, ctx: PassContext) -> dict:
     ranks = {}
 
-    class Recorder(fx.Interpreter):
-        def run_node(self, n):
-            value = super().run_node(n)
-            if isinstance(value, torch.Tensor):
-                ranks[n] = value.dim()
-            return value
+    def record(n: fx.Node, value) -> None:
+        if isinstance(value, torch.Tensor):
+            ranks[n] = value.dim()
 
     try:
-        x = batch_input(next(iter(ctx.calib_loader)), 0)[:1].cpu()
-        with torch.no_grad():
-            Recorder(gm).run(x)
+        run_recording(gm, batch_input(next(iter(ctx.calib_loader)), 0)[:1].cpu(), record)
     except Exception:  # bad calibration data is calibrate's to report, with its reason
         return {}
     return ranks

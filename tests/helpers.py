@@ -10,6 +10,7 @@ import torch
 from torch import fx, nn
 
 from fxq.comparison import sqnr_db
+from fxq.graph import run_recording
 
 
 class ConvBnRelu(nn.Module):
@@ -99,14 +100,7 @@ def output_steps(qmodel: fx.GraphModule, twin: fx.GraphModule, x: torch.Tensor):
 def node_values(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, object]:
     """What every node of ``gm`` produced on ``x``, by node name."""
     values = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n):
-            values[n.name] = super().run_node(n)
-            return values[n.name]
-
-    with torch.no_grad():
-        Recorder(gm).run(x)
+    run_recording(gm, x, lambda n, value: values.__setitem__(n.name, value))
     return values
 
 
