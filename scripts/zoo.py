@@ -1,8 +1,9 @@
-"""fxq on torchvision's classification models: what quantizes, what runs on integers, how close.
+"""fxq on torchvision's and timm's CNNs: what quantizes, what runs on integers, how close.
 
-    python -m scripts.zoo                      # every model: results/zoo.json + the README table
+    python -m scripts.zoo                      # torchvision's models: results/zoo.json + the README table
     python -m scripts.zoo --models resnet18 mobilenet_v2 --no-reference
     python -m scripts.zoo --joins               # concatenations: shared parameters vs requantizing
+    python -m scripts.zoo --timm                # timm's CNNs (results/zoo_timm.json), deployed too
 
 Each model has random weights with batch norm settled on the images (train-mode passes, so the
 activations have realistic scales), 3×64×64 structured random images (smooth random fields plus
@@ -10,7 +11,9 @@ fine noise), 64 for calibration and 256 to score. Per model, fxq at the W8A8 def
 reference only, torch.ao FX graph mode PTQ with the x86 default qconfig on the same data:
 quantized or not, the share of executed ops on integer tensors (`fxq.runtime.count_ops`: the
 dtypes each op actually saw), logits SQNR against float, top-1 agreement with float. For fxq
-also: the integer graph against `fxq.simulate` (bit for bit) and save → load (identical outputs).
+also: the integer graph against `fxq.simulate` (bit for bit) and save → load (identical outputs);
+for timm's models, also quantized with ``requantize="onnxruntime"`` and deployed (`fxq.deploy`,
+the exact weight formats): the share of logits identical to fxq's integer graph.
 ``--joins`` quantizes the models that concatenate twice more, each concatenation's inputs at its
 own parameters (the default) and requantized to them, and writes that comparison's table.
 """
@@ -32,6 +35,7 @@ from tabulate import tabulate
 from torch import nn
 
 import fxq
+from fxq import records
 from fxq.comparison import sqnr_db
 from fxq.runtime import count_ops
 from passes.convert import convert, convert_requantizing_joins
@@ -45,6 +49,16 @@ JOINING = ("densenet121", "squeezenet1_0", "shufflenet_v2_x0_5", "googlenet")
 MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "vgg11_bn", "densenet121",
           "squeezenet1_0", "shufflenet_v2_x0_5", "efficientnet_b0", "regnet_x_400mf", "googlenet", "convnext_tiny")
 EXTRA_ARGUMENTS = {"googlenet": {"aux_logits": False, "init_weights": True}}
+# timm's CNNs across families (ResNet-D, SE/ECA, SK, Res2Net, ResNeSt, RegNet, EfficientNet/Lite,
+# MixNet, TinyNet, MNASNet, FBNet, HardCoReNAS, GhostNet, ReXNet, RepVGG, CSP, DLA, DPN, VoVNet,
+# HRNet, DenseNet, LCNet, GENet, SelecSLS, Xception, ConvMixer, MobileViT)
+TIMM_MODELS = ("resnet50d", "seresnet50", "ecaresnet50d", "skresnet18", "res2net50_14w_8s", "resnest14d",
+               "regnetx_002", "regnety_002", "efficientnet_b0", "efficientnet_lite0", "tf_efficientnet_b0",
+               "mixnet_s", "tinynet_a", "mnasnet_100", "fbnetc_100", "hardcorenas_a", "mobilenetv3_small_050",
+               "ghostnet_100", "rexnet_100", "repvgg_a0", "cspresnet50", "cspdarknet53", "dla34", "dpn68",
+               "ese_vovnet19b_dw", "hrnet_w18_small", "densenet121", "lcnet_050", "gernet_s", "selecsls42b",
+               "xception41", "convmixer_768_32", "mobilevit_xxs")
+TIMM_RESULTS = ROOT / "results" / "zoo_timm.json"
 SIZE, CALIBRATION, SCORED = 64, 64, 256
 
 
@@ -61,7 +75,11 @@ def build(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's notes on initialization
-        model = torchvision.models.get_model(name, weights=None, **EXTRA_ARGUMENTS.get(name, {}))
+        if name in TIMM_MODELS:
+            import timm  # a dev dependency: only this study and the tests use it
+            model = timm.create_model(name, pretrained=False)
+        else:
+            model = torchvision.models.get_model(name, weights=None, **EXTRA_ARGUMENTS.get(name, {}))
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum = None  # a cumulative average over the settling batches
@@ -82,6 +100,8 @@ class Result:
     float_ops: list | None = None        # what ran in float, by node name
     twin_exact: bool | None = None
     save_load_identical: bool | None = None
+    deployed_identical: float | None = None  # % of logits the deployed model gives as fxq's graph
+    float_reasons: dict | None = None    # node → why it runs in float
     error: str | None = None
 
 
@@ -94,6 +114,18 @@ def score(model: nn.Module, qmodel: nn.Module, scored: torch.Tensor) -> tuple[fl
 def share(gm, example: torch.Tensor) -> tuple[float, list]:
     counts = count_ops(gm, example)
     return 100.0 * counts.integer / max(counts.integer + counts.float, 1), list(counts.float_ops)
+
+
+def run_deployed(model: nn.Module, calibration: torch.Tensor, scored: torch.Tensor) -> Result:
+    """fxq with onnxruntime's rounding, deployed with the exact weight formats: the share of the
+    deployed model's logits identical to fxq's integer graph."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxq.FloatFallbackWarning)
+        qmodel = fxq.quantize(model, list(calibration.split(16)), fxq.QConfig(requantize="onnxruntime"))
+    deployed = fxq.deploy(qmodel, scored[:1], threads=2, weights="exact")
+    with torch.no_grad():
+        identical = 100.0 * float((deployed(scored) == qmodel(scored)).float().mean())
+    return Result(True, deployed_identical=identical)
 
 
 def run_fxq(model: nn.Module, calibration: torch.Tensor, scored: torch.Tensor, passes=None) -> Result:
@@ -110,7 +142,9 @@ def run_fxq(model: nn.Module, calibration: torch.Tensor, scored: torch.Tensor, p
         with tempfile.TemporaryDirectory() as folder:
             fxq.save(qmodel, Path(folder) / "model.fxq")
             identical = bool(torch.equal(fxq.load(Path(folder) / "model.fxq")(scored), qmodel(scored)))
-    return Result(True, integer_share, sqnr, agreement, seconds, float_ops, exact, identical)
+    reasons = {n.name: records.get(n, records.FloatOp).reason for n in qmodel.graph.nodes
+               if records.has(n, records.FloatOp)}
+    return Result(True, integer_share, sqnr, agreement, seconds, float_ops, exact, identical, float_reasons=reasons)
 
 
 def run_torch_ao(model: nn.Module, calibration: torch.Tensor, scored: torch.Tensor) -> Result:
@@ -143,10 +177,16 @@ def table(results: dict) -> str:
             return ["yes", f"{r.integer_share:.0f} %", f"{r.sqnr_db:.1f}", f"{r.top1_agreement:.1f} %"]
 
         checks = "" if not ours.quantized else ("✓" if ours.twin_exact and ours.save_load_identical else "✗")
-        rows.append([name] + cells(ours) + [checks] + cells(peer))
+        deployed = [] if "deployed" not in entry else [_deployed_cell(Result(**entry["deployed"]))]
+        rows.append([name] + cells(ours) + [checks] + deployed + cells(peer))
     headers = ["model", "fxq", "integer ops", "SQNR dB", "top-1 agree", "twin & load exact",
+               *(["deployed: identical logits"] if any("deployed" in e for e in results.values()) else []),
                "torch.ao", "integer ops", "SQNR dB", "top-1 agree"]
     return tabulate(rows, headers=headers, tablefmt="github")
+
+
+def _deployed_cell(r: Result) -> str:
+    return f"{r.deployed_identical:.1f} %" if r.quantized else f"no: {r.error[:60]}"
 
 
 def joins_table(results: dict) -> str:
@@ -175,29 +215,46 @@ def compare_joins(store: Store, calibration: torch.Tensor, scored: torch.Tensor)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="+", choices=MODELS + TIMM_MODELS, help="default: every model")
     parser.add_argument("--no-reference", action="store_true", help="skip torch.ao")
     parser.add_argument("--joins", action="store_true", help="only the concatenation comparison")
+    parser.add_argument("--timm", action="store_true", help="timm's CNNs instead of torchvision's")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    store = Store(RESULTS)
+    family = TIMM_MODELS if args.timm else MODELS
+    store = Store(TIMM_RESULTS if args.timm else RESULTS)
     calibration, scored = images(CALIBRATION, 1), images(SCORED, 2)
     if args.joins:
         compare_joins(store, calibration, scored)
         print(joins_table(store.data))
         return
-    for name in args.models:
+    for name in args.models or family:
         model = build(name)
         entry = dict(store.get(name, {}))
         entry["fxq"] = asdict(attempt(run_fxq, model, calibration, scored))
+        if args.timm:
+            entry["deployed"] = asdict(attempt(run_deployed, model, calibration, scored))
         if not args.no_reference:
             entry["torch.ao"] = asdict(attempt(run_torch_ao, model, calibration, scored))
         store.put(name, entry)
         print(name, json.dumps(entry), flush=True)
-    ordered = {name: store.data[name] for name in MODELS if name in store}
-    text = table(ordered)
-    readme.write("zoo", text)
-    print(text)
+    measured = {name: store.data[name] for name in family if name in store}
+    text = table(measured) + (float_list(measured) if args.timm else "")
+    readme.publish("zoo-timm" if args.timm else "zoo", text)
+
+
+def float_list(results: dict) -> str:
+    """Each model's ops that run in float, with the reason fxq gives."""
+    lines = []
+    for name, entry in results.items():
+        reasons = (entry["fxq"].get("float_reasons") or {}) if entry["fxq"]["quantized"] else {}
+        if reasons:
+            by_reason: dict[str, list[str]] = {}
+            for node, reason in reasons.items():
+                by_reason.setdefault(reason, []).append(node)
+            lines.append(f"- {name}: " + "; ".join(f"{', '.join(nodes[:4])}{' …' if len(nodes) > 4 else ''} "
+                                                  f"({len(nodes)}×): {reason}" for reason, nodes in by_reason.items()))
+    return "\n\nRuns in float:\n\n" + "\n".join(lines) if lines else ""
 
 
 if __name__ == "__main__":
