@@ -117,6 +117,15 @@ def check_quantized(qmodel: fx.GraphModule, model: nn.Module, x: torch.Tensor, t
         return sqnr_db(model(x), qmodel(x))
 
 
+def assert_deploys_bit_exact(qmodel: fx.GraphModule, x: torch.Tensor, saved: Path | None = None) -> None:
+    """``qmodel`` (or the model ``saved`` there) deployed in onnxruntime with the exact weight
+    formats gives ``qmodel``'s very logits on ``x`` (it was quantized with onnxruntime's rounding)."""
+    import fxq
+    deployed = fxq.deploy(fxq.load(saved) if saved else qmodel, x[:1], threads=1, weights="exact")
+    with torch.no_grad():
+        assert deployed.bit_exact and torch.equal(deployed(x), qmodel(x))
+
+
 ROOT = Path(__file__).resolve().parent.parent
 BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser")
 

@@ -8,7 +8,7 @@ import fxq
 from fxq import records
 from fxq.affine import ActQParams
 from fxq.ops.lookup import QClamp, QLookup
-from tests.helpers import check_quantized
+from tests.helpers import assert_deploys_bit_exact, check_quantized
 
 
 class Activations(nn.Module):
@@ -127,9 +127,7 @@ def test_prelu_is_a_table_per_channel_on_integers_and_saves_and_deploys(tmp_path
     assert sorted(t.table.numel() // 256 for t in tables.values()) == [1, 5, 6, 6]
     x = torch.randn(32, 3, 8, 8)
     assert check_quantized(qmodel, model, x, tmp_path) > 25
-    deployed = fxq.deploy(fxq.load(tmp_path / "model.fxq"), x[:1], threads=1, weights="exact")
-    with torch.no_grad():
-        assert deployed.bit_exact and torch.equal(deployed(x), qmodel(x))
+    assert_deploys_bit_exact(qmodel, x, tmp_path / "model.fxq")
 
 
 def test_a_prelu_table_is_quantize_of_prelu_of_every_grid_value_per_channel():

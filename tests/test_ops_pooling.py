@@ -10,7 +10,7 @@ import fxq
 from fxq import records
 from fxq.affine import ActQParams, round_half_away
 from fxq.ops.pooling import QAvgPool2d, QResizeNearest
-from tests.helpers import check_quantized
+from tests.helpers import assert_deploys_bit_exact, check_quantized
 
 QP = ActQParams(0.1, 37, 8)
 
@@ -110,9 +110,7 @@ def test_nearest_upsampling_copies_integers_saves_and_deploys_bit_exact(tmp_path
     assert not any(records.has(n, records.FloatOp) for n in qmodel.graph.nodes)
     x = torch.randn(16, 3, 9, 9)
     assert check_quantized(qmodel, model, x, tmp_path) > 25
-    deployed = fxq.deploy(fxq.load(tmp_path / "model.fxq"), x[:1], threads=1, weights="exact")
-    with torch.no_grad():
-        assert deployed.bit_exact and torch.equal(deployed(x), qmodel(x))
+    assert_deploys_bit_exact(qmodel, x, tmp_path / "model.fxq")
 
 
 def test_bilinear_resampling_stays_in_float_and_says_why():

@@ -9,7 +9,7 @@ from fxq import ops, saved_graph, serialize
 from fxq.ops import Output
 from fxq.runtime import count_ops
 from fxq.schema import Schema
-from tests.helpers import output_steps
+from tests.helpers import assert_deploys_bit_exact, check_quantized
 
 ENTRIES = list(ops.REGISTRY)
 
@@ -57,14 +57,8 @@ def test_every_entry_runs_on_integers_like_its_twin_saves_and_exports(op, tmp_pa
     qmodel = fxq.quantize(model, calib, fxq.QConfig(requantize="onnxruntime"))
     x = torch.randn(5, 3, 8, 8)
     assert count_ops(qmodel, x).float == 0, f"{op.name}'s example ran in float"
-    integer, simulated = output_steps(qmodel, fxq.simulate(qmodel), x)
-    assert torch.equal(integer, simulated)
-    fxq.save(qmodel, tmp_path / "m.fxq")
-    loaded = fxq.load(tmp_path / "m.fxq")
-    deployed = fxq.deploy(qmodel, x[:1], threads=1, weights="exact")
-    with torch.no_grad():
-        assert torch.equal(loaded(x), qmodel(x))
-        assert deployed.bit_exact and torch.equal(deployed(x), qmodel(x))
+    check_quantized(qmodel, model, x, tmp_path)  # the twin bit for bit, save → load identical
+    assert_deploys_bit_exact(qmodel, x)
 
 
 def test_a_module_type_belongs_to_one_entry():

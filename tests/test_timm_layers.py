@@ -10,7 +10,7 @@ from torch import nn
 import fxq
 from fxq import records
 from fxq.runtime import count_ops
-from tests.helpers import check_quantized, randomize_bn
+from tests.helpers import assert_deploys_bit_exact, check_quantized, randomize_bn
 
 
 class TimmBlock(nn.Module):
@@ -62,9 +62,7 @@ def test_timms_batch_norms_fold_and_its_linear_is_a_layer(tmp_path):
     assert layers.count("QConv2d") == 3 and layers.count("QLinear") == 1  # two folded, one affine conv
     x = torch.randn(16, 3, 12, 12)
     assert check_quantized(qmodel, model, x, tmp_path) > 25
-    deployed = fxq.deploy(qmodel, x[:1], threads=1, weights="exact")
-    with torch.no_grad():
-        assert deployed.bit_exact and torch.equal(deployed(x), qmodel(x))
+    assert_deploys_bit_exact(qmodel, x)
 
 
 def test_the_shape_assertions_are_gone_after_calibration_and_count_as_nothing():
