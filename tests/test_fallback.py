@@ -144,3 +144,23 @@ def test_an_op_whose_calibrated_parameters_have_no_integer_form_runs_in_float_an
     x = torch.randn(4, 3, 8, 8)
     integer, simulated = output_steps(qmodel, fxq.simulate(qmodel), x)
     assert torch.equal(integer, simulated)
+
+
+class SelectiveKernel(nn.Module):
+    """SKNet's attention over branches: torch.softmax (not F.softmax) kept in float between integers."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        weights = torch.softmax(torch.stack([self.a(x), self.b(x)], 1), 1)
+        return (weights[:, 0] * self.a(x)).mean((2, 3))
+
+
+def test_torch_softmax_kept_in_float_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    model = SelectiveKernel().eval()
+    with pytest.warns(fxq.FloatFallbackWarning, match="softmax"):
+        qmodel = fxq.quantize(model, [torch.randn(4, 3, 8, 8) for _ in range(2)])
+    assert check_quantized(qmodel, model, torch.randn(8, 3, 8, 8), tmp_path) > 20

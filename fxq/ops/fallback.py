@@ -116,7 +116,7 @@ FLOAT_FUNCTIONS = (
     F.silu, F.hardswish, F.hardsigmoid, F.relu6, F.hardtanh, F.leaky_relu, F.elu, F.mish,
     F.softplus, F.sigmoid, F.tanh, F.normalize, F.dropout, F.pad, F.max_pool2d, F.avg_pool2d,
     F.adaptive_max_pool2d, F.linear, F.conv2d,
-    torch.sigmoid, torch.tanh, torch.exp, torch.sqrt, torch.rsqrt, torch.abs, torch.clamp,
+    torch.sigmoid, torch.tanh, torch.exp, torch.sqrt, torch.rsqrt, torch.abs, torch.clamp, torch.softmax,
     torch.stack, torch.cat, torch.mul, torch.div, torch.sub, torch.matmul, torch.mean, torch.sum,
     torch.amax, torch.transpose, torch.permute, torch.reshape, torch.squeeze, torch.unsqueeze,
     torch.chunk, torch.split, torch.flip, torch.roll, torch.where, torch.maximum, torch.minimum,
