@@ -123,12 +123,18 @@ def _read(path: str | Path) -> dict:
             f"{path} is not a valid fxq model file: it cannot be read as tensors and plain data "
             f"({type(error).__name__}; the file is damaged, truncated, or not written by fxq.save). "
             "Write it again with fxq.save") from None
+    return intact(payload, path)
+
+
+def intact(payload: object, source: str | Path) -> dict:
+    """``payload`` as read from ``source``, if it is an fxq model whose content matches its
+    SHA-256 digest; otherwise :class:`InvalidModelFile`."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise InvalidModelFile(f"{path} is not an fxq model file ({FORMAT}, found {found!r}); write "
+        raise InvalidModelFile(f"{source} is not an fxq model file ({FORMAT}, found {found!r}); write "
                                "one with fxq.save (files of older fxq versions: quantize again)")
     if payload.get("sha256") != digest(payload):
-        raise InvalidModelFile(f"{path} is damaged: its content does not match its SHA-256 digest")
+        raise InvalidModelFile(f"{source} is damaged: its content does not match its SHA-256 digest")
     return payload
 
 

@@ -135,15 +135,18 @@ def test_every_field_changed_in_a_crafted_file_is_refused_or_loads_a_working_mod
 def test_every_field_changed_without_its_digest_is_a_damaged_file(saved, tmp_path):
     marker = tmp_path / "ran"
     changed = 0
-    for path, new in list(_cases(saved, marker))[::4]:  # the digest sees every byte: a sample will do
+    for index, (path, new) in enumerate(list(_cases(saved, marker))[::4]):  # the digest sees every byte
         payload = copy.deepcopy(saved)
         if not _set(payload, path, new):
             continue
         if serialize.digest(payload) == saved["sha256"]:
             continue  # the change did not change anything (e.g. a value set to itself)
-        torch.save(payload, tmp_path / "damaged.fxq")
         with pytest.raises(fxq.InvalidModelFile):
-            fxq.load(tmp_path / "damaged.fxq")
+            if index % 10 == 0:  # through a file; the rest as fxq.load checks what it read
+                torch.save(payload, tmp_path / "damaged.fxq")
+                fxq.load(tmp_path / "damaged.fxq")
+            else:
+                serialize.intact(payload, "damaged.fxq")
         changed += 1
         assert not marker.exists()
     assert changed > 100
