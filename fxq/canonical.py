@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fxq import records
 from fxq.graph import add_module_near
 
 # calls that read a tensor's shape, and Python comparisons and logic on what they return
@@ -140,6 +141,34 @@ def _parameter(tensor: torch.Tensor) -> nn.Parameter:
 
 
 _MAKERS = {F.linear: _linear, F.conv2d: _conv, F.batch_norm: _batch_norm}
+
+
+def conv1d_as_conv2d(gm: fx.GraphModule) -> int:
+    """Rewrite each ``nn.Conv1d`` call (ECA's channel attention) as ``unsqueeze(-1)`` → the
+    ``nn.Conv2d`` with a ``k×1`` kernel that computes the same sums → ``squeeze(-1)``: one conv
+    fxq quantizes. Zero padding only (another mode stays as it is). Returns how many."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        conv = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if torch_class(conv) is not nn.Conv1d or conv.padding_mode != "zeros" or node.kwargs or len(node.args) != 1:
+            continue
+        padding = conv.padding if isinstance(conv.padding, str) else (conv.padding[0], 0)
+        square = nn.utils.skip_init(nn.Conv2d, conv.in_channels, conv.out_channels, (conv.kernel_size[0], 1),
+                                    (conv.stride[0], 1), padding, (conv.dilation[0], 1), conv.groups,
+                                    bias=conv.bias is not None)
+        _holding(square, conv.weight.detach().unsqueeze(-1), None if conv.bias is None else conv.bias.detach())
+        path = add_module_near(gm, node, f"{node.target.rpartition('.')[2]}_2d", square)
+        with gm.graph.inserting_before(node):
+            column = gm.graph.call_method("unsqueeze", (node.args[0], -1))
+            summed = gm.graph.call_module(path, (column,))
+        records.put(summed, records.Origin(node.target))  # overrides and reports name the user's module
+        with gm.graph.inserting_after(node):
+            flat = gm.graph.call_method("squeeze", (summed, -1))
+        node.replace_all_uses_with(flat)
+        gm.graph.erase_node(node)
+        done += 1
+    gm.delete_all_unused_submodules()
+    return done
 
 
 def is_shape_query(node: fx.Node) -> bool:

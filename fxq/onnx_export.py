@@ -47,10 +47,11 @@ BATCH = 2  # the batch the export runs once with, to learn every value's shape
 class Builder:
     """Collects ONNX nodes and initializers; one method per ONNX idiom the facets use."""
 
-    def __init__(self, shapes: dict, formats: dict | None = None):
+    def __init__(self, shapes: dict, formats: dict | None = None, batched: dict | None = None):
         from onnx import TensorProto, helper, numpy_helper
         self.helper, self.numpy_helper, self.types = helper, numpy_helper, TensorProto
         self.nodes, self.initializers, self.shapes = [], [], shapes
+        self.batched = batched or {}  # node → the dims of its output whose size follows the batch
         self.formats = formats or {}  # layer module → `saturation.WeightFormat` (default U8S8)
         self.values: dict[fx.Node, object] = {}  # what each fx node became in the ONNX graph
         self.count = 0
@@ -85,6 +86,13 @@ class Builder:
         """The node's output shape on the export's example run (batch first, ``BATCH``)."""
         return self.shapes[node]
 
+    def dtype_of(self, node: fx.Node) -> torch.dtype:
+        return self.shapes.get((node, "dtype"), torch.float32)
+
+    def batched_dims(self, node: fx.Node) -> tuple[int, ...]:
+        """The dims of the node's output whose size changes with the batch size."""
+        return self.batched.get(node, (0,))
+
     # -------------------------------------------------------------- quantization
 
     def scale_zero(self, name: str, qp: ActQParams) -> tuple[str, str]:
@@ -114,18 +122,26 @@ class Builder:
         return self.node("Gather", [self.constant(f"{name}_table", table.to(torch.uint8)), index], name)
 
 
-def _recorded_shapes(qmodel: fx.GraphModule, sample_shape: tuple) -> dict:
-    """Every node's output shape (or list of shapes) on zeros of ``BATCH`` samples, by node and name."""
+def _recorded_shapes(qmodel: fx.GraphModule, sample_shape: tuple, batch: int = BATCH) -> dict:
+    """Every node's output shape (or list of shapes) on zeros of ``batch`` samples, by node and
+    name; and by ``(node, "dtype")`` its dtype."""
     shapes = {}
 
     def record(n: fx.Node, result) -> None:
         if isinstance(result, torch.Tensor):
             shapes[n] = shapes[n.name] = tuple(result.shape)
+            shapes[n, "dtype"] = result.dtype
         elif isinstance(result, (tuple, list)) and all(isinstance(r, torch.Tensor) for r in result):
             shapes[n] = shapes[n.name] = [tuple(r.shape) for r in result]
 
-    run_recording(qmodel, torch.zeros(BATCH, *sample_shape), record)
+    run_recording(qmodel, torch.zeros(batch, *sample_shape), record)
     return shapes
+
+
+def _batched_dims(shapes: dict, other: dict) -> dict:
+    """For each node with one tensor output: the dims whose size differs between two batch sizes."""
+    return {n: tuple(d for d, (a, b) in enumerate(zip(shape, other[n])) if a != b)
+            for n, shape in shapes.items() if isinstance(n, fx.Node) and isinstance(shape, tuple)}
 
 
 def layer_bounds(qmodel: fx.GraphModule) -> dict[str, tuple[int, int]]:
@@ -151,7 +167,8 @@ def to_onnx(qmodel: fx.GraphModule, weights: str = "auto"):
     sample_shape = tuple(inputs[0].sample_shape)
     modules = dict(qmodel.named_modules())
     formats = {modules[name]: f for name, f in weight_formats(qmodel, weights).items()}
-    b = Builder(_recorded_shapes(qmodel, sample_shape), formats)
+    shapes = _recorded_shapes(qmodel, sample_shape)
+    b = Builder(shapes, formats, _batched_dims(shapes, _recorded_shapes(qmodel, sample_shape, BATCH + 1)))
     values = b.values
     for node in qmodel.graph.nodes:
         if node.op == "placeholder":
@@ -216,11 +233,14 @@ class Deployed(nn.Module):
     ``bit_exact``: its outputs equal the quantized model's bit for bit — the model computes
     onnxruntime's arithmetic (``QConfig(requantize="onnxruntime")``) and no layer runs a kernel
     that saturates on this machine. ``formats``: each layer's weight format; ``saturating``:
-    whether this machine's U8S8 kernels add products in saturating 16-bit pairs."""
+    whether this machine's U8S8 kernels add products in saturating 16-bit pairs; ``float_ops``:
+    the ops that run in float between integers."""
 
     def __init__(self, model_bytes: bytes, threads: int, bit_exact: bool,
-                 formats: dict[str, WeightFormat] | None = None, saturating: bool = False):
+                 formats: dict[str, WeightFormat] | None = None, saturating: bool = False,
+                 float_ops: list[str] | None = None):
         super().__init__()
+        self.float_ops = list(float_ops or [])
         self.model_bytes, self.threads = model_bytes, threads
         self.bit_exact = bit_exact
         self.formats, self.saturating = dict(formats or {}), saturating
@@ -255,12 +275,23 @@ class Deployed(nn.Module):
         elif self.saturating and any(f is WeightFormat.U8S8 for f in self.formats.values()):
             agreement = ("NOT exact: U8S8 layers that can saturate on this CPU's onnxruntime "
                          "(deploy with weights='auto' or 'exact')")
+        elif self.float_ops:
+            agreement = (f"{len(self.float_ops)} float op(s) run on onnxruntime's float kernels: their "
+                         "outputs may land a step from fxq's executor")
         else:
             agreement = ("within a few output steps of fxq's executor "
                          "(QConfig(requantize='onnxruntime') makes it bit-exact)")
         runtime = "saturating U8S8 kernels (no VNNI)" if self.saturating else "exact U8S8 kernels"
         return (f"onnxruntime ({runtime}), weights {self.weight_format}, {len(self.model_bytes) / 1e6:.2f} MB "
                 f"model, {self.threads} threads, {agreement}")
+
+
+def float_ops(qmodel: fx.GraphModule) -> list[str]:
+    """The float ops between integers (each one's output is quantized again inside the graph):
+    onnxruntime's float kernels may round them differently from torch's."""
+    inner = {name for name, m in qmodel.named_modules() if type(m).__name__ == "Quantize" and m.sample_shape is None}
+    return [n.args[0].name for n in qmodel.graph.nodes
+            if n.op == "call_module" and n.target in inner and isinstance(n.args[0], fx.Node)]
 
 
 def deploy(qmodel: fx.GraphModule, example_input: torch.Tensor | None = None, threads: int = 2,
@@ -272,9 +303,10 @@ def deploy(qmodel: fx.GraphModule, example_input: torch.Tensor | None = None, th
     weights, the fastest kernels) where this machine's onnxruntime adds products exactly, and
     where it saturates (x86 without VNNI) U8S8 only for layers that cannot saturate, U8U8 for
     the rest. It computes exactly what ``qmodel`` does when ``qmodel`` was quantized with
-    ``QConfig(requantize="onnxruntime")`` and no layer can saturate (``deployed.bit_exact``);
-    otherwise convs, linears and adds may land a step or two apart (onnxruntime requantizes in
-    float32, fxq in fixed point)."""
+    ``QConfig(requantize="onnxruntime")``, no layer can saturate and no op runs in float
+    (``deployed.bit_exact``); otherwise convs, linears and adds may land a step or two apart
+    (onnxruntime requantizes in float32, fxq in fixed point), and so may the output of a float
+    op (onnxruntime's float kernels round their own way)."""
     buffer = io.BytesIO()
     export_onnx(qmodel, buffer, weights)
     config = records.get(qmodel, QConfig)
@@ -284,7 +316,9 @@ def deploy(qmodel: fx.GraphModule, example_input: torch.Tensor | None = None, th
     exact_kernels = not saturating or all(f is WeightFormat.U8U8 or saturation.pair_safe(*bounds[name])
                                           for name, f in formats.items())
     runtime_arithmetic = config is not None and config.requantize == "onnxruntime"
-    deployed = Deployed(buffer.getvalue(), threads, runtime_arithmetic and exact_kernels, formats, saturating)
+    floating = float_ops(qmodel)
+    exact = runtime_arithmetic and exact_kernels and not floating
+    deployed = Deployed(buffer.getvalue(), threads, exact, formats, saturating, floating)
     if example_input is not None:
         deployed(example_input)
     return deployed

@@ -64,8 +64,8 @@ _BOUNDARY_TENSORS = {"scale": torch.float64, "zero_point": torch.int32}
 class Quantize(_ActBoundary):
     """float → uint8 ``clamp(round(x / s) + z)``; checks the input looks like the calibration data."""
 
-    schema = Schema({"bits": sc.act_bits, "sample_shape": sc.optional(sc.ints(1)), "requantize_as": sc.REQUANTIZE},
-                    _BOUNDARY_TENSORS, ranges=_boundary_ranges)
+    schema = Schema({"bits": sc.act_bits, "sample_shape": sc.optional(sc.ints(1)), "requantize_as": sc.REQUANTIZE,
+                     "fixed_shape": sc.one_of(False, True)}, _BOUNDARY_TENSORS, ranges=_boundary_ranges)
 
     @property
     def half_even(self) -> bool:
@@ -78,10 +78,11 @@ class Quantize(_ActBoundary):
         return b.quantize(inputs[0], self.qparams, node.name)
 
     def __init__(self, qparams: ActQParams, sample_shape: tuple[int, ...] | None,
-                 rounding: Rounding = Rounding.FIXED_POINT):
+                 rounding: Rounding = Rounding.FIXED_POINT, fixed_shape: bool = False):
         super().__init__(qparams)
         self.requantize_as = Rounding(rounding)
         self.sample_shape = sample_shape  # None: an inner float island, not the network input
+        self.fixed_shape = fixed_shape  # the graph holds for samples of exactly this shape (`fxq.shapes`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sample_shape is not None:
@@ -93,10 +94,13 @@ class Quantize(_ActBoundary):
     def _check(self, x: object) -> None:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"the quantized model takes a float tensor, got {_describe(x)}")
-        if x.dim() != len(self.sample_shape) + 1 or x.shape[1] != self.sample_shape[0]:
+        if (x.dim() != len(self.sample_shape) + 1 or x.shape[1] != self.sample_shape[0]
+                or self.fixed_shape and tuple(x.shape[1:]) != tuple(self.sample_shape)):
+            why = (" (the model's code computes with its input's size, so fxq traced it for this one "
+                   "size; quantize again with samples of the size you need)" if self.fixed_shape else "")
             raise ValueError(
                 f"input of shape {tuple(x.shape)} does not match the calibration samples "
-                f"{self.sample_shape}: pass a batch shaped [N, {', '.join(map(str, self.sample_shape))}]"
+                f"{self.sample_shape}: pass a batch shaped [N, {', '.join(map(str, self.sample_shape))}]{why}"
             )
         finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
         if not finite.all():

@@ -11,10 +11,12 @@ definition, here, and one key that no module spells out:
     Origin            a call site's node: the user's path of the module it runs    (trace)
     FusedUnit         a producer and the activation fused with it                  (fuse)
     Calibration       on the input placeholder: what calibration saw               (calibrate)
+    FixedShape        on the input placeholder: the one sample shape the graph holds for (trace)
     QuantizedWeight   a layer's integer weight and scales, chosen once             (correct_bias, convert)
     Observed          what an integer op produced on the calibration data          (record_stats)
     StatsSource       on the quantized GraphModule: the data Observed is taken from (record_stats)
     FloatOp           an op kept in float, and why                                 (convert)
+    Untraceable       a submodule torch.fx cannot trace, kept whole, and why       (trace)
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ from torch import fx
 from fxq.affine import ActQParams
 from fxq.config import QConfig
 
-__all__ = ["ActQParams", "Calibration", "FloatOp", "FusedUnit", "IntRange", "Observed", "Origin",
-           "QConfig", "QuantizedWeight", "StatsSource", "get", "has", "pop", "put"]
+__all__ = ["ActQParams", "Calibration", "FixedShape", "FloatOp", "FusedUnit", "IntRange", "Observed", "Origin",
+           "QConfig", "QuantizedWeight", "StatsSource", "Untraceable", "get", "has", "pop", "put"]
 
 Record = TypeVar("Record")
 
@@ -55,6 +57,14 @@ class Calibration:
     batches: int
     samples: int
     sample_shape: tuple[int, ...]  # one input without its batch dimension, e.g. (1, 28, 28)
+
+
+@dataclass(frozen=True)
+class FixedShape:
+    """The graph was traced with this input's sizes as constants (`fxq.shapes`): it computes the
+    model only for samples of this shape."""
+
+    sample_shape: tuple[int, ...]
 
 
 class QuantizedWeight(NamedTuple):
@@ -102,6 +112,13 @@ class StatsSource:
 @dataclass(frozen=True)
 class FloatOp:
     """An op the quantized graph runs in float, between dequantize and quantize."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Untraceable:
+    """A submodule call torch.fx could not trace into, kept whole (it runs in float)."""
 
     reason: str
 

@@ -48,6 +48,7 @@ def _check_not_constant(gm: fx.GraphModule, placeholder: fx.Node) -> None:
 
 
 def _one_pass(gm: fx.GraphModule, loader) -> tuple[int, int, tuple[int, ...] | None]:
+    fixed = records.get(next(n for n in gm.graph.nodes if n.op == "placeholder"), records.FixedShape)
     batches = samples = 0
     sample_shape = None
     layout = torch.contiguous_format
@@ -55,6 +56,8 @@ def _one_pass(gm: fx.GraphModule, loader) -> tuple[int, int, tuple[int, ...] | N
     with torch.no_grad():
         for index, item in enumerate(loader):
             x = batch_input(item, index)
+            if fixed is not None:
+                _check_fixed_shape(x, index, fixed)
             if sample_shape is None:  # the model and its observers run where the batches are (a GPU)
                 sample_shape, device = tuple(x.shape[1:]), x.device
                 gm.to(device)
@@ -63,6 +66,15 @@ def _one_pass(gm: fx.GraphModule, loader) -> tuple[int, int, tuple[int, ...] | N
             batches, samples = batches + 1, samples + x.shape[0]
     gm.to("cpu", memory_format=torch.contiguous_format)  # what follows is integer and CPU
     return batches, samples, sample_shape
+
+
+def _check_fixed_shape(x: torch.Tensor, index: int, fixed: records.FixedShape) -> None:
+    if tuple(x.shape[1:]) != fixed.sample_shape:
+        raise ValueError(
+            f"calibration batch {index} holds samples of shape {tuple(x.shape[1:])}, but the model's "
+            f"code computes with its input's size (padding or reshapes from x.shape), so fxq traced "
+            f"it for the first sample's shape {fixed.sample_shape}. Fix: calibrate (and run) the "
+            "model on inputs of one size")
 
 
 def _synchronized(gm: fx.GraphModule, loader) -> tuple[int, int, tuple[int, ...] | None]:

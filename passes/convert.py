@@ -136,7 +136,8 @@ def _choose_weights(lo: Lowering) -> None:
 def _quantize_input(gm: fx.GraphModule, node: fx.Node, rounding: Rounding) -> None:
     calibration = records.get(node, records.Calibration)
     qp = records.get(node, ActQParams)
-    path = add_module_near(gm, node, f"quantize_{node.name}", Quantize(qp, calibration.sample_shape, rounding))
+    fixed = records.has(node, records.FixedShape)
+    path = add_module_near(gm, node, f"quantize_{node.name}", Quantize(qp, calibration.sample_shape, rounding, fixed))
     records.put(call_after(gm, node, path), qp)
 
 

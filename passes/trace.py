@@ -8,7 +8,7 @@ import traceback
 import torch
 from torch import fx, nn
 
-from fxq import canonical, records
+from fxq import canonical, records, shapes
 from fxq.context import PassContext
 from fxq.graph import add_module_near, run_recording
 from passes.calibrate import batch_input
@@ -22,6 +22,7 @@ class _PathTracer(fx.Tracer):
         super().__init__()
         self.path: list[str] = []
         self.failed_in: str | None = None  # the innermost submodule an error came from
+        self.islands: dict[str, str] = {}  # submodules kept whole as they cannot be traced → why
         self.opaque = opaque
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
@@ -50,35 +51,91 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
 
     Before: any ``nn.Module``. After: a ``GraphModule`` with the same submodules and the same
     numerics; a layer its module computes with ``F.linear``/``F.conv2d``/``F.batch_norm`` on its own
-    tensors is a call of the torch module it is (`fxq.canonical`). A submodule ``overrides`` maps
+    tensors is a call of the torch module it is, a ``Conv1d`` the ``k×1`` ``Conv2d`` it equals
+    (`fxq.canonical`). A submodule ``overrides`` maps
     to None is kept whole, as one call that runs in float: the way to quantize a model around a
-    part torch.fx cannot trace. A model torch.fx cannot trace (data-dependent control flow, ...)
-    raises a ``TypeError`` naming the submodule and the source line, with the ways out.
+    part torch.fx cannot trace.
+
+    A model whose Python code computes with sizes (padding from ``x.shape``, ``if h != H``) is
+    traced again with the first calibration sample's sizes as constants (`fxq.shapes`; the batch
+    size stays free, the quantized model checks every input's shape); a submodule that still
+    cannot be traced (control flow on tensor values) is kept whole in float, every one found in
+    this call and named in one `FloatFallbackWarning`. Code outside any submodule that cannot be
+    traced raises a ``TypeError`` naming the source line, with the ways out.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fxq.quantize takes an nn.Module, got {type(model).__name__}")
     model = copy.deepcopy(model).eval().cpu()
     overrides = ctx.overrides if ctx is not None else {}
-    tracer = _PathTracer(tuple(pattern for pattern, config in overrides.items() if config is None))
+    opaque = tuple(pattern for pattern, config in overrides.items() if config is None)
+    tracer = _PathTracer(opaque)
     tracer.record_stack_traces = True  # so reports can name the user's source line of each op
     try:
         graph = tracer.trace(model)
     except Exception as error:  # torch.fx raises several types; all mean "cannot trace"
-        where = f"submodule '{tracer.failed_in}'" if tracer.failed_in else "the top-level module"
-        raise TypeError(
-            f"torch.fx cannot trace {type(model).__name__}: in {where} ({_user_line(error)}): "
-            f"{type(error).__name__}: {error}. Fix: replace Python control flow on tensor values "
-            "with tensor ops (torch.where, masking), move the untraceable code into a function "
-            "decorated with torch.fx.wrap so it is kept as one call, or keep that submodule whole "
-            f"and in float with overrides={{'{tracer.failed_in or 'name'}': None}}"
-        ) from error
+        example = _example(ctx)
+        if example is None:
+            raise _untraceable(model, tracer, error) from error
+        tracer, graph = _trace_with_sizes(model, opaque, example)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in tracer.islands:
+            records.put(node, records.Untraceable(tracer.islands[node.target]))
+    if getattr(tracer, "specialized", False):
+        records.put(next(n for n in gm.graph.nodes if n.op == "placeholder"),
+                    records.FixedShape(tuple(tracer.example.shape[1:])))
     _one_module_per_call_site(gm)
     canonical.layers_from_functions(gm, _rank_probe(gm, ctx))
+    canonical.conv1d_as_conv2d(gm)
     _check_one_input(gm, model)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+class _SizedTracer(shapes.ConcreteShapes, _PathTracer):
+    """`_PathTracer` answering size queries with the example input's sizes (`fxq.shapes`)."""
+
+
+def _trace_with_sizes(model: nn.Module, opaque: tuple[str, ...], example: torch.Tensor):
+    """Trace with the example's sizes as constants; a submodule that still cannot be traced
+    (control flow on tensor values) is kept whole, as one call in float, and the trace retried,
+    until it succeeds: every such submodule is found in this one call, and ``tracer.islands``
+    says why of each (the float-op warning names them). An ``overrides`` entry for a submodule
+    still wins (it is never traced)."""
+    islands: dict[str, str] = {}
+    while True:
+        tracer = _SizedTracer(opaque + tuple(islands))
+        tracer.record_stack_traces, tracer.example = True, example
+        try:
+            graph = tracer.trace(model)
+        except Exception as error:  # torch.fx raises several types; all mean "cannot trace"
+            if not tracer.failed_in or tracer.failed_in in islands:
+                raise _untraceable(model, tracer, error) from error
+            islands[tracer.failed_in] = f"{_user_line(error)}: {type(error).__name__}: {error}"
+            continue
+        shapes.forget_examples(graph)
+        tracer.islands = islands
+        return tracer, graph
+
+
+def _untraceable(model: nn.Module, tracer: _PathTracer, error: Exception) -> TypeError:
+    where = f"submodule '{tracer.failed_in}'" if tracer.failed_in else "the top-level module"
+    return TypeError(
+        f"torch.fx cannot trace {type(model).__name__}: in {where} ({_user_line(error)}): "
+        f"{type(error).__name__}: {error}. Fix: replace Python control flow on tensor values "
+        "with tensor ops (torch.where, masking), move the untraceable code into a function "
+        "decorated with torch.fx.wrap so it is kept as one call, or keep that submodule whole "
+        f"and in float with overrides={{'{tracer.failed_in or 'name'}': None}}")
+
+
+def _example(ctx: PassContext | None) -> torch.Tensor | None:
+    """The first calibration sample, as a float batch of one (None if there is none to take)."""
+    try:
+        x = batch_input(next(iter(ctx.calib_loader)), 0)[:1].detach().cpu()
+    except Exception:  # no or bad calibration data is calibrate's to report, with its reason
+        return None
+    return x if x.is_floating_point() and torch.isfinite(x).all() else None
 
 
 def _one_module_per_call_site(gm: fx.GraphModule) -> None:

@@ -60,3 +60,30 @@ class Asserting(nn.Module):
 def test_a_models_own_assertion_fails_calibration_with_its_message_and_the_node():
     with pytest.raises(ValueError, match=r"cannot run through the model at node '_assert'.*12-pixel-high"):
         fxq.quantize(Asserting(), [torch.randn(2, 3, 10, 12)])
+
+
+class ChannelAttention(nn.Module):
+    """ECA: a Conv1d across the pooled channels gates them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.gate = nn.Conv2d(3, 8, 3, padding=1), nn.Conv1d(1, 1, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        y = self.gate(x.mean((2, 3)).view(x.shape[0], 1, -1)).view(x.shape[0], -1, 1, 1)
+        return x * y.sigmoid().expand_as(x)
+
+
+def test_a_conv1d_runs_on_integers_as_the_conv2d_it_equals_and_deploys_exactly(tmp_path):
+    from fxq.runtime import count_ops
+    from tests.helpers import assert_deploys_bit_exact
+    torch.manual_seed(0)
+    model = ChannelAttention().eval()
+    qmodel = fxq.quantize(model, _calib(), fxq.QConfig(requantize="onnxruntime"))
+    x = torch.randn(5, 3, 12, 12)
+    assert count_ops(qmodel, x).float == 0
+    assert check_quantized(qmodel, model, x, tmp_path) > 25
+    assert_deploys_bit_exact(qmodel, x, tmp_path / "model.fxq")
+    kept = fxq.quantize(model, _calib(), overrides={"gate": None})  # the user's name still reaches it
+    assert len([m for m in kept.modules() if type(m) in (nn.Conv1d, nn.Conv2d)]) == 1  # the gate, in float

@@ -5,7 +5,6 @@ QConfig(requantize="onnxruntime") every output is bit-exact (the adds' arithmeti
 against onnxruntime's QLinearAdd for every input pair: its x86 AVX2 kernel)."""
 import io
 import pickle
-import warnings
 
 import onnx
 import pytest
@@ -80,22 +79,6 @@ def test_a_saved_model_deploys_too(tmp_path):
     fxq.save(qmodel, tmp_path / "m.fxq")
     x = torch.randn(4, 3, 8, 8)
     assert torch.equal(fxq.deploy(fxq.load(tmp_path / "m.fxq"))(x), fxq.deploy(qmodel)(x))
-
-
-def test_a_float_op_without_an_onnx_form_is_named():
-    class Softmaxed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 1)
-
-        def forward(self, x):
-            return torch.logsumexp(self.conv(x), 1)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", fxq.FloatFallbackWarning)
-        qmodel = fxq.quantize(Softmaxed().eval(), [torch.randn(4, 3, 4, 4)])
-    with pytest.raises(ValueError, match="node 'logsumexp'.*no ONNX export"):
-        fxq.export_onnx(qmodel, io.BytesIO())
 
 
 RUNTIME = fxq.QConfig(requantize="onnxruntime")

@@ -33,11 +33,18 @@ def test_trace_returns_a_graph_module_of_a_copy(ctx):
     assert torch.equal(gm(x), model.eval()(x))
 
 
-def test_untraceable_model_names_the_submodule_line_and_fix(ctx):
+def test_untraceable_model_names_the_line_and_fix(ctx):
     with pytest.raises(TypeError) as error:
-        trace(DataDependent(), ctx)
+        trace(Branchy(), ctx)
     message = str(error.value)
-    assert "body" in message and "x.sum() > 0" in message and "torch.fx.wrap" in message
+    assert "top-level module" in message and "x.sum() > 0" in message and "torch.fx.wrap" in message
+
+
+def test_an_untraceable_submodule_is_one_call_that_records_why(ctx):
+    from fxq import records
+    gm = trace(DataDependent(), ctx)
+    body = next(n for n in gm.graph.nodes if n.op == "call_module")
+    assert body.target == "body" and "x.sum() > 0" in records.get(body, records.Untraceable).reason
 
 
 def test_non_module_is_refused(ctx):

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from torch import fx, nn
 
+from fxq import records
 from fxq.canonical import torch_class
 from fxq.context import PassContext
 from fxq.graph import module_name
-from fxq.ops import activations, arithmetic, layers, pooling, shape
+from fxq.ops import activations, arithmetic, layers, padding, pooling, shape
 from fxq.ops.base import KeepInFloat, Lowering, Op, Output
 from fxq.ops.fallback import FLOAT, lower_in_float
 from fxq.qmodules import NotRepresentable
@@ -23,7 +24,7 @@ __all__ = ["FLOAT", "KeepInFloat", "Lowering", "Op", "Output", "REGISTRY", "clas
 
 # In order: where two entries match one form (``a + b`` and ``x + 3`` are both operator.add),
 # the first that accepts the call lowers it.
-REGISTRY: tuple[Op, ...] = (*layers.OPS, *arithmetic.OPS, *activations.OPS, *pooling.OPS, *shape.OPS)
+REGISTRY: tuple[Op, ...] = (*layers.OPS, *arithmetic.OPS, *activations.OPS, *pooling.OPS, *padding.OPS, *shape.OPS)
 CALLS = ("call_module", "call_function", "call_method")
 
 
@@ -63,6 +64,8 @@ def classify(node: fx.Node, modules: dict[str, nn.Module],
     (with ``ctx``, a module its ``overrides`` map to None is kept in float)."""
     if ctx is not None and node.op == "call_module" and ctx.config_for(module_name(node)) is None:
         return FLOAT, KEPT_BY_OVERRIDES
+    if records.has(node, records.Untraceable):
+        return FLOAT, f"torch.fx cannot trace it, kept whole ({records.get(node, records.Untraceable).reason})"
     candidates = match(node, modules)
     if not candidates:
         kind = type(modules[node.target]) if node.op == "call_module" else None

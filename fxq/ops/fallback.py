@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxq import records
+from fxq import onnx_splice, records
 from fxq import schema as sc
 from fxq.affine import ActQParams
 from fxq.graph import add_module_near, label, source_line
@@ -76,13 +76,19 @@ def _positive(v) -> bool:
 
 
 # Float modules a saved model may keep, rebuilt by their constructors from checked arguments.
+def _conv_schema(dims: int) -> Schema:
+    return Schema({"in_channels": _positive, "out_channels": _positive, "kernel_size": sc.ints(1, dims),
+                   "stride": sc.ints(1, dims),
+                   "padding": lambda v: sc.ints(0, dims)(v) or sc.one_of("same", "valid")(v),
+                   "dilation": sc.ints(1, dims), "groups": _positive,
+                   "padding_mode": sc.one_of("zeros", "reflect", "replicate", "circular")},
+                  {"weight": torch.float32, "bias": torch.float32}, _with_bias, frozenset({"bias"}))
+
+
+# Float modules a saved model may keep, rebuilt by their constructors from checked arguments.
 FLOAT_SCHEMAS: dict[type, Schema] = {
-    nn.Conv2d: Schema({"in_channels": _positive, "out_channels": _positive, "kernel_size": sc.ints(1, 2),
-                       "stride": sc.ints(1, 2),
-                       "padding": lambda v: sc.ints(0, 2)(v) or sc.one_of("same", "valid")(v),
-                       "dilation": sc.ints(1, 2), "groups": _positive,
-                       "padding_mode": sc.one_of("zeros", "reflect", "replicate", "circular")},
-                      {"weight": torch.float32, "bias": torch.float32}, _with_bias, frozenset({"bias"})),
+    nn.Conv1d: _conv_schema(1),  # ECA's channel attention
+    nn.Conv2d: _conv_schema(2),
     nn.Linear: Schema({"in_features": _positive, "out_features": _positive},
                       {"weight": torch.float32, "bias": torch.float32}, _with_bias, frozenset({"bias"})),
 }
@@ -115,11 +121,13 @@ FLOAT_FUNCTIONS = (
     F.layer_norm, F.group_norm, F.batch_norm, F.softmax, F.log_softmax, F.interpolate, F.gelu,
     F.silu, F.hardswish, F.hardsigmoid, F.relu6, F.hardtanh, F.leaky_relu, F.elu, F.mish,
     F.softplus, F.sigmoid, F.tanh, F.normalize, F.dropout, F.pad, F.max_pool2d, F.avg_pool2d,
-    F.adaptive_max_pool2d, F.linear, F.conv2d,
+    F.adaptive_max_pool2d, F.adaptive_avg_pool2d, F.linear, F.conv1d, F.conv2d, F.scaled_dot_product_attention,
     torch.sigmoid, torch.tanh, torch.exp, torch.sqrt, torch.rsqrt, torch.abs, torch.clamp, torch.softmax,
     torch.stack, torch.cat, torch.mul, torch.div, torch.sub, torch.matmul, torch.mean, torch.sum,
     torch.amax, torch.transpose, torch.permute, torch.reshape, torch.squeeze, torch.unsqueeze,
     torch.chunk, torch.split, torch.flip, torch.roll, torch.where, torch.maximum, torch.minimum,
+    torch.logsumexp, torch.log, torch.erf, torch.amin, torch.bmm, torch.einsum, torch.cumsum, torch.var,
+    torch.std, torch.add, torch.neg,
     operator.mul, operator.truediv, operator.sub, operator.neg, operator.floordiv, operator.mod,
     operator.getitem, operator.matmul, operator.pow,
 )
@@ -128,11 +136,13 @@ FLOAT_METHODS = frozenset({
     "sub", "sub_", "sigmoid", "tanh", "softmax", "chunk", "split", "squeeze", "unsqueeze", "expand",
     "expand_as", "view_as", "reshape_as", "clamp", "clamp_", "clamp_min", "clamp_max", "pow",
     "sqrt", "rsqrt", "exp", "abs", "neg", "matmul", "float", "type_as", "contiguous", "__getitem__",
+    "logsumexp", "log", "erf", "amin", "var", "std", "add", "add_", "cumsum", "bmm",
 })
 
 
 def export_float(b, node: fx.Node, inputs: list, module: nn.Module | None) -> str:
-    """Float ops with an ONNX form: layer normalization (ConvNeXt's), group normalization."""
+    """Float ops as ONNX: layer normalization as LayerNormalization; any other op as torch.onnx
+    exports it, spliced in (`fxq.onnx_splice`)."""
     if isinstance(module, nn.LayerNorm):
         weight, bias = (b.constant(f"{node.name}_{k}", getattr(module, k).detach()) for k in ("weight", "bias"))
         return b.node("LayerNormalization", [inputs[0], weight, bias], node.name,
@@ -141,8 +151,7 @@ def export_float(b, node: fx.Node, inputs: list, module: nn.Module | None) -> st
         bound = inspect.signature(F.layer_norm).bind(*node.args, **node.kwargs).arguments
         return b.node("LayerNormalization", [inputs[0], b.value(bound["weight"]), b.value(bound["bias"])], node.name,
                       axis=-len(bound["normalized_shape"]), epsilon=bound.get("eps", 1e-5))
-    what = type(module).__name__ if module is not None else getattr(node.target, "__name__", node.target)
-    raise ValueError(f"node '{node.name}' ({what}) runs in float and has no ONNX export yet")
+    return onnx_splice.splice(b, node, module)
 
 
 # Not in the registry, so it matches nothing: its forms are what a saved model may keep in float

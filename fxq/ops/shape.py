@@ -62,8 +62,10 @@ def _not_training(node: fx.Node, module: nn.Module | None) -> str | None:
 
 
 def export_reshape(b, node: fx.Node, inputs: list, module) -> object:
-    """Reshapes as ONNX Reshape to the shape they produced (batch kept as -1), permutes and
-    transposes as Transpose, chunks and splits as Split (sizes as they came out), flips as Slice."""
+    """Reshapes as ONNX Reshape to the shape they produced (the first dim, where the batch is,
+    as -1: other dims must not depend on the batch size), permutes and
+    transposes as Transpose, chunks and splits as Split (sizes as they came out), flips as Slice,
+    expands as Expand, repeats as Tile."""
     target, x, name = node.target, inputs[0], node.name
     in_shape, out_shape = b.shape_of(node.args[0]), b.shape_of(node)
     if target == "contiguous":
@@ -86,11 +88,22 @@ def export_reshape(b, node: fx.Node, inputs: list, module) -> object:
         starts, ends, steps = b.ints([-1] * len(axes)), b.ints([-2**63] * len(axes)), b.ints([-1] * len(axes))
         return b.node("Slice", [x, b.constant(f"{name}_starts", starts), b.constant(f"{name}_ends", ends),
                                 b.constant(f"{name}_axes", axes), b.constant(f"{name}_steps", steps)], name)
+    if target == "expand_as":
+        return b.node("Expand", [x, b.node("Shape", [inputs[1]], f"{name}_shape")], name)
+    if target == "expand" and in_shape[0] == out_shape[0]:  # broadcasting keeps the input's batch
+        return b.node("Expand", [x, b.constant(f"{name}_shape", b.ints([1, *out_shape[1:]]))], name)
+    if target == "repeat" and all(isinstance(r, int) for r in _sizes(node)):
+        return b.node("Tile", [x, b.constant(f"{name}_repeats", b.ints(list(_sizes(node))))], name)
     if target in (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, "flatten", "view", "reshape",
-                  "squeeze", "unsqueeze") and out_shape[:1] == in_shape[:1]:
+                  "squeeze", "unsqueeze") and set(b.batched_dims(node)) <= {0}:
         shape = b.ints([-1, *out_shape[1:]])
         return b.node("Reshape", [x, b.constant(f"{name}_shape", shape)], name)
     raise ValueError(f"node '{name}' ({target if isinstance(target, str) else target.__name__}) does not export yet")
+
+
+def _sizes(node: fx.Node) -> tuple:
+    """The sizes of ``x.repeat(*sizes)`` / ``x.repeat(sizes)``."""
+    return tuple(node.args[1]) if isinstance(node.args[1], (tuple, list)) else tuple(node.args[1:])
 
 
 def _dim_argument(node: fx.Node, index: int, keyword: str, default: int) -> int:

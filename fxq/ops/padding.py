@@ -1,0 +1,83 @@
+"""Zero padding on integers: ``F.pad(x, pads)`` (timm's "same" padding, ``nn.ZeroPad2d``,
+``nn.ConstantPad2d(p, 0.0)``) adds real zeros, which are the integer zero point: the output keeps
+the input's parameters and nothing rounds."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxq import records
+from fxq import schema as sc
+from fxq.affine import ActQParams
+from fxq.ops.base import Lowering, Op, Output, leaf_name, qparams_of
+from fxq.schema import Schema
+from fxq.twin import OnIntegers
+
+CONSTANT_PADS = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
+
+
+class QPad(nn.Module):
+    """Integers → integers: ``pads`` (torch's order: last dim first, before then after) filled
+    with ``fill``, the input's zero point."""
+
+    schema = Schema({"pads": lambda v: isinstance(v, tuple) and 0 < len(v) <= 8 and len(v) % 2 == 0
+                     and all(sc.is_int(p) for p in v), "fill": sc.int_at_least(0)}, {})
+
+    def __init__(self, pads: tuple[int, ...], fill: int):
+        super().__init__()
+        self.pads, self.fill = pads, fill
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return F.pad(q, self.pads, value=self.fill)
+
+    def extra_repr(self) -> str:
+        return f"pads={self.pads}, fill={self.fill}"
+
+    def twin(self, node) -> nn.Module:
+        qp = records.get(node, ActQParams)
+        return OnIntegers(self.forward, [qp], qp)
+
+    def to_onnx(self, b, node, inputs):
+        """ONNX Pad: every axis's start pads, then every axis's end pads, first axis first."""
+        rank, pairs = len(b.shape_of(node)), len(self.pads) // 2
+        starts, ends = [0] * rank, [0] * rank
+        for i in range(pairs):
+            starts[rank - 1 - i], ends[rank - 1 - i] = self.pads[2 * i], self.pads[2 * i + 1]
+        fill = torch.tensor(self.fill, dtype=torch.uint8)
+        return b.node("Pad", [inputs[0], b.constant(f"{node.name}_pads", b.ints(starts + ends)),
+                              b.constant(f"{node.name}_fill", fill)], node.name, mode="constant")
+
+
+def _pad_of(node: fx.Node, module: nn.Module | None) -> tuple[tuple, str, float]:
+    if module is not None:
+        return tuple(module.padding), "constant", float(module.value)
+    arguments = dict(zip(("pad", "mode", "value"), node.args[1:]))
+    arguments.update(node.kwargs)
+    value = arguments.get("value")
+    return tuple(arguments["pad"]), arguments.get("mode", "constant"), 0.0 if value is None else value
+
+
+def _zero_fill(node: fx.Node, module: nn.Module | None) -> str | None:
+    pads, mode, value = _pad_of(node, module)
+    if mode != "constant":
+        return f"{mode} padding (the integer form pads with zeros)"
+    if value != 0:
+        return f"padding with {value} (only a real zero is an integer zero point exactly)"
+    if not all(isinstance(p, int) for p in pads):
+        return "padding computed from the input"
+    return None
+
+
+def lower_pad(lo: Lowering, node: fx.Node) -> None:
+    """``pad(x, pads)`` → ``QPad(q)``, filling with the input's zero point."""
+    qp = qparams_of(node.args[0], node)
+    pads, _, _ = _pad_of(node, lo.module(node))
+    lo.become(node, QPad(pads, qp.zero_point), leaf_name(node), node.args[:1])
+    records.put(node, qp)
+
+
+PAD = Op("pad", "zero padding: the zero point added around the integers, same scale", lower_pad, Output.SAME,
+         modules=CONSTANT_PADS, functions=(F.pad,), accepts=_zero_fill, integer_modules=(QPad,),
+         homogeneous=True, channelwise=True, example=lambda: nn.ZeroPad2d((0, 1, 0, 1)))
+OPS = (PAD,)

@@ -1,0 +1,122 @@
+"""Tracing with the calibration input's geometry: a model whose Python code computes with sizes
+(timm's ``Conv2dSame`` pads by ``math.ceil(H / stride)``, MobileViT compares ``new_h != H``)
+cannot be traced symbolically, yet it is a fixed graph for one input size.
+
+`ConcreteShapes` is a torch.fx tracer mixin that runs the model alongside the trace on two
+example batches, the first calibration image as a batch of 1 and of 2. A size query on a traced
+tensor answers with a Python int where both batches agree (the image's own geometry: padding,
+patch counts, channel counts become constants) and with a traced ``size(d)`` where the size
+follows the batch, so the graph still takes any batch size. ``specialized`` says whether any
+answer was a constant: then the graph holds only for the traced sample shape, which the
+quantized model checks on every input (`fxq.qmodules.Quantize`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch.fx import _symbolic_trace
+
+# the model runs on the examples with torch.fx's patches of nn.Module lifted (they would trace
+# that run too); a private helper of torch.fx, so its absence only disables sized tracing
+_UNPATCHED = getattr(_symbolic_trace, "_maybe_revert_all_patches", None)
+
+_VALUES = "fxq.example_values"  # a node's value on the two example batches (trace time only)
+
+
+class _ShapedProxy(fx.Proxy):
+    """A proxy that answers size queries from its example values (see the module docstring)."""
+
+    def _examples(self):
+        values = self.node.meta.get(_VALUES)
+        return values if values is not None and all(isinstance(v, torch.Tensor) for v in values) else None
+
+    def size(self, dim: int | None = None):
+        examples = self._examples()
+        if examples is None:
+            return self.tracer.create_proxy("call_method", "size", (self,) if dim is None else (self, dim), {})
+        one, two = (e.shape for e in examples)
+        if dim is not None:
+            return self._size_at(dim % len(one), one, two)
+        sizes = tuple(self._size_at(d, one, two) for d in range(len(one)))
+        return torch.Size(sizes) if all(isinstance(s, int) for s in sizes) else sizes
+
+    def _size_at(self, d: int, one: torch.Size, two: torch.Size):
+        if one[d] != two[d]:
+            return self.tracer.create_proxy("call_method", "size", (self, d), {})
+        self.tracer.specialized = True
+        return one[d]
+
+    @property
+    def shape(self):
+        return self.size()
+
+    def dim(self) -> int:
+        examples = self._examples()
+        if examples is None:
+            return self.tracer.create_proxy("call_method", "dim", (self,), {})
+        return examples[0].dim()
+
+    @property
+    def ndim(self):
+        return self.dim()
+
+    def __len__(self) -> int:
+        size = self.size(0)
+        if isinstance(size, int):
+            return size
+        raise RuntimeError("len() of a tensor whose first dimension is the batch cannot be traced; "
+                           "use x.size(0)")
+
+
+class ConcreteShapes:
+    """Mix into an ``fx.Tracer``; set ``example`` (one input, batch of 1) before ``trace``."""
+
+    example: torch.Tensor | None = None
+    specialized: bool = False
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ShapedProxy(node, self)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if self.example is not None and kind != "output":
+            node.meta[_VALUES] = self._evaluate(node)
+        return node
+
+    def _evaluate(self, node: fx.Node):
+        """The node's value on each example batch; None where it cannot be computed here (its
+        size queries then trace as ops, as a plain symbolic trace would)."""
+        if _UNPATCHED is None:
+            return None
+        if node.op == "placeholder":
+            return (self.example, torch.cat([self.example, self.example]))
+        try:
+            with _UNPATCHED():
+                if node.op == "get_attr":
+                    value = self.root
+                    for part in node.target.split("."):
+                        value = getattr(value, part)
+                    return (value, value)
+                return tuple(self._run(node, i) for i in (0, 1))
+        except Exception:  # a value fxq cannot compute here is one the trace keeps symbolic
+            return None
+
+    def _run(self, node: fx.Node, i: int):
+        def value(arg: fx.Node):
+            return arg.meta[_VALUES][i]  # a KeyError/TypeError if unknown: this one is unknown too
+
+        args, kwargs = fx.map_arg(node.args, value), fx.map_arg(node.kwargs, value)
+        with torch.no_grad():
+            if node.op == "call_function":
+                return node.target(*args, **kwargs)
+            if node.op == "call_method":
+                return getattr(args[0], node.target)(*args[1:], **kwargs)
+            if node.op == "call_module":
+                return self.root.get_submodule(node.target)(*args, **kwargs)
+        raise ValueError(node.op)
+
+
+def forget_examples(graph: fx.Graph) -> None:
+    """Drop the example values from the nodes (they were for tracing only)."""
+    for node in graph.nodes:
+        node.meta.pop(_VALUES, None)
