@@ -171,6 +171,24 @@ def conv1d_as_conv2d(gm: fx.GraphModule) -> int:
     return done
 
 
+def stack_as_cat(gm: fx.GraphModule) -> int:
+    """Rewrite ``torch.stack(tensors, dim)`` (SKNet's branches) as ``torch.cat`` of each tensor
+    unsqueezed at ``dim``: the same values, as a concatenation fxq joins on integers."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.stack:
+            continue
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int) or set(node.kwargs) - {"tensors", "dim"}:
+            continue
+        with gm.graph.inserting_before(node):
+            parts = [gm.graph.call_method("unsqueeze", (t, dim)) for t in tensors]
+        node.target, node.args, node.kwargs = torch.cat, (parts, dim), {}
+        done += 1
+    return done
+
+
 def is_shape_query(node: fx.Node) -> bool:
     """A call that reads sizes, ranks or comparisons of them: never a tensor op."""
     if node.op == "call_function":

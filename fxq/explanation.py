@@ -85,7 +85,7 @@ class LayerExplanation:
     steps: list[Step]
     formula: str
     check: Check | None = None
-    source: str = "calibration data"
+    source: str = "calibration samples"
 
     def _table(self, fmt: str) -> str:
         return tabulate([s.row(i + 1) for i, s in enumerate(self.steps)], headers=HEADERS, tablefmt=fmt)
@@ -143,15 +143,16 @@ def explain(qmodel: fx.GraphModule, layer: str | None = None, batch: torch.Tenso
     """Explain ``layer`` of a quantized model (a conv or linear module path), or, with no layer,
     the whole network. With ``batch``, the observed ranges come from that batch and the layer's
     formula is recomputed in int64 and compared with the executed graph. Without ``batch``, the
-    ranges are those of the calibration data, run through the integer graph the first time an
-    explanation asks for them (not for a model read by `fxq.load`: it carries no data)."""
+    ranges are those of the first calibration samples (kept by calibration,
+    `passes.calibrate.KEPT_SAMPLES`), run through the integer graph the first time an explanation
+    asks for them: seconds on any model (not for a model read by `fxq.load`: it carries no data)."""
     if batch is None:
         observe_on_demand(qmodel)
     if layer is None:
         return _network(qmodel)
     node = _layer_node(qmodel, layer)
     seen = _run(qmodel, batch) if batch is not None else {n: records.get(n, Observed) for n in qmodel.graph.nodes}
-    explanation = _layer(qmodel, node, seen, "given batch" if batch is not None else "calibration data")
+    explanation = _layer(qmodel, node, seen, "given batch" if batch is not None else "calibration samples")
     if batch is None:
         return explanation
     return LayerExplanation(**{**explanation.__dict__, "check": _check(qmodel, node, batch)})

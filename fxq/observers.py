@@ -39,6 +39,7 @@ class Observer(nn.Module):
     def __init__(self, label: str, bits: int = 8):
         super().__init__()
         self.label, self.bits = label, bits
+        self.sample_shape: tuple[int, ...] | None = None  # one sample's shape (batch dim dropped)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.recording or not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
@@ -51,6 +52,7 @@ class Observer(nn.Module):
                 "(every input must be finite) and the model's weights"
             )
         self.observe(x_, lo, hi)
+        self.sample_shape = tuple(x.shape[1:])
         return x
 
     def observe(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:

@@ -14,8 +14,9 @@ definition, here, and one key that no module spells out:
     FixedShape        on the input placeholder: the one sample shape the graph holds for (trace)
     QuantizedWeight   a layer's integer weight and scales, chosen once             (correct_bias, convert)
     Observed          what an integer op produced on the calibration data          (record_stats)
-    StatsSource       on the quantized GraphModule: the data Observed is taken from (record_stats)
+    StatsSource       on the quantized GraphModule: the samples Observed is taken from (record_stats)
     FloatOp           an op kept in float, and why                                 (convert)
+    SampleShape       an observed value's shape on one sample, batch dim dropped    (convert)
     Untraceable       a submodule torch.fx cannot trace, kept whole, and why       (trace)
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from fxq.affine import ActQParams
 from fxq.config import QConfig
 
 __all__ = ["ActQParams", "Calibration", "FixedShape", "FloatOp", "FusedUnit", "IntRange", "Observed", "Origin",
-           "QConfig", "QuantizedWeight", "StatsSource", "Untraceable", "get", "has", "pop", "put"]
+           "QConfig", "QuantizedWeight", "SampleShape", "StatsSource", "Untraceable", "get", "has", "pop", "put"]
 
 Record = TypeVar("Record")
 
@@ -50,13 +51,14 @@ class FusedUnit:
     activation: fx.Node
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Calibration:
     """What calibration saw: on the input placeholder."""
 
     batches: int
     samples: int
     sample_shape: tuple[int, ...]  # one input without its batch dimension, e.g. (1, 28, 28)
+    kept: torch.Tensor | None = None  # the first few samples (`passes.calibrate.KEPT_SAMPLES`)
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,8 @@ class Observed:
 
 @dataclass(frozen=True, eq=False)
 class StatsSource:
-    """The calibration data, kept on the quantized model until its `Observed` records are first
-    needed; copies of the model share it (the data is never copied)."""
+    """Calibration data (any iterable of batches: the samples calibration kept), on the quantized
+    model until its `Observed` records are first needed; copies of the model share it."""
 
     loader: object
 
@@ -114,6 +116,13 @@ class FloatOp:
     """An op the quantized graph runs in float, between dequantize and quantize."""
 
     reason: str
+
+
+@dataclass(frozen=True)
+class SampleShape:
+    """An observed value's shape on the calibration data, without its batch dimension."""
+
+    shape: tuple[int, ...] | None
 
 
 @dataclass(frozen=True)

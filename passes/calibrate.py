@@ -11,6 +11,7 @@ from fxq.context import PassContext
 from fxq.graph import finish, label, run_recording, source_line
 from fxq.observers import InputGram, Observer
 
+KEPT_SAMPLES = 8  # calibration samples kept for the integer ranges `fxq.explain` shows
 CHANNELS_LAST_PIXELS = 96 * 96  # measured: 28×28 MNIST runs 11 % slower channels-last, 224×224 28 % faster
 
 
@@ -24,7 +25,7 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     (wrong shape), and a ``TypeError`` for a batch that is not a float tensor.
     """
     gm.eval()
-    batches, samples, sample_shape = _synchronized(gm, ctx.calib_loader)
+    batches, samples, sample_shape, kept = _synchronized(gm, ctx.calib_loader)
     if batches == 0:
         raise ValueError(
             "calib_loader yielded no batches: pass a non-empty DataLoader or list of input "
@@ -32,7 +33,7 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         )
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     _check_not_constant(gm, placeholders[0])
-    records.put(placeholders[0], records.Calibration(batches, samples, sample_shape))
+    records.put(placeholders[0], records.Calibration(batches, samples, sample_shape, kept))
     return finish(gm)
 
 
@@ -47,9 +48,10 @@ def _check_not_constant(gm: fx.GraphModule, placeholder: fx.Node) -> None:
                 "training images)")
 
 
-def _one_pass(gm: fx.GraphModule, loader) -> tuple[int, int, tuple[int, ...] | None]:
+def _one_pass(gm: fx.GraphModule, loader) -> tuple[int, int, tuple[int, ...] | None, torch.Tensor | None]:
     fixed = records.get(next(n for n in gm.graph.nodes if n.op == "placeholder"), records.FixedShape)
     batches = samples = 0
+    kept: list[torch.Tensor] = []  # the first samples, which `fxq.explain` runs through the integer graph
     sample_shape = None
     layout = torch.contiguous_format
     device = None
@@ -64,8 +66,10 @@ def _one_pass(gm: fx.GraphModule, loader) -> tuple[int, int, tuple[int, ...] | N
                 layout = _layout(gm, x)
             _run(gm, x.to(device, memory_format=layout), index)
             batches, samples = batches + 1, samples + x.shape[0]
+            if samples - x.shape[0] < KEPT_SAMPLES:
+                kept.append(x[:KEPT_SAMPLES - (samples - x.shape[0])].detach().cpu())
     gm.to("cpu", memory_format=torch.contiguous_format)  # what follows is integer and CPU
-    return batches, samples, sample_shape
+    return batches, samples, sample_shape, torch.cat(kept) if kept else None
 
 
 def _check_fixed_shape(x: torch.Tensor, index: int, fixed: records.FixedShape) -> None:
@@ -77,7 +81,7 @@ def _check_fixed_shape(x: torch.Tensor, index: int, fixed: records.FixedShape) -
             "model on inputs of one size")
 
 
-def _synchronized(gm: fx.GraphModule, loader) -> tuple[int, int, tuple[int, ...] | None]:
+def _synchronized(gm: fx.GraphModule, loader) -> tuple[int, int, tuple[int, ...] | None, torch.Tensor | None]:
     """One pass over this process's data; in a process group (`fxq.distributed`), over each
     rank's shard, then every observer synchronized: each rank holds what one process observing
     the union would hold, and the counts are the union's. A rank may hold no batches."""
@@ -94,7 +98,7 @@ def _synchronized(gm: fx.GraphModule, loader) -> tuple[int, int, tuple[int, ...]
             module.synchronize()
     shapes = [shape for shape in distributed.gather(stats[2]) if shape is not None]
     counts = distributed.reduce_sum(torch.tensor(stats[:2], dtype=torch.int64))
-    return int(counts[0]), int(counts[1]), shapes[0] if shapes else None
+    return int(counts[0]), int(counts[1]), shapes[0] if shapes else None, stats[3]
 
 
 def _layout(gm: fx.GraphModule, x: torch.Tensor) -> torch.memory_format:

@@ -79,6 +79,7 @@ def _take_calibration_statistics(lo: Lowering) -> None:
         if isinstance(module, Observer):
             if module.observed:  # it saw a float tensor (not sizes or indices)
                 records.put(node.args[0], module.qparams())
+                records.put(node.args[0], records.SampleShape(module.sample_shape))
         elif isinstance(module, InputGram):
             (layer,) = [user.target for user in node.users]
             lo.grams[layer] = module.gram_matrix

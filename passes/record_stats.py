@@ -1,4 +1,4 @@
-"""record_stats: the integer range every op produces on the calibration data (and every
+"""record_stats: the integer range every op produces on the samples calibration kept (and every
 conv/linear accumulator's), for `fxq.explain` — recorded the first time it is asked for."""
 from __future__ import annotations
 
@@ -41,13 +41,19 @@ class StatsRecorder(fx.Interpreter):
 
 
 def record_stats(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Before → after: the same graph, carrying a ``records.StatsSource`` (the calibration data).
+    """Before → after: the same graph, carrying a ``records.StatsSource``: the first calibration
+    samples (`passes.calibrate.KEPT_SAMPLES`), which calibration kept as it read them, so the
+    loader is never read again (a generator cannot be) and an explanation costs a forward pass
+    of a few samples on any model size.
 
     The ranges themselves (``records.Observed`` on each node that returns integers) are recorded
-    by `observe_on_demand`, which `fxq.explain` calls: a run through the integer executor costs
-    more than calibration itself, and a model that is deployed but never explained needs none.
+    by `observe_on_demand`, which `fxq.explain` calls: a model that is deployed but never
+    explained needs none.
     """
-    records.put(gm, records.StatsSource(ctx.calib_loader))
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    calibration = records.get(placeholder, records.Calibration)
+    if calibration is not None and calibration.kept is not None:
+        records.put(gm, records.StatsSource([calibration.kept]))
     return gm
 
 

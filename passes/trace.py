@@ -51,8 +51,8 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
 
     Before: any ``nn.Module``. After: a ``GraphModule`` with the same submodules and the same
     numerics; a layer its module computes with ``F.linear``/``F.conv2d``/``F.batch_norm`` on its own
-    tensors is a call of the torch module it is, a ``Conv1d`` the ``k×1`` ``Conv2d`` it equals
-    (`fxq.canonical`). A submodule ``overrides`` maps
+    tensors is a call of the torch module it is, a ``Conv1d`` the ``k×1`` ``Conv2d`` it equals, a
+    ``stack`` the ``cat`` of unsqueezed tensors (`fxq.canonical`). A submodule ``overrides`` maps
     to None is kept whole, as one call that runs in float: the way to quantize a model around a
     part torch.fx cannot trace.
 
@@ -87,6 +87,7 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
     _one_module_per_call_site(gm)
     canonical.layers_from_functions(gm, _rank_probe(gm, ctx))
     canonical.conv1d_as_conv2d(gm)
+    canonical.stack_as_cat(gm)
     _check_one_input(gm, model)
     gm.graph.lint()
     gm.recompile()

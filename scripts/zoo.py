@@ -101,6 +101,7 @@ class Result:
     twin_exact: bool | None = None
     save_load_identical: bool | None = None
     deployed_identical: float | None = None  # % of logits the deployed model gives as fxq's graph
+    deployed_same_class: float | None = None  # % of the scored images it gives fxq's class
     float_reasons: dict | None = None    # node → why it runs in float
     error: str | None = None
 
@@ -124,8 +125,10 @@ def run_deployed(model: nn.Module, calibration: torch.Tensor, scored: torch.Tens
         qmodel = fxq.quantize(model, list(calibration.split(16)), fxq.QConfig(requantize="onnxruntime"))
     deployed = fxq.deploy(qmodel, scored[:1], threads=2, weights="exact")
     with torch.no_grad():
-        identical = 100.0 * float((deployed(scored) == qmodel(scored)).float().mean())
-    return Result(True, deployed_identical=identical)
+        theirs, ours = deployed(scored), qmodel(scored)
+    identical = 100.0 * float((theirs == ours).float().mean())
+    same = 100.0 * float((theirs.argmax(1) == ours.argmax(1)).float().mean())
+    return Result(True, deployed_identical=identical, deployed_same_class=same)
 
 
 def run_fxq(model: nn.Module, calibration: torch.Tensor, scored: torch.Tensor, passes=None) -> Result:
@@ -180,13 +183,16 @@ def table(results: dict) -> str:
         deployed = [] if "deployed" not in entry else [_deployed_cell(Result(**entry["deployed"]))]
         rows.append([name] + cells(ours) + [checks] + deployed + cells(peer))
     headers = ["model", "fxq", "integer ops", "SQNR dB", "top-1 agree", "twin & load exact",
-               *(["deployed: identical logits"] if any("deployed" in e for e in results.values()) else []),
+               *(["deployed: identical logits (same class)"] if any("deployed" in e for e in results.values()) else []),
                "torch.ao", "integer ops", "SQNR dB", "top-1 agree"]
     return tabulate(rows, headers=headers, tablefmt="github")
 
 
 def _deployed_cell(r: Result) -> str:
-    return f"{r.deployed_identical:.1f} %" if r.quantized else f"no: {r.error[:60]}"
+    if not r.quantized:
+        return f"no: {r.error[:60]}"
+    same = "" if r.deployed_same_class is None else f" ({r.deployed_same_class:.1f} % same class)"
+    return f"{r.deployed_identical:.1f} %{same}"
 
 
 def joins_table(results: dict) -> str:

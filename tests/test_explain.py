@@ -6,6 +6,7 @@ from torch import fx
 import fxq
 from fxq import records
 from fxq.explanation import IntRange, bits_of, signed_bits, unsigned_bits
+from passes.calibrate import KEPT_SAMPLES
 from tests.helpers import Residual, randomize_bn
 
 
@@ -85,7 +86,7 @@ def test_text_and_markdown_state_the_formula_with_the_layers_numbers(qmodel):
     formula = f"O_q = clamp({int(m.output_zero_point)} + round(M[c] · (Σ W_q·(I_q − {int(m.input_zero_point)})"
     assert formula in text and formula in markdown
     assert "ReLU: max(O_q, z_O)" in text and markdown.startswith("### `unit.conv`")
-    assert "calibration data" in text  # no batch: ranges recorded while quantizing
+    assert "calibration samples" in text  # no batch: the samples calibration kept
 
 
 def test_calibration_statistics_are_recorded_when_first_explained(qmodel, ctx):
@@ -96,11 +97,26 @@ def test_calibration_statistics_are_recorded_when_first_explained(qmodel, ctx):
     assert stats is not None and stats.accumulator is not None
     assert stats.output.lo >= 0 and stats.output.hi <= 255
     assert records.get(qmodel, records.StatsSource) is None  # the data is let go once used
-    on_batches = [fxq.explain(qmodel, "conv2", batch=x) for x in ctx.calib_loader]
-    acc = on_batches[0].steps[5].observed
-    for e in on_batches[1:]:
-        acc = acc.union(e.steps[5].observed)
-    assert acc == stats.accumulator  # the union over the calibration batches
+    kept = torch.cat(list(ctx.calib_loader))[:KEPT_SAMPLES]  # the first samples calibration read
+    assert fxq.explain(qmodel, "conv2", batch=kept).steps[5].observed == stats.accumulator
+
+
+class CountingLoader(list):
+    reads = 0
+
+    def __iter__(self):
+        self.reads += 1
+        return super().__iter__()
+
+
+def test_explaining_never_reads_the_calibration_loader_again(ctx):
+    torch.manual_seed(0)
+    loader = CountingLoader(ctx.calib_loader)
+    qmodel = fxq.quantize(randomize_bn(Residual()), loader)
+    reads = loader.reads
+    table = fxq.explain(qmodel)
+    assert loader.reads == reads
+    assert all(row[7] != "—" for row in table.rows if row[1] in ("QConv2d", "QLinear"))
 
 
 def test_whole_network_table_has_a_row_per_integer_op_and_headroom(qmodel):

@@ -1,0 +1,188 @@
+"""Reductions along an axis, as split attention uses them (timm's SKNet and ResNeSt): the sum of
+the branches (``x.sum(dim=1)``) and the softmax across two branches.
+
+    sum:      O_q = clamp(z_O + round(s_I/s_O · Σ (I_q − z_I)))        int32 sums, one rounding
+    softmax:  O_q[i] = T[I_q[i] − I_q[j] + q_max]   over an axis of 2   softmax(a, b)_a = sigmoid(a − b)
+
+The softmax of two values is the sigmoid of their difference, and with both at one scale that
+difference is an integer: one table of 2^(b+1) entries answers every pair exactly.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxq import intmath, records
+from fxq import schema as sc
+from fxq.affine import ActQParams
+from fxq.config import Rounding
+from fxq.ops.base import KeepInFloat, Lowering, Op, Output, leaf_name, qparams_of
+from fxq.ops.lookup import QLookup
+from fxq.qmodules import NotRepresentable
+from fxq.schema import Schema
+from fxq.twin import OnIntegers
+
+
+def _dims(v) -> bool:
+    return isinstance(v, tuple) and 0 < len(v) <= 8 and all(sc.is_int(d) for d in v)
+
+
+class QSum(nn.Module):
+    """Integers → integers: the sum over ``dims`` of the centred inputs (int64, exact), requantized
+    once to the output's parameters: in fixed point, or (``Rounding.ONNXRUNTIME``) as the
+    exported graph computes it, the int32 sum in float32 times the float32 ``s_I / s_O``, rounded
+    half to even (exact below 2^24 summed steps)."""
+
+    schema = Schema({"dims": _dims, "keepdim": sc.one_of(True, False), "input_bits": sc.act_bits,
+                     "output_bits": sc.act_bits, "requantize_as": sc.REQUANTIZE},
+                    {"scales": torch.float64, "zero_points": torch.int32},
+                    ranges=lambda m: m.check_ranges())
+
+    def __init__(self, dims: tuple[int, ...], keepdim: bool, before: ActQParams, after: ActQParams,
+                 rounding: Rounding = Rounding.FIXED_POINT):
+        super().__init__()
+        self.dims, self.keepdim, self.requantize_as = dims, keepdim, Rounding(rounding)
+        self.input_bits, self.output_bits = before.bits, after.bits
+        self.register_buffer("scales", torch.tensor([before.scale, after.scale], dtype=torch.float64))
+        self.register_buffer("zero_points", torch.tensor([before.zero_point, after.zero_point], dtype=torch.int32))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        z_in, z_out = (int(z) for z in self.zero_points)
+        total = (q.to(torch.int64) - z_in).sum(self.dims, keepdim=self.keepdim)
+        qmax = (1 << self.output_bits) - 1
+        if self.requantize_as is Rounding.ONNXRUNTIME:
+            return intmath.runtime_requantize(total, self.runtime_ratio(), z_out, qmax)
+        m, shift = intmath.fixed_point(self.scales[0] / self.scales[1])
+        return intmath.requantize(total, m, shift, z_out, qmax)
+
+    def check_ranges(self) -> None:
+        sc.expect(self.scales.shape == (2,) and self.zero_points.shape == (2,), "malformed parameters")
+        sc.expect(bool((self.scales > 0).all() and torch.isfinite(self.scales).all()), "scales must be > 0")
+        for z, bits in zip(self.zero_points.tolist(), (self.input_bits, self.output_bits)):
+            sc.expect(0 <= z < (1 << bits), "a zero point is outside its width")
+
+    def runtime_ratio(self) -> torch.Tensor:
+        return self.scales[0].to(torch.float32) / self.scales[1].to(torch.float32)
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}, keepdim={self.keepdim}"
+
+    def twin(self, node) -> nn.Module:
+        return OnIntegers(self.forward, [records.get(node.args[0], ActQParams)], records.get(node, ActQParams))
+
+    def to_onnx(self, b, node, inputs):
+        """Cast → Sub z_I → ReduceSum (int32) → Cast → Mul s_I/s_O → QuantizeLinear(1, z_O): what
+        ``Rounding.ONNXRUNTIME`` computes."""
+        name, z_in, z_out = node.name, int(self.zero_points[0]), int(self.zero_points[1])
+        wide = b.node("Cast", [inputs[0]], f"{name}_wide", to=b.types.INT32)
+        centred = b.node("Sub", [wide, b.constant(f"{name}_z", np.int32(z_in))], f"{name}_centred")
+        total = b.node("ReduceSum", [centred, b.constant(f"{name}_axes", b.ints(list(self.dims)))], f"{name}_sum",
+                       keepdims=int(self.keepdim))
+        real = b.node("Mul", [b.node("Cast", [total], f"{name}_float", to=b.types.FLOAT),
+                              b.constant(f"{name}_ratio", self.runtime_ratio().numpy())], f"{name}_scaled")
+        return b.quantize(real, ActQParams(1.0, z_out, self.output_bits), name)
+
+
+def _sum_dims(node: fx.Node) -> tuple[object, object]:
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    return dims, keepdim
+
+
+def _over_given_dims(node: fx.Node, module: nn.Module | None) -> str | None:
+    dims, keepdim = _sum_dims(node)
+    dims = (dims,) if isinstance(dims, int) else dims
+    if (isinstance(dims, (tuple, list)) and dims and all(isinstance(d, int) for d in dims)
+            and isinstance(keepdim, bool) and set(node.kwargs) <= {"dim", "keepdim"}):
+        return None
+    return "a sum over every element, or with a dtype (the integer form sums given dims)"
+
+
+def lower_sum(lo: Lowering, node: fx.Node) -> None:
+    """``x.sum(dim)`` → ``QSum(q)``: int sums, one requantization to the sum's parameters."""
+    before, after = qparams_of(node.args[0], node), records.get(node, ActQParams)
+    if after is None:
+        raise KeepInFloat("its output was never a float tensor during calibration")
+    dims, keepdim = _sum_dims(node)
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    lo.become(node, QSum(dims, keepdim, before, after, lo.rounding), leaf_name(node), node.args[:1])
+
+
+class QSoftmaxPair(QLookup):
+    """Integers → integers: softmax along ``dim`` of size 2, ``T[q − q_other + q_max]`` with
+    ``T[d] = quantize_out(sigmoid(s_I · (d − q_max)))``."""
+
+    schema = Schema({"input_bits": sc.act_bits, "output_bits": sc.act_bits, "dim": sc.is_int,
+                     "function": lambda v: v == "softmax over 2"},
+                    {"table": torch.int32, "scales": torch.float64, "zero_points": torch.int32},
+                    ranges=lambda m: m.check_ranges())
+
+    def __init__(self, dim: int, before: ActQParams, after: ActQParams):
+        nn.Module.__init__(self)
+        self.dim = dim
+        self.tabulate(torch.sigmoid, "softmax over 2", ActQParams(before.scale, before.qmax, before.bits + 1), after)
+        self.input_bits = before.bits
+
+    @property
+    def tables(self) -> int:
+        return 2  # differences from −q_max to q_max
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        if q.shape[self.dim] != 2:
+            raise ValueError(f"this softmax runs over a dim of 2 (dim {self.dim}); got shape {tuple(q.shape)}")
+        wide = q.to(torch.int64)
+        return self.lookup[wide - wide.flip(self.dim) + ((1 << self.input_bits) - 1)]
+
+    def extra_repr(self) -> str:
+        return f"softmax over dim {self.dim} of 2, a table of the differences"
+
+    def twin(self, node) -> nn.Module:
+        return OnIntegers(self.forward, [records.get(node.args[0], ActQParams)], records.get(node, ActQParams))
+
+    def to_onnx(self, b, node, inputs):
+        name = node.name
+        wide = b.node("Cast", [inputs[0]], f"{name}_wide", to=b.types.INT64)
+        other = b.node("Slice", [wide, *(b.constant(f"{name}_{k}", b.ints([v])) for k, v in
+                                        (("start", -1), ("end", -2**63), ("axis", self.dim), ("step", -1)))],
+                       f"{name}_other")
+        index = b.node("Add", [b.node("Sub", [wide, other], f"{name}_difference"),
+                               b.constant(f"{name}_offset", np.int64((1 << self.input_bits) - 1))], f"{name}_index")
+        return b.gather(self.table, index, name)
+
+
+def _softmax_dim(node: fx.Node) -> object:
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+
+
+def _along_a_dim(node: fx.Node, module: nn.Module | None) -> str | None:
+    """The axis's size is known once calibration saw the values: `lower_softmax` checks it."""
+    dim = module.dim if module is not None else _softmax_dim(node)
+    extra = {k: v for k, v in node.kwargs.items() if k != "dim" and not (k == "_stacklevel" or v is None)}
+    if isinstance(dim, int) and dim != 0 and not extra and len(node.args) <= 2:
+        return None
+    return "a softmax over the batch, over every value, or with a dtype"
+
+
+def lower_softmax(lo: Lowering, node: fx.Node) -> None:
+    """``softmax(x, dim)`` over an axis of 2 → ``QSoftmaxPair(q)``; over a longer axis it runs in
+    float, reported after calibration (the axis's size is known only then)."""
+    before, after = qparams_of(node.args[0], node), records.get(node, ActQParams)
+    dim = lo.module(node).dim if lo.module(node) is not None else _softmax_dim(node)
+    shape = getattr(records.get(node, records.SampleShape), "shape", None)
+    size = None if shape is None else shape[dim - 1 if dim > 0 else dim]
+    if size != 2:
+        raise NotRepresentable(f"a softmax over {size or 'an unknown number of'} values (the integer form "
+                               "takes an axis of 2: a table of their difference)")
+    lo.become(node, QSoftmaxPair(dim, before, after), leaf_name(node), node.args[:1])
+
+
+SUM = Op("sum", "int sums of the centred integers over given dims, requantized once", lower_sum, Output.OWN,
+         functions=(torch.sum,), methods=("sum",), accepts=_over_given_dims, integer_modules=(QSum,),
+         example=lambda: lambda x: x.sum(dim=1, keepdim=True))
+SOFTMAX = Op("softmax", "softmax over an axis of 2: a table of the integer difference (the sigmoid's)",
+             lower_softmax, Output.OWN, modules=(nn.Softmax,), functions=(F.softmax, torch.softmax),
+             methods=("softmax",), accepts=_along_a_dim, integer_modules=(QSoftmaxPair,),
+             example=lambda: lambda x: x[:, :2].softmax(dim=1))
+OPS = (SUM, SOFTMAX)
