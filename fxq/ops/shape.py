@@ -65,7 +65,7 @@ def export_reshape(b, node: fx.Node, inputs: list, module) -> object:
     """Reshapes as ONNX Reshape to the shape they produced (the first dim, where the batch is,
     as -1: other dims must not depend on the batch size), permutes and
     transposes as Transpose, chunks and splits as Split (sizes as they came out), flips as Slice,
-    expands as Expand, repeats as Tile."""
+    expands as Expand, repeats as Tile, unbinds as Split and Squeeze."""
     target, x, name = node.target, inputs[0], node.name
     in_shape, out_shape = b.shape_of(node.args[0]), b.shape_of(node)
     if target == "contiguous":
@@ -74,6 +74,12 @@ def export_reshape(b, node: fx.Node, inputs: list, module) -> object:
         axis = _dim_argument(node, 2, "dim", 0) % len(in_shape)
         sizes = b.ints([shape[axis] for shape in out_shape])
         return list(b.node("Split", [x, b.constant(f"{name}_sizes", sizes)], name, outputs=len(sizes), axis=axis))
+    if target in (torch.unbind, "unbind"):
+        axis = _dim_argument(node, 1, "dim", 0) % len(in_shape)
+        parts = b.node("Split", [x, b.constant(f"{name}_sizes", b.ints([1] * in_shape[axis]))], name,
+                       outputs=in_shape[axis], axis=axis)
+        return [b.node("Squeeze", [part, b.constant(f"{name}_axis", b.ints([axis]))], f"{name}_item")
+                for part in parts]
     if target in (torch.permute, "permute"):
         dims = node.args[1:] if target == "permute" and not isinstance(node.args[1], (tuple, list)) else node.args[1]
         return b.node("Transpose", [x], name, perm=[d % len(in_shape) for d in dims])
