@@ -21,7 +21,8 @@ class FloatIslands(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.branches = nn.ModuleList([nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 5, padding=2)])
+        self.branches = nn.ModuleList([nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1),
+                                       nn.Conv2d(8, 8, 5, padding=2)])
         self.attend, self.norm, self.head = nn.Conv2d(8, 24, 1), nn.GroupNorm(3, 9), nn.Conv2d(9, 4, 1)
 
     def forward(self, x):
