@@ -39,6 +39,10 @@ def splice(b, node: fx.Node, module: nn.Module | None):
     """Export ``node``'s call and add it to the builder ``b``; its output name(s)."""
     import onnx
 
+    if module is not None and not type(module).__module__.startswith("torch."):
+        raise ValueError(f"node '{node.name}' is the model's own {type(module).__name__}, kept whole in float: "
+                         "torch.onnx would trace one path through its Python code, so fxq does not export it. "
+                         "Make it traceable (fxq then quantizes inside it)")
     arguments = list(dict.fromkeys(node.all_input_nodes))
     names = [b.values[a] for a in arguments]
     if any(not isinstance(n, str) for n in names):

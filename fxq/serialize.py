@@ -193,8 +193,12 @@ MODULE_TYPES = {cls.__name__: cls for cls in SCHEMAS}
 def _module_record(target: str, module: nn.Module) -> dict:
     schema = SCHEMAS.get(type(module))
     if schema is None:
+        own = "" if type(module).__module__.startswith("torch.") else (
+            f": it is the model's own code ({type(module).__module__}), kept whole in float, and a "
+            "file never holds code. Make it traceable (so fxq quantizes inside it) or keep the float "
+            "model beside the file")
         raise ValueError(f"cannot save '{target}': {type(module).__name__} is not a module fxq knows "
-                         f"how to save ({sorted(MODULE_TYPES)})")
+                         f"how to save ({sorted(MODULE_TYPES)}){own}")
     tensors = {name: t.detach() for name, t in module.state_dict().items()}
     packed = {}
     if isinstance(module, QLayer):

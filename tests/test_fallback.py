@@ -115,6 +115,10 @@ def test_an_untraceable_submodule_runs_whole_in_float_named_or_by_overrides_sile
         assert torch.equal(found(x), qmodel(x))
     odd = next(n for n in qmodel.graph.nodes if n.name == "odd")
     assert odd.op == "call_module" and records.get(odd, records.FloatOp).reason == "kept in float by overrides"
+    with pytest.raises(ValueError, match="'odd'.*the model's own code.*a file never holds code"):
+        fxq.save(qmodel, tmp_path / "model.fxq")
+    with pytest.raises(ValueError, match="'odd'.*one path through its Python code"):
+        fxq.deploy(qmodel)
     integer, simulated = output_steps(qmodel, fxq.simulate(qmodel), x)
     assert torch.equal(integer, simulated)
 

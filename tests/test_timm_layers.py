@@ -57,3 +57,27 @@ def test_the_shape_assertions_are_gone_after_calibration_and_count_as_nothing():
     ops = count_ops(qmodel, torch.randn(2, 3, 12, 12))
     calls = [n for n in qmodel.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
     assert ops.float == 0 and ops.integer + ops.boundary == len(calls)
+
+
+class SamePadded(nn.Module):
+    """timm's TensorFlow-style convs: ``Conv2dSame`` pads from the input's size at every call."""
+
+    def __init__(self):
+        from timm.layers import Conv2dSame, SelectiveKernel
+
+        super().__init__()
+        self.stem, self.down = Conv2dSame(3, 8, 3, stride=2), Conv2dSame(8, 8, 3, stride=2, groups=8)
+        self.sk = SelectiveKernel(8, 8)
+
+    def forward(self, x):
+        return self.sk(torch.relu(self.down(torch.relu(self.stem(x))))).mean((2, 3))
+
+
+def test_timms_same_padding_and_selective_kernel_run_on_integers_with_no_override(tmp_path):
+    torch.manual_seed(0)
+    model = _settled(SamePadded())
+    qmodel = fxq.quantize(model, _calib(), fxq.QConfig(requantize="onnxruntime"))
+    x = torch.randn(7, 3, 12, 12)
+    assert count_ops(qmodel, x).float == 0
+    assert check_quantized(qmodel, model, x, tmp_path) > 25
+    assert_deploys_bit_exact(qmodel, x, tmp_path / "model.fxq")
