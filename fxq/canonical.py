@@ -38,6 +38,51 @@ def torch_class(module: nn.Module) -> type:
 _CONSTRUCTION = frozenset({"__init__", "extra_repr", "__repr__", "reset_parameters"})
 
 
+def fold_parameter_math(gm: fx.GraphModule) -> int:
+    """Compute once every call that reads only the model's own tensors and constants (a weight
+    standardized from its parameters, ``ScaledStdConv2d``'s ``F.batch_norm`` over the weight):
+    a tensor result becomes a buffer read by ``get_attr``, anything else (a shape) a constant in
+    its users' arguments. The layer that reads it then has constant parameters and quantizes.
+    Returns how many calls were computed."""
+    values: dict[fx.Node, object] = {n: _tensor(gm, n) for n in gm.graph.nodes if n.op == "get_attr"}
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method") or not node.all_input_nodes or node.target in _IMPURE \
+                or not all(a in values for a in node.all_input_nodes):
+            continue
+        args, kwargs = fx.map_arg(node.args, values.__getitem__), fx.map_arg(node.kwargs, values.__getitem__)
+        with torch.no_grad():
+            value = (node.target(*args, **kwargs) if node.op == "call_function"
+                     else getattr(args[0], node.target)(*args[1:], **kwargs))
+        values[node] = value
+        if isinstance(value, torch.Tensor):
+            name = _fresh_attribute(gm, f"{node.name}_computed")
+            gm.register_buffer(name, value.detach().clone())
+            with gm.graph.inserting_before(node):
+                node.replace_all_uses_with(gm.graph.get_attr(name))
+            values[next(n for n in gm.graph.nodes if n.op == "get_attr" and n.target == name)] = value
+        else:
+            for user in list(node.users):
+                user.args = fx.map_arg(user.args, lambda a: value if a is node else a)
+                user.kwargs = fx.map_arg(user.kwargs, lambda a: value if a is node else a)
+        gm.graph.erase_node(node)
+        done += 1
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users]:
+        gm.graph.erase_node(node)
+    return done
+
+
+_IMPURE = frozenset({torch._assert, torch.rand, torch.randn, torch.rand_like, torch.randn_like})
+
+
+def _fresh_attribute(gm: fx.GraphModule, base: str) -> str:
+    name, index = base, 0
+    while hasattr(gm, name):
+        index += 1
+        name = f"{base}_{index}"
+    return name
+
+
 def layers_from_functions(gm: fx.GraphModule, rank_of: Callable[[fx.Node], int | None]) -> int:
     """Rewrite each ``F.linear``/``F.conv2d``/``F.batch_norm`` call whose parameters are the
     model's own tensors (``get_attr``) into a call of ``nn.Linear``/``nn.Conv2d``/``nn.BatchNorm2d``

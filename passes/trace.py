@@ -50,7 +50,8 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
     wherever the calibration batches are; the integer graph runs on the CPU).
 
     Before: any ``nn.Module``. After: a ``GraphModule`` with the same submodules and the same
-    numerics; a layer its module computes with ``F.linear``/``F.conv2d``/``F.batch_norm`` on its own
+    numerics; calls on the model's own tensors alone (a standardized weight) are computed once, a
+    layer its module computes with ``F.linear``/``F.conv2d``/``F.batch_norm`` on its own
     tensors is a call of the torch module it is, a ``Conv1d`` the ``k×1`` ``Conv2d`` it equals, a
     ``stack`` the ``cat`` of unsqueezed tensors (`fxq.canonical`). A submodule ``overrides`` maps
     to None is kept whole, as one call that runs in float: the way to quantize a model around a
@@ -85,6 +86,7 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
         records.put(next(n for n in gm.graph.nodes if n.op == "placeholder"),
                     records.FixedShape(tuple(tracer.example.shape[1:])))
     _one_module_per_call_site(gm)
+    canonical.fold_parameter_math(gm)
     canonical.layers_from_functions(gm, _rank_probe(gm, ctx))
     canonical.conv1d_as_conv2d(gm)
     canonical.stack_as_cat(gm)

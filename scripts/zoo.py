@@ -51,13 +51,15 @@ MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_smal
 EXTRA_ARGUMENTS = {"googlenet": {"aux_logits": False, "init_weights": True}}
 # timm's CNNs across families (ResNet-D, SE/ECA, SK, Res2Net, ResNeSt, RegNet, EfficientNet/Lite,
 # MixNet, TinyNet, MNASNet, FBNet, HardCoReNAS, GhostNet, ReXNet, RepVGG, CSP, DLA, DPN, VoVNet,
-# HRNet, DenseNet, LCNet, GENet, SelecSLS, Xception, ConvMixer, MobileViT)
+# HRNet, DenseNet, LCNet, GENet, SelecSLS, Xception, ConvMixer, MobileViT, NFNet, BiT, RegNetZ,
+# GCNet)
 TIMM_MODELS = ("resnet50d", "seresnet50", "ecaresnet50d", "skresnet18", "res2net50_14w_8s", "resnest14d",
                "regnetx_002", "regnety_002", "efficientnet_b0", "efficientnet_lite0", "tf_efficientnet_b0",
                "mixnet_s", "tinynet_a", "mnasnet_100", "fbnetc_100", "hardcorenas_a", "mobilenetv3_small_050",
                "ghostnet_100", "rexnet_100", "repvgg_a0", "cspresnet50", "cspdarknet53", "dla34", "dpn68",
                "ese_vovnet19b_dw", "hrnet_w18_small", "densenet121", "lcnet_050", "gernet_s", "selecsls42b",
-               "xception41", "convmixer_768_32", "mobilevit_xxs")
+               "xception41", "convmixer_768_32", "mobilevit_xxs", "nf_resnet26", "resnetv2_50x1_bit",
+               "regnetz_b16", "gcresnet50t")
 TIMM_RESULTS = ROOT / "results" / "zoo_timm.json"
 SIZE, CALIBRATION, SCORED = 64, 64, 256
 

@@ -3,6 +3,7 @@ torch layer differently is that layer, a batch norm over flat values is left as 
 model's own shape assertion is checked by calibration, naming the node."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fxq
@@ -87,3 +88,21 @@ def test_a_conv1d_runs_on_integers_as_the_conv2d_it_equals_and_deploys_exactly(t
     assert_deploys_bit_exact(qmodel, x, tmp_path / "model.fxq")
     kept = fxq.quantize(model, _calib(), overrides={"gate": None})  # the user's name still reaches it
     assert len([m for m in kept.modules() if type(m) in (nn.Conv1d, nn.Conv2d)]) == 1  # the gate, in float
+
+
+class StandardizedConv(nn.Conv2d):
+    """Weight standardization (BiT's StdConv2d): the weight is computed from parameters at every call."""
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                              momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding)
+
+
+def test_a_weight_computed_from_parameters_is_computed_once_and_the_conv_quantizes(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(StandardizedConv(3, 8, 3, padding=1), nn.ReLU(), StandardizedConv(8, 4, 1)).eval()
+    qmodel = fxq.quantize(model, _calib())
+    x = torch.randn(5, 3, 12, 12)
+    assert [type(m).__name__ for m in qmodel.modules() if "Conv" in type(m).__name__] == ["QConv2d"] * 2
+    assert check_quantized(qmodel, model, x, tmp_path) > 25

@@ -81,3 +81,15 @@ def test_timms_same_padding_and_selective_kernel_run_on_integers_with_no_overrid
     assert count_ops(qmodel, x).float == 0
     assert check_quantized(qmodel, model, x, tmp_path) > 25
     assert_deploys_bit_exact(qmodel, x, tmp_path / "model.fxq")
+
+
+def test_timms_scaled_weight_standardized_conv_is_a_layer(tmp_path):
+    from timm.layers import ScaledStdConv2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(ScaledStdConv2d(3, 8, 3, padding=1), nn.ReLU(), ScaledStdConv2d(8, 4, 1)).eval()
+    qmodel = fxq.quantize(model, _calib(), fxq.QConfig(requantize="onnxruntime"))
+    x = torch.randn(5, 3, 12, 12)
+    assert count_ops(qmodel, x).float == 0
+    assert check_quantized(qmodel, model, x, tmp_path) > 25
+    assert_deploys_bit_exact(qmodel, x, tmp_path / "model.fxq")
