@@ -125,7 +125,9 @@ class Dequantize(_ActBoundary):
         return b.dequantize(inputs[0], self.qparams, node.name)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return self.qparams.dequantize(q)
+        # contiguous: a float op after it (GroupNorm) reduces in another order on a channels-last
+        # tensor, and the twin hands it the same floats in the standard layout
+        return self.qparams.dequantize(q).contiguous()
 
 
 def _describe(x: object) -> str:

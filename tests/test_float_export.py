@@ -11,7 +11,7 @@ from torch import nn
 
 import fxq
 from fxq.runtime import count_ops
-from tests.helpers import randomize_bn
+from tests.helpers import output_steps, randomize_bn
 
 
 class FloatIslands(nn.Module):
@@ -107,3 +107,15 @@ def test_unbound_integers_export_item_by_item():
     assert count_ops(qmodel, x).float == 0
     deployed = fxq.deploy(qmodel, threads=1, weights="exact")
     assert deployed.bit_exact and torch.equal(deployed(x), qmodel(x))
+
+
+def test_a_float_op_after_an_integer_conv_agrees_with_the_twin_bit_for_bit():
+    """The integer conv's output is channels-last; GroupNorm reduces in another order on that
+    layout, so the dequantized floats it reads are handed on in the standard layout."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxq.FloatFallbackWarning)
+        qmodel = fxq.quantize(model, [torch.randn(8, 3, 16, 16) for _ in range(4)])
+    integer, simulated = output_steps(qmodel, fxq.simulate(qmodel), torch.randn(64, 3, 16, 16))
+    assert torch.equal(integer, simulated)
