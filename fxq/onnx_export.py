@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -47,11 +48,13 @@ BATCH = 2  # the batch the export runs once with, to learn every value's shape
 class Builder:
     """Collects ONNX nodes and initializers; one method per ONNX idiom the facets use."""
 
-    def __init__(self, shapes: dict, formats: dict | None = None, batched: dict | None = None):
+    def __init__(self, shapes: dict, formats: dict | None = None, batched: Callable[[], dict] | None = None):
         from onnx import TensorProto, helper, numpy_helper
         self.helper, self.numpy_helper, self.types = helper, numpy_helper, TensorProto
         self.nodes, self.initializers, self.shapes = [], [], shapes
-        self.batched = batched or {}  # node → the dims of its output whose size follows the batch
+        # node → the dims of its output whose size follows the batch; another run of the model,
+        # made only if an op's export asks
+        self._batched, self._batched_of = None, batched or dict
         self.formats = formats or {}  # layer module → `saturation.WeightFormat` (default U8S8)
         self.values: dict[fx.Node, object] = {}  # what each fx node became in the ONNX graph
         self.count = 0
@@ -91,7 +94,9 @@ class Builder:
 
     def batched_dims(self, node: fx.Node) -> tuple[int, ...]:
         """The dims of the node's output whose size changes with the batch size."""
-        return self.batched.get(node, (0,))
+        if self._batched is None:
+            self._batched = self._batched_of()
+        return self._batched.get(node, (0,))
 
     # -------------------------------------------------------------- quantization
 
@@ -168,7 +173,7 @@ def to_onnx(qmodel: fx.GraphModule, weights: str = "auto"):
     modules = dict(qmodel.named_modules())
     formats = {modules[name]: f for name, f in weight_formats(qmodel, weights).items()}
     shapes = _recorded_shapes(qmodel, sample_shape)
-    b = Builder(shapes, formats, _batched_dims(shapes, _recorded_shapes(qmodel, sample_shape, BATCH + 1)))
+    b = Builder(shapes, formats, lambda: _batched_dims(shapes, _recorded_shapes(qmodel, sample_shape, BATCH + 1)))
     values = b.values
     for node in qmodel.graph.nodes:
         if node.op == "placeholder":

@@ -101,7 +101,7 @@ def export_reshape(b, node: fx.Node, inputs: list, module) -> object:
     if target == "repeat" and all(isinstance(r, int) for r in _sizes(node)):
         return b.node("Tile", [x, b.constant(f"{name}_repeats", b.ints(list(_sizes(node))))], name)
     if target in (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, "flatten", "view", "reshape",
-                  "squeeze", "unsqueeze") and set(b.batched_dims(node)) <= {0}:
+                  "squeeze", "unsqueeze") and (out_shape[:1] == in_shape[:1] or set(b.batched_dims(node)) <= {0}):
         shape = b.ints([-1, *out_shape[1:]])
         return b.node("Reshape", [x, b.constant(f"{name}_shape", shape)], name)
     raise ValueError(f"node '{name}' ({target if isinstance(target, str) else target.__name__}) does not export yet")
