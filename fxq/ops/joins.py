@@ -19,6 +19,12 @@ def _grid(bits: int) -> torch.Tensor:
     return torch.arange(1 << bits, dtype=torch.int64)
 
 
+# tables by what they are computed from: a model loaded again, or ops with equal parameters,
+# share one (64 kB each at 8 bits; never written to)
+_TABLES: dict[tuple, torch.Tensor] = {}
+_TABLES_KEPT = 256
+
+
 class PairOp(Derived):
     """An integer op of two tensors (``compute(a, b)``) that, with inputs of up to 8 bits each,
     runs as a lookup in the table of its answer for every input pair (broadcasting like the op);
@@ -37,9 +43,19 @@ class PairOp(Derived):
     def prepare(self) -> None:
         table = None
         if self.tabulated:
-            a, b = torch.meshgrid(*(_grid(bits) for bits in self.input_bits), indexing="ij")
-            table = self.compute(a, b).flatten()
+            key = self._table_key()
+            table = _TABLES.get(key)
+            if table is None:
+                a, b = torch.meshgrid(*(_grid(bits) for bits in self.input_bits), indexing="ij")
+                table = _TABLES.setdefault(key, self.compute(a, b).flatten())
+                if len(_TABLES) > _TABLES_KEPT:
+                    del _TABLES[next(iter(_TABLES))]
         self.register_buffer("table", table, persistent=False)
+
+    def _table_key(self) -> tuple:
+        """Everything ``compute`` reads: the op, its widths and rounding, its saved integers."""
+        state = tuple((name, tuple(t.flatten().tolist())) for name, t in sorted(self.state_dict().items()))
+        return type(self), self.input_bits, self.output_bits, getattr(self, "requantize_as", None), state
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if not self.tabulated:
