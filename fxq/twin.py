@@ -77,7 +77,8 @@ class FloatLayer(nn.Module):
 
 
 class OnIntegers(nn.Module):
-    """Recovers each input value's integer, runs ``compute`` (an integer kernel) and returns values."""
+    """Recovers each input value's integer, runs ``compute`` (an integer kernel) and returns values.
+    Arguments past the quantized inputs (a size read from a shape) are handed on as they are."""
 
     def __init__(self, compute, inputs: list[ActQParams], output: ActQParams):
         super().__init__()
@@ -86,7 +87,7 @@ class OnIntegers(nn.Module):
     def forward(self, *values: torch.Tensor) -> torch.Tensor:
         integers = [(_steps(v, qp.scale) + qp.zero_point).to(torch.int64)
                     for v, qp in zip(values, self.inputs)]
-        return _values(self.compute(*integers), self.output)
+        return _values(self.compute(*integers, *values[len(self.inputs):]), self.output)
 
 
 def on_integers(compute, node: fx.Node) -> nn.Module:

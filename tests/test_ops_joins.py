@@ -1,4 +1,4 @@
-"""Products, concatenations and shape ops on integer tensors."""
+"""Differences, products, concatenations and shape ops on integer tensors."""
 from fractions import Fraction
 
 import torch
@@ -8,8 +8,10 @@ from torch import nn
 import fxq
 from fxq import records
 from fxq.affine import ActQParams
+from fxq.ops.arithmetic import QSub
 from fxq.ops.joins import QCat, QMul
-from tests.helpers import check_quantized
+from fxq.runtime import count_ops
+from tests.helpers import assert_deploys_bit_exact, check_quantized
 
 
 def _exact_round(value: Fraction) -> int:
@@ -28,6 +30,43 @@ def test_a_product_is_the_requantized_product_of_the_centred_integers():
         product = Fraction((x - 100) * (y - 3) * m, 2 ** (31 - shift))
         assert g == min(max(77 + _exact_round(product), 0), 255)
     assert abs(m * 2.0 ** (shift - 31) - 0.02 * 0.011 / 0.05) < 1e-9
+
+
+def test_a_difference_is_the_rescaled_difference_rounded_once():
+    a, b, out = ActQParams(0.02, 100, 8), ActQParams(0.031, 3, 8), ActQParams(0.05, 140, 8)
+    sub = QSub(a, b, out, "sub")
+    qa, qb = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
+    got = sub(qa.to(torch.uint8), qb.to(torch.uint8)).to(torch.int64)
+    exact = (0.02 * (qa - 100).double() - 0.031 * (qb - 3).double()) / 0.05
+    # one rounding of the fixed-point rescale: off the exact value only where it sits on a half
+    assert int((got - (exact.round() + 140).clamp(0, 255)).abs().max()) <= 1
+    near_half = ((exact - exact.floor()) - 0.5).abs() < 1e-6
+    assert torch.equal(got[~near_half], (exact.round() + 140).clamp(0, 255)[~near_half].to(torch.int64))
+
+
+class PoolMixer(nn.Module):
+    """PoolFormer's token mixer (``pool(x) − x``) and its StarReLU (``s·relu(x)² + b``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+
+    def forward(self, x):
+        x = self.conv(x)
+        mixed = x + (self.pool(x) - x)
+        return self.head(0.8 * torch.relu(mixed) ** 2 - 0.4)
+
+
+def test_a_pool_mixer_and_a_square_run_on_integers_and_deploy_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = PoolMixer().eval()
+    qmodel = fxq.quantize(model, [torch.randn(8, 3, 8, 8) for _ in range(4)], fxq.QConfig(requantize="onnxruntime"))
+    x = torch.randn(16, 3, 8, 8)
+    assert count_ops(qmodel, x).float == 0
+    assert {"QSub", "QLookup"} <= {type(m).__name__ for m in qmodel.modules()}
+    assert check_quantized(qmodel, model, x, tmp_path) > 25
+    assert_deploys_bit_exact(qmodel, x, tmp_path / "model.fxq")
 
 
 def test_a_concatenation_moves_each_input_to_the_output_parameters():

@@ -83,7 +83,7 @@ def test_a_mean_over_dims_2_3_refuses_other_ranks():
 
 class Upsampling(nn.Module):
     """An HRNet-style fusion: a low-resolution branch brought up by nearest upsampling and added,
-    in every form torch spells it."""
+    in every form torch spells it; and GhostNetV2's gate, resized to another tensor's shape."""
 
     def __init__(self):
         super().__init__()
@@ -97,7 +97,9 @@ class Upsampling(nn.Module):
         fused = h + self.up(low)[:, :, :9, :9]
         exact = F.interpolate(low, scale_factor=1.5, mode="nearest-exact")
         odd = F.interpolate(low, size=(7, 11)) + exact[:, :, :7, :1]
-        return self.head(fused).mean((2, 3)) + self.head(odd).mean((2, 3)) + self.head(self.up_module(low)).mean((2, 3))
+        gated = h * F.interpolate(torch.sigmoid(low), size=(h.shape[-2], h.shape[-1]), mode="nearest")
+        branches = (fused, odd, self.up_module(low), gated)
+        return sum(self.head(branch).mean((2, 3)) for branch in branches)
 
 
 def test_nearest_upsampling_copies_integers_saves_and_deploys_bit_exact(tmp_path):
@@ -106,7 +108,7 @@ def test_nearest_upsampling_copies_integers_saves_and_deploys_bit_exact(tmp_path
     qmodel = fxq.quantize(model, [torch.randn(8, 3, 9, 9) for _ in range(4)], fxq.QConfig(requantize="onnxruntime"))
     resized = [n for n in qmodel.graph.nodes if n.op == "call_module"
                and type(qmodel.get_submodule(n.target)).__name__ == "QResizeNearest"]
-    assert len(resized) == 4
+    assert len(resized) == 5
     assert not any(records.has(n, records.FloatOp) for n in qmodel.graph.nodes)
     x = torch.randn(16, 3, 9, 9)
     assert check_quantized(qmodel, model, x, tmp_path) > 25

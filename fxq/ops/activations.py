@@ -231,9 +231,10 @@ LOOKUP = Op(
     functions=(F.hardswish, F.hardsigmoid, F.silu, F.sigmoid, torch.sigmoid, F.gelu, F.tanh, torch.tanh,
                F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, F.softsign, F.logsigmoid,
                torch.exp, torch.neg, torch.abs, torch.square, operator.neg, operator.abs, operator.add,
-               operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div),
+               operator.sub, operator.mul, operator.truediv, operator.pow, torch.add, torch.sub, torch.mul,
+               torch.div, torch.pow),
     methods=("sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "neg", "abs", "square", "add", "add_", "sub",
-             "sub_", "mul", "mul_", "div", "div_"),
+             "sub_", "mul", "mul_", "div", "div_", "pow"),
     accepts=_one_tensor_and_constants, integer_modules=(QLookup,), channelwise=True,
     example=nn.Hardswish)
 

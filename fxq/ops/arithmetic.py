@@ -1,4 +1,4 @@
-"""Ops joining tensors: the residual add, the product of two tensors, concatenation."""
+"""Ops joining tensors: the residual add, the difference and product of two tensors, concatenation."""
 from __future__ import annotations
 
 import operator
@@ -121,6 +121,54 @@ def lower_mul(lo: Lowering, node: fx.Node) -> None:
     lo.become(node, QMul(*qparams, f"the product {node.name}"), leaf_name(node), (a, b))
 
 
+class QSub(PairOp):
+    """uint8 − uint8 → uint8: ``clamp(z_O + round(M_A·(A_q − z_A) − M_B·(B_q − z_B)))``, the add's
+    arithmetic (`fxq.intmath.add`) with B reflected about its zero point (``2·z_B − B_q``); it runs,
+    and exports, as the table of every input pair, so both roundings give the same integers."""
+
+    schema = Schema({"input_bits": lambda v: sc.bits_tuple(v) and len(v) == 2, "output_bits": sc.act_bits},
+                    {"zero_points": torch.int64, "multipliers": torch.int64, "shifts": torch.int64},
+                    ranges=lambda m: m.check_ranges())
+
+    def __init__(self, a: ActQParams, b: ActQParams, out: ActQParams, name: str):
+        super().__init__()
+        operands = [intmath.AddOperand.rescale(p.zero_point, p.scale, out.scale, p.bits) for p in (a, b)]
+        gap = intmath.add_max_shift_gap(max(a.bits, b.bits))
+        if intmath.add_shift_gap(*operands) > gap:
+            raise NotRepresentable(f"{name}: the two inputs' scales ({a.scale:.3g}, {b.scale:.3g}) differ by "
+                                   f"more than 2^{gap}, beyond what the int64 difference holds at these widths")
+        self.input_bits, self.output_bits = (a.bits, b.bits), out.bits
+        self.register_buffer("zero_points", torch.tensor([a.zero_point, b.zero_point, out.zero_point]))
+        self.register_buffer("multipliers", torch.tensor([o.multiplier for o in operands]))
+        self.register_buffer("shifts", torch.tensor([o.shift for o in operands]))
+        self.prepare()
+
+    def compute(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The integer difference itself, without the table."""
+        za, zb, zo = (int(z) for z in self.zero_points)
+        first, second = (intmath.AddOperand(z, int(m), int(s)) for z, m, s in
+                         zip((za, zb), self.multipliers, self.shifts))
+        return intmath.add(a, 2 * zb - b.to(torch.int64), first, second, zo, (1 << self.output_bits) - 1)
+
+    def check_ranges(self) -> None:
+        sc.expect(self.zero_points.shape == (3,) and self.multipliers.shape == self.shifts.shape == (2,),
+                  "three zero points (a, b, the output), two multipliers and shifts")
+        for z, bits in zip(self.zero_points.tolist(), self.input_bits + (self.output_bits,)):
+            sc.expect(0 <= z < (1 << bits), "a zero point is outside its width")
+        for m, shift in zip(self.multipliers, self.shifts):
+            sc.fixed_point_fits(m, shift, "an operand's")
+        sc.expect(intmath.add_shift_gap(*(intmath.AddOperand(0, int(m), int(s)) for m, s in
+                                          zip(self.multipliers, self.shifts)))
+                  <= intmath.add_max_shift_gap(max(self.input_bits)), "the operands' scales are too far apart")
+
+
+def lower_sub(lo: Lowering, node: fx.Node) -> None:
+    """``a − b`` → ``QSub(a_q, b_q)``: both rescaled to the output scale, one rounding."""
+    a, b = node.args
+    qparams = [qparams_of(a, node), qparams_of(b, node), output_qparams(node)]
+    lo.become(node, QSub(*qparams, f"the difference {node.name}"), leaf_name(node), (a, b))
+
+
 def _tensors_and_dim(node: fx.Node) -> tuple[list, object]:
     tensors = node.args[0] if node.args else node.kwargs.get("tensors")
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -149,7 +197,11 @@ MUL = Op("mul", "the centred product of two tensors, requantized once (a lookup 
          "every input pair)", lower_mul, Output.OWN, functions=(operator.mul, torch.mul),
          methods=("mul", "mul_"), accepts=_two_tensors, integer_modules=(QMul,),
          example=lambda: lambda x: x * x.flip(0))
+SUB = Op("sub", "both inputs rescaled to the output scale, B's reflected, one rounding (a lookup in the "
+         "table of every input pair)", lower_sub, Output.OWN, functions=(operator.sub, operator.isub, torch.sub),
+         methods=("sub", "sub_"), accepts=_two_tensors, integer_modules=(QSub,),
+         example=lambda: lambda x: x - x.flip(0))
 CAT = Op("cat", "each input moved to the output's parameters, then joined", lower_cat, Output.OWN,
          functions=(torch.cat, torch.concat, torch.concatenate), accepts=_a_list_of_tensors,
          integer_modules=(QCat,), concatenates=True, example=lambda: lambda x: torch.cat([x, x.flip(0)], 1))
-OPS = (ADD, MUL, CAT)
+OPS = (ADD, SUB, MUL, CAT)

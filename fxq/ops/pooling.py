@@ -313,14 +313,18 @@ class QResizeNearest(nn.Module):
         self.size, self.scale_factor, self.mode = size, scale_factor, mode
         self.recompute_scale_factor = recompute_scale_factor
 
-    def forward(self, q: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, size: tuple | None = None) -> torch.Tensor:
+        """``size``: the output size read from a tensor's shape in the graph (``x.shape[2:]``),
+        where the float model resized to another tensor's size."""
         x = q if q.dtype == torch.uint8 else q.to(torch.float32)
-        resized = F.interpolate(x, _one_for_all(self.size), _one_for_all(self.scale_factor), self.mode,
+        size = _one_for_all(self.size) if size is None else size
+        resized = F.interpolate(x, size, _one_for_all(self.scale_factor), self.mode,
                                 recompute_scale_factor=self.recompute_scale_factor or None)
         return resized.to(q.dtype)
 
     def extra_repr(self) -> str:
-        how = f"size={self.size}" if self.size else f"scale_factor={self.scale_factor}"
+        how = (f"size={self.size}" if self.size else f"scale_factor={self.scale_factor}" if self.scale_factor
+               else "size read from a shape")
         return f"{how}, mode={self.mode}"
 
     def twin(self, node) -> nn.Module:
@@ -368,9 +372,15 @@ def _nearest(node: fx.Node, module: nn.Module | None) -> str | None:
     a = _resize_of(node, module)
     if a["mode"] not in ("nearest", "nearest-exact") or a["antialias"]:
         return f"{a['mode']} resampling (the integer form copies nearest neighbours)"
-    if any(isinstance(v, fx.Node) for v in (a["size"], a["scale_factor"])):
-        return "resampling to a size computed from the input"
+    if _computed(a["scale_factor"]):
+        return "resampling by a factor computed from the input"
     return None
+
+
+def _computed(value) -> bool:
+    """A size or factor that is (or holds) a node: read from a shape while the model runs."""
+    return isinstance(value, fx.Node) or (isinstance(value, (tuple, list)) and any(isinstance(v, fx.Node)
+                                                                                  for v in value))
 
 
 def _as_tuple(value, convert) -> tuple | None:
@@ -383,9 +393,10 @@ def lower_resize(lo: Lowering, node: fx.Node) -> None:
     """``interpolate(x, mode="nearest")`` → ``QResizeNearest(q)``: copies of the integers."""
     qp = qparams_of(node.args[0], node)
     a = _resize_of(node, lo.module(node))
-    resize = QResizeNearest(_as_tuple(a["size"], int), _as_tuple(a["scale_factor"], float), a["mode"],
-                            bool(a["recompute_scale_factor"]))
-    lo.become(node, resize, leaf_name(node), node.args[:1])
+    computed = _computed(a["size"])
+    resize = QResizeNearest(None if computed else _as_tuple(a["size"], int), _as_tuple(a["scale_factor"], float),
+                            a["mode"], bool(a["recompute_scale_factor"]))
+    lo.become(node, resize, leaf_name(node), (node.args[0], a["size"]) if computed else node.args[:1])
     records.put(node, qp)
 
 
