@@ -40,7 +40,7 @@ from fxq.ops.layers import QLayer
 from fxq.saved_graph import PLAIN, InvalidModelFile, expect, is_identifier, node_from, node_record
 from fxq.schema import Schema, SchemaError
 
-FORMAT = "fxq/6"
+FORMAT = "fxq/7"
 # A module name may also start with a digit or hold hyphens (torchvision's "block1-0", fxq's
 # "2_dequantize" beside a Sequential's "2"): torch.fx writes such a part as getattr(m, "block1-0"),
 # and without quotes or backslashes it cannot leave that string.

@@ -34,7 +34,7 @@ def test_loaded_model_gives_bit_identical_outputs(tmp_path, config, overrides):
 def test_file_is_plain_data_readable_without_unpickling_code(tmp_path):
     fxq.save(fxq.quantize(randomize_bn(Residual()), _calib()), tmp_path / "m.fxq")
     payload = torch.load(tmp_path / "m.fxq", weights_only=True)  # refuses arbitrary objects
-    assert payload["format"] == "fxq/6" and payload["modules"]["conv2"]["tensors"]["weight"].dtype == torch.int8
+    assert payload["format"] == "fxq/7" and payload["modules"]["conv2"]["tensors"]["weight"].dtype == torch.int8
 
 
 def test_narrow_weights_are_packed_and_the_file_shrinks_with_the_width(tmp_path):

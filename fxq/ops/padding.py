@@ -1,6 +1,7 @@
-"""Zero padding on integers: ``F.pad(x, pads)`` (timm's "same" padding, ``nn.ZeroPad2d``,
-``nn.ConstantPad2d(p, 0.0)``) adds real zeros, which are the integer zero point: the output keeps
-the input's parameters and nothing rounds."""
+"""Padding on integers: ``F.pad(x, pads)`` (timm's "same" padding, ``nn.ZeroPad2d``,
+``nn.ConstantPad2d(p, 0.0)``) adds real zeros, which are the integer zero point; reflect, replicate
+and circular padding (BlurPool's, ``nn.ReflectionPad2d``) copy the input's own integers. Either
+way the output keeps the input's parameters and nothing rounds."""
 from __future__ import annotations
 
 import torch
@@ -15,24 +16,32 @@ from fxq.schema import Schema
 from fxq.twin import OnIntegers
 
 CONSTANT_PADS = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
+COPYING_PADS = {nn.ReflectionPad1d: "reflect", nn.ReflectionPad2d: "reflect", nn.ReflectionPad3d: "reflect",
+                nn.ReplicationPad1d: "replicate", nn.ReplicationPad2d: "replicate", nn.ReplicationPad3d: "replicate",
+                nn.CircularPad1d: "circular", nn.CircularPad2d: "circular", nn.CircularPad3d: "circular"}
+ONNX_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
 
 class QPad(nn.Module):
     """Integers → integers: ``pads`` (torch's order: last dim first, before then after) filled
-    with ``fill``, the input's zero point."""
+    with ``fill``, the input's zero point (``mode="constant"``), or with copies of the input's
+    integers (``"reflect"``, ``"replicate"``, ``"circular"``)."""
 
     schema = Schema({"pads": lambda v: isinstance(v, tuple) and 0 < len(v) <= 8 and len(v) % 2 == 0
-                     and all(sc.is_int(p) for p in v), "fill": sc.int_at_least(0)}, {})
+                     and all(sc.is_int(p) for p in v), "fill": sc.int_at_least(0),
+                     "mode": sc.one_of(*ONNX_MODES)}, {})
 
-    def __init__(self, pads: tuple[int, ...], fill: int):
+    def __init__(self, pads: tuple[int, ...], fill: int, mode: str = "constant"):
         super().__init__()
-        self.pads, self.fill = pads, fill
+        self.pads, self.fill, self.mode = pads, fill, mode
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return F.pad(q, self.pads, value=self.fill)
+        if self.mode == "constant":
+            return F.pad(q, self.pads, value=self.fill)
+        return F.pad(q, self.pads, mode=self.mode)
 
     def extra_repr(self) -> str:
-        return f"pads={self.pads}, fill={self.fill}"
+        return f"pads={self.pads}, " + (f"fill={self.fill}" if self.mode == "constant" else f"mode={self.mode}")
 
     def twin(self, node) -> nn.Module:
         qp = records.get(node, ActQParams)
@@ -44,25 +53,28 @@ class QPad(nn.Module):
         starts, ends = [0] * rank, [0] * rank
         for i in range(pairs):
             starts[rank - 1 - i], ends[rank - 1 - i] = self.pads[2 * i], self.pads[2 * i + 1]
+        pads = b.constant(f"{node.name}_pads", b.ints(starts + ends))
+        if self.mode != "constant":
+            return b.node("Pad", [inputs[0], pads], node.name, mode=ONNX_MODES[self.mode])
         fill = torch.tensor(self.fill, dtype=torch.uint8)
-        return b.node("Pad", [inputs[0], b.constant(f"{node.name}_pads", b.ints(starts + ends)),
-                              b.constant(f"{node.name}_fill", fill)], node.name, mode="constant")
+        return b.node("Pad", [inputs[0], pads, b.constant(f"{node.name}_fill", fill)], node.name, mode="constant")
 
 
 def _pad_of(node: fx.Node, module: nn.Module | None) -> tuple[tuple, str, float]:
     if module is not None:
-        return tuple(module.padding), "constant", float(module.value)
+        mode = COPYING_PADS.get(type(module), "constant")
+        return tuple(module.padding), mode, float(getattr(module, "value", 0.0))
     arguments = dict(zip(("pad", "mode", "value"), node.args[1:]))
     arguments.update(node.kwargs)
     value = arguments.get("value")
     return tuple(arguments["pad"]), arguments.get("mode", "constant"), 0.0 if value is None else value
 
 
-def _zero_fill(node: fx.Node, module: nn.Module | None) -> str | None:
+def _zero_fill_or_copies(node: fx.Node, module: nn.Module | None) -> str | None:
     pads, mode, value = _pad_of(node, module)
-    if mode != "constant":
-        return f"{mode} padding (the integer form pads with zeros)"
-    if value != 0:
+    if mode not in ONNX_MODES:
+        return f"{mode} padding (the integer forms pad with zeros or copies)"
+    if mode == "constant" and value != 0:
         return f"padding with {value} (only a real zero is an integer zero point exactly)"
     if not all(isinstance(p, int) for p in pads):
         return "padding computed from the input"
@@ -70,14 +82,15 @@ def _zero_fill(node: fx.Node, module: nn.Module | None) -> str | None:
 
 
 def lower_pad(lo: Lowering, node: fx.Node) -> None:
-    """``pad(x, pads)`` → ``QPad(q)``, filling with the input's zero point."""
+    """``pad(x, pads)`` → ``QPad(q)``, filling with the input's zero point or copying its integers."""
     qp = qparams_of(node.args[0], node)
-    pads, _, _ = _pad_of(node, lo.module(node))
-    lo.become(node, QPad(pads, qp.zero_point), leaf_name(node), node.args[:1])
+    pads, mode, _ = _pad_of(node, lo.module(node))
+    lo.become(node, QPad(pads, qp.zero_point, mode), leaf_name(node), node.args[:1])
     records.put(node, qp)
 
 
-PAD = Op("pad", "zero padding: the zero point added around the integers, same scale", lower_pad, Output.SAME,
-         modules=CONSTANT_PADS, functions=(F.pad,), accepts=_zero_fill, integer_modules=(QPad,),
+PAD = Op("pad", "padding: the zero point, or copies of the integers, added around them; same scale", lower_pad,
+         Output.SAME, modules=CONSTANT_PADS + tuple(COPYING_PADS), functions=(F.pad,), accepts=_zero_fill_or_copies,
+         integer_modules=(QPad,),
          homogeneous=True, channelwise=True, example=lambda: nn.ZeroPad2d((0, 1, 0, 1)))
 OPS = (PAD,)
