@@ -8,7 +8,7 @@ from torch import nn
 
 import fxq
 from fxq.affine import ActQParams
-from fxq.ops.reductions import QSoftmaxPair, QSum
+from fxq.ops.reductions import QMean, QSoftmaxPair, QSum
 from fxq.runtime import count_ops
 from tests.helpers import assert_deploys_bit_exact, check_quantized
 
@@ -82,3 +82,43 @@ def test_a_softmax_over_more_than_two_values_stays_float_and_says_so_after_calib
     with pytest.warns(fxq.FloatFallbackWarning, match=r"(?s)with the calibrated parameters.*softmax over 3 values"):
         qmodel = fxq.quantize(Wide().eval(), _calib())
     assert count_ops(qmodel, torch.randn(2, 3, 10, 10)).float_ops == ("softmax",)
+
+
+class ChannelsLastHead(nn.Module):
+    """MambaOut's head: channels-last features averaged over dims (1, 2), and a mean over
+    channels (dim 1, kept) and over the last dim by a negative index."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        pooled = self.fc(h.permute(0, 2, 3, 1).mean((1, 2)))
+        return pooled + h.mean(1, keepdim=True).mean(-1).sum(-1)
+
+
+@pytest.mark.parametrize("requantize", ["fixed_point", "onnxruntime"])
+def test_means_over_any_dims_run_on_integers_and_deploy_bit_exact(requantize, tmp_path):
+    torch.manual_seed(0)
+    model = ChannelsLastHead().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxq.FloatFallbackWarning)
+        qmodel = fxq.quantize(model, _calib(), fxq.QConfig(requantize=requantize))
+    x = torch.randn(5, 3, 10, 10, generator=torch.Generator().manual_seed(2))
+    assert count_ops(qmodel, x).float == 0
+    assert sum(type(m) is QMean for m in qmodel.modules()) == 3
+    assert check_quantized(qmodel, model, x, tmp_path) > 25
+    if requantize == "onnxruntime":
+        assert_deploys_bit_exact(qmodel, x, tmp_path / "model.fxq")
+
+
+def test_a_mean_is_the_rounded_mean_of_the_integers():
+    q = torch.randint(0, 256, (3, 4, 5, 6), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    mean = QMean((1, -1), False, ActQParams(0.1, 100, 8))
+    exact = (q.double() - 100).mean((1, 3))
+    # half away from zero, as requantization rounds
+    expected = exact.sign() * (exact.abs() + 0.5).floor() + 100
+    assert torch.equal(mean(q).double(), expected)
+    with pytest.raises(ValueError, match="not the batch's"):
+        QMean((-4,), False, ActQParams(0.1, 100, 8))(q)

@@ -1,13 +1,17 @@
-"""Reductions along an axis, as split attention uses them (timm's SKNet and ResNeSt): the sum of
-the branches (``x.sum(dim=1)``) and the softmax across two branches.
+"""Reductions along axes: the sum of split attention's branches (``x.sum(dim=1)``, timm's SKNet and
+ResNeSt), the softmax across two branches, and a mean over any dims (MambaOut's channels-last
+``x.mean((1, 2))``; the spatial mean is global pooling, `fxq.ops.pooling`).
 
     sum:      O_q = clamp(z_O + round(s_I/s_O · Σ (I_q − z_I)))        int32 sums, one rounding
+    mean:     O_q = z_I + round(Σ (I_q − z_I) / n)                      at the input's parameters
     softmax:  O_q[i] = T[I_q[i] − I_q[j] + q_max]   over an axis of 2   softmax(a, b)_a = sigmoid(a − b)
 
 The softmax of two values is the sigmoid of their difference, and with both at one scale that
 difference is an integer: one table of 2^(b+1) entries answers every pair exactly.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -83,6 +87,72 @@ class QSum(nn.Module):
         real = b.node("Mul", [b.node("Cast", [total], f"{name}_float", to=b.types.FLOAT),
                               b.constant(f"{name}_ratio", self.runtime_ratio().numpy())], f"{name}_scaled")
         return b.quantize(real, ActQParams(1.0, z_out, self.output_bits), name)
+
+
+class QMean(nn.Module):
+    """Integers → integers at the input's parameters: ``z + round(Σ(q − z) / n)`` over ``dims``,
+    rounded half away from zero in integers (`fxq.intmath.rounding_divide`), exported as the
+    same integer ops, so every runtime gives the same integers."""
+
+    schema = Schema({"dims": _dims, "keepdim": sc.one_of(True, False), "bits": sc.act_bits},
+                    {"zero_point": torch.int32}, ranges=lambda m: sc.zero_point_fits(m, "zero_point", m.bits))
+
+    def __init__(self, dims: tuple[int, ...], keepdim: bool, qp: ActQParams):
+        super().__init__()
+        self.dims, self.keepdim, self.bits = dims, keepdim, qp.bits
+        self.register_buffer("zero_point", torch.tensor(qp.zero_point, dtype=torch.int32))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        if any(d % q.dim() == 0 for d in self.dims):
+            raise ValueError(f"this mean runs over dims {self.dims}, not the batch's; got a {q.dim()}-d tensor")
+        z = int(self.zero_point)
+        count = math.prod(q.shape[d] for d in self.dims)
+        total = (q.to(torch.int64) - z).sum(self.dims, keepdim=self.keepdim)
+        return (intmath.rounding_divide(total, count) + z).to(q.dtype)
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}, keepdim={self.keepdim}"
+
+    def twin(self, node) -> nn.Module:
+        qp = records.get(node, ActQParams)
+        return OnIntegers(self.forward, [qp], qp)
+
+    def to_onnx(self, b, node, inputs):
+        """Cast → Sub z → ReduceSum (int32) → |·| + n/2, integer Div by n, the sign back → Add z."""
+        name, z = node.name, int(self.zero_point)
+        count = math.prod(b.shape_of(node.args[0])[d] for d in self.dims)
+        centred = b.node("Sub", [b.node("Cast", [inputs[0]], f"{name}_wide", to=b.types.INT32),
+                                 b.constant(f"{name}_z", np.int32(z))], f"{name}_centred")
+        total = b.node("ReduceSum", [centred, b.constant(f"{name}_axes", b.ints(list(self.dims)))], f"{name}_sum",
+                       keepdims=int(self.keepdim))
+        magnitude = b.node("Div", [b.node("Add", [b.node("Abs", [total], f"{name}_abs"),
+                                                  b.constant(f"{name}_half", np.int32(count // 2))], f"{name}_nudged"),
+                                   b.constant(f"{name}_count", np.int32(count))], f"{name}_magnitude")
+        mean = b.node("Mul", [magnitude, b.node("Sign", [total], f"{name}_sign")], f"{name}_mean")
+        shifted = b.node("Add", [mean, b.constant(f"{name}_z_out", np.int32(z))], f"{name}_shifted")
+        return b.node("Cast", [shifted], name, to=b.types.UINT8)
+
+
+def _mean_dims(node: fx.Node) -> tuple[object, object]:
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    return ((dims,) if isinstance(dims, int) else dims), keepdim
+
+
+def _over_dims_but_the_batch(node: fx.Node, module: nn.Module | None) -> str | None:
+    dims, keepdim = _mean_dims(node)
+    if (isinstance(dims, (tuple, list)) and dims and all(isinstance(d, int) and d != 0 for d in dims)
+            and isinstance(keepdim, bool) and set(node.kwargs) <= {"dim", "keepdim"}):
+        return None
+    return "a mean over every value, over the batch, or with a dtype"
+
+
+def lower_mean(lo: Lowering, node: fx.Node) -> None:
+    """``x.mean(dims)`` → ``QMean(q)``: integer sums, one rounding division, same parameters."""
+    qp = qparams_of(node.args[0], node)
+    dims, keepdim = _mean_dims(node)
+    lo.become(node, QMean(tuple(dims), keepdim, qp), leaf_name(node), node.args[:1])
+    records.put(node, qp)
 
 
 def _sum_dims(node: fx.Node) -> tuple[object, object]:
@@ -185,4 +255,8 @@ SOFTMAX = Op("softmax", "softmax over an axis of 2: a table of the integer diffe
              lower_softmax, Output.OWN, modules=(nn.Softmax,), functions=(F.softmax, torch.softmax),
              methods=("softmax",), accepts=_along_a_dim, integer_modules=(QSoftmaxPair,),
              example=lambda: lambda x: x[:, :2].softmax(dim=1))
-OPS = (SUM, SOFTMAX)
+MEAN = Op("mean_over_dims", "integer sums over any dims but the batch's, one rounding division, same parameters",
+          lower_mean, Output.SAME, functions=(torch.mean,), methods=("mean",), accepts=_over_dims_but_the_batch,
+          integer_modules=(QMean,), homogeneous=True, channelwise=False,
+          example=lambda: lambda x: x.mean(1, keepdim=True))
+OPS = (SUM, SOFTMAX, MEAN)
