@@ -1,5 +1,6 @@
-"""Normalizations by each sample's own statistics: group norm (BiT, PoolFormer) and layer norm
-(ConvNeXt over channels, MobileViT over tokens), on integers.
+"""Normalizations on integers: by each sample's own statistics, group norm (BiT, PoolFormer) and
+layer norm (ConvNeXt over channels, MobileViT over tokens); by running statistics, a batch norm
+over ``[N, C]`` or ``[N, C, L]`` (RepViT's head) that no layer absorbs, one table per channel.
 
     x = s_I·(q − z_I)                                        per group: n values, S1 = Σ(q − z_I), S2 = Σ(q − z_I)²
     (x − μ)/√(σ² + ε) = (n·(q − z_I) − S1) / √(n·S2 − S1² + ε·n²/s_I²)
@@ -24,6 +25,7 @@ from fxq import schema as sc
 from fxq.affine import ActQParams
 from fxq.graph import attribute
 from fxq.intmath import storage_dtype
+from fxq.ops.activations import QChannelLookup
 from fxq.ops.base import KeepInFloat, Lowering, Op, Output, leaf_name, qparams_of
 from fxq.schema import Schema
 from fxq.twin import OnIntegers
@@ -216,10 +218,52 @@ def _channels(node: fx.Node, kind: str, size, weight) -> int:
     raise KeepInFloat("its number of channels is unknown")
 
 
+def _running_statistics(node: fx.Node, module: nn.Module | None) -> str | None:
+    if module.training or not module.track_running_stats or module.running_mean is None:
+        return "a batch norm with batch statistics (no fixed affine form)"
+    return None
+
+
+def lower_batch_norm(lo: Lowering, node: fx.Node) -> None:
+    """``BatchNorm1d(x)`` → ``QChannelLookup(q)``: per channel c (dim 1), the table of
+    ``quantize_out(f_c·x + t_c)`` with ``f = γ/√(var + ε)``, ``t = β − f·mean``."""
+    norm, source = lo.module(node), node.args[0]
+    before, after = qparams_of(source, node), records.get(node, ActQParams)
+    if after is None:
+        raise KeepInFloat("its output was never a float tensor during calibration")
+    mean, var = norm.running_mean.detach().double(), norm.running_var.detach().double()
+    gamma = norm.weight.detach().double() if norm.affine else torch.ones_like(mean)
+    beta = norm.bias.detach().double() if norm.affine else torch.zeros_like(mean)
+    factor = gamma / torch.sqrt(var + norm.eps)
+    shift = beta - factor * mean
+
+    def affine(x: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+        index = channel.long()  # the table's constant is the channel's index
+        return factor[index] * x + shift[index]
+
+    channels = torch.arange(mean.numel(), dtype=torch.float64)
+    lo.become(node, QChannelLookup(affine, "batch norm", channels, before, after), leaf_name(node), (source,))
+
+
 GROUP_NORM = Op("group_norm", "integer statistics per sample and group, one float64 multiplier per channel",
                 lower_norm, Output.OWN, modules=(nn.GroupNorm,), functions=(F.group_norm,), accepts=_accepts,
                 integer_modules=(QNorm,), example=lambda: nn.GroupNorm(2, 4))
 LAYER_NORM = Op("layer_norm", "integer statistics per position, one float64 multiplier per channel",
                 lower_norm, Output.OWN, modules=(nn.LayerNorm,), functions=(F.layer_norm,), accepts=_accepts,
                 integer_modules=(QNorm,), example=lambda: nn.LayerNorm(8))
-OPS = (GROUP_NORM, LAYER_NORM)
+BATCH_NORM_1D = Op("batch_norm1d", "a batch norm no layer absorbs: one lookup table per channel",
+                   lower_batch_norm, Output.OWN, modules=(nn.BatchNorm1d,), accepts=_running_statistics,
+                   integer_modules=(QChannelLookup,), channelwise=True,
+                   example=lambda: nn.Sequential(nn.Flatten(2), _settled(nn.BatchNorm1d(4))))
+
+
+def _settled(norm: nn.BatchNorm1d) -> nn.BatchNorm1d:
+    """A batch norm with statistics of its own (not the identity's), in eval mode."""
+    with torch.no_grad():
+        norm.running_mean.copy_(torch.linspace(-1, 1, norm.num_features))
+        norm.running_var.copy_(torch.linspace(0.5, 2, norm.num_features))
+        norm.weight.copy_(torch.linspace(-1, 2, norm.num_features))
+    return norm.eval()
+
+
+OPS = (GROUP_NORM, LAYER_NORM, BATCH_NORM_1D)
