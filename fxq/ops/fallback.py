@@ -127,7 +127,8 @@ FLOAT_FUNCTIONS = (
     torch.amax, torch.transpose, torch.permute, torch.reshape, torch.squeeze, torch.unsqueeze,
     torch.chunk, torch.split, torch.flip, torch.roll, torch.where, torch.maximum, torch.minimum,
     torch.logsumexp, torch.log, torch.erf, torch.amin, torch.bmm, torch.einsum, torch.cumsum, torch.var,
-    torch.std, torch.add, torch.neg,
+    torch.std, torch.add, torch.neg, torch.addcmul, torch.addcdiv, torch.norm, torch.linalg.vector_norm,
+    torch.square, torch.reciprocal,
     operator.mul, operator.truediv, operator.sub, operator.neg, operator.floordiv, operator.mod,
     operator.getitem, operator.matmul, operator.pow,
 )
@@ -136,7 +137,8 @@ FLOAT_METHODS = frozenset({
     "sub", "sub_", "sigmoid", "tanh", "softmax", "chunk", "split", "squeeze", "unsqueeze", "expand",
     "expand_as", "view_as", "reshape_as", "clamp", "clamp_", "clamp_min", "clamp_max", "pow",
     "sqrt", "rsqrt", "exp", "abs", "neg", "matmul", "float", "type_as", "contiguous", "__getitem__",
-    "logsumexp", "log", "erf", "amin", "var", "std", "add", "add_", "cumsum", "bmm",
+    "logsumexp", "log", "erf", "amin", "var", "std", "add", "add_", "cumsum", "bmm", "norm", "addcmul",
+    "addcdiv", "square", "reciprocal",
 })
 
 
