@@ -135,3 +135,10 @@ def test_a_norm_without_eps_stays_in_float_saying_why():
     with pytest.warns(fxq.FloatFallbackWarning, match="eps = 0"):
         qmodel = fxq.quantize(NoEps().eval(), _calib())
     assert QNorm not in {type(m) for m in qmodel.modules()}
+
+
+def test_a_group_too_large_for_exact_statistics_is_refused_by_name():
+    wide = ActQParams(0.1, 3, 16)
+    norm = QNorm("group", 1, (), torch.ones(4), torch.zeros(4), 1e-5, wide, wide)
+    with pytest.raises(ValueError, match="160000 values at 16 bits overflows"):
+        norm(torch.zeros(1, 4, 200, 200, dtype=torch.int32))

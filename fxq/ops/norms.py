@@ -81,6 +81,9 @@ class QNorm(nn.Module):
         z_in, z_out = (int(z) for z in self.zero_points)
         v = self.grouped(q.to(torch.int64) - z_in)
         n = v.shape[2] * v.shape[3]
+        if n * n << (2 * self.input_bits) >= 1 << 62:
+            raise ValueError(f"a group of {n} values at {self.input_bits} bits overflows the int64 statistics "
+                             "(n²·2^(2b) ≥ 2^62): keep this norm in float with overrides, or use 8-bit activations")
         s1 = v.sum((2, 3), keepdim=True)
         s2 = (v * v).sum((2, 3), keepdim=True)
         spread = torch.sqrt((n * s2 - s1 * s1).to(torch.float64) + float(n * n) * self.eps_ratio)
