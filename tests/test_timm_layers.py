@@ -93,3 +93,33 @@ def test_timms_scaled_weight_standardized_conv_is_a_layer(tmp_path):
     assert count_ops(qmodel, x).float == 0
     assert check_quantized(qmodel, model, x, tmp_path) > 25
     assert_deploys_bit_exact(qmodel, x, tmp_path / "model.fxq")
+
+
+class Normalized(nn.Module):
+    """timm's norms with their own forwards: GroupNormAct (BiT), GroupNorm1 (PoolFormer),
+    LayerNorm2d (ConvNeXt's stem and downsampling), LayerNorm over channels last (its blocks),
+    and BlurPool's reflect-padded blur (resnetblur, TResNet)."""
+
+    def __init__(self):
+        from timm.layers import BlurPool2d, GroupNorm1, GroupNormAct, LayerNorm, LayerNorm2d
+
+        super().__init__()
+        self.conv, self.mix = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 1)
+        self.gn, self.gn1, self.ln2d = GroupNormAct(16, 4), GroupNorm1(16), LayerNorm2d(16)
+        self.ln, self.blur = LayerNorm(16), BlurPool2d(16, filt_size=3, stride=2)
+
+    def forward(self, x):
+        x = self.ln2d(self.gn1(self.mix(self.gn(self.conv(x)))))
+        x = self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.blur(x)
+
+
+def test_timms_norms_and_blur_pool_run_on_integers_and_deploy_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = Normalized().eval()
+    qmodel = fxq.quantize(model, _calib(), fxq.QConfig(requantize="onnxruntime"))
+    x = torch.randn(16, 3, 12, 12)
+    assert count_ops(qmodel, x).float == 0
+    assert sum(type(m).__name__ == "QNorm" for m in qmodel.modules()) == 4
+    assert check_quantized(qmodel, model, x, tmp_path) > 25
+    assert_deploys_bit_exact(qmodel, x)
