@@ -59,7 +59,9 @@ TIMM_MODELS = ("resnet50d", "seresnet50", "ecaresnet50d", "skresnet18", "res2net
                "ghostnet_100", "rexnet_100", "repvgg_a0", "cspresnet50", "cspdarknet53", "dla34", "dpn68",
                "ese_vovnet19b_dw", "hrnet_w18_small", "densenet121", "lcnet_050", "gernet_s", "selecsls42b",
                "xception41", "convmixer_768_32", "mobilevit_xxs", "nf_resnet26", "resnetv2_50x1_bit",
-               "regnetz_b16", "gcresnet50t")
+               "regnetz_b16", "gcresnet50t", "convnext_atto", "convnextv2_atto", "poolformerv2_s12", "fastvit_t8",
+               "ghostnetv2_100", "resnetblur18", "mambaout_femto", "repvit_m0_9", "mobilenetv4_conv_small",
+               "starnet_s1", "hgnetv2_b0", "efficientnetv2_rw_t")
 TIMM_RESULTS = ROOT / "results" / "zoo_timm.json"
 SIZE, CALIBRATION, SCORED = 64, 64, 256
 

@@ -55,7 +55,7 @@ def test_passes_is_a_list_users_can_extend(ctx):
 def test_default_config_is_the_contract():
     config = fxq.QConfig()
     assert (config.weight_bits, config.act_bits, config.per_channel, config.weight_range,
-            config.act_range, config.placement) == (8, 8, True, "minmax", "minmax", "pre")
+            config.act_range, config.placement) == (8, 8, True, "minmax", "mse", "pre")
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.weight_bits = 4
 
@@ -124,12 +124,13 @@ def test_source_never_uses_pytorchs_quantization_stack():
 
 
 def test_defaults_follow_the_bit_widths_and_explicit_fields_win():
-    assert (fxq.QConfig().weight_range, fxq.QConfig().act_range) == ("minmax", "minmax")
+    assert (fxq.QConfig().weight_range, fxq.QConfig().act_range) == ("minmax", "mse")
     low = fxq.QConfig(weight_bits=4, act_bits=4)
     assert (low.weight_range, low.act_range, low.cross_layer_equalization, low.bias_correction) == (
         "output_aware", "mse", False, True)
     assert fxq.QConfig(weight_bits=4, weight_range="mse").weight_range == "mse"
-    assert fxq.QConfig(weight_bits=4, act_bits=8).act_range == "minmax"
+    assert fxq.QConfig(weight_bits=4, act_bits=8).act_range == "mse"
+    assert fxq.QConfig(act_range="minmax").act_range == "minmax"
     assert not fxq.QConfig().keep_first_last_8bit
     assert all(fxq.QConfig(weight_bits=w, act_bits=a).keep_first_last_8bit for w, a in ((6, 6), (4, 8), (8, 4)))
 
