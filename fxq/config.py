@@ -154,7 +154,7 @@ def defaults_for(weight_bits: int, act_bits: int, per_channel: bool = True) -> d
     Activations take the MSE-optimal clipping at every width: at 8 bits it matched min-max on
     the trained suite (mean drop −0.005 vs −0.004 points, worst 0.15 vs 0.18 on MobileNetV3) and
     raised SQNR on each of 12 timm CNNs by 0.1–3.4 dB, where a few large values stretched a min-max
-    range (ResNeSt's attention: 17.7 → 19.9 dB, above torch.ao's histogram ranges at 19.2).
+    range (ResNeSt's attention: 17.7 → 19.9 dB, above PyTorch's own histogram-ranged PTQ at 19.2).
     8-bit weights keep min-max ranges. Below 8 bits the rounding error dominates: weights take the
     output-aware rule and bias correction, and CLE when one scale serves the whole tensor (with a
     scale per channel, equalizing channels no longer helps the weights and only reshapes the
