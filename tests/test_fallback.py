@@ -12,13 +12,13 @@ from tests.helpers import check_quantized, output_steps
 
 
 class Mixed(nn.Module):
-    """Integer-friendly convs around ops with no integer form: a LayerNorm, a softmax over
+    """Integer-friendly convs around ops with no integer form: a local response norm, a softmax over
     channels; and a lone batchnorm, a stack of a list and size arithmetic, which are integer."""
 
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.norm = nn.LayerNorm([8, 8, 8])
+        self.norm = nn.LocalResponseNorm(3)
         self.bn = nn.BatchNorm2d(8)
         self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
 
@@ -51,7 +51,7 @@ def test_ops_without_integer_forms_run_in_float_and_are_reported_once_with_sourc
     assert "conv1" not in kept and "conv2" not in kept
     table = fxq.explain(qmodel)
     runs_on = {row[0]: row[-1] for row in table.rows}
-    assert runs_on["conv1"] == "integers" and runs_on["norm"] == "float: no integer form for LayerNorm"
+    assert runs_on["conv1"] == "integers" and runs_on["norm"] == "float: no integer form for LocalResponseNorm"
     assert table.float_ops == len(kept)
     assert f"{table.integer_ops} of {len(table.rows)} ops run on integers" in str(table)
     assert check_quantized(qmodel, model, torch.randn(16, 3, 8, 8), tmp_path) > 20
@@ -66,7 +66,7 @@ def test_a_saved_model_keeps_why_each_op_runs_in_float(tmp_path):
     reasons = {n.name: records.get(n, records.FloatOp) for n in loaded.graph.nodes if records.has(n, records.FloatOp)}
     assert reasons == {n.name: records.get(n, records.FloatOp) for n in qmodel.graph.nodes
                        if records.has(n, records.FloatOp)}
-    assert reasons["norm"].reason == "no integer form for LayerNorm"
+    assert reasons["norm"].reason == "no integer form for LocalResponseNorm"
 
 
 def test_an_override_to_none_keeps_any_module_in_float():
