@@ -172,33 +172,3 @@ def test_torch_softmax_kept_in_float_saves_and_loads(tmp_path):
     with pytest.warns(fxq.FloatFallbackWarning, match="softmax over 3 values"):
         qmodel = fxq.quantize(model, [torch.randn(4, 3, 8, 8) for _ in range(2)])
     assert check_quantized(qmodel, model, torch.randn(8, 3, 8, 8), tmp_path) > 20
-
-
-class ResponseNorm(nn.Module):
-    """ConvNeXt-V2's global response norm (timm's GlobalResponseNorm), channels last: an L2 norm
-    over the spatial dims, divided by its channel mean, applied with ``torch.addcmul``."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.weight, self.bias = nn.Parameter(torch.rand(8)), nn.Parameter(torch.randn(8) * 0.1)
-
-    def forward(self, x):
-        x = self.conv(x).permute(0, 2, 3, 1)
-        x_g = x.norm(p=2, dim=(1, 2), keepdim=True)
-        x_n = x_g / (x_g.mean(dim=-1, keepdim=True) + 1e-6)
-        return (x + torch.addcmul(self.bias, self.weight, x * x_n)).permute(0, 3, 1, 2)
-
-
-def test_a_global_response_norm_kept_in_float_saves_loads_and_deploys(tmp_path):
-    torch.manual_seed(0)
-    model = ResponseNorm().eval()
-    with pytest.warns(fxq.FloatFallbackWarning, match="norm"):
-        qmodel = fxq.quantize(model, [torch.randn(4, 3, 8, 8) for _ in range(2)])
-    x = torch.randn(8, 3, 8, 8)
-    assert check_quantized(qmodel, model, x, tmp_path) > 20
-    deployed = fxq.deploy(qmodel, x[:1], threads=1)
-    with torch.no_grad():
-        ours = qmodel(x)
-        step = ours.unique().diff().min()  # the output's quantization step
-        assert not deployed.bit_exact and (deployed(x) - ours).abs().max() <= 2 * step + 1e-6

@@ -8,7 +8,7 @@ from torch import nn
 import fxq
 from fxq import records
 from fxq.affine import ActQParams
-from fxq.ops.arithmetic import QSub
+from fxq.ops.arithmetic import QQuotient, QSub
 from fxq.ops.joins import QCat, QMul
 from fxq.runtime import count_ops
 from tests.helpers import assert_deploys_bit_exact, check_quantized
@@ -42,6 +42,16 @@ def test_a_difference_is_the_rescaled_difference_rounded_once():
     assert int((got - (exact.round() + 140).clamp(0, 255)).abs().max()) <= 1
     near_half = ((exact - exact.floor()) - 0.5).abs() < 1e-6
     assert torch.equal(got[~near_half], (exact.round() + 140).clamp(0, 255)[~near_half].to(torch.int64))
+
+
+def test_a_quotient_is_the_quantized_quotient_and_a_zero_divisor_saturates():
+    a, b, out = ActQParams(0.02, 100, 8), ActQParams(0.01, 0, 8), ActQParams(0.1, 30, 8)
+    div = QQuotient(a, b, out)
+    qa, qb = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
+    got = div(qa.to(torch.uint8), qb.to(torch.uint8)).to(torch.int64)
+    real = (0.02 * (qa - 100).double()) / (0.01 * qb.double())
+    assert torch.equal(got[:, 1:], out.quantize(real[:, 1:]).to(torch.int64))
+    assert got[200, 0] == 255 and got[0, 0] == 0 and got[100, 0] == 30  # +x/0, −x/0, 0/0
 
 
 class PoolMixer(nn.Module):

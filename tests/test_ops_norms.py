@@ -142,3 +142,40 @@ def test_a_group_too_large_for_exact_statistics_is_refused_by_name():
     norm = QNorm("group", 1, (), torch.ones(4), torch.zeros(4), 1e-5, wide, wide)
     with pytest.raises(ValueError, match="160000 values at 16 bits overflows"):
         norm(torch.zeros(1, 4, 200, 200, dtype=torch.int32))
+
+
+class ResponseNorm(nn.Module):
+    """ConvNeXt-V2's global response norm (timm's GlobalResponseNorm), channels last: an L2 norm
+    over the spatial dims, divided by its channel mean, applied with ``torch.addcmul``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.weight, self.bias = nn.Parameter(torch.rand(8)), nn.Parameter(torch.randn(8) * 0.1)
+
+    def forward(self, x):
+        x = self.conv(x).permute(0, 2, 3, 1)
+        x_g = x.norm(p=2, dim=(1, 2), keepdim=True)
+        x_n = x_g / (x_g.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.head((x + torch.addcmul(self.bias, self.weight, x * x_n)).permute(0, 3, 1, 2))
+
+
+def test_a_global_response_norm_runs_on_integers_and_deploys_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = ResponseNorm().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxq.FloatFallbackWarning)
+        qmodel = fxq.quantize(model, _calib(), fxq.QConfig(requantize="onnxruntime"))
+    x = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    assert count_ops(qmodel, x).float == 0
+    assert {"QL2Norm", "QQuotient", "QConstantLookup", "QMean"} <= {type(m).__name__ for m in qmodel.modules()}
+    assert check_quantized(qmodel, model, x, tmp_path) > 25
+    assert_deploys_bit_exact(qmodel, x, tmp_path / "model.fxq")
+
+
+def test_an_l2_norm_is_the_quantized_float_norm():
+    from fxq.ops.reductions import QL2Norm
+    norm = QL2Norm((1, 2), True, BEFORE, AFTER)
+    q = _integers((3, 6, 5, 4), 5)
+    real = (BEFORE.scale * (q.double() - BEFORE.zero_point)).norm(p=2, dim=(1, 2), keepdim=True)
+    assert torch.equal(norm(q).to(torch.int64), AFTER.quantize(real, half_even=True).to(torch.int64))

@@ -4,6 +4,7 @@ PReLU as one table per channel."""
 from __future__ import annotations
 
 import copy
+import math
 import operator
 
 import numpy as np
@@ -239,47 +240,60 @@ LOOKUP = Op(
     example=nn.Hardswish)
 
 
-def _constant_of(node: fx.Node) -> fx.Node | None:
-    constants = [a for a in node.all_input_nodes if a.op == "get_attr"]
-    return constants[0] if len(constants) == 1 and len(node.all_input_nodes) == 2 else None
+def _constants_of(node: fx.Node) -> list[fx.Node]:
+    """The call's constant tensors (read by get_attr), when every other input is one tensor."""
+    inputs = node.all_input_nodes
+    constants = [a for a in inputs if a.op == "get_attr"]
+    return constants if constants and len(inputs) == len(constants) + 1 else []
 
 
-def _a_tensor_and_a_constant(node: fx.Node, module: nn.Module | None) -> str | None:
-    if _constant_of(node) is None or node.kwargs:
+def _a_tensor_and_constants(node: fx.Node, module: nn.Module | None) -> str | None:
+    numbers_only = all(not isinstance(v, fx.Node) for v in node.kwargs.values()) and set(node.kwargs) <= {"value"}
+    if not _constants_of(node) or not numbers_only or any(isinstance(a, fx.Node) and a not in node.all_input_nodes
+                                                          for a in node.args):
         return "an elementwise op of two computed tensors"
     return None
 
 
 def lower_constant_lookup(lo: Lowering, node: fx.Node) -> None:
-    """``x · γ`` with γ a parameter → ``QConstantLookup(q)``: a table per element of γ."""
-    constant_node = _constant_of(node)
-    (source,) = [a for a in node.all_input_nodes if a is not constant_node]
+    """``x · γ`` with γ a parameter (or ``addcmul(β, γ, x)`` with two) → ``QConstantLookup(q)``:
+    a table per element of the constants (broadcast together)."""
+    constant_nodes = _constants_of(node)
+    (source,) = [a for a in node.all_input_nodes if a not in constant_nodes]
     before, after = qparams_of(source, node), records.get(node, ActQParams)
     if after is None:
         raise KeepInFloat("its output was never a float tensor during calibration")
-    constant = attribute(lo.gm, constant_node.target)
-    if not isinstance(constant, torch.Tensor) or not constant.is_floating_point():
-        raise KeepInFloat(f"{constant_node.target} is not a float tensor")
+    constants = [attribute(lo.gm, c.target) for c in constant_nodes]
+    for c, tensor in zip(constant_nodes, constants):
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise KeepInFloat(f"{c.target} is not a float tensor")
+    shape = torch.broadcast_shapes(*(c.shape for c in constants))
+    flat = [c.detach().double().expand(shape).reshape(-1) for c in constants]
     target = node.target
 
-    def function(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        args = [x if a is source else c if a is constant_node else a for a in node.args]
-        return getattr(args[0], target)(*args[1:]) if node.op == "call_method" else target(*args)
+    def function(x: torch.Tensor, element: torch.Tensor) -> torch.Tensor:
+        """The op at one element of the constants: ``element`` indexes them (broadcast, flattened)."""
+        values = {c: f[element.long()] for c, f in zip(constant_nodes, flat)}
+        args = [x if a is source else values.get(a, a) for a in node.args]
+        return getattr(args[0], target)(*args[1:], **node.kwargs) if node.op == "call_method" else target(
+            *args, **node.kwargs)
 
-    name = f"{getattr(target, '__name__', target)} by {constant_node.target}"
+    name = f"{getattr(target, '__name__', target)} by {', '.join(c.target for c in constant_nodes)}"
     every = (torch.arange(1 << before.bits, dtype=torch.float64) - before.zero_point) * before.scale
+    elements = torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape)
     with torch.no_grad():
-        if not torch.isfinite(function(every[None, :], constant.detach().double().reshape(-1, 1))).all():
+        if not torch.isfinite(function(every[None, :], elements.reshape(-1, 1))).all():
             raise KeepInFloat(f"{name} is not finite on every value the input's grid holds")
-    lo.become(node, QConstantLookup(function, name, constant, before, after), leaf_name(node), (source,))
+    lo.become(node, QConstantLookup(function, name[:80], elements, before, after), leaf_name(node), (source,))
 
 
 CONSTANT = Op(
     "constant_lookup", "an elementwise op with a constant tensor: one lookup table per element of the constant",
     lower_constant_lookup, Output.OWN,
-    functions=(operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div),
-    methods=("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"),
-    accepts=_a_tensor_and_a_constant, integer_modules=(QConstantLookup,), channelwise=True,
+    functions=(operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div,
+               torch.addcmul, torch.addcdiv),
+    methods=("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "addcmul", "addcdiv"),
+    accepts=_a_tensor_and_constants, integer_modules=(QConstantLookup,), channelwise=True,
     example=lambda: lambda x: x * torch.arange(1.0, 5.0).reshape(4, 1, 1))
 
 

@@ -1,6 +1,8 @@
-"""Ops joining tensors: the residual add, the difference and product of two tensors, concatenation."""
+"""Ops joining tensors: the residual add, the difference, product and quotient of two tensors,
+concatenation."""
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -169,6 +171,42 @@ def lower_sub(lo: Lowering, node: fx.Node) -> None:
     lo.become(node, QSub(*qparams, f"the difference {node.name}"), leaf_name(node), (a, b))
 
 
+class QQuotient(PairOp):
+    """uint8 / uint8 → uint8: ``quantize_O(dequantize_A(A_q) / dequantize_B(B_q))`` in float64 for
+    every input pair, once (ConvNeXt-V2's response norm divides by a channel mean). A zero
+    divisor gives the output's end of the sign of A (0 for 0/0). Only the table runs and exports,
+    so every runtime gives the same integers; inputs wider than 8 bits compute it."""
+
+    schema = Schema({"input_bits": lambda v: sc.bits_tuple(v) and len(v) == 2, "output_bits": sc.act_bits},
+                    {"scales": torch.float64, "zero_points": torch.int64}, ranges=lambda m: m.check_ranges())
+
+    def __init__(self, a: ActQParams, b: ActQParams, out: ActQParams):
+        super().__init__()
+        self.input_bits, self.output_bits = (a.bits, b.bits), out.bits
+        self.register_buffer("scales", torch.tensor([a.scale, b.scale, out.scale], dtype=torch.float64))
+        self.register_buffer("zero_points", torch.tensor([a.zero_point, b.zero_point, out.zero_point]))
+        self.prepare()
+
+    def compute(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        (sa, sb, so), (za, zb, zo) = self.scales.tolist(), self.zero_points.tolist()
+        quotient = (sa * (a.to(torch.float64) - za)) / (sb * (b.to(torch.float64) - zb))
+        out = ActQParams(so, zo, self.output_bits)
+        return out.quantize(torch.nan_to_num(quotient, nan=0.0, posinf=math.inf, neginf=-math.inf))
+
+    def check_ranges(self) -> None:
+        sc.expect(self.scales.shape == (3,) and self.zero_points.shape == (3,), "three scales and zero points")
+        sc.expect(bool((self.scales > 0).all() and torch.isfinite(self.scales).all()), "scales must be > 0")
+        for z, bits in zip(self.zero_points.tolist(), self.input_bits + (self.output_bits,)):
+            sc.expect(0 <= z < (1 << bits), "a zero point is outside its width")
+
+
+def lower_quotient(lo: Lowering, node: fx.Node) -> None:
+    """``a / b`` → ``QQuotient(a_q, b_q)``: the quantized quotient of every input pair."""
+    a, b = node.args
+    qparams = [qparams_of(a, node), qparams_of(b, node), output_qparams(node)]
+    lo.become(node, QQuotient(*qparams), leaf_name(node), (a, b))
+
+
 def _tensors_and_dim(node: fx.Node) -> tuple[list, object]:
     tensors = node.args[0] if node.args else node.kwargs.get("tensors")
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -201,7 +239,10 @@ SUB = Op("sub", "both inputs rescaled to the output scale, B's reflected, one ro
          "table of every input pair)", lower_sub, Output.OWN, functions=(operator.sub, operator.isub, torch.sub),
          methods=("sub", "sub_"), accepts=_two_tensors, integer_modules=(QSub,),
          example=lambda: lambda x: x - x.flip(0))
+DIV = Op("div", "the quotient of two tensors: a lookup in the table of every input pair", lower_quotient,
+         Output.OWN, functions=(operator.truediv, torch.div), methods=("div", "div_"), accepts=_two_tensors,
+         integer_modules=(QQuotient,), example=lambda: lambda x: x / (x.flip(0).abs() + 0.5))
 CAT = Op("cat", "each input moved to the output's parameters, then joined", lower_cat, Output.OWN,
          functions=(torch.cat, torch.concat, torch.concatenate), accepts=_a_list_of_tensors,
          integer_modules=(QCat,), concatenates=True, example=lambda: lambda x: torch.cat([x, x.flip(0)], 1))
-OPS = (ADD, SUB, MUL, CAT)
+OPS = (ADD, SUB, MUL, DIV, CAT)

@@ -4,6 +4,7 @@ ResNeSt), the softmax across two branches, and a mean over any dims (MambaOut's 
 
     sum:      O_q = clamp(z_O + round(s_I/s_O · Σ (I_q − z_I)))        int32 sums, one rounding
     mean:     O_q = z_I + round(Σ (I_q − z_I) / n)                      at the input's parameters
+    L2 norm:  O_q = clamp(z_O + round(s_I/s_O · √Σ (I_q − z_I)²))       int64 sums, float64 root
     softmax:  O_q[i] = T[I_q[i] − I_q[j] + q_max]   over an axis of 2   softmax(a, b)_a = sigmoid(a − b)
 
 The softmax of two values is the sigmoid of their difference, and with both at one scale that
@@ -133,6 +134,90 @@ class QMean(nn.Module):
         return b.node("Cast", [shifted], name, to=b.types.UINT8)
 
 
+class QL2Norm(nn.Module):
+    """Integers → integers: the Euclidean norm over ``dims`` (ConvNeXt-V2's response norm, over
+    the spatial dims): the sum of the squared centred integers in int64 (exact), then its square
+    root times ``s_I/s_O``, rounded half to even, in float64 steps every runtime rounds alike."""
+
+    schema = Schema({"dims": _dims, "keepdim": sc.one_of(True, False), "input_bits": sc.act_bits,
+                     "output_bits": sc.act_bits},
+                    {"scales": torch.float64, "zero_points": torch.int32}, ranges=lambda m: m.check_ranges())
+
+    def __init__(self, dims: tuple[int, ...], keepdim: bool, before: ActQParams, after: ActQParams):
+        super().__init__()
+        self.dims, self.keepdim, self.input_bits, self.output_bits = dims, keepdim, before.bits, after.bits
+        self.register_buffer("scales", torch.tensor([before.scale, after.scale], dtype=torch.float64))
+        self.register_buffer("zero_points", torch.tensor([before.zero_point, after.zero_point], dtype=torch.int32))
+
+    def ratio(self) -> torch.Tensor:
+        return self.scales[0] / self.scales[1]
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        z_in, z_out = (int(z) for z in self.zero_points)
+        centred = q.to(torch.int64) - z_in
+        squares = (centred * centred).sum(self.dims, keepdim=self.keepdim)
+        scaled = torch.sqrt(squares.to(torch.float64)) * self.ratio()
+        out = torch.round(scaled).add_(z_out).clamp_(0, (1 << self.output_bits) - 1)
+        return out.to(intmath.storage_dtype(self.output_bits))
+
+    def check_ranges(self) -> None:
+        sc.expect(self.scales.shape == (2,) and self.zero_points.shape == (2,), "malformed parameters")
+        sc.expect(bool((self.scales > 0).all() and torch.isfinite(self.scales).all()), "scales must be > 0")
+        for z, bits in zip(self.zero_points.tolist(), (self.input_bits, self.output_bits)):
+            sc.expect(0 <= z < (1 << bits), "a zero point is outside its width")
+
+    def extra_repr(self) -> str:
+        return f"L2 norm over dims={self.dims}, keepdim={self.keepdim}"
+
+    def twin(self, node) -> nn.Module:
+        return OnIntegers(self.forward, [records.get(node.args[0], ActQParams)], records.get(node, ActQParams))
+
+    def to_onnx(self, b, node, inputs):
+        """Cast → Sub z_I → Mul → ReduceSum (int64) → Cast double → Sqrt → Mul s_I/s_O → Round →
+        QuantizeLinear(1, z_O): `forward`'s steps."""
+        name, z_in, z_out = node.name, int(self.zero_points[0]), int(self.zero_points[1])
+        centred = b.node("Sub", [b.node("Cast", [inputs[0]], f"{name}_wide", to=b.types.INT64),
+                                 b.constant(f"{name}_z", np.int64(z_in))], f"{name}_centred")
+        squares = b.node("ReduceSum", [b.node("Mul", [centred, centred], f"{name}_squares"),
+                                       b.constant(f"{name}_axes", b.ints(list(self.dims)))], f"{name}_sum",
+                         keepdims=int(self.keepdim))
+        root = b.node("Sqrt", [b.node("Cast", [squares], f"{name}_real", to=b.types.DOUBLE)], f"{name}_root")
+        scaled = b.node("Mul", [root, b.constant(f"{name}_ratio", self.ratio().numpy())], f"{name}_scaled")
+        rounded = b.node("Cast", [b.node("Round", [scaled], f"{name}_rounded")], f"{name}_float", to=b.types.FLOAT)
+        return b.quantize(rounded, ActQParams(1.0, z_out, self.output_bits), name)
+
+
+# each form's (order, dims, keepdim) arguments: position and keyword
+_NORM_ARGUMENTS = {"norm": ((1, "p"), (2, "dim"), (3, "keepdim")),
+                   torch.norm: ((1, "p"), (2, "dim"), (3, "keepdim")),
+                   torch.linalg.vector_norm: ((1, "ord"), (2, "dim"), (3, "keepdim"))}
+
+
+def _norm_arguments(node: fx.Node) -> tuple[object, object, object]:
+    found = [node.args[i] if len(node.args) > i else node.kwargs.get(k, d)
+             for (i, k), d in zip(_NORM_ARGUMENTS[node.target], ("fro", None, False))]
+    dims = (found[1],) if isinstance(found[1], int) else found[1]
+    return found[0], tuple(dims) if isinstance(dims, (tuple, list)) else dims, found[2]
+
+
+def _euclidean_over_dims(node: fx.Node, module: nn.Module | None) -> str | None:
+    order, dims, keepdim = _norm_arguments(node)
+    known = {k for _, k in _NORM_ARGUMENTS[node.target]}
+    given = isinstance(dims, tuple) and dims and all(isinstance(d, int) and d != 0 for d in dims)
+    if order in (2, 2.0, "fro") and given and isinstance(keepdim, bool) and set(node.kwargs) <= known:
+        return None
+    return "a norm other than the Euclidean one over given dims (or with a dtype)"
+
+
+def lower_l2_norm(lo: Lowering, node: fx.Node) -> None:
+    """``x.norm(p=2, dim)`` → ``QL2Norm(q)``: int64 sums of squares, a float64 root, one rounding."""
+    before, after = qparams_of(node.args[0], node), records.get(node, ActQParams)
+    if after is None:
+        raise KeepInFloat("its output was never a float tensor during calibration")
+    _, dims, keepdim = _norm_arguments(node)
+    lo.become(node, QL2Norm(dims, keepdim, before, after), leaf_name(node), node.args[:1])
+
+
 def _mean_dims(node: fx.Node) -> tuple[object, object]:
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
@@ -259,4 +344,8 @@ MEAN = Op("mean_over_dims", "integer sums over any dims but the batch's, one rou
           lower_mean, Output.SAME, functions=(torch.mean,), methods=("mean",), accepts=_over_dims_but_the_batch,
           integer_modules=(QMean,), homogeneous=True, channelwise=False,
           example=lambda: lambda x: x.mean(1, keepdim=True))
-OPS = (SUM, SOFTMAX, MEAN)
+L2_NORM = Op("l2_norm", "the Euclidean norm over given dims: int64 sums of squares, a float64 root, one rounding",
+             lower_l2_norm, Output.OWN, functions=(torch.norm, torch.linalg.vector_norm), methods=("norm",),
+             accepts=_euclidean_over_dims, integer_modules=(QL2Norm,),
+             example=lambda: lambda x: x.norm(p=2, dim=(2, 3), keepdim=True))
+OPS = (SUM, SOFTMAX, MEAN, L2_NORM)
