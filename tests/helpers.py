@@ -126,6 +126,25 @@ def assert_deploys_bit_exact(qmodel: fx.GraphModule, x: torch.Tensor, saved: Pat
         assert deployed.bit_exact and torch.equal(deployed(x), qmodel(x))
 
 
+def quantize_whole(model: nn.Module, calib: list, x: torch.Tensor, tmp_path, requantize: str = "onnxruntime",
+                   min_sqnr: float = 25.0) -> fx.GraphModule:
+    """``model`` quantized with no op in float (a fallback warning fails the test) and checked:
+    no float op runs on ``x``, the twin and a saved copy agree, the SQNR against the float model
+    exceeds ``min_sqnr``, and with onnxruntime's rounding the deployed model is bit-exact."""
+    import warnings
+
+    import fxq
+    from fxq.runtime import count_ops
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxq.FloatFallbackWarning)
+        qmodel = fxq.quantize(model, calib, fxq.QConfig(requantize=requantize))
+    assert count_ops(qmodel, x).float == 0
+    assert check_quantized(qmodel, model, x, tmp_path) > min_sqnr
+    if requantize == "onnxruntime":
+        assert_deploys_bit_exact(qmodel, x, tmp_path / "model.fxq")
+    return qmodel
+
+
 ROOT = Path(__file__).resolve().parent.parent
 BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser")
 

@@ -1,7 +1,6 @@
 """Group and layer norms run on integers (`fxq.ops.norms`): each sample's statistics as exact
 integer sums, the rest in float64 steps that onnxruntime repeats one for one — ConvNeXt's and
 BiT's norms quantize, save and deploy bit-exact."""
-import warnings
 
 import pytest
 import torch
@@ -11,8 +10,7 @@ from torch import nn
 import fxq
 from fxq.affine import ActQParams
 from fxq.ops.norms import QNorm
-from fxq.runtime import count_ops
-from tests.helpers import assert_deploys_bit_exact, check_quantized
+from tests.helpers import assert_deploys_bit_exact, quantize_whole
 
 BEFORE, AFTER = ActQParams(0.05, 131, 8), ActQParams(0.03, 122, 8)
 
@@ -100,16 +98,9 @@ def _calib():
 @pytest.mark.parametrize("requantize", ["fixed_point", "onnxruntime"])
 def test_norm_networks_run_whole_on_integers_save_and_deploy(build, requantize, tmp_path):
     torch.manual_seed(0)
-    model = build().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", fxq.FloatFallbackWarning)
-        qmodel = fxq.quantize(model, _calib(), fxq.QConfig(requantize=requantize))
     x = torch.randn(5, 3, 12, 12, generator=torch.Generator().manual_seed(2))
-    assert count_ops(qmodel, x).float == 0
+    qmodel = quantize_whole(build().eval(), _calib(), x, tmp_path, requantize)
     assert QNorm in {type(m) for m in qmodel.modules()}
-    assert check_quantized(qmodel, model, x, tmp_path) > 25
-    if requantize == "onnxruntime":
-        assert_deploys_bit_exact(qmodel, x, tmp_path / "model.fxq")
 
 
 def test_a_norm_at_4_bits_deploys_bit_exact(tmp_path):
@@ -162,15 +153,9 @@ class ResponseNorm(nn.Module):
 
 def test_a_global_response_norm_runs_on_integers_and_deploys_bit_exact(tmp_path):
     torch.manual_seed(0)
-    model = ResponseNorm().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", fxq.FloatFallbackWarning)
-        qmodel = fxq.quantize(model, _calib(), fxq.QConfig(requantize="onnxruntime"))
     x = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(2))
-    assert count_ops(qmodel, x).float == 0
+    qmodel = quantize_whole(ResponseNorm().eval(), _calib(), x, tmp_path)
     assert {"QL2Norm", "QQuotient", "QConstantLookup", "QMean"} <= {type(m).__name__ for m in qmodel.modules()}
-    assert check_quantized(qmodel, model, x, tmp_path) > 25
-    assert_deploys_bit_exact(qmodel, x, tmp_path / "model.fxq")
 
 
 def test_an_l2_norm_is_the_quantized_float_norm():

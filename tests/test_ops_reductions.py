@@ -1,6 +1,5 @@
 """Sums along a dim and the softmax across two branches run on integers (`fxq.ops.reductions`):
 split attention (SKNet, ResNeSt) quantizes whole and deploys bit-exact."""
-import warnings
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import fxq
 from fxq.affine import ActQParams
 from fxq.ops.reductions import QMean, QSoftmaxPair, QSum
 from fxq.runtime import count_ops
-from tests.helpers import assert_deploys_bit_exact, check_quantized
+from tests.helpers import quantize_whole
 
 
 class SplitAttention(nn.Module):
@@ -37,16 +36,9 @@ def _calib():
 @pytest.mark.parametrize("requantize", ["fixed_point", "onnxruntime"])
 def test_split_attention_runs_whole_on_integers_saves_and_deploys(requantize, tmp_path):
     torch.manual_seed(0)
-    model = SplitAttention().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", fxq.FloatFallbackWarning)
-        qmodel = fxq.quantize(model, _calib(), fxq.QConfig(requantize=requantize))
     x = torch.randn(5, 3, 10, 10, generator=torch.Generator().manual_seed(2))
-    assert count_ops(qmodel, x).float == 0
+    qmodel = quantize_whole(SplitAttention().eval(), _calib(), x, tmp_path, requantize)
     assert {QSum, QSoftmaxPair} <= {type(m) for m in qmodel.modules()}
-    assert check_quantized(qmodel, model, x, tmp_path) > 25
-    if requantize == "onnxruntime":
-        assert_deploys_bit_exact(qmodel, x, tmp_path / "model.fxq")
 
 
 def test_the_pair_softmax_is_the_quantized_softmax_of_every_pair():
@@ -101,16 +93,9 @@ class ChannelsLastHead(nn.Module):
 @pytest.mark.parametrize("requantize", ["fixed_point", "onnxruntime"])
 def test_means_over_any_dims_run_on_integers_and_deploy_bit_exact(requantize, tmp_path):
     torch.manual_seed(0)
-    model = ChannelsLastHead().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", fxq.FloatFallbackWarning)
-        qmodel = fxq.quantize(model, _calib(), fxq.QConfig(requantize=requantize))
     x = torch.randn(5, 3, 10, 10, generator=torch.Generator().manual_seed(2))
-    assert count_ops(qmodel, x).float == 0
+    qmodel = quantize_whole(ChannelsLastHead().eval(), _calib(), x, tmp_path, requantize)
     assert sum(type(m) is QMean for m in qmodel.modules()) == 3
-    assert check_quantized(qmodel, model, x, tmp_path) > 25
-    if requantize == "onnxruntime":
-        assert_deploys_bit_exact(qmodel, x, tmp_path / "model.fxq")
 
 
 def test_a_mean_is_the_rounded_mean_of_the_integers():

@@ -218,39 +218,34 @@ def lower_l2_norm(lo: Lowering, node: fx.Node) -> None:
     lo.become(node, QL2Norm(dims, keepdim, before, after), leaf_name(node), node.args[:1])
 
 
-def _mean_dims(node: fx.Node) -> tuple[object, object]:
+def _dims_of(node: fx.Node) -> tuple[object, object]:
+    """``(dims, keepdim)`` of a sum or mean call, dims as a tuple where given as ints."""
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-    return ((dims,) if isinstance(dims, int) else dims), keepdim
+    return ((dims,) if isinstance(dims, int) else tuple(dims) if isinstance(dims, list) else dims), keepdim
+
+
+def _reduces_given_dims(node: fx.Node, but_the_batch: bool) -> bool:
+    dims, keepdim = _dims_of(node)
+    return (isinstance(dims, tuple) and bool(dims) and all(isinstance(d, int) and (d or not but_the_batch)
+                                                           for d in dims)
+            and isinstance(keepdim, bool) and set(node.kwargs) <= {"dim", "keepdim"})
 
 
 def _over_dims_but_the_batch(node: fx.Node, module: nn.Module | None) -> str | None:
-    dims, keepdim = _mean_dims(node)
-    if (isinstance(dims, (tuple, list)) and dims and all(isinstance(d, int) and d != 0 for d in dims)
-            and isinstance(keepdim, bool) and set(node.kwargs) <= {"dim", "keepdim"}):
-        return None
-    return "a mean over every value, over the batch, or with a dtype"
+    return None if _reduces_given_dims(node, True) else "a mean over every value, over the batch, or with a dtype"
 
 
 def lower_mean(lo: Lowering, node: fx.Node) -> None:
     """``x.mean(dims)`` → ``QMean(q)``: integer sums, one rounding division, same parameters."""
     qp = qparams_of(node.args[0], node)
-    dims, keepdim = _mean_dims(node)
-    lo.become(node, QMean(tuple(dims), keepdim, qp), leaf_name(node), node.args[:1])
+    dims, keepdim = _dims_of(node)
+    lo.become(node, QMean(dims, keepdim, qp), leaf_name(node), node.args[:1])
     records.put(node, qp)
 
 
-def _sum_dims(node: fx.Node) -> tuple[object, object]:
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-    return dims, keepdim
-
-
 def _over_given_dims(node: fx.Node, module: nn.Module | None) -> str | None:
-    dims, keepdim = _sum_dims(node)
-    dims = (dims,) if isinstance(dims, int) else dims
-    if (isinstance(dims, (tuple, list)) and dims and all(isinstance(d, int) for d in dims)
-            and isinstance(keepdim, bool) and set(node.kwargs) <= {"dim", "keepdim"}):
+    if _reduces_given_dims(node, False):
         return None
     return "a sum over every element, or with a dtype (the integer form sums given dims)"
 
@@ -260,8 +255,7 @@ def lower_sum(lo: Lowering, node: fx.Node) -> None:
     before, after = qparams_of(node.args[0], node), records.get(node, ActQParams)
     if after is None:
         raise KeepInFloat("its output was never a float tensor during calibration")
-    dims, keepdim = _sum_dims(node)
-    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    dims, keepdim = _dims_of(node)
     lo.become(node, QSum(dims, keepdim, before, after, lo.rounding), leaf_name(node), node.args[:1])
 
 
