@@ -127,6 +127,15 @@ def qparams_of(node: object, user: fx.Node) -> ActQParams:
     return records.get(node, ActQParams)
 
 
+def through(node: fx.Node) -> tuple[ActQParams, ActQParams]:
+    """The parameters of a one-input op's integer input and of its own observed output;
+    `KeepInFloat` if its output was never observed."""
+    before, after = qparams_of(node.args[0], node), records.get(node, ActQParams)
+    if after is None:
+        raise KeepInFloat("its output was never a float tensor during calibration")
+    return before, after
+
+
 def leaf_name(node: fx.Node) -> str:
     """A short name for modules made for ``node``: its module's name, or the node's."""
     return node.target.rpartition(".")[2] if node.op == "call_module" else node.name

@@ -26,7 +26,7 @@ from fxq.affine import ActQParams
 from fxq.graph import attribute
 from fxq.intmath import storage_dtype
 from fxq.ops.activations import QChannelLookup
-from fxq.ops.base import KeepInFloat, Lowering, Op, Output, leaf_name, qparams_of
+from fxq.ops.base import KeepInFloat, Lowering, Op, Output, leaf_name, qparams_of, through
 from fxq.schema import Schema
 from fxq.twin import OnIntegers
 
@@ -197,9 +197,7 @@ def _tensor(lo: Lowering, value, like: int, fill: float) -> torch.Tensor:
 def lower_norm(lo: Lowering, node: fx.Node) -> None:
     """``group_norm``/``layer_norm`` → ``QNorm(q)``: integer statistics per group, the affine
     and output scale folded into one float64 multiplier per (sample, channel)."""
-    before, after = qparams_of(node.args[0], node), records.get(node, ActQParams)
-    if after is None:
-        raise KeepInFloat("its output was never a float tensor during calibration")
+    before, after = through(node)
     kind, size, weight, bias, eps = _parts(node, lo.module(node))
     channels = _channels(node, kind, size, weight)
     weight, bias = _tensor(lo, weight, channels, 1.0), _tensor(lo, bias, channels, 0.0)

@@ -23,7 +23,7 @@ from fxq import intmath, records
 from fxq import schema as sc
 from fxq.affine import ActQParams
 from fxq.config import Rounding
-from fxq.ops.base import KeepInFloat, Lowering, Op, Output, leaf_name, qparams_of
+from fxq.ops.base import Lowering, Op, Output, leaf_name, qparams_of, through
 from fxq.ops.lookup import QLookup
 from fxq.qmodules import NotRepresentable
 from fxq.schema import Schema
@@ -211,9 +211,7 @@ def _euclidean_over_dims(node: fx.Node, module: nn.Module | None) -> str | None:
 
 def lower_l2_norm(lo: Lowering, node: fx.Node) -> None:
     """``x.norm(p=2, dim)`` → ``QL2Norm(q)``: int64 sums of squares, a float64 root, one rounding."""
-    before, after = qparams_of(node.args[0], node), records.get(node, ActQParams)
-    if after is None:
-        raise KeepInFloat("its output was never a float tensor during calibration")
+    before, after = through(node)
     _, dims, keepdim = _norm_arguments(node)
     lo.become(node, QL2Norm(dims, keepdim, before, after), leaf_name(node), node.args[:1])
 
@@ -252,9 +250,7 @@ def _over_given_dims(node: fx.Node, module: nn.Module | None) -> str | None:
 
 def lower_sum(lo: Lowering, node: fx.Node) -> None:
     """``x.sum(dim)`` → ``QSum(q)``: int sums, one requantization to the sum's parameters."""
-    before, after = qparams_of(node.args[0], node), records.get(node, ActQParams)
-    if after is None:
-        raise KeepInFloat("its output was never a float tensor during calibration")
+    before, after = through(node)
     dims, keepdim = _dims_of(node)
     lo.become(node, QSum(dims, keepdim, before, after, lo.rounding), leaf_name(node), node.args[:1])
 
