@@ -33,10 +33,7 @@ def test_a_timm_cnn_quantizes_whole_saves_and_deploys_exactly(name):
         assert deployed.deployed_identical == 100.0
 
 
-@pytest.mark.parametrize("name", ["regnety_002", "skresnet18", "hrnet_w18_small",
-                                  pytest.param("resnest14d", marks=pytest.mark.xfail(
-                                      strict=True, reason="min-max ranges at 8 bits: 17.7 dB vs torch.ao's "
-                                                          "19.2 (act_range='mse' gives 19.9)"))])
+@pytest.mark.parametrize("name", ["regnety_002", "skresnet18", "hrnet_w18_small", "resnest14d"])
 def test_sqnr_is_at_least_torch_aos_less_half_a_db(name):
     model = zoo.build(name)
     calibration, scored = _data()
