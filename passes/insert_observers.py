@@ -65,16 +65,25 @@ def _producer_config(node: fx.Node, ctx: PassContext) -> QConfig:
     return config or ctx.config
 
 
+def _added(container: nn.Module, node: fx.Node, module: nn.Module) -> str:
+    """``module`` registered in ``container`` under the node's name (``to_`` for a node named
+    ``to``: a name an ``nn.Module`` already has as an attribute cannot be a submodule's)."""
+    name = node.name
+    while hasattr(container, name):
+        name += "_"
+    container.add_module(name, module)
+    return name
+
+
 def _insert_after(gm: fx.GraphModule, node: fx.Node, container: nn.Module, observer: nn.Module):
-    container.add_module(node.name, observer)
-    call_after(gm, node, f"{OBSERVERS}.{node.name}")
+    call_after(gm, node, f"{OBSERVERS}.{_added(container, node, observer)}")
 
 
 def _insert_on_input(gm: fx.GraphModule, node: fx.Node, container: nn.Module, layer: nn.Module,
                      gram: bool):
-    container.add_module(node.name, InputGram(layer, f"the input of {label(node)}", gram))
+    name = _added(container, node, InputGram(layer, f"the input of {label(node)}", gram))
     with gm.graph.inserting_before(node):
-        gram = gm.graph.call_module(f"{INPUT_GRAMS}.{node.name}", (node.args[0],))
+        gram = gm.graph.call_module(f"{INPUT_GRAMS}.{name}", (node.args[0],))
     node.args = (gram,) + tuple(node.args[1:])
 
 

@@ -1,3 +1,5 @@
+import warnings
+
 import torch
 
 from fxq.observers import MinMaxObserver
@@ -31,3 +33,27 @@ def test_observers_do_not_change_the_output(ctx):
     model = randomize_bn(Residual())
     x = torch.randn(2, 3, 8, 8)
     assert torch.allclose(prepared(model, ctx)(x), model(x), atol=1e-5)  # bn folding rounds
+
+
+class NamedLikeModuleMethods(torch.nn.Module):
+    """Values whose node names are nn.Module attributes (``x.to(...)`` gives a node ``to``;
+    EdgeNeXt has one), which cannot name submodules as they are."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torch.sigmoid(self.conv(x).to(torch.float32)).float()
+
+
+def test_an_observer_of_a_node_named_like_a_module_method_gets_a_free_name():
+    import fxq
+    torch.manual_seed(0)
+    model = NamedLikeModuleMethods().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxq.FloatFallbackWarning)  # casts to float32 are no ops
+        qmodel = fxq.quantize(model, [torch.randn(4, 3, 8, 8) for _ in range(2)])
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert (qmodel(x) - model(x)).abs().max() < 0.02

@@ -110,7 +110,7 @@ def constructor_schema(cls: type) -> Schema:
 # Float modules a saved model may keep, by their constructors, whatever ran them in float
 # (no integer form, an override): normalizations, activations, resampling.
 FLOAT_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.InstanceNorm2d, nn.BatchNorm1d, nn.BatchNorm2d,
-                 nn.ReLU, nn.ReLU6,
+                 nn.Conv3d, nn.ReLU, nn.ReLU6,
                  nn.Hardtanh, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
                  nn.Hardsigmoid, nn.Mish, nn.ELU, nn.Softplus, nn.Softmax, nn.Upsample, nn.Identity,
                  nn.Dropout, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,

@@ -141,6 +141,16 @@ def export_size(b, node: fx.Node, inputs: list, module) -> None:
     return None
 
 
+def _to_float32(node: fx.Node, module: nn.Module | None) -> str | None:
+    """``x.float()``, ``x.to(torch.float32)``: the values fxq quantizes are float32 already."""
+    arguments = list(node.args[1:]) + list(node.kwargs.values())
+    if node.target == "float" and not arguments:
+        return None
+    if node.target == "to" and arguments == [torch.float32] and set(node.kwargs) <= {"dtype"}:
+        return None
+    return "a cast to another dtype or device"
+
+
 IDENTITY = Op("identity", "removed: the identity in eval mode", lower_identity, Output.SAME,
               modules=(nn.Identity, nn.Dropout, nn.Dropout2d), functions=(F.dropout, stochastic_depth),
               accepts=_not_training, homogeneous=True, channelwise=True, example=nn.Identity)
@@ -159,4 +169,7 @@ ITEM = Op("getitem", "an item or slice of integers, same parameters", lower_item
 SIZE = Op("size", "a shape, not a tensor", lower_nothing, Output.NONE, methods=("size", "dim", "numel"),
           functions=(getattr,), accepts=_reads_a_shape, keeps_call=True,
           example=lambda: lambda x: x.size(), export=export_size)
-OPS = (IDENTITY, RESHAPE, ITEM, SIZE)
+CAST = Op("cast", "removed: a cast of float32 values to float32", lower_identity, Output.SAME,
+          methods=("float", "to"), accepts=_to_float32, homogeneous=True, channelwise=True,
+          example=lambda: lambda x: x.float().to(torch.float32))
+OPS = (IDENTITY, CAST, RESHAPE, ITEM, SIZE)
