@@ -18,7 +18,7 @@ PLAIN = (int, float, str, bool, type(None))
 MAX_REASON = 1000  # characters of why an op runs in float
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float64, torch.float16,
-                                                    torch.bfloat16, torch.int64, torch.int32, torch.uint8)}
+                                                    torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool)}
 OPS = ("placeholder", "call_module", "call_function", "call_method", "get_attr", "output")
 # the functions and methods a saved graph may call: its ops' forms, and the float fallback's
 FUNCTIONS = {f"{fn.__module__}.{fn.__name__}": fn for op in (*ops.REGISTRY, ops.FLOAT) for fn in op.functions}
@@ -106,6 +106,9 @@ def _qparams_from(name: str, values) -> ActQParams:
     return ActQParams(scale, zero_point, bits)
 
 
+DEVICES = ("cpu", "cuda", "mps")  # a traced branch may have read a tensor's device (fxq.shapes)
+
+
 def _encode(value):
     if isinstance(value, fx.Node):
         return {"node": value.name}
@@ -119,6 +122,8 @@ def _encode(value):
         return {"ellipsis": None}
     if isinstance(value, torch.dtype) and value in DTYPES.values():
         return {"dtype": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.device) and value.type in DEVICES:
+        return {"device": value.type}  # the kind only: a loaded model runs where it is moved
     if isinstance(value, PLAIN):
         return value
     raise ValueError(f"cannot save a graph argument of type {type(value).__name__}")
@@ -126,8 +131,11 @@ def _encode(value):
 
 def _decode(value, nodes: dict[str, fx.Node]):
     if isinstance(value, dict):
-        expect(set(value) in ({"node"}, {"dict"}, {"slice"}, {"ellipsis"}, {"dtype"}),
+        expect(set(value) in ({"node"}, {"dict"}, {"slice"}, {"ellipsis"}, {"dtype"}, {"device"}),
                 "a graph argument is malformed")
+        if "device" in value:
+            expect(value["device"] in DEVICES, f"device {value['device']!r} is not one fxq loads")
+            return torch.device(value["device"])
         if "slice" in value:
             expect(isinstance(value["slice"], list) and len(value["slice"]) == 3, "a malformed slice")
             return slice(*(_decode(v, nodes) for v in value["slice"]))

@@ -1,6 +1,7 @@
 """Tracing with the calibration input's geometry: a model whose Python code computes with sizes
 (timm's ``Conv2dSame`` pads by ``math.ceil(H / stride)``, MobileViT compares ``new_h != H``)
-cannot be traced symbolically, yet it is a fixed graph for one input size.
+cannot be traced symbolically, yet it is a fixed graph for one input size. Its dtype and device
+queries answer as the examples ran too.
 
 `ConcreteShapes` is a torch.fx tracer mixin that runs the model alongside the trace on two
 example batches, the first calibration image as a batch of 1 and of 2. A size query on a traced
@@ -59,6 +60,22 @@ class _ShapedProxy(fx.Proxy):
     @property
     def ndim(self):
         return self.dim()
+
+    @property
+    def dtype(self):
+        """The example's dtype (float32 for what fxq quantizes): code that casts back to it, or
+        branches on it, traces as it ran."""
+        examples = self._examples()
+        return examples[0].dtype if examples is not None else self.tracer.create_proxy(
+            "call_function", getattr, (self, "dtype"), {})
+
+    @property
+    def device(self):
+        """The example's device: a branch on it (EfficientViT's ``v.device.type != 'meta'``) is
+        taken as calibration ran."""
+        examples = self._examples()
+        return examples[0].device if examples is not None else self.tracer.create_proxy(
+            "call_function", getattr, (self, "device"), {})
 
     def __len__(self) -> int:
         size = self.size(0)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxq
+from fxq import records
 from fxq.qmodules import Quantize
 from fxq.runtime import count_ops
 from tests.helpers import assert_deploys_bit_exact, check_quantized
@@ -147,3 +148,29 @@ def test_untraceable_code_outside_any_submodule_still_raises_with_the_line():
 
     with pytest.raises(TypeError, match=r"top-level module.*x.sum\(\) > 0"):
         fxq.quantize(Top(), _calib())
+
+
+class DeviceBranch(nn.Module):
+    """EfficientViT's attention branches on ``v.device.type`` and casts back to ``v.dtype``;
+    EdgeNeXt builds a positional mask with ``torch.zeros(..., device=...)`` and a bool cast."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        v = self.conv(x)
+        if v.device.type != "meta":
+            v = torch.relu(v.float()).to(v.dtype)
+        mask = ~torch.zeros((v.size(0), 1, 1, 1), device=v.device).to(dtype=torch.bool)
+        return self.head(v) * mask.cumsum(0, dtype=torch.float32)
+
+
+def test_device_and_dtype_queries_trace_as_calibration_ran_and_save(tmp_path):
+    torch.manual_seed(0)
+    model = DeviceBranch().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxq.FloatFallbackWarning)
+        qmodel = fxq.quantize(model, _calib())
+    assert not any(records.has(n, records.Untraceable) for n in qmodel.graph.nodes)  # traced through
+    assert check_quantized(qmodel, model, torch.randn(4, 3, 13, 13), tmp_path) > 20

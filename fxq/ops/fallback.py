@@ -129,9 +129,9 @@ FLOAT_FUNCTIONS = (
     torch.chunk, torch.split, torch.flip, torch.roll, torch.where, torch.maximum, torch.minimum,
     torch.logsumexp, torch.log, torch.erf, torch.amin, torch.bmm, torch.einsum, torch.cumsum, torch.var,
     torch.std, torch.add, torch.neg, torch.addcmul, torch.addcdiv, torch.norm, torch.linalg.vector_norm,
-    torch.square, torch.reciprocal,
+    torch.square, torch.reciprocal, torch.zeros, torch.ones, torch.arange, torch.cos, torch.sin,
     operator.mul, operator.truediv, operator.sub, operator.neg, operator.floordiv, operator.mod,
-    operator.getitem, operator.matmul, operator.pow,
+    operator.getitem, operator.matmul, operator.pow, operator.invert,
 )
 FLOAT_METHODS = frozenset({
     "mean", "sum", "amax", "flip", "roll", "permute", "transpose", "mul", "mul_", "div", "div_",
@@ -139,7 +139,7 @@ FLOAT_METHODS = frozenset({
     "expand_as", "view_as", "reshape_as", "clamp", "clamp_", "clamp_min", "clamp_max", "pow",
     "sqrt", "rsqrt", "exp", "abs", "neg", "matmul", "float", "type_as", "contiguous", "__getitem__",
     "logsumexp", "log", "erf", "amin", "var", "std", "add", "add_", "cumsum", "bmm", "norm", "addcmul",
-    "addcdiv", "square", "reciprocal",
+    "addcdiv", "square", "reciprocal", "sin", "cos", "to", "float", "cumsum", "flatten", "repeat", "bool",
 })
 
 
