@@ -103,6 +103,7 @@ def test_every_subcommand_has_help_with_an_example(command, capsys):
     assert "examples:" in out and f"fxq {command} " in out
 
 
+@pytest.mark.real_data  # the installed command, in a process of its own
 def test_the_installed_command_runs_and_a_usage_error_exits_2():
     command = [sys.executable, "-m", "fxq.cli.main", "quantize", "--model", "resnet18"]
     done = subprocess.run(command, capture_output=True, text=True)

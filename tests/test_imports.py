@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import networkx as nx
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("fxq", "passes")
@@ -55,6 +56,7 @@ def test_only_the_api_layer_imports_the_passes():
     assert importers <= API_LAYER, importers - API_LAYER
 
 
+@pytest.mark.real_data  # a fresh interpreter of its own
 def test_every_module_imports_on_its_own():
     # one interpreter (torch loads once); the project's modules are dropped between imports
     script = (

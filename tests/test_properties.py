@@ -8,15 +8,17 @@ fxq either quantizes it or says clearly why not, and then
 - the user's model is untouched,
 - save → load gives identical outputs.
 
-200 networks per run (the "ci" profile of tests/conftest.py, the same 200 every run);
-``pytest --hypothesis-profile=thorough`` draws 2,000 new ones.
+The unit loop draws 50 networks; `make test` draws 200 more (the "ci" profile of
+tests/conftest.py, the same ones every run); ``pytest --hypothesis-profile=thorough`` draws 2,000
+new ones.
 """
 import copy
 import io
 import warnings
 
+import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -149,8 +151,19 @@ configs = st.builds(
 )
 
 
+@settings(max_examples=50)
 @given(network=networks(), config=configs)
 def test_generated_networks_quantize_exactly_and_round_trip(network, config):
+    _quantizes_exactly_and_round_trips(network, config)
+
+
+@pytest.mark.real_data
+@given(network=networks(), config=configs)
+def test_many_generated_networks_quantize_exactly_and_round_trip(network, config):
+    _quantizes_exactly_and_round_trips(network, config)
+
+
+def _quantizes_exactly_and_round_trips(network, config):
     model, shape = network
     calib = [torch.randn(4, *shape) * 3 for _ in range(2)]
     state = copy.deepcopy(model.state_dict())
