@@ -111,6 +111,9 @@ _SIGNATURES = {
                ("groups", 1)),
     F.batch_norm: (("input", ...), ("running_mean", ...), ("running_var", ...), ("weight", None), ("bias", None),
                    ("training", False), ("momentum", 0.1), ("eps", 1e-5)),
+    F.scaled_dot_product_attention: (("query", ...), ("key", ...), ("value", ...), ("attn_mask", None),
+                                     ("dropout_p", 0.0), ("is_causal", False), ("scale", None),
+                                     ("enable_gqa", False)),
 }
 
 
@@ -230,6 +233,36 @@ def stack_as_cat(gm: fx.GraphModule) -> int:
         with gm.graph.inserting_before(node):
             parts = [gm.graph.call_method("unsqueeze", (t, dim)) for t in tensors]
         node.target, node.args, node.kwargs = torch.cat, (parts, dim), {}
+        done += 1
+    return done
+
+
+def attention_as_matmuls(gm: fx.GraphModule, shape_of: Callable[[fx.Node], tuple | None]) -> int:
+    """Rewrite each ``F.scaled_dot_product_attention(q, k, v)`` (no mask, no dropout, not causal)
+    as the ops it fuses, ``softmax((q @ kᵀ) · scale, -1) @ v``, which run on integers, the scale
+    ``1/√E`` from the head size ``E`` calibration saw (``shape_of``). Returns how many."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
+            continue
+        bound = _bound(node)
+        if bound is None or bound["attn_mask"] is not None or bound["dropout_p"] != 0.0 or bound["is_causal"] \
+                or bound["enable_gqa"]:
+            continue
+        scale = bound["scale"]
+        if scale is None:
+            shape = shape_of(bound["query"])
+            scale = None if not shape else shape[-1] ** -0.5
+        if not isinstance(scale, (int, float)):
+            continue
+        graph = gm.graph
+        with graph.inserting_before(node):
+            scores = graph.call_function(torch.matmul,
+                                         (bound["query"], graph.call_method("transpose", (bound["key"], -2, -1))))
+            weights = graph.call_function(torch.softmax, (graph.call_function(operator.mul, (scores, scale)), -1))
+            out = graph.call_function(torch.matmul, (weights, bound["value"]))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
         done += 1
     return done
 

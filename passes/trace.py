@@ -87,7 +87,9 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
                     records.FixedShape(tuple(tracer.example.shape[1:])))
     _one_module_per_call_site(gm)
     canonical.fold_parameter_math(gm)
-    canonical.layers_from_functions(gm, _rank_probe(gm, ctx))
+    shape_of = _shape_probe(gm, ctx)
+    canonical.layers_from_functions(gm, _rank_probe(gm, shape_of))
+    canonical.attention_as_matmuls(gm, shape_of)
     canonical.conv1d_as_conv2d(gm)
     canonical.stack_as_cat(gm)
     _check_one_input(gm, model)
@@ -163,33 +165,41 @@ def _one_module_per_call_site(gm: fx.GraphModule) -> None:
             records.put(node, records.Origin(target))
 
 
-def _rank_probe(gm: fx.GraphModule, ctx: PassContext):
-    """``rank_of(node)``: a value's number of dims, from a conv's output or, when needed, from one
-    calibration image run through the graph (None if unknown: that call is left as it is)."""
-    ranks: dict | None = None
+def _shape_probe(gm: fx.GraphModule, ctx: PassContext):
+    """``shape_of(node)``: a value's shape on one calibration image, run through the graph only
+    when first asked (None if unknown: the call asking is left as it is)."""
+    shapes: dict | None = None
 
+    def shape_of(node: fx.Node) -> tuple | None:
+        nonlocal shapes
+        if shapes is None:
+            shapes = _shapes(gm, ctx)
+        return shapes.get(node)
+    return shape_of
+
+
+def _rank_probe(gm: fx.GraphModule, shape_of):
+    """``rank_of(node)``: a value's number of dims, a conv's output's without running the graph."""
     def rank_of(node: fx.Node) -> int | None:
-        nonlocal ranks
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Conv2d):
             return 4
-        if ranks is None:
-            ranks = _ranks(gm, ctx)
-        return ranks.get(node)
+        shape = shape_of(node)
+        return None if shape is None else len(shape)
     return rank_of
 
 
-def _ranks(gm: fx.GraphModule, ctx: PassContext) -> dict:
-    ranks = {}
+def _shapes(gm: fx.GraphModule, ctx: PassContext) -> dict:
+    shapes = {}
 
     def record(n: fx.Node, value) -> None:
         if isinstance(value, torch.Tensor):
-            ranks[n] = value.dim()
+            shapes[n] = tuple(value.shape)
 
     try:
         run_recording(gm, batch_input(next(iter(ctx.calib_loader)), 0)[:1].cpu(), record)
     except Exception:  # bad calibration data is calibrate's to report, with its reason
         return {}
-    return ranks
+    return shapes
 
 
 def _check_one_input(gm: fx.GraphModule, model: nn.Module) -> None:

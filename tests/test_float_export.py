@@ -15,7 +15,7 @@ from tests.helpers import output_steps, randomize_bn
 
 
 class FloatIslands(nn.Module):
-    """Float ops fxq has no integer form for: a softmax across three branches, bilinear
+    """Float ops fxq has no integer form for: a softmax across three branches asked for a dtype, bilinear
     upsampling, a reduction (logsumexp); a group norm kept in float by overrides; between them
     integer ops."""
 
@@ -30,7 +30,7 @@ class FloatIslands(nn.Module):
         x = F.relu(self.stem(x))
         branches = torch.stack([branch(x) for branch in self.branches], dim=1)  # B, 3, C, H, W
         weights = self.attend(branches.sum(dim=1).mean((2, 3), keepdim=True))
-        weights = weights.view(x.shape[0], 3, 8, 1, 1).softmax(dim=1)
+        weights = weights.view(x.shape[0], 3, 8, 1, 1).softmax(dim=1, dtype=torch.float32)
         x = (branches * weights).sum(dim=1)
         x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
         x = self.norm(torch.cat([x, torch.logsumexp(x, 1, keepdim=True)], 1))

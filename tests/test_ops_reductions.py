@@ -5,10 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-import fxq
 from fxq.affine import ActQParams
-from fxq.ops.reductions import QMean, QSoftmaxPair, QSum
-from fxq.runtime import count_ops
+from fxq.ops.reductions import QMean, QSoftmax, QSoftmaxPair, QSum
 from tests.helpers import quantize_whole
 
 
@@ -61,7 +59,7 @@ def test_the_sum_is_the_rounded_sum_within_one_step():
     assert float((got.to(torch.int64) == exact.to(torch.int64)).float().mean()) > 0.99
 
 
-def test_a_softmax_over_more_than_two_values_stays_float_and_says_so_after_calibration():
+def test_a_softmax_over_more_than_two_values_runs_on_integers(tmp_path):
     class Wide(nn.Module):
         def __init__(self):
             super().__init__()
@@ -71,9 +69,8 @@ def test_a_softmax_over_more_than_two_values_stays_float_and_says_so_after_calib
             return self.conv(x).softmax(dim=1)
 
     torch.manual_seed(0)
-    with pytest.warns(fxq.FloatFallbackWarning, match=r"(?s)with the calibrated parameters.*softmax over 3 values"):
-        qmodel = fxq.quantize(Wide().eval(), _calib())
-    assert count_ops(qmodel, torch.randn(2, 3, 10, 10)).float_ops == ("softmax",)
+    qmodel = quantize_whole(Wide().eval(), _calib(), torch.randn(2, 3, 10, 10), tmp_path)
+    assert QSoftmax in {type(m) for m in qmodel.modules()}
 
 
 class ChannelsLastHead(nn.Module):

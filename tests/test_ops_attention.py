@@ -1,0 +1,124 @@
+"""Attention on integers: the matrix product of two activations (`fxq.ops.matmul`), the softmax
+over a long axis (`fxq.ops.reductions.QSoftmax`) and ``F.scaled_dot_product_attention`` rewritten
+into them (`fxq.canonical.attention_as_matmuls`) — MobileViT's and GCNet's attention quantize,
+save and deploy bit-exact."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxq
+from fxq.affine import ActQParams
+from fxq.ops.matmul import QMatMul
+from fxq.ops.reductions import QSoftmax
+from fxq.runtime import count_ops
+from tests.helpers import quantize_whole
+
+A, B, OUT = ActQParams(0.05, 131, 8), ActQParams(0.02, 90, 8), ActQParams(0.4, 120, 8)
+
+
+def _integers(shape: tuple[int, ...], seed: int, bits: int = 8) -> torch.Tensor:
+    return torch.randint(0, 1 << bits, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_product_of_activations_is_the_exact_integer_product_rounded_once():
+    a, b = _integers((2, 3, 5, 40), 0), _integers((2, 3, 40, 6), 1)
+    exact = torch.matmul(a - A.zero_point, b - B.zero_point)  # int64: no rounding anywhere
+    once = torch.round(exact.double() * (A.scale * B.scale / OUT.scale)) + OUT.zero_point
+    out = QMatMul(A, B, OUT)(a, b).to(torch.int64)
+    assert torch.equal(out, once.clamp(0, 255).to(torch.int64))
+    assert 0 < int((once < 0).sum() + (once > 255).sum())  # the clamp was tested too
+    float_steps = OUT.quantize(exact.double() * (A.scale * B.scale)).to(torch.int64)
+    assert int((out - float_steps).abs().max()) <= 1  # and it is the quantized float product
+
+
+def test_a_product_too_long_for_exact_float64_sums_is_refused():
+    wide = ActQParams(1.0, 0, 16)
+    with pytest.raises(ValueError, match="passes 2\\^53"):
+        QMatMul(wide, wide, wide)(torch.zeros(1, 1 << 21), torch.zeros(1 << 21, 1))
+
+
+def test_a_long_softmax_is_the_quantized_float_softmax():
+    before, after = ActQParams(0.08, 140, 8), ActQParams(1 / 255, 0, 8)
+    q = _integers((4, 2, 7, 196), 2)
+    softmax = QSoftmax(-1, before, after)
+    real = torch.softmax(before.scale * (q.double() - before.zero_point), -1)
+    steps = (softmax(q).to(torch.int64) - after.quantize(real).to(torch.int64)).abs()
+    assert int(steps.max()) <= 1 and float((steps == 0).float().mean()) > 0.999
+
+
+def test_a_softmax_of_equal_values_splits_evenly():
+    after = ActQParams(1 / 255, 0, 8)
+    out = QSoftmax(1, ActQParams(0.1, 7, 8), after)(torch.full((2, 5, 3), 200))
+    assert torch.equal(out.to(torch.int64), torch.full((2, 5, 3), round(0.2 * 255)))
+
+
+class Attention(nn.Module):
+    """timm's ViT attention as MobileViT runs it: qkv as one linear, heads split, fused
+    ``F.scaled_dot_product_attention``, then a projection; tokens from a conv."""
+
+    def __init__(self, fused: bool = True):
+        super().__init__()
+        self.fused = fused
+        self.conv = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.qkv, self.proj, self.head = nn.Linear(16, 48), nn.Linear(16, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        tokens = self.conv(x).flatten(2).transpose(1, 2)
+        n = tokens.shape[1]
+        q, k, v = self.qkv(tokens).reshape(-1, n, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            y = ((q * 8 ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        y = self.proj(y.transpose(1, 2).reshape(-1, n, 16))
+        return self.head((tokens + y).mean(1))
+
+
+class GlobalContext(nn.Module):
+    """GCNet's context block (timm's GlobalContext): a softmax over every position weights the
+    pixels, summed by a matrix product."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.attn = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 1, 1)
+        self.transform, self.head = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        b, c, h, w = x.shape
+        weights = F.softmax(self.attn(x).reshape(b, 1, h * w).squeeze(1), dim=-1).unsqueeze(2)
+        context = (x.reshape(b, c, h * w) @ weights).view(b, c, 1, 1)
+        return self.head(x + self.transform(context))
+
+
+def _calib(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, 3, 12, 12, generator=g) for _ in range(4)]
+
+
+@pytest.mark.parametrize("build", [Attention, lambda: Attention(fused=False), GlobalContext],
+                         ids=["fused", "spelled-out", "global-context"])
+@pytest.mark.parametrize("requantize", ["fixed_point", "onnxruntime"])
+def test_attention_runs_whole_on_integers_saves_and_deploys(build, requantize, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    qmodel = quantize_whole(build().eval(), _calib(), x, tmp_path, requantize, min_sqnr=20.0)
+    kinds = {type(m) for m in qmodel.modules()}
+    assert QMatMul in kinds and QSoftmax in kinds
+
+
+class Masked(Attention):
+    def forward(self, x):
+        tokens = self.conv(x).flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(tokens).chunk(3, dim=-1)
+        return self.head(F.scaled_dot_product_attention(q, k, v, is_causal=True).mean(1))
+
+
+def test_a_causal_attention_stays_one_float_call_between_integers(tmp_path):
+    torch.manual_seed(0)
+    with pytest.warns(fxq.FloatFallbackWarning, match="scaled_dot_product_attention"):
+        qmodel = fxq.quantize(Masked().eval(), _calib())
+    x = torch.randn(2, 3, 12, 12)
+    assert count_ops(qmodel, x).float == 1
