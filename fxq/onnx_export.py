@@ -175,6 +175,7 @@ def to_onnx(qmodel: fx.GraphModule, weights: str = "auto"):
     shapes = _recorded_shapes(qmodel, sample_shape)
     b = Builder(shapes, formats, lambda: _batched_dims(shapes, _recorded_shapes(qmodel, sample_shape, BATCH + 1)))
     values = b.values
+    network_input = next(n.name for n in qmodel.graph.nodes if n.op == "placeholder")
     for node in qmodel.graph.nodes:
         if node.op == "placeholder":
             values[node] = node.name
@@ -182,6 +183,8 @@ def to_onnx(qmodel: fx.GraphModule, weights: str = "auto"):
             outputs = [values[a] for a in node.all_input_nodes]
         elif node.op == "get_attr":
             values[node] = b.constant(node.name, _attribute(qmodel, node.target))
+        elif _reads_only_sizes(node, values) and isinstance(shapes.get(node), tuple):
+            values[node] = _made_from_sizes(b, qmodel, node, sample_shape, network_input)
         elif _reads_only_sizes(node, values):
             values[node] = None  # arithmetic on sizes: the reshapes read the shapes they produced
         else:
@@ -198,6 +201,31 @@ def to_onnx(qmodel: fx.GraphModule, weights: str = "auto"):
 
 def _reads_only_sizes(node: fx.Node, values: dict) -> bool:
     return all(values[a] is None for a in node.all_input_nodes)
+
+
+def _made_from_sizes(b: Builder, qmodel: fx.GraphModule, node: fx.Node, sample_shape: tuple, network_input: str):
+    """A tensor a call makes from sizes alone (EdgeNeXt's positional encoding starts from
+    ``torch.zeros(B, H, W)``): its value for one sample as a constant, repeated over the batch
+    (Expand to the network input's batch) when its first dim is the batch. Other dependences on
+    the batch size have no such form and are refused by name."""
+    one, two = (_value_of(qmodel, node, torch.zeros(n, *sample_shape)) for n in (1, 2))
+    if torch.equal(one, two):
+        return b.constant(node.name, one)
+    if one.dim() == 0 or two.shape[1:] != one.shape[1:] or not torch.equal(two, one.expand_as(two)):
+        raise ValueError(f"node '{node.name}' makes a tensor from the batch size that is not one sample's "
+                         "repeated over the batch: it does not export; compute it from the input tensor instead")
+    batch = b.node("Slice", [b.node("Shape", [network_input], f"{node.name}_input_shape"),
+                             b.constant(f"{node.name}_zero", b.ints([0])), b.constant(f"{node.name}_one", b.ints([1]))],
+                   f"{node.name}_batch")
+    shape = b.node("Concat", [batch, b.constant(f"{node.name}_rest", b.ints(list(one.shape[1:])))],
+                   f"{node.name}_shape", axis=0)
+    return b.node("Expand", [b.constant(f"{node.name}_sample", one), shape], node.name)
+
+
+def _value_of(qmodel: fx.GraphModule, node: fx.Node, x: torch.Tensor) -> torch.Tensor:
+    found = {}
+    run_recording(qmodel, x, lambda n, value: found.setdefault(n, value) if n is node else None)
+    return found[node]
 
 
 def _export_call(b: Builder, node: fx.Node, modules: dict, arguments: tuple):

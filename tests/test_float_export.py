@@ -11,7 +11,7 @@ from torch import nn
 
 import fxq
 from fxq.runtime import count_ops
-from tests.helpers import output_steps, randomize_bn
+from tests.helpers import output_steps, quantize_whole, randomize_bn
 
 
 class FloatIslands(nn.Module):
@@ -121,3 +121,66 @@ def test_a_float_op_after_an_integer_conv_agrees_with_the_twin_bit_for_bit():
         qmodel = fxq.quantize(model, [torch.randn(8, 3, 16, 16) for _ in range(4)], overrides={"1": None})
     integer, simulated = output_steps(qmodel, fxq.simulate(qmodel), torch.randn(64, 3, 16, 16))
     assert torch.equal(integer, simulated)
+
+
+class FourierPositions(nn.Module):
+    """EdgeNeXt's positional encoding: a tensor made from the input's sizes alone
+    (``torch.zeros(B, H, W)``), cumulative sums and sines of it, added to the features."""
+
+    def __init__(self, batch_dependent: bool = False):
+        super().__init__()
+        self.conv, self.project = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(2, 4, 1)
+        self.batch_dependent = batch_dependent
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        base = torch.zeros((b, h, w))
+        if self.batch_dependent:  # a different value for each sample: no one-sample constant
+            base = base + torch.arange(b).view(b, 1, 1)
+        y, x_pos = (base + 1).cumsum(1), (base + 1).cumsum(2)
+        y, x_pos = y / y[:, -1:], x_pos / x_pos[:, :, -1:]
+        positions = torch.stack([y.sin(), x_pos.cos()], 1)
+        return self.conv(x) + self.project(positions)
+
+
+def test_a_tensor_made_from_sizes_deploys_for_any_batch():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxq.FloatFallbackWarning)
+        qmodel = fxq.quantize(FourierPositions().eval(), [torch.randn(4, 3, 6, 6) for _ in range(2)],
+                              fxq.QConfig(requantize="onnxruntime"))
+    deployed = fxq.deploy(qmodel, threads=1, weights="exact")
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 6, 6)
+        assert torch.equal(deployed(x), qmodel(x))
+
+
+def test_a_tensor_made_from_the_batch_size_is_refused_by_name():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxq.FloatFallbackWarning)
+        qmodel = fxq.quantize(FourierPositions(batch_dependent=True).eval(), [torch.randn(4, 3, 6, 6)])
+    with pytest.raises(ValueError, match="node 'arange' makes a tensor from the batch size"):
+        fxq.export_onnx(qmodel, io.BytesIO())
+
+
+class Indexed(nn.Module):
+    """Items and slices of integer tensors: an Ellipsis (EfficientViT's ``out[..., :-1]``), an
+    integer index, a new dim (``[:, None]``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        first = y[..., :-1]
+        second = y[:, 0][:, None, :, 1:]
+        third = y[:, 2:5, ..., None].flatten(3)[..., 1:]
+        return self.head(first * second + third.mean(1, keepdim=True))
+
+
+def test_items_slices_ellipses_and_new_dims_deploy_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 6, 6)
+    quantize_whole(Indexed().eval(), [torch.randn(4, 3, 6, 6) for _ in range(2)], x, tmp_path)

@@ -117,23 +117,51 @@ def _dim_argument(node: fx.Node, index: int, keyword: str, default: int) -> int:
 
 
 def export_item(b, node: fx.Node, inputs: list, module) -> object:
-    """An item of a split (a name), or a slice of a tensor as ONNX Slice."""
+    """An item of a split (a name), or an item or slice of a tensor (``x[:, 0]``, ``x[..., :-1]``,
+    ``x[:, None]``) as ONNX Slice, Squeeze of the dims an integer takes, Unsqueeze where None adds one."""
     source, index = inputs[0], node.args[1]
     if source is None:  # an item of a size
         return None
     if isinstance(source, list):
         return source[index]
-    index = index if isinstance(index, tuple) else (index,)
-    if not all(isinstance(i, slice) and all(v is None or isinstance(v, int) for v in (i.start, i.stop, i.step))
-               for i in index):
-        raise ValueError(f"node '{node.name}': only slices of a tensor export, got {index!r}")
-    big = torch.iinfo(torch.int64).max
-    starts, ends, steps = ([i.start or 0 for i in index], [big if i.stop is None else i.stop for i in index],
-                           [i.step or 1 for i in index])
-    axes = list(range(len(index)))
-    bounds = (("starts", starts), ("ends", ends), ("axes", axes), ("steps", steps))
-    return b.node("Slice", [source] + [b.constant(f"{node.name}_{k}", b.ints(v)) for k, v in bounds],
-                  node.name)
+    index = _full_index(index if isinstance(index, tuple) else (index,), len(b.shape_of(node.args[0])), node)
+    indexing = [i for i in index if i is not None]
+    starts, ends, steps = zip(*map(_slice_bounds, indexing)) if indexing else ((), (), ())
+    bounds = (("starts", starts), ("ends", ends), ("axes", range(len(indexing))), ("steps", steps))
+    value = b.node("Slice", [source] + [b.constant(f"{node.name}_{k}", b.ints(list(v))) for k, v in bounds],
+                   f"{node.name}_slice") if indexing else source
+    taken = [axis for axis, i in enumerate(indexing) if isinstance(i, int)]
+    if taken:
+        value = b.node("Squeeze", [value, b.constant(f"{node.name}_taken", b.ints(taken))], f"{node.name}_squeeze")
+    kept = [i for i in index if not isinstance(i, int)]  # the output's leading dims, in order
+    added = [axis for axis, i in enumerate(kept) if i is None]
+    if added:
+        value = b.node("Unsqueeze", [value, b.constant(f"{node.name}_added", b.ints(added))], f"{node.name}_new")
+    return b.node("Identity", [value], node.name)
+
+
+def _slice_bounds(i: int | slice) -> tuple[int, int, int]:
+    """ONNX Slice's (start, end, step) of one dim's index; an integer is the slice of its item."""
+    end_of_dim = torch.iinfo(torch.int64).max
+    if isinstance(i, int):
+        return i, end_of_dim if i == -1 else i + 1, 1
+    return i.start or 0, end_of_dim if i.stop is None else i.stop, i.step or 1
+
+
+def _full_index(index: tuple, rank: int, node: fx.Node) -> tuple:
+    """``index`` with its Ellipsis spelled out as whole slices; integers, slices and None only."""
+    def plain(i) -> bool:
+        return i is None or (isinstance(i, int) and not isinstance(i, bool)) or (isinstance(i, slice) and all(
+            v is None or isinstance(v, int) for v in (i.start, i.stop, i.step)))
+
+    indexing = sum(i is not None and i is not Ellipsis for i in index)
+    if index.count(Ellipsis) == 1:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (rank - indexing) + index[at + 1:]
+    if not all(map(plain, index)) or indexing > rank:
+        raise ValueError(f"node '{node.name}': only integers, slices, None and one Ellipsis index a tensor in "
+                         f"export, got {index!r}")
+    return index
 
 
 def export_size(b, node: fx.Node, inputs: list, module) -> None:
