@@ -11,7 +11,7 @@ from torch import nn
 import fxq
 from fxq.affine import ActQParams
 from fxq.ops.matmul import QMatMul
-from fxq.ops.reductions import QSoftmax
+from fxq.ops.reductions import QNormalize, QSoftmax
 from fxq.runtime import count_ops
 from tests.helpers import quantize_whole
 
@@ -48,6 +48,18 @@ def test_a_long_softmax_is_the_quantized_float_softmax():
     assert int(steps.max()) <= 1 and float((steps == 0).float().mean()) > 0.999
 
 
+def test_a_normalized_vector_is_the_quantized_float_one_and_zero_stays_zero():
+    before, after = ActQParams(0.08, 140, 8), ActQParams(2 / 255, 128, 8)
+    q = _integers((3, 4, 50), 3)
+    q[0, 0] = before.zero_point  # a zero vector: eps keeps it zero, not a division by zero
+    normalize = QNormalize(-1, 1e-12, before, after)
+    real = F.normalize(before.scale * (q.double() - before.zero_point), dim=-1)
+    got = normalize(q).to(torch.int64)
+    steps = (got - after.quantize(real).to(torch.int64)).abs()
+    assert int(steps.max()) <= 1 and float((steps == 0).float().mean()) > 0.999
+    assert bool((got[0, 0] == after.zero_point).all())
+
+
 def test_a_softmax_of_equal_values_splits_evenly():
     after = ActQParams(1 / 255, 0, 8)
     out = QSoftmax(1, ActQParams(0.1, 7, 8), after)(torch.full((2, 5, 3), 200))
@@ -76,6 +88,24 @@ class Attention(nn.Module):
         return self.head((tokens + y).mean(1))
 
 
+class CrossCovariance(nn.Module):
+    """EdgeNeXt's cross-covariance attention (timm's XCA): q and k normalized along the tokens,
+    a learned temperature per head, attention across channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.qkv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 24), nn.Linear(8, 4)
+        self.temperature = nn.Parameter(torch.tensor([[[0.7]], [[1.6]]]))
+
+    def forward(self, x):
+        tokens = self.conv(x).flatten(2).transpose(1, 2)
+        n = tokens.shape[1]
+        q, k, v = self.qkv(tokens).reshape(-1, n, 3, 2, 4).permute(2, 0, 3, 4, 1).unbind(0)
+        attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * self.temperature
+        y = (attn.softmax(dim=-1) @ v).permute(0, 3, 1, 2).reshape(-1, n, 8)
+        return self.head((tokens + y).mean(1))
+
+
 class GlobalContext(nn.Module):
     """GCNet's context block (timm's GlobalContext): a softmax over every position weights the
     pixels, summed by a matrix product."""
@@ -98,8 +128,8 @@ def _calib(seed: int = 1):
     return [torch.randn(8, 3, 12, 12, generator=g) for _ in range(4)]
 
 
-@pytest.mark.parametrize("build", [Attention, lambda: Attention(fused=False), GlobalContext],
-                         ids=["fused", "spelled-out", "global-context"])
+@pytest.mark.parametrize("build", [Attention, lambda: Attention(fused=False), GlobalContext, CrossCovariance],
+                         ids=["fused", "spelled-out", "global-context", "cross-covariance"])
 @pytest.mark.parametrize("requantize", ["fixed_point", "onnxruntime"])
 def test_attention_runs_whole_on_integers_saves_and_deploys(build, requantize, tmp_path):
     torch.manual_seed(0)

@@ -190,6 +190,80 @@ class QL2Norm(nn.Module):
         return b.quantize(rounded, ActQParams(1.0, z_out, self.output_bits), name)
 
 
+class QNormalize(QL2Norm):
+    """Integers → integers: ``F.normalize(x, p=2, dim)``, each value divided by its vector's
+    Euclidean norm (EdgeNeXt's cross-covariance attention normalizes q and k). With v = q − z_I
+    the scale cancels: ``y = v / max(√Σv², eps/s_I)``; the int64 sum is exact, then one root, one
+    max, one multiply by ``s_O`` per vector and one division per value in float64 — IEEE steps
+    every runtime rounds alike."""
+
+    schema = Schema({"dims": _dims, "keepdim": sc.one_of(True), "input_bits": sc.act_bits, "output_bits": sc.act_bits},
+                    {"scales": torch.float64, "zero_points": torch.int32, "floor": torch.float64},
+                    ranges=lambda m: m.check_ranges())
+
+    def __init__(self, dim: int, eps: float, before: ActQParams, after: ActQParams):
+        super().__init__((dim,), True, before, after)
+        self.register_buffer("floor", torch.tensor(eps / before.scale, dtype=torch.float64))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        z_in, z_out = (int(z) for z in self.zero_points)
+        centred = q.to(torch.int64) - z_in
+        root = torch.sqrt((centred * centred).sum(self.dims, keepdim=True).to(torch.float64))
+        denominator = torch.maximum(root, self.floor) * self.scales[1]
+        out = torch.round(centred.to(torch.float64) / denominator).add_(z_out).clamp_(0, (1 << self.output_bits) - 1)
+        return out.to(intmath.storage_dtype(self.output_bits))
+
+    def check_ranges(self) -> None:
+        super().check_ranges()
+        sc.expect(self.floor.dim() == 0 and float(self.floor) > 0 and math.isfinite(float(self.floor)),
+                  "eps must be > 0")
+
+    def extra_repr(self) -> str:
+        return f"x / ‖x‖ over dim {self.dims[0]}"
+
+    def to_onnx(self, b, node, inputs):
+        """Cast → Sub z_I → Mul → ReduceSum (int64) → Cast double → Sqrt → Max floor → Mul s_O →
+        Div → Round → QuantizeLinear(1, z_O): `forward`'s steps."""
+        name, z_in, z_out = node.name, int(self.zero_points[0]), int(self.zero_points[1])
+        centred = b.node("Sub", [b.node("Cast", [inputs[0]], f"{name}_wide", to=b.types.INT64),
+                                 b.constant(f"{name}_z", np.int64(z_in))], f"{name}_centred")
+        squares = b.node("ReduceSum", [b.node("Mul", [centred, centred], f"{name}_squares"),
+                                       b.constant(f"{name}_axes", b.ints(list(self.dims)))], f"{name}_sum", keepdims=1)
+        root = b.node("Sqrt", [b.node("Cast", [squares], f"{name}_real", to=b.types.DOUBLE)], f"{name}_root")
+        floored = b.node("Max", [root, b.constant(f"{name}_floor", self.floor.numpy())], f"{name}_floored")
+        denominator = b.node("Mul", [floored, b.constant(f"{name}_s_out", self.scales[1].numpy())],
+                             f"{name}_denominator")
+        ratio = b.node("Div", [b.node("Cast", [centred], f"{name}_centred_real", to=b.types.DOUBLE), denominator],
+                       f"{name}_ratio")
+        rounded = b.node("Cast", [b.node("Round", [ratio], f"{name}_rounded")], f"{name}_float", to=b.types.FLOAT)
+        return b.quantize(rounded, ActQParams(1.0, z_out, self.output_bits), name)
+
+
+_NORMALIZE_ARGUMENTS = (("input", None), ("p", 2.0), ("dim", 1), ("eps", 1e-12), ("out", None))
+
+
+def _normalize_arguments(node: fx.Node) -> dict | None:
+    if len(node.args) > 5 or set(node.kwargs) - {name for name, _ in _NORMALIZE_ARGUMENTS}:
+        return None
+    return {name: node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+            for i, (name, default) in enumerate(_NORMALIZE_ARGUMENTS)}
+
+
+def _euclidean_along_a_dim(node: fx.Node, module: nn.Module | None) -> str | None:
+    found = _normalize_arguments(node)
+    if found and found["p"] in (2, 2.0) and isinstance(found["dim"], int) and found["dim"] != 0 \
+            and isinstance(found["eps"], float) and found["eps"] > 0 and found["out"] is None:
+        return None
+    return "a normalization other than the Euclidean one along a dim (not the batch's) with eps > 0"
+
+
+def lower_normalize(lo: Lowering, node: fx.Node) -> None:
+    """``F.normalize(x, dim=d)`` → ``QNormalize(q)``: exact sums of squares, float64 steps, one rounding."""
+    before, after = through(node)
+    found = _normalize_arguments(node)
+    lo.become(node, QNormalize(found["dim"], found["eps"], before, after), leaf_name(node), node.args[:1])
+
+
 # each form's (order, dims, keepdim) arguments: position and keyword
 _NORM_ARGUMENTS = {"norm": ((1, "p"), (2, "dim"), (3, "keepdim")),
                    torch.norm: ((1, "p"), (2, "dim"), (3, "keepdim")),
@@ -411,4 +485,8 @@ L2_NORM = Op("l2_norm", "the Euclidean norm over given dims: int64 sums of squar
              lower_l2_norm, Output.OWN, functions=(torch.norm, torch.linalg.vector_norm), methods=("norm",),
              accepts=_euclidean_over_dims, integer_modules=(QL2Norm,),
              example=lambda: lambda x: x.norm(p=2, dim=(2, 3), keepdim=True))
-OPS = (SUM, SOFTMAX, MEAN, L2_NORM)
+NORMALIZE = Op("normalize", "each vector over a dim divided by its Euclidean norm: int64 sums of squares, float64 "
+               "root and division, one rounding", lower_normalize, Output.OWN, functions=(F.normalize,),
+               accepts=_euclidean_along_a_dim, integer_modules=(QNormalize,),
+               example=lambda: lambda x: F.normalize(x, dim=-1))
+OPS = (SUM, SOFTMAX, MEAN, L2_NORM, NORMALIZE)
