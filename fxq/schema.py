@@ -102,6 +102,17 @@ def zero_point_fits(module: nn.Module, name: str, bits: int) -> None:
     expect(0 <= scalar(module, name) <= (1 << bits) - 1, f"{name} is outside its {bits}-bit range")
 
 
+def parameters_fit(module: nn.Module, widths: tuple[int, ...]) -> None:
+    """``scales`` and ``zero_points`` hold one positive finite scale and one zero point within its
+    width for each of ``widths`` (the inputs', then the output's)."""
+    count = len(widths)
+    expect(module.scales.shape == (count,) and module.zero_points.shape == (count,),
+           f"{count} scales and zero points")
+    expect(bool((module.scales > 0).all() and torch.isfinite(module.scales).all()), "scales must be > 0")
+    for z, bits in zip(module.zero_points.tolist(), widths):
+        expect(0 <= z < (1 << bits), "a zero point is outside its width")
+
+
 def fixed_point_fits(m: torch.Tensor, shift: torch.Tensor, name: str) -> None:
     """Multipliers in ``[0, 2^31)`` and shifts in ``[−31, 30]``: what `fxq.intmath` is exact for."""
     m, shift = m.to(torch.int64), shift.to(torch.int64)

@@ -61,7 +61,8 @@ TIMM_MODELS = ("resnet50d", "seresnet50", "ecaresnet50d", "skresnet18", "res2net
                "xception41", "convmixer_768_32", "mobilevit_xxs", "nf_resnet26", "resnetv2_50x1_bit",
                "regnetz_b16", "gcresnet50t", "convnext_atto", "convnextv2_atto", "poolformerv2_s12", "fastvit_t8",
                "ghostnetv2_100", "resnetblur18", "mambaout_femto", "repvit_m0_9", "mobilenetv4_conv_small",
-               "starnet_s1", "hgnetv2_b0", "efficientnetv2_rw_t")
+               "starnet_s1", "hgnetv2_b0", "efficientnetv2_rw_t", "edgenext_xx_small", "efficientvit_b0",
+               "mobilevitv2_050", "lambda_resnet26t")
 TIMM_RESULTS = ROOT / "results" / "zoo_timm.json"
 SIZE, CALIBRATION, SCORED = 64, 64, 256
 

@@ -12,7 +12,7 @@ from fxq import intmath, records
 from fxq import schema as sc
 from fxq.affine import ActQParams
 from fxq.config import Rounding
-from fxq.ops.base import KeepInFloat, Lowering, Op, Output, leaf_name, output_qparams, qparams_of
+from fxq.ops.base import KeepInFloat, Lowering, Op, Output, hold_parameters, leaf_name, output_qparams, qparams_of
 from fxq.ops.fallback import lower_in_float
 from fxq.ops.joins import PairOp, QCat, QMul
 from fxq.qmodules import NotRepresentable
@@ -183,8 +183,7 @@ class QQuotient(PairOp):
     def __init__(self, a: ActQParams, b: ActQParams, out: ActQParams):
         super().__init__()
         self.input_bits, self.output_bits = (a.bits, b.bits), out.bits
-        self.register_buffer("scales", torch.tensor([a.scale, b.scale, out.scale], dtype=torch.float64))
-        self.register_buffer("zero_points", torch.tensor([a.zero_point, b.zero_point, out.zero_point]))
+        hold_parameters(self, a, b, out, zero_point_dtype=torch.int64)
         self.prepare()
 
     def compute(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -194,10 +193,7 @@ class QQuotient(PairOp):
         return out.quantize(torch.nan_to_num(quotient, nan=0.0, posinf=math.inf, neginf=-math.inf))
 
     def check_ranges(self) -> None:
-        sc.expect(self.scales.shape == (3,) and self.zero_points.shape == (3,), "three scales and zero points")
-        sc.expect(bool((self.scales > 0).all() and torch.isfinite(self.scales).all()), "scales must be > 0")
-        for z, bits in zip(self.zero_points.tolist(), self.input_bits + (self.output_bits,)):
-            sc.expect(0 <= z < (1 << bits), "a zero point is outside its width")
+        sc.parameters_fit(self, self.input_bits + (self.output_bits,))
 
 
 def lower_quotient(lo: Lowering, node: fx.Node) -> None:

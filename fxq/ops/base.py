@@ -136,6 +136,13 @@ def through(node: fx.Node) -> tuple[ActQParams, ActQParams]:
     return before, after
 
 
+def hold_parameters(module: nn.Module, *qparams: ActQParams, zero_point_dtype: torch.dtype = torch.int32) -> None:
+    """Register ``scales`` (float64) and ``zero_points`` of ``qparams`` (the inputs', then the
+    output's) on ``module``: what `fxq.schema.parameters_fit` checks on load."""
+    module.register_buffer("scales", torch.tensor([p.scale for p in qparams], dtype=torch.float64))
+    module.register_buffer("zero_points", torch.tensor([p.zero_point for p in qparams], dtype=zero_point_dtype))
+
+
 def leaf_name(node: fx.Node) -> str:
     """A short name for modules made for ``node``: its module's name, or the node's."""
     return node.target.rpartition(".")[2] if node.op == "call_module" else node.name

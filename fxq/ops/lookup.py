@@ -11,6 +11,7 @@ from fxq import records
 from fxq import schema as sc
 from fxq.affine import ActQParams, round_half_away
 from fxq.intmath import storage_dtype
+from fxq.ops.base import hold_parameters
 from fxq.qmodules import Derived
 from fxq.schema import Schema
 from fxq.twin import OnIntegers
@@ -135,8 +136,7 @@ class QLookup(Derived):
         with torch.no_grad():
             values = values_of(every).to(torch.float64)
         self.register_buffer("table", after.quantize(values).to(torch.int32).flatten())
-        self.register_buffer("scales", torch.tensor([before.scale, after.scale], dtype=torch.float64))
-        self.register_buffer("zero_points", torch.tensor([before.zero_point, after.zero_point], dtype=torch.int32))
+        hold_parameters(self, before, after)
         self.prepare()
 
     @property

@@ -19,7 +19,7 @@ from torch import fx, nn
 from fxq import schema as sc
 from fxq.affine import ActQParams
 from fxq.intmath import storage_dtype
-from fxq.ops.base import Lowering, Op, Output, leaf_name, output_qparams, qparams_of
+from fxq.ops.base import Lowering, Op, Output, hold_parameters, leaf_name, output_qparams, qparams_of
 from fxq.schema import Schema
 from fxq.twin import on_integers
 
@@ -35,9 +35,7 @@ class QMatMul(nn.Module):
     def __init__(self, a: ActQParams, b: ActQParams, out: ActQParams):
         super().__init__()
         self.input_bits, self.output_bits = (a.bits, b.bits), out.bits
-        self.register_buffer("scales", torch.tensor([a.scale, b.scale, out.scale], dtype=torch.float64))
-        self.register_buffer("zero_points", torch.tensor([a.zero_point, b.zero_point, out.zero_point],
-                                                         dtype=torch.int32))
+        hold_parameters(self, a, b, out)
 
     def multiplier(self) -> float:
         sa, sb, so = self.scales.tolist()
@@ -54,10 +52,7 @@ class QMatMul(nn.Module):
         return out.to(storage_dtype(self.output_bits))
 
     def check_ranges(self) -> None:
-        sc.expect(self.scales.shape == (3,) and self.zero_points.shape == (3,), "three scales and zero points")
-        sc.expect(bool((self.scales > 0).all() and torch.isfinite(self.scales).all()), "scales must be > 0")
-        for z, bits in zip(self.zero_points.tolist(), self.input_bits + (self.output_bits,)):
-            sc.expect(0 <= z < (1 << bits), "a zero point is outside its width")
+        sc.parameters_fit(self, self.input_bits + (self.output_bits,))
 
     def extra_repr(self) -> str:
         return f"M={self.multiplier():.6g}, float64 sums of integers"

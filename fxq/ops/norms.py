@@ -26,7 +26,7 @@ from fxq.affine import ActQParams
 from fxq.graph import attribute
 from fxq.intmath import storage_dtype
 from fxq.ops.activations import QChannelLookup
-from fxq.ops.base import KeepInFloat, Lowering, Op, Output, leaf_name, qparams_of, through
+from fxq.ops.base import KeepInFloat, Lowering, Op, Output, hold_parameters, leaf_name, qparams_of, through
 from fxq.schema import Schema
 from fxq.twin import OnIntegers
 
@@ -60,8 +60,7 @@ class QNorm(nn.Module):
         self.register_buffer("gain", real[0] / after.scale)
         self.register_buffer("offset", real[1] / after.scale)
         self.register_buffer("eps_ratio", torch.tensor(eps / before.scale**2, dtype=torch.float64))
-        self.register_buffer("scales", torch.tensor([before.scale, after.scale], dtype=torch.float64))
-        self.register_buffer("zero_points", torch.tensor([before.zero_point, after.zero_point], dtype=torch.int32))
+        hold_parameters(self, before, after)
 
     def view(self) -> list[int]:
         """The ``[A, G, C', R]`` view as a reshape target (−1: follows from the input)."""
@@ -103,10 +102,7 @@ class QNorm(nn.Module):
                   "gain and offset must be finite")
         sc.expect(self.eps_ratio.dim() == 0 and float(self.eps_ratio) > 0 and math.isfinite(float(self.eps_ratio)),
                   "eps must be > 0")
-        sc.expect(self.scales.shape == (2,) and self.zero_points.shape == (2,), "malformed parameters")
-        sc.expect(bool((self.scales > 0).all() and torch.isfinite(self.scales).all()), "scales must be > 0")
-        for z, bits in zip(self.zero_points.tolist(), (self.input_bits, self.output_bits)):
-            sc.expect(0 <= z < (1 << bits), "a zero point is outside its width")
+        sc.parameters_fit(self, (self.input_bits, self.output_bits))
 
     def extra_repr(self) -> str:
         over = f"{self.groups} groups" if self.kind == "group" else f"over {self.normalized_shape}"

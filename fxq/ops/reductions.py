@@ -24,7 +24,7 @@ from fxq import intmath, records
 from fxq import schema as sc
 from fxq.affine import ActQParams
 from fxq.config import Rounding
-from fxq.ops.base import Lowering, Op, Output, leaf_name, qparams_of, through
+from fxq.ops.base import Lowering, Op, Output, hold_parameters, leaf_name, qparams_of, through
 from fxq.ops.lookup import QLookup
 from fxq.qmodules import NotRepresentable
 from fxq.schema import Schema
@@ -53,8 +53,7 @@ class QSum(nn.Module):
         super().__init__()
         self.dims, self.keepdim, self.requantize_as = dims, keepdim, Rounding(rounding)
         self.input_bits, self.output_bits = before.bits, after.bits
-        self.register_buffer("scales", torch.tensor([before.scale, after.scale], dtype=torch.float64))
-        self.register_buffer("zero_points", torch.tensor([before.zero_point, after.zero_point], dtype=torch.int32))
+        hold_parameters(self, before, after)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         z_in, z_out = (int(z) for z in self.zero_points)
@@ -66,10 +65,7 @@ class QSum(nn.Module):
         return intmath.requantize(total, m, shift, z_out, qmax)
 
     def check_ranges(self) -> None:
-        sc.expect(self.scales.shape == (2,) and self.zero_points.shape == (2,), "malformed parameters")
-        sc.expect(bool((self.scales > 0).all() and torch.isfinite(self.scales).all()), "scales must be > 0")
-        for z, bits in zip(self.zero_points.tolist(), (self.input_bits, self.output_bits)):
-            sc.expect(0 <= z < (1 << bits), "a zero point is outside its width")
+        sc.parameters_fit(self, (self.input_bits, self.output_bits))
 
     def runtime_ratio(self) -> torch.Tensor:
         return self.scales[0].to(torch.float32) / self.scales[1].to(torch.float32)
@@ -149,8 +145,7 @@ class QL2Norm(nn.Module):
     def __init__(self, dims: tuple[int, ...], keepdim: bool, before: ActQParams, after: ActQParams):
         super().__init__()
         self.dims, self.keepdim, self.input_bits, self.output_bits = dims, keepdim, before.bits, after.bits
-        self.register_buffer("scales", torch.tensor([before.scale, after.scale], dtype=torch.float64))
-        self.register_buffer("zero_points", torch.tensor([before.zero_point, after.zero_point], dtype=torch.int32))
+        hold_parameters(self, before, after)
 
     def ratio(self) -> torch.Tensor:
         return self.scales[0] / self.scales[1]
@@ -164,10 +159,7 @@ class QL2Norm(nn.Module):
         return out.to(intmath.storage_dtype(self.output_bits))
 
     def check_ranges(self) -> None:
-        sc.expect(self.scales.shape == (2,) and self.zero_points.shape == (2,), "malformed parameters")
-        sc.expect(bool((self.scales > 0).all() and torch.isfinite(self.scales).all()), "scales must be > 0")
-        for z, bits in zip(self.zero_points.tolist(), (self.input_bits, self.output_bits)):
-            sc.expect(0 <= z < (1 << bits), "a zero point is outside its width")
+        sc.parameters_fit(self, (self.input_bits, self.output_bits))
 
     def extra_repr(self) -> str:
         return f"L2 norm over dims={self.dims}, keepdim={self.keepdim}"
@@ -394,8 +386,7 @@ class QSoftmax(nn.Module):
         self.dim, self.input_bits, self.output_bits = dim, before.bits, after.bits
         steps = torch.arange(-((1 << before.bits) - 1), 1, dtype=torch.float64)
         self.register_buffer("table", torch.round(torch.exp(steps * before.scale) * (1 << SOFTMAX_BITS)).long())
-        self.register_buffer("scales", torch.tensor([before.scale, after.scale], dtype=torch.float64))
-        self.register_buffer("zero_points", torch.tensor([before.zero_point, after.zero_point], dtype=torch.int32))
+        hold_parameters(self, before, after)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         if q.shape[self.dim] << SOFTMAX_BITS >= 1 << 53:
@@ -411,10 +402,7 @@ class QSoftmax(nn.Module):
         sc.expect(self.table.shape == (1 << self.input_bits,), "one table entry per difference")
         sc.expect(bool((self.table >= 0).all() and (self.table <= 1 << SOFTMAX_BITS).all()),
                   f"table entries lie in [0, 2^{SOFTMAX_BITS}]")
-        sc.expect(self.scales.shape == (2,) and self.zero_points.shape == (2,), "malformed parameters")
-        sc.expect(bool((self.scales > 0).all() and torch.isfinite(self.scales).all()), "scales must be > 0")
-        for z, bits in zip(self.zero_points.tolist(), (self.input_bits, self.output_bits)):
-            sc.expect(0 <= z < (1 << bits), "a zero point is outside its width")
+        sc.parameters_fit(self, (self.input_bits, self.output_bits))
 
     def extra_repr(self) -> str:
         return f"softmax over dim {self.dim}: exp table of the differences from the largest, exact sums"
