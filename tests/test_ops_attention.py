@@ -152,3 +152,28 @@ def test_a_causal_attention_stays_one_float_call_between_integers(tmp_path):
         qmodel = fxq.quantize(Masked().eval(), _calib())
     x = torch.randn(2, 3, 12, 12)
     assert count_ops(qmodel, x).float == 1
+
+
+class ScaledAttention(nn.Module):
+    """Fused attention with its own scale, and one with a mask fxq leaves fused."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+        return F.scaled_dot_product_attention(q, k, v, scale=0.3) + F.scaled_dot_product_attention(q, k, v, mask)
+
+
+def test_fused_attention_is_rewritten_into_the_ops_it_fuses_with_the_same_values():
+    from passes import trace
+    torch.manual_seed(0)
+    model = ScaledAttention().eval()
+    x = torch.randn(2, 5, 8)
+    gm = trace.trace(model, fxq.PassContext(fxq.QConfig(), [x]))
+    fused = [n for n in gm.graph.nodes if n.target is F.scaled_dot_product_attention]
+    assert len(fused) == 1 and len(fused[0].args) + len(fused[0].kwargs) == 4  # the masked one stays
+    assert sum(n.target is torch.matmul for n in gm.graph.nodes) == 2
+    torch.testing.assert_close(gm(x), model(x))
