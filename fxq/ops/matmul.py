@@ -89,6 +89,6 @@ def lower_matmul(lo: Lowering, node: fx.Node) -> None:
 
 MATMUL = Op("matmul", "the matrix product of two activations: exact float64 sums of the centred integers, one "
             "rounding", lower_matmul, Output.OWN, functions=(operator.matmul, torch.matmul, torch.bmm),
-            methods=("matmul", "bmm", "__matmul__"), accepts=_of_two_activations, integer_modules=(QMatMul,),
+            methods=("matmul", "bmm"), accepts=_of_two_activations, integer_modules=(QMatMul,),
             example=lambda: lambda x: x @ x.transpose(-2, -1))
 OPS = (MATMUL,)
