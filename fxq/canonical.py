@@ -1,8 +1,9 @@
 """What an op computes, not how it is spelled: layers written as functions of constant parameters
 (timm's ``BatchNormAct2d`` calls ``F.batch_norm``, its ``Linear`` ``F.linear``, a weight-standardized
 conv ``F.conv2d``) become the torch modules they are, so that batch norms fold and layers quantize
-whatever class wrote them; and the shape assertions such forwards carry (``torch._assert(x.ndim ==
-4)``) leave the graph once calibration has checked them on real data.
+whatever class wrote them; fused attention (``F.scaled_dot_product_attention``) becomes the matrix
+products and softmax it fuses, each with an integer form; and the shape assertions such forwards
+carry (``torch._assert(x.ndim == 4)``) leave the graph once calibration has checked them on real data.
 """
 from __future__ import annotations
 

@@ -53,7 +53,8 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
     numerics; calls on the model's own tensors alone (a standardized weight) are computed once, a
     layer its module computes with ``F.linear``/``F.conv2d``/``F.batch_norm`` on its own
     tensors is a call of the torch module it is, a ``Conv1d`` the ``k×1`` ``Conv2d`` it equals, a
-    ``stack`` the ``cat`` of unsqueezed tensors (`fxq.canonical`). A submodule ``overrides`` maps
+    ``stack`` the ``cat`` of unsqueezed tensors, fused attention the matrix products and softmax
+    it fuses (`fxq.canonical`). A submodule ``overrides`` maps
     to None is kept whole, as one call that runs in float: the way to quantize a model around a
     part torch.fx cannot trace.
 
