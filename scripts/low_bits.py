@@ -20,7 +20,7 @@ import torch
 import fxq
 from fxq.measure import saved_bytes
 from scripts import data, models
-from scripts.sweeps import RESULTS, Cache, test_subset
+from scripts.sweeps import RESULTS, Cache, key_of, test_subset
 from scripts.train import accuracy
 
 SETTINGS = {  # name → (weight bits, act bits, per-channel weights)
@@ -49,10 +49,6 @@ def config_of(setting: str, method: dict, **extra) -> fxq.QConfig:
     weight_bits, act_bits, per_channel = SETTINGS[setting]
     return fxq.QConfig(weight_bits=weight_bits, act_bits=act_bits, per_channel=per_channel,
                        **method, **extra)
-
-
-def key_of(config: fxq.QConfig, **extra) -> dict:
-    return {**{f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}, **extra}
 
 
 def float_bytes(model) -> int:

@@ -16,7 +16,7 @@ from fxq.comparison import folded_float  # noqa: E402
 from fxq.explanation import signed_bits  # noqa: E402
 from fxq.measure import latency_ms  # noqa: E402
 from fxq.ops.layers import QLayer  # noqa: E402
-from scripts import data, models  # noqa: E402
+from scripts import data, models, readme  # noqa: E402
 from scripts.low_bits import (  # noqa: E402
     CURVE_BUDGETS,
     METHODS,
@@ -25,9 +25,8 @@ from scripts.low_bits import (  # noqa: E402
     SETTINGS,
     config_of,
     defaults_study,
-    key_of,
 )
-from scripts.sweeps import RESULTS, SUBSET, Cache  # noqa: E402
+from scripts.sweeps import RESULTS, SUBSET, Cache, key_of  # noqa: E402
 
 ROOT = RESULTS.parent
 DOC, IMG = ROOT / "docs" / "low_bits.md", ROOT / "docs" / "img"
@@ -242,7 +241,7 @@ def write() -> None:
         cle_analysis=cle_analysis(results),
         subset=SUBSET,
     )
-    DOC.write_text(body)
+    DOC.write_text(readme.blocks_kept(body, DOC.read_text() if DOC.exists() else ""))
     print(f"wrote {DOC}")
 
 

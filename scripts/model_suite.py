@@ -21,7 +21,7 @@ from tabulate import tabulate
 
 import fxq
 from scripts import data, models, readme
-from scripts.sweeps import RESULTS, Cache
+from scripts.sweeps import RESULTS, Cache, key_of
 from scripts.train import accuracy
 
 WIDTHS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
@@ -31,16 +31,25 @@ CACHE = RESULTS / "model_suite.json"
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _config(setting: str, alternative: str | None) -> fxq.QConfig:
+    weight_bits, act_bits = WIDTHS[setting]
+    return fxq.QConfig(weight_bits=weight_bits, act_bits=act_bits, **ALTERNATIVES.get(alternative, {}))
+
+
+def _key(name: str, setting: str, alternative: str | None = None) -> dict:
+    tags = {"model": name, "setting": setting} | ({"alternative": alternative} if alternative else {})
+    return key_of(_config(setting, alternative), **tags)
+
+
 def measure(cache: Cache, name: str, setting: str, alternative: str | None = None) -> dict:
-    key = {"model": name, "setting": setting} | ({"alternative": alternative} if alternative else {})
+    key = _key(name, setting, alternative)
     found = cache.get(key)
     if found is not None:
         return found
     recipe = models.SUITE[name]
     model = models.load_trained(name)
     test = data.load(recipe.dataset, "test")
-    weight_bits, act_bits = WIDTHS[setting]
-    config = fxq.QConfig(weight_bits=weight_bits, act_bits=act_bits, **ALTERNATIVES.get(alternative, {}))
+    config = _config(setting, alternative)
     start = time.perf_counter()
     qmodel = fxq.quantize(model, data.calibration_batches(recipe.dataset, 512), config)
     seconds = time.perf_counter() - start
@@ -53,13 +62,12 @@ def measure(cache: Cache, name: str, setting: str, alternative: str | None = Non
 def run() -> None:
     torch.set_num_threads(2)
     cache = Cache(CACHE)
-    for setting in WIDTHS:
-        for name in models.SUITE:
-            measure(cache, name, setting)
-    for alternative in ALTERNATIVES:
-        for setting in _narrow():
-            for name in models.SUITE:
-                measure(cache, name, setting, alternative)
+    wanted = [(name, setting, None) for setting in WIDTHS for name in models.SUITE]
+    wanted += [(name, setting, alternative) for alternative in ALTERNATIVES
+               for setting in _narrow() for name in models.SUITE]
+    for name, setting, alternative in wanted:
+        measure(cache, name, setting, alternative)
+    cache.retain([_key(*run) for run in wanted])
 
 
 def _narrow() -> list[str]:
@@ -79,8 +87,7 @@ def tables() -> str:
         for alternative in (None, *ALTERNATIVES):
             if alternative and setting not in _narrow():
                 continue
-            extra = {"alternative": alternative} if alternative else {}
-            records = [cache.get({"model": n, "setting": setting} | extra) for n in names]
+            records = [cache.get(_key(n, setting, alternative)) for n in names]
             drops = [_drop(r) for r in records if r]
             if not drops:
                 continue
@@ -88,7 +95,7 @@ def tables() -> str:
             rows.append([label] + [f"{_drop(r):+.2f}" if r else "not run yet" for r in records])
             summary.append([label, f"{statistics.mean(drops):.2f}", f"{max(drops):.2f}",
                             f"{len(drops)} of {len(names)}"])
-    floats = [cache.get({"model": n, "setting": "W8A8"}) for n in names]
+    floats = [cache.get(_key(n, "W8A8")) for n in names]
     header = ["drop (points), full test set"] + [
         f"{n} ({r['float']:.2f})" if r else n for n, r in zip(names, floats)]
     return ("Per model (float accuracy in brackets; positive = accuracy lost):\n\n"

@@ -16,6 +16,16 @@ def replaced(readme: str, marker: str, text: str) -> str:
     return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{text}\n{end}", readme, flags=re.S)
 
 
+def blocks_kept(new: str, old: str) -> str:
+    """``new`` with each of its blocks holding what ``old`` has there: a page written whole keeps
+    the tables other scripts fill in it."""
+    for marker in re.findall(r"<!-- ([\w-]+):start -->", new):
+        found = re.search(rf"<!-- {marker}:start -->\n(.*?)\n<!-- {marker}:end -->", old, flags=re.S)
+        if found:
+            new = replaced(new, marker, found.group(1))
+    return new
+
+
 def write(marker: str, text: str, path: Path = README) -> None:
     """Put ``text`` in the block ``marker`` of ``path`` (the README), which must have one."""
     content = path.read_text()

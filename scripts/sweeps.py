@@ -10,6 +10,7 @@ is already there is not repeated.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -37,6 +38,11 @@ def test_subset(dataset: str) -> data.Split:
     return data.Split(test.images[index], test.labels[index])
 
 
+def key_of(config: fxq.QConfig, **extra) -> dict:
+    """A run's cache key: every field of its config, so a changed default is measured again, not read."""
+    return {**{f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}, **extra}
+
+
 class Cache:
     """Results keyed by a run's description, saved after every run."""
 
@@ -53,6 +59,11 @@ class Cache:
         self.store.data.update(subset=SUBSET, subset_seed=SUBSET_SEED)
         self.store.put("runs", self.runs)
         return record
+
+    def retain(self, keys: list[dict]) -> None:
+        """Drops every run not named in ``keys`` (runs of settings no longer measured)."""
+        self.runs = [r for r in self.runs if r["key"] in keys]
+        self.store.put("runs", self.runs)
 
 
 def _run(model, calib, subset: data.Split, config: fxq.QConfig) -> dict:
