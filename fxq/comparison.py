@@ -32,10 +32,14 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     return sqnr_of_sums(float((reference ** 2).sum()), float(((reference - approx) ** 2).sum()))
 
 
-def folded_float(model: nn.Module, config: QConfig | None = None) -> fx.GraphModule:
+def folded_float(model: nn.Module, config: QConfig | None = None,
+                 example: torch.Tensor | None = None) -> fx.GraphModule:
     """The float model as fxq sees it before quantizing with ``config``: traced, batch-norm folded
-    and, if the config equalizes, cross-layer equalized (a copy; the same float function)."""
-    gm = fold_bn(trace(model, None), None)
+    and, if the config equalizes, cross-layer equalized (a copy; the same float function).
+    ``example``, an input batch, lets a model whose code computes with sizes be traced as
+    `fxq.quantize` traced it: with those sizes as constants."""
+    ctx = None if example is None else PassContext(config or QConfig(), [example[:1]])
+    gm = fold_bn(trace(model, ctx), None)
     if config is not None and config.cross_layer_equalization:
         gm = equalize(gm, PassContext(config, []))
     return gm
@@ -111,7 +115,7 @@ def compare(model: nn.Module, qmodel: fx.GraphModule, batch: torch.Tensor) -> Co
     isolated: the float network's own input to the layer, quantized, through this one integer
     layer: the error this layer adds by itself. (`fxq.evaluate` does the same over a loader.)
     """
-    sums, _ = power_sums(folded_float(model), qmodel, batch)
+    sums, _ = power_sums(folded_float(model, example=batch), qmodel, batch)
     return Comparison.of(sums)
 
 
@@ -162,7 +166,7 @@ def sensitivity(model: nn.Module, qmodel: fx.GraphModule, images: torch.Tensor,
     images; they are gathered to every rank, the layers divided among the ranks, and every rank
     returns the whole study."""
     images, labels = distributed.concat(images), distributed.concat(labels)
-    folded = folded_float(model, records.get(qmodel, QConfig))
+    folded = folded_float(model, records.get(qmodel, QConfig), images)
     names = list(integer_layers(qmodel))
 
     def accuracy(gm) -> float:

@@ -40,15 +40,16 @@ def evaluate(qmodel: fx.GraphModule, loader: Iterable, model: nn.Module | None =
     process group with each rank's shard, the counts and sums are added over the ranks, and every
     rank returns the result for the union.
     """
-    folded = None if model is None else folded_float(model, records.get(qmodel, QConfig))
+    folded = None  # traced at the first batch, with its sizes (as quantize traced the model)
     hits = samples = labelled = 0
     sums: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for index, item in enumerate(loader):
             x = batch_input(item, index)
-            if folded is None:
+            if model is None:
                 output = qmodel(x)
             else:
+                folded = folded or folded_float(model, records.get(qmodel, QConfig), x)
                 batch_sums, output = power_sums(folded, qmodel, x)
                 sums = {name: sums.get(name, 0) + value for name, value in batch_sums.items()}
             if isinstance(item, (tuple, list)) and len(item) > 1:
@@ -59,7 +60,7 @@ def evaluate(qmodel: fx.GraphModule, loader: Iterable, model: nn.Module | None =
     if samples == 0:
         raise ValueError("the loader yielded no batches: pass a non-empty DataLoader or list of batches")
     layers = None
-    if folded is not None:  # every rank stacks the same layers, zeros where it saw no batch
+    if model is not None:  # every rank stacks the same layers, zeros where it saw no batch
         names = list(integer_layers(qmodel))
         total = distributed.reduce_sum(torch.stack([sums.get(n, torch.zeros(3, dtype=torch.float64)) for n in names]))
         layers = Comparison.of(dict(zip(names, total)))

@@ -117,7 +117,8 @@ def search_bits(model: nn.Module, loader: Iterable, avg_weight_bits: float = 5.0
     params = {name: layer.weight.numel() for name, layer in integer_layers(widest).items()}
     errors = _layer_errors(model, per_width, batches, steps)
     evaluation = batches if eval_loader is None else list(eval_loader)
-    references = _references(folded_float(model), evaluation)
+    folded = folded_float(model, example=batch_input(evaluation[0], 0) if evaluation else None)
+    references = _references(folded, evaluation)
     metric = "accuracy (%)" if references[1] is not None else "top-1 agreement with float (%)"
     budgets = sorted(set(curve_budgets or [*candidates, avg_weight_bits]), reverse=True)
     curve = []
@@ -129,7 +130,7 @@ def search_bits(model: nn.Module, loader: Iterable, avg_weight_bits: float = 5.0
     bits = allocate(errors, params, avg_weight_bits, candidates)
     float_bytes = 4 * sum(params.values())
     return BitSearch(bits, _overrides(bits, config), _average(bits, params),
-                     _score(folded_float(model), evaluation, references), float_bytes, errors, curve, metric,
+                     _score(folded, evaluation, references), float_bytes, errors, curve, metric,
                      config)
 
 
@@ -176,7 +177,7 @@ def _layer_errors(model: nn.Module, per_width: dict[int, fx.GraphModule], batche
     errors: dict[str, dict[int, float]] = {}
     with torch.no_grad():
         for width, qmodel in steps(list(per_width.items()), "error of each layer at each width"):
-            folded = folded_float(model, records.get(qmodel, QConfig))
+            folded = folded_float(model, records.get(qmodel, QConfig), inputs)
             reference = folded(inputs)
             power = reference.pow(2).mean()
             for name in distributed.mine(list(integer_layers(qmodel))):

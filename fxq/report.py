@@ -21,6 +21,7 @@ from fxq.config import ACT_RANGES, WEIGHT_RANGES, QConfig
 from fxq.explanation import explain
 from fxq.observers import InputGram, make_observer
 from fxq.weight_ranges import quantize_weights
+from passes.calibrate import batch_input
 
 SQNR_IMAGES = 256       # test images each layer's SQNR is measured on
 HISTOGRAM_IMAGES = 256  # calibration images the worst layers' histograms are drawn from
@@ -94,8 +95,9 @@ def _layers(qmodel: fx.GraphModule, comparison: dict) -> list:
 
 
 def _worst(qmodel, model, config: QConfig, data, names: list[str]) -> list:
-    folded = folded_float(model, config)
-    captured = _capture(folded, names, data.calibration(HISTOGRAM_IMAGES, shard=False))
+    batches = list(data.calibration(HISTOGRAM_IMAGES, shard=False))
+    folded = folded_float(model, config, batch_input(batches[0], 0))
+    captured = _capture(folded, names, batches)
     blocks = [f"The {len(names)} layers with the lowest isolated SQNR. Each histogram has the range every rule "
               "would choose drawn as dashed lines; the thick line is the range the model uses."]
     for name in names:

@@ -11,6 +11,7 @@ from torch import nn
 
 import fxq
 from fxq import records
+from fxq.comparison import sensitivity
 from fxq.qmodules import Quantize
 from fxq.runtime import count_ops
 from tests.helpers import assert_deploys_bit_exact, check_quantized
@@ -67,6 +68,19 @@ def test_size_computing_code_traces_with_the_calibration_sizes_and_runs_on_integ
     assert_deploys_bit_exact(qmodel, x, tmp_path / "model.fxq")
     inputs = [m for m in qmodel.modules() if isinstance(m, Quantize) and m.sample_shape is not None]
     assert [m.fixed_shape for m in inputs] == [True]
+
+
+def test_the_studies_of_a_quantized_model_trace_the_float_one_with_the_same_sizes():
+    model = _same_pad_net()
+    qmodel = fxq.quantize(model, _calib())
+    x = torch.randn(8, 3, 13, 13)
+    labels = torch.arange(8) % 5
+    compared = fxq.compare(model, qmodel, x)
+    layers = [name for name, _, _ in compared.rows]
+    assert len(layers) == 4 and all(isolated > 20 for _, _, isolated in compared.rows)
+    evaluated = fxq.evaluate(qmodel, [(x, labels)], model)
+    assert [name for name, _, _ in evaluated.layers.rows] == layers
+    assert len(sensitivity(model, qmodel, x, labels).rows) == 4
 
 
 def test_a_model_traced_for_one_size_refuses_another_naming_why(tmp_path):
