@@ -239,16 +239,19 @@ def stack_as_cat(gm: fx.GraphModule) -> int:
 
 
 def attention_as_matmuls(gm: fx.GraphModule, shape_of: Callable[[fx.Node], tuple | None]) -> int:
-    """Rewrite each ``F.scaled_dot_product_attention(q, k, v)`` (no mask, no dropout, not causal)
-    as the ops it fuses, ``softmax((q @ kᵀ) · scale, -1) @ v``, which run on integers, the scale
-    ``1/√E`` from the head size ``E`` calibration saw (``shape_of``). Returns how many."""
+    """Rewrite each ``F.scaled_dot_product_attention(q, k, v)`` (no dropout, not causal) as the ops
+    it fuses, ``softmax((q @ kᵀ) · scale, -1) @ v``, which run on integers, the scale ``1/√E``
+    from the head size ``E`` calibration saw (``shape_of``). A mask the model holds as a finite
+    float tensor (a learned relative-position bias, as TinyViT's) is added to the scores before
+    the softmax; a boolean or infinite mask would stretch the scores' range to nothing, so that
+    attention stays fused (in float). Returns how many."""
     done = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
             continue
         bound = _bound(node)
-        if bound is None or bound["attn_mask"] is not None or bound["dropout_p"] != 0.0 or bound["is_causal"] \
-                or bound["enable_gqa"]:
+        if bound is None or bound["dropout_p"] != 0.0 or bound["is_causal"] or bound["enable_gqa"] \
+                or not _additive_mask(gm, bound["attn_mask"]):
             continue
         scale = bound["scale"]
         if scale is None:
@@ -260,12 +263,25 @@ def attention_as_matmuls(gm: fx.GraphModule, shape_of: Callable[[fx.Node], tuple
         with graph.inserting_before(node):
             scores = graph.call_function(torch.matmul,
                                          (bound["query"], graph.call_method("transpose", (bound["key"], -2, -1))))
-            weights = graph.call_function(torch.softmax, (graph.call_function(operator.mul, (scores, scale)), -1))
+            scores = graph.call_function(operator.mul, (scores, scale))
+            if bound["attn_mask"] is not None:
+                scores = graph.call_function(operator.add, (scores, bound["attn_mask"]))
+            weights = graph.call_function(torch.softmax, (scores, -1))
             out = graph.call_function(torch.matmul, (weights, bound["value"]))
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         done += 1
     return done
+
+
+def _additive_mask(gm: fx.GraphModule, mask) -> bool:
+    """No mask, or one held by the model as a float tensor with finite values."""
+    if mask is None:
+        return True
+    if not isinstance(mask, fx.Node) or mask.op != "get_attr":
+        return False
+    value = _tensor(gm, mask)
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and bool(torch.isfinite(value).all())
 
 
 def is_shape_query(node: fx.Node) -> bool:

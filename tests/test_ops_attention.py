@@ -123,13 +123,33 @@ class GlobalContext(nn.Module):
         return self.head(x + self.transform(context))
 
 
+class RelativeBias(Attention):
+    """TinyViT's attention: a learned bias per head and token offset, gathered by a buffer of
+    indices, passed to fused attention as its float mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.biases = nn.Parameter(torch.randn(2, 11) * 0.5)
+        tokens = torch.arange(36)
+        self.register_buffer("offsets", (tokens[:, None] - tokens[None, :]).abs() % 11, persistent=False)
+
+    def forward(self, x):
+        tokens = self.conv(x).flatten(2).transpose(1, 2)
+        n = tokens.shape[1]
+        q, k, v = self.qkv(tokens).reshape(-1, n, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.biases[:, self.offsets])
+        y = self.proj(y.transpose(1, 2).reshape(-1, n, 16))
+        return self.head((tokens + y).mean(1))
+
+
 def _calib(seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(8, 3, 12, 12, generator=g) for _ in range(4)]
 
 
-@pytest.mark.parametrize("build", [Attention, lambda: Attention(fused=False), GlobalContext, CrossCovariance],
-                         ids=["fused", "spelled-out", "global-context", "cross-covariance"])
+@pytest.mark.parametrize("build", [Attention, lambda: Attention(fused=False), GlobalContext, CrossCovariance,
+                                   RelativeBias],
+                         ids=["fused", "spelled-out", "global-context", "cross-covariance", "relative-bias"])
 @pytest.mark.parametrize("requantize", ["fixed_point", "onnxruntime"])
 def test_attention_runs_whole_on_integers_saves_and_deploys(build, requantize, tmp_path):
     torch.manual_seed(0)
@@ -155,16 +175,19 @@ def test_a_causal_attention_stays_one_float_call_between_integers(tmp_path):
 
 
 class ScaledAttention(nn.Module):
-    """Fused attention with its own scale, and one with a mask fxq leaves fused."""
+    """Fused attention with its own scale, and two with masks fxq leaves fused: a boolean one and
+    a float one with infinities."""
 
     def __init__(self):
         super().__init__()
         self.qkv = nn.Linear(8, 24)
+        self.register_buffer("blocked", torch.full((5, 5), -torch.inf).triu(1))
 
     def forward(self, x):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
-        return F.scaled_dot_product_attention(q, k, v, scale=0.3) + F.scaled_dot_product_attention(q, k, v, mask)
+        return (F.scaled_dot_product_attention(q, k, v, scale=0.3) + F.scaled_dot_product_attention(q, k, v, mask)
+                + F.scaled_dot_product_attention(q, k, v, self.blocked))
 
 
 def test_fused_attention_is_rewritten_into_the_ops_it_fuses_with_the_same_values():
@@ -174,6 +197,6 @@ def test_fused_attention_is_rewritten_into_the_ops_it_fuses_with_the_same_values
     x = torch.randn(2, 5, 8)
     gm = trace.trace(model, fxq.PassContext(fxq.QConfig(), [x]))
     fused = [n for n in gm.graph.nodes if n.target is F.scaled_dot_product_attention]
-    assert len(fused) == 1 and len(fused[0].args) + len(fused[0].kwargs) == 4  # the masked one stays
+    assert len(fused) == 2 and all(len(f.args) + len(f.kwargs) == 4 for f in fused)  # the masked ones stay
     assert sum(n.target is torch.matmul for n in gm.graph.nodes) == 2
     torch.testing.assert_close(gm(x), model(x))
