@@ -21,7 +21,6 @@ from fxq.config import ACT_RANGES, WEIGHT_RANGES, QConfig
 from fxq.explanation import explain
 from fxq.observers import InputGram, make_observer
 from fxq.weight_ranges import quantize_weights
-from passes.calibrate import batch_input
 
 SQNR_IMAGES = 256       # test images each layer's SQNR is measured on
 HISTOGRAM_IMAGES = 256  # calibration images the worst layers' histograms are drawn from
@@ -96,7 +95,7 @@ def _layers(qmodel: fx.GraphModule, comparison: dict) -> list:
 
 def _worst(qmodel, model, config: QConfig, data, names: list[str]) -> list:
     batches = list(data.calibration(HISTOGRAM_IMAGES, shard=False))
-    folded = folded_float(model, config, batch_input(batches[0], 0))
+    folded = folded_float(model, config, _images(batches[0]))
     captured = _capture(folded, names, batches)
     blocks = [f"The {len(names)} layers with the lowest isolated SQNR. Each histogram has the range every rule "
               "would choose drawn as dashed lines; the thick line is the range the model uses."]
@@ -108,9 +107,13 @@ def _worst(qmodel, model, config: QConfig, data, names: list[str]) -> list:
     return blocks
 
 
+def _images(item) -> torch.Tensor:
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
 def _capture(folded: fx.GraphModule, names: list[str], batches) -> dict:
     """Each named layer's (input, output) over every batch."""
-    seen = [capture(folded, names, item[0] if isinstance(item, (tuple, list)) else item)[0] for item in batches]
+    seen = [capture(folded, names, _images(item))[0] for item in batches]
     return {name: (torch.cat([s[name][0] for s in seen]), torch.cat([s[name][1] for s in seen])) for name in names}
 
 

@@ -5,8 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fxq
+from fxq import records
 from fxq.affine import ActQParams
+from fxq.comparison import sqnr_db
 from fxq.ops.padding import QPad
+from fxq.runtime import count_ops
 from tests.helpers import quantize_whole
 
 
@@ -40,3 +44,41 @@ def test_a_copying_pad_is_the_float_pad_of_the_values(mode):
     q = torch.randint(0, 256, (2, 3, 5, 6), dtype=torch.uint8)
     padded = QPad((2, 1, 1, 2), qp.zero_point, mode)(q)
     assert torch.equal(padded.double(), F.pad(q.double(), (2, 1, 1, 2), mode=mode))
+
+
+class OnesRow(nn.Module):
+    """EfficientViT's linear attention pads its values with a row of ones, so that one product
+    gives the weighted sum and the sum of the weights; a pad beyond the range stays float."""
+
+    def __init__(self, value: float = 1.0):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 6, 3), nn.Conv2d(6, 4, 1)
+        self.value = value
+
+    def forward(self, x):
+        return self.head(F.pad(self.conv(x), (0, 0, 0, 1), mode="constant", value=self.value))
+
+
+def _inputs(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, 3, 12, 12, generator=g) for _ in range(3)], torch.randn(6, 3, 12, 12, generator=g)
+
+
+def test_a_constant_pad_fills_with_the_inputs_integer_nearest_it_and_deploys_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    calibration, x = _inputs(1)
+    qmodel = quantize_whole(OnesRow().eval(), calibration, x, tmp_path)
+    pad = next(m for m in qmodel.modules() if isinstance(m, QPad))
+    qp = records.get(next(n for n in qmodel.graph.nodes if n.target == "conv"), ActQParams)
+    assert pad.fill != qp.zero_point
+    assert abs(qp.scale * (pad.fill - qp.zero_point) - 1.0) <= qp.scale / 2
+
+
+def test_a_constant_outside_the_inputs_range_keeps_that_pad_in_float():
+    torch.manual_seed(0)
+    model, (calibration, x) = OnesRow(1000.0).eval(), _inputs(1)
+    with pytest.warns(fxq.FloatFallbackWarning, match="padding with 1000.0 is outside its input's range"):
+        qmodel = fxq.quantize(model, calibration)
+    assert "pad" in count_ops(qmodel, x).float_ops  # and the conv reading its float output
+    with torch.no_grad():
+        assert sqnr_db(model(x), qmodel(x)) > 20

@@ -1,8 +1,12 @@
 """Padding on integers: ``F.pad(x, pads)`` (timm's "same" padding, ``nn.ZeroPad2d``,
 ``nn.ConstantPad2d(p, 0.0)``) adds real zeros, which are the integer zero point; reflect, replicate
 and circular padding (BlurPool's, ``nn.ReflectionPad2d``) copy the input's own integers. Either
-way the output keeps the input's parameters and nothing rounds."""
+way the output keeps the input's parameters and nothing rounds. Another constant (EfficientViT
+pads its values with a row of ones) is the input's integer nearest it, rounded once like any
+activation; one outside the input's range has no such integer, and that pad runs in float."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +16,7 @@ from fxq import records
 from fxq import schema as sc
 from fxq.affine import ActQParams
 from fxq.ops.base import Lowering, Op, Output, leaf_name, qparams_of
+from fxq.qmodules import NotRepresentable
 from fxq.schema import Schema
 from fxq.twin import OnIntegers
 
@@ -24,8 +29,8 @@ ONNX_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge",
 
 class QPad(nn.Module):
     """Integers → integers: ``pads`` (torch's order: last dim first, before then after) filled
-    with ``fill``, the input's zero point (``mode="constant"``), or with copies of the input's
-    integers (``"reflect"``, ``"replicate"``, ``"circular"``)."""
+    with ``fill``, the input's integer for the constant (``mode="constant"``), or with copies of
+    the input's integers (``"reflect"``, ``"replicate"``, ``"circular"``)."""
 
     schema = Schema({"pads": lambda v: isinstance(v, tuple) and 0 < len(v) <= 8 and len(v) % 2 == 0
                      and all(sc.is_int(p) for p in v), "fill": sc.int_at_least(0),
@@ -74,18 +79,24 @@ def _zero_fill_or_copies(node: fx.Node, module: nn.Module | None) -> str | None:
     pads, mode, value = _pad_of(node, module)
     if mode not in ONNX_MODES:
         return f"{mode} padding (the integer forms pad with zeros or copies)"
-    if mode == "constant" and value != 0:
-        return f"padding with {value} (only a real zero is an integer zero point exactly)"
+    if mode == "constant" and not (isinstance(value, (int, float)) and math.isfinite(value)):
+        return f"padding with {value!r} (the integer form pads with a finite number)"
     if not all(isinstance(p, int) for p in pads):
         return "padding computed from the input"
     return None
 
 
 def lower_pad(lo: Lowering, node: fx.Node) -> None:
-    """``pad(x, pads)`` → ``QPad(q)``, filling with the input's zero point or copying its integers."""
+    """``pad(x, pads, value=v)`` → ``QPad(q)``, filling with the input's integer for ``v`` (its zero
+    point for 0), or copying its integers."""
     qp = qparams_of(node.args[0], node)
-    pads, mode, _ = _pad_of(node, lo.module(node))
-    lo.become(node, QPad(pads, qp.zero_point, mode), leaf_name(node), node.args[:1])
+    pads, mode, value = _pad_of(node, lo.module(node))
+    fill = qp.zero_point + round(value / qp.scale)
+    if not qp.qmin <= fill <= qp.qmax:
+        lo_value, hi_value = qp.scale * (qp.qmin - qp.zero_point), qp.scale * (qp.qmax - qp.zero_point)
+        raise NotRepresentable(f"{node.name}: padding with {value} is outside its input's range "
+                               f"[{lo_value:.3g}, {hi_value:.3g}]")
+    lo.become(node, QPad(pads, fill, mode), leaf_name(node), node.args[:1])
     records.put(node, qp)
 
 
