@@ -79,21 +79,27 @@ def test_a_function_not_finite_on_the_grid_stays_in_float():
 
 
 class Scaled(nn.Module):
-    """ConvNeXt's layer scale (a learned per-channel factor) and a per-channel shift, as parameters."""
+    """ConvNeXt's layer scale (a learned per-channel factor) and a per-channel shift, as parameters;
+    or in place, as timm's ``LayerScale(inplace=True)`` and CSATv2 write them."""
 
-    def __init__(self):
+    def __init__(self, inplace: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.gamma = nn.Parameter(torch.tensor([0.5, -2.0, 1e-3, 3.0]).reshape(4, 1, 1))
         self.register_buffer("shift", torch.tensor([1.0, 0.0, -1.0, 2.0]).reshape(4, 1, 1))
+        self.inplace = inplace
 
     def forward(self, x):
+        if self.inplace:
+            return self.conv(x).mul_(self.gamma).add_(self.shift).mean((2, 3))
         y = self.gamma * self.conv(x)
         return (y + self.shift).mean((2, 3))
 
 
-def test_an_op_with_a_constant_tensor_is_a_table_per_element(tmp_path):
-    model = Scaled().eval()
+@pytest.mark.parametrize("inplace", [False, True], ids=["operators", "in-place"])
+def test_an_op_with_a_constant_tensor_is_a_table_per_element(inplace, tmp_path):
+    torch.manual_seed(0)
+    model = Scaled(inplace).eval()
     qmodel = fxq.quantize(model, _data())
     assert not any(records.has(n, records.FloatOp) for n in qmodel.graph.nodes)
     tables = [m for m in qmodel.modules() if type(m).__name__ == "QConstantLookup"]

@@ -269,7 +269,9 @@ def lower_constant_lookup(lo: Lowering, node: fx.Node) -> None:
             raise KeepInFloat(f"{c.target} is not a float tensor")
     shape = torch.broadcast_shapes(*(c.shape for c in constants))
     flat = [c.detach().double().expand(shape).reshape(-1) for c in constants]
-    target = node.target
+    # tables are built on a grid broadcast against the constants: an in-place method cannot
+    # grow its tensor to that shape (and must not write into the grid); its value is the same
+    target = node.target.rstrip("_") if node.op == "call_method" else node.target
 
     def function(x: torch.Tensor, element: torch.Tensor) -> torch.Tensor:
         """The op at one element of the constants: ``element`` indexes them (broadcast, flattened)."""
