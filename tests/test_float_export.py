@@ -15,7 +15,7 @@ from tests.helpers import output_steps, quantize_whole, randomize_bn
 
 
 class FloatIslands(nn.Module):
-    """Float ops fxq has no integer form for: a softmax across three branches asked for a dtype, bilinear
+    """Float ops fxq has no integer form for: a softmax across three branches asked for a dtype, bicubic
     upsampling, a reduction (logsumexp); a group norm kept in float by overrides; between them
     integer ops."""
 
@@ -32,7 +32,7 @@ class FloatIslands(nn.Module):
         weights = self.attend(branches.sum(dim=1).mean((2, 3), keepdim=True))
         weights = weights.view(x.shape[0], 3, 8, 1, 1).softmax(dim=1, dtype=torch.float32)
         x = (branches * weights).sum(dim=1)
-        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        x = F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
         x = self.norm(torch.cat([x, torch.logsumexp(x, 1, keepdim=True)], 1))
         return self.head(x).mean((2, 3))
 

@@ -9,8 +9,8 @@ from torch import nn
 import fxq
 from fxq import records
 from fxq.affine import ActQParams, round_half_away
-from fxq.ops.pooling import QAvgPool2d, QResizeNearest
-from tests.helpers import assert_deploys_bit_exact, check_quantized
+from fxq.ops.pooling import QAvgPool2d
+from tests.helpers import check_quantized
 
 QP = ActQParams(0.1, 37, 8)
 
@@ -79,55 +79,3 @@ def test_a_mean_over_dims_2_3_refuses_other_ranks():
     pool = QAvgPool2d.global_mean(QP, rank=4)
     with pytest.raises(ValueError, match="4-d tensor; got a 5-d one"):
         pool(torch.zeros(1, 2, 3, 4, 5, dtype=torch.uint8))
-
-
-class Upsampling(nn.Module):
-    """An HRNet-style fusion: a low-resolution branch brought up by nearest upsampling and added,
-    in every form torch spells it; and GhostNetV2's gate, resized to another tensor's shape."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem, self.down = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, stride=2, padding=1)
-        self.up, self.up_module = nn.Upsample(scale_factor=2), nn.UpsamplingNearest2d(size=(5, 5))
-        self.head = nn.Conv2d(6, 4, 1)
-
-    def forward(self, x):
-        h = torch.relu(self.stem(x))
-        low = torch.relu(self.down(h))
-        fused = h + self.up(low)[:, :, :9, :9]
-        exact = F.interpolate(low, scale_factor=1.5, mode="nearest-exact")
-        odd = F.interpolate(low, size=(7, 11)) + exact[:, :, :7, :1]
-        gated = h * F.interpolate(torch.sigmoid(low), size=(h.shape[-2], h.shape[-1]), mode="nearest")
-        branches = (fused, odd, self.up_module(low), gated)
-        return sum(self.head(branch).mean((2, 3)) for branch in branches)
-
-
-def test_nearest_upsampling_copies_integers_saves_and_deploys_bit_exact(tmp_path):
-    torch.manual_seed(0)
-    model = Upsampling().eval()
-    qmodel = fxq.quantize(model, [torch.randn(8, 3, 9, 9) for _ in range(4)], fxq.QConfig(requantize="onnxruntime"))
-    resized = [n for n in qmodel.graph.nodes if n.op == "call_module"
-               and type(qmodel.get_submodule(n.target)).__name__ == "QResizeNearest"]
-    assert len(resized) == 5
-    assert not any(records.has(n, records.FloatOp) for n in qmodel.graph.nodes)
-    x = torch.randn(16, 3, 9, 9)
-    assert check_quantized(qmodel, model, x, tmp_path) > 25
-    assert_deploys_bit_exact(qmodel, x, tmp_path / "model.fxq")
-
-
-def test_bilinear_resampling_stays_in_float_and_says_why():
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Upsample(scale_factor=2, mode="bilinear")).eval()
-    with pytest.warns(fxq.FloatFallbackWarning, match="bilinear resampling"):
-        qmodel = fxq.quantize(model, [torch.randn(4, 3, 6, 6)])
-    (node,) = [n for n in qmodel.graph.nodes if records.has(n, records.FloatOp)]
-    assert "bilinear resampling" in records.get(node, records.FloatOp).reason
-
-
-def test_nearest_resampling_is_torchs_on_the_integers():
-    q = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
-    cases = [(None, (2.0,), "nearest"), ((8, 3), None, "nearest"), (None, (1.7, 0.6), "nearest-exact")]
-    for size, scale, mode in cases:
-        resize = QResizeNearest(size, scale, mode, False)
-        expected = F.interpolate(q.double(), size, scale if scale is None or len(scale) > 1 else scale[0], mode)
-        assert torch.equal(resize(q).double(), expected) and resize(q).dtype == torch.uint8
-        assert torch.equal(resize(q.to(torch.int32)), resize(q).to(torch.int32))

@@ -163,3 +163,10 @@ def output_qparams(node: fx.Node) -> ActQParams:
 class KeepInFloat(Exception):
     """Raised by a ``lower`` that finds the call cannot run on integers after all (an input is a
     float constant): the call is lowered by the float fallback instead, with this reason."""
+
+
+def call_arguments(node: fx.Node, names: tuple[str, ...], defaults: dict) -> dict:
+    """A functional call's arguments after its input, by name."""
+    values = dict(zip(names, node.args[1:]))
+    values.update(node.kwargs)
+    return {name: values.get(name, defaults.get(name)) for name in names}
