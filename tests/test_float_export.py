@@ -166,7 +166,7 @@ def test_a_tensor_made_from_the_batch_size_is_refused_by_name():
 
 class Indexed(nn.Module):
     """Items and slices of integer tensors: an Ellipsis (EfficientViT's ``out[..., :-1]``), an
-    integer index, a new dim (``[:, None]``)."""
+    integer index, a new dim (``[:, None]``), a list of positions (CSATv2's zigzag order)."""
 
     def __init__(self):
         super().__init__()
@@ -177,7 +177,8 @@ class Indexed(nn.Module):
         first = y[..., :-1]
         second = y[:, 0][:, None, :, 1:]
         third = y[:, 2:5, ..., None].flatten(3)[..., 1:]
-        return self.head(first * second + third.mean(1, keepdim=True))
+        zigzag = y[:, :, [0, 2, 1, 4, 3, -1]][..., 1, None, :-1]
+        return self.head(first * second + third.mean(1, keepdim=True) + zigzag)
 
 
 def test_items_slices_ellipses_and_new_dims_deploy_bit_exact(tmp_path):

@@ -33,7 +33,7 @@ from fxq.twin import OnIntegers
 SOFTMAX_BITS = 30  # the softmax's exp table: 2^30 for e^0
 
 
-def _dims(v) -> bool:
+def dims_schema(v) -> bool:
     return isinstance(v, tuple) and 0 < len(v) <= 8 and all(sc.is_int(d) for d in v)
 
 
@@ -43,7 +43,7 @@ class QSum(nn.Module):
     exported graph computes it, the int32 sum in float32 times the float32 ``s_I / s_O``, rounded
     half to even (exact below 2^24 summed steps)."""
 
-    schema = Schema({"dims": _dims, "keepdim": sc.one_of(True, False), "input_bits": sc.act_bits,
+    schema = Schema({"dims": dims_schema, "keepdim": sc.one_of(True, False), "input_bits": sc.act_bits,
                      "output_bits": sc.act_bits, "requantize_as": sc.REQUANTIZE},
                     {"scales": torch.float64, "zero_points": torch.int32},
                     ranges=lambda m: m.check_ranges())
@@ -94,7 +94,7 @@ class QMean(nn.Module):
     rounded half away from zero in integers (`fxq.intmath.rounding_divide`), exported as the
     same integer ops, so every runtime gives the same integers."""
 
-    schema = Schema({"dims": _dims, "keepdim": sc.one_of(True, False), "bits": sc.act_bits},
+    schema = Schema({"dims": dims_schema, "keepdim": sc.one_of(True, False), "bits": sc.act_bits},
                     {"zero_point": torch.int32}, ranges=lambda m: sc.zero_point_fits(m, "zero_point", m.bits))
 
     def __init__(self, dims: tuple[int, ...], keepdim: bool, qp: ActQParams):
@@ -138,7 +138,7 @@ class QL2Norm(nn.Module):
     the spatial dims): the sum of the squared centred integers in int64 (exact), then its square
     root times ``s_I/s_O``, rounded half to even, in float64 steps every runtime rounds alike."""
 
-    schema = Schema({"dims": _dims, "keepdim": sc.one_of(True, False), "input_bits": sc.act_bits,
+    schema = Schema({"dims": dims_schema, "keepdim": sc.one_of(True, False), "input_bits": sc.act_bits,
                      "output_bits": sc.act_bits},
                     {"scales": torch.float64, "zero_points": torch.int32}, ranges=lambda m: m.check_ranges())
 
@@ -189,7 +189,8 @@ class QNormalize(QL2Norm):
     max, one multiply by ``s_O`` per vector and one division per value in float64 — IEEE steps
     every runtime rounds alike."""
 
-    schema = Schema({"dims": _dims, "keepdim": sc.one_of(True), "input_bits": sc.act_bits, "output_bits": sc.act_bits},
+    schema = Schema({"dims": dims_schema, "keepdim": sc.one_of(True), "input_bits": sc.act_bits,
+                     "output_bits": sc.act_bits},
                     {"scales": torch.float64, "zero_points": torch.int32, "floor": torch.float64},
                     ranges=lambda m: m.check_ranges())
 
@@ -285,34 +286,34 @@ def lower_l2_norm(lo: Lowering, node: fx.Node) -> None:
     lo.become(node, QL2Norm(dims, keepdim, before, after), leaf_name(node), node.args[:1])
 
 
-def _dims_of(node: fx.Node) -> tuple[object, object]:
+def dims_of(node: fx.Node) -> tuple[object, object]:
     """``(dims, keepdim)`` of a sum or mean call, dims as a tuple where given as ints."""
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
     return ((dims,) if isinstance(dims, int) else tuple(dims) if isinstance(dims, list) else dims), keepdim
 
 
-def _reduces_given_dims(node: fx.Node, but_the_batch: bool) -> bool:
-    dims, keepdim = _dims_of(node)
+def reduces_given_dims(node: fx.Node, but_the_batch: bool) -> bool:
+    dims, keepdim = dims_of(node)
     return (isinstance(dims, tuple) and bool(dims) and all(isinstance(d, int) and (d or not but_the_batch)
                                                            for d in dims)
             and isinstance(keepdim, bool) and set(node.kwargs) <= {"dim", "keepdim"})
 
 
 def _over_dims_but_the_batch(node: fx.Node, module: nn.Module | None) -> str | None:
-    return None if _reduces_given_dims(node, True) else "a mean over every value, over the batch, or with a dtype"
+    return None if reduces_given_dims(node, True) else "a mean over every value, over the batch, or with a dtype"
 
 
 def lower_mean(lo: Lowering, node: fx.Node) -> None:
     """``x.mean(dims)`` → ``QMean(q)``: integer sums, one rounding division, same parameters."""
     qp = qparams_of(node.args[0], node)
-    dims, keepdim = _dims_of(node)
+    dims, keepdim = dims_of(node)
     lo.become(node, QMean(dims, keepdim, qp), leaf_name(node), node.args[:1])
     records.put(node, qp)
 
 
 def _over_given_dims(node: fx.Node, module: nn.Module | None) -> str | None:
-    if _reduces_given_dims(node, False):
+    if reduces_given_dims(node, False):
         return None
     return "a sum over every element, or with a dtype (the integer form sums given dims)"
 
@@ -320,7 +321,7 @@ def _over_given_dims(node: fx.Node, module: nn.Module | None) -> str | None:
 def lower_sum(lo: Lowering, node: fx.Node) -> None:
     """``x.sum(dim)`` → ``QSum(q)``: int sums, one requantization to the sum's parameters."""
     before, after = through(node)
-    dims, keepdim = _dims_of(node)
+    dims, keepdim = dims_of(node)
     lo.become(node, QSum(dims, keepdim, before, after, lo.rounding), leaf_name(node), node.args[:1])
 
 

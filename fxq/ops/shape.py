@@ -125,6 +125,8 @@ def export_item(b, node: fx.Node, inputs: list, module) -> object:
     if isinstance(source, list):
         return source[index]
     index = _full_index(index if isinstance(index, tuple) else (index,), len(b.shape_of(node.args[0])), node)
+    gathered = [(at, i) for at, i in enumerate(index) if isinstance(i, list)]
+    index = tuple(slice(None) if isinstance(i, list) else i for i in index)
     indexing = [i for i in index if i is not None]
     starts, ends, steps = zip(*map(_slice_bounds, indexing)) if indexing else ((), (), ())
     bounds = (("starts", starts), ("ends", ends), ("axes", range(len(indexing))), ("steps", steps))
@@ -137,6 +139,10 @@ def export_item(b, node: fx.Node, inputs: list, module) -> object:
     added = [axis for axis, i in enumerate(kept) if i is None]
     if added:
         value = b.node("Unsqueeze", [value, b.constant(f"{node.name}_added", b.ints(added))], f"{node.name}_new")
+    for at, chosen in gathered:  # one list of positions: its dim stays where it is, as torch keeps it
+        axis = sum(not isinstance(i, int) for i in index[:at])
+        value = b.node("Gather", [value, b.constant(f"{node.name}_positions", b.ints(chosen))], f"{node.name}_gather",
+                       axis=axis)
     return b.node("Identity", [value], node.name)
 
 
@@ -149,19 +155,28 @@ def _slice_bounds(i: int | slice) -> tuple[int, int, int]:
 
 
 def _full_index(index: tuple, rank: int, node: fx.Node) -> tuple:
-    """``index`` with its Ellipsis spelled out as whole slices; integers, slices and None only."""
+    """``index`` with its Ellipsis spelled out as whole slices; integers, slices, None and at most
+    one list of integers (a gather along that dim: timm's zigzag order of DCT coefficients)."""
     def plain(i) -> bool:
-        return i is None or (isinstance(i, int) and not isinstance(i, bool)) or (isinstance(i, slice) and all(
+        return i is None or _integer(i) or (isinstance(i, slice) and all(
             v is None or isinstance(v, int) for v in (i.start, i.stop, i.step)))
+
+    def positions(i) -> bool:
+        return isinstance(i, list) and len(i) > 0 and all(map(_integer, i))
 
     indexing = sum(i is not None and i is not Ellipsis for i in index)
     if index.count(Ellipsis) == 1:
         at = index.index(Ellipsis)
         index = index[:at] + (slice(None),) * (rank - indexing) + index[at + 1:]
-    if not all(map(plain, index)) or indexing > rank:
-        raise ValueError(f"node '{node.name}': only integers, slices, None and one Ellipsis index a tensor in "
-                         f"export, got {index!r}")
+    lists = sum(map(positions, index))
+    if not all(plain(i) or positions(i) for i in index) or lists > 1 or indexing > rank:
+        raise ValueError(f"node '{node.name}': only integers, slices, None, one Ellipsis and one list of "
+                         f"integers index a tensor in export, got {index!r}")
     return index
+
+
+def _integer(i) -> bool:
+    return isinstance(i, int) and not isinstance(i, bool)
 
 
 def export_size(b, node: fx.Node, inputs: list, module) -> None:
