@@ -62,7 +62,8 @@ TIMM_MODELS = ("resnet50d", "seresnet50", "ecaresnet50d", "skresnet18", "res2net
                "regnetz_b16", "gcresnet50t", "convnext_atto", "convnextv2_atto", "poolformerv2_s12", "fastvit_t8",
                "ghostnetv2_100", "resnetblur18", "mambaout_femto", "repvit_m0_9", "mobilenetv4_conv_small",
                "starnet_s1", "hgnetv2_b0", "efficientnetv2_rw_t", "edgenext_xx_small", "efficientvit_b0",
-               "mobilevitv2_050", "lambda_resnet26t")
+               "mobilevitv2_050", "lambda_resnet26t", "tiny_vit_5m_224", "efficientvit_m0", "csatv2", "fasternet_t0",
+               "mobileone_s0", "repghostnet_050", "inception_next_tiny", "shvit_s1", "focalnet_tiny_srf")
 TIMM_RESULTS = ROOT / "results" / "zoo_timm.json"
 SIZE, CALIBRATION, SCORED = 64, 64, 256
 

@@ -126,6 +126,12 @@ def assert_deploys_bit_exact(qmodel: fx.GraphModule, x: torch.Tensor, saved: Pat
         assert deployed.bit_exact and torch.equal(deployed(x), qmodel(x))
 
 
+def images(size: int, seed: int = 1) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Three calibration batches of 8 random 3×size×size images and a test batch of 6."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, 3, size, size, generator=g) for _ in range(3)], torch.randn(6, 3, size, size, generator=g)
+
+
 def quantize_whole(model: nn.Module, calib: list, x: torch.Tensor, tmp_path, requantize: str = "onnxruntime",
                    min_sqnr: float = 25.0) -> fx.GraphModule:
     """``model`` quantized with no op in float (a fallback warning fails the test) and checked:

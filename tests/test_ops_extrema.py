@@ -6,7 +6,7 @@ from torch import nn
 
 from fxq.affine import ActQParams
 from fxq.ops.extrema import QExtremum
-from tests.helpers import quantize_whole
+from tests.helpers import images, quantize_whole
 
 
 class SpatialAttention(nn.Module):
@@ -27,10 +27,8 @@ class SpatialAttention(nn.Module):
 @pytest.mark.parametrize("requantize", ["fixed_point", "onnxruntime"])
 def test_spatial_attention_runs_on_integers_saves_and_deploys(requantize, tmp_path):
     torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    calibration = [torch.randn(8, 3, 10, 10, generator=g) for _ in range(3)]
-    qmodel = quantize_whole(SpatialAttention().eval(), calibration, torch.randn(6, 3, 10, 10, generator=g), tmp_path,
-                            requantize)
+    calibration, x = images(10)
+    qmodel = quantize_whole(SpatialAttention().eval(), calibration, x, tmp_path, requantize)
     assert {m.kind for m in qmodel.modules() if isinstance(m, QExtremum)} == {"amax", "amin"}
 
 

@@ -11,7 +11,7 @@ from fxq.affine import ActQParams
 from fxq.comparison import sqnr_db
 from fxq.ops.padding import QPad
 from fxq.runtime import count_ops
-from tests.helpers import quantize_whole
+from tests.helpers import images, quantize_whole
 
 
 class Blur(nn.Module):
@@ -59,14 +59,9 @@ class OnesRow(nn.Module):
         return self.head(F.pad(self.conv(x), (0, 0, 0, 1), mode="constant", value=self.value))
 
 
-def _inputs(seed: int):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(8, 3, 12, 12, generator=g) for _ in range(3)], torch.randn(6, 3, 12, 12, generator=g)
-
-
 def test_a_constant_pad_fills_with_the_inputs_integer_nearest_it_and_deploys_bit_exact(tmp_path):
     torch.manual_seed(0)
-    calibration, x = _inputs(1)
+    calibration, x = images(12)
     qmodel = quantize_whole(OnesRow().eval(), calibration, x, tmp_path)
     pad = next(m for m in qmodel.modules() if isinstance(m, QPad))
     qp = records.get(next(n for n in qmodel.graph.nodes if n.target == "conv"), ActQParams)
@@ -76,7 +71,7 @@ def test_a_constant_pad_fills_with_the_inputs_integer_nearest_it_and_deploys_bit
 
 def test_a_constant_outside_the_inputs_range_keeps_that_pad_in_float():
     torch.manual_seed(0)
-    model, (calibration, x) = OnesRow(1000.0).eval(), _inputs(1)
+    model, (calibration, x) = OnesRow(1000.0).eval(), images(12)
     with pytest.warns(fxq.FloatFallbackWarning, match="padding with 1000.0 is outside its input's range"):
         qmodel = fxq.quantize(model, calibration)
     assert "pad" in count_ops(qmodel, x).float_ops  # and the conv reading its float output

@@ -8,7 +8,7 @@ from torch import nn
 import fxq
 from fxq import records
 from fxq.ops.resize import QResizeBilinear, QResizeNearest
-from tests.helpers import assert_deploys_bit_exact, check_quantized, quantize_whole
+from tests.helpers import assert_deploys_bit_exact, check_quantized, images, quantize_whole
 
 
 class Upsampling(nn.Module):
@@ -74,10 +74,8 @@ class Bilinear(nn.Module):
 @pytest.mark.parametrize("requantize", ["fixed_point", "onnxruntime"])
 def test_bilinear_resampling_runs_on_integers_saves_and_deploys_bit_exact(requantize, tmp_path):
     torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    calibration = [torch.randn(8, 3, 13, 13, generator=g) for _ in range(3)]
-    qmodel = quantize_whole(Bilinear().eval(), calibration, torch.randn(6, 3, 13, 13, generator=g), tmp_path,
-                            requantize, min_sqnr=30.0)
+    calibration, x = images(13)
+    qmodel = quantize_whole(Bilinear().eval(), calibration, x, tmp_path, requantize, min_sqnr=30.0)
     assert sum(isinstance(m, QResizeBilinear) for m in qmodel.modules()) == 4
 
 

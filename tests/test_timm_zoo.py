@@ -2,7 +2,8 @@
 deployed with fxq's very logits, and at least as close to the float model as torch.ao
 (`scripts/zoo.py --timm` measures all of them; these are one per family of layers fxq had to
 learn: batch norm + activation modules, "same" padding, selective kernels, split attention, ECA,
-upsampling branches, layer norms, gates resized to another tensor's shape, attention blocks)."""
+upsampling branches, layer norms, gates resized to another tensor's shape, attention blocks,
+bilinear resampling with channel extrema and gathered positions, padding with ones)."""
 import pytest
 
 from scripts import zoo
@@ -11,7 +12,7 @@ pytest.importorskip("timm")
 pytestmark = pytest.mark.real_data
 
 MODELS = ("regnety_002", "tf_efficientnet_b0", "skresnet18", "resnest14d", "ecaresnet50d", "hrnet_w18_small",
-          "lcnet_050", "convnext_atto", "ghostnetv2_100", "mobilevit_xxs")
+          "lcnet_050", "convnext_atto", "ghostnetv2_100", "mobilevit_xxs", "csatv2", "efficientvit_b0")
 
 
 def _data():
