@@ -88,6 +88,7 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
                     records.FixedShape(tuple(tracer.example.shape[1:])))
     _one_module_per_call_site(gm)
     canonical.fold_parameter_math(gm)
+    _fold_size_tensors(gm, ctx)
     shape_of = _shape_probe(gm, ctx)
     canonical.layers_from_functions(gm, _rank_probe(gm, shape_of))
     canonical.attention_as_matmuls(gm, shape_of)
@@ -97,6 +98,27 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _fold_size_tensors(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """`canonical.fold_size_tensors` on the first calibration sample; a graph it folded is made
+    for that sample's size, and its input checks it (as a size-specialized trace's does)."""
+    example = None
+
+    def values_at(batch: int) -> dict:  # asked only if the graph makes a tensor from sizes
+        nonlocal example
+        example = _example(ctx) if example is None else example
+        values: dict = {}
+        run_recording(gm, example.expand(batch, *example.shape[1:]), values.__setitem__)
+        return values
+
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    try:
+        folded = canonical.fold_size_tensors(gm, values_at)
+    except Exception:  # a model that fails on its calibration data is calibrate's to report, with its reason
+        return
+    if folded and not records.has(placeholder, records.FixedShape):
+        records.put(placeholder, records.FixedShape(tuple(example.shape[1:])))
 
 
 class _SizedTracer(shapes.ConcreteShapes, _PathTracer):

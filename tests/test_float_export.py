@@ -125,30 +125,41 @@ def test_a_float_op_after_an_integer_conv_agrees_with_the_twin_bit_for_bit():
 
 class FourierPositions(nn.Module):
     """EdgeNeXt's positional encoding: a tensor made from the input's sizes alone
-    (``torch.zeros(B, H, W)``), cumulative sums and sines of it, added to the features."""
+    (``torch.zeros(B, H, W)``), cumulative sums and sines of it, projected and added to the
+    features; or joined to them, or made different for each sample."""
 
-    def __init__(self, batch_dependent: bool = False):
+    def __init__(self, use: str = "added"):
         super().__init__()
         self.conv, self.project = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(2, 4, 1)
-        self.batch_dependent = batch_dependent
+        self.use = use
 
     def forward(self, x):
         b, _, h, w = x.shape
         base = torch.zeros((b, h, w))
-        if self.batch_dependent:  # a different value for each sample: no one-sample constant
-            base = base + torch.arange(b).view(b, 1, 1)
         y, x_pos = (base + 1).cumsum(1), (base + 1).cumsum(2)
         y, x_pos = y / y[:, -1:], x_pos / x_pos[:, :, -1:]
-        positions = torch.stack([y.sin(), x_pos.cos()], 1)
-        return self.conv(x) + self.project(positions)
+        if self.use == "batch-dependent":  # a different value for each sample: no one-sample constant
+            y = y * torch.arange(1, b + 1).view(b, 1, 1)
+        positions = self.project(torch.stack([y.sin(), x_pos.cos()], 1))
+        return torch.cat([self.conv(x), positions], 1) if self.use == "joined" else self.conv(x) + positions
+
+
+def test_a_tensor_made_from_sizes_is_computed_once_and_runs_on_integers(tmp_path):
+    torch.manual_seed(0)
+    model, x = FourierPositions().eval(), torch.randn(3, 3, 6, 6)
+    qmodel = quantize_whole(model, [torch.randn(4, 3, 6, 6) for _ in range(2)], x, tmp_path, min_sqnr=20.0)
+    assert not any(n.target in (torch.zeros, "cumsum", "sin") for n in qmodel.graph.nodes)
+    with pytest.raises(ValueError, match="6, 6"):  # the positions were computed for that size
+        qmodel(torch.randn(1, 3, 8, 8))
 
 
 def test_a_tensor_made_from_sizes_deploys_for_any_batch():
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fxq.FloatFallbackWarning)
-        qmodel = fxq.quantize(FourierPositions().eval(), [torch.randn(4, 3, 6, 6) for _ in range(2)],
+        qmodel = fxq.quantize(FourierPositions("joined").eval(), [torch.randn(4, 3, 6, 6) for _ in range(2)],
                               fxq.QConfig(requantize="onnxruntime"))
+    assert any(n.target is torch.zeros for n in qmodel.graph.nodes)  # a join reads it: not folded
     deployed = fxq.deploy(qmodel, threads=1, weights="exact")
     for batch in (1, 3):
         x = torch.randn(batch, 3, 6, 6)
@@ -159,7 +170,7 @@ def test_a_tensor_made_from_the_batch_size_is_refused_by_name():
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fxq.FloatFallbackWarning)
-        qmodel = fxq.quantize(FourierPositions(batch_dependent=True).eval(), [torch.randn(4, 3, 6, 6)])
+        qmodel = fxq.quantize(FourierPositions("batch-dependent").eval(), [torch.randn(4, 3, 6, 6)])
     with pytest.raises(ValueError, match="node 'arange' makes a tensor from the batch size"):
         fxq.export_onnx(qmodel, io.BytesIO())
 
