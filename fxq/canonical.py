@@ -42,13 +42,16 @@ _CONSTRUCTION = frozenset({"__init__", "extra_repr", "__repr__", "reset_paramete
 def fold_parameter_math(gm: fx.GraphModule) -> int:
     """Compute once every call that reads only the model's own tensors and constants (a weight
     standardized from its parameters, ``ScaledStdConv2d``'s ``F.batch_norm`` over the weight):
-    a tensor result becomes a buffer read by ``get_attr``, anything else (a shape) a constant in
-    its users' arguments. The layer that reads it then has constant parameters and quantizes.
+    a tensor result becomes a buffer read by ``get_attr``, a tuple of tensors (``torch.meshgrid``)
+    buffers of the items its users take, anything else (a shape) a constant in its users'
+    arguments. The layer that reads it then has constant parameters and quantizes.
     Returns how many calls were computed."""
     values: dict[fx.Node, object] = {n: _tensor(gm, n) for n in gm.graph.nodes if n.op == "get_attr"}
+    pieces: list[fx.Node] = []
     done = 0
     for node in list(gm.graph.nodes):
-        if node.op not in ("call_function", "call_method") or not node.all_input_nodes or node.target in _IMPURE \
+        if node.op not in ("call_function", "call_method") or node.target in _IMPURE \
+                or not (node.all_input_nodes or node.target in _FACTORIES) \
                 or not all(a in values for a in node.all_input_nodes):
             continue
         args, kwargs = fx.map_arg(node.args, values.__getitem__), fx.map_arg(node.kwargs, values.__getitem__)
@@ -56,6 +59,9 @@ def fold_parameter_math(gm: fx.GraphModule) -> int:
             value = (node.target(*args, **kwargs) if node.op == "call_function"
                      else getattr(args[0], node.target)(*args[1:], **kwargs))
         values[node] = value
+        if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+            pieces.append(node)  # its users' calls (``grid[0]``) are computed in turn
+            continue
         if isinstance(value, torch.Tensor):
             name = _fresh_attribute(gm, f"{node.name}_computed")
             gm.register_buffer(name, value.detach().clone())
@@ -68,11 +74,16 @@ def fold_parameter_math(gm: fx.GraphModule) -> int:
                 user.kwargs = fx.map_arg(user.kwargs, lambda a: value if a is node else a)
         gm.graph.erase_node(node)
         done += 1
+    for node in reversed(pieces):
+        if not node.users:
+            gm.graph.erase_node(node)
     for node in [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users]:
         gm.graph.erase_node(node)
     return done
 
 
+# tensors made from constants alone (``torch.full((64, 1), 8.0)`` of a traced stride)
+_FACTORIES = frozenset({torch.full, torch.zeros, torch.ones, torch.arange, torch.linspace, torch.eye})
 _IMPURE = frozenset({torch._assert, torch.rand, torch.randn, torch.rand_like, torch.randn_like})
 
 
@@ -218,6 +229,41 @@ def conv1d_as_conv2d(gm: fx.GraphModule) -> int:
         done += 1
     gm.delete_all_unused_submodules()
     return done
+
+
+def dtype_reads_as_casts(gm: fx.GraphModule, dtype_of: Callable[[fx.Node], torch.dtype | None]) -> int:
+    """Rewrite calls that read another tensor only for its dtype as calls that name the dtype:
+    ``a.type_as(b)`` → ``a.to(dtype)``, ``b.new_full(size, v)`` → ``torch.full(size, v, dtype=...)``
+    (``new_zeros``, ``new_ones`` alike; Ultralytics' anchor grid). A grid made from sizes then no
+    longer reads the activations, and is computed once (`fold_parameter_math`). ``dtype_of`` is
+    the dtype calibration saw (None: the call is left as it is). Returns how many."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_method" or node.target not in _DTYPE_READS:
+            continue
+        source = node.args[1] if node.target == "type_as" else node.args[0]
+        dtype = node.kwargs.get("dtype") or (dtype_of(source) if isinstance(source, fx.Node) else None)
+        if dtype is None or set(node.kwargs) - {"dtype"}:
+            continue
+        if node.target == "type_as":
+            node.target, node.args, node.kwargs = "to", (node.args[0], dtype), {}
+        else:
+            rest = node.args[1:]
+            if node.target == "new_full":
+                if len(rest) != 2:
+                    continue
+                size, value = rest
+            else:  # new_zeros(2, 3) or new_zeros((2, 3))
+                size = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+                value = _FILLS[node.target]
+            node.op, node.target = "call_function", torch.full
+            node.args, node.kwargs = (tuple(size), value), {"dtype": dtype}
+        done += 1
+    return done
+
+
+_DTYPE_READS = frozenset({"type_as", "new_full", "new_zeros", "new_ones"})
+_FILLS = {"new_zeros": 0, "new_ones": 1}  # new_full gives its own
 
 
 def stack_as_cat(gm: fx.GraphModule) -> int:

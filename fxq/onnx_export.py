@@ -48,15 +48,16 @@ BATCH = 2  # the batch the export runs once with, to learn every value's shape
 class Builder:
     """Collects ONNX nodes and initializers; one method per ONNX idiom the facets use."""
 
-    def __init__(self, shapes: dict, formats: dict | None = None, batched: Callable[[], dict] | None = None):
+    def __init__(self, shapes: dict, formats: dict | None = None, other_batch: Callable[[], dict] | None = None):
         from onnx import TensorProto, helper, numpy_helper
         self.helper, self.numpy_helper, self.types = helper, numpy_helper, TensorProto
         self.nodes, self.initializers, self.shapes = [], [], shapes
-        # node → the dims of its output whose size follows the batch; another run of the model,
-        # made only if an op's export asks
-        self._batched, self._batched_of = None, batched or dict
+        # what `_recorded_shapes` records on another batch size: that run is made only if an op's
+        # export asks which dims follow the batch, or whether a size does
+        self._other, self._other_batch, self._batched = None, other_batch or dict, None
         self.formats = formats or {}  # layer module → `saturation.WeightFormat` (default U8S8)
         self.values: dict[fx.Node, object] = {}  # what each fx node became in the ONNX graph
+        self.network_input = "x"  # the graph input's name (`to_onnx` sets it)
         self.count = 0
 
     def value(self, argument):
@@ -85,6 +86,12 @@ class Builder:
         self.nodes.append(self.helper.make_node(op, inputs, names, name=names[0], **attributes))
         return names[0] if outputs == 1 else names
 
+    def batch(self, name: str) -> str:
+        """The network input's batch size, as the one-element shape ONNX's Expand and Reshape take."""
+        shape = self.node("Shape", [self.network_input], f"{name}_input_shape")
+        return self.node("Slice", [shape, self.constant(f"{name}_zero", self.ints([0])),
+                                   self.constant(f"{name}_one", self.ints([1]))], f"{name}_batch")
+
     def shape_of(self, node: fx.Node) -> tuple:
         """The node's output shape on the export's example run (batch first, ``BATCH``)."""
         return self.shapes[node]
@@ -95,8 +102,22 @@ class Builder:
     def batched_dims(self, node: fx.Node) -> tuple[int, ...]:
         """The dims of the node's output whose size changes with the batch size."""
         if self._batched is None:
-            self._batched = self._batched_of()
+            self._batched = _batched_dims(self.shapes, self._other_run())
         return self._batched.get(node, (0,))
+
+    def size(self, node: fx.Node) -> int:
+        """A size the graph computed (``cls_tokens.shape[1]``), as the constant it is; a size that
+        follows the batch has no constant and is refused by name."""
+        value = self.shapes.get((node, "size"))
+        if value is None or value != self._other_run().get((node, "size")):
+            raise ValueError(f"node '{node.name}' is a size that changes with the batch: it does not export "
+                             "as a constant; compute it from the tensor's other dims")
+        return value
+
+    def _other_run(self) -> dict:
+        if self._other is None:
+            self._other = self._other_batch()
+        return self._other
 
     # -------------------------------------------------------------- quantization
 
@@ -129,7 +150,7 @@ class Builder:
 
 def _recorded_shapes(qmodel: fx.GraphModule, sample_shape: tuple, batch: int = BATCH) -> dict:
     """Every node's output shape (or list of shapes) on zeros of ``batch`` samples, by node and
-    name; and by ``(node, "dtype")`` its dtype."""
+    name; by ``(node, "dtype")`` its dtype; by ``(node, "size")`` a size it computed."""
     shapes = {}
 
     def record(n: fx.Node, result) -> None:
@@ -138,6 +159,8 @@ def _recorded_shapes(qmodel: fx.GraphModule, sample_shape: tuple, batch: int = B
             shapes[n, "dtype"] = result.dtype
         elif isinstance(result, (tuple, list)) and all(isinstance(r, torch.Tensor) for r in result):
             shapes[n] = shapes[n.name] = [tuple(r.shape) for r in result]
+        elif type(result) is int:
+            shapes[n, "size"] = result
 
     run_recording(qmodel, torch.zeros(batch, *sample_shape), record)
     return shapes
@@ -173,9 +196,9 @@ def to_onnx(qmodel: fx.GraphModule, weights: str = "auto"):
     modules = dict(qmodel.named_modules())
     formats = {modules[name]: f for name, f in weight_formats(qmodel, weights).items()}
     shapes = _recorded_shapes(qmodel, sample_shape)
-    b = Builder(shapes, formats, lambda: _batched_dims(shapes, _recorded_shapes(qmodel, sample_shape, BATCH + 1)))
+    b = Builder(shapes, formats, lambda: _recorded_shapes(qmodel, sample_shape, BATCH + 1))
     values = b.values
-    network_input = next(n.name for n in qmodel.graph.nodes if n.op == "placeholder")
+    b.network_input = next(n.name for n in qmodel.graph.nodes if n.op == "placeholder")
     for node in qmodel.graph.nodes:
         if node.op == "placeholder":
             values[node] = node.name
@@ -184,7 +207,7 @@ def to_onnx(qmodel: fx.GraphModule, weights: str = "auto"):
         elif node.op == "get_attr":
             values[node] = b.constant(node.name, _attribute(qmodel, node.target))
         elif _reads_only_sizes(node, values) and isinstance(shapes.get(node), tuple):
-            values[node] = _made_from_sizes(b, qmodel, node, sample_shape, network_input)
+            values[node] = _made_from_sizes(b, qmodel, node, sample_shape)
         elif _reads_only_sizes(node, values):
             values[node] = None  # arithmetic on sizes: the reshapes read the shapes they produced
         else:
@@ -203,7 +226,7 @@ def _reads_only_sizes(node: fx.Node, values: dict) -> bool:
     return all(values[a] is None for a in node.all_input_nodes)
 
 
-def _made_from_sizes(b: Builder, qmodel: fx.GraphModule, node: fx.Node, sample_shape: tuple, network_input: str):
+def _made_from_sizes(b: Builder, qmodel: fx.GraphModule, node: fx.Node, sample_shape: tuple):
     """A tensor a call makes from sizes alone (EdgeNeXt's positional encoding starts from
     ``torch.zeros(B, H, W)``): its value for one sample as a constant, repeated over the batch
     (Expand to the network input's batch) when its first dim is the batch. Other dependences on
@@ -214,10 +237,7 @@ def _made_from_sizes(b: Builder, qmodel: fx.GraphModule, node: fx.Node, sample_s
     if one.dim() == 0 or two.shape[1:] != one.shape[1:] or not torch.equal(two, one.expand_as(two)):
         raise ValueError(f"node '{node.name}' makes a tensor from the batch size that is not one sample's "
                          "repeated over the batch: it does not export; compute it from the input tensor instead")
-    batch = b.node("Slice", [b.node("Shape", [network_input], f"{node.name}_input_shape"),
-                             b.constant(f"{node.name}_zero", b.ints([0])), b.constant(f"{node.name}_one", b.ints([1]))],
-                   f"{node.name}_batch")
-    shape = b.node("Concat", [batch, b.constant(f"{node.name}_rest", b.ints(list(one.shape[1:])))],
+    shape = b.node("Concat", [b.batch(node.name), b.constant(f"{node.name}_rest", b.ints(list(one.shape[1:])))],
                    f"{node.name}_shape", axis=0)
     return b.node("Expand", [b.constant(f"{node.name}_sample", one), shape], node.name)
 

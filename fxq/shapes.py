@@ -78,6 +78,9 @@ class _ShapedProxy(fx.Proxy):
             "call_function", getattr, (self, "device"), {})
 
     def __len__(self) -> int:
+        pieces = _pieces(self.node)
+        if pieces is not None:
+            return pieces
         size = self.size(0)
         if isinstance(size, int):
             return size
@@ -93,6 +96,23 @@ class ConcreteShapes:
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ShapedProxy(node, self)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """A branch on sizes alone (Ultralytics' ``if self.shape != x.shape``) is taken as it went on
+        both examples, if it went one way: the batch size does not decide it. A branch on values,
+        or one the batch size decides, cannot be traced."""
+        values = obj.node.meta.get(_VALUES)
+        if values is None or not all(type(v) is bool for v in values) or values[0] != values[1] \
+                or not _from_sizes(obj.node):
+            return super().to_bool(obj)
+        self.specialized = True
+        return values[0]
+
+    def iter(self, obj: fx.Proxy):
+        """Iterating a split (``list(x.chunk(2, 1))``, ``for part in x.unbind(1)``) gives its pieces,
+        as many as the examples had: the count is the image's geometry, like any other size."""
+        pieces = _pieces(obj.node)
+        return super().iter(obj) if pieces is None else iter([obj[i] for i in range(pieces)])
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
@@ -131,6 +151,24 @@ class ConcreteShapes:
             if node.op == "call_module":
                 return self.root.get_submodule(node.target)(*args, **kwargs)
         raise ValueError(node.op)
+
+
+def _from_sizes(node: fx.Node) -> bool:
+    """The node computes on sizes alone: each path back ends at a size query, never at a value."""
+    if node.op == "call_method" and node.target in ("size", "dim", "numel"):
+        return True
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] in ("shape", "ndim")
+    return node.op == "call_function" and node.target.__module__ in ("_operator", "builtins") \
+        and all(map(_from_sizes, node.all_input_nodes))
+
+
+def _pieces(node: fx.Node) -> int | None:
+    """How many items a traced tuple or list (a split) held on both examples; None if unknown."""
+    values = node.meta.get(_VALUES)
+    if values is None or not all(isinstance(v, (tuple, list)) for v in values) or len(values[0]) != len(values[1]):
+        return None
+    return len(values[0])
 
 
 def forget_examples(graph: fx.Graph) -> None:

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
+import sys
 import traceback
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import fx, nn
@@ -34,6 +38,18 @@ class _PathTracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, qualified_name)
 
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        """The model's first input is the one traced; every other parameter of its forward keeps
+        its default (ViT's ``attn_mask=None``) or, past ``*args``/``**kwargs``, is not given
+        (Ultralytics' ``forward(x, *args, **kwargs)``). Required extra inputs trace as inputs, and
+        `_check_one_input` refuses them by name."""
+        parameters = list(inspect.signature(inspect.unwrap(root_fn)).parameters.values())[int(is_module):]
+        if concrete_args is not None or not parameters or not all(map(_optional, parameters[1:])) \
+                or parameters[0].kind not in (parameters[0].POSITIONAL_ONLY, parameters[0].POSITIONAL_OR_KEYWORD):
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        x = self.create_proxy("placeholder", parameters[0].name, (), {})
+        return root_fn, [self.root, x] if is_module else [x]
+
     def call_module(self, m, forward, args, kwargs):
         self.path.append(self.path_of_module(m))
         try:
@@ -43,6 +59,11 @@ class _PathTracer(fx.Tracer):
             raise
         finally:
             self.path.pop()
+
+
+def _optional(parameter: inspect.Parameter) -> bool:
+    variadic = parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+    return variadic or parameter.default is not parameter.empty
 
 
 def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
@@ -87,9 +108,10 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
         records.put(next(n for n in gm.graph.nodes if n.op == "placeholder"),
                     records.FixedShape(tuple(tracer.example.shape[1:])))
     _one_module_per_call_site(gm)
+    canonical.dtype_reads_as_casts(gm, _probe(gm, ctx, lambda value: value.dtype))
     canonical.fold_parameter_math(gm)
     _fold_size_tensors(gm, ctx)
-    shape_of = _shape_probe(gm, ctx)
+    shape_of = _probe(gm, ctx, lambda value: tuple(value.shape))
     canonical.layers_from_functions(gm, _rank_probe(gm, shape_of))
     canonical.attention_as_matmuls(gm, shape_of)
     canonical.conv1d_as_conv2d(gm)
@@ -188,17 +210,18 @@ def _one_module_per_call_site(gm: fx.GraphModule) -> None:
             records.put(node, records.Origin(target))
 
 
-def _shape_probe(gm: fx.GraphModule, ctx: PassContext):
-    """``shape_of(node)``: a value's shape on one calibration image, run through the graph only
-    when first asked (None if unknown: the call asking is left as it is)."""
-    shapes: dict | None = None
+def _probe(gm: fx.GraphModule, ctx: PassContext, fact: Callable[[torch.Tensor], object]):
+    """``fact_of(node)``: ``fact`` of a tensor value (its shape, its dtype) on one calibration
+    image, run through the graph only when first asked (None if unknown: the call asking is left
+    as it is)."""
+    facts: dict | None = None
 
-    def shape_of(node: fx.Node) -> tuple | None:
-        nonlocal shapes
-        if shapes is None:
-            shapes = _shapes(gm, ctx)
-        return shapes.get(node)
-    return shape_of
+    def fact_of(node: fx.Node):
+        nonlocal facts
+        if facts is None:
+            facts = _facts(gm, ctx, fact)
+        return facts.get(node)
+    return fact_of
 
 
 def _rank_probe(gm: fx.GraphModule, shape_of):
@@ -211,18 +234,18 @@ def _rank_probe(gm: fx.GraphModule, shape_of):
     return rank_of
 
 
-def _shapes(gm: fx.GraphModule, ctx: PassContext) -> dict:
-    shapes = {}
+def _facts(gm: fx.GraphModule, ctx: PassContext, fact: Callable[[torch.Tensor], object]) -> dict:
+    facts = {}
 
     def record(n: fx.Node, value) -> None:
         if isinstance(value, torch.Tensor):
-            shapes[n] = tuple(value.shape)
+            facts[n] = fact(value)
 
     try:
         run_recording(gm, batch_input(next(iter(ctx.calib_loader)), 0)[:1].cpu(), record)
     except Exception:  # bad calibration data is calibrate's to report, with its reason
         return {}
-    return shapes
+    return facts
 
 
 def _check_one_input(gm: fx.GraphModule, model: nn.Module) -> None:
@@ -234,9 +257,13 @@ def _check_one_input(gm: fx.GraphModule, model: nn.Module) -> None:
             "forward takes one tensor (e.g. fixed extra arguments as attributes)")
 
 
+_TRACER_FILES = frozenset(Path(m.__file__).resolve() for m in (shapes, sys.modules[__name__]))
+
+
 def _user_line(error: BaseException) -> str:
-    """The last traceback frame outside torch: the user's line that failed to trace."""
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if "/torch/" not in f.filename]
+    """The last traceback frame outside torch and fxq's tracer: the user's line that failed to trace."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if "/torch/" not in f.filename and Path(f.filename).resolve() not in _TRACER_FILES]
     if not frames:
         return "unknown line"
     frame = frames[-1]

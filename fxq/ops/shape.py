@@ -8,9 +8,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torchvision.ops import stochastic_depth
 
-from fxq import records
+from fxq import intmath, records
+from fxq import schema as sc
 from fxq.affine import ActQParams
-from fxq.ops.base import Lowering, Op, Output, qparams_of
+from fxq.graph import add_module_near, attribute
+from fxq.ops.base import Lowering, Op, Output, hold_parameters, qparams_of
+from fxq.schema import Schema
+from fxq.twin import OnIntegers
 
 
 def lower_identity(lo: Lowering, node: fx.Node) -> None:
@@ -23,7 +27,11 @@ def lower_same(lo: Lowering, node: fx.Node) -> None:
     """``flatten(x)``, ``x.permute(...)``, ``x.chunk(2)``, ``x[i]`` → the same call on the integers,
     at the same parameters (a tuple's items share them). Two rewrites: an ``nn.Flatten`` becomes
     the ``torch.flatten`` call it stands for, and ``view`` becomes ``reshape``: an integer conv
-    returns a channels-last view, which ``view`` cannot always reshape and ``reshape`` copies."""
+    returns a channels-last view, which ``view`` cannot always reshape and ``reshape`` copies.
+    A parameter of the model moved so (a class token expanded over the batch) is quantized once,
+    as a `QConstant`."""
+    if _is_constant(lo, node.args[0]):
+        _quantize_constant(lo, node)
     records.put(node, qparams_of(node.args[0], node))
     module = lo.module(node)
     if isinstance(module, nn.Flatten):
@@ -31,6 +39,72 @@ def lower_same(lo: Lowering, node: fx.Node) -> None:
         node.args, node.kwargs = (node.args[0], module.start_dim, module.end_dim), {}
     elif node.op == "call_method" and node.target == "view":
         node.target = "reshape"
+
+
+class QConstant(nn.Module):
+    """A tensor of the model (a class token) as integers, ``q = clamp(z + round(v / s))``: what the
+    integer graph moves (expands over the batch) and joins like any activation."""
+
+    schema = Schema({"output_bits": sc.act_bits}, {"values": torch.int32, "scales": torch.float64,
+                                                   "zero_points": torch.int32},
+                    ranges=lambda m: m.check_ranges())
+
+    def __init__(self, values: torch.Tensor, qparams: ActQParams):
+        super().__init__()
+        self.output_bits = qparams.bits
+        self.register_buffer("values", qparams.quantize(values.detach().to(torch.float32)).to(torch.int32))
+        hold_parameters(self, qparams)
+
+    def forward(self) -> torch.Tensor:
+        return self.values.to(intmath.storage_dtype(self.output_bits))
+
+    def check_ranges(self) -> None:
+        sc.parameters_fit(self, (self.output_bits,))
+        sc.expect(bool((self.values >= 0).all() and (self.values < (1 << self.output_bits)).all()),
+                  f"the values are outside {self.output_bits} bits")
+
+    def twin(self, node) -> nn.Module:
+        return OnIntegers(self.forward, [], records.get(node, ActQParams))
+
+    def to_onnx(self, b, node, inputs):
+        return b.constant(node.name, self.forward())
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.values.shape)}, bits={self.output_bits}"
+
+
+def _is_constant(lo: Lowering, value) -> bool:
+    return isinstance(value, fx.Node) and value.op == "get_attr" and not records.has(value, ActQParams) \
+        and isinstance(attribute(lo.gm, value.target), torch.Tensor) \
+        and attribute(lo.gm, value.target).is_floating_point()
+
+
+def _quantize_constant(lo: Lowering, node: fx.Node) -> None:
+    """``node``'s constant input becomes a `QConstant`: at the parameters of the concatenation it
+    is moved into (its observer saw these very values), else at its own range."""
+    constant = node.args[0]
+    value = attribute(lo.gm, constant.target).detach()
+    qparams = _joined_parameters(lo, node) or ActQParams.from_range(
+        value.min(), value.max(), lo.ctx.config.act_bits)
+    with lo.gm.graph.inserting_before(node):
+        made = lo.gm.graph.call_module(add_module_near(lo.gm, node, f"{constant.name}_q", QConstant(value, qparams)))
+    records.put(made, qparams)
+    node.args = (made, *node.args[1:])
+    if not constant.users:
+        lo.gm.graph.erase_node(constant)
+
+
+def _joined_parameters(lo: Lowering, node: fx.Node) -> ActQParams | None:
+    """The parameters of the concatenation ``node``'s values reach through moves alone, if any."""
+    from fxq.ops import classify  # the registry holds this module's entries
+    while len(node.users) == 1:
+        (node,) = node.users
+        op, _ = classify(node, lo.modules, lo.ctx)
+        if op.concatenates:
+            return records.get(node, ActQParams)
+        if op.output is not Output.SAME:
+            return None
+    return None
 
 
 def lower_item(lo: Lowering, node: fx.Node) -> None:
@@ -98,6 +172,10 @@ def export_reshape(b, node: fx.Node, inputs: list, module) -> object:
         return b.node("Expand", [x, b.node("Shape", [inputs[1]], f"{name}_shape")], name)
     if target == "expand" and in_shape[0] == out_shape[0]:  # broadcasting keeps the input's batch
         return b.node("Expand", [x, b.constant(f"{name}_shape", b.ints([1, *out_shape[1:]]))], name)
+    if target == "expand" and in_shape[0] == 1 and 0 in b.batched_dims(node):  # a class token over the batch
+        shape = b.node("Concat", [b.batch(name), b.constant(f"{name}_rest", b.ints(list(out_shape[1:])))],
+                       f"{name}_shape", axis=0)
+        return b.node("Expand", [x, shape], name)
     if target == "repeat" and all(isinstance(r, int) for r in _sizes(node)):
         return b.node("Tile", [x, b.constant(f"{name}_repeats", b.ints(list(_sizes(node))))], name)
     if target in (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, "flatten", "view", "reshape",
@@ -124,7 +202,8 @@ def export_item(b, node: fx.Node, inputs: list, module) -> object:
         return None
     if isinstance(source, list):
         return source[index]
-    index = _full_index(index if isinstance(index, tuple) else (index,), len(b.shape_of(node.args[0])), node)
+    index = fx.map_arg(index if isinstance(index, tuple) else (index,), b.size)  # slice(None, n): n a size
+    index = _full_index(tuple(index), len(b.shape_of(node.args[0])), node)
     gathered = [(at, i) for at, i in enumerate(index) if isinstance(i, list)]
     index = tuple(slice(None) if isinstance(i, list) else i for i in index)
     indexing = [i for i in index if i is not None]
@@ -205,7 +284,8 @@ RESHAPE = Op("reshape", "the same integers in another shape or order", lower_sam
              methods=("flatten", "view", "reshape", "contiguous", "permute", "transpose", "squeeze",
                       "unsqueeze", "chunk", "split", "unbind", "narrow", "flip", "roll", "expand",
                       "expand_as", "repeat", "t"),
-             keeps_call=True, homogeneous=True, example=lambda: nn.Flatten(), export=export_reshape)
+             keeps_call=True, homogeneous=True, integer_modules=(QConstant,), example=lambda: nn.Flatten(),
+             export=export_reshape)
 ITEM = Op("getitem", "an item or slice of integers, same parameters", lower_item, Output.SAME,
           functions=(operator.getitem,), keeps_call=True, homogeneous=True, example=lambda: lambda x: x[:, :2],
           export=export_item)

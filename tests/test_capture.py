@@ -1,0 +1,127 @@
+"""What torch.fx captures whole: forwards with optional inputs, iterated splits, branches on
+cached sizes and grids made from sizes (the shapes Ultralytics' and timm's models are written in)."""
+import pytest
+import torch
+from torch import nn
+
+import fxq
+from fxq import records
+from fxq.runtime import count_ops
+from passes.trace import trace
+from tests.helpers import images, quantize_whole
+
+
+class OptionalInputs(nn.Module):
+    """timm's ViT: ``forward(x, attn_mask=None, is_causal=False)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x, scale=None, negate=False):
+        y = self.conv(x)
+        if scale is not None:
+            y = y * scale
+        return -y if negate else y
+
+
+class VarArgs(nn.Module):
+    """Ultralytics' ``DetectionModel.forward(x, *args, **kwargs)`` → ``self.predict(x, *args, **kwargs)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x, *args, **kwargs):
+        return self.predict(x, *args, **kwargs)
+
+    def predict(self, x, profile=False):
+        return self.conv(x)
+
+
+class IteratedSplit(nn.Module):
+    """Ultralytics' C2f: ``y = list(self.cv1(x).chunk(2, 1))``, extended in a loop, then joined."""
+
+    def __init__(self):
+        super().__init__()
+        self.cv1, self.m, self.cv2 = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(12, 6, 1)
+
+    def forward(self, x):
+        y = list(torch.relu(self.cv1(x)).chunk(2, 1))
+        y.extend(torch.relu(self.m(y[-1])) for _ in range(1))
+        rows = [row * 1.0 for row in torch.relu(self.cv2(torch.cat(y, 1))).unbind(2)]
+        return torch.stack(rows, 2)
+
+
+class CachedGrid(nn.Module):
+    """Ultralytics' Detect head: a grid rebuilt when the input's shape differs from the one it
+    cached (``if self.shape != shape``), made by ``arange().type_as(x)`` and ``x.new_full``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+        self.shape = None
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.shape != y.shape:
+            h, w = y.shape[2:]
+            rows, cols = torch.meshgrid(torch.arange(h).type_as(y), torch.arange(w).type_as(y), indexing="ij")
+            self.grid = torch.stack((cols, rows)) * y.new_full((2, 1, 1), 0.5)
+            self.shape = y.shape
+        return y + self.grid
+
+
+def _quantized(model, tmp_path, size=8):
+    calibration, x = images(size)
+    torch.manual_seed(0)
+    return quantize_whole(model.eval(), calibration, x, tmp_path), x
+
+
+def test_optional_inputs_are_traced_with_their_defaults(tmp_path):
+    torch.manual_seed(0)
+    qmodel, x = _quantized(OptionalInputs(), tmp_path)
+    assert [n.target for n in qmodel.graph.nodes if n.op == "placeholder"] == ["x"]
+
+
+def test_a_forward_of_star_args_is_traced_with_the_one_input_given(tmp_path):
+    torch.manual_seed(0)
+    qmodel, _ = _quantized(VarArgs(), tmp_path)
+    assert [n.target for n in qmodel.graph.nodes if n.op == "placeholder"] == ["x"]
+
+
+def test_a_second_input_without_a_default_is_refused_by_name(ctx):
+    class TwoInputs(nn.Module):
+        def forward(self, x, mask):
+            return x * mask
+
+    with pytest.raises(TypeError, match=r"takes 2 inputs \(x, mask\)"):
+        trace(TwoInputs(), ctx)
+
+
+def test_iterating_a_split_gives_its_pieces_and_runs_on_integers(tmp_path):
+    torch.manual_seed(0)
+    qmodel, x = _quantized(IteratedSplit(), tmp_path)
+    assert not any(records.has(n, records.Untraceable) for n in qmodel.graph.nodes)
+    assert count_ops(qmodel, x).float == 0
+
+
+def test_a_branch_on_cached_sizes_and_a_grid_from_sizes_are_computed_once(tmp_path):
+    torch.manual_seed(0)
+    model = CachedGrid()
+    with torch.no_grad():
+        model.eval()(torch.zeros(5, 3, 8, 8))  # the user ran it: a shape is cached, the branch reads it
+    qmodel, x = _quantized(model, tmp_path)
+    kinds = {n.target for n in qmodel.graph.nodes if n.op in ("call_function", "call_method")}
+    assert not kinds & {torch.meshgrid, torch.arange, "type_as", "new_full"}  # folded into a constant
+    with pytest.raises(ValueError, match="shape"):
+        qmodel(torch.zeros(2, 3, 16, 16))  # made for the calibration size, and says so
+
+
+def test_a_branch_the_batch_size_decides_is_not_specialized(ctx):
+    class ByBatch(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.shape[0] > 1 else x
+
+    with pytest.raises(TypeError, match="cannot trace ByBatch"):
+        trace(ByBatch(), fxq.PassContext(fxq.QConfig(), [torch.randn(4, 3, 8, 8)]))
