@@ -9,18 +9,18 @@ quantized with exactly the parameters ``qmodel`` uses.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
 from tabulate import tabulate
 from torch import fx, nn
 
-from fxq import distributed, measure, records
+from fxq import distributed, measure, outputs, records
 from fxq import progress as bars
 from fxq.config import QConfig
 from fxq.context import PassContext
 from fxq.ops.layers import QLayer
+from fxq.outputs import sqnr_of_sums
 from passes.equalize import equalize
 from passes.fold_bn import fold_bn
 from passes.trace import trace
@@ -65,10 +65,10 @@ def capture(gm: nn.Module, names, batch: torch.Tensor):
 
 def power_sums(folded: fx.GraphModule, qmodel: fx.GraphModule, batch: torch.Tensor):
     """Per conv/linear: float64 ``[Σ r², Σ (r − cumulative)², Σ (r − isolated)²]`` over ``batch``
-    (``r`` the float layer's output; see :func:`compare`), and ``qmodel``'s output. Sums, so that
-    batches and ranks add up to the SQNR of all of them."""
+    (``r`` the float layer's output; see :func:`compare`), ``qmodel``'s output and the float
+    model's. Sums, so that batches and ranks add up to the SQNR of all of them."""
     layers = integer_layers(qmodel)
-    reference, _ = capture(folded, layers, batch)
+    reference, float_output = capture(folded, layers, batch)
     quantized, output = capture(qmodel, layers, batch)
     sums = {}
     with torch.no_grad():
@@ -78,11 +78,7 @@ def power_sums(folded: fx.GraphModule, qmodel: fx.GraphModule, batch: torch.Tens
             cumulative = m.output_qparams.dequantize(quantized[name][1]).double()
             isolated = m.output_qparams.dequantize(m(m.input_qparams.quantize(float_in))).double()
             sums[name] = torch.stack([(r ** 2).sum(), ((r - cumulative) ** 2).sum(), ((r - isolated) ** 2).sum()])
-    return sums, output
-
-
-def sqnr_of_sums(signal: float, noise: float) -> float:
-    return float("inf") if noise == 0 else 10 * math.log10(signal / noise)
+    return sums, output, float_output
 
 
 @dataclass(frozen=True)
@@ -115,7 +111,7 @@ def compare(model: nn.Module, qmodel: fx.GraphModule, batch: torch.Tensor) -> Co
     isolated: the float network's own input to the layer, quantized, through this one integer
     layer: the error this layer adds by itself. (`fxq.evaluate` does the same over a loader.)
     """
-    sums, _ = power_sums(folded_float(model, example=batch), qmodel, batch)
+    sums, _, _ = power_sums(folded_float(model, example=batch), qmodel, batch)
     return Comparison.of(sums)
 
 
@@ -141,12 +137,15 @@ def with_quantized_layers(folded: fx.GraphModule, qmodel: fx.GraphModule, names)
 
 @dataclass(frozen=True)
 class Sensitivity:
-    """Accuracy with only one layer quantized, and with every layer but that one quantized."""
+    """Accuracy with only one layer quantized, and with every layer but that one quantized. A
+    model without classifier logits (a detector, a segmenter) is measured by its outputs' class
+    agreement with the float model instead (``measure``)."""
 
     float_accuracy: float
     all_quantized: float
     rows: list[tuple[str, float, float]]  # (layer, only this layer, all but this layer)
     images: int = 0  # how many test images (of every rank) it was measured on
+    measure: str = "accuracy"  # or AGREEMENT
 
     def ranked(self) -> list[tuple[str, float, float]]:
         """Layers by the accuracy lost when only they are quantized, worst first."""
@@ -168,9 +167,15 @@ def sensitivity(model: nn.Module, qmodel: fx.GraphModule, images: torch.Tensor,
     images, labels = distributed.concat(images), distributed.concat(labels)
     folded = folded_float(model, records.get(qmodel, QConfig), images)
     names = list(integer_layers(qmodel))
+    chunks = images.split(500)
+    with torch.no_grad():
+        references = [folded(chunk) for chunk in chunks]
+    classifier = outputs.logits(references[0]) is not None
 
     def accuracy(gm) -> float:
-        return measure.accuracy(gm, zip(images.split(500), labels.split(500)))
+        if classifier:
+            return measure.accuracy(gm, zip(chunks, labels.split(500)))
+        return _agreement(gm, chunks, references)
 
     mine = distributed.mine(names)
     done = distributed.collected({
@@ -178,4 +183,18 @@ def sensitivity(model: nn.Module, qmodel: fx.GraphModule, images: torch.Tensor,
                accuracy(with_quantized_layers(folded, qmodel, [n for n in names if n != name])))
         for name in (bars.items(mine, "sensitivity, layer by layer", "layer") if progress else mine)})
     rows = [(name, *done[name]) for name in names]
-    return Sensitivity(accuracy(folded), accuracy(with_quantized_layers(folded, qmodel, names)), rows, len(labels))
+    return Sensitivity(accuracy(folded), accuracy(with_quantized_layers(folded, qmodel, names)), rows, len(labels),
+                       "accuracy" if classifier else AGREEMENT)
+
+
+AGREEMENT = "same class as float"  # the share of output positions whose largest channel is the float model's
+
+
+def _agreement(gm: nn.Module, chunks, references) -> float:
+    """% of the positions of every multi-channel output whose largest channel is the float model's."""
+    with torch.no_grad():
+        totals = sum(sum(outputs.sums(reference, gm(chunk)).values()) for chunk, reference in zip(chunks, references))
+    if totals[3] == 0:
+        raise ValueError("the model returns no classifier logits and no output of several channels: there is "
+                         "no class to agree on, so layer sensitivity is not measured (compare SQNR with fxq.compare)")
+    return 100.0 * float(totals[2]) / float(totals[3])

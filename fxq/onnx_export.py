@@ -27,6 +27,7 @@ sizes) its entry's ``export``. A float op with no ONNX form raises a ``ValueErro
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -203,7 +204,8 @@ def to_onnx(qmodel: fx.GraphModule, weights: str = "auto"):
         if node.op == "placeholder":
             values[node] = node.name
         elif node.op == "output":
-            outputs = [values[a] for a in node.all_input_nodes]
+            leaves = output_leaves(node)
+            outputs = _distinct([values[a] for a in leaves], b)
         elif node.op == "get_attr":
             values[node] = b.constant(node.name, _attribute(qmodel, node.target))
         elif _reads_only_sizes(node, values) and isinstance(shapes.get(node), tuple):
@@ -215,11 +217,64 @@ def to_onnx(qmodel: fx.GraphModule, weights: str = "auto"):
     placeholders = [n for n in qmodel.graph.nodes if n.op == "placeholder"]
     graph_inputs = [helper.make_tensor_value_info(n.name, TensorProto.FLOAT, ["batch", *sample_shape])
                     for n in placeholders]
-    output_nodes = [a for n in qmodel.graph.nodes if n.op == "output" for a in n.all_input_nodes]
     graph_outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *b.shapes[n][1:]])
-                     for name, n in zip(outputs, output_nodes)]
+                     for name, n in zip(outputs, leaves)]
     graph = helper.make_graph(b.nodes, "fxq", graph_inputs, graph_outputs, b.initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="fxq")
+
+
+def output_leaves(output: fx.Node) -> list[fx.Node]:
+    """The values the model returns, in order, through any nesting of tuples, lists and dicts:
+    the ONNX graph's outputs."""
+    leaves: list[fx.Node] = []
+    fx.map_arg(output.args[0], leaves.append)
+    return leaves
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where the ONNX graph's output ``index`` goes in what the model returns."""
+
+    index: int
+
+
+def output_structure(qmodel: fx.GraphModule):
+    """What ``qmodel`` returns, with each value replaced by the `Slot` of its ONNX output."""
+    output = next(n for n in qmodel.graph.nodes if n.op == "output")
+    slots = iter(range(len(output_leaves(output))))
+
+    def plain(value):
+        if isinstance(value, fx.Node):
+            return Slot(next(slots))
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return (tuple if isinstance(value, tuple) else list)(plain(v) for v in value)
+        return value
+    return plain(output.args[0])
+
+
+def fill(structure, results: list):
+    """``structure`` (`output_structure`) with each slot replaced by its result."""
+    if isinstance(structure, Slot):
+        return results[structure.index]
+    if isinstance(structure, dict):
+        return {k: fill(v, results) for k, v in structure.items()}
+    if isinstance(structure, (tuple, list)):
+        return type(structure)(fill(v, results) for v in structure)
+    return structure
+
+
+def _distinct(names: list, b: Builder) -> list[str]:
+    """ONNX outputs need names of their own: a value returned twice is returned again by Identity."""
+    if any(not isinstance(n, str) for n in names):
+        raise ValueError("the model returns a value that is not a tensor (a size): it does not export")
+    seen: set[str] = set()
+    distinct = []
+    for name in names:
+        distinct.append(name if name not in seen else b.node("Identity", [name], f"{name}_again"))
+        seen.add(name)
+    return distinct
 
 
 def _reads_only_sizes(node: fx.Node, values: dict) -> bool:
@@ -291,8 +346,9 @@ class Deployed(nn.Module):
 
     def __init__(self, model_bytes: bytes, threads: int, bit_exact: bool,
                  formats: dict[str, WeightFormat] | None = None, saturating: bool = False,
-                 float_ops: list[str] | None = None):
+                 float_ops: list[str] | None = None, structure=Slot(0)):
         super().__init__()
+        self.structure = structure  # what the model returns (`output_structure`)
         self.float_ops = list(float_ops or [])
         self.model_bytes, self.threads = model_bytes, threads
         self.bit_exact = bit_exact
@@ -314,10 +370,11 @@ class Deployed(nn.Module):
             self._session = ort.InferenceSession(self.model_bytes, options, providers=["CPUExecutionProvider"])
         return self._session
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
+        """The model's outputs, in the tuples, lists and dicts the model returns them in."""
         session = self.session()
         feed = {session.get_inputs()[0].name: x.detach().to(torch.float32).contiguous().numpy()}
-        return torch.from_numpy(session.run(None, feed)[0])
+        return fill(self.structure, [torch.from_numpy(r) for r in session.run(None, feed)])
 
     def __getstate__(self):
         return {**self.__dict__, "_session": None}  # a session does not pickle; it is made again
@@ -371,7 +428,7 @@ def deploy(qmodel: fx.GraphModule, example_input: torch.Tensor | None = None, th
     runtime_arithmetic = config is not None and config.requantize == "onnxruntime"
     floating = float_ops(qmodel)
     exact = runtime_arithmetic and exact_kernels and not floating
-    deployed = Deployed(buffer.getvalue(), threads, exact, formats, saturating, floating)
+    deployed = Deployed(buffer.getvalue(), threads, exact, formats, saturating, floating, output_structure(qmodel))
     if example_input is not None:
         deployed(example_input)
     return deployed

@@ -30,18 +30,28 @@ def summary(rows: list[dict]) -> bytes:
     """Accuracy, size and batch-1 latency of each model, side by side."""
     plt = _pyplot()
     names = [r["model"].split(" (")[0] for r in rows]
-    panels = [("accuracy %", "accuracy (%)"), ("size MB", "size (MB)"), ("ms batch 1", "latency, batch 1 (ms)")]
+    panels = [_score(rows), ("size MB", "size (MB)"), ("ms batch 1", "latency, batch 1 (ms)")]
     fig, axes = plt.subplots(1, 3, figsize=(10, 3))
     for ax, (key, title) in zip(axes, panels):
         values = [r[key] for r in rows]
-        bars = ax.bar(range(len(rows)), values, color=COLORS[1:len(rows) + 1])
-        ax.bar_label(bars, [f"{v:g}" for v in values], fontsize=8)
+        bars = ax.bar(range(len(rows)), [0 if v is None else v for v in values], color=COLORS[1:len(rows) + 1])
+        ax.bar_label(bars, ["—" if v is None else f"{v:g}" for v in values], fontsize=8)
         ax.set_xticks(range(len(rows)), names, fontsize=8)
         ax.set_title(title, fontsize=10)
         if key == "accuracy %":
             low = min(values)
             ax.set_ylim(max(0.0, low - 2 * (max(values) - low) - 1), 100)
     return _png(fig)
+
+
+def _score(rows: list[dict]) -> tuple[str, str]:
+    """The column that says how well each model does: accuracy, or (a model without classifier
+    logits) its outputs' class agreement with float, or their SQNR."""
+    if "accuracy %" in rows[0]:
+        return "accuracy %", "accuracy (%)"
+    if any(r["same class %"] is not None for r in rows):
+        return "same class %", "same class as float (%)"
+    return "worst output SQNR dB", "worst output SQNR (dB)"
 
 
 def sqnr(names: list[str], cumulative: list[float], isolated: list[float]) -> bytes:

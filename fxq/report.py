@@ -45,7 +45,10 @@ def write_report(out: Path, qmodel: fx.GraphModule, model: nn.Module, data, rows
 
     ``data``: a `fxq.cli.inputs.Data`; ``rows``: `fxq.cli.measurements.measure_rows`'s table."""
     images, labels = data.tensors(sensitivity_images, shard=True)  # gathered, the layers divided among ranks
-    study = sensitivity(model, qmodel, images, labels, progress=True)  # a collective: every rank takes part
+    try:
+        study = sensitivity(model, qmodel, images, labels, progress=True)  # a collective: every rank takes part
+    except ValueError as why:  # no measure to take (a one-channel image-to-image model)
+        study = str(why)
     if distributed.rank() != 0:  # under torchrun rank 0 alone writes the report
         return out / "index.html"
     config = records.get(qmodel, QConfig) or QConfig()
@@ -72,7 +75,8 @@ def write_report(out: Path, qmodel: fx.GraphModule, model: nn.Module, data, rows
 def _summary(rows: list[dict]) -> list:
     headers = list(rows[0])
     return [Table(headers, [[r[h] if r[h] is not None else "" for h in headers] for r in rows]),
-            Figure("summary", plots.summary(rows), "Accuracy on the test images, saved size and batch-1 latency.")]
+            Figure("summary", plots.summary(rows), "How well each model does on the test images (accuracy, or for a "
+                   "model without classifier logits its outputs against float), saved size and batch-1 latency.")]
 
 
 def _layers(qmodel: fx.GraphModule, comparison: dict) -> list:
@@ -159,16 +163,19 @@ def _activation_clipping(name: str, values: torch.Tensor, qlayer: nn.Module, con
 
 
 def _sensitivity(result) -> list:
+    if isinstance(result, str):
+        return [f"Not measured: {result}."]
+    unit = "% same class as float" if result.measure != "accuracy" else "%"
     names = [n for n, _, _ in result.rows]
     png = plots.sensitivity(names, [o - result.float_accuracy for _, o, _ in result.rows],
                             [a - result.all_quantized for _, _, a in result.rows])
     ranked = ", ".join(f"{n} ({o - result.float_accuracy:+.2f})" for n, o, _ in result.ranked()[:3])
-    return [f"On {result.images} test images: float {result.float_accuracy:.2f} %, every layer quantized "
-            f"{result.all_quantized:.2f} % (weights and activations on the model's grids, in float arithmetic). "
-            f"Most sensitive alone: {ranked}.",
-            Figure("sensitivity", png, "Red: the accuracy lost with only this layer quantized. Green: the "
-                   "accuracy regained by keeping only this layer in float."),
-            Table(["layer", "only this layer quantized (%)", "all but this layer (%)"],
+    return [f"On {result.images} test images, {result.measure}: float {result.float_accuracy:.2f} {unit}, every "
+            f"layer quantized {result.all_quantized:.2f} {unit} (weights and activations on the model's grids, in "
+            f"float arithmetic). Most sensitive alone: {ranked}.",
+            Figure("sensitivity", png, f"Red: the {result.measure} lost with only this layer quantized. Green: "
+                   f"the {result.measure} regained by keeping only this layer in float."),
+            Table(["layer", f"only this layer quantized ({unit})", f"all but this layer ({unit})"],
                   [[n, f"{o:.2f}", f"{a:.2f}"] for n, o, a in result.rows])]
 
 

@@ -17,6 +17,8 @@ from fxq.ops.shape import SHAPE_ATTRIBUTES
 PLAIN = (int, float, str, bool, type(None))
 MAX_REASON = 1000  # characters of why an op runs in float
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# a key of a dict the model returns (torchvision's FPN: "0", "pool"); torch.fx writes it with repr
+DATA_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float64, torch.float16,
                                                     torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool)}
 OPS = ("placeholder", "call_module", "call_function", "call_method", "get_attr", "output")
@@ -62,6 +64,7 @@ def node_from(graph: fx.Graph, record, nodes: dict[str, fx.Node], modules: dict,
     target = _target(name, op, target, modules, constants)
     args, kwargs = _decode(record["args"], nodes), _decode(record["kwargs"], nodes)
     expect(isinstance(args, tuple) and isinstance(kwargs, dict), f"node '{name}' has malformed arguments")
+    expect(all(map(is_identifier, kwargs)), f"node '{name}': keyword arguments must be identifiers")
     if target is getattr:
         expect(len(args) == 2 and args[1] in SHAPE_ATTRIBUTES, f"node '{name}' reads an attribute fxq never reads")
     node = graph.create_node(op, target, args, kwargs, name)
@@ -115,6 +118,10 @@ def _encode(value):
     if isinstance(value, (tuple, list)):  # fx's immutable lists and torch.Size as plain ones
         return (list if isinstance(value, list) else tuple)(_encode(v) for v in value)
     if isinstance(value, dict):
+        for key in value:
+            if not _data_key(key):
+                raise ValueError(f"cannot save a dict keyed {key!r}: keys must be short names of letters, digits, "
+                                 "'_', '.', '-' or integers")
         return {"dict": {k: _encode(v) for k, v in value.items()}}
     if isinstance(value, slice):
         return {"slice": [_encode(v) for v in (value.start, value.stop, value.step)]}
@@ -127,6 +134,10 @@ def _encode(value):
     if isinstance(value, PLAIN):
         return value
     raise ValueError(f"cannot save a graph argument of type {type(value).__name__}")
+
+
+def _data_key(key) -> bool:
+    return sc.is_int(key) or (isinstance(key, str) and DATA_KEY.match(key) is not None)
 
 
 def _decode(value, nodes: dict[str, fx.Node]):
@@ -149,8 +160,8 @@ def _decode(value, nodes: dict[str, fx.Node]):
                     f"an argument names node {value['node']!r}, which is not defined before it")
             return nodes[value["node"]]
         entries = value["dict"]
-        expect(isinstance(entries, dict) and all(is_identifier(k) for k in entries),
-                "keyword arguments must be identifiers")
+        expect(isinstance(entries, dict) and all(_data_key(k) for k in entries),
+                "a dict's keys must be short names of letters, digits, '_', '.', '-' or integers")
         return {k: _decode(v, nodes) for k, v in entries.items()}
     if isinstance(value, (tuple, list)):
         return type(value)(_decode(v, nodes) for v in value)

@@ -25,6 +25,24 @@ NET = textwrap.dedent('''
             nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
             nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+
+
+    class Segmenter(nn.Module):
+        """Per-pixel scores for 2 classes, as torchvision's segmentation models return them."""
+
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            self.out, self.aux = nn.Conv2d(8, 2, 1), nn.Conv2d(8, 2, 3, padding=1)
+
+        def forward(self, x):
+            features = self.body(x)
+            return {"out": self.out(features), "aux": self.aux(features)}
+
+
+    def segmenter():
+        torch.manual_seed(0)
+        return Segmenter()
 ''')
 
 
@@ -62,6 +80,7 @@ def project(tmp_path_factory):
             torch.nn.functional.cross_entropy(model(images), labels).backward()
             optimizer.step()
     torch.save(model.eval().state_dict(), root / "tinynet.pt")
+    torch.save(tinynet.segmenter().state_dict(), root / "segmenter.pt")
     return root
 
 
@@ -129,6 +148,22 @@ def test_errors_are_one_line_with_the_fix_and_exit_1_or_2(project, monkeypatch, 
         assert "Traceback" not in err
     with pytest.raises(ValueError, match="calibrate on at least one image"):  # --debug: the real exception
         main(["quantize", *MODEL, "--calib", "0", "--out", "x.fxq", "--debug"])
+
+
+def test_a_model_returning_a_dict_evaluates_and_reports_its_outputs_against_float(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    model = ["--model", "tinynet:segmenter", "--weights", "segmenter.pt", "--data", "digits"]
+    assert main(["quantize", *model, "--out", "seg.fxq", "--calib", "16", "--quiet"]) == 0
+    assert set(fxq.load(project / "seg.fxq")(torch.zeros(1, 1, 12, 12))) == {"out", "aux"}
+    assert main(["evaluate", "seg.fxq", *model, "--runs", "1", "--quiet"]) == 0
+    shown = capsys.readouterr().out
+    assert "no classifier logits" in shown and "worst output SQNR dB" in shown and "accuracy %" not in shown
+    rows = {line.split("  ")[0]: line.split() for line in shown.splitlines()}
+    deployed = next(row for name, row in rows.items() if name.startswith("fxq deployed"))
+    assert float(rows["fxq (integer executor)"][3]) > 20  # worst output SQNR, dB
+    assert main(["report", "seg.fxq", *model, "--out", "seg_report", "--runs", "1", "--worst", "1", "--quiet"]) == 0
+    markdown = (project / "seg_report" / "report.md").read_text()
+    assert "same class as float" in markdown and deployed
 
 
 def test_images_of_different_sizes_ask_for_a_size(project, monkeypatch, capsys, tmp_path):

@@ -10,7 +10,7 @@ from tabulate import tabulate
 import fxq
 from fxq import distributed, dump
 from fxq.cli import inputs
-from fxq.cli.measurements import measure_rows
+from fxq.cli.measurements import AGREEMENT_NOTE, measure_rows
 from fxq.comparison import integer_layers
 from fxq.config import QConfig
 
@@ -82,6 +82,8 @@ def evaluate(args) -> None:
     data = _data(args, inputs.input_channels(qmodel))
     rows = measure_rows(qmodel, data, model, args.limit, args.runs, not args.no_deploy, args.threads)
     say(tabulate(rows, headers="keys", tablefmt="simple"))
+    if "accuracy %" not in rows[0]:
+        say(f"({AGREEMENT_NOTE})")
     if model is None:
         say("(give --model and --weights for the float row)")
 
