@@ -309,8 +309,8 @@ def _export_call(b: Builder, node: fx.Node, modules: dict, arguments: tuple):
         return module.to_onnx(b, node, list(arguments))
     # a call the integer graph kept (a reshape, a size) exports by its entry; any other call is a
     # float op between integers
-    op = next((c for c in ops.match(node, modules) if c.export is not None and c.accepts(node, module) is None),
-              ops.FLOAT)
+    op = ops.FLOAT if records.has(node, records.FloatOp) else next(
+        (c for c in ops.match(node, modules) if c.export is not None and c.accepts(node, module) is None), ops.FLOAT)
     return op.export(b, node, list(arguments), module)
 
 
@@ -333,6 +333,12 @@ def export_onnx(qmodel: fx.GraphModule, path: str | Path | io.BytesIO, weights: 
         path.write(model.SerializeToString())
     else:
         onnx.save(model, str(path))
+
+
+# onnxruntime optimizers that would change fxq's arithmetic: WeightBiasQuantization rounds the
+# float weights of a conv kept in float between DequantizeLinear and QuantizeLinear to int8 (a
+# float island 1–11 output steps off); unknown names are ignored by older onnxruntimes
+KEEP_FLOAT = ["WeightBiasQuantization"]
 
 
 class Deployed(nn.Module):
@@ -367,7 +373,8 @@ class Deployed(nn.Module):
             options = ort.SessionOptions()
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
-            self._session = ort.InferenceSession(self.model_bytes, options, providers=["CPUExecutionProvider"])
+            self._session = ort.InferenceSession(self.model_bytes, options, providers=["CPUExecutionProvider"],
+                                                 disabled_optimizers=KEEP_FLOAT)
         return self._session
 
     def forward(self, x: torch.Tensor):

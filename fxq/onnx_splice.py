@@ -24,6 +24,8 @@ class _Call(nn.Module):
         super().__init__()
         self.node, self.arguments = node, arguments
         self.module = copy.deepcopy(module) if module is not None else None
+        if self.module is not None:  # torch's layers take fused inference kernels, which do not export,
+            self.module.requires_grad_(True)  # only when no gradient is asked for (MultiheadAttention)
 
     def forward(self, *tensors):
         value = dict(zip(self.arguments, tensors))
@@ -83,7 +85,7 @@ def _exported(call: _Call, examples: tuple, node: fx.Node, b) -> bytes:
     dynamic = {name: {d: f"batch{d}" for d in b.batched_dims(a)} for name, a in zip(inputs, call.arguments)}
     buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.enable_grad():
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
             torch.onnx.export(call, examples, buffer, dynamo=False, opset_version=OPSET, input_names=inputs,
                               dynamic_axes=dynamic, do_constant_folding=True)

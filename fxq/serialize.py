@@ -33,9 +33,10 @@ from torch import fx, nn
 
 from fxq import ops, packing, qmodules, records
 from fxq import schema as sc
+from fxq.canonical import torch_class
 from fxq.config import QConfig, Rounding
 from fxq.graph import attribute
-from fxq.ops.fallback import FLOAT_SCHEMAS
+from fxq.ops.fallback import CONTAINERS, FLOAT_SCHEMAS
 from fxq.ops.layers import QLayer
 from fxq.saved_graph import PLAIN, InvalidModelFile, expect, is_identifier, node_from, node_record
 from fxq.schema import Schema, SchemaError
@@ -52,7 +53,8 @@ def save(qmodel: fx.GraphModule, path: str | Path) -> None:
     if not isinstance(qmodel, fx.GraphModule):
         raise TypeError(f"fxq.save takes the GraphModule fxq.quantize returned, got {type(qmodel).__name__}")
     modules = dict(qmodel.named_modules())
-    targets = sorted({n.target for n in qmodel.graph.nodes if n.op == "call_module"})
+    targets = sorted(_with_layers_inside({n.target for n in qmodel.graph.nodes if n.op == "call_module"}, modules),
+                     key=_path_order)
     config = records.get(qmodel, QConfig)
     payload = {
         "format": FORMAT,
@@ -146,9 +148,9 @@ def _rebuild(payload: dict) -> fx.GraphModule:
             and isinstance(payload["constants"], dict),
             "modules and constants must be dicts and graph a list")
     root = nn.Module()
-    for target, record in payload["modules"].items():
-        expect(_is_path(target), f"module path {target!r} is not a dotted identifier")
-        _install(root, target, _module_from(target, record))
+    expect(all(map(_is_path, payload["modules"])), "a module path is not a dotted identifier")
+    for target in sorted(payload["modules"], key=_path_order):  # a Sequential's layers in their order
+        _install(root, target, _module_from(target, payload["modules"][target]))
     for target, tensor in payload["constants"].items():
         expect(_is_path(target) and isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32,
                 f"constant {target!r} is not a float32 tensor at a dotted path")
@@ -190,8 +192,32 @@ SCHEMAS = _schemas()
 MODULE_TYPES = {cls.__name__: cls for cls in SCHEMAS}
 
 
+def _with_layers_inside(targets: set[str], modules: dict[str, nn.Module]) -> set[str]:
+    """The called modules, and every layer inside a container among them (a Sequential in float)."""
+    def layers(path: str) -> set[str]:
+        module = modules[path]
+        if not isinstance(module, CONTAINERS):
+            return set()
+        children = {f"{path}.{name}" for name, _ in module.named_children()}
+        return children.union(*map(layers, children))
+    return targets.union(*map(layers, targets))
+
+
+def _path_order(path: str) -> tuple:
+    """Module paths in the order their containers run them: ``seq.2`` before ``seq.10``."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.split("."))
+
+
+def _saved_type(module: nn.Module) -> type:
+    """The type a module is saved as: a subclass that only constructs a torch layer differently
+    is that layer (`fxq.canonical.torch_class`)."""
+    kind = torch_class(module)
+    return kind if kind in SCHEMAS else type(module)
+
+
 def _module_record(target: str, module: nn.Module) -> dict:
-    schema = SCHEMAS.get(type(module))
+    kind = _saved_type(module)
+    schema = SCHEMAS.get(kind)
     if schema is None:
         own = "" if type(module).__module__.startswith("torch.") else (
             f": it is the model's own code ({type(module).__module__}), kept whole in float, and a "
@@ -199,7 +225,7 @@ def _module_record(target: str, module: nn.Module) -> dict:
             "model beside the file")
         raise ValueError(f"cannot save '{target}': {type(module).__name__} is not a module fxq knows "
                          f"how to save ({sorted(MODULE_TYPES)}){own}")
-    tensors = {name: t.detach() for name, t in module.state_dict().items()}
+    tensors = {} if isinstance(module, CONTAINERS) else {name: t.detach() for name, t in module.state_dict().items()}
     packed = {}
     if isinstance(module, QLayer):
         bits = packing.signed_width(module.weight)
@@ -211,7 +237,24 @@ def _module_record(target: str, module: nn.Module) -> dict:
     attributes = {k: v.value if isinstance(v, Rounding) else v for k, v in attributes.items()}
     if schema.loose:  # tuples, as the tracer and the strict state load expect them
         attributes = {k: tuple(v) if isinstance(v, list) else v for k, v in attributes.items()}
-    return {"type": type(module).__name__, "attributes": attributes, "tensors": tensors, "packed": packed}
+    record = {"type": kind.__name__, "attributes": attributes, "tensors": tensors, "packed": packed}
+    if schema.loose and not isinstance(module, CONTAINERS):
+        _check_rebuilds(target, module, record)
+    return record
+
+
+def _check_rebuilds(target: str, module: nn.Module, record: dict) -> None:
+    """A float module saved by its constructor's arguments must come back as it is: same state,
+    same attributes (a constructor argument it does not keep would come back as its default)."""
+    try:
+        rebuilt = _module_from(target, record)
+    except InvalidModelFile as error:
+        raise ValueError(f"cannot save '{target}': {error}") from None
+    differing = [name for name, value in vars(module).items() if not name.startswith("_")
+                 and sc.plain(value) and getattr(rebuilt, name, None) != value]
+    if differing:
+        raise ValueError(f"cannot save '{target}' ({type(module).__name__}): its constructor does not restore "
+                         f"{differing}; keep the float model beside the file")
 
 
 def _module_from(target: str, record) -> nn.Module:
@@ -306,7 +349,7 @@ def _container(root: nn.Module, target: str) -> tuple[nn.Module, str]:
         if name not in owner._modules:
             owner.add_module(name, nn.Module())
         owner = owner._modules[name]
-        expect(type(owner) is nn.Module, f"path {target!r} runs through a layer")
+        expect(type(owner) is nn.Module or type(owner) in CONTAINERS, f"path {target!r} runs through a layer")
     expect(leaf not in owner._modules and not hasattr(owner, leaf), f"path {target!r} is taken")
     return owner, leaf
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import operator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -66,56 +67,58 @@ def lower_in_float(lo: Lowering, node: fx.Node, reason: str | None) -> None:
         records.put(node, records.FloatOp(reason))
 
 
-def _with_bias(cls, attributes, tensors) -> nn.Module:
-    """A float conv or linear from its constructor's arguments; the bias if the file has one."""
-    return cls(bias="bias" in tensors, **attributes)
-
-
-def _positive(v) -> bool:
-    return sc.is_int(v) and v > 0
-
-
-# Float modules a saved model may keep, rebuilt by their constructors from checked arguments.
-def _conv_schema(dims: int) -> Schema:
-    return Schema({"in_channels": _positive, "out_channels": _positive, "kernel_size": sc.ints(1, dims),
-                   "stride": sc.ints(1, dims),
-                   "padding": lambda v: sc.ints(0, dims)(v) or sc.one_of("same", "valid")(v),
-                   "dilation": sc.ints(1, dims), "groups": _positive,
-                   "padding_mode": sc.one_of("zeros", "reflect", "replicate", "circular")},
-                  {"weight": torch.float32, "bias": torch.float32}, _with_bias, frozenset({"bias"}))
-
-
-# Float modules a saved model may keep, rebuilt by their constructors from checked arguments.
-FLOAT_SCHEMAS: dict[type, Schema] = {
-    nn.Conv1d: _conv_schema(1),  # ECA's channel attention
-    nn.Conv2d: _conv_schema(2),
-    nn.Linear: Schema({"in_features": _positive, "out_features": _positive},
-                      {"weight": torch.float32, "bias": torch.float32}, _with_bias, frozenset({"bias"})),
-}
-
-
 def _constructed(cls, attributes, tensors) -> nn.Module:
-    return cls(**attributes)
+    """A torch module from its constructor's arguments; where the module keeps no plain ``bias``
+    argument (a conv's bias is its tensor), the file's tensors say whether it has one."""
+    arguments = dict(attributes)
+    if "bias" in _arguments(cls) and "bias" not in arguments:
+        arguments["bias"] = any(name.rpartition(".")[2].endswith("bias") for name in tensors)
+    return cls(**arguments)
+
+
+def _emptied(cls, attributes, tensors) -> nn.Module:
+    return cls()  # its layers are saved as modules of their own, each at its path
 
 
 def constructor_schema(cls: type) -> Schema:
     """A torch module rebuilt by its constructor from the arguments it keeps as attributes of
-    the same name (``LayerNorm(normalized_shape, eps, elementwise_affine)``); its state is then
-    loaded strictly, which checks every tensor's name and shape."""
-    names = [p for p in inspect.signature(cls.__init__).parameters
-             if p not in ("self", "device", "dtype", "args", "kwargs")]
-    return Schema({name: sc.plain for name in names}, {}, _constructed, loose=True)
+    the same name (``LayerNorm(normalized_shape, eps, elementwise_affine)``, ``LSTM(input_size,
+    hidden_size, num_layers, ...)``); its state is then loaded strictly, which checks every
+    tensor's name and shape. `fxq.save` rebuilds each module so before it writes the file."""
+    return Schema({name: sc.plain for name in _arguments(cls)}, {}, _constructed, loose=True)
 
 
-# Float modules a saved model may keep, by their constructors, whatever ran them in float
-# (no integer form, an override): normalizations, activations, resampling.
-FLOAT_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.InstanceNorm2d, nn.BatchNorm1d, nn.BatchNorm2d,
-                 nn.Conv3d, nn.ReLU, nn.ReLU6,
-                 nn.Hardtanh, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
-                 nn.Hardsigmoid, nn.Mish, nn.ELU, nn.Softplus, nn.Softmax, nn.Upsample, nn.Identity,
-                 nn.Dropout, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-                 nn.Flatten)
-FLOAT_SCHEMAS.update({cls: constructor_schema(cls) for cls in FLOAT_MODULES})
+def _arguments(cls: type) -> list[str]:
+    """The named arguments of the first constructor in ``cls``'s bases that names them (``LSTM``
+    takes ``*args`` on to ``RNNBase``), less what the class itself supplies or refuses (an RNN's
+    ``mode``; ``proj_size`` but for an LSTM)."""
+    for base in cls.__mro__:
+        names = [p for p in inspect.signature(base.__init__).parameters
+                 if p not in ("self", "device", "dtype", "args", "kwargs")]
+        if names:
+            supplied = set() if base is cls else {"mode"} | ({"proj_size"} if cls is not nn.LSTM else set())
+            return [n for n in names if n not in supplied]
+    return []
+
+
+# torch.nn's containers: a Sequential kept in float is saved as its layers, each at its path
+CONTAINERS = (nn.Sequential,)
+_NOT_LAYERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict, nn.Container, nn.DataParallel,
+               nn.modules.lazy.LazyModuleMixin)
+
+
+def _is_layer(cls: type) -> bool:
+    return (isinstance(cls, type) and issubclass(cls, nn.Module) and cls not in (nn.Module, nn.RNNBase, nn.RNNCellBase)
+            and not issubclass(cls, _NOT_LAYERS) and "Loss" not in cls.__name__)
+
+
+# Float modules a saved model may keep, whatever ran them in float (no integer form, an
+# override): every layer torch.nn defines, looked up by its name in this table (never imported
+# by a name a file gives), rebuilt by its constructor from checked plain arguments.
+FLOAT_SCHEMAS: dict[type, Schema] = {
+    **{cls: constructor_schema(cls) for cls in vars(nn).values() if _is_layer(cls)},
+    **{cls: Schema({}, {}, _emptied, loose=True) for cls in CONTAINERS},
+}
 # Float functions and tensor methods a saved model may call, by name: torch's elementwise math,
 # reductions, normalizations and tensor plumbing. None of them touches anything but tensors.
 FLOAT_FUNCTIONS = (
@@ -144,8 +147,12 @@ FLOAT_METHODS = frozenset({
 
 
 def export_float(b, node: fx.Node, inputs: list, module: nn.Module | None) -> str:
-    """Float ops as ONNX: layer normalization as LayerNormalization; any other op as torch.onnx
-    exports it, spliced in (`fxq.onnx_splice`)."""
+    """Float ops as ONNX: layer normalization as LayerNormalization, torch layers torch.onnx has no
+    form for by their formulas (`_FORMULAS`); any other op as torch.onnx exports it, spliced in
+    (`fxq.onnx_splice`)."""
+    formula = _FORMULAS.get(type(module))
+    if formula is not None:
+        return formula(b, node.name, inputs[0], module)
     if isinstance(module, nn.LayerNorm):
         weight, bias = (b.constant(f"{node.name}_{k}", getattr(module, k).detach()) for k in ("weight", "bias"))
         return b.node("LayerNormalization", [inputs[0], weight, bias], node.name,
@@ -155,6 +162,57 @@ def export_float(b, node: fx.Node, inputs: list, module: nn.Module | None) -> st
         return b.node("LayerNormalization", [inputs[0], b.value(bound["weight"]), b.value(bound["bias"])], node.name,
                       axis=-len(bound["normalized_shape"]), epsilon=bound.get("eps", 1e-5))
     return onnx_splice.splice(b, node, module)
+
+
+def _threshold(b, name: str, x: str, m: nn.Threshold) -> str:
+    """``x if x > threshold else value``."""
+    above = b.node("Greater", [x, b.constant(f"{name}_threshold", np.float32(m.threshold))], f"{name}_above")
+    return b.node("Where", [above, x, b.constant(f"{name}_value", np.float32(m.value))], name)
+
+
+def _rms_norm(b, name: str, x: str, m: nn.RMSNorm) -> str:
+    """``x / √(mean(x², last dims) + eps) · weight`` (eps: the dtype's own when None, as torch)."""
+    axes = b.constant(f"{name}_axes", b.ints(list(range(-len(m.normalized_shape), 0))))
+    mean = b.node("ReduceMean", [b.node("Mul", [x, x], f"{name}_square"), axes], f"{name}_mean", keepdims=1)
+    eps = m.eps if m.eps is not None else float(torch.finfo(torch.float32).eps)
+    root = b.node("Sqrt", [b.node("Add", [mean, b.constant(f"{name}_eps", np.float32(eps))], f"{name}_sum")],
+                  f"{name}_root")
+    y = b.node("Div", [x, root], f"{name}_normal")
+    return y if m.weight is None else b.node("Mul", [y, b.constant(f"{name}_weight", m.weight.detach())], name)
+
+
+def _local_response_norm(b, name: str, x: str, m: nn.LocalResponseNorm) -> str:
+    """``x / (k + α · mean of x² over n channels)^β`` as torch computes it: the squares padded by
+    ⌊n/2⌋ channels before and ⌊(n−1)/2⌋ after, averaged over windows of n (ONNX's own LRN takes
+    odd n only). Images only ([N, C, H, W])."""
+    squares = b.node("Unsqueeze", [b.node("Mul", [x, x], f"{name}_square"), b.constant(f"{name}_axis", b.ints([1]))],
+                     f"{name}_volume")
+    pads = b.constant(f"{name}_pads", b.ints([0, 0, m.size // 2, 0, 0, 0, 0, (m.size - 1) // 2, 0, 0]))
+    padded = b.node("Pad", [squares, pads], f"{name}_padded")
+    mean = b.node("AveragePool", [padded], f"{name}_mean", kernel_shape=[m.size, 1, 1])
+    mean = b.node("Squeeze", [mean, b.constant(f"{name}_axis_again", b.ints([1]))], f"{name}_means")
+    scaled = b.node("Add", [b.node("Mul", [mean, b.constant(f"{name}_alpha", np.float32(m.alpha))], f"{name}_alpha"),
+                            b.constant(f"{name}_k", np.float32(m.k))], f"{name}_base")
+    return b.node("Div", [x, b.node("Pow", [scaled, b.constant(f"{name}_beta", np.float32(m.beta))],
+                                    f"{name}_power")], name)
+
+
+def _channel_shuffle(b, name: str, x: str, m: nn.ChannelShuffle) -> str:
+    """``[N, g·c, H, W]`` → ``[N, g, c, H, W]`` → ``[N, c, g, H, W]`` → ``[N, c·g, H, W]``."""
+    shape = b.node("Shape", [x], f"{name}_shape")
+
+    def dims(start: int, end: int) -> str:
+        return b.node("Slice", [shape, b.constant(f"{name}_{start}", b.ints([start])),
+                                b.constant(f"{name}_{end}", b.ints([end]))], f"{name}_dims")
+    pieces = b.node("Concat", [dims(0, 1), b.constant(f"{name}_groups", b.ints([m.groups, -1])), dims(2, 4)],
+                    f"{name}_pieces", axis=0)
+    grouped = b.node("Reshape", [x, pieces], f"{name}_grouped")
+    swapped = b.node("Transpose", [grouped], f"{name}_swapped", perm=[0, 2, 1, 3, 4])
+    return b.node("Reshape", [swapped, shape], name)
+
+
+_FORMULAS = {nn.Threshold: _threshold, nn.RMSNorm: _rms_norm, nn.LocalResponseNorm: _local_response_norm,
+             nn.ChannelShuffle: _channel_shuffle}
 
 
 # Not in the registry, so it matches nothing: its forms are what a saved model may keep in float
