@@ -1,6 +1,8 @@
 """Data movement on integers: a model's own tensors moved over the batch (class tokens) and
 slices whose bounds the model computes from sizes."""
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fxq.ops.shape import QConstant
@@ -50,3 +52,30 @@ def test_a_constant_moved_elsewhere_takes_its_own_range(tmp_path):
     qmodel = quantize_whole(Tiled().eval(), calibration, x, tmp_path)
     (constant,) = [m for m in qmodel.modules() if isinstance(m, QConstant)]
     assert constant.values.min() == 0 and constant.values.max() == 255  # −2 and 5, the ends of its range
+
+
+class Moves(nn.Module):
+    """ESPCN's sub-pixel upsampling, ShuffleNet's channel shuffle, LeViT's reshape_as, Unflatten."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.conv, self.up = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(4, 8, 3, padding=1)
+        self.shuffle, self.unshuffle = nn.PixelShuffle(2), nn.PixelUnshuffle(2)
+        self.channels, self.unflatten = nn.ChannelShuffle(4), nn.Unflatten(1, (4, 8))
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        if self.functional:
+            z = self.up(F.pixel_shuffle(F.channel_shuffle(y, 4), 2))
+            return F.pixel_unshuffle(z, 2).unflatten(1, (4, 8)).reshape_as(z.unsqueeze(1))
+        z = self.up(self.shuffle(self.channels(y)))
+        moved = self.unshuffle(z)
+        return self.unflatten(moved.flatten(2).view_as(moved))
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["modules", "functions"])
+def test_pixel_and_channel_shuffles_move_integers_and_deploy_bit_exact(functional, tmp_path):
+    torch.manual_seed(0)
+    calibration, x = images(8)
+    quantize_whole(Moves(functional).eval(), calibration, x, tmp_path)

@@ -21,6 +21,7 @@ from fxq import schema as sc
 from fxq.affine import ActQParams
 from fxq.graph import add_module_near, label, source_line
 from fxq.ops.base import Lowering, Op, Output, leaf_name
+from fxq.ops.shape import export_channel_shuffle
 from fxq.qmodules import Dequantize, Quantize
 from fxq.schema import Schema
 
@@ -198,17 +199,7 @@ def _local_response_norm(b, name: str, x: str, m: nn.LocalResponseNorm) -> str:
 
 
 def _channel_shuffle(b, name: str, x: str, m: nn.ChannelShuffle) -> str:
-    """``[N, g·c, H, W]`` → ``[N, g, c, H, W]`` → ``[N, c, g, H, W]`` → ``[N, c·g, H, W]``."""
-    shape = b.node("Shape", [x], f"{name}_shape")
-
-    def dims(start: int, end: int) -> str:
-        return b.node("Slice", [shape, b.constant(f"{name}_{start}", b.ints([start])),
-                                b.constant(f"{name}_{end}", b.ints([end]))], f"{name}_dims")
-    pieces = b.node("Concat", [dims(0, 1), b.constant(f"{name}_groups", b.ints([m.groups, -1])), dims(2, 4)],
-                    f"{name}_pieces", axis=0)
-    grouped = b.node("Reshape", [x, pieces], f"{name}_grouped")
-    swapped = b.node("Transpose", [grouped], f"{name}_swapped", perm=[0, 2, 1, 3, 4])
-    return b.node("Reshape", [swapped, shape], name)
+    return export_channel_shuffle(b, name, x, m.groups)
 
 
 _FORMULAS = {nn.Threshold: _threshold, nn.RMSNorm: _rms_norm, nn.LocalResponseNorm: _local_response_norm,

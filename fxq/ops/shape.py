@@ -139,11 +139,17 @@ def export_reshape(b, node: fx.Node, inputs: list, module) -> object:
     """Reshapes as ONNX Reshape to the shape they produced (the first dim, where the batch is,
     as -1: other dims must not depend on the batch size), permutes and
     transposes as Transpose, chunks and splits as Split (sizes as they came out), flips as Slice,
-    expands as Expand, repeats as Tile, unbinds as Split and Squeeze."""
-    target, x, name = node.target, inputs[0], node.name
+    expands as Expand, repeats as Tile, unbinds as Split and Squeeze; pixel (un)shuffles and
+    channel shuffles as Reshape → Transpose → Reshape."""
+    target, x, name = _SHUFFLES.get(type(module)) or _SHUFFLES.get(node.target, node.target), inputs[0], node.name
     in_shape, out_shape = b.shape_of(node.args[0]), b.shape_of(node)
     if target == "contiguous":
         return x
+    if target in ("pixel_shuffle", "pixel_unshuffle"):
+        return _pixel_moves(b, name, x, in_shape, out_shape, target == "pixel_shuffle")
+    if target == "channel_shuffle":
+        groups = module.groups if module is not None else _dim_argument(node, 1, "groups", None)
+        return export_channel_shuffle(b, name, x, groups)
     if target in (torch.chunk, torch.split, "chunk", "split"):
         axis = _dim_argument(node, 2, "dim", 0) % len(in_shape)
         sizes = b.ints([shape[axis] for shape in out_shape])
@@ -178,11 +184,48 @@ def export_reshape(b, node: fx.Node, inputs: list, module) -> object:
         return b.node("Expand", [x, shape], name)
     if target == "repeat" and all(isinstance(r, int) for r in _sizes(node)):
         return b.node("Tile", [x, b.constant(f"{name}_repeats", b.ints(list(_sizes(node))))], name)
-    if target in (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, "flatten", "view", "reshape",
-                  "squeeze", "unsqueeze") and (out_shape[:1] == in_shape[:1] or set(b.batched_dims(node)) <= {0}):
+    if target in _RESHAPES and (out_shape[:1] == in_shape[:1] or set(b.batched_dims(node)) <= {0}):
         shape = b.ints([-1, *out_shape[1:]])
         return b.node("Reshape", [x, b.constant(f"{name}_shape", shape)], name)
     raise ValueError(f"node '{name}' ({target if isinstance(target, str) else target.__name__}) does not export yet")
+
+
+_RESHAPES = frozenset({torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten, "flatten", "view",
+                       "reshape", "squeeze", "unsqueeze", "unflatten", "reshape_as", "view_as"})
+# module types and functions that move integers between channels and pixels, by what they do
+_SHUFFLES = {nn.PixelShuffle: "pixel_shuffle", nn.PixelUnshuffle: "pixel_unshuffle",
+             nn.ChannelShuffle: "channel_shuffle", nn.Unflatten: "unflatten", F.pixel_shuffle: "pixel_shuffle",
+             F.pixel_unshuffle: "pixel_unshuffle", F.channel_shuffle: "channel_shuffle"}
+
+
+def _pixel_moves(b, name: str, x: str, in_shape: tuple, out_shape: tuple, to_pixels: bool) -> str:
+    """Pixel shuffle ``[N, C·r², H, W]`` → ``[N, C, r, r, H, W]`` → ``[N, C, H, r, W, r]`` →
+    ``[N, C, H·r, W·r]``; pixel unshuffle the way back (torch's channel order, not ONNX's
+    SpaceToDepth's)."""
+    if to_pixels:
+        (_, c, h, w), r = out_shape, out_shape[2] // in_shape[2]
+        split, perm = [-1, c, r, r, h // r, w // r], [0, 1, 4, 2, 5, 3]
+    else:
+        (_, c, h, w), r = in_shape, in_shape[2] // out_shape[2]
+        split, perm = [-1, c, h // r, r, w // r, r], [0, 1, 3, 5, 2, 4]
+    parts = b.node("Reshape", [x, b.constant(f"{name}_split", b.ints(split))], f"{name}_split")
+    moved = b.node("Transpose", [parts], f"{name}_moved", perm=perm)
+    return b.node("Reshape", [moved, b.constant(f"{name}_shape", b.ints([-1, *out_shape[1:]]))], name)
+
+
+def export_channel_shuffle(b, name: str, x: str, groups: int) -> str:
+    """``[N, g·c, H, W]`` → ``[N, g, c, H, W]`` → ``[N, c, g, H, W]`` → ``[N, c·g, H, W]``: the
+    same moves on integers or on floats."""
+    shape = b.node("Shape", [x], f"{name}_shape")
+
+    def dims(start: int, end: int) -> str:
+        return b.node("Slice", [shape, b.constant(f"{name}_{start}", b.ints([start])),
+                                b.constant(f"{name}_{end}", b.ints([end]))], f"{name}_dims")
+    pieces = b.node("Concat", [dims(0, 1), b.constant(f"{name}_groups", b.ints([groups, -1])), dims(2, 4)],
+                    f"{name}_pieces", axis=0)
+    grouped = b.node("Reshape", [x, pieces], f"{name}_grouped")
+    swapped = b.node("Transpose", [grouped], f"{name}_swapped", perm=[0, 2, 1, 3, 4])
+    return b.node("Reshape", [swapped, shape], name)
 
 
 def _sizes(node: fx.Node) -> tuple:
@@ -277,13 +320,13 @@ IDENTITY = Op("identity", "removed: the identity in eval mode", lower_identity, 
               modules=(nn.Identity, nn.Dropout, nn.Dropout2d), functions=(F.dropout, stochastic_depth),
               accepts=_not_training, homogeneous=True, channelwise=True, example=nn.Identity)
 RESHAPE = Op("reshape", "the same integers in another shape or order", lower_same, Output.SAME,
-             modules=(nn.Flatten,),
+             modules=(nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle),
              functions=(torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
                         torch.unsqueeze, torch.chunk, torch.split, torch.unbind, torch.narrow, torch.flip,
-                        torch.roll),
+                        torch.roll, torch.unflatten, F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle),
              methods=("flatten", "view", "reshape", "contiguous", "permute", "transpose", "squeeze",
                       "unsqueeze", "chunk", "split", "unbind", "narrow", "flip", "roll", "expand",
-                      "expand_as", "repeat", "t"),
+                      "expand_as", "repeat", "t", "unflatten", "reshape_as", "view_as"),
              keeps_call=True, homogeneous=True, integer_modules=(QConstant,), example=lambda: nn.Flatten(),
              export=export_reshape)
 ITEM = Op("getitem", "an item or slice of integers, same parameters", lower_item, Output.SAME,
