@@ -15,6 +15,7 @@ from torch import fx, nn
 from fxq import canonical, records, shapes
 from fxq.context import PassContext
 from fxq.graph import add_module_near, run_recording
+from fxq.ops import transposed
 from passes.calibrate import batch_input
 
 
@@ -115,6 +116,7 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
     canonical.layers_from_functions(gm, _rank_probe(gm, shape_of))
     canonical.attention_as_matmuls(gm, shape_of)
     canonical.conv1d_as_conv2d(gm)
+    transposed.transposed_as_convolutions(gm)
     canonical.stack_as_cat(gm)
     _check_one_input(gm, model)
     gm.graph.lint()

@@ -11,6 +11,7 @@ from torch import fx, nn
 
 from fxq.comparison import sqnr_db
 from fxq.graph import run_recording
+from fxq.outputs import named
 
 
 class ConvBnRelu(nn.Module):
@@ -91,10 +92,17 @@ class Chain(nn.Module):
 
 
 def output_steps(qmodel: fx.GraphModule, twin: fx.GraphModule, x: torch.Tensor):
-    """The integer model's and its twin's outputs on ``x``, as integer steps of the output scale."""
-    step = qmodel.get_submodule("dequantize").scale.item()
+    """The integer model's and its twin's outputs on ``x``, as integer steps of each output's scale
+    (all outputs flattened into one tensor where the model returns several)."""
+    from fxq.onnx_export import output_leaves
+    output = next(n for n in qmodel.graph.nodes if n.op == "output")
+    steps = [qmodel.get_submodule(leaf.target).scale.item() for leaf in output_leaves(output)]
     with torch.no_grad():
-        return torch.round(qmodel(x).double() / step), torch.round(twin(x).double() / step)
+        ours, theirs = named(qmodel(x)), named(twin(x))
+    if len(steps) == 1:  # one output, in its own shape
+        return tuple(torch.round(values[0][1].double() / steps[0]) for values in (ours, theirs))
+    return tuple(torch.cat([torch.round(t.double() / step).flatten() for (_, t), step in zip(values, steps)])
+                 for values in (ours, theirs))
 
 
 def node_values(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, object]:
@@ -113,8 +121,9 @@ def check_quantized(qmodel: fx.GraphModule, model: nn.Module, x: torch.Tensor, t
     fxq.save(qmodel, tmp_path / "model.fxq")
     loaded = fxq.load(tmp_path / "model.fxq")
     with torch.no_grad():
-        assert torch.equal(loaded(x), qmodel(x))
-        return sqnr_db(model(x), qmodel(x))
+        ours = named(qmodel(x))
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(named(loaded(x)), ours))
+        return min(sqnr_db(reference, q) for (_, reference), (_, q) in zip(named(model(x)), ours))
 
 
 def assert_deploys_bit_exact(qmodel: fx.GraphModule, x: torch.Tensor, saved: Path | None = None) -> None:
@@ -123,7 +132,9 @@ def assert_deploys_bit_exact(qmodel: fx.GraphModule, x: torch.Tensor, saved: Pat
     import fxq
     deployed = fxq.deploy(fxq.load(saved) if saved else qmodel, x[:1], threads=1, weights="exact")
     with torch.no_grad():
-        assert deployed.bit_exact and torch.equal(deployed(x), qmodel(x))
+        theirs, ours = named(deployed(x)), named(qmodel(x))
+    assert deployed.bit_exact and [n for n, _ in theirs] == [n for n, _ in ours]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(theirs, ours))
 
 
 def images(size: int, seed: int = 1) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -15,7 +15,20 @@ from fxq import records
 from fxq.canonical import torch_class
 from fxq.context import PassContext
 from fxq.graph import module_name
-from fxq.ops import activations, arithmetic, extrema, layers, matmul, norms, padding, pooling, reductions, resize, shape
+from fxq.ops import (
+    activations,
+    arithmetic,
+    extrema,
+    layers,
+    matmul,
+    norms,
+    padding,
+    pooling,
+    reductions,
+    resize,
+    shape,
+    transposed,
+)
 from fxq.ops.base import KeepInFloat, Lowering, Op, Output
 from fxq.ops.fallback import FLOAT, lower_in_float
 from fxq.qmodules import NotRepresentable
@@ -25,7 +38,8 @@ __all__ = ["FLOAT", "KeepInFloat", "Lowering", "Op", "Output", "REGISTRY", "clas
 # In order: where two entries match one form (``a + b`` and ``x + 3`` are both operator.add),
 # the first that accepts the call lowers it.
 REGISTRY: tuple[Op, ...] = (*layers.OPS, *arithmetic.OPS, *matmul.OPS, *activations.OPS, *pooling.OPS,
-                             *resize.OPS, *padding.OPS, *reductions.OPS, *extrema.OPS, *norms.OPS, *shape.OPS)
+                             *resize.OPS, *transposed.OPS, *padding.OPS, *reductions.OPS, *extrema.OPS, *norms.OPS,
+                             *shape.OPS)
 CALLS = ("call_module", "call_function", "call_method")
 
 
