@@ -360,6 +360,27 @@ def fold_size_tensors(gm: fx.GraphModule, values_at: Callable[[int], dict]) -> i
     return done
 
 
+def pads_from_sizes(gm: fx.GraphModule, values_at: Callable[[int], dict]) -> int:
+    """Give each ``F.pad`` whose amounts the model computes from sizes (Swin's padding up to a
+    multiple of its window: ``(ws - H % ws) % ws``) the amounts it computed for the input
+    ``values_at(n)`` runs the graph on, where the batch size does not change them: a padding of
+    fixed integers, which runs on integers. The graph is then made for that image size. Returns
+    how many."""
+    pads = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.pad and len(n.args) > 1
+            and isinstance(n.args[1], (tuple, list)) and any(isinstance(p, fx.Node) for p in n.args[1])]
+    if not pads:
+        return 0
+    one, two = values_at(1), values_at(2)
+    done = 0
+    for node in pads:
+        amounts = [(one.get(p), two.get(p)) if isinstance(p, fx.Node) else (p, p) for p in node.args[1]]
+        if all(type(a) is int and a == b for a, b in amounts):
+            node.args = (node.args[0], tuple(a for a, _ in amounts), *node.args[2:])
+            done += 1
+    gm.graph.eliminate_dead_code()
+    return done
+
+
 def _one_value(node: fx.Node, one: dict, two: dict) -> torch.Tensor | None:
     """The node's value for any batch, or for one sample where its users broadcast it; None if
     the batch size changes it otherwise."""

@@ -94,6 +94,25 @@ class ConcreteShapes:
     example: torch.Tensor | None = None
     specialized: bool = False
 
+    def trace(self, root, concrete_args=None):
+        """Trace with the model's own tensors' size-taking methods recorded where a size is traced
+        (ConViT's ``self.rel_indices.expand(B, -1, -1, -1)``: a buffer over the batch)."""
+        originals = {name: getattr(torch.Tensor, name) for name in _SIZED_METHODS}
+        try:
+            for name, method in originals.items():
+                setattr(torch.Tensor, name, self._recording(name, method))
+            return super().trace(root, concrete_args)
+        finally:
+            for name, method in originals.items():
+                setattr(torch.Tensor, name, method)
+
+    def _recording(self, name: str, method):
+        def sized(tensor, *args, **kwargs):
+            if isinstance(tensor, torch.Tensor) and any(isinstance(a, fx.Proxy) for a in (*args, *kwargs.values())):
+                return self.create_proxy("call_method", name, (tensor, *args), kwargs)
+            return method(tensor, *args, **kwargs)
+        return sized
+
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ShapedProxy(node, self)
 
@@ -151,6 +170,10 @@ class ConcreteShapes:
             if node.op == "call_module":
                 return self.root.get_submodule(node.target)(*args, **kwargs)
         raise ValueError(node.op)
+
+
+# a tensor's methods that take sizes, which a traced size (the batch) reaches in a model's own tensor
+_SIZED_METHODS = ("expand", "repeat", "view", "reshape", "new_zeros", "new_ones", "new_full", "new_empty")
 
 
 def _from_sizes(node: fx.Node) -> bool:

@@ -125,8 +125,9 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
 
 
 def _fold_size_tensors(gm: fx.GraphModule, ctx: PassContext) -> None:
-    """`canonical.fold_size_tensors` on the first calibration sample; a graph it folded is made
-    for that sample's size, and its input checks it (as a size-specialized trace's does)."""
+    """`canonical.fold_size_tensors` and `canonical.pads_from_sizes` on the first calibration
+    sample; a graph they changed is made for that sample's size, and its input checks it (as a
+    size-specialized trace's does)."""
     example = None
 
     def values_at(batch: int) -> dict:  # asked only if the graph makes a tensor from sizes
@@ -138,7 +139,7 @@ def _fold_size_tensors(gm: fx.GraphModule, ctx: PassContext) -> None:
 
     placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
     try:
-        folded = canonical.fold_size_tensors(gm, values_at)
+        folded = canonical.fold_size_tensors(gm, values_at) + canonical.pads_from_sizes(gm, values_at)
     except Exception:  # a model that fails on its calibration data is calibrate's to report, with its reason
         return
     if folded and not records.has(placeholder, records.FixedShape):

@@ -125,3 +125,46 @@ def test_a_branch_the_batch_size_decides_is_not_specialized(ctx):
 
     with pytest.raises(TypeError, match="cannot trace ByBatch"):
         trace(ByBatch(), fxq.PassContext(fxq.QConfig(), [torch.randn(4, 3, 8, 8)]))
+
+
+class WindowPadding(nn.Module):
+    """Swin: pad up to a multiple of the window, computed from the sizes; shift the windows by a roll."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.window = nn.Conv2d(3, 4, 3, padding=1), 3
+
+    def forward(self, x):
+        y = self.conv(x).permute(0, 2, 3, 1)
+        _, h, w, _ = y.shape
+        pad_h, pad_w = (self.window - h % self.window) % self.window, (self.window - w % self.window) % self.window
+        y = torch.nn.functional.pad(y, (0, 0, 0, pad_w, 0, pad_h))
+        return torch.roll(y, shifts=(-1, -1), dims=(1, 2))[:, :h, :w, :].permute(0, 3, 1, 2)
+
+
+class BufferOverBatch(nn.Module):
+    """ConViT: a buffer expanded to a batch size the tracer holds as a proxy, then projected."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.proj = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(3, 4)
+        self.register_buffer("positions", torch.linspace(-1, 1, 3 * 64).reshape(1, 64, 3), persistent=False)
+
+    def forward(self, x):
+        y = self.conv(x)
+        b, c, h, w = y.shape
+        positions = self.proj(self.positions.expand(b, -1, -1))
+        return y.flatten(2).transpose(1, 2) * positions
+
+
+def test_padding_computed_from_sizes_is_fixed_for_the_calibration_size_and_rolls_export(tmp_path):
+    torch.manual_seed(0)
+    qmodel, x = _quantized(WindowPadding(), tmp_path)
+    (pad,) = [n for n in qmodel.graph.nodes if n.op == "call_module" and "pad" in n.target]
+    assert qmodel.get_submodule(pad.target).pads == (0, 0, 0, 1, 0, 1)  # 8 → 9, a multiple of 3
+
+
+def test_a_buffer_expanded_to_a_traced_batch_size_is_recorded_and_runs_on_integers(tmp_path):
+    torch.manual_seed(0)
+    qmodel, x = _quantized(BufferOverBatch(), tmp_path)
+    assert not any(records.has(n, records.Untraceable) for n in qmodel.graph.nodes)

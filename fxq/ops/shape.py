@@ -174,6 +174,8 @@ def export_reshape(b, node: fx.Node, inputs: list, module) -> object:
         starts, ends, steps = b.ints([-1] * len(axes)), b.ints([-2**63] * len(axes)), b.ints([-1] * len(axes))
         return b.node("Slice", [x, b.constant(f"{name}_starts", starts), b.constant(f"{name}_ends", ends),
                                 b.constant(f"{name}_axes", axes), b.constant(f"{name}_steps", steps)], name)
+    if target in (torch.roll, "roll"):
+        return _roll(b, node, x, in_shape)
     if target == "expand_as":
         return b.node("Expand", [x, b.node("Shape", [inputs[1]], f"{name}_shape")], name)
     if target == "expand" and in_shape[0] == out_shape[0]:  # broadcasting keeps the input's batch
@@ -196,6 +198,27 @@ _RESHAPES = frozenset({torch.flatten, torch.reshape, torch.squeeze, torch.unsque
 _SHUFFLES = {nn.PixelShuffle: "pixel_shuffle", nn.PixelUnshuffle: "pixel_unshuffle",
              nn.ChannelShuffle: "channel_shuffle", nn.Unflatten: "unflatten", F.pixel_shuffle: "pixel_shuffle",
              F.pixel_unshuffle: "pixel_unshuffle", F.channel_shuffle: "channel_shuffle"}
+
+
+def _roll(b, node: fx.Node, x: str, shape: tuple) -> str:
+    """``torch.roll(x, shifts, dims)`` (Swin's shifted windows): per dim, the last ``s`` items
+    (of that dim's fixed size) then the rest, as ONNX Slice and Concat."""
+    shifts, dims = _dim_argument(node, 1, "shifts", None), _dim_argument(node, 2, "dims", None)
+    shifts, dims = (shifts, dims) if isinstance(shifts, (tuple, list)) else ((shifts,), (dims,))
+    if dims[0] is None:
+        raise ValueError(f"node '{node.name}': a roll of the flattened tensor does not export; give dims")
+    for at, (shift, dim) in enumerate(zip(shifts, dims)):
+        dim, size = dim % len(shape), shape[dim % len(shape)]
+        cut = shift % size
+        if cut == 0:
+            continue
+        axis = b.constant(f"{node.name}_axis{at}", b.ints([dim]))
+
+        def part(start: int, end: int) -> str:
+            return b.node("Slice", [x, b.constant(f"{node.name}_s", b.ints([start])),
+                                    b.constant(f"{node.name}_e", b.ints([end])), axis], f"{node.name}_part")
+        x = b.node("Concat", [part(size - cut, size), part(0, size - cut)], f"{node.name}_{at}", axis=dim)
+    return b.node("Identity", [x], node.name)
 
 
 def _pixel_moves(b, name: str, x: str, in_shape: tuple, out_shape: tuple, to_pixels: bool) -> str:
