@@ -266,6 +266,49 @@ _DTYPE_READS = frozenset({"type_as", "new_full", "new_zeros", "new_ones"})
 _FILLS = {"new_zeros": 0, "new_ones": 1}  # new_full gives its own
 
 
+def conv3d_as_conv2d(gm: fx.GraphModule, shape_of: Callable[[fx.Node], tuple | None]) -> int:
+    """Rewrite each ``nn.Conv3d`` whose kernel spans one spatial axis only by 1 (LambdaNet's
+    ``(r, r, 1)`` position lambdas, a video net's ``(1, k, k)``) as the ``Conv2d`` it runs on every
+    slice of that axis: that axis moved beside the batch and folded into it (``[N·D, C, H, W]``),
+    the conv, then unfolded and moved back. Zero padding, no padding or stride along that axis;
+    the input's sizes from calibration (``shape_of``). Returns how many."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        conv = gm.get_submodule(node.target) if node.op == "call_module" else None
+        shape = shape_of(node.args[0]) if torch_class(conv) is nn.Conv3d and len(node.args) == 1 else None
+        axis = next((a for a in range(3) if conv.kernel_size[a] == 1 and conv.stride[a] == 1
+                     and conv.padding[a] == 0), None) if shape is not None and not isinstance(conv.padding, str) \
+            and conv.padding_mode == "zeros" else None
+        if axis is None:
+            continue
+        keep = [a for a in range(3) if a != axis]
+        flat = nn.utils.skip_init(nn.Conv2d, conv.in_channels, conv.out_channels,
+                                  *[tuple(getattr(conv, f)[a] for a in keep) for f in ("kernel_size", "stride",
+                                                                                       "padding", "dilation")],
+                                  conv.groups, bias=conv.bias is not None)
+        _holding(flat, conv.weight.detach().squeeze(2 + axis), None if conv.bias is None else conv.bias.detach())
+        path = add_module_near(gm, node, f"{node.target.rpartition('.')[2]}_2d", flat)
+        order = [0, 2 + axis, 1] + [2 + a for a in keep]  # the kept-whole axis beside the batch
+        depth, channels = shape[2 + axis], shape[1]
+        graph = gm.graph
+        with graph.inserting_before(node):
+            moved = graph.call_method("permute", (node.args[0], *order))
+            sliced = graph.call_method("reshape", (moved, -1, channels, *(shape[2 + a] for a in keep)))
+            y = graph.call_module(path, (sliced,))
+        records.put(y, records.Origin(node.target))
+        out_sizes = [(shape[2 + a] + 2 * conv.padding[a] - conv.dilation[a] * (conv.kernel_size[a] - 1) - 1)
+                     // conv.stride[a] + 1 for a in keep]
+        with graph.inserting_after(y):
+            unfolded = graph.call_method("reshape", (y, -1, depth, conv.out_channels, *out_sizes))
+        with graph.inserting_after(unfolded):
+            back = graph.call_method("permute", (unfolded, *[order.index(d) for d in range(5)]))
+        node.replace_all_uses_with(back)
+        graph.erase_node(node)
+        done += 1
+    gm.delete_all_unused_submodules()
+    return done
+
+
 def stack_as_cat(gm: fx.GraphModule) -> int:
     """Rewrite ``torch.stack(tensors, dim)`` (SKNet's branches) as ``torch.cat`` of each tensor
     unsqueezed at ``dim``: the same values, as a concatenation fxq joins on integers."""

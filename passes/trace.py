@@ -116,6 +116,7 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
     canonical.layers_from_functions(gm, _rank_probe(gm, shape_of))
     canonical.attention_as_matmuls(gm, shape_of)
     canonical.conv1d_as_conv2d(gm)
+    canonical.conv3d_as_conv2d(gm, shape_of)
     transposed.transposed_as_convolutions(gm)
     canonical.stack_as_cat(gm)
     _check_one_input(gm, model)

@@ -165,12 +165,13 @@ def run_torch_ao(model: nn.Module, calibration: torch.Tensor, scored: torch.Tens
     return Result(True, integer_share, sqnr, agreement, seconds, float_ops)
 
 
-def attempt(run, *args) -> Result:
+def attempt(run, *args, kind: type = Result):
+    """``run(*args)``, or a ``kind`` saying it failed and why."""
     try:
         return run(*args)
     except Exception as error:  # a model a quantizer cannot take is a result, not a crash
         line = traceback.format_exception_only(type(error), error)[-1].strip()
-        return Result(False, error=line[:300])
+        return kind(False, error=line[:300])
 
 
 def table(results: dict) -> str:

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxq
-from tests.helpers import check_quantized, randomize_bn
+from passes.trace import trace
+from tests.helpers import check_quantized, images, quantize_whole, randomize_bn
 
 
 def _settled(model: nn.Module) -> nn.Module:
@@ -106,3 +107,25 @@ def test_a_weight_computed_from_parameters_is_computed_once_and_the_conv_quantiz
     x = torch.randn(5, 3, 12, 12)
     assert [type(m).__name__ for m in qmodel.modules() if "Conv" in type(m).__name__] == ["QConv2d"] * 2
     assert check_quantized(qmodel, model, x, tmp_path) > 25
+
+
+@pytest.mark.parametrize("kernel, padding", [((3, 3, 1), (1, 1, 0)), ((1, 3, 3), (0, 1, 1)), ((3, 1, 3), (1, 0, 1))])
+def test_a_conv3d_flat_along_one_axis_is_the_conv2d_of_every_slice(kernel, padding, tmp_path):
+    """LambdaNet's (r, r, 1) position lambdas: on integers, deployed bit-exact."""
+    torch.manual_seed(0)
+
+    class Lambdas(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.lam = nn.Conv2d(3, 8, 1), nn.Conv3d(1, 4, kernel, padding=padding)
+
+        def forward(self, x):
+            v = self.conv(x)
+            return self.lam(v.reshape(v.shape[0], 1, 8, 8, 8))
+
+    model = Lambdas().eval()
+    calibration, x = images(8)
+    traced = trace(model, fxq.PassContext(fxq.QConfig(), calibration))
+    assert not any(isinstance(m, nn.Conv3d) for m in traced.modules())
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=1e-5)
+    quantize_whole(model, calibration, x, tmp_path)
