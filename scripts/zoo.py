@@ -86,6 +86,12 @@ def build(name: str, seed: int = 0) -> nn.Module:
             model = timm.create_model(name, pretrained=False)
         else:
             model = torchvision.models.get_model(name, weights=None, **EXTRA_ARGUMENTS.get(name, {}))
+    return settled(model)
+
+
+def settled(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode, its batch norm statistics averaged over train-mode passes of the
+    images (so its activations have realistic scales)."""
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum = None  # a cumulative average over the settling batches

@@ -36,7 +36,7 @@ from passes.trace import trace
 from scripts import readme
 from scripts.evaluate import torch_ao_x86
 from scripts.results import FOLDER, Store
-from scripts.zoo import CALIBRATION, SCORED, attempt, images, share
+from scripts.zoo import CALIBRATION, SCORED, attempt, images, settled, share
 
 RESULTS = FOLDER / "zoo_vision.json"
 TRANSFORMERS = {"vit_tiny_patch16_224": {}, "deit_tiny_patch16_224": {}, "cait_xxs24_224": {},
@@ -50,15 +50,7 @@ MODELS = (*YOLO, *SEGMENTERS, "resnet18_fpn", "unet", "espcn", *TRANSFORMERS)
 def build(name: str, seed: int = 0) -> nn.Module:
     """The model with random weights and batch norm statistics settled on the images."""
     torch.manual_seed(seed)
-    model = _made(name)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = None  # a cumulative average over the settling batches
-    model.train()
-    with torch.no_grad():
-        for index in range(4):
-            model(images(32, 1000 + index))
-    return model.eval()
+    return settled(_made(name))
 
 
 def _made(name: str) -> nn.Module:
