@@ -53,6 +53,7 @@ docs: setup
 	$(PY) -m scripts.evaluate --reference --readme
 	$(PY) -m scripts.zoo
 	$(PY) -m scripts.zoo --joins
+	$(PY) -m scripts.zoo_vision
 	$(PY) -m scripts.branched
 	$(PY) -m scripts.deploy_agreement
 	$(PY) -m scripts.bench

@@ -152,8 +152,8 @@ def _rebuild(payload: dict) -> fx.GraphModule:
     for target in sorted(payload["modules"], key=_path_order):  # a Sequential's layers in their order
         _install(root, target, _module_from(target, payload["modules"][target]))
     for target, tensor in payload["constants"].items():
-        expect(_is_path(target) and isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32,
-                f"constant {target!r} is not a float32 tensor at a dotted path")
+        expect(_is_path(target) and isinstance(tensor, torch.Tensor) and tensor.dtype in CONSTANT_DTYPES,
+                f"constant {target!r} is not a float32, int64 or bool tensor at a dotted path")
         _install_constant(root, target, tensor)
     graph = fx.Graph()
     nodes: dict[str, fx.Node] = {}
@@ -354,12 +354,17 @@ def _container(root: nn.Module, target: str) -> tuple[nn.Module, str]:
     return owner, leaf
 
 
+CONSTANT_DTYPES = (torch.float32, torch.int64, torch.bool)
+
+
 def _constant_record(qmodel: fx.GraphModule, target: str) -> torch.Tensor:
-    """A tensor the graph reads with ``get_attr`` (a float op's parameter), as float32."""
+    """A tensor the graph reads with ``get_attr`` (a float op's parameter as float32; a mask as
+    bool; indices as int64)."""
     value = attribute(qmodel, target)
-    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-        raise ValueError(f"cannot save '{target}': the graph reads it, and it is not a float tensor")
-    return value.detach().to(torch.float32)
+    if not isinstance(value, torch.Tensor) or value.is_complex():
+        raise ValueError(f"cannot save '{target}': the graph reads it, and it is not a real tensor")
+    kind = torch.float32 if value.is_floating_point() else torch.bool if value.dtype == torch.bool else torch.int64
+    return value.detach().to(kind)
 
 
 # ---------------------------------------------------------------- config and names

@@ -80,7 +80,8 @@ def classify(node: fx.Node, modules: dict[str, nn.Module],
     if ctx is not None and node.op == "call_module" and ctx.config_for(module_name(node)) is None:
         return FLOAT, KEPT_BY_OVERRIDES
     if records.has(node, records.Untraceable):
-        return FLOAT, f"torch.fx cannot trace it, kept whole ({records.get(node, records.Untraceable).reason})"
+        return FLOAT, (f"torch.fx cannot trace it, kept whole ({records.get(node, records.Untraceable).reason}); "
+                       f"as the model's own code it runs here but is not saved or deployed: a file never holds code")
     candidates = match(node, modules)
     if not candidates:
         kind = type(modules[node.target]) if node.op == "call_module" else None
