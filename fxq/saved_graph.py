@@ -66,7 +66,8 @@ def node_from(graph: fx.Graph, record, nodes: dict[str, fx.Node], modules: dict,
     expect(isinstance(args, tuple) and isinstance(kwargs, dict), f"node '{name}' has malformed arguments")
     expect(all(map(is_identifier, kwargs)), f"node '{name}': keyword arguments must be identifiers")
     if target is getattr:
-        expect(len(args) == 2 and args[1] in SHAPE_ATTRIBUTES, f"node '{name}' reads an attribute fxq never reads")
+        expect(len(args) == 2 and args[1] in SHAPE_ATTRIBUTES | RESULT_FIELDS,
+               f"node '{name}' reads an attribute fxq never reads")
     node = graph.create_node(op, target, args, kwargs, name)
     expect(node.name == name, f"node name {name!r} is reserved")
     if record["qparams"] is not None:
@@ -109,6 +110,8 @@ def _qparams_from(name: str, values) -> ActQParams:
     return ActQParams(scale, zero_point, bits)
 
 
+# what a float op may read of torch's named results (``x.topk(k).values``)
+RESULT_FIELDS = frozenset({"values", "indices"})
 DEVICES = ("cpu", "cuda", "mps")  # a traced branch may have read a tensor's device (fxq.shapes)
 
 

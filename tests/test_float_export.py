@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxq
+from fxq.comparison import sqnr_db
 from fxq.runtime import count_ops
 from tests.helpers import output_steps, quantize_whole, randomize_bn
 
@@ -196,3 +197,30 @@ def test_items_slices_ellipses_and_new_dims_deploy_bit_exact(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(3, 3, 6, 6)
     quantize_whole(Indexed().eval(), [torch.randn(4, 3, 6, 6) for _ in range(2)], x, tmp_path)
+
+
+def test_torch_math_kept_in_float_saves_by_name_and_deploys(tmp_path):
+    """A detector's decoder as RT-DETR writes it: the top scores' values, a cast, a sampled grid."""
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            top = torch.topk(y.flatten(2), 5, dim=2).values.max(1).values
+            grid = torch.tanh(y[:, :2].permute(0, 2, 3, 1))
+            sampled = F.grid_sample(y, grid, align_corners=False)
+            return sampled.flatten(1) + top.long().float().sum(1, keepdim=True)
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxq.FloatFallbackWarning)
+        qmodel = fxq.quantize(Decoder().eval(), [torch.randn(4, 3, 6, 6) for _ in range(2)])
+    x = torch.randn(3, 3, 6, 6)
+    fxq.save(qmodel, tmp_path / "decoder.fxq")
+    with torch.no_grad():
+        ours = qmodel(x)
+        assert torch.equal(fxq.load(tmp_path / "decoder.fxq")(x), ours)
+        theirs = fxq.deploy(qmodel, threads=1, weights="exact")(x)
+    assert sqnr_db(ours, theirs) > 30

@@ -120,9 +120,33 @@ FLOAT_SCHEMAS: dict[type, Schema] = {
     **{cls: constructor_schema(cls) for cls in vars(nn).values() if _is_layer(cls)},
     **{cls: Schema({}, {}, _emptied, loose=True) for cls in CONTAINERS},
 }
-# Float functions and tensor methods a saved model may call, by name: torch's elementwise math,
-# reductions, normalizations and tensor plumbing. None of them touches anything but tensors.
-FLOAT_FUNCTIONS = (
+
+
+def _functional() -> tuple:
+    """Every function ``torch.nn.functional`` defines or re-exports from torch's kernels (its
+    classes and typing helpers left out): tensor math, none reads or writes anything else."""
+    kernels = ("torch.nn.functional", "torch", "torch._C._nn")
+    return tuple(f for name in dir(F) if not name.startswith("_") and not inspect.isclass(f := getattr(F, name))
+                 and callable(f) and getattr(f, "__module__", None) in kernels)
+
+
+def _tensor_math() -> frozenset[str]:
+    """Tensor methods that are also torch functions of the same name (``x.max(1)``,
+    ``torch.max(x, 1)``): tensor math on tensors in memory, less those that set a tensor's own
+    geometry over its storage (``as_strided``, ``resize_as_``)."""
+    both = {n for n in dir(torch.Tensor) if not n.startswith("_") and callable(getattr(torch, n, None))}
+    return frozenset(n for n in both if not n.startswith(("as_strided", "resize_")) and n not in _NOT_MATH)
+
+
+_NOT_MATH = frozenset({"device", "dtype", "layout", "get_device", "is_distributed", "dequantize", "int_repr",
+                       "q_per_channel_axis", "q_per_channel_scales", "q_per_channel_zero_points", "q_scale",
+                       "q_zero_point", "qscheme"})
+TENSOR_MATH = _tensor_math()
+
+
+# Float functions and tensor methods a saved model may call, by name: torch.nn.functional's, and
+# torch's elementwise math, reductions and tensor plumbing. None of them touches anything but tensors.
+FLOAT_FUNCTIONS = _functional() + tuple(getattr(torch, n) for n in sorted(TENSOR_MATH)) + (
     F.layer_norm, F.group_norm, F.batch_norm, F.softmax, F.log_softmax, F.interpolate, F.gelu,
     F.silu, F.hardswish, F.hardsigmoid, F.relu6, F.hardtanh, F.leaky_relu, F.elu, F.mish,
     F.softplus, F.sigmoid, F.tanh, F.normalize, F.dropout, F.pad, F.max_pool2d, F.avg_pool2d,
@@ -137,7 +161,9 @@ FLOAT_FUNCTIONS = (
     operator.mul, operator.truediv, operator.sub, operator.neg, operator.floordiv, operator.mod,
     operator.getitem, operator.matmul, operator.pow, operator.invert,
 )
-FLOAT_METHODS = frozenset({
+# casts to a dtype by name, and copies
+CASTS = frozenset({"long", "int", "short", "half", "double", "bool", "byte", "char", "bfloat16", "clone", "detach"})
+FLOAT_METHODS = TENSOR_MATH | CASTS | frozenset({
     "mean", "sum", "amax", "flip", "roll", "permute", "transpose", "mul", "mul_", "div", "div_",
     "sub", "sub_", "sigmoid", "tanh", "softmax", "chunk", "split", "squeeze", "unsqueeze", "expand",
     "expand_as", "view_as", "reshape_as", "clamp", "clamp_", "clamp_min", "clamp_max", "pow",
@@ -154,6 +180,8 @@ def export_float(b, node: fx.Node, inputs: list, module: nn.Module | None) -> st
     formula = _FORMULAS.get(type(module))
     if formula is not None:
         return formula(b, node.name, inputs[0], module)
+    if node.target is getattr and isinstance(inputs[0], list):  # a field of torch's named result (topk's)
+        return inputs[0][("values", "indices").index(node.args[1])]
     if isinstance(module, nn.LayerNorm):
         weight, bias = (b.constant(f"{node.name}_{k}", getattr(module, k).detach()) for k in ("weight", "bias"))
         return b.node("LayerNormalization", [inputs[0], weight, bias], node.name,
