@@ -13,6 +13,8 @@ quantized model checks on every input (`fxq.qmodules.Quantize`).
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 from torch.fx import _symbolic_trace
@@ -76,6 +78,10 @@ class _ShapedProxy(fx.Proxy):
         examples = self._examples()
         return examples[0].device if examples is not None else self.tracer.create_proxy(
             "call_function", getattr, (self, "device"), {})
+
+    def __setitem__(self, index, value) -> None:
+        """``y[:, 2::3] = v`` is recorded as ``operator.setitem`` (`fxq.ops.assign` makes it a value)."""
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
 
     def __len__(self) -> int:
         pieces = _pieces(self.node)

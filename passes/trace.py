@@ -15,7 +15,7 @@ from torch import fx, nn
 from fxq import canonical, records, shapes
 from fxq.context import PassContext
 from fxq.graph import add_module_near, run_recording
-from fxq.ops import transposed
+from fxq.ops import assign, transposed
 from passes.calibrate import batch_input
 
 
@@ -108,6 +108,7 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
     if getattr(tracer, "specialized", False):
         records.put(next(n for n in gm.graph.nodes if n.op == "placeholder"),
                     records.FixedShape(tuple(tracer.example.shape[1:])))
+    assign.functional_assignments(gm)
     _one_module_per_call_site(gm)
     canonical.dtype_reads_as_casts(gm, _probe(gm, ctx, lambda value: value.dtype))
     canonical.fold_parameter_math(gm)

@@ -168,3 +168,44 @@ def test_a_buffer_expanded_to_a_traced_batch_size_is_recorded_and_runs_on_intege
     torch.manual_seed(0)
     qmodel, x = _quantized(BufferOverBatch(), tmp_path)
     assert not any(records.has(n, records.Untraceable) for n in qmodel.graph.nodes)
+
+
+class Keypoints(nn.Module):
+    """Ultralytics' keypoint decoding: slices of a clone assigned in place, one reading another's result."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 9, 3, padding=1)
+        self.register_buffer("grid", torch.linspace(0, 1, 64))
+
+    def forward(self, x):
+        y = self.conv(x).flatten(2).clone()
+        y[:, 2::3] = y[:, 2::3].sigmoid()
+        y[:, 0::3] = (y[:, 0::3] * 2.0 + (self.grid - 0.5)) * 8
+        return y
+
+
+def test_slice_assignments_become_values_and_run_on_integers(tmp_path):
+    from fxq.ops.assign import QAssign
+    torch.manual_seed(0)
+    model = Keypoints().eval()
+    qmodel, x = _quantized(model, tmp_path)
+    assert len([m for m in qmodel.modules() if isinstance(m, QAssign)]) == 2
+    with torch.no_grad():
+        y = model(x)
+    assert torch.equal(y[:, 1::3], model.conv(x).flatten(2)[:, 1::3])  # the user's model still assigns in place
+
+
+def test_an_assignment_into_a_view_is_left_to_the_view(ctx):
+    import operator
+
+    class IntoView(nn.Module):
+        def forward(self, x):
+            view = x.view(x.shape[0], -1)
+            view[:, :2] = 0.0
+            return x * 2
+
+    gm = trace(IntoView(), fxq.PassContext(fxq.QConfig(), [torch.randn(4, 3, 8, 8)]))
+    assert any(n.target is operator.setitem for n in gm.graph.nodes)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(gm(x.clone()), IntoView()(x.clone()))

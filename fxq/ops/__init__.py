@@ -18,6 +18,7 @@ from fxq.graph import module_name
 from fxq.ops import (
     activations,
     arithmetic,
+    assign,
     extrema,
     layers,
     matmul,
@@ -38,8 +39,8 @@ __all__ = ["FLOAT", "KeepInFloat", "Lowering", "Op", "Output", "REGISTRY", "clas
 # In order: where two entries match one form (``a + b`` and ``x + 3`` are both operator.add),
 # the first that accepts the call lowers it.
 REGISTRY: tuple[Op, ...] = (*layers.OPS, *arithmetic.OPS, *matmul.OPS, *activations.OPS, *pooling.OPS,
-                             *resize.OPS, *transposed.OPS, *padding.OPS, *reductions.OPS, *extrema.OPS, *norms.OPS,
-                             *shape.OPS)
+                             *resize.OPS, *transposed.OPS, *assign.OPS, *padding.OPS, *reductions.OPS, *extrema.OPS,
+                             *norms.OPS, *shape.OPS)
 CALLS = ("call_module", "call_function", "call_method")
 
 

@@ -143,7 +143,7 @@ def export_reshape(b, node: fx.Node, inputs: list, module) -> object:
     channel shuffles as Reshape → Transpose → Reshape."""
     target, x, name = _SHUFFLES.get(type(module)) or _SHUFFLES.get(node.target, node.target), inputs[0], node.name
     in_shape, out_shape = b.shape_of(node.args[0]), b.shape_of(node)
-    if target == "contiguous":
+    if target in ("contiguous", "clone", "detach"):
         return x
     if target in ("pixel_shuffle", "pixel_unshuffle"):
         return _pixel_moves(b, name, x, in_shape, out_shape, target == "pixel_shuffle")
@@ -349,7 +349,7 @@ RESHAPE = Op("reshape", "the same integers in another shape or order", lower_sam
                         torch.roll, torch.unflatten, F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle),
              methods=("flatten", "view", "reshape", "contiguous", "permute", "transpose", "squeeze",
                       "unsqueeze", "chunk", "split", "unbind", "narrow", "flip", "roll", "expand",
-                      "expand_as", "repeat", "t", "unflatten", "reshape_as", "view_as"),
+                      "expand_as", "repeat", "t", "unflatten", "reshape_as", "view_as", "clone", "detach"),
              keeps_call=True, homogeneous=True, integer_modules=(QConstant,), example=lambda: nn.Flatten(),
              export=export_reshape)
 ITEM = Op("getitem", "an item or slice of integers, same parameters", lower_item, Output.SAME,
