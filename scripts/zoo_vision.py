@@ -43,7 +43,7 @@ TRANSFORMERS = {"vit_tiny_patch16_224": {}, "deit_tiny_patch16_224": {}, "cait_x
                 "swin_tiny_patch4_window7_224": {"window_size": 2}, "convit_tiny": {}, "levit_128s": {},
                 "pit_ti_224": {}, "xcit_nano_12_p16_224": {}, "coat_lite_tiny": {}}
 SEGMENTERS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_resnet50")
-YOLO = ("yolov8n", "yolov8n-seg", "yolo11n")
+YOLO = ("yolov8n", "yolov8n-seg", "yolov8n-pose", "yolo11n")
 MODELS = (*YOLO, *SEGMENTERS, "resnet18_fpn", "unet", "espcn", *TRANSFORMERS)
 
 
@@ -56,8 +56,10 @@ def build(name: str, seed: int = 0) -> nn.Module:
 def _made(name: str) -> nn.Module:
     from scripts.image_nets import ESPCN, UNet
     if name in YOLO:
-        from ultralytics.nn.tasks import DetectionModel, SegmentationModel  # a dev dependency: only studies and tests
-        return (SegmentationModel if name.endswith("-seg") else DetectionModel)(f"{name}.yaml", verbose=False)
+        from ultralytics.nn import tasks  # a dev dependency: only studies and tests
+        heads = {"-seg": tasks.SegmentationModel, "-pose": tasks.PoseModel}
+        kind = heads.get(name[name.rfind("-"):], tasks.DetectionModel)
+        return kind(f"{name}.yaml", verbose=False)
     if name in SEGMENTERS:
         import torchvision
         return torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=21)
