@@ -150,6 +150,7 @@ def test_errors_are_one_line_with_the_fix_and_exit_1_or_2(project, monkeypatch, 
         main(["quantize", *MODEL, "--calib", "0", "--out", "x.fxq", "--debug"])
 
 
+@pytest.mark.real_data  # a whole report with its plots: left to `make test`
 def test_a_model_returning_a_dict_evaluates_and_reports_its_outputs_against_float(project, monkeypatch, capsys):
     monkeypatch.chdir(project)
     model = ["--model", "tinynet:segmenter", "--weights", "segmenter.pt", "--data", "digits"]
