@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxq import records
 from fxq.graph import add_module_near
 
 # calls that read a tensor's shape, and Python comparisons and logic on what they return
@@ -95,18 +94,27 @@ def _fresh_attribute(gm: fx.GraphModule, base: str) -> str:
     return name
 
 
-def layers_from_functions(gm: fx.GraphModule, rank_of: Callable[[fx.Node], int | None]) -> int:
-    """Rewrite each ``F.linear``/``F.conv2d``/``F.batch_norm`` call whose parameters are the
-    model's own tensors (``get_attr``) into a call of ``nn.Linear``/``nn.Conv2d``/``nn.BatchNorm2d``
-    holding those very tensors, registered beside the call. A batch norm in training mode, or
-    over an input that is not 4-d (``rank_of``), stays as it is. Returns how many were rewritten."""
+def layers_from_functions(gm: fx.GraphModule, rank_of: Callable[[fx.Node], int | None], layers: dict) -> int:
+    """Rewrite each call of a weighted layer's function (``layers``: ``F.linear``, ``F.conv2d``, ...
+    → its `fxq.ops.weighted.Weights`) or of ``F.batch_norm`` whose parameters are the model's own
+    tensors (``get_attr``) into a call of the torch module it is (``nn.Linear``, ``nn.Conv2d``,
+    ``nn.BatchNorm2d``) holding those very tensors, registered beside the call. A batch norm in
+    training mode, or over an input that is not 4-d (``rank_of``), stays as it is. Returns how
+    many were rewritten."""
     done = 0
     for node in list(gm.graph.nodes):
-        make = _MAKERS.get(node.target) if node.op == "call_function" else None
-        bound = _bound(node) if make is not None else None
+        if node.op != "call_function":
+            continue
+        weights = layers.get(node.target)
+        if weights is None and node.target is not F.batch_norm:
+            continue
+        bound = _bound(node, weights.parameters if weights is not None else _SIGNATURES[F.batch_norm])
         if bound is None or not _constant_parameters(bound):
             continue
-        module = make(gm, node, bound, rank_of)
+        if weights is not None:
+            module = weights.from_call(_tensor(gm, bound["weight"]), _tensor(gm, bound["bias"]), bound)
+        else:
+            module = _batch_norm(gm, bound, rank_of)
         if module is None:
             continue
         path = add_module_near(gm, node, node.name, module)
@@ -115,12 +123,8 @@ def layers_from_functions(gm: fx.GraphModule, rank_of: Callable[[fx.Node], int |
     return done
 
 
-# each function's parameters in order, with their defaults (F.linear and F.conv2d are builtins
-# without a signature to inspect)
+# each function's parameters in order, with their defaults (builtins without a signature to inspect)
 _SIGNATURES = {
-    F.linear: (("input", ...), ("weight", ...), ("bias", None)),
-    F.conv2d: (("input", ...), ("weight", ...), ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1),
-               ("groups", 1)),
     F.batch_norm: (("input", ...), ("running_mean", ...), ("running_var", ...), ("weight", None), ("bias", None),
                    ("training", False), ("momentum", 0.1), ("eps", 1e-5)),
     F.scaled_dot_product_attention: (("query", ...), ("key", ...), ("value", ...), ("attn_mask", None),
@@ -129,9 +133,9 @@ _SIGNATURES = {
 }
 
 
-def _bound(node: fx.Node) -> dict | None:
-    """The call's arguments by name, defaults filled in; None if they do not fit the function."""
-    names = _SIGNATURES[node.target]
+def _bound(node: fx.Node, names: tuple) -> dict | None:
+    """The call's arguments by name (``names``: each with its default, ``...`` for none), defaults
+    filled in; None if they do not fit the function."""
     if len(node.args) > len(names) or set(node.kwargs) - {n for n, _ in names}:
         return None
     bound = dict(zip((n for n, _ in names), node.args))
@@ -151,6 +155,10 @@ def _constant_parameters(bound: dict) -> bool:
         isinstance(value, fx.Node) for name, value in bound.items() if name not in _PARAMETERS + ("input",))
 
 
+def as_parameter(tensor: torch.Tensor) -> nn.Parameter:
+    return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+
+
 def _tensor(gm: fx.GraphModule, node: fx.Node | None) -> torch.Tensor | None:
     if node is None:
         return None
@@ -158,23 +166,7 @@ def _tensor(gm: fx.GraphModule, node: fx.Node | None) -> torch.Tensor | None:
     return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
-def _linear(gm, node, bound, rank_of) -> nn.Module:
-    weight, bias = _tensor(gm, bound["weight"]), _tensor(gm, bound["bias"])
-    layer = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None)
-    return _holding(layer, weight, bias)
-
-
-def _conv(gm, node, bound, rank_of) -> nn.Module | None:
-    weight, bias = _tensor(gm, bound["weight"]), _tensor(gm, bound["bias"])
-    if weight.dim() != 4:
-        return None
-    groups = bound["groups"]
-    layer = nn.utils.skip_init(nn.Conv2d, weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
-                               bound["stride"], bound["padding"], bound["dilation"], groups, bias=bias is not None)
-    return _holding(layer, weight, bias)
-
-
-def _batch_norm(gm, node, bound, rank_of) -> nn.Module | None:
+def _batch_norm(gm, bound, rank_of) -> nn.Module | None:
     if bound["training"] is not False or bound["running_mean"] is None or rank_of(bound["input"]) != 4:
         return None
     mean, var = _tensor(gm, bound["running_mean"]), _tensor(gm, bound["running_var"])
@@ -182,53 +174,10 @@ def _batch_norm(gm, node, bound, rank_of) -> nn.Module | None:
     norm = nn.BatchNorm2d(mean.numel(), eps=bound["eps"], affine=False)
     norm.running_mean, norm.running_var = mean, var
     if weight is not None or bias is not None:  # one of them alone: the other is the identity's
-        norm.weight = _parameter(weight if weight is not None else torch.ones_like(mean))
-        norm.bias = _parameter(bias if bias is not None else torch.zeros_like(mean))
+        norm.weight = as_parameter(weight if weight is not None else torch.ones_like(mean))
+        norm.bias = as_parameter(bias if bias is not None else torch.zeros_like(mean))
         norm.affine = True
     return norm.eval()
-
-
-def _holding(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """``layer`` with the model's own tensors as its parameters (shared, not copied)."""
-    layer.weight = _parameter(weight)
-    if bias is not None:
-        layer.bias = _parameter(bias)
-    return layer.eval()
-
-
-def _parameter(tensor: torch.Tensor) -> nn.Parameter:
-    return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
-
-
-_MAKERS = {F.linear: _linear, F.conv2d: _conv, F.batch_norm: _batch_norm}
-
-
-def conv1d_as_conv2d(gm: fx.GraphModule) -> int:
-    """Rewrite each ``nn.Conv1d`` call (ECA's channel attention) as ``unsqueeze(-1)`` → the
-    ``nn.Conv2d`` with a ``k×1`` kernel that computes the same sums → ``squeeze(-1)``: one conv
-    fxq quantizes. Zero padding only (another mode stays as it is). Returns how many."""
-    done = 0
-    for node in list(gm.graph.nodes):
-        conv = gm.get_submodule(node.target) if node.op == "call_module" else None
-        if torch_class(conv) is not nn.Conv1d or conv.padding_mode != "zeros" or node.kwargs or len(node.args) != 1:
-            continue
-        padding = conv.padding if isinstance(conv.padding, str) else (conv.padding[0], 0)
-        square = nn.utils.skip_init(nn.Conv2d, conv.in_channels, conv.out_channels, (conv.kernel_size[0], 1),
-                                    (conv.stride[0], 1), padding, (conv.dilation[0], 1), conv.groups,
-                                    bias=conv.bias is not None)
-        _holding(square, conv.weight.detach().unsqueeze(-1), None if conv.bias is None else conv.bias.detach())
-        path = add_module_near(gm, node, f"{node.target.rpartition('.')[2]}_2d", square)
-        with gm.graph.inserting_before(node):
-            column = gm.graph.call_method("unsqueeze", (node.args[0], -1))
-            summed = gm.graph.call_module(path, (column,))
-        records.put(summed, records.Origin(node.target))  # overrides and reports name the user's module
-        with gm.graph.inserting_after(node):
-            flat = gm.graph.call_method("squeeze", (summed, -1))
-        node.replace_all_uses_with(flat)
-        gm.graph.erase_node(node)
-        done += 1
-    gm.delete_all_unused_submodules()
-    return done
 
 
 def dtype_reads_as_casts(gm: fx.GraphModule, dtype_of: Callable[[fx.Node], torch.dtype | None]) -> int:
@@ -266,49 +215,6 @@ _DTYPE_READS = frozenset({"type_as", "new_full", "new_zeros", "new_ones"})
 _FILLS = {"new_zeros": 0, "new_ones": 1}  # new_full gives its own
 
 
-def conv3d_as_conv2d(gm: fx.GraphModule, shape_of: Callable[[fx.Node], tuple | None]) -> int:
-    """Rewrite each ``nn.Conv3d`` whose kernel spans one spatial axis only by 1 (LambdaNet's
-    ``(r, r, 1)`` position lambdas, a video net's ``(1, k, k)``) as the ``Conv2d`` it runs on every
-    slice of that axis: that axis moved beside the batch and folded into it (``[N·D, C, H, W]``),
-    the conv, then unfolded and moved back. Zero padding, no padding or stride along that axis;
-    the input's sizes from calibration (``shape_of``). Returns how many."""
-    done = 0
-    for node in list(gm.graph.nodes):
-        conv = gm.get_submodule(node.target) if node.op == "call_module" else None
-        shape = shape_of(node.args[0]) if torch_class(conv) is nn.Conv3d and len(node.args) == 1 else None
-        axis = next((a for a in range(3) if conv.kernel_size[a] == 1 and conv.stride[a] == 1
-                     and conv.padding[a] == 0), None) if shape is not None and not isinstance(conv.padding, str) \
-            and conv.padding_mode == "zeros" else None
-        if axis is None:
-            continue
-        keep = [a for a in range(3) if a != axis]
-        flat = nn.utils.skip_init(nn.Conv2d, conv.in_channels, conv.out_channels,
-                                  *[tuple(getattr(conv, f)[a] for a in keep) for f in ("kernel_size", "stride",
-                                                                                       "padding", "dilation")],
-                                  conv.groups, bias=conv.bias is not None)
-        _holding(flat, conv.weight.detach().squeeze(2 + axis), None if conv.bias is None else conv.bias.detach())
-        path = add_module_near(gm, node, f"{node.target.rpartition('.')[2]}_2d", flat)
-        order = [0, 2 + axis, 1] + [2 + a for a in keep]  # the kept-whole axis beside the batch
-        depth, channels = shape[2 + axis], shape[1]
-        graph = gm.graph
-        with graph.inserting_before(node):
-            moved = graph.call_method("permute", (node.args[0], *order))
-            sliced = graph.call_method("reshape", (moved, -1, channels, *(shape[2 + a] for a in keep)))
-            y = graph.call_module(path, (sliced,))
-        records.put(y, records.Origin(node.target))
-        out_sizes = [(shape[2 + a] + 2 * conv.padding[a] - conv.dilation[a] * (conv.kernel_size[a] - 1) - 1)
-                     // conv.stride[a] + 1 for a in keep]
-        with graph.inserting_after(y):
-            unfolded = graph.call_method("reshape", (y, -1, depth, conv.out_channels, *out_sizes))
-        with graph.inserting_after(unfolded):
-            back = graph.call_method("permute", (unfolded, *[order.index(d) for d in range(5)]))
-        node.replace_all_uses_with(back)
-        graph.erase_node(node)
-        done += 1
-    gm.delete_all_unused_submodules()
-    return done
-
-
 def stack_as_cat(gm: fx.GraphModule) -> int:
     """Rewrite ``torch.stack(tensors, dim)`` (SKNet's branches) as ``torch.cat`` of each tensor
     unsqueezed at ``dim``: the same values, as a concatenation fxq joins on integers."""
@@ -338,7 +244,7 @@ def attention_as_matmuls(gm: fx.GraphModule, shape_of: Callable[[fx.Node], tuple
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
             continue
-        bound = _bound(node)
+        bound = _bound(node, _SIGNATURES[node.target])
         if bound is None or bound["dropout_p"] != 0.0 or bound["is_causal"] or bound["enable_gqa"] \
                 or not _additive_mask(gm, bound["attn_mask"]):
             continue

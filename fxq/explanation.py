@@ -18,7 +18,7 @@ from fxq.affine import ActQParams
 from fxq.config import QConfig, Rounding
 from fxq.graph import run_recording
 from fxq.ops.activations import QReLU, QRequantize
-from fxq.ops.layers import QConv2d, QLayer
+from fxq.ops.qlayer import QLayer
 from fxq.qmodules import Dequantize, Quantize
 from fxq.records import IntRange, Observed
 from fxq.reference import reference_output
@@ -227,7 +227,7 @@ def _layer(qmodel, node: fx.Node, seen: dict, source: str) -> LayerExplanation:
         steps.append(Step("ReLU: in the clamp above", out_dtype, IntRange(0, qmax_out), out_seen,
                           "placement post: z_O = 0, so clamping at 0 is the ReLU"))
     steps.append(_final_dequantize(qmodel))
-    kind = "conv" if isinstance(m, QConv2d) else "linear"
+    kind = m.kind
     summary = (f"integer {kind}, weight {tuple(m.weight.shape)} {_weight_bits(m)}-bit (int8), K = {k}; "
                f"output {m.output_bits}-bit at s_O = {float(m.output_scale):.6g}")
     formula = (f"O_q = clamp({z_out} + round(M[c] · (Σ W_q·(I_q − {z_in}) + b_q[c])), 0, {qmax_out})\n"
@@ -265,10 +265,10 @@ def _how_accumulated(m: QLayer) -> str:
         kernel = "int8 GEMM (torch._int_mm)" + (f" per group ({m.groups})" if m.groups > 1 else "")
     elif backend is gemm.Backend.FLOAT32:
         chunks = len(m.float32_chunks)
-        kernel = (f"float32 {'conv' if isinstance(m, QConv2d) else 'GEMM'} on I_q − z_I in {chunks} "
+        kernel = (f"float32 {m.operation} on I_q − z_I in {chunks} "
                   f"chunk{'s' * (chunks > 1)} of input channels, every partial sum ≤ 2^24")
     else:
-        kernel = f"float64 {'conv' if isinstance(m, QConv2d) else 'GEMM'} on integers < 2^53"
+        kernel = f"float64 {m.operation} on integers < 2^53"
     return f"{kernel}, exact ({backend} backend, {gemm.how_chosen()})"
 
 

@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxq import distributed, ranges
+from fxq import distributed, ops, ranges
 from fxq.affine import ActQParams
 from fxq.config import QConfig
-from fxq.ops.layers import explicit_padding
 
 
 class Observer(nn.Module):
@@ -262,11 +261,8 @@ class InputGram(nn.Module):
     def __init__(self, layer: nn.Module, label: str, gram: bool = True):
         super().__init__()
         self.label = label
-        self.geometry = None
         self.groups = getattr(layer, "groups", 1)
-        if isinstance(layer, nn.Conv2d):
-            self.geometry = dict(kernel_size=layer.kernel_size, dilation=layer.dilation,
-                                 padding=explicit_padding(layer), stride=layer.stride)
+        self.geometry = ops.weights_of(layer).columns(layer)
         size = layer.weight[0].numel()
         self.register_buffer("gram", torch.zeros(self.groups, size, size, dtype=torch.float64) if gram else None)
         self.register_buffer("column_sum", torch.zeros(self.groups, size, dtype=torch.float64))

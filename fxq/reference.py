@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from fxq import intmath
 from fxq.config import Rounding
-from fxq.ops.layers import QConv2d, QLayer
+from fxq.ops.qlayer import QLayer
 
 
 def reference_output(m: QLayer, x_q: torch.Tensor) -> torch.Tensor:
@@ -16,7 +16,7 @@ def reference_output(m: QLayer, x_q: torch.Tensor) -> torch.Tensor:
     ``clamp(z_O + sign(p)·⌊(|p| + 2^(r−1)) / 2^r⌋)`` with ``p = acc·m``, ``r = 31 − shift``."""
     centered = x_q.to(torch.float64) - int(m.input_zero_point)
     w = m.weight.to(torch.int64).reshape(m.weight.shape[0], -1)
-    if isinstance(m, QConv2d):
+    if m.kind == "conv":
         cols = F.unfold(centered, m.weight.shape[2:], m.dilation, m.padding, m.stride).round().to(torch.int64)
         n, g = cols.shape[0], m.groups  # a group's outputs read its own block of input channels
         acc = torch.einsum("gok,ngkl->ngol", w.reshape(g, -1, w.shape[1]), cols.reshape(n, g, w.shape[1], -1))

@@ -55,25 +55,18 @@ def _steps(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 class FloatLayer(nn.Module):
-    """A conv/linear in float64 on ``q − z_I`` with the integer weights and bias: the accumulator
+    """A weighted layer in float64 on ``q − z_I`` with the integer weights and bias: the accumulator
     of formula (1), exact, then formula (2) with the layer's own fixed-point multiplier."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.layer = layer
-        self.conv = layer.weight.dim() == 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.layer
         centred = _steps(x, float(m.input_scale))
-        weight, bias = m.weight.to(torch.float64), m.bias.to(torch.float64)
-        if self.conv:
-            acc = F.conv2d(centred, weight, bias, m.stride, m.padding, m.dilation, m.groups).permute(0, 2, 3, 1)
-        else:
-            acc = F.linear(centred, weight, bias)
-        q = m.requantize(acc.to(torch.int64))
-        q = q.permute(0, 3, 1, 2) if self.conv else q
-        return _values(q, m.output_qparams)
+        acc, positions = m.as_positions(m.float_op(centred, m.weight.to(torch.float64), m.bias.to(torch.float64)))
+        return _values(m.to_output(m.requantize(acc.to(torch.int64)), positions), m.output_qparams)
 
 
 class OnIntegers(nn.Module):

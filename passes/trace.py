@@ -12,10 +12,10 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from fxq import canonical, records, shapes
+from fxq import canonical, ops, records, shapes
 from fxq.context import PassContext
 from fxq.graph import add_module_near, run_recording
-from fxq.ops import assign, transposed
+from fxq.ops import assign
 from passes.calibrate import batch_input
 
 
@@ -74,7 +74,7 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
     Before: any ``nn.Module``. After: a ``GraphModule`` with the same submodules and the same
     numerics; calls on the model's own tensors alone (a standardized weight) are computed once, a
     layer its module computes with ``F.linear``/``F.conv2d``/``F.batch_norm`` on its own
-    tensors is a call of the torch module it is, a ``Conv1d`` the ``k×1`` ``Conv2d`` it equals, a
+    tensors is a call of the torch module it is, a
     ``stack`` the ``cat`` of unsqueezed tensors, fused attention the matrix products and softmax
     it fuses (`fxq.canonical`). A submodule ``overrides`` maps
     to None is kept whole, as one call that runs in float: the way to quantize a model around a
@@ -110,15 +110,12 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
                     records.FixedShape(tuple(tracer.example.shape[1:])))
     assign.functional_assignments(gm)
     _one_module_per_call_site(gm)
-    canonical.dtype_reads_as_casts(gm, _probe(gm, ctx, lambda value: value.dtype))
+    canonical.dtype_reads_as_casts(gm, probe(gm, ctx, lambda value: value.dtype))
     canonical.fold_parameter_math(gm)
     _fold_size_tensors(gm, ctx)
-    shape_of = _probe(gm, ctx, lambda value: tuple(value.shape))
-    canonical.layers_from_functions(gm, _rank_probe(gm, shape_of))
+    shape_of = probe(gm, ctx, lambda value: tuple(value.shape))
+    canonical.layers_from_functions(gm, _rank_probe(gm, shape_of), ops.FUNCTIONAL_LAYERS)
     canonical.attention_as_matmuls(gm, shape_of)
-    canonical.conv1d_as_conv2d(gm)
-    canonical.conv3d_as_conv2d(gm, shape_of)
-    transposed.transposed_as_convolutions(gm)
     canonical.stack_as_cat(gm)
     _check_one_input(gm, model)
     gm.graph.lint()
@@ -215,7 +212,7 @@ def _one_module_per_call_site(gm: fx.GraphModule) -> None:
             records.put(node, records.Origin(target))
 
 
-def _probe(gm: fx.GraphModule, ctx: PassContext, fact: Callable[[torch.Tensor], object]):
+def probe(gm: fx.GraphModule, ctx: PassContext, fact: Callable[[torch.Tensor], object]):
     """``fact_of(node)``: ``fact`` of a tensor value (its shape, its dtype) on one calibration
     image, run through the graph only when first asked (None if unknown: the call asking is left
     as it is)."""
@@ -230,10 +227,12 @@ def _probe(gm: fx.GraphModule, ctx: PassContext, fact: Callable[[torch.Tensor], 
 
 
 def _rank_probe(gm: fx.GraphModule, shape_of):
-    """``rank_of(node)``: a value's number of dims, a conv's output's without running the graph."""
+    """``rank_of(node)``: a value's number of dims; a layer's whose type fixes it without running
+    the graph (a conv's)."""
     def rank_of(node: fx.Node) -> int | None:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Conv2d):
-            return 4
+        weights = ops.weights_of(gm.get_submodule(node.target)) if node.op == "call_module" else None
+        if weights is not None and weights.output_rank is not None:
+            return weights.output_rank
         shape = shape_of(node)
         return None if shape is None else len(shape)
     return rank_of

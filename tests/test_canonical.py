@@ -7,8 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxq
-from passes.trace import trace
-from tests.helpers import check_quantized, images, quantize_whole, randomize_bn
+from tests.helpers import check_quantized, randomize_bn
 
 
 def _settled(model: nn.Module) -> nn.Module:
@@ -64,33 +63,6 @@ def test_a_models_own_assertion_fails_calibration_with_its_message_and_the_node(
         fxq.quantize(Asserting(), [torch.randn(2, 3, 10, 12)])
 
 
-class ChannelAttention(nn.Module):
-    """ECA: a Conv1d across the pooled channels gates them."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv, self.gate = nn.Conv2d(3, 8, 3, padding=1), nn.Conv1d(1, 1, 3, padding=1, bias=False)
-
-    def forward(self, x):
-        x = torch.relu(self.conv(x))
-        y = self.gate(x.mean((2, 3)).view(x.shape[0], 1, -1)).view(x.shape[0], -1, 1, 1)
-        return x * y.sigmoid().expand_as(x)
-
-
-def test_a_conv1d_runs_on_integers_as_the_conv2d_it_equals_and_deploys_exactly(tmp_path):
-    from fxq.runtime import count_ops
-    from tests.helpers import assert_deploys_bit_exact
-    torch.manual_seed(0)
-    model = ChannelAttention().eval()
-    qmodel = fxq.quantize(model, _calib(), fxq.QConfig(requantize="onnxruntime"))
-    x = torch.randn(5, 3, 12, 12)
-    assert count_ops(qmodel, x).float == 0
-    assert check_quantized(qmodel, model, x, tmp_path) > 25
-    assert_deploys_bit_exact(qmodel, x, tmp_path / "model.fxq")
-    kept = fxq.quantize(model, _calib(), overrides={"gate": None})  # the user's name still reaches it
-    assert len([m for m in kept.modules() if type(m) in (nn.Conv1d, nn.Conv2d)]) == 1  # the gate, in float
-
-
 class StandardizedConv(nn.Conv2d):
     """Weight standardization (BiT's StdConv2d): the weight is computed from parameters at every call."""
 
@@ -107,25 +79,3 @@ def test_a_weight_computed_from_parameters_is_computed_once_and_the_conv_quantiz
     x = torch.randn(5, 3, 12, 12)
     assert [type(m).__name__ for m in qmodel.modules() if "Conv" in type(m).__name__] == ["QConv2d"] * 2
     assert check_quantized(qmodel, model, x, tmp_path) > 25
-
-
-@pytest.mark.parametrize("kernel, padding", [((3, 3, 1), (1, 1, 0)), ((1, 3, 3), (0, 1, 1)), ((3, 1, 3), (1, 0, 1))])
-def test_a_conv3d_flat_along_one_axis_is_the_conv2d_of_every_slice(kernel, padding, tmp_path):
-    """LambdaNet's (r, r, 1) position lambdas: on integers, deployed bit-exact."""
-    torch.manual_seed(0)
-
-    class Lambdas(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.lam = nn.Conv2d(3, 8, 1), nn.Conv3d(1, 4, kernel, padding=padding)
-
-        def forward(self, x):
-            v = self.conv(x)
-            return self.lam(v.reshape(v.shape[0], 1, 8, 8, 8))
-
-    model = Lambdas().eval()
-    calibration, x = images(8)
-    traced = trace(model, fxq.PassContext(fxq.QConfig(), calibration))
-    assert not any(isinstance(m, nn.Conv3d) for m in traced.modules())
-    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=1e-5)
-    quantize_whole(model, calibration, x, tmp_path)

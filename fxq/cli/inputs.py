@@ -69,9 +69,10 @@ def _torchvision(name: str, num_classes: int | None, state: dict | None) -> nn.M
                          "...) nor PKG.MODULE:FACTORY")
     model = torchvision.models.get_model(name, **({} if num_classes is None else {"num_classes": num_classes}))
     if num_classes is None and state is not None:  # the checkpoint's classifier says how many classes
-        head = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+        head = [n for n, m in model.named_modules() if getattr(m, "weight", None) is not None
+                and m.weight.dim() == 2][-1]  # the last fully connected layer
         rows = state.get(f"{head}.weight")
-        if rows is not None and rows.dim() == 2 and rows.shape[0] != model.get_submodule(head).out_features:
+        if rows is not None and rows.dim() == 2 and rows.shape[0] != model.get_submodule(head).weight.shape[0]:
             model = torchvision.models.get_model(name, num_classes=rows.shape[0])
     return model
 

@@ -2,6 +2,7 @@
 
     fxq.ops.REGISTRY                  the entries
     fxq.ops.classify(node, modules)   (the entry that lowers a call, why it stays float if so)
+    fxq.ops.weights_of(module)        a weighted layer's layout (`fxq.ops.weighted`), or None
 
 A call no entry matches, or one its entry does not accept, runs in float between integers
 (`fxq.ops.fallback.FLOAT`). Adding an op is one entry in one of the family modules below plus
@@ -19,6 +20,7 @@ from fxq.ops import (
     activations,
     arithmetic,
     assign,
+    convolutions,
     extrema,
     layers,
     matmul,
@@ -32,15 +34,17 @@ from fxq.ops import (
 )
 from fxq.ops.base import KeepInFloat, Lowering, Op, Output
 from fxq.ops.fallback import FLOAT, lower_in_float
+from fxq.ops.weighted import Weights
 from fxq.qmodules import NotRepresentable
 
-__all__ = ["FLOAT", "KeepInFloat", "Lowering", "Op", "Output", "REGISTRY", "classify", "lower", "match"]
+__all__ = ["FLOAT", "FUNCTIONAL_LAYERS", "KeepInFloat", "Lowering", "Op", "Output", "REGISTRY", "REWRITES",
+           "Weights", "classify", "lower", "match", "weights_of"]
 
 # In order: where two entries match one form (``a + b`` and ``x + 3`` are both operator.add),
 # the first that accepts the call lowers it.
-REGISTRY: tuple[Op, ...] = (*layers.OPS, *arithmetic.OPS, *matmul.OPS, *activations.OPS, *pooling.OPS,
-                             *resize.OPS, *transposed.OPS, *assign.OPS, *padding.OPS, *reductions.OPS, *extrema.OPS,
-                             *norms.OPS, *shape.OPS)
+REGISTRY: tuple[Op, ...] = (*layers.OPS, *convolutions.OPS, *arithmetic.OPS, *matmul.OPS, *activations.OPS,
+                             *pooling.OPS, *resize.OPS, *transposed.OPS, *assign.OPS, *padding.OPS, *reductions.OPS,
+                             *extrema.OPS, *norms.OPS, *shape.OPS)
 CALLS = ("call_module", "call_function", "call_method")
 
 
@@ -55,6 +59,16 @@ def _index(forms: str) -> dict:
 _BY_MODULE, _BY_FUNCTION, _BY_METHOD = _index("modules"), _index("functions"), _index("methods")
 # the functions and methods that return sizes, not tensors
 _SIZES = frozenset(form for op in REGISTRY if op.output is Output.NONE for form in op.functions + op.methods)
+
+
+def weights_of(module: nn.Module) -> Weights | None:
+    """The weight layout of a layer (`fxq.ops.weighted`) by what it computes; None if it has none."""
+    return next((op.weights for op in _BY_MODULE.get(torch_class(module), ()) if op.weights), None)
+
+
+# the layers computed by an F.* call on the model's own tensors (F.conv2d), by that function
+FUNCTIONAL_LAYERS = {op.weights.function: op.weights for op in REGISTRY if op.weights and op.weights.function}
+REWRITES = tuple(op for op in REGISTRY if op.rewrite is not None)
 
 
 def match(node: fx.Node, modules: dict[str, nn.Module]) -> list[Op]:

@@ -13,6 +13,7 @@ from fxq.affine import ActQParams
 from fxq.config import Rounding
 from fxq.context import PassContext
 from fxq.graph import add_module_near, call_after, replace_module
+from fxq.ops.weighted import Weights
 
 
 class Output(enum.Enum):
@@ -44,8 +45,11 @@ class Op:
     cross-layer equalization may scale across it), ``channelwise`` (channel c of the output
     depends on channel c of the input only), ``clamps`` (a piecewise identity that fuses after a
     producer: the "pre"/"post" placement applies to it), ``absorbs_activation`` (a producer a
-    following clamp fuses with), ``weighted`` (a layer with weights: what per-layer configs,
-    keep_first_last_8bit, equalization and bias correction apply to), ``residual_join`` (a sum of
+    following clamp fuses with), ``weights`` (a layer with weights, what per-layer configs,
+    keep_first_last_8bit, equalization and bias correction apply to: its layout, `fxq.ops.weighted`),
+    ``rewrite`` (a layer computed as other entries' ops, a transposed conv as zero insertion and a
+    conv: ``rewrite(gm, node, shape_of)`` replaces the call (True) once batch norms have folded into it,
+    `passes.layers_as_convs`), ``residual_join`` (a sum of
     two tensors, which `passes.quantize_add` makes an integer add with operands at their own
     scales), ``concatenates`` (a join whose inputs `passes.convert` may quantize at its own
     parameters), ``rescalable_bounds`` (a clamp whose bounds cross-layer equalization rescales per
@@ -69,12 +73,17 @@ class Op:
     channelwise: bool = False
     clamps: bool = False
     absorbs_activation: bool = False
-    weighted: bool = False
+    weights: Weights | None = None
+    rewrite: Callable[[fx.GraphModule, fx.Node, Callable], bool] | None = None
     residual_join: bool = False
     concatenates: bool = False
     rescalable_bounds: bool = False
     example: Callable[[], Callable] | None = None
     export: Callable | None = None  # a kept call as ONNX: (builder, node, inputs, module) -> value
+
+    @property
+    def weighted(self) -> bool:
+        return self.weights is not None
 
     def __repr__(self) -> str:
         return f"Op({self.name})"

@@ -12,6 +12,7 @@ from fxq.affine import ActQParams
 from fxq.config import Rounding
 from fxq.ops.base import Lowering, Op, Output, output_qparams, qparams_of
 from fxq.ops.qlayer import LAYER_TENSORS, QLayer, layer_ranges
+from fxq.ops.weighted import BATCH_NORMS, CONV_PARAMETERS, Weights
 from fxq.records import QuantizedWeight
 from fxq.schema import Schema
 
@@ -29,6 +30,7 @@ class QConv2d(QLayer):
                      "requantize_as": sc.REQUANTIZE},
                     LAYER_TENSORS, ranges=layer_ranges)
     weight_dims = 4
+    kind, operation = "conv", "conv"  # how reports name it and its float kernel
 
     def __init__(self, conv: nn.Conv2d, weights: QuantizedWeight, input_qp: ActQParams,
                  output_qp: ActQParams, name: str, rounding: Rounding = Rounding.FIXED_POINT):
@@ -148,11 +150,30 @@ def lower_layer(lo: Lowering, node: fx.Node) -> None:
               node.target, node.args[:1])
 
 
+def _columns(conv: nn.Conv2d) -> dict:
+    """``F.unfold``'s arguments for the conv's input columns."""
+    return dict(kernel_size=conv.kernel_size, dilation=conv.dilation, padding=explicit_padding(conv),
+                stride=conv.stride)
+
+
+@torch.no_grad()
+def norm_as_conv(norm: nn.BatchNorm2d) -> nn.Conv2d:
+    """An eval-mode batch norm alone, ``y_c = γ'_c·x_c + b'_c``, as the 1×1 depthwise conv it is."""
+    identity = nn.utils.skip_init(nn.Conv2d, norm.num_features, norm.num_features, 1, groups=norm.num_features,
+                                  bias=False)
+    identity.weight.fill_(1.0)
+    return CONV.weights.folded(identity, norm)
+
+
 CONV = Op("conv2d", "int8 GEMM on im2col columns, int32 accumulator, fixed-point requantization",
           lower_layer, Output.OWN, modules=(nn.Conv2d,), accepts=_conv_accepts,
-          integer_modules=(QConv2d,), absorbs_activation=True, weighted=True,
+          integer_modules=(QConv2d,), absorbs_activation=True,
+          weights=Weights(nn.Conv2d, norms=BATCH_NORMS, output_rank=4, columns=_columns, function=F.conv2d,
+                          parameters=CONV_PARAMETERS),
           example=lambda: nn.Conv2d(4, 4, 3, padding=1))
 LINEAR = Op("linear", "int8 GEMM, int32 accumulator, fixed-point requantization",
-            lower_layer, Output.OWN, modules=(nn.Linear,), integer_modules=(QLinear,),
-            absorbs_activation=True, weighted=True, example=lambda: nn.Linear(8, 8))
+            lower_layer, Output.OWN, modules=(nn.Linear,), integer_modules=(QLinear,), absorbs_activation=True,
+            weights=Weights(nn.Linear, function=F.linear,
+                            parameters=(("input", ...), ("weight", ...), ("bias", None))),
+            example=lambda: nn.Linear(8, 8))
 OPS = (CONV, LINEAR)

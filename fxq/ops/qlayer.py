@@ -69,6 +69,8 @@ class QLayer(Derived):
 
     groups = 1
     weight_dims = 2  # [C_out, K]; a conv's is [C_out, C_in / groups, k_h, k_w]
+    kind = "linear"  # how reports name it
+    operation = "GEMM"  # its float kernel, as reports name it
 
     def prepare(self) -> None:
         """The int8 GEMM's weight and constant (one per group: ``[groups, K, C_out / groups]``), the

@@ -19,7 +19,8 @@ from fxq import schema as sc
 from fxq.affine import ActQParams
 from fxq.canonical import torch_class
 from fxq.graph import add_module_near
-from fxq.ops.base import Lowering, Op, Output, hold_parameters, leaf_name, pair, qparams_of
+from fxq.ops.base import KeepInFloat, Lowering, Op, Output, hold_parameters, leaf_name, pair, qparams_of
+from fxq.ops.weighted import BATCH_NORMS, TRANSPOSED_PARAMETERS, Weights, kernel_rank
 from fxq.schema import Schema
 from fxq.twin import OnIntegers
 
@@ -84,47 +85,54 @@ def lower_insert_zeros(lo: Lowering, node: fx.Node) -> None:
 INSERT_ZEROS = Op("insert_zeros", "a transposed conv's zeros between the integers: the zero point, same scale",
                   lower_insert_zeros, Output.SAME, functions=(insert_zeros,), integer_modules=(QInsertZeros,),
                   homogeneous=True, channelwise=True, example=lambda: lambda x: insert_zeros(x, (2, 2)))
-OPS = (INSERT_ZEROS,)
 
 
-def transposed_as_convolutions(gm: fx.GraphModule) -> int:
-    """Rewrite each ``ConvTranspose1d/2d`` call (zero padding, no ``output_size`` argument, a
-    padding within the kernel's reach) as `insert_zeros` → (``F.pad`` by the output padding) →
-    the ``Conv2d`` it equals (the module docstring); a 1-d one on ``unsqueeze(-1)`` as the
-    ``k × 1`` case, squeezed back. The conv records the user's module as its origin, so overrides
-    and reports name it. Returns how many."""
-    done = 0
-    for node in list(gm.graph.nodes):
-        layer = gm.get_submodule(node.target) if node.op == "call_module" else None
-        kind = torch_class(layer) if layer is not None else None
-        if kind not in (nn.ConvTranspose1d, nn.ConvTranspose2d) or len(node.args) != 1 or node.kwargs \
-                or layer.padding_mode != "zeros":
-            continue
-        flat = kind is nn.ConvTranspose1d
-        geometry = [_two(getattr(layer, a), flat, width) for a, width in (
-            ("kernel_size", 1), ("stride", 1), ("padding", 0), ("dilation", 1), ("output_padding", 0))]
-        kernel, stride, padding, dilation, extra = geometry
-        reach = tuple(d * (k - 1) - p for k, p, d in zip(kernel, padding, dilation))
-        if min(reach) < 0:
-            continue
-        conv = _equal_conv(layer, kernel, reach, dilation, flat)
-        path = add_module_near(gm, node, f"{node.target.rpartition('.')[2]}_conv", conv)
-        graph = gm.graph
-        with graph.inserting_before(node):
-            x = graph.call_method("unsqueeze", (node.args[0], -1)) if flat else node.args[0]
-            if stride != (1, 1):
-                x = graph.call_function(insert_zeros, (x, stride))
-            if extra != (0, 0):
-                x = graph.call_function(F.pad, (x, (0, extra[1], 0, extra[0])))
-            y = graph.call_module(path, (x,))
-        records.put(y, records.Origin(node.target))
-        with graph.inserting_after(y):
-            out = graph.call_method("squeeze", (y, -1)) if flat else y
-        node.replace_all_uses_with(out)
-        graph.erase_node(node)
-        done += 1
-    gm.delete_all_unused_submodules()
-    return done
+def _geometry(layer: nn.Module) -> list[tuple[int, int]]:
+    """kernel, stride, padding, dilation and output padding, each 2-d (a 1-d layer's along the height)."""
+    flat = torch_class(layer) is nn.ConvTranspose1d
+    return [_two(getattr(layer, a), flat, width) for a, width in (
+        ("kernel_size", 1), ("stride", 1), ("padding", 0), ("dilation", 1), ("output_padding", 0))]
+
+
+def _reach(layer: nn.Module) -> tuple[int, int]:
+    kernel, _, padding, dilation, _ = _geometry(layer)
+    return tuple(d * (k - 1) - p for k, p, d in zip(kernel, padding, dilation))
+
+
+def _transposable(node: fx.Node, layer: nn.Module) -> str | None:
+    if layer.padding_mode != "zeros":
+        return f"padding_mode={layer.padding_mode!r} (only zero padding has an integer form)"
+    if len(node.args) != 1 or node.kwargs:
+        return "called with an output_size"
+    if min(_reach(layer)) < 0:
+        return "a padding beyond the kernel's reach crops more than the kernel adds"
+    return None
+
+
+def transposed_as_convolution(gm: fx.GraphModule, node: fx.Node, shape_of=None) -> bool:
+    """``ConvTranspose1d/2d(x)`` → `insert_zeros` → (``F.pad`` by the output padding) → the
+    ``Conv2d`` it equals (the module docstring); a 1-d one on ``unsqueeze(-1)`` as the ``k × 1``
+    case, squeezed back. The conv records the user's module as its origin, so overrides and
+    reports name it."""
+    layer = gm.get_submodule(node.target)
+    flat = torch_class(layer) is nn.ConvTranspose1d
+    kernel, stride, _, dilation, extra = _geometry(layer)
+    conv = _equal_conv(layer, kernel, _reach(layer), dilation, flat)
+    path = add_module_near(gm, node, f"{node.target.rpartition('.')[2]}_conv", conv)
+    graph = gm.graph
+    with graph.inserting_before(node):
+        x = graph.call_method("unsqueeze", (node.args[0], -1)) if flat else node.args[0]
+        if stride != (1, 1):
+            x = graph.call_function(insert_zeros, (x, stride))
+        if extra != (0, 0):
+            x = graph.call_function(F.pad, (x, (0, extra[1], 0, extra[0])))
+        y = graph.call_module(path, (x,))
+    records.put(y, records.Origin(node.target))
+    with graph.inserting_after(y):
+        out = graph.call_method("squeeze", (y, -1)) if flat else y
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    return True
 
 
 def _two(value, flat: bool, width: int) -> tuple[int, int]:
@@ -149,3 +157,25 @@ def _equal_conv(layer: nn.Module, kernel: tuple, padding: tuple, dilation: tuple
     if layer.bias is not None:
         conv.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
     return conv.eval()
+
+
+def _not_rewritten(lo: Lowering, node: fx.Node) -> None:
+    raise KeepInFloat("it was not rewritten as zero insertion and a Conv2d")
+
+
+def _transposed_weights(kind: type, function) -> Weights:
+    return Weights(kind, output_axis=1, norms=BATCH_NORMS, output_rank=kernel_rank(kind) + 2, function=function,
+                   parameters=TRANSPOSED_PARAMETERS)
+
+
+CONV_TRANSPOSE_1D, CONV_TRANSPOSE_2D = (
+    Op(f"conv_transpose{rank}d", "zero insertion (the zero point), then the int8 Conv2d it equals", _not_rewritten,
+       Output.OWN, modules=(kind,), accepts=_transposable, integer_modules=(QInsertZeros,),
+       absorbs_activation=True, rewrite=transposed_as_convolution, weights=_transposed_weights(kind, function),
+       example=example)
+    for rank, kind, function, example in (
+        (1, nn.ConvTranspose1d, F.conv_transpose1d,
+         lambda: nn.Sequential(nn.Flatten(2), nn.ConvTranspose1d(4, 4, 3, stride=2, padding=1, output_padding=1))),
+        (2, nn.ConvTranspose2d, F.conv_transpose2d,
+         lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2))))
+OPS = (INSERT_ZEROS, CONV_TRANSPOSE_1D, CONV_TRANSPOSE_2D)
