@@ -17,7 +17,6 @@ definition, here, and one key that no module spells out:
     StatsSource       on the quantized GraphModule: the samples Observed is taken from (record_stats)
     FloatOp           an op kept in float, and why                                 (convert)
     SampleShape       an observed value's shape on one sample, batch dim dropped    (convert)
-    Untraceable       a submodule torch.fx cannot trace, kept whole, and why       (trace)
 """
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ from fxq.affine import ActQParams
 from fxq.config import QConfig
 
 __all__ = ["ActQParams", "Calibration", "FixedShape", "FloatOp", "FusedUnit", "IntRange", "Observed", "Origin",
-           "QConfig", "QuantizedWeight", "SampleShape", "StatsSource", "Untraceable", "get", "has", "pop", "put"]
+           "QConfig", "QuantizedWeight", "SampleShape", "StatsSource", "get", "has", "pop", "put"]
 
 Record = TypeVar("Record")
 
@@ -123,13 +122,6 @@ class SampleShape:
     """An observed value's shape on the calibration data, without its batch dimension."""
 
     shape: tuple[int, ...] | None
-
-
-@dataclass(frozen=True)
-class Untraceable:
-    """A submodule call torch.fx could not trace into, kept whole (it runs in float)."""
-
-    reason: str
 
 
 def _key(kind: type) -> str:

@@ -27,7 +27,6 @@ class _PathTracer(fx.Tracer):
         super().__init__()
         self.path: list[str] = []
         self.failed_in: str | None = None  # the innermost submodule an error came from
-        self.islands: dict[str, str] = {}  # submodules kept whole as they cannot be traced → why
         self.opaque = opaque
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
@@ -82,10 +81,10 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
 
     A model whose Python code computes with sizes (padding from ``x.shape``, ``if h != H``) is
     traced again with the first calibration sample's sizes as constants (`fxq.shapes`; the batch
-    size stays free, the quantized model checks every input's shape); a submodule that still
-    cannot be traced (control flow on tensor values) is kept whole in float, every one found in
-    this call and named in one `FloatFallbackWarning`. Code outside any submodule that cannot be
-    traced raises a ``TypeError`` naming the source line, with the ways out.
+    size stays free, the quantized model checks every input's shape). Submodules that still
+    cannot be traced (control flow on tensor values) are all found in this call and refused in
+    one ``TypeError`` naming each source line, with the ways out; so is code outside any
+    submodule.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fxq.quantize takes an nn.Module, got {type(model).__name__}")
@@ -102,9 +101,6 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
             raise _untraceable(model, tracer, error) from error
         tracer, graph = _trace_with_sizes(model, opaque, example)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target in tracer.islands:
-            records.put(node, records.Untraceable(tracer.islands[node.target]))
     if getattr(tracer, "specialized", False):
         records.put(next(n for n in gm.graph.nodes if n.op == "placeholder"),
                     records.FixedShape(tuple(tracer.example.shape[1:])))
@@ -150,11 +146,12 @@ class _SizedTracer(shapes.ConcreteShapes, _PathTracer):
 
 
 def _trace_with_sizes(model: nn.Module, opaque: tuple[str, ...], example: torch.Tensor):
-    """Trace with the example's sizes as constants; a submodule that still cannot be traced
-    (control flow on tensor values) is kept whole, as one call in float, and the trace retried,
-    until it succeeds: every such submodule is found in this one call, and ``tracer.islands``
-    says why of each (the float-op warning names them). An ``overrides`` entry for a submodule
-    still wins (it is never traced)."""
+    """Trace with the example's sizes as constants. A submodule that still cannot be traced
+    (control flow on tensor values) is set aside and the trace retried, so that every such
+    submodule is found in this one call; then all are refused together, by name and source line
+    (`_untraceable_parts`): kept in float they would be the model's own code, which a file never
+    holds — quantize would succeed and save fail. An ``overrides`` entry mapping a submodule to
+    None keeps it whole on the user's word (it is never traced)."""
     islands: dict[str, str] = {}
     while True:
         tracer = _SizedTracer(opaque + tuple(islands))
@@ -166,8 +163,9 @@ def _trace_with_sizes(model: nn.Module, opaque: tuple[str, ...], example: torch.
                 raise _untraceable(model, tracer, error) from error
             islands[tracer.failed_in] = f"{_user_line(error)}: {type(error).__name__}: {error}"
             continue
+        if islands:
+            raise _untraceable_parts(model, islands)
         shapes.forget_examples(graph)
-        tracer.islands = islands
         return tracer, graph
 
 
@@ -179,6 +177,16 @@ def _untraceable(model: nn.Module, tracer: _PathTracer, error: Exception) -> Typ
         "with tensor ops (torch.where, masking), move the untraceable code into a function "
         "decorated with torch.fx.wrap so it is kept as one call, or keep that submodule whole "
         f"and in float with overrides={{'{tracer.failed_in or 'name'}': None}}")
+
+
+def _untraceable_parts(model: nn.Module, islands: dict[str, str]) -> TypeError:
+    parts = "".join(f"\n  '{path}': {why}" for path, why in islands.items())
+    kept = ", ".join(f"'{path}': None" for path in islands)
+    return TypeError(
+        f"torch.fx cannot trace {len(islands)} submodule(s) of {type(model).__name__}:{parts}\n"
+        "Fix: replace Python control flow on tensor values with tensor ops (torch.where, masking) so that "
+        "fxq can quantize them; or, to run them whole in float in this process only, pass "
+        f"overrides={{{kept}}} — fxq.save and fxq.deploy then refuse the model, as a file never holds code")
 
 
 def _example(ctx: PassContext | None) -> torch.Tensor | None:

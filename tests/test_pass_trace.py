@@ -40,11 +40,9 @@ def test_untraceable_model_names_the_line_and_fix(ctx):
     assert "top-level module" in message and "x.sum() > 0" in message and "torch.fx.wrap" in message
 
 
-def test_an_untraceable_submodule_is_one_call_that_records_why(ctx):
-    from fxq import records
-    gm = trace(DataDependent(), ctx)
-    body = next(n for n in gm.graph.nodes if n.op == "call_module")
-    assert body.target == "body" and "x.sum() > 0" in records.get(body, records.Untraceable).reason
+def test_an_untraceable_submodule_is_refused_by_name_and_line(ctx):
+    with pytest.raises(TypeError, match=r"(?s)1 submodule.*'body'.*x.sum\(\) > 0.*overrides=\{'body': None\}"):
+        trace(DataDependent(), ctx)
 
 
 def test_non_module_is_refused(ctx):

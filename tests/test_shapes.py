@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxq
-from fxq import records
 from fxq.comparison import sensitivity
 from fxq.qmodules import Quantize
 from fxq.runtime import count_ops
@@ -129,30 +128,28 @@ class TwoUntraceable(nn.Module):
         return self.head(self.second(F.relu(self.mid(self.first(F.relu(self.stem(x)))))))
 
 
-def test_every_untraceable_submodule_is_kept_in_float_in_one_call_and_named():
+def test_every_untraceable_submodule_is_found_in_one_call_and_named():
     torch.manual_seed(0)
-    model = TwoUntraceable().eval()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        qmodel = fxq.quantize(model, _calib())
-    reports = [str(w.message) for w in caught if issubclass(w.category, fxq.FloatFallbackWarning)]
-    assert len(reports) == 1
-    islands = [line for line in reports[0].splitlines() if "torch.fx cannot trace it, kept whole" in line]
+    with pytest.raises(TypeError) as refused:
+        fxq.quantize(TwoUntraceable().eval(), _calib())
+    lines = str(refused.value).splitlines()
+    islands = [line for line in lines if line.startswith("  '")]
     assert len(islands) == 2 and "'first'" in islands[0] and "'second'" in islands[1]
     assert all("if x.mean() > 100" in line for line in islands)
+    assert "overrides={'first': None, 'second': None}" in lines[-1]
+
+
+def test_overrides_keep_untraceable_submodules_whole_and_the_rest_quantizes():
+    torch.manual_seed(0)
+    model = TwoUntraceable().eval()
+    with pytest.raises(TypeError, match="'second'") as refused:
+        fxq.quantize(model, _calib(), overrides={"first": None})
+    assert "'first'" not in str(refused.value)
+    qmodel = fxq.quantize(model, _calib(), overrides={"first": None, "second": None})
     x = torch.randn(2, 3, 13, 13)
     assert set(count_ops(qmodel, x).float_ops) == {"first", "second"}
     with torch.no_grad():
         assert (qmodel(x) - model(x)).abs().max() < 0.1
-
-
-def test_an_override_still_wins_over_an_island():
-    torch.manual_seed(0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fxq.quantize(TwoUntraceable().eval(), _calib(), overrides={"first": None})
-    report = next(str(w.message) for w in caught if issubclass(w.category, fxq.FloatFallbackWarning))
-    assert "'second'" in report and "'first'" not in report
 
 
 def test_untraceable_code_outside_any_submodule_still_raises_with_the_line():
@@ -186,5 +183,4 @@ def test_device_and_dtype_queries_trace_as_calibration_ran_and_save(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fxq.FloatFallbackWarning)
         qmodel = fxq.quantize(model, _calib())
-    assert not any(records.has(n, records.Untraceable) for n in qmodel.graph.nodes)  # traced through
     assert check_quantized(qmodel, model, torch.randn(4, 3, 13, 13), tmp_path) > 20

@@ -38,7 +38,7 @@ from fxq.ops.weighted import Weights
 from fxq.qmodules import NotRepresentable
 
 __all__ = ["FLOAT", "FUNCTIONAL_LAYERS", "KeepInFloat", "Lowering", "Op", "Output", "REGISTRY", "REWRITES",
-           "Weights", "classify", "lower", "match", "weights_of"]
+           "Weights", "classify", "lower", "match", "weights_of", "records"]
 
 # In order: where two entries match one form (``a + b`` and ``x + 3`` are both operator.add),
 # the first that accepts the call lowers it.
@@ -94,9 +94,6 @@ def classify(node: fx.Node, modules: dict[str, nn.Module],
     (with ``ctx``, a module its ``overrides`` map to None is kept in float)."""
     if ctx is not None and node.op == "call_module" and ctx.config_for(module_name(node)) is None:
         return FLOAT, KEPT_BY_OVERRIDES
-    if records.has(node, records.Untraceable):
-        return FLOAT, (f"torch.fx cannot trace it, kept whole ({records.get(node, records.Untraceable).reason}); "
-                       f"as the model's own code it runs here but is not saved or deployed: a file never holds code")
     candidates = match(node, modules)
     if not candidates:
         kind = type(modules[node.target]) if node.op == "call_module" else None
