@@ -110,6 +110,8 @@ def test_every_weighted_entry_declares_how_its_batch_norm_folds():
     channel by the norm's factor, wherever the layout keeps it."""
     torch.manual_seed(0)
     for op in ops.REGISTRY:
+        if op.weights and op.rewrite is None:  # weight ranges and equalization read rows as channels
+            assert op.weights.output_axis == 0, f"{op.name} lowers itself with output channels off axis 0"
         if not op.weights or not op.weights.norms:
             continue
         layer = op.example()

@@ -69,6 +69,11 @@ class QConv2d(QLayer):
         # channels-last integers viewed as NCHW: no copy, and the next conv reads them as they are
         return q.reshape(*positions, -1).permute(0, 3, 1, 2)
 
+    def onnx_op(self, b, x: str, weight: str, bias: str, name: str) -> str:
+        p = list(self.padding)
+        return b.node("Conv", [x, weight, bias], f"{name}_conv", pads=p + p, strides=list(self.stride),
+                      dilations=list(self.dilation), group=self.groups)
+
     def extra_repr(self) -> str:
         return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, "
                 f"kernel_size={tuple(self.weight.shape[2:])}, stride={self.stride}, "

@@ -227,13 +227,11 @@ class QLayer(Derived):
             b.constant(f"{name}_bias", self.bias),
             b.constant(f"{name}_bias_scale", (self.input_scale * self.weight_scale).to(torch.float32)),
             b.constant(f"{name}_bias_zero", torch.zeros_like(self.bias))], f"{name}_b", axis=0)
-        if self.weight.dim() == 4:
-            p = list(self.padding)
-            y = b.node("Conv", [x_f, weight, bias], f"{name}_conv", pads=p + p, strides=list(self.stride),
-                       dilations=list(self.dilation), group=self.groups)
-        else:
-            y = b.node("Gemm", [x_f, weight, bias], f"{name}_gemm", transB=1)
-        return b.quantize(y, self.output_qparams, name)
+        return b.quantize(self.onnx_op(b, x_f, weight, bias, name), self.output_qparams, name)
+
+    def onnx_op(self, b, x: str, weight: str, bias: str, name: str) -> str:
+        """The float ONNX op on the dequantized input, weight and bias."""
+        return b.node("Gemm", [x, weight, bias], f"{name}_gemm", transB=1)
 
 
 LAYER_TENSORS = {"weight": torch.int8, "bias": torch.int32, "multiplier": torch.int32,
@@ -245,7 +243,7 @@ LAYER_TENSORS = {"weight": torch.int8, "bias": torch.int32, "multiplier": torch.
 def layer_ranges(module: QLayer) -> None:
     sc.zero_point_fits(module, "input_zero_point", module.input_bits)
     sc.zero_point_fits(module, "output_zero_point", module.output_bits)
-    channels = module.weight.shape[0] if module.weight.dim() in (2, 4) else -1
+    channels = module.weight.shape[0] if module.weight.dim() == module.weight_dims else -1
     sc.expect(all(getattr(module, n).shape == (channels,) for n in ("bias", "multiplier", "shift", "weight_scale"))
               and module.weight.dim() == module.weight_dims and channels % module.groups == 0,
               "weight, bias, multiplier, shift, scales and groups disagree in shape")

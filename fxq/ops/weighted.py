@@ -9,6 +9,10 @@ the input columns a layer's statistics are kept over — read a layout, never a 
     columns        the im2col geometry of its input (None: each input row is a column)
     function       the ``F.*`` call that computes it on the model's own tensors, with its
                    parameters in order (`fxq.canonical.layers_from_functions` makes the module)
+
+An entry that lowers its layer itself keeps output channels on axis 0 (weight ranges, bias
+correction and equalization take rows as channels); a layer laid out otherwise reaches integers
+through its entry's ``rewrite`` (a transposed conv: an ordinary conv on inserted zeros).
 """
 from __future__ import annotations
 
