@@ -58,6 +58,7 @@ def _convert(gm: fx.GraphModule, ctx: PassContext, share_joins: bool) -> fx.Grap
     if share_joins:
         _share_join_parameters(lo)
     _choose_weights(lo)
+    on_tensors = set(ops.tensor_calls(gm.graph))
     for node in list(gm.graph.nodes):
         if node.op == "placeholder" and records.has(node, ActQParams):
             _quantize_input(gm, node, lo.rounding)
@@ -67,8 +68,9 @@ def _convert(gm: fx.GraphModule, ctx: PassContext, share_joins: bool) -> fx.Grap
             ops.lower(lo, node)
     for container in (OBSERVERS, INPUT_GRAMS):
         gm.delete_submodule(container)
-    if lo.late:
-        warnings.warn("with the calibrated parameters, " + float_report(lo.late), FloatFallbackWarning, stacklevel=2)
+    late = [(node, why) for node, why in lo.late if node in on_tensors]  # not arithmetic on sizes
+    if late:
+        warnings.warn("with the calibrated parameters, " + float_report(late), FloatFallbackWarning, stacklevel=2)
     return finish(gm)
 
 

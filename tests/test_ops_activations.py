@@ -7,8 +7,9 @@ from torch import nn
 import fxq
 from fxq import records
 from fxq.affine import ActQParams
+from fxq.ops.activations import UNARY_MATH
 from fxq.ops.lookup import QClamp, QLookup
-from tests.helpers import assert_deploys_bit_exact, check_quantized
+from tests.helpers import assert_deploys_bit_exact, check_quantized, quantize_whole
 
 
 class Activations(nn.Module):
@@ -63,19 +64,22 @@ def test_a_lookup_is_quantize_of_the_function_of_every_grid_value():
     assert torch.equal(lookup(torch.arange(256, dtype=torch.uint8)), after.quantize(by_hand))
 
 
-def test_a_function_not_finite_on_the_grid_stays_in_float():
-    class Sqrt(nn.Module):
+def test_a_function_undefined_on_the_grid_stays_in_float_and_an_infinity_saturates():
+    class Logs(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(3, 3, 1)
 
         def forward(self, x):
-            return torch.log(self.conv(x).abs() + 1) + 1 / self.conv(x)
+            h = self.conv(x)
+            return torch.log(h.abs() + 1) + 1 / h + h % h  # h % h: 0 % 0 on the grid's zero
 
     with pytest.warns(fxq.FloatFallbackWarning):
-        qmodel = fxq.quantize(Sqrt().eval(), _data())
-    reasons = [records.get(n, records.FloatOp).reason for n in qmodel.graph.nodes if records.has(n, records.FloatOp)]
-    assert any("not finite" in r for r in reasons)
+        qmodel = fxq.quantize(Logs().eval(), _data())
+    reasons = {n.name: records.get(n, records.FloatOp).reason for n in qmodel.graph.nodes
+               if records.has(n, records.FloatOp)}
+    assert list(reasons) == ["mod"]  # h % h, while 1 / 0 saturates
+    assert "not a number" in next(iter(reasons.values()))
 
 
 class Scaled(nn.Module):
@@ -149,3 +153,33 @@ def test_a_prelu_table_is_quantize_of_prelu_of_every_grid_value_per_channel():
     slopes = model[1].weight.double().reshape(1, 4, 1, 1)
     expected = after.quantize(torch.where(values >= 0, values, slopes * values))
     assert torch.equal(qmodel.get_submodule(node.target)(q).long(), expected.long())
+
+
+class UnaryMath(nn.Module):
+    """Every elementwise math function of one tensor, each its own output: on values in (0.05, 0.95)
+    where a function is finite only on positives, in [-1, 1] or short of π/2, else in (-3, 3)."""
+
+    INSIDE = frozenset({"log", "log1p", "log2", "log10", "sqrt", "rsqrt", "reciprocal", "acos", "asin", "tan"})
+
+    def __init__(self, as_methods: bool):
+        super().__init__()
+        self.conv, self.as_methods = nn.Conv2d(3, 4, 3, padding=1), as_methods
+
+    def forward(self, x):
+        h = self.conv(x)
+        inside, wide = torch.sigmoid(h) * 0.9 + 0.05, torch.tanh(h) * 3
+        outs = []
+        for name in UNARY_MATH:
+            v = inside if name in self.INSIDE else wide
+            outs.append(getattr(v, name)() if self.as_methods else getattr(torch, name)(v))
+        return (*outs, wide // 2, wide % 1.5)  # each output at its own parameters
+
+
+@pytest.mark.parametrize("as_methods", [False, True], ids=["functions", "methods"])
+def test_elementwise_math_of_one_tensor_is_a_table_each(as_methods, tmp_path):
+    """YOLO-OBB's cos/sin of its angles and the rest of torch's one-tensor math run on integers,
+    deploy bit-exact; the discontinuous ones (floor, round, sign) flip where an input rounds across
+    a step, hence the lower SQNR bound."""
+    torch.manual_seed(0)
+    qmodel = quantize_whole(UnaryMath(as_methods).eval(), _data(), torch.randn(16, 3, 8, 8), tmp_path, min_sqnr=10)
+    assert sum(isinstance(m, QLookup) for m in qmodel.modules()) >= len(UNARY_MATH) + 2

@@ -118,9 +118,7 @@ def lower(lo: Lowering, node: fx.Node) -> None:
         return
     try:
         op.lower(lo, node)
-    except KeepInFloat as why:
-        lower_in_float(lo, node, str(why))
-    except NotRepresentable as why:  # known only now, after calibration: reported by convert
+    except (KeepInFloat, NotRepresentable) as why:  # known only now, after calibration: reported by convert
         lower_in_float(lo, node, str(why))
         lo.late.append((node, str(why)))
 

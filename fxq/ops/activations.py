@@ -170,9 +170,9 @@ def lower_lookup(lo: Lowering, node: fx.Node) -> None:
     lookup = QLookup(function, name, before, after)
     every = torch.arange(1 << before.bits, dtype=torch.float64)
     with torch.no_grad():
-        finite = torch.isfinite(function((every - before.zero_point) * before.scale)).all()
-    if not finite:
-        raise KeepInFloat(f"{name} is not finite on every value the input's grid holds")
+        undefined = torch.isnan(function((every - before.zero_point) * before.scale)).any()
+    if undefined:  # an infinity saturates, as quantizing it would (log(0): the grid always holds 0)
+        raise KeepInFloat(f"{name} is not a number on some value the input's grid holds")
     lo.become(node, lookup, leaf_name(node), (source,))
 
 
@@ -223,6 +223,11 @@ CLAMP = Op("clamp", "clamp(q, low, high) at the input's scale, the bounds rounde
            accepts=_numeric_bounds, integer_modules=(QClamp, QRequantize), channelwise=True, clamps=True,
            rescalable_bounds=True,
            example=nn.ReLU6)
+# torch's elementwise math of one tensor (YOLO-OBB's angle cos/sin, a log, a root, a rounding):
+# a table like any function of one tensor; one not finite on the input's grid stays float, named
+UNARY_MATH = ("cos", "sin", "tan", "acos", "asin", "atan", "cosh", "sinh", "asinh", "log", "log1p", "log2",
+              "log10", "exp2", "expm1", "sqrt", "rsqrt", "reciprocal", "erf", "erfc", "sign", "floor", "ceil",
+              "round", "trunc", "frac")
 LOOKUP = Op(
     "lookup", "a lookup table: for each input integer, the output integer of the float function",
     lower_lookup, Output.OWN,
@@ -233,9 +238,11 @@ LOOKUP = Op(
                F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, F.softsign, F.logsigmoid,
                torch.exp, torch.neg, torch.abs, torch.square, operator.neg, operator.abs, operator.add,
                operator.sub, operator.mul, operator.truediv, operator.pow, torch.add, torch.sub, torch.mul,
-               torch.div, torch.pow),
+               torch.div, torch.pow, operator.floordiv, operator.mod, torch.remainder, torch.fmod,
+               *(getattr(torch, name) for name in UNARY_MATH)),
     methods=("sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "neg", "abs", "square", "add", "add_", "sub",
-             "sub_", "mul", "mul_", "div", "div_", "pow"),
+             "sub_", "mul", "mul_", "div", "div_", "pow", "remainder", "fmod",
+             *UNARY_MATH, *(f"{name}_" for name in UNARY_MATH)),
     accepts=_one_tensor_and_constants, integer_modules=(QLookup,), channelwise=True,
     example=nn.Hardswish)
 
