@@ -185,8 +185,9 @@ def dtype_reads_as_casts(gm: fx.GraphModule, dtype_of: Callable[[fx.Node], torch
     ``a.type_as(b)`` → ``a.to(dtype)``, ``b.new_full(size, v)`` → ``torch.full(size, v, dtype=...)``
     (``new_zeros``, ``new_ones`` alike; Ultralytics' anchor grid). A grid made from sizes then no
     longer reads the activations, and is computed once (`fold_parameter_math`). ``dtype_of`` is
-    the dtype calibration saw (None: the call is left as it is). Returns how many."""
-    done = 0
+    the dtype calibration saw (None: the call is left as it is). A dtype read as an argument,
+    ``a.to(b.dtype)`` (EVA's rotary embedding), becomes the dtype itself. Returns how many."""
+    done = _dtype_attributes_as_constants(gm, dtype_of)
     for node in list(gm.graph.nodes):
         if node.op != "call_method" or node.target not in _DTYPE_READS:
             continue
@@ -207,6 +208,23 @@ def dtype_reads_as_casts(gm: fx.GraphModule, dtype_of: Callable[[fx.Node], torch
                 value = _FILLS[node.target]
             node.op, node.target = "call_function", torch.full
             node.args, node.kwargs = (tuple(size), value), {"dtype": dtype}
+        done += 1
+    return done
+
+
+def _dtype_attributes_as_constants(gm: fx.GraphModule, dtype_of: Callable[[fx.Node], torch.dtype | None]) -> int:
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not getattr or node.args[1:] != ("dtype",) \
+                or not isinstance(node.args[0], fx.Node):
+            continue
+        dtype = dtype_of(node.args[0])
+        if dtype is None:
+            continue
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda n: dtype if n is node else n)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda n: dtype if n is node else n)
+        gm.graph.erase_node(node)
         done += 1
     return done
 

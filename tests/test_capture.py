@@ -206,3 +206,21 @@ def test_an_assignment_into_a_view_is_left_to_the_view(ctx):
     assert any(n.target is operator.setitem for n in gm.graph.nodes)
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(gm(x.clone()), IntoView()(x.clone()))
+
+
+class DtypeReads(nn.Module):
+    """EVA's rotary embedding casts by another tensor's dtype: ``sin.to(q.dtype)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.head(torch.sigmoid(h).to(h.dtype) * h)
+
+
+def test_a_cast_to_another_tensors_dtype_names_the_dtype_and_deploys(tmp_path):
+    torch.manual_seed(0)
+    qmodel, _ = _quantized(DtypeReads(), tmp_path)
+    assert not any(n.target is getattr for n in qmodel.graph.nodes)
