@@ -56,10 +56,11 @@ class Pools(nn.Module):
         self.avg = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
         self.adaptive = nn.AdaptiveAvgPool2d((7, 7))
         self.adaptive_max = nn.AdaptiveMaxPool2d(3)
+        self.listed = nn.MaxPool2d([3, 3], [1, 1], [1, 1])  # geometry as lists, as timm's MViTv2 gives it
         self.fc = nn.Linear(16, 5)
 
     def forward(self, x):
-        x = torch.relu(self.conv(x))
+        x = self.listed(torch.relu(self.conv(x)))
         x = F.max_pool2d(self.avg(x), 3, 2, 1, ceil_mode=True)
         x = F.avg_pool2d(self.adaptive(x), 2, ceil_mode=True, count_include_pad=True, padding=1)
         y = self.adaptive_max(x)

@@ -225,8 +225,9 @@ def lower_max_pool(lo: Lowering, node: fx.Node) -> None:
     if isinstance(pool, nn.AdaptiveMaxPool2d):
         integer = QAdaptiveMaxPool2d(pair(pool.output_size))
     else:
-        integer = QMaxPool2d(pool.kernel_size, pool.stride or pool.kernel_size, pool.padding, pool.dilation,
-                             ceil_mode=pool.ceil_mode)
+        # as pairs: a model may give lists (timm's MViTv2), which the saved form does not take
+        integer = QMaxPool2d(*(pair(v) for v in (pool.kernel_size, pool.stride or pool.kernel_size, pool.padding,
+                                                 pool.dilation)), ceil_mode=pool.ceil_mode)
     lo.become(node, integer, leaf_name(node), node.args[:1])
     records.put(node, qp)
 
