@@ -15,15 +15,15 @@ from passes.equalize import equalize
 from passes.fold_bn import fold_bn
 from passes.fuse import fuse
 from passes.insert_observers import insert_observers
-from passes.layers_as_convs import layers_as_convs
 from passes.quantize_add import quantize_add
 from passes.record_stats import record_stats
+from passes.rewrite_layers import rewrite_layers
 from passes.trace import trace
 
 Pass = Callable[[nn.Module, PassContext], fx.GraphModule]
 
 # The pipeline, in order. A list, so it can be printed, reordered or extended.
-PASSES: list[Pass] = [trace, fold_bn, layers_as_convs, equalize, fuse, insert_observers, calibrate,
+PASSES: list[Pass] = [trace, fold_bn, rewrite_layers, equalize, fuse, insert_observers, calibrate,
                       correct_bias, convert, quantize_add, record_stats]
 
 

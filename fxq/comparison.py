@@ -23,7 +23,7 @@ from fxq.ops.layers import QLayer
 from fxq.outputs import sqnr_of_sums
 from passes.equalize import equalize
 from passes.fold_bn import fold_bn
-from passes.layers_as_convs import layers_as_convs
+from passes.rewrite_layers import rewrite_layers
 from passes.trace import trace
 
 
@@ -40,7 +40,7 @@ def folded_float(model: nn.Module, config: QConfig | None = None,
     ``example``, an input batch, lets a model whose code computes with sizes be traced as
     `fxq.quantize` traced it: with those sizes as constants."""
     ctx = None if example is None else PassContext(config or QConfig(), [example[:1]])
-    gm = layers_as_convs(fold_bn(trace(model, ctx), None), ctx)
+    gm = rewrite_layers(fold_bn(trace(model, ctx), None), ctx)
     if config is not None and config.cross_layer_equalization:
         gm = equalize(gm, PassContext(config, []))
     return gm

@@ -200,3 +200,47 @@ def test_fused_attention_is_rewritten_into_the_ops_it_fuses_with_the_same_values
     assert len(fused) == 2 and all(len(f.args) + len(f.kwargs) == 4 for f in fused)  # the masked ones stay
     assert sum(n.target is torch.matmul for n in gm.graph.nodes) == 2
     torch.testing.assert_close(gm(x), model(x))
+
+
+class Attending(nn.Module):
+    """A torch MultiheadAttention over an image's positions, self- or cross- (keys and values from a
+    second conv, of another width), sequence-first or batch-first, as ViT and RT-DETR call it."""
+
+    def __init__(self, batch_first: bool, cross: bool, bias: bool = True, **extra):
+        super().__init__()
+        self.conv, self.memory = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.cross, self.batch_first, self.extra = cross, batch_first, extra
+        dims = dict(kdim=6, vdim=6) if cross else {}
+        self.attention = nn.MultiheadAttention(8, 2, bias=bias, batch_first=batch_first, **dims)
+        self.head = nn.Linear(8, 5)
+
+    def _tokens(self, x):
+        t = x.flatten(2).transpose(1, 2)  # [N, L, C]
+        return t if self.batch_first else t.transpose(0, 1)
+
+    def forward(self, x):
+        q = self._tokens(self.conv(x))
+        kv = self._tokens(self.memory(x)) if self.cross else q
+        out, weights = self.attention(q, kv, kv, **self.extra)
+        y = self.head(out if self.batch_first else out.transpose(0, 1))
+        return (y, weights) if self.extra.get("need_weights") else y
+
+
+@pytest.mark.parametrize("batch_first, cross, bias", [(True, False, True), (False, False, True),
+                                                      (False, True, False), (True, True, True)],
+                         ids=["self", "sequence-first", "cross-without-bias", "cross"])
+def test_multihead_attention_is_its_projections_and_products_on_integers(batch_first, cross, bias, tmp_path):
+    torch.manual_seed(0)
+    model = Attending(batch_first, cross, bias).eval()
+    calibration = [torch.randn(8, 3, 6, 6) for _ in range(3)]
+    qmodel = quantize_whole(model, calibration, torch.randn(4, 3, 6, 6), tmp_path)
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in qmodel.modules())
+    assert sum(type(m).__name__ == "QLinear" for m in qmodel.modules()) == 5  # q, k, v, out, head
+
+
+def test_multihead_attention_whose_weights_are_read_stays_whole_and_says_why():
+    torch.manual_seed(0)
+    model = Attending(True, False, need_weights=True).eval()
+    with pytest.warns(fxq.FloatFallbackWarning, match="attention weights are read"):
+        qmodel = fxq.quantize(model, [torch.randn(8, 3, 6, 6) for _ in range(3)])
+    assert any(isinstance(m, nn.MultiheadAttention) for m in qmodel.modules())

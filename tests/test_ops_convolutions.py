@@ -10,7 +10,7 @@ import fxq
 from fxq import ops
 from fxq.runtime import count_ops
 from passes.fold_bn import fold_bn
-from passes.layers_as_convs import layers_as_convs
+from passes.rewrite_layers import rewrite_layers
 from passes.trace import trace
 from tests.helpers import assert_deploys_bit_exact, check_quantized, images, quantize_whole
 
@@ -26,7 +26,7 @@ def _settled(norm: nn.Module) -> nn.Module:
 
 def _float_graph(model: nn.Module, calibration: list):
     ctx = fxq.PassContext(fxq.QConfig(), calibration)
-    return layers_as_convs(fold_bn(trace(model, ctx), ctx), ctx)
+    return rewrite_layers(fold_bn(trace(model, ctx), ctx), ctx)
 
 
 class Volume(nn.Module):

@@ -11,7 +11,7 @@ from fxq import records
 from fxq.graph import module_name
 from fxq.ops import KEPT_BY_OVERRIDES
 from fxq.ops.transposed import QInsertZeros, insert_zeros
-from passes.layers_as_convs import layers_as_convs
+from passes.rewrite_layers import rewrite_layers
 from passes.trace import trace
 from tests.helpers import images, quantize_whole
 
@@ -25,7 +25,7 @@ def test_a_transposed_conv_is_zero_insertion_and_a_conv_computing_the_same(geome
     torch.manual_seed(0)
     layer = nn.ConvTranspose2d(8, 4, **geometry).eval()
     x = torch.randn(2, 8, 5, 6)
-    gm = layers_as_convs(trace(layer, fxq.PassContext(fxq.QConfig(), [x])), None)
+    gm = rewrite_layers(trace(layer, fxq.PassContext(fxq.QConfig(), [x])), None)
     assert not any(isinstance(m, nn.ConvTranspose2d) for m in gm.modules())
     torch.testing.assert_close(gm(x), layer(x), rtol=0, atol=1e-5)
 
@@ -34,7 +34,7 @@ def test_a_1d_transposed_conv_is_the_k_by_1_case():
     torch.manual_seed(0)
     layer = nn.ConvTranspose1d(8, 4, 3, stride=2, padding=1, output_padding=1).eval()
     x = torch.randn(2, 8, 7)
-    gm = layers_as_convs(trace(layer, fxq.PassContext(fxq.QConfig(), [x])), None)
+    gm = rewrite_layers(trace(layer, fxq.PassContext(fxq.QConfig(), [x])), None)
     torch.testing.assert_close(gm(x), layer(x), rtol=0, atol=1e-5)
 
 

@@ -49,7 +49,7 @@ class Op:
     keep_first_last_8bit, equalization and bias correction apply to: its layout, `fxq.ops.weighted`),
     ``rewrite`` (a layer computed as other entries' ops, a transposed conv as zero insertion and a
     conv: ``rewrite(gm, node, shape_of)`` replaces the call (True) once batch norms have folded into it,
-    `passes.layers_as_convs`), ``residual_join`` (a sum of
+    `passes.rewrite_layers`), ``residual_join`` (a sum of
     two tensors, which `passes.quantize_add` makes an integer add with operands at their own
     scales), ``concatenates`` (a join whose inputs `passes.convert` may quantize at its own
     parameters), ``rescalable_bounds`` (a clamp whose bounds cross-layer equalization rescales per

@@ -1,5 +1,5 @@
 """1-d and 3-d convolutions as the int8 ``Conv2d`` they equal, once batch norms have folded into
-them (`passes.layers_as_convs`):
+them (`passes.rewrite_layers`):
 
     Conv1d(x)   =  squeeze(Conv2d_{k×1}(unsqueeze(x, -1)), -1)
     Conv3d(x)   =  the Conv2d over the other two axes, run on every window along one axis: the

@@ -1,4 +1,4 @@
-"""layers_as_convs: each weighted layer whose registry entry computes it as other entries' ops (a
+"""rewrite_layers: each weighted layer whose registry entry computes it as other entries' ops (a
 ``Conv1d``, ``Conv3d``, ``ConvTranspose1d/2d``) becomes those ops around an int8 ``Conv2d``."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from fxq.graph import finish, module_name
 from passes.trace import probe
 
 
-def layers_as_convs(gm: fx.GraphModule, ctx: PassContext | None) -> fx.GraphModule:
+def rewrite_layers(gm: fx.GraphModule, ctx: PassContext | None) -> fx.GraphModule:
     """Rewrite each call whose entry has a ``rewrite`` and accepts it, after `passes.fold_bn` has
     folded a following batch norm into the layer itself.
 
