@@ -285,16 +285,29 @@ def _made_from_sizes(b: Builder, qmodel: fx.GraphModule, node: fx.Node, sample_s
     """A tensor a call makes from sizes alone (EdgeNeXt's positional encoding starts from
     ``torch.zeros(B, H, W)``): its value for one sample as a constant, repeated over the batch
     (Expand to the network input's batch) when its first dim is the batch. Other dependences on
-    the batch size have no such form and are refused by name."""
+    the batch size have no such form, but for ``arange`` of it, and are refused by name."""
     one, two = (_value_of(qmodel, node, torch.zeros(n, *sample_shape)) for n in (1, 2))
     if torch.equal(one, two):
         return b.constant(node.name, one)
+    if all(torch.equal(v, torch.arange(n, dtype=v.dtype)) for n, v in ((1, one), (2, two))):
+        return _batch_range(b, node.name, one.dtype)  # RT-DETR's batch index of its top-k queries
     if one.dim() == 0 or two.shape[1:] != one.shape[1:] or not torch.equal(two, one.expand_as(two)):
         raise ValueError(f"node '{node.name}' makes a tensor from the batch size that is not one sample's "
                          "repeated over the batch: it does not export; compute it from the input tensor instead")
     shape = b.node("Concat", [b.batch(node.name), b.constant(f"{node.name}_rest", b.ints(list(one.shape[1:])))],
                    f"{node.name}_shape", axis=0)
     return b.node("Expand", [b.constant(f"{node.name}_sample", one), shape], node.name)
+
+
+def _batch_range(b: Builder, name: str, dtype: torch.dtype) -> str:
+    """``torch.arange(B)`` for the network input's batch size B: ONNX Range (int64), cast."""
+    limit = b.node("Squeeze", [b.batch(name), b.constant(f"{name}_axis", b.ints([0]))], f"{name}_limit")
+    steps = [b.constant(f"{name}_{k}", torch.tensor(v, dtype=torch.int64)) for k, v in (("start", 0), ("delta", 1))]
+    index = b.node("Range", [steps[0], limit, steps[1]], f"{name}_range")
+    if dtype == torch.int64:
+        return index
+    to = b.helper.np_dtype_to_tensor_dtype(np.dtype(str(dtype).removeprefix("torch.")))
+    return b.node("Cast", [index], name, to=to)
 
 
 def _value_of(qmodel: fx.GraphModule, node: fx.Node, x: torch.Tensor) -> torch.Tensor:

@@ -224,3 +224,30 @@ def test_torch_math_kept_in_float_saves_by_name_and_deploys(tmp_path):
         assert torch.equal(fxq.load(tmp_path / "decoder.fxq")(x), ours)
         theirs = fxq.deploy(qmodel, threads=1, weights="exact")(x)
     assert sqnr_db(ours, theirs) > 30
+
+
+class TopQueries(nn.Module):
+    """RT-DETR's query selection: the top-k positions of each sample, picked by a batch index made
+    with ``torch.arange`` of the batch size (ONNX Range, GatherND); a dim added before the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(36, 5)
+
+    def forward(self, x):
+        h = self.conv(x)
+        top = torch.topk(h.mean((2, 3)), 2, dim=1).indices.view(-1)
+        batch = torch.arange(end=x.shape[0], dtype=top.dtype).unsqueeze(-1).repeat(1, 2).view(-1)
+        picked = h.flatten(2)[batch, top].view(x.shape[0], 2, -1).unsqueeze(0)  # the batch moved to dim 1
+        return self.head(picked.squeeze(0))
+
+
+def test_a_batch_index_from_arange_of_the_batch_size_deploys_for_any_batch():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxq.FloatFallbackWarning)
+        qmodel = fxq.quantize(TopQueries().eval(), [torch.randn(4, 3, 6, 6) for _ in range(2)])
+    deployed = fxq.deploy(qmodel, threads=1, weights="exact")
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 6, 6)
+        assert sqnr_db(qmodel(x), deployed(x)) > 30

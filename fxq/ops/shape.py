@@ -186,6 +186,14 @@ def export_reshape(b, node: fx.Node, inputs: list, module) -> object:
         return b.node("Expand", [x, shape], name)
     if target == "repeat" and all(isinstance(r, int) for r in _sizes(node)):
         return b.node("Tile", [x, b.constant(f"{name}_repeats", b.ints(list(_sizes(node))))], name)
+    if target in (torch.unsqueeze, "unsqueeze", torch.squeeze, "squeeze") and _dim_argument(node, 1, "dim", None) \
+            is not None:  # by axis, wherever the batch is (RT-DETR's reference points)
+        dim = _dim_argument(node, 1, "dim", None)
+        unsqueeze = target in (torch.unsqueeze, "unsqueeze")
+        axis = dim % (len(in_shape) + unsqueeze)
+        if not unsqueeze and in_shape[axis] != 1:  # torch leaves a dim of another size as it is
+            return x
+        return b.node("Unsqueeze" if unsqueeze else "Squeeze", [x, b.constant(f"{name}_axis", b.ints([axis]))], name)
     if target in _RESHAPES and (out_shape[:1] == in_shape[:1] or set(b.batched_dims(node)) <= {0}):
         shape = b.ints([-1, *out_shape[1:]])
         return b.node("Reshape", [x, b.constant(f"{name}_shape", shape)], name)
@@ -268,7 +276,10 @@ def export_item(b, node: fx.Node, inputs: list, module) -> object:
         return None
     if isinstance(source, list):
         return source[index]
-    index = fx.map_arg(index if isinstance(index, tuple) else (index,), b.size)  # slice(None, n): n a size
+    index = index if isinstance(index, tuple) else (index,)
+    if _leading_tensors(b, index):
+        return _gather_by_tensors(b, node, source, index)
+    index = fx.map_arg(index, b.size)  # slice(None, n): n a size
     index = _full_index(tuple(index), len(b.shape_of(node.args[0])), node)
     gathered = [(at, i) for at, i in enumerate(index) if isinstance(i, list)]
     index = tuple(slice(None) if isinstance(i, list) else i for i in index)
@@ -289,6 +300,28 @@ def export_item(b, node: fx.Node, inputs: list, module) -> object:
         value = b.node("Gather", [value, b.constant(f"{node.name}_positions", b.ints(chosen))], f"{node.name}_gather",
                        axis=axis)
     return b.node("Identity", [value], node.name)
+
+
+def _leading_tensors(b, index: tuple) -> int:
+    """How many index tensors lead the index (``x[batch, top]``), with whole slices after them."""
+    count = 0
+    for i in index:
+        if not (isinstance(i, fx.Node) and isinstance(b.values.get(i), str)):
+            break
+        count += 1
+    rest_whole = all(isinstance(i, slice) and i == slice(None) for i in index[count:])
+    one_shape = len({tuple(b.shape_of(i)) for i in index[:count]}) == 1  # GatherND does not broadcast
+    return count if count and rest_whole and one_shape else 0
+
+
+def _gather_by_tensors(b, node: fx.Node, source: str, index: tuple) -> str:
+    """``x[i, j]`` with index tensors of one shape (RT-DETR's top-k queries by batch and position):
+    ONNX GatherND on the indices stacked along a last axis."""
+    name, count = node.name, _leading_tensors(b, index)
+    columns = [b.node("Unsqueeze", [b.as_index(b.values[i], f"{name}_{k}"), b.constant(f"{name}_last", b.ints([-1]))],
+                      f"{name}_column") for k, i in enumerate(index[:count])]
+    stacked = b.node("Concat", columns, f"{name}_indices", axis=-1)
+    return b.node("GatherND", [source, stacked], name)
 
 
 def _slice_bounds(i: int | slice) -> tuple[int, int, int]:
