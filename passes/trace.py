@@ -1,6 +1,7 @@
 """trace: a user's ``nn.Module`` → a ``GraphModule`` of a deep copy (the user's model is untouched)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import inspect
@@ -11,6 +12,7 @@ from typing import Callable
 
 import torch
 from torch import fx, nn
+from torch.fx import _symbolic_trace
 
 from fxq import canonical, ops, records, shapes
 from fxq.context import PassContext
@@ -91,15 +93,8 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
     model = copy.deepcopy(model).eval().cpu()
     overrides = ctx.overrides if ctx is not None else {}
     opaque = tuple(pattern for pattern, config in overrides.items() if config is None)
-    tracer = _PathTracer(opaque)
-    tracer.record_stack_traces = True  # so reports can name the user's source line of each op
-    try:
-        graph = tracer.trace(model)
-    except Exception as error:  # torch.fx raises several types; all mean "cannot trace"
-        example = _example(ctx)
-        if example is None:
-            raise _untraceable(model, tracer, error) from error
-        tracer, graph = _trace_with_sizes(model, opaque, example)
+    with _through_other_wraps():
+        tracer, graph = _traced(model, opaque, ctx)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     if getattr(tracer, "specialized", False):
         records.put(next(n for n in gm.graph.nodes if n.op == "placeholder"),
@@ -117,6 +112,34 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _traced(model: nn.Module, opaque: tuple[str, ...], ctx: PassContext | None):
+    tracer = _PathTracer(opaque)
+    tracer.record_stack_traces = True  # so reports can name the user's source line of each op
+    try:
+        return tracer, tracer.trace(model)
+    except Exception as error:  # torch.fx raises several types; all mean "cannot trace"
+        example = _example(ctx)
+        if example is None:
+            raise _untraceable(model, tracer, error) from error
+        return _trace_with_sizes(model, opaque, example)
+
+
+@contextlib.contextmanager
+def _through_other_wraps():
+    """Trace through the functions other packages mark with ``torch.fx.wrap`` (torchvision's
+    ``shifted_window_attention``): kept as one call, such a function would be code that fxq can
+    neither quantize nor save. fxq's own marks stay."""
+    table = _symbolic_trace._wrapped_fns_to_patch
+    foreign = {key: frame for key, frame in table.items()
+               if not str(frame.get("__name__", "")).startswith(("fxq.", "passes."))}
+    for key in foreign:
+        del table[key]
+    try:
+        yield
+    finally:
+        table.update(foreign)
 
 
 def _fold_size_tensors(gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -174,9 +197,9 @@ def _untraceable(model: nn.Module, tracer: _PathTracer, error: Exception) -> Typ
     return TypeError(
         f"torch.fx cannot trace {type(model).__name__}: in {where} ({_user_line(error)}): "
         f"{type(error).__name__}: {error}. Fix: replace Python control flow on tensor values "
-        "with tensor ops (torch.where, masking), move the untraceable code into a function "
-        "decorated with torch.fx.wrap so it is kept as one call, or keep that submodule whole "
-        f"and in float with overrides={{'{tracer.failed_in or 'name'}': None}}")
+        "with tensor ops (torch.where, masking), or move the untraceable code into a submodule and "
+        f"keep it whole and in float with overrides={{'{tracer.failed_in or 'name'}': None}} (it then "
+        "runs in this process only: a file never holds code)")
 
 
 def _untraceable_parts(model: nn.Module, islands: dict[str, str]) -> TypeError:

@@ -224,3 +224,26 @@ def test_a_cast_to_another_tensors_dtype_names_the_dtype_and_deploys(tmp_path):
     torch.manual_seed(0)
     qmodel, _ = _quantized(DtypeReads(), tmp_path)
     assert not any(n.target is getattr for n in qmodel.graph.nodes)
+
+
+def window_scores(x):
+    """A library's helper it marks for torch.fx to keep whole (torchvision's Swin attention)."""
+    return torch.softmax(x.flatten(2), -1).reshape(x.shape) * x
+
+
+torch.fx.wrap("window_scores")
+
+
+class WrappedHelper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(window_scores(self.conv(x)))
+
+
+def test_a_function_another_package_wraps_is_traced_through_and_saves(tmp_path):
+    torch.manual_seed(0)
+    qmodel, _ = _quantized(WrappedHelper(), tmp_path)
+    assert not any(n.target is window_scores for n in qmodel.graph.nodes)
