@@ -5,12 +5,12 @@ import warnings
 
 from torch import fx
 
-from fxq import ops, records
+from fxq import ops, records, saved_graph
 from fxq.affine import ActQParams
 from fxq.canonical import drop_shape_checks
 from fxq.config import Rounding
 from fxq.context import PassContext
-from fxq.graph import add_module_near, call_after, finish, module_name
+from fxq.graph import add_module_near, call_after, finish, module_name, source_line
 from fxq.observers import InputGram, Observer
 from fxq.ops import Lowering
 from fxq.ops.fallback import FloatFallbackWarning, float_report
@@ -71,7 +71,9 @@ def _convert(gm: fx.GraphModule, ctx: PassContext, share_joins: bool) -> fx.Grap
     late = [(node, why) for node, why in lo.late if node in on_tensors]  # not arithmetic on sizes
     if late:
         warnings.warn("with the calibrated parameters, " + float_report(late), FloatFallbackWarning, stacklevel=2)
-    return finish(gm)
+    gm = finish(gm)
+    _check_saveable(gm)
+    return gm
 
 
 def _take_calibration_statistics(lo: Lowering) -> None:
@@ -153,3 +155,22 @@ def _dequantize_outputs(gm: fx.GraphModule, output: fx.Node) -> None:
             return gm.graph.call_module(path, (value,))
 
     output.args = fx.map_arg(output.args, dequantize)
+
+
+_SAVEABLE = frozenset(saved_graph.FUNCTIONS.values())
+
+
+def _check_saveable(gm: fx.GraphModule) -> None:
+    """Every call left is one fxq can save (a file never holds code): a function or method another
+    library adds (``torch.ops.torchvision.nms``) is refused when quantize returns, by name and
+    line, never at save."""
+    foreign = [n for n in gm.graph.nodes if (n.op == "call_function" and n.target not in _SAVEABLE)
+               or (n.op == "call_method" and n.target not in saved_graph.METHODS)]
+    if foreign:
+        calls = "".join(f"\n  '{n.name}' calls {getattr(n.target, '__name__', n.target)} at "
+                        f"{source_line(n) or 'an unknown line'}" for n in foreign)
+        raise TypeError(
+            f"{len(foreign)} call(s) are to functions fxq neither has an integer form for nor can save "
+            f"(a file never holds code):{calls}\nFix: move them out of the forward (post-processing), or "
+            "into a submodule kept whole and in float with overrides={'name': None} (it then runs in this "
+            "process only)")

@@ -170,3 +170,20 @@ def test_torch_softmax_kept_in_float_saves_and_loads(tmp_path):
     with pytest.warns(fxq.FloatFallbackWarning, match="softmax.*with a dtype"):
         qmodel = fxq.quantize(model, [torch.randn(4, 3, 8, 8) for _ in range(2)])
     assert check_quantized(qmodel, model, torch.randn(8, 3, 8, 8), tmp_path) > 20
+
+
+class OperatorCall(nn.Module):
+    """A call fxq cannot save by name: torch's operator registry called directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.ops.aten.hardswish(self.conv(x)))
+
+
+def test_a_call_fxq_cannot_save_is_refused_when_quantize_returns_not_at_save():
+    with pytest.raises(TypeError, match=r"(?s)neither has an integer form for nor can save.*hardswish.*"
+                                        r"test_fallback.py.*overrides"):
+        fxq.quantize(OperatorCall().eval(), _calibration())

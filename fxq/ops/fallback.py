@@ -144,9 +144,17 @@ _NOT_MATH = frozenset({"device", "dtype", "layout", "get_device", "is_distribute
 TENSOR_MATH = _tensor_math()
 
 
-# Float functions and tensor methods a saved model may call, by name: torch.nn.functional's, and
-# torch's elementwise math, reductions and tensor plumbing. None of them touches anything but tensors.
-FLOAT_FUNCTIONS = _functional() + tuple(getattr(torch, n) for n in sorted(TENSOR_MATH)) + (
+def _namespaces() -> tuple:
+    """torch.fft's, torch.linalg's and torch.special's functions: tensor math, nothing else."""
+    return tuple(f for space in (torch.fft, torch.linalg, torch.special) for name in dir(space)
+                 if not name.startswith("_") and callable(f := getattr(space, name)) and not inspect.isclass(f)
+                 and not inspect.ismodule(f))
+
+
+# Float functions and tensor methods a saved model may call, by name: torch.nn.functional's,
+# torch.fft's, torch.linalg's, torch.special's, and torch's elementwise math, reductions and tensor
+# plumbing. None of them touches anything but tensors.
+FLOAT_FUNCTIONS = _functional() + _namespaces() + tuple(getattr(torch, n) for n in sorted(TENSOR_MATH)) + (
     F.layer_norm, F.group_norm, F.batch_norm, F.softmax, F.log_softmax, F.interpolate, F.gelu,
     F.silu, F.hardswish, F.hardsigmoid, F.relu6, F.hardtanh, F.leaky_relu, F.elu, F.mish,
     F.softplus, F.sigmoid, F.tanh, F.normalize, F.dropout, F.pad, F.max_pool2d, F.avg_pool2d,
