@@ -41,10 +41,11 @@ from scripts.zoo import CALIBRATION, SCORED, attempt, images, settled, share
 RESULTS = FOLDER / "zoo_vision.json"
 TRANSFORMERS = {"vit_tiny_patch16_224": {}, "deit_tiny_patch16_224": {}, "cait_xxs24_224": {},
                 "swin_tiny_patch4_window7_224": {"window_size": 2}, "convit_tiny": {}, "levit_128s": {},
-                "pit_ti_224": {}, "xcit_nano_12_p16_224": {}, "coat_lite_tiny": {}}
+                "pit_ti_224": {}, "xcit_nano_12_p16_224": {}, "coat_lite_tiny": {}, "eva02_tiny_patch14_224": {}}
+TORCHVISION_TRANSFORMERS = {"vit_b_16": {"image_size": 64}, "swin_t": {}}  # nn.MultiheadAttention; fx.wrap'd attention
 SEGMENTERS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_resnet50")
-YOLO = ("yolov8n", "yolov8n-seg", "yolov8n-pose", "yolo11n")
-MODELS = (*YOLO, *SEGMENTERS, "resnet18_fpn", "unet", "espcn", *TRANSFORMERS)
+YOLO = ("yolov8n", "yolov8n-seg", "yolov8n-pose", "yolo11n", "yolo11n-obb", "yolo26n", "rtdetr-l")
+MODELS = (*YOLO, *SEGMENTERS, "resnet18_fpn", "unet", "espcn", *TRANSFORMERS, *TORCHVISION_TRANSFORMERS)
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
@@ -57,9 +58,13 @@ def _made(name: str) -> nn.Module:
     from scripts.image_nets import ESPCN, UNet
     if name in YOLO:
         from ultralytics.nn import tasks  # a dev dependency: only studies and tests
-        heads = {"-seg": tasks.SegmentationModel, "-pose": tasks.PoseModel}
+        heads = {"-seg": tasks.SegmentationModel, "-pose": tasks.PoseModel, "-obb": tasks.OBBModel,
+                 "-l": tasks.RTDETRDetectionModel}
         kind = heads.get(name[name.rfind("-"):], tasks.DetectionModel)
         return kind(f"{name}.yaml", verbose=False)
+    if name in TORCHVISION_TRANSFORMERS:
+        import torchvision
+        return torchvision.models.get_model(name, weights=None, **TORCHVISION_TRANSFORMERS[name])
     if name in SEGMENTERS:
         import torchvision
         return torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=21)
