@@ -73,18 +73,20 @@ def test_quantized_model_is_reproducible_and_stores_integers():
     assert state["layer1.0.conv1.bias"].dtype == torch.int32
 
 
-def test_float_twin_agrees_with_the_integer_model_on_the_whole_test_set():
+def test_float_twin_agrees_with_the_integer_model_on_2000_test_images():
+    """2,000 images, not 10,000: the float64 twin of a ResNet-18 took 216 s of `make test` on all."""
     _, qmodel, test, *_ = results("mnist")
     twin = fxq.simulate(qmodel)
     step = qmodel.get_submodule("dequantize").scale.item()
     agree = worst = 0
+    images = test.images[:2000]
     with torch.no_grad():
-        for images in test.images.split(500):
-            a, b = qmodel(images), twin(images)
+        for batch in images.split(500):
+            a, b = qmodel(batch), twin(batch)
             worst = max(worst, ((a - b).abs() / step).max().item())
             agree += (a.argmax(1) == b.argmax(1)).sum().item()
     assert worst <= 1.0
-    assert agree / len(test) >= 0.999
+    assert agree / len(images) >= 0.999
 
 
 def test_explain_formula_matches_the_real_resnet18_exactly():
