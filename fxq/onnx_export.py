@@ -217,7 +217,7 @@ def to_onnx(qmodel: fx.GraphModule, weights: str = "auto"):
     placeholders = [n for n in qmodel.graph.nodes if n.op == "placeholder"]
     graph_inputs = [helper.make_tensor_value_info(n.name, TensorProto.FLOAT, ["batch", *sample_shape])
                     for n in placeholders]
-    graph_outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *b.shapes[n][1:]])
+    graph_outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, _declared(b, n))
                      for name, n in zip(outputs, leaves)]
     graph = helper.make_graph(b.nodes, "fxq", graph_inputs, graph_outputs, b.initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="fxq")
@@ -275,6 +275,13 @@ def _distinct(names: list, b: Builder) -> list[str]:
         distinct.append(name if name not in seen else b.node("Identity", [name], f"{name}_again"))
         seen.add(name)
     return distinct
+
+
+def _declared(b: Builder, node: fx.Node) -> list:
+    """An output's shape as the graph declares it: "batch" wherever the batch size moves it (a
+    decoder's ``[layers, batch, queries, C]`` too)."""
+    batched = b.batched_dims(node)
+    return ["batch" if dim in batched else size for dim, size in enumerate(b.shapes[node])]
 
 
 def _reads_only_sizes(node: fx.Node, values: dict) -> bool:

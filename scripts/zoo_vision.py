@@ -155,7 +155,8 @@ def table(results: dict) -> str:
         margin = f"{min(a - b for a, b in zip(ours.sqnr_db, peer.sqnr_db)):+.1f}" if compared else ""
         rows.append([name, len(ours.sqnr_db), f"{ours.integer_share:.0f} %", f"{min(ours.sqnr_db):.1f}",
                      "✓" if ours.twin_exact and ours.save_load_identical else "✗", _deployed_cell(deployed),
-                     f"{peer.integer_share:.0f} %" + "¹" * bool(peer.captured) if compared else "no",
+                     f"{peer.integer_share:.0f} %" + "¹" * bool(peer.captured) if compared
+                     else "no" if peer is not None else "not run",
                      f"{min(peer.sqnr_db):.1f}" if compared else "", margin])
     headers = ["model", "outputs", "fxq integer ops", "worst output SQNR dB", "twin & load exact (every output)",
                "deployed: identical values (worst output)", "torch.ao integer ops", "torch.ao worst SQNR dB",
@@ -201,6 +202,11 @@ def main() -> None:
         store.put(name, entry)
         print(name, json.dumps({k: {f: v for f, v in e.items() if f != "float_reasons"} for k, e in entry.items()}),
               flush=True)
+    publish(store)
+
+
+def publish(store: Store) -> None:
+    """The README block from every model's stored results."""
     measured = {name: store.data[name] for name in MODELS if name in store}
     cpus = sorted({f"{e['machine']['cpu']} (torch capability {e['machine']['capability']})" for e in measured.values()})
     readme.publish("zoo-vision", f"Measured on {', '.join(cpus)}, torch {torch.__version__}, 2 threads.\n\n"
