@@ -110,6 +110,7 @@ def _cases(payload, marker, per_kind=1):
             yield path, new
 
 
+@pytest.mark.real_data  # the whole sweep of crafted files (6 s): in make test, out of the unit loop
 def test_every_field_changed_in_a_crafted_file_is_refused_or_loads_a_working_model(saved, tmp_path):
     marker = tmp_path / "ran"
     x = torch.randn(3, 3, 8, 8)
