@@ -187,3 +187,38 @@ def test_a_call_fxq_cannot_save_is_refused_when_quantize_returns_not_at_save():
     with pytest.raises(TypeError, match=r"(?s)neither has an integer form for nor can save.*hardswish.*"
                                         r"test_fallback.py.*overrides"):
         fxq.quantize(OperatorCall().eval(), _calibration())
+
+
+class QuerySelection(nn.Module):
+    """RT-DETR's query selection: the best-scoring positions by a top-k over scores (8-bit
+    integers dequantized: many ties), their features gathered. A tie broken differently picks
+    other features."""
+
+    def __init__(self):
+        super().__init__()
+        self.features, self.score = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 1, 3, padding=1)
+
+    def forward(self, x):
+        features = self.features(x).flatten(2).transpose(1, 2)  # [N, positions, 8]
+        scores = self.score(x).flatten(1)
+        chosen = torch.topk(scores, 20, dim=1).indices
+        return features.gather(1, chosen[..., None].expand(-1, -1, 8)), scores.topk(5, largest=False).values
+
+
+def test_a_float_topk_breaks_ties_by_the_lower_index_as_onnx_topk_and_deploys_bit_exact(tmp_path):
+    x = torch.tensor([[1.0, 3, 3, 2, 3, 1, 1, 0, 3, 2]])
+    values, indices = fxq.ops.fallback.topk(x, 6)
+    assert values.tolist() == [[3, 3, 3, 3, 2, 2]] and indices.tolist() == [[1, 2, 4, 8, 3, 9]]
+    assert fxq.ops.fallback.topk(x, 3, largest=False).indices.tolist() == [[7, 0, 5]]
+    torch.manual_seed(0)
+    model = QuerySelection().eval()
+    calib = [torch.randn(8, 3, 12, 12) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxq.FloatFallbackWarning)
+        qmodel = fxq.quantize(model, calib, fxq.QConfig(requantize="onnxruntime"))
+    x = torch.randn(16, 3, 12, 12)
+    scores = qmodel(x)[1]
+    assert len(scores.unique()) < scores.numel()  # ties among the selected scores
+    check_quantized(qmodel, model, x, tmp_path)
+    deployed = fxq.deploy(fxq.load(tmp_path / "model.fxq"), threads=1, weights="exact")
+    assert all(torch.equal(a, b) for a, b in zip(deployed(x), qmodel(x)))

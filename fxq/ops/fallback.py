@@ -60,12 +60,30 @@ def lower_in_float(lo: Lowering, node: fx.Node, reason: str | None) -> None:
         return dequantized[arg]
 
     node.args, node.kwargs = fx.map_arg(node.args, dequantize), fx.map_arg(node.kwargs, dequantize)
+    if node.target in (torch.topk, "topk"):
+        node.op, node.target = "call_function", topk
     qparams = records.pop(node, ActQParams)  # from the op's own observer
     if qparams is not None:
         quantized = lo.insert_after(node, Quantize(qparams, None, lo.rounding), f"{leaf_name(node)}_quantize")
         records.put(quantized, qparams)
     if reason is not None and (dequantized or qparams is not None):  # arithmetic on sizes is not an op on tensors
         records.put(node, records.FloatOp(reason))
+
+
+def topk(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True):
+    """``torch.topk`` with ONNX TopK's order among equal values, the lower index first, always
+    sorted. torch's own order among ties is unspecified, and a float op's inputs are dequantized
+    integers, where ties are common: the deployed model must select the same elements."""
+    order = torch.sort(x, dim=dim, descending=largest, stable=True)
+    return torch.return_types.topk((order.values.narrow(dim, 0, k), order.indices.narrow(dim, 0, k)))
+
+
+def _export_topk(b, node: fx.Node, inputs: list) -> list[str]:
+    bound = inspect.signature(topk).bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    return b.node("TopK", [inputs[0], b.constant(f"{node.name}_k", b.ints([a["k"]]))], node.name, outputs=2,
+                  axis=a["dim"], largest=int(a["largest"]), sorted=1)
 
 
 def _constructed(cls, attributes, tensors) -> nn.Module:
@@ -167,7 +185,7 @@ FLOAT_FUNCTIONS = _functional() + _namespaces() + tuple(getattr(torch, n) for n 
     torch.std, torch.add, torch.neg, torch.addcmul, torch.addcdiv, torch.norm, torch.linalg.vector_norm,
     torch.square, torch.reciprocal, torch.zeros, torch.ones, torch.arange, torch.cos, torch.sin,
     operator.mul, operator.truediv, operator.sub, operator.neg, operator.floordiv, operator.mod,
-    operator.getitem, operator.matmul, operator.pow, operator.invert,
+    operator.getitem, operator.matmul, operator.pow, operator.invert, topk,
 )
 # casts to a dtype by name, and copies
 CASTS = frozenset({"long", "int", "short", "half", "double", "bool", "byte", "char", "bfloat16", "clone", "detach"})
@@ -188,6 +206,8 @@ def export_float(b, node: fx.Node, inputs: list, module: nn.Module | None) -> st
     formula = _FORMULAS.get(type(module))
     if formula is not None:
         return formula(b, node.name, inputs[0], module)
+    if node.target is topk:
+        return _export_topk(b, node, inputs)
     if node.target is getattr and isinstance(inputs[0], list):  # a field of torch's named result (topk's)
         return inputs[0][("values", "indices").index(node.args[1])]
     if isinstance(module, nn.LayerNorm):
