@@ -15,6 +15,7 @@ machine would.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 from pathlib import Path
@@ -29,11 +30,17 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "deploy_agreement.json"
 
 
+@functools.cache
+def quantized(name: str, requantize: str) -> torch.fx.GraphModule:
+    """The committed model at W8A8 (512 calibration images): one per rounding for every comparison."""
+    model = models.load_trained(name)
+    return fxq.quantize(model, data.calibration_batches(name, 512), fxq.QConfig(requantize=requantize))
+
+
 def agreement(name: str, requantize: str, avx2_weights: str | None = None, limit: int | None = None) -> dict:
     """With ``avx2_weights``, the deployed model (weights in that format) runs on the emulated AVX2
     CPU; ``limit``: the first test images only."""
-    model, test = models.load_trained(name), data.load(name, "test")
-    qmodel = fxq.quantize(model, data.calibration_batches(name, 512), fxq.QConfig(requantize=requantize))
+    qmodel, test = quantized(name, requantize), data.load(name, "test")
     images, labels = test.images[:limit], test.labels[:limit]
     with torch.no_grad():
         reference = torch.cat([qmodel(x) for x in images.split(500)])
