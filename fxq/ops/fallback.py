@@ -75,7 +75,7 @@ def topk(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: b
     sorted. torch's own order among ties is unspecified, and a float op's inputs are dequantized
     integers, where ties are common: the deployed model must select the same elements."""
     order = torch.sort(x, dim=dim, descending=largest, stable=True)
-    return torch.return_types.topk((order.values.narrow(dim, 0, k), order.indices.narrow(dim, 0, k)))
+    return torch.return_types.topk(tuple(t.narrow(dim, 0, k).contiguous() for t in order))  # as torch's, viewable
 
 
 def _export_topk(b, node: fx.Node, inputs: list) -> list[str]:
