@@ -5,15 +5,13 @@ import pytest
 
 import fxq
 from scripts import models
-from scripts.train import accuracy
-from tests.real_data import suite_model
+from tests.real_data import quantized, suite_model
 
 pytestmark = pytest.mark.real_data
 
 
 def quantized_accuracy(name: str, config: fxq.QConfig) -> float:
-    model, test, calib, _ = suite_model(name)
-    return accuracy(fxq.quantize(model, calib, config), test)
+    return quantized(name, config)[1]
 
 
 @pytest.mark.parametrize("name", sorted(models.BRANCHED))

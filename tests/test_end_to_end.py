@@ -2,7 +2,6 @@
 
 Calibration uses 512 *training* images; accuracy is on the full 10k test set.
 """
-import functools
 
 import pytest
 import torch
@@ -13,18 +12,15 @@ from fxq.ops.layers import QConv2d, QLinear
 from fxq.runtime import count_ops
 from scripts import data, evaluate, models
 from scripts.train import accuracy
+from tests.real_data import quantized, suite_model
 
 pytestmark = pytest.mark.real_data
 
 
-@functools.cache
 def results(dataset: str):
-    torch.set_num_threads(2)
-    model = models.load_trained(dataset)
-    test = data.load(dataset, "test")
-    calib = data.calibration_batches(dataset, 512)
-    qmodel = fxq.quantize(model, calib)
-    return model, qmodel, test, calib, accuracy(model, test), accuracy(qmodel, test)
+    model, test, calib, float_acc = suite_model(dataset)
+    qmodel, int_acc = quantized(dataset)
+    return model, qmodel, test, calib, float_acc, int_acc
 
 
 def test_mnist_w8a8_loses_at_most_005_points():

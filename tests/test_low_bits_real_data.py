@@ -5,7 +5,6 @@ weights shrink the file, CLE is exact and helps.
 Calibration: 512 training images. Each default config below 8 bits runs the output-aware weight
 rule, CLE and bias correction (about a minute per model here).
 """
-import functools
 
 import pytest
 import torch
@@ -13,17 +12,14 @@ import torch
 import fxq
 from fxq.comparison import folded_float
 from scripts import evaluate
-from scripts.train import accuracy
+from tests import real_data
 from tests.real_data import fashion, suite_model
 
 pytestmark = pytest.mark.real_data
 
 
-@functools.cache
-def quantized(weight_bits: int, act_bits: int, **fields):
-    model, test, calib, _ = fashion()
-    qmodel = fxq.quantize(model, calib, fxq.QConfig(weight_bits=weight_bits, act_bits=act_bits, **fields))
-    return qmodel, accuracy(qmodel, test)
+def quantized(weight_bits: int, act_bits: int, name: str = "fashion", **fields):
+    return real_data.quantized(name, fxq.QConfig(weight_bits=weight_bits, act_bits=act_bits, **fields))
 
 
 FLOORS = [(6, 6, 0.3), (4, 8, 0.3), (4, 4, 1.0)]  # (weight bits, act bits, most points lost)
@@ -40,9 +36,8 @@ def test_defaults_for_the_bit_width_meet_the_accuracy_bound(weight_bits, act_bit
 def test_defaults_hold_on_a_differently_trained_model(weight_bits, act_bits, max_loss):
     """fashion_seed1: another seed, 2 epochs, no augmentation, no label smoothing — the suite's
     hardest model for the earlier defaults (−3.86 points at W4A4)."""
-    model, test, calib, float_acc = suite_model("fashion_seed1")
-    qmodel = fxq.quantize(model, calib, fxq.QConfig(weight_bits=weight_bits, act_bits=act_bits))
-    int_acc = accuracy(qmodel, test)
+    float_acc = suite_model("fashion_seed1")[3]
+    _, int_acc = quantized(weight_bits, act_bits, "fashion_seed1")
     assert float_acc - int_acc <= max_loss, f"W{weight_bits}A{act_bits}: {float_acc} → {int_acc}"
 
 

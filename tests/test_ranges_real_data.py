@@ -1,20 +1,16 @@
 """The range and rounding rules on the real Fashion-MNIST ResNet-18 (full 10k test set)."""
-import functools
 
 import pytest
 
 import fxq
 from fxq.config import ACT_RANGES
-from scripts.train import accuracy
-from tests.real_data import fashion
+from tests.real_data import fashion, quantized
 
 pytestmark = pytest.mark.real_data
 
 
-@functools.cache
 def accuracy_with(**fields) -> float:
-    model, test, calib, _ = fashion()
-    return accuracy(fxq.quantize(model, calib, fxq.QConfig(**fields)), test)
+    return quantized("fashion", fxq.QConfig(**fields))[1]
 
 
 def test_w4_per_tensor_mse_beats_minmax_and_output_aware_beats_mse():
