@@ -92,8 +92,10 @@ def requantize(acc: torch.Tensor, m: torch.Tensor, shift: torch.Tensor, zero_poi
     offset = torch.ones_like(r) << (r - 1)
     if fold:
         offset = offset + (zero_point << r)
-    # acc·m out of place: an int64 accumulator would otherwise be overwritten before its sign is read
-    q = (acc.to(torch.int64) * m).add_(offset).sub_((acc < 0).to(torch.int64)).bitwise_right_shift_(r)
+    # a copy (the caller's int64 accumulator stays); m ≥ 0 keeps acc's sign in p, and where m = 0
+    # the −1 of a negative acc changes nothing (offset − 1 and offset shift alike); p >> 63 is −[p < 0]
+    p = acc.to(torch.int64, copy=True).mul_(m)
+    q = p.add_(p >> 63).add_(offset).bitwise_right_shift_(r)
     if not fold:
         q.add_(zero_point)
     return q.clamp_(0, qmax).to(storage_dtype(qmax.bit_length()))

@@ -33,7 +33,10 @@ def test_requantize_is_exact_for_every_multiplier_zero_point_and_accumulator_edg
     real = _reals()
     m, shift = intmath.fixed_point(real)
     acc = torch.tensor(ACC_EDGES, dtype=torch.int64)[:, None].expand(-1, len(real)).contiguous()
+    before = acc.clone()
     out = intmath.requantize(acc, m, shift, zero_point, 255)
+    assert torch.equal(acc, before)  # an int64 accumulator is read, never overwritten
+    assert (m == 0).any() and (acc < 0).any()  # the edges include multipliers that drop everything
     for c in range(len(real)):
         multiplier = as_fraction(int(m[c]), int(shift[c]))
         for i, a in enumerate(ACC_EDGES):
