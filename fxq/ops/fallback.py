@@ -60,7 +60,7 @@ def lower_in_float(lo: Lowering, node: fx.Node, reason: str | None) -> None:
         return dequantized[arg]
 
     node.args, node.kwargs = fx.map_arg(node.args, dequantize), fx.map_arg(node.kwargs, dequantize)
-    if node.target in (torch.topk, "topk"):
+    if node.target in (torch.topk, "topk") and _constant_k(node):  # a k read from a shape keeps torch's
         node.op, node.target = "call_function", topk
     qparams = records.pop(node, ActQParams)  # from the op's own observer
     if qparams is not None:
@@ -76,6 +76,11 @@ def topk(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: b
     integers, where ties are common: the deployed model must select the same elements."""
     order = torch.sort(x, dim=dim, descending=largest, stable=True)
     return torch.return_types.topk(tuple(t.narrow(dim, 0, k).contiguous() for t in order))  # as torch's, viewable
+
+
+def _constant_k(node: fx.Node) -> bool:
+    k = node.kwargs["k"] if "k" in node.kwargs else node.args[1] if len(node.args) > 1 else None
+    return isinstance(k, int)
 
 
 def _export_topk(b, node: fx.Node, inputs: list) -> list[str]:
