@@ -1,5 +1,6 @@
 """Sampling at a grid's points on integers (`fxq.ops.sampling`): tables of neighbours and
 fixed-point weights per grid integer, exact sums, one rounding; saved and deployed bit-exact."""
+import io
 import itertools
 
 import pytest
@@ -10,6 +11,7 @@ from torch import nn
 import fxq
 from fxq import records
 from fxq.ops.sampling import QGridSample
+from scripts import emulated_cpu
 from tests.helpers import images, quantize_whole
 
 SETTINGS = list(itertools.product(("bilinear", "nearest"), ("zeros", "border", "reflection"), (False, True)))
@@ -85,3 +87,17 @@ def test_bicubic_sampling_stays_float_and_says_why():
     calib, _ = images(12)
     with pytest.warns(fxq.FloatFallbackWarning, match="bicubic sampling"):
         fxq.quantize(Bicubic().eval(), calib)
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(not emulated_cpu.available(), reason="needs x86-64 and qemu-x86_64 (make setup)")
+def test_sampling_deploys_identically_on_an_emulated_avx2_cpu():
+    """The Gathers and int64 sums as an AVX2-only CPU runs them (QEMU's Haswell), whatever this one is."""
+    torch.manual_seed(0)
+    model = Deformable("bilinear", "zeros", False).eval()
+    calib, x = images(12)
+    qmodel = fxq.quantize(model, calib, fxq.QConfig(requantize="onnxruntime"))
+    model_bytes = io.BytesIO()
+    fxq.export_onnx(qmodel, model_bytes, "exact")
+    emulated = torch.from_numpy(emulated_cpu.run(model_bytes.getvalue(), x.numpy()))
+    assert torch.equal(emulated, qmodel(x))
