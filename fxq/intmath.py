@@ -92,13 +92,40 @@ def requantize(acc: torch.Tensor, m: torch.Tensor, shift: torch.Tensor, zero_poi
     offset = torch.ones_like(r) << (r - 1)
     if fold:
         offset = offset + (zero_point << r)
-    # a copy (the caller's int64 accumulator stays); m ≥ 0 keeps acc's sign in p, and where m = 0
-    # the −1 of a negative acc changes nothing (offset − 1 and offset shift alike); p >> 63 is −[p < 0]
-    p = acc.to(torch.int64, copy=True).mul_(m)
-    q = p.add_(p >> 63).add_(offset).bitwise_right_shift_(r)
-    if not fold:
-        q.add_(zero_point)
-    return q.clamp_(0, qmax).to(storage_dtype(qmax.bit_length()))
+
+    def block(a: torch.Tensor) -> torch.Tensor:
+        # a copy (the caller's int64 accumulator stays); m ≥ 0 keeps acc's sign in p, and where m = 0
+        # the −1 of a negative acc changes nothing (offset − 1 and offset shift alike); p >> 63 is −[p < 0]
+        p = a.to(torch.int64, copy=True).mul_(m)
+        q = p.add_(p >> 63).add_(offset).bitwise_right_shift_(r)
+        if not fold:
+            q.add_(zero_point)
+        return q.clamp_(0, qmax)
+
+    return by_blocks(block, acc, storage_dtype(qmax.bit_length()), m, r, offset)
+
+
+BLOCK_ELEMENTS = 2**19
+
+
+def by_blocks(elementwise, acc: torch.Tensor, dtype: torch.dtype, *parameters: torch.Tensor) -> torch.Tensor:
+    """``elementwise(acc)`` converted to ``dtype``, a block of leading rows at a time.
+
+    Requantization is a chain of passes over a wide intermediate (int64): on a whole activation
+    tensor each pass goes to memory, on blocks of ~2^19 elements (4 MB of int64) they stay in the
+    cache — 0.69 → 0.17 s on a [98 000, 576] accumulator (AMD EPYC, AVX2). Elementwise, so the
+    result is the same; a strided accumulator, or ``parameters`` that vary along the leading
+    dim, are done whole.
+    """
+    rows = acc.shape[0] if acc.dim() else 1
+    along_rows = any(p.dim() >= acc.dim() and p.shape[0] > 1 for p in parameters)
+    if not acc.is_contiguous() or along_rows or acc.numel() <= BLOCK_ELEMENTS:
+        return elementwise(acc).to(dtype)
+    out = torch.empty(acc.shape, dtype=dtype, device=acc.device)
+    step = max(1, BLOCK_ELEMENTS * rows // acc.numel())
+    for start in range(0, rows, step):
+        out[start:start + step].copy_(elementwise(acc[start:start + step]))
+    return out
 
 
 def runtime_multiplier(input_scale: torch.Tensor, weight_scale: torch.Tensor,
@@ -113,9 +140,11 @@ def runtime_requantize(acc: torch.Tensor, multiplier: torch.Tensor, zero_point: 
     """Formula (2) as onnxruntime's int8 kernels compute it (MLAS ``RequantizeOutput``): the int32
     accumulator converted to float32, times the float32 ``multiplier`` (`runtime_multiplier`),
     rounded half to even, plus ``z``, clamped; channels last."""
-    scaled = torch.round(acc.to(torch.int32).to(torch.float32) * multiplier)
-    q = scaled.clamp_(-zero_point, qmax - zero_point).to(torch.int32) + zero_point
-    return q.to(storage_dtype(qmax.bit_length()))
+    def block(a: torch.Tensor) -> torch.Tensor:  # float32 integers in [0, qmax]: exact in any storage
+        scaled = torch.round(a.to(torch.int32).to(torch.float32) * multiplier)
+        return scaled.clamp_(-zero_point, qmax - zero_point).add_(zero_point)
+
+    return by_blocks(block, acc, storage_dtype(qmax.bit_length()), multiplier)
 
 
 def runtime_add(a_q: torch.Tensor, b_q: torch.Tensor, scales: tuple[float, float, float],

@@ -59,6 +59,31 @@ def test_requantize_matches_exact_rational_formula():
     assert out.dtype == torch.uint8
 
 
+@pytest.mark.parametrize("layout", ["positions", "images", "strided", "scalar"])
+def test_a_large_accumulator_requantizes_by_blocks_to_the_element_wise_formula(layout):
+    """Above `intmath.BLOCK_ELEMENTS` requantization runs a block of rows at a time: every element
+    is still formula (2) (`rounding_right_shift` on int64, at once), in both roundings."""
+    torch.manual_seed(2)
+    channels = 48
+    acc = torch.randint(-2**24, 2**24, (3 * intmath.BLOCK_ELEMENTS // channels + 7, channels), dtype=torch.int32)
+    real = torch.rand(channels, dtype=torch.float64) * 2**-12
+    if layout == "images":  # [N, H, W, C]: blocks of whole images
+        acc = acc[:acc.shape[0] // 64 * 64].reshape(-1, 8, 8, channels)
+    elif layout == "strided":  # a channels-first view: done whole
+        acc = acc.t().contiguous().t()
+    elif layout == "scalar":  # one multiplier for every element (a join's operand)
+        acc, real = acc.flatten(), real[:1]
+    m, shift = intmath.fixed_point(real)
+    zero_point, qmax = 37, 255
+    expected = (intmath.rounding_right_shift(acc.to(torch.int64) * m, 31 - shift) + zero_point).clamp(0, qmax)
+    out = intmath.requantize(acc, m, shift, zero_point, qmax)
+    assert out.dtype == torch.uint8 and out.shape == acc.shape
+    assert torch.equal(out.to(torch.int64), expected)
+    multiplier = real.to(torch.float32)
+    expected = (torch.round(acc.to(torch.float32) * multiplier) + zero_point).clamp(0, qmax)
+    assert torch.equal(intmath.runtime_requantize(acc, multiplier, zero_point, qmax).to(torch.float32), expected)
+
+
 def worst_case_conv(channels: int):
     """All weights ±127 with a sign pattern, inputs at both ends of the uint8 range."""
     torch.manual_seed(1)
