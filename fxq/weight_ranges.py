@@ -56,7 +56,11 @@ def quantize_weights(weight: torch.Tensor, bits: int, per_channel: bool, rule: s
         return QuantizedWeight(quantize_weight(weight, scales, bits), scales)
     if gram is None:
         raise ValueError("weight_range='output_aware' needs the layer's input statistics from calibration")
-    error = lambda w_, q_: _output_error(w_, q_, gram)  # noqa: E731
+    # The candidates' errors in float32: half the time of float64 (the layer's C·K² product per
+    # candidate is most of a low-bit quantize), and the very same clipping on every channel of the
+    # suite's ResNet-18s, MobileNetV2 and inception net at W4 (AMD EPYC, AVX2).
+    gram32 = gram.to(torch.float32)
+    error = lambda w_, q_: _output_error(w_, q_, gram32)  # noqa: E731
     scales = _best_clipping(w, bits, per_channel, OUTPUT_FRACTIONS, error)
     q = greedy_rounding(w, scales, bits, gram)
     return QuantizedWeight(q.reshape(weight.shape).to(torch.int8), scales)
@@ -68,8 +72,8 @@ def _weight_error(w: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
 
 
 def _output_error(w: torch.Tensor, w_hat: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """Per-channel ‖(w − Q(w))·X‖² = Δ_c H Δ_cᵀ."""
-    delta = w - w_hat
+    """Per-channel ‖(w − Q(w))·X‖² = Δ_c H Δ_cᵀ, in ``gram``'s precision."""
+    delta = (w - w_hat).to(gram.dtype)
     return (_times_gram(delta, gram) * delta).sum(1)
 
 
