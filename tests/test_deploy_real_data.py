@@ -1,8 +1,9 @@
 """fxq.deploy against fxq's own integer executor on the full MNIST and Fashion-MNIST test sets:
 with QConfig(requantize="onnxruntime") every logit of all 10,000 images is identical. And as an
 x86 CPU with AVX2 alone runs onnxruntime (QEMU's Haswell model: U8S8 kernels that saturate), on
-the first 500 test images: the weights fxq deploys there keep every logit identical, and the
-int8 weights onnxruntime's own quantizer writes do not."""
+the first 500 test images the weights fxq deploys there keep every logit identical, and on the
+first 100 the int8 weights onnxruntime's own quantizer writes do not (about 22 % of their logits
+are identical: a hundred images show it; every emulated image costs a tenth of a second)."""
 import pytest
 
 from scripts import emulated_cpu
@@ -10,6 +11,7 @@ from scripts.deploy_agreement import agreement
 
 pytestmark = pytest.mark.real_data
 EMULATED_IMAGES = 500
+CONTROL_IMAGES = 100
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion"])
@@ -32,5 +34,5 @@ def test_the_emulated_avx2_cpus_onnxruntime_saturates_and_fxq_finds_out():
 def test_on_an_avx2_cpu_the_deployed_weights_keep_every_logit_and_int8_weights_do_not(name):
     exact = agreement(name, "onnxruntime", "exact", limit=EMULATED_IMAGES)
     assert exact["identical_logits"] == 100.0 and exact["max_steps"] == 0
-    saturating = agreement(name, "onnxruntime", "u8s8", limit=EMULATED_IMAGES)
+    saturating = agreement(name, "onnxruntime", "u8s8", limit=CONTROL_IMAGES)
     assert saturating["identical_logits"] < 90.0
