@@ -13,8 +13,11 @@ from fxq.intmath import storage_dtype
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest integer, ties away from zero (2.5 → 3, −2.5 → −3)."""
-    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+    """Round to the nearest integer, ties away from zero (2.5 → 3, −2.5 → −3).
+
+    ``trunc(x ± 0.5)`` with the sign of x: the magnitude ``|x| + 0.5`` rounds as it does in
+    ``sign(x)·⌊|x| + 0.5⌋``, so the two agree on every float, in three passes instead of five."""
+    return torch.copysign(torch.full((), 0.5, dtype=x.dtype), x).add_(x).trunc_()
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,8 @@ def weight_scales(weight: torch.Tensor, bits: int, per_channel: bool) -> torch.T
     A per-tensor scale is the same value repeated, so every kernel can treat scales per channel.
     An all-zero channel gets scale 1 (its integers are all 0 whatever the scale).
     """
-    flat = weight.detach().to(torch.float64).reshape(weight.shape[0], -1).abs()
-    max_abs = flat.amax(dim=1) if per_channel else flat.amax().expand(weight.shape[0])
+    flat = weight.detach().reshape(weight.shape[0], -1).abs()  # a maximum is exact in any float type
+    max_abs = (flat.amax(dim=1) if per_channel else flat.amax().expand(weight.shape[0])).to(torch.float64)
     scales = max_abs / weight_qmax(bits)
     return torch.where(scales > 0, scales, torch.ones_like(scales))
 

@@ -182,7 +182,7 @@ def runtime_global_mean(q: torch.Tensor, scale: float, zero_point: int, qmax: in
 def accumulator_bounds(weight_q: torch.Tensor, input_absmax: int, bias_q: torch.Tensor) -> torch.Tensor:
     """Worst-case ``|acc[c]|`` of formula (1) per output channel, int64:
     ``Σ_k |W_q[c,k]| · max|I_q − z_I| + |b_q[c]|``."""
-    per_channel = weight_q.to(torch.int64).reshape(weight_q.shape[0], -1).abs().sum(1)
+    per_channel = gemm.magnitudes(weight_q).reshape(weight_q.shape[0], -1).sum(1, dtype=torch.int64)
     return per_channel * input_absmax + bias_q.to(torch.int64).abs()
 
 

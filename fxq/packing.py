@@ -11,7 +11,7 @@ import torch
 
 def signed_width(values: torch.Tensor) -> int:
     """The least b whose symmetric range ``±(2^(b−1) − 1)`` holds every value (at least 2)."""
-    largest = int(values.to(torch.int64).abs().max()) if values.numel() else 0
+    largest = max(-int(values.min()), int(values.max())) if values.numel() else 0  # no wide copy
     return max(2, largest.bit_length() + 1)
 
 

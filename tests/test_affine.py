@@ -1,7 +1,27 @@
+from fractions import Fraction
+
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
-from fxq.affine import ActQParams, quantize_bias, quantize_weight, weight_scales
+from fxq.affine import ActQParams, quantize_bias, quantize_weight, round_half_away, weight_scales
+
+
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=64), min_size=1, max_size=50))
+def test_rounding_takes_ties_away_from_zero_on_every_float(values):
+    x = torch.tensor(values, dtype=torch.float64)
+    for value, rounded in zip(values, round_half_away(x).tolist()):
+        exact = Fraction(value)
+        nearest = int(abs(exact) + Fraction(1, 2)) * (1 if exact >= 0 else -1)
+        # |x| + 0.5 is itself rounded in float64 just below 2^-1 and at ≥ 2^52 (where x is whole)
+        assert rounded == nearest or abs(exact) >= 2**52 or abs(exact) == Fraction(0.49999999999999994)
+
+
+def test_exact_halves_round_away_from_zero_in_float32_and_float64():
+    for dtype in (torch.float32, torch.float64):
+        x = torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 2.4999, -2.4999], dtype=dtype)
+        assert round_half_away(x).tolist() == [-3, -2, -1, 1, 2, 3, 2, -2]
 
 
 def test_range_is_widened_to_hold_zero_and_zero_is_exact():

@@ -110,13 +110,18 @@ def test_every_backend_is_exact_on_grouped_depthwise_strided_and_dilated_convs(g
     _assert_every_backend_exact(m, _extreme_input((2, 16, 9, 9), qp, 8))
 
 
-def test_float32_chunks_cover_every_channel_and_each_stays_below_2_to_the_24():
-    weight = _extreme_weight((4, 700, 3, 3), 8, 9)
+@pytest.mark.parametrize("shape", [(4, 700, 3, 3), (6, 5000)])
+def test_float32_chunks_cover_every_channel_and_each_is_the_longest_below_2_to_the_24(shape):
+    weight = _extreme_weight(shape, 8, 9)
+
+    def bound(start, end):
+        return int(weight[:, start:end].to(torch.int64).abs().reshape(shape[0], -1).sum(1).max()) * 255
+
     chunks = gemm.float32_chunks(weight, 255)
-    assert chunks[0][0] == 0 and chunks[-1][1] == 700
+    assert chunks[0][0] == 0 and chunks[-1][1] == shape[1] and len(chunks) > 1
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
-    for start, end in chunks:
-        assert int(weight[:, start:end].to(torch.int64).abs().sum((1, 2, 3)).max()) * 255 <= gemm.FLOAT32_EXACT
+    assert all(bound(start, end) <= gemm.FLOAT32_EXACT for start, end in chunks)
+    assert all(bound(start, end + 1) > gemm.FLOAT32_EXACT for start, end in chunks[:-1])  # greedy: none is short
     assert gemm.float32_chunks(torch.full((1, 1, 23, 23), 127, dtype=torch.int8), 255) is None  # one channel past it
 
 

@@ -247,7 +247,7 @@ def layer_ranges(module: QLayer) -> None:
     sc.expect(all(getattr(module, n).shape == (channels,) for n in ("bias", "multiplier", "shift", "weight_scale"))
               and module.weight.dim() == module.weight_dims and channels % module.groups == 0,
               "weight, bias, multiplier, shift, scales and groups disagree in shape")
-    sc.expect(int(module.weight.to(torch.int64).abs().max()) <= 127, "weight outside ±127")
+    sc.expect(max(-int(module.weight.min()), int(module.weight.max())) <= 127, "weight outside ±127")
     sc.fixed_point_fits(module.multiplier, module.shift, "a channel's")
 
 
