@@ -39,11 +39,11 @@ class Figure:
     caption: str
 
 
-def write_report(out: Path, qmodel: fx.GraphModule, model: nn.Module, data, rows: list[dict],
+def write_report(out: Path, qmodel: fx.GraphModule, model: nn.Module, data, measured,
                  sensitivity_images: int, worst: int, source: str) -> Path:
     """Write ``out/index.html``, ``out/report.md`` and ``out/img/*.png``; returns the HTML's path.
 
-    ``data``: a `fxq.cli.inputs.Data`; ``rows``: `fxq.cli.measurements.measure_rows`'s table."""
+    ``data``: a `fxq.cli.inputs.Data`; ``measured``: `fxq.cli.measurements.measure_rows`'s table."""
     images, labels = data.tensors(sensitivity_images, shard=True)  # gathered, the layers divided among ranks
     try:
         study = sensitivity(model, qmodel, images, labels, progress=True)  # a collective: every rank takes part
@@ -57,7 +57,7 @@ def write_report(out: Path, qmodel: fx.GraphModule, model: nn.Module, data, rows
     comparison = {name: (c, i) for name, c, i in compare(model, qmodel, sample).rows}
     worst_layers = sorted(comparison, key=lambda name: comparison[name][1])[:worst]
     sections = [
-        ("Float vs quantized", _summary(rows)),
+        ("Float vs quantized", _summary(measured.rows, measured.reference_problems)),
         ("Every op: bits, scales, accumulator headroom, error", _layers(qmodel, comparison)),
         ("The worst layers: where the range rules clip", _worst(qmodel, model, config, data, worst_layers)),
         ("Sensitivity: one layer at a time", _sensitivity(study)),
@@ -72,9 +72,11 @@ def write_report(out: Path, qmodel: fx.GraphModule, model: nn.Module, data, rows
     return out / "index.html"
 
 
-def _summary(rows: list[dict]) -> list:
+def _summary(rows: list[dict], reference_problems: list[str]) -> list:
     headers = list(rows[0])
-    return [Table(headers, [[r[h] if r[h] is not None else "" for h in headers] for r in rows]),
+    problems = ["The float row is no reference, so nothing is compared with it (—): " + "; ".join(reference_problems)
+                + "."] if reference_problems else []
+    return [Table(headers, [[r[h] if r[h] is not None else "" for h in headers] for r in rows]), *problems,
             Figure("summary", plots.summary(rows), "How well each model does on the test images (accuracy, or for a "
                    "model without classifier logits its outputs against float), saved size and batch-1 latency.")]
 

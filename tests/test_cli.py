@@ -46,16 +46,16 @@ NET = textwrap.dedent('''
 ''')
 
 
-def _images(folder, count: int, seed: int) -> None:
-    """Two classes of 12×12 grayscale PNGs: bright top half, bright bottom half."""
+def _images(folder, count: int, seed: int, classes=("c0", "c1")) -> None:
+    """Classes of 12×12 grayscale PNGs: the first with a bright top half, the others bottom."""
     rng = np.random.default_rng(seed)
-    for label in (0, 1):
-        (folder / f"c{label}").mkdir(parents=True)
+    for label, name in enumerate(classes):
+        (folder / name).mkdir(parents=True)
         for i in range(count):
             pixels = rng.integers(0, 60, (12, 12))
             pixels[:6] += 180 if label == 0 else 0
-            pixels[6:] += 180 if label == 1 else 0
-            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"c{label}" / f"{i}.png")
+            pixels[6:] += 180 if label != 0 else 0
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / name / f"{i}.png")
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +165,70 @@ def test_a_model_returning_a_dict_evaluates_and_reports_its_outputs_against_floa
     assert main(["report", "seg.fxq", *model, "--out", "seg_report", "--runs", "1", "--worst", "1", "--quiet"]) == 0
     markdown = (project / "seg_report" / "report.md").read_text()
     assert "same class as float" in markdown and deployed
+
+
+def test_a_train_folder_without_a_test_split_does_both_and_says_so(project, tmp_path):
+    _images(tmp_path / "only" / "train", 4, seed=2)
+    data = inputs.load_data(str(tmp_path / "only"), channels=1)
+    assert data.class_names() == ["c0", "c1"]  # never a class named "train"
+    assert data.calibration_split is data.evaluation_split
+    assert "has train/ but not a test/ (or val/) folder" in data.note and "calibration images" in data.note
+
+
+def test_split_folders_beside_class_folders_are_refused(project, monkeypatch, capsys, tmp_path):
+    _images(tmp_path / "mixed" / "train", 2, seed=3)
+    _images(tmp_path / "mixed", 2, seed=4)  # c0/, c1/ beside train/
+    monkeypatch.chdir(project)
+    assert main(["quantize", *MODEL[:4], "--data", str(tmp_path / "mixed"), "--out", "x.fxq", "--quiet"]) == 2
+    assert "split folders (train/) beside class folders (c0/, c1/...)" in capsys.readouterr().err
+
+
+def test_a_test_split_missing_a_class_keeps_the_training_labels(tmp_path):
+    _images(tmp_path / "d" / "train", 2, seed=5)
+    _images(tmp_path / "d" / "test", 2, seed=6, classes=["c1"])  # ImageFolder alone would label c1 as 0
+    data = inputs.load_data(str(tmp_path / "d"), channels=1)
+    assert data.labels().tolist() == [1, 1] and data.class_names() == ["c0", "c1"]
+    assert [label for _, label in data.evaluation(shard=False).batches][0].tolist() == [1, 1]
+    _images(tmp_path / "d" / "test", 1, seed=7, classes=["c2"])
+    with pytest.raises(inputs.UsageError, match=r"test/ has classes train/ has not \(c2\)"):
+        inputs.load_data(str(tmp_path / "d"), channels=1)
+
+
+def test_data_with_more_classes_than_the_model_has_outputs_is_refused(project, monkeypatch, capsys, tmp_path):
+    _images(tmp_path / "three" / "train", 2, seed=8, classes=["c0", "c1", "c2"])
+    _images(tmp_path / "three" / "test", 2, seed=9, classes=["c0", "c1", "c2"])
+    monkeypatch.chdir(project)
+    assert main(["quantize", *MODEL, "--out", "k.fxq", "--calib", "16", "--quiet"]) == 0
+    assert main(["evaluate", "k.fxq", *MODEL[:4], "--data", str(tmp_path / "three"), "--no-deploy", "--quiet"]) == 2
+    assert "has 3 classes but the model gives 2 outputs: images of c2 can never be predicted" in capsys.readouterr().err
+
+
+def test_a_float_row_that_is_not_the_quantized_model_is_flagged_not_compared(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    assert main(["quantize", *MODEL, "--out", "f.fxq", "--calib", "16", "--quiet"]) == 0
+    capsys.readouterr()
+    torch.manual_seed(1)  # tinynet:build without its weights: a differently initialized network
+    assert main(["evaluate", "f.fxq", "--model", "tinynet:build", "--data", "digits", "--no-deploy", "--quiet"]) == 0
+    shown = capsys.readouterr().out
+    assert "its weights are unlike the integer model's (median correlation" in shown
+    assert _column(shown, "vs float (points)") == ["", "—"] and _column(shown, "× float size") == ["", "—"]
+    assert main(["evaluate", "f.fxq", "--model", "tinynet:segmenter", "--data", "digits", "--no-deploy",
+                 "--quiet"]) == 0
+    assert "it has no layer of the integer model's shape at" in capsys.readouterr().out
+    assert main(["evaluate", "f.fxq", *MODEL, "--no-deploy", "--quiet"]) == 0  # its own float model: compared
+    shown = capsys.readouterr().out
+    assert "no reference" not in shown and _column(shown, "vs float (points)")[1] not in ("", "—")
+
+
+def test_a_float_model_at_chance_is_no_reference(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    torch.manual_seed(2)  # an untrained network, quantized and evaluated as it is
+    assert main(["quantize", "--model", "tinynet:build", "--data", "digits", "--out", "u.fxq", "--quiet"]) == 0
+    torch.manual_seed(2)
+    assert main(["evaluate", "u.fxq", "--model", "tinynet:build", "--data", "digits", "--no-deploy", "--quiet"]) == 0
+    shown = capsys.readouterr().out
+    assert "is at chance (the commonest class is 50.0 % of the images)" in shown
+    assert _column(shown, "vs float (points)")[1] == "—"
 
 
 def test_images_of_different_sizes_ask_for_a_size(project, monkeypatch, capsys, tmp_path):

@@ -10,7 +10,7 @@ from tabulate import tabulate
 import fxq
 from fxq import distributed, dump
 from fxq.cli import inputs
-from fxq.cli.measurements import AGREEMENT_NOTE, measure_rows
+from fxq.cli.measurements import AGREEMENT_NOTE, check_classes, float_problems, measure_rows
 from fxq.comparison import integer_layers
 from fxq.config import QConfig
 
@@ -28,10 +28,24 @@ def _model_and_data(args):
     return model, _data(args, inputs.input_channels(model))
 
 
+def _measured(args, qmodel, model, data):
+    """The float / fxq / deployed table, after checking the data and the float reference."""
+    check_classes(data, qmodel)
+    random_weights = model is not None and args.weights is None and not inputs.is_factory(args.model)
+    problems = [] if model is None else float_problems(model, qmodel, data.example(1), random_weights)
+    return measure_rows(qmodel, data, model, args.limit, args.runs, not args.no_deploy, args.threads, problems)
+
+
+def _say_problems(measured) -> None:
+    if measured.reference_problems:
+        say("(the float row is no reference, so nothing is compared with it, marked —: "
+            + "; ".join(measured.reference_problems) + ")")
+
+
 def _data(args, channels: int) -> inputs.Data:
     data = inputs.load_data(args.data, channels, args.image_size, args.mean, args.std, args.batch_size)
-    if data.same_images:
-        say(f"note: {args.data} has no train/ and test/ folders: its images both calibrate and evaluate")
+    if data.note:
+        say(f"note: {data.note}")
     return data
 
 
@@ -80,9 +94,10 @@ def evaluate(args) -> None:
     qmodel = _load(args.qmodel)
     model = inputs.build_model(args.model, args.weights, args.num_classes) if args.model else None
     data = _data(args, inputs.input_channels(qmodel))
-    rows = measure_rows(qmodel, data, model, args.limit, args.runs, not args.no_deploy, args.threads)
-    say(tabulate(rows, headers="keys", tablefmt="simple"))
-    if "accuracy %" not in rows[0]:
+    measured = _measured(args, qmodel, model, data)
+    say(tabulate(measured.rows, headers="keys", tablefmt="simple"))
+    _say_problems(measured)
+    if "accuracy %" not in measured.rows[0]:
         say(f"({AGREEMENT_NOTE})")
     if model is None:
         say("(give --model and --weights for the float row)")
@@ -142,7 +157,8 @@ def report(args) -> None:
 
     qmodel = _load(args.qmodel)
     model, data = _model_and_data(args)
-    rows = measure_rows(qmodel, data, model, args.limit, args.runs, not args.no_deploy, args.threads)
-    index = write_report(args.out, qmodel, model, data, rows, args.sensitivity_images, args.worst,
+    measured = _measured(args, qmodel, model, data)
+    _say_problems(measured)
+    index = write_report(args.out, qmodel, model, data, measured, args.sensitivity_images, args.worst,
                          source=str(args.qmodel))
     say(f"wrote {index} and {args.out / 'report.md'}")

@@ -30,13 +30,19 @@ class UsageError(ValueError):
 def build_model(spec: str, weights: Path | None, num_classes: int | None = None) -> nn.Module:
     """The float model named by ``spec`` (a torchvision classification model, or
     ``PKG.MODULE:FACTORY``, a callable returning the ``nn.Module``), with ``weights`` loaded."""
-    if ":" in spec:
+    if is_factory(spec):
         model = _from_factory(spec)
     else:
         model = _torchvision(spec, num_classes, _state(weights) if weights else None)
     if weights is not None:
         load_weights(model, weights)
     return model.eval()
+
+
+def is_factory(spec: str) -> bool:
+    """``PKG.MODULE:FACTORY`` (the user's own code, which may load its weights) rather than a
+    torchvision name (random weights unless ``--weights``)."""
+    return ":" in spec
 
 
 def _from_factory(spec: str) -> nn.Module:
@@ -129,7 +135,7 @@ class Data:
     calibration_split: object
     evaluation_split: object
     batch_size: int = 64
-    same_images: bool = False  # a folder without train/ and test/: both read the same images
+    note: str | None = None  # how the layout was read, where the user should know (the same images do both)
 
     def calibration(self, count: int, shard: bool = True) -> Batches:
         """``count`` images drawn with seed 0; under torchrun, this rank's share of the batches
@@ -143,6 +149,22 @@ class Data:
         """The first ``limit`` test images (default all); under torchrun, this rank's share."""
         count = len(self.evaluation_split) if limit is None else min(limit, len(self.evaluation_split))
         return _batches(self._first(self.evaluation_split, count), shard, desc)
+
+    def labels(self, limit: int | None = None) -> torch.Tensor:
+        """The first ``limit`` test labels (default all), read without the images."""
+        split = self.evaluation_split
+        count = len(split) if limit is None else min(limit, len(split))
+        if isinstance(split, datasets.Split):
+            return split.labels[:count]
+        return torch.tensor(split.targets[:count], dtype=torch.int64)
+
+    def class_names(self) -> list[str]:
+        """The classes a label can name: an image folder's class folders (train/'s where there
+        are splits), or a built-in set's class numbers."""
+        split = self.evaluation_split
+        if isinstance(split, datasets.Split):
+            return [str(c) for c in range(int(split.labels.max()) + 1)]
+        return list(split.classes)
 
     def example(self, count: int = 1) -> torch.Tensor:
         return next(iter(self._first(self.evaluation_split, count)))[0]
@@ -177,23 +199,58 @@ class Data:
                              "resize them all") from None
 
 
+SPLITS = ("train", "test", "val", "validation")  # folder names that hold splits, never a class
+
+
 def load_data(spec: str, channels: int, image_size=None, mean=None, std=None, batch_size: int = 64) -> Data:
     """``mnist``, ``fashion-mnist`` (training images calibrate, test images evaluate) or an image
-    folder ``DIR/<class>/*`` (``DIR/train`` and ``DIR/test`` or ``DIR/val`` if present)."""
+    folder: ``DIR/train`` and ``DIR/test`` (or ``val``) of class folders, or ``DIR/<class>/*``.
+    A folder with one split alone (``DIR/train`` without a test split, or the reverse) or with
+    class folders alone gives its images to both calibration and evaluation, and says so in
+    ``Data.note``; split folders beside class folders are refused (which would be a class?)."""
     if spec in BUILTIN_DATA:
         name = BUILTIN_DATA[spec]
         return Data(spec, datasets.load(name, "train"), datasets.load(name, "test"), batch_size)
     root = Path(spec)
-    if not root.exists():
+    if not root.is_dir():
         raise UsageError(f"--data {spec!r} is neither mnist, fashion-mnist nor an existing folder")
     if mean is None:
         mean, std = IMAGENET if channels == 3 else ((0.0,) * channels, (1.0,) * channels)
     folder = lambda path: datasets.image_folder(path, channels, image_size, mean, std)  # noqa: E731
-    test = next((root / s for s in ("test", "val", "validation") if (root / s).is_dir()), None)
-    if (root / "train").is_dir() and test is not None:
-        return Data(spec, folder(root / "train"), folder(test), batch_size)
-    images = folder(root)
-    return Data(spec, images, images, batch_size, same_images=True)
+    splits = [s for s in SPLITS if (root / s).is_dir()]
+    if not splits:
+        images = folder(root)
+        return Data(spec, images, images, batch_size, note=f"{spec} has no train/ and test/ folders: its images "
+                    "both calibrate and evaluate, so the accuracy is measured on the calibration images")
+    classes = sorted(p.name for p in root.iterdir()
+                     if p.is_dir() and p.name not in SPLITS and not p.name.startswith("."))
+    if classes:
+        raise UsageError(f"--data {spec}: split folders ({', '.join(s + '/' for s in splits)}) beside class "
+                         f"folders ({', '.join(c + '/' for c in classes[:3])}...): put the class folders inside "
+                         "train/ and test/")
+    test = next((s for s in splits if s != "train"), None)
+    if "train" in splits and test is not None:
+        train = folder(root / "train")
+        return Data(spec, train, same_classes(folder(root / test), train, spec, test), batch_size)
+    only = splits[0]
+    images = folder(root / only)
+    missing = "a test/ (or val/) folder" if only == "train" else "a train/ folder"
+    return Data(spec, images, images, batch_size, note=f"{spec} has {only}/ but not {missing}: the {only}/ images "
+                "both calibrate and evaluate, so the accuracy is measured on the calibration images")
+
+
+def same_classes(test, train, spec: str, name: str):
+    """``test`` labelled with ``train``'s class indices (ImageFolder numbers each folder's own
+    sorted classes: a test split without one class would shift every label after it)."""
+    extra = sorted(set(test.classes) - set(train.classes))
+    if extra:
+        raise UsageError(f"--data {spec}: {name}/ has classes train/ has not ({', '.join(extra[:5])}): the model "
+                         "was calibrated for train/'s classes; give both splits the same class folders")
+    index = [train.class_to_idx[c] for c in test.classes]
+    test.samples = test.imgs = [(path, index[label]) for path, label in test.samples]
+    test.targets = [label for _, label in test.samples]
+    test.classes, test.class_to_idx = train.classes, train.class_to_idx
+    return test
 
 
 def _batches(batches: list, shard: bool, desc: str) -> Batches:
