@@ -14,6 +14,7 @@ from PIL import Image
 import fxq
 from fxq.cli import inputs
 from fxq.cli.main import EXAMPLES, main
+from fxq.cli.usage import UsageError
 from tests.helpers import images_shown, run_fxq
 
 NET = textwrap.dedent('''
@@ -134,11 +135,14 @@ def test_errors_are_one_line_with_the_fix_and_exit_1_or_2(project, monkeypatch, 
     cases = [  # (arguments, exit code, part of the message)
         (["quantize", "--model", "no_such_model", "--data", "digits", "--out", "x.fxq"], 2, "not a torchvision"),
         (["quantize", "--model", "tinynet:nothing", "--data", "digits", "--out", "x.fxq"], 2, "has no 'nothing'"),
-        (["quantize", "--model", "resnet18", "--weights", "tinynet.pt", "--data", "digits", "--out", "x.fxq"], 1,
+        (["quantize", "--model", "resnet18", "--weights", "tinynet.pt", "--data", "digits", "--out", "x.fxq"], 2,
          "does not fit the model"),
         (["quantize", *MODEL, "--data", "nowhere", "--out", "x.fxq"], 2, "neither mnist"),
         (["explain", "missing.fxq"], 2, "no such file; write one with `fxq quantize"),
-        (["quantize", *MODEL, "--calib", "0", "--out", "x.fxq"], 1, "calibrate on at least one image"),
+        (["quantize", "--model", "tinynet:build", "--weights", "missing.pt", "--data", "digits", "--out", "x.fxq"],
+         2, "--weights missing.pt: no such file"),
+        (["quantize", *MODEL, "--calib", "0", "--out", "x.fxq"], 2, "calibrate on at least one image"),
+        (["quantize", *MODEL, "--config", "missing.toml", "--out", "x.fxq"], 2, "--config missing.toml: no such file"),
     ]
     for argv, code, message in cases:
         assert main(argv) == code, argv
@@ -146,8 +150,47 @@ def test_errors_are_one_line_with_the_fix_and_exit_1_or_2(project, monkeypatch, 
         last = err.strip().splitlines()[-1]
         assert message in last and last.startswith(f"fxq {argv[0]}: error:"), err
         assert "Traceback" not in err
-    with pytest.raises(ValueError, match="calibrate on at least one image"):  # --debug: the real exception
-        main(["quantize", *MODEL, "--calib", "0", "--out", "x.fxq", "--debug"])
+    (project / "damaged.pt").write_bytes(b"not a checkpoint")
+    assert main(["quantize", *MODEL[:2], "--weights", "damaged.pt", *MODEL[4:], "--out", "x.fxq"]) == 2
+    assert "is not a PyTorch state dict" in capsys.readouterr().err  # a file named that cannot be used
+
+
+def test_global_options_work_before_or_after_the_command(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    for argv in (["--quiet", "quantize", *MODEL], ["quantize", *MODEL, "--quiet"]):
+        assert main([*argv, "--calib", "16", "--out", "g.fxq"]) == 0
+        assert capsys.readouterr().err == ""  # quiet: no progress bars
+    for argv in (["--debug", "quantize", *MODEL], ["quantize", *MODEL, "--debug"]):
+        with pytest.raises(UsageError, match="calibrate on at least one image"):  # --debug: the real exception
+            main([*argv, "--calib", "0", "--out", "x.fxq"])
+
+
+def test_a_value_refused_in_the_config_file_exits_2_as_the_same_flag_does(project, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(project)
+    (tmp_path / "c.toml").write_text('act_range = "median"\n')
+    assert main(["quantize", *MODEL, "--config", str(tmp_path / "c.toml"), "--out", "x.fxq"]) == 2
+    assert "median" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as flag:
+        main(["quantize", *MODEL, "--act-range", "median", "--out", "x.fxq"])
+    assert flag.value.code == 2
+
+
+def test_help_and_version_answer_without_importing_torch():
+    code = ("import sys, contextlib, io\n"
+            "from fxq.cli.main import main\n"
+            "for argv in (['--help'], ['--version'], ['quantize', '--help']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        main(argv)\n"
+            "print('torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "False", done.stderr
+    done = subprocess.run([sys.executable, "-m", "fxq.cli.main", "--version"], capture_output=True, text=True)
+    assert re.fullmatch(r"fxq \d+\.\d+\.\d+\n", done.stdout), done.stdout
+
+
+def test_the_commands_pass_names_are_the_pipelines():
+    from passes import ORDER
+    assert ORDER == tuple(p.__name__ for p in fxq.PASSES)
 
 
 @pytest.mark.real_data  # a whole report with its plots: left to `make test`
@@ -238,7 +281,7 @@ def test_images_of_different_sizes_ask_for_a_size(project, monkeypatch, capsys, 
         pixels = np.random.default_rng(label).integers(0, 255, (size, size)).astype(np.uint8)
         Image.fromarray(pixels).save(tmp_path / "mixed" / f"c{label}" / "a.png")
     argv = ["quantize", "--model", "tinynet:build", "--data", str(tmp_path / "mixed"), "--out", "m.fxq", "--quiet"]
-    assert main(argv) == 1
+    assert main(argv) == 2
     assert "differ in size; give --image-size H or HxW" in capsys.readouterr().err
     assert main(argv + ["--image-size", "12"]) == 0
 
@@ -246,7 +289,7 @@ def test_images_of_different_sizes_ask_for_a_size(project, monkeypatch, capsys, 
 def test_a_damaged_model_file_is_refused_in_one_line(project, monkeypatch, capsys):
     monkeypatch.chdir(project)
     (project / "bad.fxq").write_bytes(b"not a model")
-    assert main(["explain", "bad.fxq"]) == 1
+    assert main(["explain", "bad.fxq"]) == 2
     assert "is not a valid fxq model file" in capsys.readouterr().err
 
 
@@ -272,7 +315,7 @@ def test_config_file_and_flags_set_the_qconfig_and_overrides(project, monkeypatc
     assert "W6A6 per-channel, weights output_aware, activations percentile" in capsys.readouterr().out
     assert "float: kept in float by overrides" in {row[0]: row[-1] for row in chosen.rows}["7"]
     config.write_text("wieght_bits = 4\n")
-    assert main(["quantize", *MODEL, "--config", str(config), "--out", "c.fxq"]) == 1
+    assert main(["quantize", *MODEL, "--config", str(config), "--out", "c.fxq"]) == 2
     assert "unknown QConfig field(s) ['wieght_bits']" in capsys.readouterr().err
 
 

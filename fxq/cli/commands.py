@@ -61,7 +61,10 @@ def _config(args) -> tuple[QConfig, dict]:
 def _load(path: Path):
     if not path.is_file():
         raise inputs.UsageError(f"{path}: no such file; write one with `fxq quantize ... --out {path}`")
-    return fxq.load(path)
+    try:
+        return fxq.load(path)
+    except fxq.InvalidModelFile as error:  # a file the argument names that cannot be used
+        raise inputs.UsageError(str(error)) from None
 
 
 def describe(config: QConfig) -> str:

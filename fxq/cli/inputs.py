@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fxq import datasets, distributed
+from fxq.cli.usage import UsageError
 from fxq.config import QConfig
 from fxq.progress import Batches
 
@@ -19,10 +20,6 @@ FACTORY = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\
 BUILTIN_DATA = {"mnist": "mnist", "fashion-mnist": "fashion", "fashion": "fashion"}
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CONFIG_FIELDS = tuple(f.name for f in fields(QConfig) if f.init)
-
-
-class UsageError(ValueError):
-    """An argument names something that does not exist or cannot be used (exit code 2)."""
 
 
 # --- the float model ---------------------------------------------------------------------
@@ -85,17 +82,17 @@ def _torchvision(name: str, num_classes: int | None, state: dict | None) -> nn.M
 
 def _state(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"--weights {path}: no such file")
+        raise UsageError(f"--weights {path}: no such file")
     try:  # weights_only: a checkpoint is tensors, never code to run
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"--weights {path} is not a PyTorch state dict ({type(error).__name__}); save one "
+        raise UsageError(f"--weights {path} is not a PyTorch state dict ({type(error).__name__}); save one "
                          "with torch.save(model.state_dict(), path)") from None
     for key in ("state_dict", "model"):  # common training-checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"--weights {path} does not hold a state dict of tensors")
+        raise UsageError(f"--weights {path} does not hold a state dict of tensors")
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
@@ -111,7 +108,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
     if mismatched or missing or unexpected:
         problems = (mismatched and f"shapes differ: {mismatched[:3]}") or \
                    (missing and f"missing {missing[:3]}") or f"unexpected {unexpected[:3]}"
-        raise ValueError(f"--weights {path} does not fit the model ({problems}); give the architecture "
+        raise UsageError(f"--weights {path} does not fit the model ({problems}); give the architecture "
                          "it was trained as (--model, --num-classes)")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
@@ -142,7 +139,7 @@ class Data:
         (``shard``), so that the ranks together calibrate on the same images one process would."""
         count = min(count, len(self.calibration_split))
         if count < 1:
-            raise ValueError(f"--calib {count}: calibrate on at least one image")
+            raise UsageError(f"--calib {count}: calibrate on at least one image")
         return _batches(self._sample(self.calibration_split, count), shard, "calibration images")
 
     def evaluation(self, limit: int | None = None, desc: str = "evaluating", shard: bool = True) -> Batches:
@@ -195,7 +192,7 @@ class Data:
         except RuntimeError as error:
             if "stack expects each tensor to be equal size" not in str(error):
                 raise
-            raise ValueError(f"the images of {self.name} differ in size; give --image-size H or HxW to "
+            raise UsageError(f"the images of {self.name} differ in size; give --image-size H or HxW to "
                              "resize them all") from None
 
 
@@ -216,7 +213,13 @@ def load_data(spec: str, channels: int, image_size=None, mean=None, std=None, ba
         raise UsageError(f"--data {spec!r} is neither mnist, fashion-mnist nor an existing folder")
     if mean is None:
         mean, std = IMAGENET if channels == 3 else ((0.0,) * channels, (1.0,) * channels)
-    folder = lambda path: datasets.image_folder(path, channels, image_size, mean, std)  # noqa: E731
+
+    def folder(path: Path):
+        try:
+            return datasets.image_folder(path, channels, image_size, mean, std)
+        except FileNotFoundError as error:  # no class folders, or no images in them
+            raise UsageError(f"--data {spec}: {error}") from None
+
     splits = [s for s in SPLITS if (root / s).is_dir()]
     if not splits:
         images = folder(root)
@@ -272,17 +275,17 @@ def read_config(path: Path) -> tuple[dict, dict]:
     try:
         table = tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"--config {path}: no such file") from None
+        raise UsageError(f"--config {path}: no such file") from None
     except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"--config {path} is not valid TOML: {error}") from None
+        raise UsageError(f"--config {path} is not valid TOML: {error}") from None
     overrides = table.pop("overrides", {})
     _check_fields(table, f"--config {path}")
     if not isinstance(overrides, dict):
-        raise ValueError(f"--config {path}: [overrides] must be a table of layer glob = {{ fields }} or \"float\"")
+        raise UsageError(f"--config {path}: [overrides] must be a table of layer glob = {{ fields }} or \"float\"")
     for glob, value in overrides.items():
         if value != "float":
             if not isinstance(value, dict):
-                raise ValueError(f"--config {path}: override {glob!r} must be a table of QConfig fields or \"float\"")
+                raise UsageError(f"--config {path}: override {glob!r} must be a table of QConfig fields or \"float\"")
             _check_fields(value, f"--config {path}, override {glob!r}")
     return table, overrides
 
@@ -290,13 +293,17 @@ def read_config(path: Path) -> tuple[dict, dict]:
 def _check_fields(table: dict, where: str) -> None:
     unknown = sorted(set(table) - set(CONFIG_FIELDS))
     if unknown:
-        raise ValueError(f"{where}: unknown QConfig field(s) {unknown}; the fields are {list(CONFIG_FIELDS)}")
+        raise UsageError(f"{where}: unknown QConfig field(s) {unknown}; the fields are {list(CONFIG_FIELDS)}")
 
 
 def make_config(values: dict, overrides: dict) -> tuple[QConfig, dict]:
-    """The QConfig and fxq.quantize's ``overrides`` (glob → QConfig, or None for float)."""
-    config = QConfig(**values)
-    return config, {glob: None if v == "float" else config.replace(**v) for glob, v in overrides.items()}
+    """The QConfig and fxq.quantize's ``overrides`` (glob → QConfig, or None for float). A value
+    QConfig refuses is a usage error, from a flag or from ``--config`` alike."""
+    try:
+        config = QConfig(**values)
+        return config, {glob: None if v == "float" else config.replace(**v) for glob, v in overrides.items()}
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
 
 
 def write_config(path: Path, config: QConfig, overrides: dict) -> None:

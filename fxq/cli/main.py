@@ -1,23 +1,26 @@
 """``fxq``: the command line. Each subcommand is one function of :mod:`fxq.cli.commands`.
 
 Exit codes: 0 done, 1 failed (one line says what and how to fix; ``--debug`` shows the
-traceback), 2 bad usage (argparse's convention), 130 interrupted.
+traceback), 2 bad usage (argparse's convention, and any argument that names something unusable),
+130 interrupted. ``--quiet``, ``--debug`` and ``--threads`` go before or after the command.
+
+The parser imports nothing heavy: ``fxq --help`` and ``--version`` answer without torch, which a
+command imports when it runs.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import warnings
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from fxq import distributed, progress
-from fxq.api import PASSES
-from fxq.cli import commands
-from fxq.cli.inputs import UsageError
+from fxq.cli.usage import UsageError
 from fxq.config import ACT_RANGES, MAX_BITS, MIN_BITS, PLACEMENTS, REQUANTIZE, WEIGHT_RANGES, WIDE_ACT_BITS
+from passes import ORDER as PASS_NAMES
 
-PASS_NAMES = tuple(p.__name__ for p in PASSES)
 # a user's own network (mynets.py beside them, a factory returning the nn.Module) and its weights
 MNIST = "--model mynets:mnist_cnn --weights mnist_cnn.pt --data mnist"
 
@@ -58,45 +61,62 @@ config.toml holds QConfig fields, and per-layer overrides (a glob: fields, or "f
 }
 
 
-def _parser() -> argparse.ArgumentParser:
+def _global_options(defaults: bool) -> argparse.ArgumentParser:
+    """``--quiet``, ``--debug``, ``--threads``: with their defaults on the top-level parser, and
+    without (``SUPPRESS``) on each command's, so that one given before the command is not reset
+    by the command's own parser."""
+    given = {} if defaults else {"default": argparse.SUPPRESS}
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--quiet", action="store_true", help="no progress bars")
-    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    common.add_argument("--threads", type=int, help="torch / onnxruntime threads (default: torch's)")
+    common.add_argument("--quiet", action="store_true", help="no progress bars", **given)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error", **given)
+    common.add_argument("--threads", type=int, help="torch / onnxruntime threads (default: torch's)", **given)
+    return common
+
+
+def _version() -> str:
+    try:
+        return f"fxq {version('fxq')}"
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "fxq (not installed)"
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fxq", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="fxq", parents=[_global_options(defaults=True)], formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Post-training integer quantization of PyTorch CNNs, as torch.fx graph passes.",
         epilog="`fxq COMMAND --help` shows each command's options and examples.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _global_options(defaults=False)
 
-    def command(name: str, run, help: str) -> argparse.ArgumentParser:
+    def command(name: str, run: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=help, description=help, epilog=EXAMPLES[name],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(run=run, parser=p)
         return p
 
-    p = command("quantize", commands.quantize, "quantize a trained float model and save it (.fxq)")
+    p = command("quantize", "quantize", "quantize a trained float model and save it (.fxq)")
     _model(p, required=True), _data(p, required=True), _config(p)
     p.add_argument("--out", type=Path, required=True, help="the .fxq file to write")
 
-    p = command("evaluate", commands.evaluate, "accuracy, size and latency: float, fxq, deployed")
+    p = command("evaluate", "evaluate", "accuracy, size and latency: float, fxq, deployed")
     p.add_argument("qmodel", type=Path, help="a .fxq file from `fxq quantize`")
     _model(p, required=False), _data(p, required=True)
     _measure(p)
 
-    p = command("explain", commands.explain, "every integer of the model, or one layer step by step")
+    p = command("explain", "explain", "every integer of the model, or one layer step by step")
     p.add_argument("qmodel", type=Path, help="a .fxq file from `fxq quantize`")
     p.add_argument("layer", nargs="?", help="a conv/linear module path (default: the whole network)")
     _data(p, required=False)
     p.add_argument("--markdown", action="store_true", help="print GitHub Markdown tables")
 
-    p = command("dump-graph", commands.dump_graph, "the graph after any pass, one row per node")
+    p = command("dump-graph", "dump_graph", "the graph after any pass, one row per node")
     _model(p, required=True), _data(p, required=True), _config(p)
     p.add_argument("--after", choices=PASS_NAMES, default=PASS_NAMES[-1], help="the last pass to run")
     p.add_argument("--graphml", type=Path, help="also write the graph as GraphML")
     p.add_argument("--dot", type=Path, help="also write the graph as Graphviz DOT")
 
-    p = command("search-bits", commands.search_bits, "per-layer weight widths under an average-bits budget")
+    p = command("search-bits", "search_bits", "per-layer weight widths under an average-bits budget")
     _model(p, required=True), _data(p, required=True), _config(p)
     p.add_argument("--avg-bits", type=float, default=5.0, help="the budget: mean weight bits (default 5)")
     p.add_argument("--candidates", type=_widths, default=(2, 3, 4, 5, 6, 8),
@@ -105,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out-config", type=Path, help="write the chosen widths as a --config TOML file")
     p.add_argument("--plot", type=Path, help="write the accuracy/size curve as a PNG")
 
-    p = command("report", commands.report, "an HTML + Markdown report with plots")
+    p = command("report", "report", "an HTML + Markdown report with plots")
     p.add_argument("qmodel", type=Path, help="a .fxq file from `fxq quantize`")
     _model(p, required=True), _data(p, required=True), _measure(p)
     p.add_argument("--out", type=Path, required=True, help="the folder to write index.html and report.md to")
@@ -180,6 +200,8 @@ def _size(text: str) -> tuple[int, int]:
 
 def _who(args) -> str:
     """``fxq COMMAND``, and the rank when several run it (torchrun)."""
+    from fxq import distributed
+
     return f"fxq {args.command}" + (f" [rank {distributed.rank()}]" if distributed.active() else "")
 
 
@@ -219,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    from fxq import distributed, progress
+
     progress.enable(not args.quiet and distributed.rank() == 0)
     if args.threads is not None:
         import torch
@@ -227,8 +251,10 @@ def _run(args) -> int:
     try:
         if not args.debug:
             warnings.showwarning = _show_warning
-        args.run(args)
+        getattr(importlib.import_module("fxq.cli.commands"), args.run)(args)
     except UsageError as error:
+        if args.debug:
+            raise
         args.parser.print_usage(sys.stderr)
         print(f"{_who(args)}: error: {_one_line(error)}", file=sys.stderr)
         return 2

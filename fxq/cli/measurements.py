@@ -10,7 +10,7 @@ import torch
 from torch import fx, nn
 
 from fxq import distributed, measure, outputs, records
-from fxq.cli.inputs import UsageError
+from fxq.cli.usage import UsageError
 from fxq.comparison import folded_float, integer_layers
 from fxq.config import QConfig
 from fxq.evaluation import evaluate
