@@ -44,6 +44,17 @@ NET = textwrap.dedent('''
     def segmenter():
         torch.manual_seed(0)
         return Segmenter()
+
+
+    class Moody(nn.Module):
+        """Control flow on the values: no graph can hold it."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else self.conv(-x)
 ''')
 
 
@@ -143,6 +154,7 @@ def test_errors_are_one_line_with_the_fix_and_exit_1_or_2(project, monkeypatch, 
          2, "--weights missing.pt: no such file"),
         (["quantize", *MODEL, "--calib", "0", "--out", "x.fxq"], 2, "calibrate on at least one image"),
         (["quantize", *MODEL, "--config", "missing.toml", "--out", "x.fxq"], 2, "--config missing.toml: no such file"),
+        (["quantize", "--model", "tinynet:Moody", "--data", "digits", "--out", "x.fxq"], 1, "cannot trace"),
     ]
     for argv, code, message in cases:
         assert main(argv) == code, argv
