@@ -3,8 +3,10 @@ and layer sensitivity: accuracy with one layer quantized, or all but one.
 
     print(fxq.compare(model, qmodel, batch))
 
-"Layer" here means a conv/linear: its weights, its input and its output (before its activation)
-quantized with exactly the parameters ``qmodel`` uses.
+"Layer" here means a conv/linear: its weights, its input and its output quantized with exactly
+the parameters ``qmodel`` uses. Its SQNR is measured where the next layer reads it: after the
+clamp (ReLU, ReLU6) the integer model runs on its output, on the values that clamp keeps — a
+conv feeding a ReLU is not charged for the negative values the ReLU drops.
 """
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ from torch import fx, nn
 
 from fxq import distributed, measure, outputs, records
 from fxq import progress as bars
+from fxq.affine import ActQParams
 from fxq.config import QConfig
 from fxq.context import PassContext
+from fxq.ops.activations import QClamp, QReLU
 from fxq.ops.layers import QLayer
 from fxq.outputs import sqnr_of_sums
 from passes.equalize import equalize
@@ -64,22 +68,75 @@ def capture(gm: nn.Module, names, batch: torch.Tensor):
     return seen, output
 
 
+def node_outputs(gm: fx.GraphModule, names, batch: torch.Tensor) -> tuple[dict, object]:
+    """Each named node's output on ``batch`` (cloned: an in-place op downstream would overwrite
+    it), and ``gm``'s output."""
+    wanted, seen = set(names), {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            value = super().run_node(node)
+            if node.name in wanted and isinstance(value, torch.Tensor):
+                seen[node.name] = value.clone()
+            return value
+
+    with torch.no_grad():
+        output = Recorder(gm).run(batch)
+    return seen, output
+
+
+READ_THROUGH = (QReLU, QClamp)  # clamps at the layer's own scale: the next layer reads their output
+
+
+def read_points(qmodel: fx.GraphModule, folded: fx.GraphModule) -> dict[str, fx.Node | None]:
+    """Per conv/linear of ``qmodel``: the clamp node whose output the next layers read, where the
+    layer's output feeds one alone and the float graph has it too; None: the layer's own output."""
+    modules, float_nodes = dict(qmodel.named_modules()), {n.name for n in folded.graph.nodes}
+    points = {}
+    for node in qmodel.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], QLayer):
+            continue
+        users = list(node.users)
+        clamp = users[0] if len(users) == 1 and users[0].op == "call_module" else None
+        keep = clamp is not None and isinstance(modules[clamp.target], READ_THROUGH) and clamp.name in float_nodes
+        points[node.target] = clamp if keep else None
+    return points
+
+
 def power_sums(folded: fx.GraphModule, qmodel: fx.GraphModule, batch: torch.Tensor):
     """Per conv/linear: float64 ``[Σ r², Σ (r − cumulative)², Σ (r − isolated)²]`` over ``batch``
-    (``r`` the float layer's output; see :func:`compare`), ``qmodel``'s output and the float
-    model's. Sums, so that batches and ranks add up to the SQNR of all of them."""
+    (``r`` the float layer's output where the next layer reads it: after its clamp, see the
+    module docstring and :func:`compare`), ``qmodel``'s output and the float model's. Sums, so
+    that batches and ranks add up to the SQNR of all of them."""
     layers = integer_layers(qmodel)
-    reference, float_output = capture(folded, layers, batch)
-    quantized, output = capture(qmodel, layers, batch)
+    points = read_points(qmodel, folded)
+    float_nodes, int_nodes = _module_nodes(folded), _module_nodes(qmodel)
+    read = {name: points[name].name if points[name] is not None else None for name in layers}
+    float_seen, float_output = node_outputs(folded, [float_nodes[n].args[0].name for n in layers]
+                                            + [read[n] or float_nodes[n].name for n in layers], batch)
+    int_seen, output = node_outputs(qmodel, [read[n] or int_nodes[n].name for n in layers], batch)
     sums = {}
     with torch.no_grad():
         for name, m in layers.items():
-            float_in, float_out = reference[name]
-            r = float_out.double()
-            cumulative = m.output_qparams.dequantize(quantized[name][1]).double()
-            isolated = m.output_qparams.dequantize(m(m.input_qparams.quantize(float_in))).double()
+            alone = m(m.input_qparams.quantize(float_seen[float_nodes[name].args[0].name]))  # isolated
+            qp = m.output_qparams
+            if points[name] is not None:
+                alone = qmodel.get_submodule(points[name].target)(alone)
+                qp = records.get(points[name], ActQParams) or qp
+            r = float_seen[read[name] or float_nodes[name].name].double()
+            cumulative = qp.dequantize(int_seen[read[name] or int_nodes[name].name]).double()
+            isolated = qp.dequantize(alone).double()
             sums[name] = torch.stack([(r ** 2).sum(), ((r - cumulative) ** 2).sum(), ((r - isolated) ** 2).sum()])
     return sums, output, float_output
+
+
+def _module_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """Each called submodule's (first) node, by the submodule's name."""
+    nodes = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            nodes.setdefault(node.target, node)
+    return nodes
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from tabulate import tabulate
 from torch import fx, nn
 
 from fxq import distributed, packing, plots, records
-from fxq.comparison import capture, compare, folded_float, sensitivity, sqnr_db
-from fxq.config import ACT_RANGES, WEIGHT_RANGES, QConfig
+from fxq.comparison import Sensitivity, capture, compare, folded_float, sensitivity, sqnr_db
+from fxq.config import ACT_RANGES, AUTO_FIELDS, WEIGHT_RANGES, QConfig, defaults_for
 from fxq.explanation import explain
 from fxq.observers import InputGram, make_observer
 from fxq.weight_ranges import quantize_weights
@@ -55,11 +55,15 @@ def write_report(out: Path, qmodel: fx.GraphModule, model: nn.Module, data, meas
     records.put(qmodel, records.StatsSource(data.calibration(HISTOGRAM_IMAGES, shard=False)))  # observed accumulators
     sample, _ = data.tensors(SQNR_IMAGES)
     comparison = {name: (c, i) for name, c, i in compare(model, qmodel, sample).rows}
-    worst_layers = sorted(comparison, key=lambda name: comparison[name][1])[:worst]
+    if isinstance(study, Sensitivity):  # what quantizing a layer alone costs, measured
+        worst_layers, basis = [name for name, _, _ in study.ranked()[:worst]], "that lose the most when quantized alone"
+    else:
+        worst_layers, basis = sorted(comparison, key=lambda name: comparison[name][1])[:worst], \
+            "with the lowest isolated SQNR"
     sections = [
         ("Float vs quantized", _summary(measured.rows, measured.reference_problems)),
         ("Every op: bits, scales, accumulator headroom, error", _layers(qmodel, comparison)),
-        ("The worst layers: where the range rules clip", _worst(qmodel, model, config, data, worst_layers)),
+        ("The worst layers: where the range rules clip", _worst(qmodel, model, config, data, worst_layers, basis)),
         ("Sensitivity: one layer at a time", _sensitivity(study)),
         ("What runs in float, and why", _float_ops(qmodel)),
         ("The config", _config(config)),
@@ -90,7 +94,8 @@ def _layers(qmodel: fx.GraphModule, comparison: dict) -> list:
         rows.append([*row[:-1], c if c == "" else f"{c:.1f}", i if i == "" else f"{i:.1f}", row[-1]])
     names = list(comparison)
     return [network.summary + ". Acc worst bits: what the accumulator can reach by construction; headroom: "
-            "int32 bits to spare. SQNR (dB) of each conv/linear output against the float network: "
+            "int32 bits to spare. SQNR (dB) of each conv/linear output against the float network, where the "
+            "next layer reads it (after its ReLU/clamp, on the values kept): "
             "cumulative with everything before it quantized, isolated with only this layer "
             f"({SQNR_IMAGES} test images).",
             Table(headers, rows),
@@ -99,11 +104,11 @@ def _layers(qmodel: fx.GraphModule, comparison: dict) -> list:
                    "carries every earlier layer's error too.")]
 
 
-def _worst(qmodel, model, config: QConfig, data, names: list[str]) -> list:
+def _worst(qmodel, model, config: QConfig, data, names: list[str], basis: str) -> list:
     batches = list(data.calibration(HISTOGRAM_IMAGES, shard=False))
     folded = folded_float(model, config, _images(batches[0]))
     captured = _capture(folded, names, batches)
-    blocks = [f"The {len(names)} layers with the lowest isolated SQNR. Each histogram has the range every rule "
+    blocks = [f"The {len(names)} layers {basis}. Each histogram has the range every rule "
               "would choose drawn as dashed lines; the thick line is the range the model uses."]
     for name in names:
         layer, qlayer = folded.get_submodule(name), qmodel.get_submodule(name)
@@ -191,9 +196,7 @@ def _float_ops(qmodel: fx.GraphModule) -> list:
 
 
 def _config(config: QConfig) -> list:
-    rows = [[f.name, repr(getattr(config, f.name)),
-             f"default for W{config.weight_bits}A{config.act_bits}" if f.name in config._auto else "chosen"]
-            for f in fields(config) if f.init]
+    rows = [[f.name, repr(getattr(config, f.name)), _origin(config, f)] for f in fields(config) if f.init]
     return ["`fxq.QConfig` as the model was quantized with it (`fxq quantize --config` reads these fields "
             "from TOML).", Table(["field", "value", ""], rows)]
 
@@ -242,3 +245,14 @@ def _html(title: str, sections) -> str:
                 parts.append(f"<p>{html.escape(block)}</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _origin(config: QConfig, field) -> str:
+    """Where a field's value came from: the defaults for the widths, QConfig's default, or the user."""
+    widths = f"W{config.weight_bits}A{config.act_bits}"
+    if field.name in config._auto:
+        return f"default for {widths}"
+    default = defaults_for(config.weight_bits, config.act_bits, config.per_channel).get(field.name, field.default)
+    if getattr(config, field.name) == default:
+        return "default"
+    return f"set (default {default!r}" + (f" for {widths})" if field.name in AUTO_FIELDS else ")")

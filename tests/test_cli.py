@@ -123,6 +123,8 @@ def test_a_users_own_model_quantizes_evaluates_and_reports_from_the_command_line
                     "The config"):
         assert f"## {heading}" in markdown
     assert "Nothing: every op of the model runs on integers." in markdown
+    assert "The 2 layers that lose the most when quantized alone" in markdown  # ranked by measured sensitivity
+    assert re.search(r"\| weight_bits +\| 8 +\| default +\|", markdown)  # nothing was set: nothing marked so
 
 
 @pytest.mark.parametrize("command", sorted(EXAMPLES))

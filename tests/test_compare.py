@@ -26,6 +26,39 @@ def test_compare_gives_cumulative_and_isolated_sqnr_per_layer(ctx):
     assert "isolated SQNR dB" in str(result) and result.to_markdown().startswith("| layer")
 
 
+class ReluCat(torch.nn.Module):
+    """Convs whose outputs are mostly negative, each through a ReLU into a concat (the issue's case)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.head = torch.nn.Conv2d(16, 4, 1)
+        with torch.no_grad():
+            self.a.bias.fill_(-1.0), self.b.bias.fill_(-1.0)
+
+    def forward(self, x):
+        return self.head(torch.cat([torch.relu(self.a(x)), torch.nn.functional.relu(self.b(x))], 1))
+
+
+def test_sqnr_is_measured_on_what_the_next_layer_reads_after_the_relu():
+    torch.manual_seed(0)
+    model, x = ReluCat().eval(), torch.randn(16, 3, 10, 10)
+    qmodel = fxq.quantize(model, [x])
+    rows = {name: (cumulative, isolated) for name, cumulative, isolated in fxq.compare(model, qmodel, x).rows}
+    with torch.no_grad():
+        kept = torch.relu(model.a(x))  # what the concat reads from a
+        read = {}
+        handle = qmodel.get_submodule("a").register_forward_hook(lambda m, i, o: read.update(a=o))
+        qmodel(x)
+        handle.remove()
+    qp = qmodel.get_submodule("a").output_qparams
+    after_relu = sqnr_db(kept, torch.relu(qp.dequantize(read["a"])))
+    assert rows["a"][0] == pytest.approx(after_relu, abs=1e-6) and rows["a"][1] == pytest.approx(after_relu, abs=1e-6)
+    before_relu = sqnr_db(model.a(x).detach(), qp.dequantize(read["a"]))
+    assert after_relu > before_relu + 3  # the negatives the ReLU drops no longer count as error
+    assert rows["b"][0] > 25
+
+
 def test_snap_to_gridd_layers_reproduce_the_integer_model(ctx):
     """All layers quantized as qmodel does them ≈ the integer model (adds stay float here)."""
     model = randomize_bn(Residual())
