@@ -62,6 +62,13 @@ class ActQParams:
         """integer → float32: ``s · (q − z)``."""
         return (q.to(torch.float32) - self.zero_point) * self.scale
 
+    def snap(self, x: torch.Tensor) -> torch.Tensor:
+        """``dequantize(quantize(x))``, the same values, without the integer tensor: the same float
+        operations done in place (what sensitivity studies run on every layer, many times)."""
+        y = x / self.scale
+        y = torch.copysign(torch.full((), 0.5, dtype=y.dtype), y).add_(y).trunc_()  # round_half_away
+        return y.add_(self.zero_point).clamp_(self.qmin, self.qmax).sub_(self.zero_point).mul_(self.scale)
+
 
 def weight_qmax(bits: int) -> int:
     """Largest magnitude of a narrow-range symmetric ``bits``-bit weight: ``2^(bits−1) − 1``."""

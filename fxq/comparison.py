@@ -174,7 +174,7 @@ def compare(model: nn.Module, qmodel: fx.GraphModule, batch: torch.Tensor) -> Co
 
 
 def _snap_to_grid(qparams):
-    return lambda x: qparams.dequantize(qparams.quantize(x))
+    return qparams.snap
 
 
 def with_quantized_layers(folded: fx.GraphModule, qmodel: fx.GraphModule, names) -> fx.GraphModule:

@@ -64,3 +64,11 @@ def test_bias_is_int32_at_input_times_weight_scale():
     q = quantize_bias(torch.tensor([0.3, -0.5]), 0.1, scales)
     assert q.dtype == torch.int32 and q.tolist() == [300, -250]
     assert quantize_bias(None, 0.1, scales).tolist() == [0, 0]
+
+
+@given(st.lists(st.floats(min_value=-1e6, max_value=1e6, width=32), min_size=1, max_size=40),
+       st.floats(min_value=1e-4, max_value=10.0), st.integers(0, 255))
+def test_snapping_to_the_grid_is_quantize_then_dequantize(values, scale, zero_point):
+    qp = ActQParams(scale, zero_point, 8)
+    x = torch.tensor(values, dtype=torch.float32)
+    assert torch.equal(qp.snap(x), qp.dequantize(qp.quantize(x)))
