@@ -109,6 +109,9 @@ def power_sums(folded: fx.GraphModule, qmodel: fx.GraphModule, batch: torch.Tens
     module docstring and :func:`compare`), ``qmodel``'s output and the float model's. Sums, so
     that batches and ranks add up to the SQNR of all of them."""
     layers = integer_layers(qmodel)
+    if not layers:  # a deployed model: its outputs alone
+        with torch.no_grad():
+            return {}, qmodel(batch), folded(batch)
     points = read_points(qmodel, folded)
     float_nodes, int_nodes = _module_nodes(folded), _module_nodes(qmodel)
     read = {name: points[name].name if points[name] is not None else None for name in layers}
@@ -163,11 +166,13 @@ class Comparison:
 
 
 def compare(model: nn.Module, qmodel: fx.GraphModule, batch: torch.Tensor) -> Comparison:
-    """SQNR of each conv/linear output (before its activation) of ``qmodel`` against ``model``.
+    """SQNR of each conv/linear output of ``qmodel`` against ``model``, where the next layer reads
+    it (after the ReLU/clamp that alone consumes it, if any: the module docstring).
 
     cumulative: the integer network end to end, so errors of all earlier layers are included.
     isolated: the float network's own input to the layer, quantized, through this one integer
-    layer: the error this layer adds by itself. (`fxq.evaluate` does the same over a loader.)
+    layer (and its clamp): the error this layer adds by itself. (`fxq.evaluate` does the same
+    over a loader.)
     """
     sums, _, _ = power_sums(folded_float(model, example=batch), qmodel, batch)
     return Comparison.of(sums)

@@ -106,9 +106,10 @@ def main() -> None:
     lines += ["", "## Every scale and multiplier along the network", "", _scale_chain(qmodel), "",
               "## The whole network, one row per integer op", "", fxq.explain(qmodel).to_markdown(),
               "## Where the error comes from: per-layer SQNR", "",
-              "`fxq.compare(model, qmodel, batch)`: each conv/linear output (before its ReLU) of the",
-              "integer network against the float network, cumulative (everything before it quantized",
-              "too) and isolated (only this layer: the float input, quantized, through this one layer).", "",
+              "`fxq.compare(model, qmodel, batch)`: each conv/linear output of the integer network against",
+              "the float network where the next layer reads it (after its ReLU, on the values the ReLU",
+              "keeps), cumulative (everything before it quantized too) and isolated (only this layer: the",
+              "float input, quantized, through this one layer and its ReLU).", "",
               compare(model, qmodel, batch).to_markdown()]
     lines += _sensitivity_section()
     (ROOT / "docs").mkdir(exist_ok=True)
