@@ -28,6 +28,7 @@ class PassContext:
     calib_loader: Iterable
     overrides: Mapping[str, QConfig | None] = field(default_factory=dict)
     layers: list[str] = field(default_factory=list)  # the quantizable layers, in graph order
+    modules: list[str] = field(default_factory=list)  # every called module, in graph order
 
     def __post_init__(self) -> None:
         for pattern, override in self.overrides.items():
@@ -54,6 +55,7 @@ class PassContext:
         the graph's ``modules`` (default: the layers)."""
         self.layers = list(names)
         modules = names if modules is None else modules
+        self.modules = list(modules)
         for pattern in self.overrides:
             if not any(fnmatch.fnmatchcase(n, pattern) for n in modules):
                 close = difflib.get_close_matches(pattern, modules, n=5, cutoff=0.4)

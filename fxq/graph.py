@@ -1,8 +1,10 @@
 """Small helpers every pass uses on a GraphModule."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import fx, nn
@@ -94,6 +96,22 @@ def finish(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def copied(gm: fx.GraphModule, shared: Iterable[torch.Tensor] = ()) -> fx.GraphModule:
+    """A deep copy of ``gm`` whose records name its own nodes (torch.fx copies ``node.meta``
+    shallowly, so a ``records.FusedUnit`` would still point into ``gm``); the ``shared`` tensors
+    are not copied (large statistics that are only read)."""
+    twin = copy.deepcopy(gm, {id(t): t for t in shared})
+    counterpart = dict(zip(gm.graph.nodes, twin.graph.nodes))
+    for node in twin.graph.nodes:
+        for key, value in list(node.meta.items()):
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                moved = {f.name: counterpart[v] for f in dataclasses.fields(value)
+                         if isinstance(v := getattr(value, f.name), fx.Node) and v in counterpart}
+                if moved:
+                    node.meta[key] = dataclasses.replace(value, **moved)
+    return twin
 
 
 def source_line(node: fx.Node) -> str | None:

@@ -4,7 +4,8 @@
     qmodel = fxq.quantize(model, loader, result.config, overrides=result.overrides)
     print(result.to_markdown()); result.plot("bits.png")
 
-How: quantize the whole network once per candidate width; for every layer and width, measure
+How: trace and calibrate once (`fxq.api.Calibrated`), and from that quantize the whole network
+once per candidate width; for every layer and width, measure
 the output error when only that layer runs quantized at that width (`fxq.compare`'s
 ``with_quantized_layers``: its integers, its grids, the rest float). Treating the errors as
 additive, start every layer at the widest candidate and repeatedly narrow the layer whose next
@@ -22,7 +23,7 @@ from torch import fx, nn
 
 from fxq import distributed, measure, records
 from fxq import progress as bars
-from fxq.api import quantize
+from fxq.api import Calibrated
 from fxq.comparison import folded_float, integer_layers, with_quantized_layers
 from fxq.config import MAX_BITS, MIN_BITS, QConfig
 from passes.calibrate import batch_input
@@ -111,7 +112,8 @@ def search_bits(model: nn.Module, loader: Iterable, avg_weight_bits: float = 5.0
     batches = list(loader)
     if int(distributed.reduce_sum(torch.tensor(len(batches)))) == 0:  # a rank's shard may be empty
         raise ValueError("search_bits got an empty loader: pass calibration batches (images, labels)")
-    per_width = {b: quantize(model, batches, config.with_bits(weight_bits=b))
+    shared = Calibrated(model, batches, _asking_most(config, candidates))
+    per_width = {b: shared.quantize(config.with_bits(weight_bits=b))
                  for b in steps(candidates, "quantizing at each width")}
     widest = per_width[candidates[-1]]
     params = {name: layer.weight.numel() for name, layer in integer_layers(widest).items()}
@@ -124,7 +126,7 @@ def search_bits(model: nn.Module, loader: Iterable, avg_weight_bits: float = 5.0
     curve = []
     for budget in steps(budgets, "measuring the curve"):
         bits = allocate(errors, params, budget, candidates)
-        qmodel = quantize(model, batches, config, overrides=_overrides(bits, config))
+        qmodel = shared.quantize(config, overrides=_overrides(bits, config))
         curve.append(CurvePoint(budget, _average(bits, params), _packed_bytes(bits, params),
                                 _score(qmodel, evaluation, references), bits))
     bits = allocate(errors, params, avg_weight_bits, candidates)
@@ -132,6 +134,15 @@ def search_bits(model: nn.Module, loader: Iterable, avg_weight_bits: float = 5.0
     return BitSearch(bits, _overrides(bits, config), _average(bits, params),
                      _score(folded, evaluation, references), float_bytes, errors, curve, metric,
                      config)
+
+
+def _asking_most(config: QConfig, candidates: Sequence[int]) -> QConfig:
+    """``config`` at the narrowest width, recording every input statistic some width's rules
+    need: the one calibration every candidate is quantized from."""
+    widths = [config.with_bits(weight_bits=b) for b in candidates]
+    aware = any(c.weight_range == "output_aware" for c in widths)
+    return widths[0].replace(weight_range="output_aware" if aware else widths[0].weight_range,
+                             bias_correction=any(c.bias_correction for c in widths))
 
 
 def allocate(errors: dict[str, dict[int, float]], params: dict[str, int], budget: float,

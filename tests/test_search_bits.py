@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import fxq
-from fxq.mixed import allocate
+from fxq.api import Calibrated
+from fxq.mixed import _asking_most, allocate
 from tests.helpers import Residual, randomize_bn
 
 
@@ -51,3 +52,27 @@ def test_impossible_budgets_are_rejected(budget, candidates, message):
 def test_empty_loader_is_rejected():
     with pytest.raises(ValueError, match="empty loader"):
         fxq.search_bits(randomize_bn(Residual()), [], avg_weight_bits=5.0)
+
+
+def _same_model(a: torch.fx.GraphModule, b: torch.fx.GraphModule, x: torch.Tensor) -> bool:
+    state_a, state_b = a.state_dict(), b.state_dict()
+    return (str(a.graph) == str(b.graph) and state_a.keys() == state_b.keys()
+            and all(torch.equal(state_a[k], state_b[k]) for k in state_a) and torch.equal(a(x), b(x)))
+
+
+@pytest.mark.parametrize("base", [fxq.QConfig(), fxq.QConfig(per_channel=False), fxq.QConfig(placement="both")],
+                         ids=["per-channel", "per-tensor", "placement-both"])
+def test_one_calibration_quantizes_each_width_as_quantize_does(base):
+    """`Calibrated` (search_bits' one calibration) gives the very model `fxq.quantize` makes, for
+    every width and for mixed widths, in any order, and from scratch where calibration differs
+    (other activation bits; per tensor, CLE at 4 bits but not at 8)."""
+    model, data = randomize_bn(Residual()), _data()
+    x = torch.randn(8, 3, 8, 8)
+    shared = Calibrated(model, data, _asking_most(base, (3, 4, 8)))
+    mixed = {"unit.conv": base.with_bits(weight_bits=3), "conv2": base.with_bits(weight_bits=8),
+             "fc": base.with_bits(weight_bits=4)}
+    asked = [(base.with_bits(weight_bits=8), None), (base.with_bits(weight_bits=4), None), (base, mixed),
+             (base.with_bits(weight_bits=3), None), (base.with_bits(weight_bits=4, act_bits=6), None)]
+    for config, overrides in asked:
+        expected = fxq.quantize(model, data, config, overrides=overrides)
+        assert _same_model(shared.quantize(config, overrides), expected, x), (config, overrides)
