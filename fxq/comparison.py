@@ -22,9 +22,11 @@ from fxq import progress as bars
 from fxq.affine import ActQParams
 from fxq.config import QConfig
 from fxq.context import PassContext
+from fxq.graph import replace_module
 from fxq.ops.activations import QClamp, QReLU
 from fxq.ops.layers import QLayer
 from fxq.outputs import sqnr_of_sums
+from fxq.suffix import RECORD_BYTES, Runs, chunk_size
 from passes.equalize import equalize
 from passes.fold_bn import fold_bn
 from passes.rewrite_layers import rewrite_layers
@@ -183,19 +185,26 @@ def _snap_to_grid(qparams):
 
 
 def with_quantized_layers(folded: fx.GraphModule, qmodel: fx.GraphModule, names) -> fx.GraphModule:
-    """A copy of the folded float model in which the named layers run as ``qmodel`` runs them:
-    dequantized integer weights and bias, input and output snapped to its grid with its parameters."""
+    """A copy of the folded float model in which the named layers run as ``qmodel`` runs them
+    (:func:`quantized_layer`)."""
     gm = copy.deepcopy(folded)
     layers = integer_layers(qmodel)
     for name in names:
-        m, layer = layers[name], gm.get_submodule(name)
-        shape = (-1,) + (1,) * (m.weight.dim() - 1)
-        layer.weight.data = (m.weight.double() * m.weight_scale.reshape(shape)).float()
-        layer.bias = nn.Parameter((m.bias.double() * m.input_scale * m.weight_scale).float())
-        quantize_in, quantize_out = _snap_to_grid(m.input_qparams), _snap_to_grid(m.output_qparams)
-        layer.register_forward_pre_hook(lambda _, args, f=quantize_in: (f(args[0]),))
-        layer.register_forward_hook(lambda _, args, out, f=quantize_out: f(out))
+        replace_module(gm, name, quantized_layer(folded.get_submodule(name), layers[name]))
     return gm
+
+
+def quantized_layer(layer: nn.Module, m: QLayer) -> nn.Module:
+    """A copy of the folded float ``layer`` that runs as the integer layer ``m``: dequantized
+    integer weights and bias, input and output snapped to its grid with its parameters."""
+    layer = copy.deepcopy(layer)
+    shape = (-1,) + (1,) * (m.weight.dim() - 1)
+    layer.weight.data = (m.weight.double() * m.weight_scale.reshape(shape)).float()
+    layer.bias = nn.Parameter((m.bias.double() * m.input_scale * m.weight_scale).float())
+    quantize_in, quantize_out = _snap_to_grid(m.input_qparams), _snap_to_grid(m.output_qparams)
+    layer.register_forward_pre_hook(lambda _, args, f=quantize_in: (f(args[0]),))
+    layer.register_forward_hook(lambda _, args, out, f=quantize_out: f(out))
+    return layer
 
 
 @dataclass(frozen=True)
@@ -226,38 +235,56 @@ def sensitivity(model: nn.Module, qmodel: fx.GraphModule, images: torch.Tensor,
     """Quantize one layer at a time (the rest float), and all layers but one, as ``qmodel`` does.
     ``progress``: a bar over the layers. In a process group, each rank passes its shard of the
     images; they are gathered to every rank, the layers divided among the ranks, and every rank
-    returns the whole study."""
+    returns the whole study.
+
+    Each study changes one layer of the float model (or of the all-quantized one): the values
+    before that layer are read from one recorded run (`fxq.suffix.Runs`), not computed again."""
     images, labels = distributed.concat(images), distributed.concat(labels)
     folded = folded_float(model, records.get(qmodel, QConfig), images)
-    names = list(integer_layers(qmodel))
-    chunks = images.split(500)
-    with torch.no_grad():
-        references = [folded(chunk) for chunk in chunks]
-    classifier = outputs.logits(references[0]) is not None
-
-    def accuracy(gm) -> float:
-        if classifier:
-            return measure.accuracy(gm, zip(chunks, labels.split(500)))
-        return _agreement(gm, chunks, references)
-
-    mine = distributed.mine(names)
-    done = distributed.collected({
-        name: (accuracy(with_quantized_layers(folded, qmodel, [name])),
-               accuracy(with_quantized_layers(folded, qmodel, [n for n in names if n != name])))
-        for name in (bars.items(mine, "sensitivity, layer by layer", "layer") if progress else mine)})
-    rows = [(name, *done[name]) for name in names]
-    return Sensitivity(accuracy(folded), accuracy(with_quantized_layers(folded, qmodel, names)), rows, len(labels),
+    layers = integer_layers(qmodel)
+    quantized = with_quantized_layers(folded, qmodel, list(layers))
+    mine = distributed.mine(list(layers))
+    alone = {name: quantized_layer(folded.get_submodule(name), layers[name]) for name in mine}
+    size = chunk_size(folded, images, RECORD_BYTES // 2)  # two records at a time
+    keys = ["float", "all"] + [(name, study) for name in mine for study in (0, 1)]
+    totals = {key: torch.zeros(2, dtype=torch.float64) for key in keys}
+    classifier = False
+    with bars.bar(len(mine) * -(-len(images) // size), "sensitivity, layer by layer", "layer", progress) as bar:
+        for chunk, target in zip(images.split(size), labels.split(size)):
+            float_runs, quantized_runs = Runs(folded, chunk), Runs(quantized, chunk)
+            score = _scorer(float_runs.output, target)
+            classifier = outputs.logits(float_runs.output) is not None
+            totals["float"] += score(float_runs.output)
+            totals["all"] += score(quantized_runs.output)
+            for name in mine:
+                totals[name, 0] += score(float_runs.with_module(name, alone[name]))
+                totals[name, 1] += score(quantized_runs.with_module(name, folded.get_submodule(name)))
+                bar.update(1)
+    done = distributed.collected({name: (_percent(totals[name, 0]), _percent(totals[name, 1])) for name in mine})
+    rows = [(name, *done[name]) for name in layers]
+    return Sensitivity(_percent(totals["float"]), _percent(totals["all"]), rows, len(labels),
                        "accuracy" if classifier else AGREEMENT)
 
 
 AGREEMENT = "same class as float"  # the share of output positions whose largest channel is the float model's
 
 
-def _agreement(gm: nn.Module, chunks, references) -> float:
-    """% of the positions of every multi-channel output whose largest channel is the float model's."""
-    with torch.no_grad():
-        totals = sum(sum(outputs.sums(reference, gm(chunk)).values()) for chunk, reference in zip(chunks, references))
-    if totals[3] == 0:
-        raise ValueError("the model returns no classifier logits and no output of several channels: there is "
-                         "no class to agree on, so layer sensitivity is not measured (compare SQNR with fxq.compare)")
-    return 100.0 * float(totals[2]) / float(totals[3])
+def _scorer(reference, labels: torch.Tensor):
+    """``output → [hits, total]``: top-1 hits on ``labels`` for a classifier, else the positions of
+    every multi-channel output whose largest channel is ``reference``'s."""
+    if outputs.logits(reference) is not None:
+        return lambda out: torch.tensor([measure.correct(outputs.logits(out), labels), len(labels)],
+                                        dtype=torch.float64)
+
+    def agreement(out) -> torch.Tensor:
+        totals = sum(outputs.sums(reference, out).values())
+        if totals[3] == 0:
+            raise ValueError("the model returns no classifier logits and no output of several channels: there "
+                             "is no class to agree on, so layer sensitivity is not measured (compare SQNR with "
+                             "fxq.compare)")
+        return totals[2:]
+    return agreement
+
+
+def _percent(counts: torch.Tensor) -> float:
+    return 100.0 * float(counts[0]) / float(counts[1])

@@ -24,8 +24,9 @@ from torch import fx, nn
 from fxq import distributed, measure, records
 from fxq import progress as bars
 from fxq.api import Calibrated
-from fxq.comparison import folded_float, integer_layers, with_quantized_layers
+from fxq.comparison import folded_float, integer_layers, quantized_layer
 from fxq.config import MAX_BITS, MIN_BITS, QConfig
+from fxq.suffix import Runs, chunk_size
 from passes.calibrate import batch_input
 
 CANDIDATES = (2, 3, 4, 5, 6, 8)
@@ -186,14 +187,20 @@ def _layer_errors(model: nn.Module, per_width: dict[int, fx.GraphModule], batche
     local = torch.cat([batch_input(item, i) for i, item in enumerate(batches)])[:512] if batches else None
     inputs = distributed.concat(local)[:512]
     errors: dict[str, dict[int, float]] = {}
-    with torch.no_grad():
-        for width, qmodel in steps(list(per_width.items()), "error of each layer at each width"):
-            folded = folded_float(model, records.get(qmodel, QConfig), inputs)
-            reference = folded(inputs)
-            power = reference.pow(2).mean()
-            for name in distributed.mine(list(integer_layers(qmodel))):
-                out = with_quantized_layers(folded, qmodel, [name])(inputs)
-                errors.setdefault(name, {})[width] = float((out - reference).pow(2).mean() / power)
+    for width, qmodel in steps(list(per_width.items()), "error of each layer at each width"):
+        folded = folded_float(model, records.get(qmodel, QConfig), inputs)
+        layers = integer_layers(qmodel)
+        mine = {name: quantized_layer(folded.get_submodule(name), layers[name])
+                for name in distributed.mine(list(layers))}
+        sums = {name: 0.0 for name in mine}
+        power = 0.0
+        for part in inputs.split(chunk_size(folded, inputs)):
+            runs = Runs(folded, part)  # each layer's run reuses the values before it
+            power += float(runs.output.double().pow(2).sum())
+            for name, layer in mine.items():
+                sums[name] += float((runs.with_module(name, layer) - runs.output).double().pow(2).sum())
+        for name in mine:
+            errors.setdefault(name, {})[width] = sums[name] / power
     gathered = distributed.collected(errors)
     return {name: gathered[name] for name in integer_layers(next(iter(per_width.values())))}
 

@@ -13,9 +13,9 @@ def enable(on: bool) -> None:
     _enabled = on
 
 
-def bar(total: int | None, desc: str, unit: str = "img"):
-    """A tqdm bar with throughput in ``unit``/s, or a silent one under ``--quiet``."""
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False, disable=not _enabled,
+def bar(total: int | None, desc: str, unit: str = "img", show: bool = True):
+    """A tqdm bar with throughput in ``unit``/s, or a silent one under ``--quiet`` or without ``show``."""
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False, disable=not (_enabled and show),
                 dynamic_ncols=True)
 
 

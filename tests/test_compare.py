@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import fxq
+from fxq import comparison
 from fxq.comparison import folded_float, sensitivity, sqnr_db, with_quantized_layers
-from tests.helpers import Residual, randomize_bn
+from tests.helpers import Chain, Residual, randomize_bn
 
 
 def test_sqnr_of_known_noise():
@@ -71,23 +72,57 @@ def test_snap_to_gridd_layers_reproduce_the_integer_model(ctx):
     assert torch.equal(folded(x), folded_float(model)(x))  # the copy, not the folded model, changed
 
 
-def test_sensitivity_reports_every_layer_both_ways(ctx):
+@pytest.mark.parametrize("record_bytes", [2**30, 3000], ids=["one record", "a record per few images"])
+def test_sensitivity_reports_every_layer_both_ways(ctx, monkeypatch, record_bytes):
+    """Each study equals the whole model with those layers quantized, however the images are split
+    for the recorded runs it reuses."""
+    monkeypatch.setattr(comparison, "RECORD_BYTES", record_bytes)
     model = randomize_bn(Residual())
     qmodel = fxq.quantize(model, ctx.calib_loader, fxq.QConfig(weight_bits=2, act_bits=2))
-    x = torch.cat(ctx.calib_loader)
-    labels = model(x).argmax(1)  # float predictions as labels: float accuracy is 100 %
+    x = torch.cat([ctx.calib_loader[0], torch.randn(36, 3, 8, 8)])
+    labels = model(x).argmax(1)  # float predictions as labels, some of them changed
+    labels[::3] = torch.randint(0, 5, labels[::3].shape)
     result = sensitivity(model, qmodel, x, labels)
-    assert result.float_accuracy == 100.0
-    assert [r[0] for r in result.rows] == ["unit.conv", "conv2", "fc"]
+    names = ["unit.conv", "conv2", "fc"]
+    assert [r[0] for r in result.rows] == names
     folded = folded_float(model)
 
     def accuracy(names):
-        return 100.0 * (with_quantized_layers(folded, qmodel, names)(x).argmax(1) == labels).float().mean().item()
+        hits = (with_quantized_layers(folded, qmodel, names)(x).argmax(1) == labels).sum().item()
+        return 100.0 * hits / len(labels)
 
-    assert result.rows[1][1] == accuracy(["conv2"])
-    assert result.rows[1][2] == accuracy(["unit.conv", "fc"])
-    assert result.all_quantized == accuracy(["unit.conv", "conv2", "fc"])
+    for name, only, all_but in result.rows:
+        assert only == accuracy([name]) and all_but == accuracy([n for n in names if n != name])
+    assert result.all_quantized == accuracy(names) and result.float_accuracy == accuracy([])
     assert len(result.ranked()) == 3 and "only this layer quantized" in result.to_markdown()
+
+
+class Segmenter(Chain):
+    """A model without logits: a dict holding one feature map, whose channels are classes."""
+
+    def forward(self, x):
+        return {"out": super().forward(x)}
+
+
+@pytest.mark.parametrize("record_bytes", [2**30, 3000], ids=["one record", "a record per few images"])
+def test_sensitivity_of_a_feature_map_is_the_agreement_of_its_positions(monkeypatch, record_bytes):
+    monkeypatch.setattr(comparison, "RECORD_BYTES", record_bytes)
+    torch.manual_seed(0)
+    model = Segmenter().eval()
+    qmodel = fxq.quantize(model, [torch.randn(8, 3, 8, 8) for _ in range(2)], fxq.QConfig(weight_bits=2, act_bits=2))
+    x = torch.randn(24, 3, 8, 8)
+    result = sensitivity(model, qmodel, x, torch.zeros(24, dtype=torch.long))
+    folded = folded_float(model)
+    names = ["conv1", "conv2", "conv3"]
+
+    def agreement(names):
+        classes = with_quantized_layers(folded, qmodel, names)(x)["out"].argmax(1)
+        return 100.0 * (classes == folded(x)["out"].argmax(1)).sum().item() / classes.numel()
+
+    assert result.measure == comparison.AGREEMENT and result.float_accuracy == 100.0
+    for name, only, all_but in result.rows:
+        assert only == agreement([name]) and all_but == agreement([n for n in names if n != name])
+    assert len({score for row in result.rows for score in row[1:]}) > 2  # studies that differ: it can fail
 
 
 def test_evaluate_sums_over_batches_what_compare_measures_on_one():
