@@ -6,8 +6,9 @@
 
 How: trace and calibrate once (`fxq.api.Calibrated`), and from that quantize the whole network
 once per candidate width; for every layer and width, measure
-the output error when only that layer runs quantized at that width (`fxq.compare`'s
-``with_quantized_layers``: its integers, its grids, the rest float). Treating the errors as
+the output error when only that layer runs quantized at that width
+(`fxq.comparison.quantized_layer`: its integers, its grids, the rest float; the values before the
+layer are read from one recorded float run, `fxq.suffix`). Treating the errors as
 additive, start every layer at the widest candidate and repeatedly narrow the layer whose next
 step down costs the least error per weight bit saved, until the parameter-weighted average
 width meets the budget. Each budget on the curve is then quantized for real and measured.
