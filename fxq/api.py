@@ -66,22 +66,23 @@ class Calibrated:
                  overrides: Mapping[str, QConfig | None] | None = None):
         self.model = model
         self.ctx = _context(calib_loader, config, overrides)
-        self.split = PASSES.index(calibrate) + 1
-        self.graph = _run(model, self.ctx, PASSES[:self.split])
+        # a pipeline changed so that it has no `calibrate` to stop after: every config from scratch
+        self.split = PASSES.index(calibrate) + 1 if calibrate in PASSES else None
+        self.graph = _run(model, self.ctx, PASSES[:self.split]) if self.split else None
         self.statistics: dict[str, list[InputGram]] = {}  # layer → the input statistics of its call sites
-        for node in self.graph.graph.nodes:
+        for node in self.graph.graph.nodes if self.graph is not None else ():
             stats = self.graph.get_submodule(node.target) if node.op == "call_module" else None
             if isinstance(stats, InputGram):
                 for user in node.users:
                     self.statistics.setdefault(module_name(user), []).append(stats)
-        self.scopes = [""] + [name for name, _ in self.graph.named_modules() if name]
+        self.scopes = [""] + [name for name, _ in self.graph.named_modules() if name] if self.graph else []
 
     def quantize(self, config: QConfig | None = None,
                  overrides: Mapping[str, QConfig | None] | None = None) -> fx.GraphModule:
         """``fxq.quantize(model, loader, config, overrides=overrides)``, from this calibration."""
         ctx = _context(self.ctx.calib_loader, config, overrides)
         ctx.register_layers(self.ctx.layers, self.ctx.modules)
-        if not self._serves(ctx):
+        if self.graph is None or not self._serves(ctx):
             return quantize(self.model, self.ctx.calib_loader, ctx.config, overrides=ctx.overrides)
         shared = [t for sites in self.statistics.values() for m in sites for t in (m.gram, m.column_sum)
                   if t is not None]

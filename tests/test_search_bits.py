@@ -76,3 +76,14 @@ def test_one_calibration_quantizes_each_width_as_quantize_does(base):
     for config, overrides in asked:
         expected = fxq.quantize(model, data, config, overrides=overrides)
         assert _same_model(shared.quantize(config, overrides), expected, x), (config, overrides)
+
+
+def test_a_pipeline_without_the_calibrate_pass_quantizes_every_config_from_scratch(monkeypatch):
+    from fxq import api
+    timed = lambda gm, ctx: api.calibrate(gm, ctx)  # noqa: E731  (a user's wrapper around a pass)
+    monkeypatch.setattr(api, "PASSES", [timed if p is api.calibrate else p for p in api.PASSES])
+    model, data = randomize_bn(Residual()), _data()
+    shared = Calibrated(model, data, fxq.QConfig(weight_bits=4))
+    config = fxq.QConfig(weight_bits=6)
+    assert shared.graph is None
+    assert _same_model(shared.quantize(config), fxq.quantize(model, data, config), torch.randn(4, 3, 8, 8))
