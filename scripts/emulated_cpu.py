@@ -7,7 +7,9 @@ included. Results are the AVX2 kernels' results; timings under emulation mean no
 
 Used by tests/test_deploy_real_data.py and scripts/deploy_agreement.py to check that fxq's
 deployed model is exact on such a CPU even when the machine running them has VNNI. Debian's
-``qemu-user`` package provides the emulator (the Makefile installs it).
+``qemu-user`` package provides the emulator (the Makefile installs it). On a CPU that already is
+such a CPU (AVX2 and FMA; no AVX-512, AVX-VNNI or AMX: MLAS takes the same kernels) the same
+subprocess runs without the emulator, about a hundred times faster.
 """
 from __future__ import annotations
 
@@ -28,11 +30,28 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def available() -> bool:
-    return platform.machine() == "x86_64" and shutil.which("qemu-x86_64") is not None
+    return platform.machine() == "x86_64" and (native() or shutil.which("qemu-x86_64") is not None)
+
+
+def native() -> bool:
+    """This machine's CPU is already the emulated one, as far as onnxruntime's kernel choice goes:
+    x86-64 with AVX2 and FMA and none of the extensions MLAS prefers to them."""
+    flags = _host_flags()
+    newer = [f for f in flags if f.startswith(("avx512", "amx")) or f == "avx_vnni"]
+    return platform.machine() == "x86_64" and {"avx2", "fma"} <= flags and not newer
+
+
+def _host_flags() -> set[str]:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux: emulate
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
 
 
 def _emulated(*args: str) -> str:
-    command = ["qemu-x86_64", "-cpu", CPU, sys.executable, "-m", "scripts.emulated_cpu", *args]
+    emulator = [] if native() else ["qemu-x86_64", "-cpu", CPU]
+    command = [*emulator, sys.executable, "-m", "scripts.emulated_cpu", *args]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(f"under emulation: {done.stderr.strip().splitlines()[-1:]}")

@@ -3,7 +3,8 @@ with QConfig(requantize="onnxruntime") every logit of all 10,000 images is ident
 x86 CPU with AVX2 alone runs onnxruntime (QEMU's Haswell model: U8S8 kernels that saturate), on
 the first 500 test images the weights fxq deploys there keep every logit identical, and on the
 first 100 the int8 weights onnxruntime's own quantizer writes do not (about 22 % of their logits
-are identical: a hundred images show it; every emulated image costs a tenth of a second)."""
+are identical: a hundred images show it; every emulated image costs a tenth of a second). On a CPU
+that already has AVX2 alone, the same run goes without the emulator (`emulated_cpu.native`)."""
 import pytest
 
 from scripts import emulated_cpu
