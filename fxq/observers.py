@@ -293,10 +293,11 @@ class InputGram(nn.Module):
             unfolded = F.unfold(x.detach(), **self.geometry)
             columns = (unfolded.reshape(x.shape[0], self.groups, size, -1).permute(0, 3, 1, 2)
                        .reshape(-1, self.groups, size))
-        self.column_sum += columns.sum(0).double()
+        # float32 sums added into float64 in place: no float64 copy of a K² product per batch
+        self.column_sum += columns.sum(0)
         self.count += columns.shape[0]
         if self.gram is not None:
-            self.gram += torch.einsum("ngk,ngl->gkl", columns, columns).double()
+            self.gram += torch.einsum("ngk,ngl->gkl", columns, columns)
         return x
 
     def synchronize(self) -> None:

@@ -118,24 +118,29 @@ def greedy_rounding(w: torch.Tensor, scales: torch.Tensor, bits: int, gram: torc
     down = torch.clamp(torch.floor(v), -qmax, qmax)
     up = torch.clamp(down + 1, -qmax, qmax)
     err_down, err_up = (down - v) * scales[:, None], (up - v) * scales[:, None]
-    g = torch.zeros_like(w)
-    chosen = torch.empty_like(w)
     # each channel's H: the layer's, or (grouped conv) its group's
     channel_gram = gram if gram.dim() == 2 else gram.repeat_interleave(w.shape[0] // gram.shape[0], 0)
     diagonal = torch.diagonal(channel_gram, dim1=-2, dim2=-1)  # [K] or [C, K]
+    # up costs less than down when 2·g·(e_up − e_down) + H_kk·(e_up² − e_down²) < 0: every term
+    # but g is known before the loop; kept column-major, so each column step reads whole rows
+    slope = (2 * (err_up - err_down)).T.contiguous().unbind(0)
+    offset = ((err_up ** 2 - err_down ** 2) * diagonal).T.contiguous().unbind(0)
+    err_up_t, err_down_t = err_up.T.contiguous().unbind(0), err_down.T.contiguous().unbind(0)
+    g = torch.zeros_like(w)
+    pick_up = torch.empty(w.shape[1], w.shape[0], dtype=torch.bool)
+    picks = pick_up.unbind(0)
     # Columns go in blocks: inside a block g is updated column by column, the rest of the row
     # once per block with one matmul (GPTQ's lazy batch; the same decisions, BLAS-speed).
     for start in range(0, w.shape[1], GREEDY_BLOCK):
         end = min(start + GREEDY_BLOCK, w.shape[1])
-        g_block = g[:, start:end].clone()
-        committed = torch.empty(w.shape[0], end - start, dtype=w.dtype)
+        g_block = g[:, start:end].T.contiguous()  # [columns, C]
+        committed = torch.empty(end - start, w.shape[0], dtype=w.dtype)
+        g_rows, committed_rows = g_block.unbind(0), committed.unbind(0)
         for j, k in enumerate(range(start, end)):
-            h_kk = diagonal[..., k]
-            cost_down = err_down[:, k] * (2 * g_block[:, j] + err_down[:, k] * h_kk)
-            cost_up = err_up[:, k] * (2 * g_block[:, j] + err_up[:, k] * h_kk)
-            pick_up = cost_up < cost_down
-            chosen[:, k] = torch.where(pick_up, up[:, k], down[:, k])
-            committed[:, j] = torch.where(pick_up, err_up[:, k], err_down[:, k])
-            g_block += committed[:, j, None] * channel_gram[..., k, start:end]
-        g[:, end:] += _times_gram(committed, gram, slice(start, end), slice(end, None))
-    return chosen
+            torch.lt(torch.addcmul(offset[k], slope[k], g_rows[j]), 0, out=picks[k])
+            torch.where(picks[k], err_up_t[k], err_down_t[k], out=committed_rows[j])
+            if k + 1 < end:  # the block's later columns carry this one's error
+                rows, later = channel_gram[..., k, k + 1:end], g_block[j + 1:]  # rows: [n] or [C, n]
+                later.addcmul_(rows.T, committed_rows[j]) if rows.dim() == 2 else later.addr_(rows, committed_rows[j])
+        g[:, end:] += _times_gram(committed.T, gram, slice(start, end), slice(end, None))
+    return torch.where(pick_up.T, up, down)
