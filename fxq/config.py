@@ -152,7 +152,7 @@ def defaults_for(weight_bits: int, act_bits: int, per_channel: bool = True) -> d
     """The methods fxq uses at these widths unless told otherwise (docs/low_bits.md measures them).
 
     Activations take the MSE-optimal clipping at every width: at 8 bits it matched min-max on
-    the trained suite (mean drop −0.005 vs −0.004 points, worst 0.15 vs 0.18 on MobileNetV3) and
+    the trained suite (mean +0.005 vs +0.004 points against float, worst −0.15 vs −0.18 on MobileNetV3) and
     raised SQNR on each of 12 timm CNNs by 0.1–3.4 dB, where a few large values stretched a min-max
     range (ResNeSt's attention: 17.7 → 19.9 dB, above PyTorch's own histogram-ranged PTQ at 19.2).
     8-bit weights keep min-max ranges. Below 8 bits the rounding error dominates: weights take the

@@ -41,19 +41,19 @@ def measure(cache: Cache, name: str, act_range: str) -> dict:
 
 
 def table(cache: Cache) -> str:
-    rows, drops = [], {r: [] for r in RANGES}
+    rows, changes = [], {r: [] for r in RANGES}
     for name in models.RECIPES:
         found = [cache.get({"model": name, "act_range": r}) for r in RANGES]
         if None in found:
             continue
         row = [name, f"{found[0]['float']:.2f}"]
         for r, record in zip(RANGES, found):
-            drops[r].append(record["float"] - record["quantized"])
-            row += [f"{record['quantized']:.2f}", f"{drops[r][-1]:+.2f}"]
+            changes[r].append(record["quantized"] - record["float"])
+            row += [f"{record['quantized']:.2f}", f"{changes[r][-1]:+.2f}"]
         rows.append(row)
-    rows.append(["mean drop / worst", ""] + [cell for r in RANGES for cell in
-                                              ("", f"{statistics.mean(drops[r]):+.3f} / {max(drops[r]):+.2f}")])
-    headers = ["model", "float %"] + [h for r in RANGES for h in (f"{r} %", f"{r} drop")]
+    rows.append(["mean / worst", ""] + [cell for r in RANGES for cell in
+                                         ("", f"{statistics.mean(changes[r]):+.3f} / {min(changes[r]):+.2f}")])
+    headers = ["model", "float %"] + [h for r in RANGES for h in (f"{r} %", f"{r} vs float")]
     return tabulate(rows, headers=headers, tablefmt="github")
 
 

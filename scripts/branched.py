@@ -26,6 +26,7 @@ import fxq
 from fxq.comparison import folded_float
 from scripts import data, models, readme
 from scripts.evaluate import torch_ao_x86
+from scripts.readme import vs_float
 from scripts.train import accuracy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,13 +85,13 @@ def tables(results: dict) -> tuple[str, str]:
     for name in models.BRANCHED:
         r = results[name]
         rows.append([name, models.RECIPES[name].architecture, f"{r['float']:.2f}", f"{r['fxq']:.2f}",
-                     f"{r['float'] - r['fxq']:+.2f}", f"{r['torch.ao']:.2f}", f"{r['float'] - r['torch.ao']:+.2f}"])
-    trained = tabulate(rows, headers=["model", "network", "float %", "fxq W8A8 %", "fxq drop", "torch.ao %",
-                                      "torch.ao drop"], tablefmt="github")
+                     vs_float(r['fxq'], r['float']), f"{r['torch.ao']:.2f}", vs_float(r['torch.ao'], r['float'])])
+    trained = tabulate(rows, headers=["model", "network", "float %", "fxq W8A8 %", "fxq vs float", "torch.ao %",
+                                      "torch.ao vs float"], tablefmt="github")
     float_acc = results[CLE_MODEL]["float"]
-    cle_rows = [[f"per-tensor {name}", f"{r['accuracy']:.2f}", f"{float_acc - r['accuracy']:+.2f}",
+    cle_rows = [[f"per-tensor {name}", f"{r['accuracy']:.2f}", vs_float(r['accuracy'], float_acc),
                  f"{r['depthwise_spread']:.1f}"] for name, r in results["per_tensor_cle"].items()]
-    return trained, tabulate(cle_rows, headers=["MobileNetV2 (Fashion-MNIST)", "test acc %", "drop",
+    return trained, tabulate(cle_rows, headers=["MobileNetV2 (Fashion-MNIST)", "test acc %", "vs float",
                                                 "depthwise channel-range spread (median)"], tablefmt="github")
 
 

@@ -74,12 +74,12 @@ def _narrow() -> list[str]:
     return [setting for setting, bits in WIDTHS.items() if min(bits) < 8]
 
 
-def _drop(record: dict) -> float:
-    return record["float"] - record["quantized"]
+def _change(record: dict) -> float:
+    return record["quantized"] - record["float"]
 
 
 def tables() -> str:
-    """The per-model drops and their mean and worst per width, from the cache."""
+    """Each model's accuracy against float and their mean and worst per width, from the cache."""
     cache = Cache(CACHE)
     names = list(models.SUITE)
     rows, summary = [], []
@@ -88,19 +88,19 @@ def tables() -> str:
             if alternative and setting not in _narrow():
                 continue
             records = [cache.get(_key(n, setting, alternative)) for n in names]
-            drops = [_drop(r) for r in records if r]
-            if not drops:
+            changes = [_change(r) for r in records if r]
+            if not changes:
                 continue
             label = f"{setting}, {alternative}" if alternative else setting
-            rows.append([label] + [f"{_drop(r):+.2f}" if r else "not run yet" for r in records])
-            summary.append([label, f"{statistics.mean(drops):.2f}", f"{max(drops):.2f}",
-                            f"{len(drops)} of {len(names)}"])
+            rows.append([label] + [f"{_change(r):+.2f}" if r else "not run yet" for r in records])
+            summary.append([label, f"{statistics.mean(changes):+.2f}", f"{min(changes):+.2f}",
+                            f"{len(changes)} of {len(names)}"])
     floats = [cache.get(_key(n, "W8A8")) for n in names]
-    header = ["drop (points), full test set"] + [
+    header = ["vs float (points), full test set"] + [
         f"{n} ({r['float']:.2f})" if r else n for n, r in zip(names, floats)]
-    return ("Per model (float accuracy in brackets; positive = accuracy lost):\n\n"
+    return ("Per model (float accuracy in brackets; negative = accuracy lost):\n\n"
             + tabulate(rows, headers=header, tablefmt="github") + "\n\nOver the suite:\n\n"
-            + tabulate(summary, headers=["fxq.QConfig(weight_bits=w, act_bits=a)", "mean drop", "worst drop", "models"],
+            + tabulate(summary, headers=["fxq.QConfig(weight_bits=w, act_bits=a)", "mean vs float", "worst", "models"],
                        tablefmt="github"))
 
 

@@ -26,6 +26,11 @@ def blocks_kept(new: str, old: str) -> str:
     return new
 
 
+def vs_float(accuracy: float, float_accuracy: float) -> str:
+    """Points against float, the command's sign: negative is accuracy lost."""
+    return f"{accuracy - float_accuracy:+.2f}"
+
+
 def write(marker: str, text: str, path: Path = README) -> None:
     """Put ``text`` in the block ``marker`` of ``path`` (the README), which must have one."""
     content = path.read_text()
