@@ -59,6 +59,7 @@ docs: setup
 	$(PY) -m scripts.bench
 	$(PY) -m scripts.bench_backends
 	$(PY) -m scripts.bench_cli
+	$(PY) -m scripts.file_sizes
 	$(PY) -m scripts.pair_safe
 	$(PY) -m scripts.sensitivity --dataset mnist
 	$(PY) -m scripts.sensitivity --dataset fashion

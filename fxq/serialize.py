@@ -1,5 +1,6 @@
 """`fxq.save` / `fxq.load`: a quantized model as data — integer tensors, parameters, the graph
-as a list of nodes, and the config. Weights narrower than 8 bits are bit-packed.
+as a list of nodes, and the config. Weights narrower than 8 bits are bit-packed; every tensor
+goes into one compressed byte string (`fxq.tensor_blob`), which records name by index.
 
     fxq.save(qmodel, "model.fxq")
     qmodel = fxq.load("model.fxq")        # bit-identical outputs
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from fxq import ops, packing, qmodules, records
+from fxq import ops, packing, qmodules, records, tensor_blob
 from fxq import schema as sc
 from fxq.canonical import torch_class
 from fxq.config import QConfig, Rounding
@@ -41,7 +42,7 @@ from fxq.ops.layers import QLayer
 from fxq.saved_graph import PLAIN, InvalidModelFile, expect, is_identifier, node_from, node_record
 from fxq.schema import Schema, SchemaError
 
-FORMAT = "fxq/7"
+FORMAT = "fxq/8"
 # A module name may also start with a digit or hold hyphens (torchvision's "block1-0", fxq's
 # "2_dequantize" beside a Sequential's "2"): torch.fx writes such a part as getattr(m, "block1-0"),
 # and without quotes or backslashes it cannot leave that string.
@@ -64,6 +65,7 @@ def save(qmodel: fx.GraphModule, path: str | Path) -> None:
         "constants": {n.target: _constant_record(qmodel, n.target) for n in qmodel.graph.nodes if n.op == "get_attr"},
         "graph": [node_record(n) for n in qmodel.graph.nodes],
     }
+    payload = tensor_blob.by_index(payload)
     payload["sha256"] = digest(payload)
     torch.save(payload, path)
 
@@ -141,12 +143,13 @@ def intact(payload: object, source: str | Path) -> dict:
 
 
 def _rebuild(payload: dict) -> fx.GraphModule:
-    expect(set(payload) == {"format", "class_name", "config", "modules", "constants", "graph", "sha256"},
+    expect(set(payload) == {"format", "class_name", "config", "modules", "constants", "graph", "tensors", "sha256"},
             f"unexpected top-level entries {sorted(map(str, payload))}")
     expect(is_identifier(payload["class_name"]), "the class name is not an identifier")
     expect(isinstance(payload["modules"], dict) and isinstance(payload["graph"], list)
             and isinstance(payload["constants"], dict),
             "modules and constants must be dicts and graph a list")
+    payload = tensor_blob.with_tensors(payload)
     root = nn.Module()
     expect(all(map(_is_path, payload["modules"])), "a module path is not a dotted identifier")
     for target in sorted(payload["modules"], key=_path_order):  # a Sequential's layers in their order

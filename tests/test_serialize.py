@@ -1,12 +1,13 @@
 """fxq.save / fxq.load: integers and graph as data, packed narrow weights, identical outputs."""
 import io
+import zipfile
 
 import pytest
 import torch
 from torch import nn
 
 import fxq
-from fxq import packing, records, serialize
+from fxq import packing, records, serialize, tensor_blob
 from fxq.ops.layers import QLayer
 from tests.helpers import Chain, Residual, randomize_bn
 
@@ -34,7 +35,20 @@ def test_loaded_model_gives_bit_identical_outputs(tmp_path, config, overrides):
 def test_file_is_plain_data_readable_without_unpickling_code(tmp_path):
     fxq.save(fxq.quantize(randomize_bn(Residual()), _calib()), tmp_path / "m.fxq")
     payload = torch.load(tmp_path / "m.fxq", weights_only=True)  # refuses arbitrary objects
-    assert payload["format"] == "fxq/7" and payload["modules"]["conv2"]["tensors"]["weight"].dtype == torch.int8
+    assert payload["format"] == "fxq/8" and type(payload["modules"]["conv2"]["tensors"]["weight"]) is int
+    tensors = tensor_blob.with_tensors(payload)["modules"]["conv2"]["tensors"]
+    assert tensors["weight"].dtype == torch.int8 and tensors["bias"].dtype == torch.int32
+
+
+def test_every_tensor_is_in_one_compressed_entry_of_the_file(tmp_path):
+    """A zip entry per tensor cost ~200 bytes each: a third of a small model's file."""
+    qmodel = fxq.quantize(randomize_bn(Residual()), _calib())
+    fxq.save(qmodel, tmp_path / "m.fxq")
+    with zipfile.ZipFile(tmp_path / "m.fxq") as archive:
+        data = [info for info in archive.infolist() if "/data/" in info.filename]
+    assert len(data) == 1
+    raw = sum(t.numel() * t.element_size() for t in qmodel.state_dict().values())
+    assert data[0].file_size < raw
 
 
 def test_narrow_weights_are_packed_and_the_file_shrinks_with_the_width(tmp_path):
@@ -45,7 +59,7 @@ def test_narrow_weights_are_packed_and_the_file_shrinks_with_the_width(tmp_path)
         config = fxq.QConfig(weight_bits=bits, weight_range="minmax", keep_first_last_8bit=False)
         qmodel = fxq.quantize(model, calib, config)
         fxq.save(qmodel, tmp_path / f"w{bits}.fxq")
-        payload = torch.load(tmp_path / f"w{bits}.fxq", weights_only=True)
+        payload = tensor_blob.with_tensors(torch.load(tmp_path / f"w{bits}.fxq", weights_only=True))
         sizes[bits] = sum(r["packed"]["weight"]["data"].numel() if r["packed"] else r["tensors"]["weight"].numel()
                           for r in payload["modules"].values() if "weight" in r["packed"] or "weight" in r["tensors"])
         layers = [m for m in fxq.load(tmp_path / f"w{bits}.fxq").modules() if isinstance(m, QLayer)]
@@ -109,12 +123,10 @@ def test_damaged_files_get_fxqs_own_error_and_no_unsafe_advice(saved, damage):
 
 
 def _flip_a_tensor_byte(data: bytes) -> bytes:
-    """Change one byte of the int8 weight data inside the zip (stored uncompressed by torch.save)."""
-    payload = torch.load(io.BytesIO(data), weights_only=True)
-    weight = payload["modules"]["conv2"]["tensors"]
-    needle = (weight["bias"].numpy().tobytes() if "bias" in weight else b"")
-    at = data.find(needle)
-    assert needle and at > 0
+    """Change one byte in the middle of the compressed tensors inside the zip."""
+    blob = torch.load(io.BytesIO(data), weights_only=True)["tensors"]["blob"].numpy().tobytes()
+    at = data.find(blob) + len(blob) // 2
+    assert len(blob) > 64 and at > len(blob) // 2
     return data[:at] + bytes([data[at] ^ 1]) + data[at + 1:]
 
 
@@ -171,7 +183,7 @@ def test_crafted_files_never_run_code(saved, tmp_path, field):
 def test_a_file_with_a_stale_digest_is_damaged(saved):
     _, path = saved
     payload = torch.load(path, weights_only=True)
-    payload["modules"]["conv2"]["tensors"]["bias"][0] += 1
+    payload["tensors"]["blob"][len(payload["tensors"]["blob"]) // 2] ^= 1
     torch.save(payload, path)
     with pytest.raises(fxq.InvalidModelFile, match="does not match its SHA-256"):
         fxq.load(path)
