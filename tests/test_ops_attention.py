@@ -1,5 +1,5 @@
 """Attention on integers: the matrix product of two activations (`fxq.ops.matmul`), the softmax
-over a long axis (`fxq.ops.reductions.QSoftmax`) and ``F.scaled_dot_product_attention`` rewritten
+over a long axis (`fxq.ops.softmax.QSoftmax`) and ``F.scaled_dot_product_attention`` rewritten
 into them (`fxq.canonical.attention_as_matmuls`) — MobileViT's and GCNet's attention quantize,
 save and deploy bit-exact."""
 
@@ -11,7 +11,8 @@ from torch import nn
 import fxq
 from fxq.affine import ActQParams
 from fxq.ops.matmul import QMatMul
-from fxq.ops.reductions import QNormalize, QSoftmax
+from fxq.ops.reductions import QNormalize
+from fxq.ops.softmax import QSoftmax
 from fxq.runtime import count_ops
 from tests.helpers import quantize_whole
 

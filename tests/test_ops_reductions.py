@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from fxq.affine import ActQParams
-from fxq.ops.reductions import QMean, QSoftmax, QSoftmaxPair, QSum
+from fxq.ops.reductions import QMean, QSum
+from fxq.ops.softmax import QSoftmax, QSoftmaxPair
 from tests.helpers import quantize_whole
 
 

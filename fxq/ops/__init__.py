@@ -32,6 +32,7 @@ from fxq.ops import (
     resize,
     sampling,
     shape,
+    softmax,
     transposed,
 )
 from fxq.ops.base import KeepInFloat, Lowering, Op, Output
@@ -46,7 +47,7 @@ __all__ = ["FLOAT", "FUNCTIONAL_LAYERS", "KeepInFloat", "Lowering", "Op", "Outpu
 # the first that accepts the call lowers it.
 REGISTRY: tuple[Op, ...] = (*layers.OPS, *convolutions.OPS, *arithmetic.OPS, *matmul.OPS, *activations.OPS,
                              *pooling.OPS, *resize.OPS, *transposed.OPS, *assign.OPS, *padding.OPS, *reductions.OPS,
-                             *extrema.OPS, *norms.OPS, *shape.OPS, *attention.OPS, *sampling.OPS)
+                             *softmax.OPS, *extrema.OPS, *norms.OPS, *shape.OPS, *attention.OPS, *sampling.OPS)
 CALLS = ("call_module", "call_function", "call_method")
 
 
