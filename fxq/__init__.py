@@ -20,7 +20,7 @@ _EXPORTS = {
     "FloatFallbackWarning": "fxq.ops.fallback",
     "compare": "fxq.comparison", "evaluate": "fxq.evaluation", "explain": "fxq.explanation", "simulate": "fxq.twin",
     "search_bits": "fxq.mixed",
-    "export_onnx": "fxq.onnx_export", "deploy": "fxq.onnx_export",
+    "export_onnx": "fxq.onnx_export", "deploy": "fxq.deployed",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -44,8 +44,8 @@ from tabulate import tabulate
 
 import fxq
 from fxq import saturation
+from fxq.deployed import Deployed
 from fxq.measure import latency_ms
-from fxq.onnx_export import Deployed
 from fxq.ops.layers import QLayer
 from scripts import data, models, readme, zoo
 from scripts.evaluate import torch_ao_x86

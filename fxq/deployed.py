@@ -1,0 +1,118 @@
+"""`fxq.deploy`: a quantized model exported to ONNX (`fxq.onnx_export`) and run by onnxruntime,
+float in, float out, with what it guarantees about matching fxq's own executor (`Deployed`)."""
+from __future__ import annotations
+
+import io
+
+import torch
+from torch import fx, nn
+
+from fxq import records, saturation
+from fxq.config import QConfig
+from fxq.onnx_export import Slot, export_onnx, fill, layer_bounds, output_structure
+from fxq.saturation import WeightFormat
+
+# onnxruntime optimizers that would change fxq's arithmetic: WeightBiasQuantization rounds the
+# float weights of a conv kept in float between DequantizeLinear and QuantizeLinear to int8 (a
+# float island 1–11 output steps off); unknown names are ignored by older onnxruntimes
+KEEP_FLOAT = ["WeightBiasQuantization"]
+
+
+class Deployed(nn.Module):
+    """float in, float out: a quantized model exported to ONNX and run by an onnxruntime session.
+
+    ``bit_exact``: its outputs equal the quantized model's bit for bit — the model computes
+    onnxruntime's arithmetic (``QConfig(requantize="onnxruntime")``) and no layer runs a kernel
+    that saturates on this machine. ``formats``: each layer's weight format; ``saturating``:
+    whether this machine's U8S8 kernels add products in saturating 16-bit pairs; ``float_ops``:
+    the ops that run in float between integers."""
+
+    def __init__(self, model_bytes: bytes, threads: int, bit_exact: bool,
+                 formats: dict[str, WeightFormat] | None = None, saturating: bool = False,
+                 float_ops: list[str] | None = None, structure=Slot(0)):
+        super().__init__()
+        self.structure = structure  # what the model returns (`output_structure`)
+        self.float_ops = list(float_ops or [])
+        self.model_bytes, self.threads = model_bytes, threads
+        self.bit_exact = bit_exact
+        self.formats, self.saturating = dict(formats or {}), saturating
+        self._session = None
+
+    @property
+    def weight_format(self) -> str:
+        """The weight formats in one phrase: ``"u8s8"``, ``"u8u8"`` or ``"u8s8 ×17, u8u8 ×4"``."""
+        counts = {f.value: list(self.formats.values()).count(f) for f in WeightFormat if f in self.formats.values()}
+        return next(iter(counts)) if len(counts) == 1 else ", ".join(f"{k} ×{v}" for k, v in counts.items())
+
+    def session(self):
+        if self._session is None:
+            import onnxruntime as ort
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+            self._session = ort.InferenceSession(self.model_bytes, options, providers=["CPUExecutionProvider"],
+                                                 disabled_optimizers=KEEP_FLOAT)
+        return self._session
+
+    def forward(self, x: torch.Tensor):
+        """The model's outputs, in the tuples, lists and dicts the model returns them in."""
+        session = self.session()
+        feed = {session.get_inputs()[0].name: x.detach().to(torch.float32).contiguous().numpy()}
+        return fill(self.structure, [torch.from_numpy(r) for r in session.run(None, feed)])
+
+    def __getstate__(self):
+        return {**self.__dict__, "_session": None}  # a session does not pickle; it is made again
+
+    def extra_repr(self) -> str:
+        if self.bit_exact:
+            agreement = "bit-exact with fxq's executor"
+        elif self.saturating and any(f is WeightFormat.U8S8 for f in self.formats.values()):
+            agreement = ("NOT exact: U8S8 layers that can saturate on this CPU's onnxruntime "
+                         "(deploy with weights='auto' or 'exact')")
+        elif self.float_ops:
+            agreement = (f"{len(self.float_ops)} float op(s) run on onnxruntime's float kernels: their "
+                         "outputs may land a step from fxq's executor")
+        else:
+            agreement = ("within a few output steps of fxq's executor "
+                         "(QConfig(requantize='onnxruntime') makes it bit-exact)")
+        runtime = "saturating U8S8 kernels (no VNNI)" if self.saturating else "exact U8S8 kernels"
+        return (f"onnxruntime ({runtime}), weights {self.weight_format}, {len(self.model_bytes) / 1e6:.2f} MB "
+                f"model, {self.threads} threads, {agreement}")
+
+
+def float_ops(qmodel: fx.GraphModule) -> list[str]:
+    """The float ops between integers (each one's output is quantized again inside the graph):
+    onnxruntime's float kernels may round them differently from torch's."""
+    inner = {name for name, m in qmodel.named_modules() if type(m).__name__ == "Quantize" and m.sample_shape is None}
+    return [n.args[0].name for n in qmodel.graph.nodes
+            if n.op == "call_module" and n.target in inner and isinstance(n.args[0], fx.Node)]
+
+
+def deploy(qmodel: fx.GraphModule, example_input: torch.Tensor | None = None, threads: int = 2,
+           weights: str = "auto") -> Deployed:
+    """``qmodel`` exported (`export_onnx`) and loaded into onnxruntime with ``threads`` threads;
+    with ``example_input``, runs it once (so the first real call is not the slow one).
+
+    ``weights`` picks each layer's weight format (`fxq.saturation`): by default U8S8 (int8
+    weights, the fastest kernels) where this machine's onnxruntime adds products exactly, and
+    where it saturates (x86 without VNNI) U8S8 only for layers that cannot saturate, U8U8 for
+    the rest. It computes exactly what ``qmodel`` does when ``qmodel`` was quantized with
+    ``QConfig(requantize="onnxruntime")``, no layer can saturate and no op runs in float
+    (``deployed.bit_exact``); otherwise convs, linears and adds may land a step or two apart
+    (onnxruntime requantizes in float32, fxq in fixed point), and so may the output of a float
+    op (onnxruntime's float kernels round their own way)."""
+    buffer = io.BytesIO()
+    export_onnx(qmodel, buffer, weights)
+    config = records.get(qmodel, QConfig)
+    bounds = layer_bounds(qmodel)
+    formats = saturation.layer_formats(bounds, weights)
+    saturating = saturation.runtime_saturates()
+    exact_kernels = not saturating or all(f is WeightFormat.U8U8 or saturation.pair_safe(*bounds[name])
+                                          for name, f in formats.items())
+    runtime_arithmetic = config is not None and config.requantize == "onnxruntime"
+    floating = float_ops(qmodel)
+    exact = runtime_arithmetic and exact_kernels and not floating
+    deployed = Deployed(buffer.getvalue(), threads, exact, formats, saturating, floating, output_structure(qmodel))
+    if example_input is not None:
+        deployed(example_input)
+    return deployed
