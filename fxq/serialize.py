@@ -14,6 +14,8 @@ file reaches the graph unchecked:
   is; a module path is dotted identifiers or Sequential indices and must name a module of the file;
 - functions, methods and module types come from fixed tables (`fxq.saved_graph.FUNCTIONS` and
   ``METHODS``, :data:`SCHEMAS`), looked up by name — a name is never imported or evaluated;
+- the tensors are inflated to exactly the bytes their specs declare, each spec checked
+  (`fxq.tensor_blob`), and each is read by one module or constant;
 - each module is rebuilt from exactly the attributes and tensors its schema lists, each checked
   for type, dtype and range (zero points inside the width, multipliers in ``[0, 2^31)``, ...);
 - a SHA-256 digest over the content catches a damaged file; a crafted file that passes every
