@@ -16,7 +16,7 @@ from passes.correct_bias import correct_bias
 from passes.equalize import equalize
 from passes.fold_bn import fold_bn
 from passes.fuse import fuse
-from passes.insert_observers import insert_observers
+from passes.insert_observers import insert_observers, set_observer_widths
 from passes.quantize_add import quantize_add
 from passes.record_stats import record_stats
 from passes.rewrite_layers import rewrite_layers
@@ -55,9 +55,10 @@ class Calibrated:
         w4, w6 = shared.quantize(QConfig(weight_bits=4)), shared.quantize(QConfig(weight_bits=6))
 
     Each result equals ``fxq.quantize(model, loader, config, overrides=overrides)``: the passes
-    after `passes.calibrate` run on a copy, with that config. Configs whose calibration differs
-    (activation widths or ranges, placement, layers kept in float, CLE, or input statistics the
-    calibration config did not ask for) are quantized from scratch. `fxq.search_bits` quantizes
+    after `passes.calibrate` run on a copy, with that config. Activation widths may differ (what
+    an observer records does not depend on them). Configs whose calibration differs (activation
+    range rules, placement, layers kept in float, CLE, or input statistics the calibration config
+    did not ask for) are quantized from scratch. `fxq.search_bits` quantizes
     every weight width from one calibration so; calibrate with the config that asks for the most
     statistics (the output-aware rule's Gram matrices).
     """
@@ -86,7 +87,9 @@ class Calibrated:
             return quantize(self.model, self.ctx.calib_loader, ctx.config, overrides=ctx.overrides)
         shared = [t for sites in self.statistics.values() for m in sites for t in (m.gram, m.column_sum)
                   if t is not None]
-        gm = _run(copied(self.graph, shared), ctx, PASSES[self.split:])
+        gm = copied(self.graph, shared)
+        set_observer_widths(gm, ctx)
+        gm = _run(gm, ctx, PASSES[self.split:])
         records.put(gm, ctx.config)
         return gm
 
@@ -106,10 +109,11 @@ class Calibrated:
 
 
 def _calibration_view(config: QConfig | None) -> tuple | None:
-    """What the passes up to calibration read from a layer's config."""
+    """What the passes up to calibration read from a layer's config (not its activation width:
+    `set_observer_widths` sets that on the copy)."""
     if config is None:
         return None
-    return (config.act_bits, config.act_range, config.percentile, config.histogram_bins,
+    return (config.act_range, config.percentile, config.histogram_bins,
             config.averaging_constant, config.placement)
 
 

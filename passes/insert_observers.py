@@ -55,6 +55,18 @@ def insert_observers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return finish(gm)
 
 
+def set_observer_widths(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """Give each observer in ``gm`` the activation width ``ctx`` quantizes its value to.
+
+    What an observer records does not depend on the width (it enters when the range is read,
+    `fxq.observers.Observer.range`), so one calibrated graph serves every activation width
+    (`fxq.api.Calibrated`): this re-targets a copy of it."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target.startswith(f"{OBSERVERS}."):
+            observed = node.args[0]
+            gm.get_submodule(node.target).bits = _producer_config(_unit_producer(observed), ctx).act_bits
+
+
 def _producer_config(node: fx.Node, ctx: PassContext) -> QConfig:
     """The config that quantizes ``node``'s output: its layer's, or the global one for inputs,
     adds (by their enclosing block) and float layers."""

@@ -60,22 +60,40 @@ def _same_model(a: torch.fx.GraphModule, b: torch.fx.GraphModule, x: torch.Tenso
             and all(torch.equal(state_a[k], state_b[k]) for k in state_a) and torch.equal(a(x), b(x)))
 
 
+class _CountedReads(list):
+    """Calibration batches that count how many of them are read."""
+    reads = 0
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.reads += 1
+            yield batch
+
+
 @pytest.mark.parametrize("base", [fxq.QConfig(), fxq.QConfig(per_channel=False), fxq.QConfig(placement="both")],
                          ids=["per-channel", "per-tensor", "placement-both"])
 def test_one_calibration_quantizes_each_width_as_quantize_does(base):
     """`Calibrated` (search_bits' one calibration) gives the very model `fxq.quantize` makes, for
-    every width and for mixed widths, in any order, and from scratch where calibration differs
-    (other activation bits; per tensor, CLE at 4 bits but not at 8)."""
-    model, data = randomize_bn(Residual()), _data()
+    every weight and activation width and for mixed widths, in any order, without reading the
+    data again; and from scratch where calibration differs (per tensor, CLE at 4 bits but not
+    at 8; another activation range rule)."""
+    model, data = randomize_bn(Residual()), _CountedReads(_data())
     x = torch.randn(8, 3, 8, 8)
     shared = Calibrated(model, data, _asking_most(base, (3, 4, 8)))
-    mixed = {"unit.conv": base.with_bits(weight_bits=3), "conv2": base.with_bits(weight_bits=8),
-             "fc": base.with_bits(weight_bits=4)}
-    asked = [(base.with_bits(weight_bits=8), None), (base.with_bits(weight_bits=4), None), (base, mixed),
-             (base.with_bits(weight_bits=3), None), (base.with_bits(weight_bits=4, act_bits=6), None)]
-    for config, overrides in asked:
+    mixed = {"unit.conv": base.with_bits(weight_bits=3), "conv2": base.with_bits(weight_bits=8, act_bits=5),
+             "fc": base.with_bits(weight_bits=4, act_bits=16)}
+    served = [(base.with_bits(weight_bits=8), None), (base.with_bits(act_bits=4), None), (base, mixed),
+              (base.with_bits(weight_bits=3), None), (base.with_bits(weight_bits=4, act_bits=6), None),
+              (base.with_bits(act_bits=16), None)]
+    calibrations_differ = not base.per_channel  # CLE below 8 weight bits
+    for config, overrides in served + [(base.replace(act_range="minmax"), None)]:
+        reads = data.reads
+        got = shared.quantize(config, overrides)
+        from_scratch = data.reads > reads
         expected = fxq.quantize(model, data, config, overrides=overrides)
-        assert _same_model(shared.quantize(config, overrides), expected, x), (config, overrides)
+        assert _same_model(got, expected, x), (config, overrides)
+        assert from_scratch == ((config, overrides) not in served or
+                                (calibrations_differ and config.weight_bits == 8)), (config, overrides)
 
 
 def test_a_pipeline_without_the_calibrate_pass_quantizes_every_config_from_scratch(monkeypatch):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fxq.weight_ranges import greedy_rounding, quantize_weights
+from fxq.weight_ranges import SYMMETRIC_BLOCK, _quadratic_forms, greedy_rounding, quantize_weights
 
 
 def correlated_layer(channels=32, k=64, samples=4000, seed=0):
@@ -74,3 +74,13 @@ def test_greedy_rounding_with_identity_gram_is_nearest_rounding():
 def test_output_aware_needs_the_gram():
     with pytest.raises(ValueError, match="input statistics"):
         quantize_weights(torch.randn(2, 3), 8, True, "output_aware")
+
+
+@pytest.mark.parametrize("k", [SYMMETRIC_BLOCK - 7, 2 * SYMMETRIC_BLOCK + 37])
+def test_quadratic_forms_from_the_upper_triangle_equal_the_full_product(k):
+    """The clipping search reads H's upper triangle by blocks; one block and several, uneven."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(k + 50, k, generator=g, dtype=torch.float64)
+    rows = torch.randn(6, k, generator=g, dtype=torch.float64)
+    gram = x.T @ x
+    assert torch.allclose(_quadratic_forms(rows, gram), ((rows @ gram) * rows).sum(1), rtol=1e-12, atol=0)
