@@ -161,3 +161,13 @@ def test_integer_add_matches_exact_rational_formula():
 def test_relu_is_max_with_the_zero_point():
     q = torch.tensor([0, 99, 100, 101, 255], dtype=torch.uint8)
     assert intmath.relu(q, 100).tolist() == [100, 100, 100, 101, 255]
+
+
+def test_lookup_is_indexing_for_every_index_dtype_and_layout():
+    torch.manual_seed(0)
+    table = torch.randint(0, 256, (1 << 16,), dtype=torch.uint8)
+    index = torch.randint(0, 256, (2, 3, 5, 4), dtype=torch.uint8).to(memory_format=torch.channels_last)
+    wide = torch.randint(0, 1 << 16, (3, 7), dtype=torch.int32).T  # a transposed view
+    for i in (index, wide, index.to(torch.int64)):
+        got = intmath.lookup(table, i)
+        assert got.shape == i.shape and torch.equal(got, table[i.long()])

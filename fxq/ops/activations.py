@@ -57,7 +57,7 @@ class QRequantize(Derived):
         self.register_buffer("table", self.compute(every), persistent=False)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return self.table[q.to(torch.int64)]
+        return intmath.lookup(self.table, q)
 
     def extra_repr(self) -> str:
         return f"zero_point {int(self.input_zero_point)} → {int(self.output_zero_point)}"

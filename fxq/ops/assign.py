@@ -11,7 +11,7 @@ import operator
 import torch
 from torch import fx, nn
 
-from fxq import records
+from fxq import intmath, records
 from fxq import schema as sc
 from fxq.affine import ActQParams
 from fxq.ops.base import KeepInFloat, Lowering, Op, Output, leaf_name, qparams_of
@@ -83,7 +83,7 @@ class QAssign(QCat):
 
     def forward(self, y: torch.Tensor, v: torch.Tensor, index) -> torch.Tensor:
         dtype = torch.uint8 if self.output_bits <= 8 else torch.int32
-        moved = [q.to(dtype) if same else table[q.to(torch.int64)]
+        moved = [q.to(dtype) if same else intmath.lookup(table, q)
                  for q, table, same in zip((y, v), self.tables, self.identity)]
         return assign(moved[0], index, moved[1])
 

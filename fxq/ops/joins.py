@@ -60,7 +60,7 @@ class PairOp(Derived):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if not self.tabulated:
             return self.compute(a, b)
-        return self.table[a.to(torch.int32) * (1 << self.input_bits[1]) + b]
+        return intmath.lookup(self.table, torch.add(b, a.to(torch.int32), alpha=1 << self.input_bits[1]))
 
     def twin(self, node) -> nn.Module:
         return on_integers(self.compute, node)
@@ -156,7 +156,7 @@ class QCat(Derived):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         dtype = intmath.storage_dtype(self.output_bits)
-        parts = [q.to(dtype) if same else table[q.to(torch.int64)]
+        parts = [q.to(dtype) if same else intmath.lookup(table, q)
                  for q, table, same in zip(inputs, self.tables, self.identity)]
         return torch.cat(parts, self.dim)
 

@@ -10,7 +10,7 @@ from torch import nn
 from fxq import records
 from fxq import schema as sc
 from fxq.affine import ActQParams, round_half_away
-from fxq.intmath import storage_dtype
+from fxq.intmath import lookup, storage_dtype
 from fxq.ops.base import hold_parameters
 from fxq.qmodules import Derived
 from fxq.schema import Schema
@@ -148,7 +148,7 @@ class QLookup(Derived):
         self.register_buffer("lookup", self.table.to(storage_dtype(self.output_bits)), persistent=False)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return self.lookup[q.to(torch.int64)]
+        return lookup(self.lookup, q)
 
     def check_ranges(self) -> None:
         sc.table_fits(self.table, self.tables << self.input_bits, self.output_bits)
