@@ -5,11 +5,11 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from torch import fx, nn
 
-from fxq import records
 from fxq.config import QConfig
-from fxq.context import PassContext
-from fxq.graph import copied, module_name
-from fxq.observers import InputGram
+from fxq.graphs import records
+from fxq.graphs.context import PassContext
+from fxq.graphs.graph import copied, module_name
+from fxq.integers.observers import InputGram
 from passes.calibrate import calibrate
 from passes.convert import convert
 from passes.correct_bias import correct_bias

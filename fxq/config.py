@@ -35,11 +35,11 @@ class QConfig:
     act_bits:     bits of the asymmetric activation integers ([0, 2^b - 1]): 2 to 8, held as
                   uint8, or 16, held as int32 (the accumulator check then asks for int64).
     per_channel:  one weight scale per output channel (True) or one per layer (False).
-    weight_range: how weight scales are chosen (`fxq.weight_ranges`): "minmax" (max |w|),
+    weight_range: how weight scales are chosen (`fxq.integers.weight_ranges`): "minmax" (max |w|),
                   "mse" (the clipping minimizing ‖w − Q(w)‖²), "output_aware" (clipping and
                   per-weight up/down rounding minimizing the layer's output error ‖ΔW·X‖² on
                   the calibration inputs).
-    act_range:    how an activation range is chosen from calibration data (`fxq.observers`):
+    act_range:    how an activation range is chosen from calibration data (`fxq.integers.observers`):
                   "minmax", "moving_average", "percentile", "mse", "entropy".
     cross_layer_equalization: rescale conv → ReLU → conv channel pairs to equal weight ranges
                   before quantizing (`passes.equalize`); the float function is unchanged.
@@ -56,9 +56,9 @@ class QConfig:
                   accelerator runs; DESIGN.md). "onnxruntime": what onnxruntime's int8 kernels
                   compute on x86 (MLAS), so that `fxq.deploy` is bit-exact with the quantized
                   model: the accumulator times a float32 multiplier rounded half to even, adds in
-                  float32 with fused multiply-adds, inputs rounded half to even (`fxq.intmath`).
+                  float32 with fused multiply-adds, inputs rounded half to even (`fxq.integers.intmath`).
     pair_safe:    quantize so that onnxruntime's fast U8S8 kernels compute every layer exactly on
-                  every CPU (`fxq.saturation`): without VNNI they add two uint8 × int8 products in
+                  every CPU (`fxq.deployment.saturation`): without VNNI they add two uint8 × int8 products in
                   a 16-bit lane, which a layer with 8-bit inputs and 8-bit weights can pass.
                   True holds such layers' weights at 7 bits (±63; 2·255·63 < 2^15), so
                   `fxq.deploy` keeps int8 weights (U8S8) there instead of the exact but slower
@@ -132,7 +132,7 @@ class QConfig:
     @property
     def layer_weight_bits(self) -> int:
         """The width a layer's weights are quantized to: ``weight_bits``, at most 7 where
-        ``pair_safe`` meets 8-bit activations (formula (3) of `fxq.saturation`)."""
+        ``pair_safe`` meets 8-bit activations (formula (3) of `fxq.deployment.saturation`)."""
         return min(self.weight_bits, 7) if self.pair_safe and self.act_bits == 8 else self.weight_bits
 
     def with_bits(self, weight_bits: int | None = None, act_bits: int | None = None) -> "QConfig":

@@ -5,17 +5,19 @@ import warnings
 
 from torch import fx
 
-from fxq import ops, records, saved_graph
-from fxq.affine import ActQParams
-from fxq.canonical import drop_shape_checks
+from fxq import ops
 from fxq.config import Rounding
-from fxq.context import PassContext
-from fxq.graph import add_module_near, call_after, finish, module_name, source_line
-from fxq.observers import InputGram, Observer
+from fxq.files import saved_graph
+from fxq.graphs import records
+from fxq.graphs.canonical import drop_shape_checks
+from fxq.graphs.context import PassContext
+from fxq.graphs.graph import add_module_near, call_after, finish, module_name, source_line
+from fxq.graphs.qmodules import Dequantize, Quantize
+from fxq.integers.affine import ActQParams
+from fxq.integers.observers import InputGram, Observer
+from fxq.integers.weight_ranges import quantize_sites
 from fxq.ops import Lowering
 from fxq.ops.fallback import FloatFallbackWarning, float_report
-from fxq.qmodules import Dequantize, Quantize
-from fxq.weight_ranges import quantize_sites
 from passes.insert_observers import INPUT_GRAMS, OBSERVERS
 
 

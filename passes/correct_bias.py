@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from fxq import records
-from fxq.context import PassContext
-from fxq.graph import finish, module_name
-from fxq.observers import InputGram
-from fxq.weight_ranges import quantize_sites
+from fxq.graphs import records
+from fxq.graphs.context import PassContext
+from fxq.graphs.graph import finish, module_name
+from fxq.integers.observers import InputGram
+from fxq.integers.weight_ranges import quantize_sites
 
 
 def correct_bias(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:

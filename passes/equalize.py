@@ -6,8 +6,8 @@ import torch
 from torch import fx, nn
 
 from fxq import ops
-from fxq.context import PassContext
-from fxq.graph import add_module_near, finish, replace_module
+from fxq.graphs.context import PassContext
+from fxq.graphs.graph import add_module_near, finish, replace_module
 from fxq.ops.activations import clamp_bounds
 from fxq.ops.lookup import ChannelClamp
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from torch import fx, nn
 
 from fxq import ops
-from fxq.canonical import is_shape_query, torch_class
-from fxq.context import PassContext
-from fxq.graph import finish, replace_module
+from fxq.graphs.canonical import is_shape_query, torch_class
+from fxq.graphs.context import PassContext
+from fxq.graphs.graph import finish, replace_module
 from fxq.ops.layers import norm_as_conv
 
 

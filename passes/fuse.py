@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from torch import fx
 
-from fxq import ops, records
-from fxq.context import PassContext
-from fxq.graph import finish
+from fxq import ops
+from fxq.graphs import records
+from fxq.graphs.context import PassContext
+from fxq.graphs.graph import finish
 
 
 def fuse(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:

@@ -5,11 +5,12 @@ import warnings
 
 from torch import fx, nn
 
-from fxq import ops, records
+from fxq import ops
 from fxq.config import QConfig
-from fxq.context import PassContext
-from fxq.graph import call_after, finish, label, module_name, scope_of
-from fxq.observers import InputGram, make_observer
+from fxq.graphs import records
+from fxq.graphs.context import PassContext
+from fxq.graphs.graph import call_after, finish, label, module_name, scope_of
+from fxq.integers.observers import InputGram, make_observer
 from fxq.ops.fallback import FloatFallbackWarning, float_report
 
 OBSERVERS = "observers"  # the submodule holding one observer per observed node
@@ -59,7 +60,7 @@ def set_observer_widths(gm: fx.GraphModule, ctx: PassContext) -> None:
     """Give each observer in ``gm`` the activation width ``ctx`` quantizes its value to.
 
     What an observer records does not depend on the width (it enters when the range is read,
-    `fxq.observers.Observer.range`), so one calibrated graph serves every activation width
+    `fxq.integers.observers.Observer.range`), so one calibrated graph serves every activation width
     (`fxq.api.Calibrated`): this re-targets a copy of it."""
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target.startswith(f"{OBSERVERS}."):

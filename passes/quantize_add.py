@@ -5,14 +5,15 @@ import warnings
 
 from torch import fx, nn
 
-from fxq import ops, records
-from fxq.affine import ActQParams
+from fxq import ops
 from fxq.config import Rounding
-from fxq.context import PassContext
-from fxq.graph import add_module_near, finish
+from fxq.graphs import records
+from fxq.graphs.context import PassContext
+from fxq.graphs.graph import add_module_near, finish
+from fxq.graphs.qmodules import Dequantize, NotRepresentable, Quantize
+from fxq.integers.affine import ActQParams
 from fxq.ops.arithmetic import QAdd
 from fxq.ops.fallback import FloatFallbackWarning, float_report
-from fxq.qmodules import Dequantize, NotRepresentable, Quantize
 
 
 def quantize_add(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -20,7 +21,7 @@ def quantize_add(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
     Before: ``y = quantize(dequantize(a) + dequantize(b))`` (a, b uint8; ``+``, ``+=`` or
     ``torch.add``). After: ``y = QAdd(a, b)``, which rescales both inputs to ``y``'s scale with
-    their own fixed-point multipliers and rounds once (`fxq.intmath.add`).
+    their own fixed-point multipliers and rounds once (`fxq.integers.intmath.add`).
     Guard: the add's float result feeds only the quantize (otherwise the float value is needed).
     An add whose two input scales are too far apart for the int64 sum stays a float island, and
     a warning says so.

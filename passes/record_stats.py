@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from fxq import records
-from fxq.context import PassContext
+from fxq.graphs import records
+from fxq.graphs.context import PassContext
+from fxq.graphs.records import IntRange, Observed
 from fxq.ops.layers import QLayer
-from fxq.records import IntRange, Observed
 from passes.calibrate import batch_input
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import fx
 
 from fxq import ops
-from fxq.context import PassContext
-from fxq.graph import finish, module_name
+from fxq.graphs.context import PassContext
+from fxq.graphs.graph import finish, module_name
 from passes.trace import probe
 
 

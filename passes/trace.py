@@ -14,9 +14,10 @@ import torch
 from torch import fx, nn
 from torch.fx import _symbolic_trace
 
-from fxq import canonical, ops, records, shapes
-from fxq.context import PassContext
-from fxq.graph import add_module_near, run_recording
+from fxq import ops
+from fxq.graphs import canonical, records, shapes, sized
+from fxq.graphs.context import PassContext
+from fxq.graphs.graph import add_module_near, run_recording
 from fxq.ops import assign
 from passes.calibrate import batch_input
 
@@ -77,12 +78,12 @@ def trace(model: nn.Module, ctx: PassContext) -> fx.GraphModule:
     layer its module computes with ``F.linear``/``F.conv2d``/``F.batch_norm`` on its own
     tensors is a call of the torch module it is, a
     ``stack`` the ``cat`` of unsqueezed tensors, fused attention the matrix products and softmax
-    it fuses (`fxq.canonical`). A submodule ``overrides`` maps
+    it fuses (`fxq.graphs.canonical`). A submodule ``overrides`` maps
     to None is kept whole, as one call that runs in float: the way to quantize a model around a
     part torch.fx cannot trace.
 
     A model whose Python code computes with sizes (padding from ``x.shape``, ``if h != H``) is
-    traced again with the first calibration sample's sizes as constants (`fxq.shapes`; the batch
+    traced again with the first calibration sample's sizes as constants (`fxq.graphs.shapes`; the batch
     size stays free, the quantized model checks every input's shape). Submodules that still
     cannot be traced (control flow on tensor values) are all found in this call and refused in
     one ``TypeError`` naming each source line, with the ways out; so is code outside any
@@ -143,7 +144,7 @@ def _through_other_wraps():
 
 
 def _fold_size_tensors(gm: fx.GraphModule, ctx: PassContext) -> None:
-    """`canonical.fold_size_tensors` and `canonical.pads_from_sizes` on the first calibration
+    """`sized.fold_size_tensors` and `sized.pads_from_sizes` on the first calibration
     sample; a graph they changed is made for that sample's size, and its input checks it (as a
     size-specialized trace's does)."""
     example = None
@@ -157,7 +158,7 @@ def _fold_size_tensors(gm: fx.GraphModule, ctx: PassContext) -> None:
 
     placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
     try:
-        folded = canonical.fold_size_tensors(gm, values_at) + canonical.pads_from_sizes(gm, values_at)
+        folded = sized.fold_size_tensors(gm, values_at) + sized.pads_from_sizes(gm, values_at)
     except Exception:  # a model that fails on its calibration data is calibrate's to report, with its reason
         return
     if folded and not records.has(placeholder, records.FixedShape):
@@ -165,7 +166,7 @@ def _fold_size_tensors(gm: fx.GraphModule, ctx: PassContext) -> None:
 
 
 class _SizedTracer(shapes.ConcreteShapes, _PathTracer):
-    """`_PathTracer` answering size queries with the example input's sizes (`fxq.shapes`)."""
+    """`_PathTracer` answering size queries with the example input's sizes (`fxq.graphs.shapes`)."""
 
 
 def _trace_with_sizes(model: nn.Module, opaque: tuple[str, ...], example: torch.Tensor):
@@ -225,8 +226,8 @@ def _one_module_per_call_site(gm: fx.GraphModule) -> None:
     """A module called at several places (``self.relu`` twice in a ResNet block, a conv applied to
     two inputs) gets a copy per extra site, registered beside it (``relu`` → ``relu_1``), so every
     site is quantized with its own parameters. The copies share the parameter tensors until a
-    pass replaces them, so equal weights stay one set of integers (`fxq.weight_ranges`); each
-    site's node records the module's original path (`fxq.graph.module_name`)."""
+    pass replaces them, so equal weights stay one set of integers (`fxq.integers.weight_ranges`); each
+    site's node records the module's original path (`fxq.graphs.graph.module_name`)."""
     sites: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":

@@ -15,7 +15,7 @@ and fxq deployed (`fxq.deploy`), both of the model quantized with
 "pre" placement runs it as a separate ``Clip`` on the integers; fxq deployed with weights "exact"
 (U8U8 where a U8S8 kernel without VNNI could saturate: what `fxq.deploy` picks on such a CPU) and
 of the model quantized with ``pair_safe=True`` (7-bit weights: U8S8 exact on every CPU). The
-"inside" column says which accumulator backends the executor's layers chose here (`fxq.gemm`) and
+"inside" column says which accumulator backends the executor's layers chose here (`fxq.integers.gemm`) and
 each deployed model's weight format; the table's first line names the CPU, its torch capability
 and whether its onnxruntime's U8S8 kernels saturate. Each cell is the median of at
 least ``RUNS`` runs (more for fast cells, ``MIN_SECONDS`` of runs in all) after two warm-ups, and
@@ -43,9 +43,9 @@ import torch
 from tabulate import tabulate
 
 import fxq
-from fxq import saturation
-from fxq.deployed import Deployed
-from fxq.measure import latency_ms
+from fxq.analysis.measure import latency_ms
+from fxq.deployment import saturation
+from fxq.deployment.deployed import Deployed
 from fxq.ops.layers import QLayer
 from scripts import data, models, readme, zoo
 from scripts.evaluate import torch_ao_x86

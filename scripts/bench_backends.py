@@ -1,4 +1,4 @@
-"""The integer graph's accumulator backends (`fxq.gemm`) against float32 torch, on this CPU.
+"""The integer graph's accumulator backends (`fxq.integers.gemm`) against float32 torch, on this CPU.
 
     python -m scripts.bench_backends       # results/bench_backends.json + the README table
 
@@ -21,8 +21,8 @@ import torch
 from tabulate import tabulate
 
 import fxq
-from fxq import gemm
-from fxq.measure import latency_ms
+from fxq.analysis.measure import latency_ms
+from fxq.integers import gemm
 from fxq.ops.layers import QLayer
 from scripts import data, models, readme, zoo
 

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from tabulate import tabulate
 
 import fxq
-from fxq import observers
+from fxq.integers import observers
 from scripts import data, models
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "bench_distributed.json"

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
-from fxq import intmath
+from fxq.integers import intmath
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "bench_grouped.json"
 # (name, channels in, channels out, groups, spatial size, stride)

@@ -23,7 +23,7 @@ import torch
 from tabulate import tabulate
 
 import fxq
-from fxq.comparison import folded_float
+from fxq.analysis.comparison import folded_float
 from scripts import data, models, readme
 from scripts.evaluate import torch_ao_x86
 from scripts.readme import vs_float

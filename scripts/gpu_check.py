@@ -5,7 +5,7 @@
 For the committed MNIST ResNet-18 and Fashion-MNIST MobileNetV2 (grouped and depthwise convs):
 quantize with the batches on the GPU and on the CPU (the two models must be equal buffer for
 buffer), then run the integer graph on the GPU with each accumulator backend forced
-(`fxq.gemm`: the int8 GEMM pads its operands to what CUDA's ``torch._int_mm`` takes) and with
+(`fxq.integers.gemm`: the int8 GEMM pads its operands to what CUDA's ``torch._int_mm`` takes) and with
 the timed choice, on the full test set: every logit must equal the CPU's. Latency at batch 256
 against the float model on the same GPU. Exits 1 on any difference.
 """
@@ -21,8 +21,8 @@ import torch
 from tabulate import tabulate
 
 import fxq
-from fxq import gemm
-from fxq.measure import latency_ms
+from fxq.analysis.measure import latency_ms
+from fxq.integers import gemm
 from scripts import data, models
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "gpu_check.json"

@@ -18,7 +18,7 @@ import time
 import torch
 
 import fxq
-from fxq.measure import saved_bytes
+from fxq.analysis.measure import saved_bytes
 from scripts import data, models
 from scripts.sweeps import RESULTS, Cache, key_of, test_subset
 from scripts.train import accuracy

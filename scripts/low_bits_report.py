@@ -12,9 +12,9 @@ import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 import fxq  # noqa: E402
-from fxq.comparison import folded_float  # noqa: E402
-from fxq.explanation import signed_bits  # noqa: E402
-from fxq.measure import latency_ms  # noqa: E402
+from fxq.analysis.comparison import folded_float  # noqa: E402
+from fxq.analysis.explanation import signed_bits  # noqa: E402
+from fxq.analysis.measure import latency_ms  # noqa: E402
 from fxq.ops.layers import QLayer  # noqa: E402
 from scripts import data, models, readme  # noqa: E402
 from scripts.low_bits import (  # noqa: E402

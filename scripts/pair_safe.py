@@ -3,7 +3,7 @@
     python -m scripts.pair_safe            # results/pair_safe.json (cached per model) + the table
 
 Without VNNI, onnxruntime's U8S8 kernels add two uint8 × int8 products in a 16-bit lane
-(`fxq.saturation`); a layer is exact there when ``2 · q_max(input) · max|W_q| ≤ 32767``. Two
+(`fxq.deployment.saturation`); a layer is exact there when ``2 · q_max(input) · max|W_q| ≤ 32767``. Two
 roads keep U8S8 (the fast kernels) exact: one bit less on the weights (``QConfig(pair_safe=True)``:
 7-bit weights beside 8-bit activations) or on the activations (7-bit activations, the network
 input included). Each model of the suite (scripts.models.SUITE) is quantized at W8A8 with min-max

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 import fxq
-from fxq.affine import ActQParams
-from fxq.comparison import sqnr_db
+from fxq.analysis.comparison import sqnr_db
 from fxq.config import ACT_RANGES, WEIGHT_RANGES
-from fxq.observers import InputGram, make_observer
-from fxq.weight_ranges import quantize_weights
+from fxq.integers.affine import ActQParams
+from fxq.integers.observers import InputGram, make_observer
+from fxq.integers.weight_ranges import quantize_weights
 from scripts import data, models, sweeps
 
 matplotlib.use("Agg")

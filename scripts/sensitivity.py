@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 import fxq
-from fxq import plots
-from fxq.comparison import sensitivity
+from fxq.analysis import plots
+from fxq.analysis.comparison import sensitivity
 from scripts import data, models, sweeps
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +42,7 @@ def run(dataset: str) -> dict:
 
 
 def plot(dataset: str, report: dict) -> list[Path]:
-    """`fxq report`'s sensitivity plot (`fxq.plots.sensitivity`), one per setting."""
+    """`fxq report`'s sensitivity plot (`fxq.analysis.plots.sensitivity`), one per setting."""
     paths = []
     for setting, r in report.items():
         png = plots.sensitivity([row["layer"] for row in r["layers"]],

@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fxq import measure
+from fxq.analysis import measure
 from scripts import data, models
 
 

@@ -9,7 +9,7 @@ Each model has random weights with batch norm settled on the images (train-mode 
 activations have realistic scales), 3×64×64 structured random images (smooth random fields plus
 fine noise), 64 for calibration and 256 to score. Per model, fxq at the W8A8 defaults and, as a
 reference only, torch.ao FX graph mode PTQ with the x86 default qconfig on the same data:
-quantized or not, the share of executed ops on integer tensors (`fxq.runtime.count_ops`: the
+quantized or not, the share of executed ops on integer tensors (`fxq.graphs.runtime.count_ops`: the
 dtypes each op actually saw), logits SQNR against float, top-1 agreement with float. For fxq
 also: the integer graph against `fxq.simulate` (bit for bit) and save → load (identical outputs);
 for timm's models, also quantized with ``requantize="onnxruntime"`` and deployed (`fxq.deploy`,
@@ -35,9 +35,9 @@ from tabulate import tabulate
 from torch import nn
 
 import fxq
-from fxq import records
-from fxq.comparison import sqnr_db
-from fxq.runtime import count_ops
+from fxq.analysis.comparison import sqnr_db
+from fxq.graphs import records
+from fxq.graphs.runtime import count_ops
 from passes.convert import convert, convert_requantizing_joins
 from scripts import readme
 from scripts.evaluate import torch_ao_x86

@@ -29,9 +29,9 @@ from tabulate import tabulate
 from torch import nn
 
 import fxq
-from fxq import records
-from fxq.comparison import sqnr_db
-from fxq.outputs import named
+from fxq.analysis.comparison import sqnr_db
+from fxq.graphs import records
+from fxq.graphs.outputs import named
 from passes.trace import trace
 from scripts import readme
 from scripts.evaluate import torch_ao_x86
@@ -82,7 +82,7 @@ class Result:
     quantized: bool
     integer_share: float | None = None   # % of executed ops on integers
     sqnr_db: list | None = None          # per output, against float
-    outputs: list | None = None          # the outputs' names (`fxq.outputs.named`)
+    outputs: list | None = None          # the outputs' names (`fxq.graphs.outputs.named`)
     seconds: float | None = None
     twin_exact: bool | None = None
     save_load_identical: bool | None = None

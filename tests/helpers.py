@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from fxq.comparison import sqnr_db
-from fxq.graph import run_recording
-from fxq.outputs import named
+from fxq.analysis.comparison import sqnr_db
+from fxq.graphs.graph import run_recording
+from fxq.graphs.outputs import named
 
 
 class ConvBnRelu(nn.Module):
@@ -94,7 +94,7 @@ class Chain(nn.Module):
 def output_steps(qmodel: fx.GraphModule, twin: fx.GraphModule, x: torch.Tensor):
     """The integer model's and its twin's outputs on ``x``, as integer steps of each output's scale
     (all outputs flattened into one tensor where the model returns several)."""
-    from fxq.onnx_export import output_leaves
+    from fxq.deployment.onnx_export import output_leaves
     output = next(n for n in qmodel.graph.nodes if n.op == "output")
     steps = [qmodel.get_submodule(leaf.target).scale.item() for leaf in output_leaves(output)]
     with torch.no_grad():
@@ -151,7 +151,7 @@ def quantize_whole(model: nn.Module, calib: list, x: torch.Tensor, tmp_path, req
     import warnings
 
     import fxq
-    from fxq.runtime import count_ops
+    from fxq.graphs.runtime import count_ops
     with warnings.catch_warnings():
         warnings.simplefilter("error", fxq.FloatFallbackWarning)
         qmodel = fxq.quantize(model, calib, fxq.QConfig(requantize=requantize))

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fxq.affine import ActQParams, quantize_bias, quantize_weight, round_half_away, weight_scales
+from fxq.integers.affine import ActQParams, quantize_bias, quantize_weight, round_half_away, weight_scales
 
 
 @given(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=64), min_size=1, max_size=50))

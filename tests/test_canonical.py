@@ -1,4 +1,4 @@
-"""What a call computes, not how it is spelled (`fxq.canonical`): a subclass that only constructs a
+"""What a call computes, not how it is spelled (`fxq.graphs.canonical`): a subclass that only constructs a
 torch layer differently is that layer, a batch norm over flat values is left as it is, and a
 model's own shape assertion is checked by calibration, naming the node."""
 import pytest

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import fxq
-from fxq.runtime import count_ops
+from fxq.graphs.runtime import count_ops
 from passes.trace import trace
 from tests.helpers import images, quantize_whole
 

@@ -2,7 +2,7 @@
 import pytest
 
 import fxq
-from fxq.comparison import integer_layers
+from fxq.analysis.comparison import integer_layers
 from tests.helpers import images_shown, run_fxq
 
 pytestmark = pytest.mark.real_data

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import fxq
-from fxq import comparison
-from fxq.comparison import folded_float, sensitivity, sqnr_db, with_quantized_layers
+from fxq.analysis import comparison
+from fxq.analysis.comparison import folded_float, sensitivity, sqnr_db, with_quantized_layers
 from tests.helpers import Chain, Residual, randomize_bn
 
 

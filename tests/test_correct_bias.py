@@ -2,7 +2,7 @@
 import torch
 
 import fxq
-from fxq import records
+from fxq.graphs import records
 from passes.calibrate import calibrate
 from passes.correct_bias import correct_bias
 from passes.fold_bn import fold_bn

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fxq
-from fxq import gemm
+from fxq.integers import gemm
 from tests.helpers import Residual, randomize_bn
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

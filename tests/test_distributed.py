@@ -6,7 +6,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fxq
-from fxq.comparison import sensitivity
+from fxq.analysis.comparison import sensitivity
 from tests.helpers import Residual, randomize_bn
 
 pytestmark = pytest.mark.real_data  # spawns its ranks: left to `make test`

@@ -1,7 +1,7 @@
 import networkx as nx
 
 import fxq
-from fxq import dump
+from fxq.graphs import dump
 from tests.helpers import Residual, randomize_bn
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import fxq
+from fxq.graphs.runtime import count_ops
 from fxq.ops.arithmetic import QAdd
 from fxq.ops.layers import QConv2d, QLinear
-from fxq.runtime import count_ops
 from scripts import data, evaluate, models
 from scripts.train import accuracy
 from tests.real_data import quantized, suite_model
@@ -94,7 +94,7 @@ def test_explain_formula_matches_the_real_resnet18_exactly():
 
 def test_recursive_formula_unrolls_the_first_two_layers():
     """I_q → conv1 → ReLU → layer1.0.conv1 by the documented formulas, in plain int64."""
-    from fxq.reference import reference_output
+    from fxq.integers.reference import reference_output
 
     _, qmodel, test, *_ = results("mnist")
     x = test.images[:8]

@@ -4,8 +4,8 @@ import torch
 from torch import fx
 
 import fxq
-from fxq import records
-from fxq.explanation import IntRange, bits_of, signed_bits, unsigned_bits
+from fxq.analysis.explanation import IntRange, bits_of, signed_bits, unsigned_bits
+from fxq.graphs import records
 from passes.calibrate import KEPT_SAMPLES
 from tests.helpers import Residual, randomize_bn
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxq
-from fxq import records
+from fxq.graphs import records
 from tests.helpers import check_quantized, output_steps
 
 

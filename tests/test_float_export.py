@@ -1,5 +1,5 @@
 """Every op a quantized model keeps in float saves and deploys: fxq's own ONNX forms where it
-has them, otherwise the op as torch.onnx exports it, spliced in (`fxq.onnx_splice`)."""
+has them, otherwise the op as torch.onnx exports it, spliced in (`fxq.deployment.onnx_splice`)."""
 import io
 import warnings
 
@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxq
-from fxq.comparison import sqnr_db
-from fxq.runtime import count_ops
+from fxq.analysis.comparison import sqnr_db
+from fxq.graphs.runtime import count_ops
 from tests.helpers import output_steps, quantize_whole, randomize_bn
 
 

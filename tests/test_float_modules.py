@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import fxq
-from fxq import records
-from fxq.comparison import sqnr_db
+from fxq.analysis.comparison import sqnr_db
+from fxq.graphs import records
 from fxq.ops import KEPT_BY_OVERRIDES
 from fxq.ops.fallback import FLOAT_SCHEMAS
 from tests.helpers import images

@@ -1,4 +1,4 @@
-"""Every accumulator backend (`fxq.gemm`) gives the int64 reference's integers, bit for bit, at the
+"""Every accumulator backend (`fxq.integers.gemm`) gives the int64 reference's integers, bit for bit, at the
 bounds: |I_q − z| at its largest, |W_q| = 2^(b−1) − 1, K up to 4608 and past the float32 chunk."""
 import pytest
 import torch
@@ -6,10 +6,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxq
-from fxq import gemm
-from fxq.affine import ActQParams
+from fxq.graphs.records import QuantizedWeight
+from fxq.integers import gemm
+from fxq.integers.affine import ActQParams
 from fxq.ops.layers import QConv2d, QLinear
-from fxq.records import QuantizedWeight
 
 BACKENDS = list(gemm.Backend)
 

@@ -12,7 +12,8 @@ PACKAGES = ("fxq", "passes")
 # The public API on top of the pipeline: these run passes, so they may import them (the command
 # reads the pipeline's order of names). Nothing else in fxq may, so a pass can import any core
 # module without a cycle.
-API_LAYER = {"fxq", "fxq.api", "fxq.mixed", "fxq.comparison", "fxq.explanation", "fxq.evaluation", "fxq.cli.main"}
+API_LAYER = {"fxq", "fxq.api", "fxq.analysis.mixed", "fxq.analysis.comparison", "fxq.analysis.explanation",
+             "fxq.analysis.evaluation", "fxq.cli.main"}
 
 
 def _modules() -> dict[str, Path]:
@@ -89,3 +90,21 @@ def test_no_pass_names_an_op_entry():
                 named += [f"{path.name}: {alias.name}" for alias in node.names
                           if isinstance(getattr(source, alias.name, None), Op)]
     assert not named, named
+
+
+def test_fxq_is_a_handful_of_folders_and_the_old_module_paths_still_import():
+    import importlib
+
+    import fxq
+    top = sorted(p.name for p in (ROOT / "fxq").iterdir() if p.name != "__pycache__")
+    folders = [name for name in top if (ROOT / "fxq" / name).is_dir()]
+    assert set(top) - set(folders) <= {"__init__.py", "api.py", "config.py", "distributed.py"}, top
+    assert len(folders) <= 8
+    for module, folder in fxq._MOVED.items():
+        old, new = importlib.import_module(f"fxq.{module}"), importlib.import_module(f"fxq.{folder}.{module}")
+        public = [name for name in vars(new) if not name.startswith("_")]
+        assert all(getattr(old, name) is getattr(new, name) for name in public), module
+    from fxq.runtime import count_ops
+    assert count_ops is importlib.import_module("fxq.graphs.runtime").count_ops
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("fxq.no_such_module")

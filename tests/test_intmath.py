@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fxq import intmath
+from fxq.integers import intmath
 
 
 def exact_round_half_away(x: Fraction) -> int:

@@ -1,4 +1,4 @@
-"""Every kernel of fxq.intmath against exact rational arithmetic at the edges of its domain:
+"""Every kernel of fxq.integers.intmath against exact rational arithmetic at the edges of its domain:
 multipliers from 2^-40 to the largest representable, zero points 0 and 255, accumulators at ±2^31."""
 from fractions import Fraction
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxq import intmath
+from fxq.integers import intmath
 
 ACC_EDGES = [-2**31, -2**31 + 1, -2**30, -12345, -3, -1, 0, 1, 2, 12345, 2**30, 2**31 - 1]
 EXPONENTS = range(-40, 30)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fxq
-from fxq import serialize, tensor_blob
+from fxq.files import serialize, tensor_blob
 from tests.helpers import Residual, randomize_bn
 
 INJECTION = "__import__('pathlib').Path(r'{marker}').touch()"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fxq
-from fxq.comparison import folded_float
+from fxq.analysis.comparison import folded_float
 from scripts import evaluate
 from tests import real_data
 from tests.real_data import fashion, suite_model

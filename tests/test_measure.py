@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fxq
-from fxq import measure
+from fxq.analysis import measure
 
 
 def test_a_quantized_models_size_is_its_saved_file_with_weights_packed_at_their_widths(tmp_path):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fxq.observers import MinMaxObserver
+from fxq.integers.observers import MinMaxObserver
 
 
 def test_minmax_tracks_the_running_range_and_passes_through():
@@ -33,7 +33,7 @@ def test_unobserved_observer_refuses_to_give_qparams():
 
 
 from fxq import QConfig  # noqa: E402
-from fxq.observers import GRAM_BLOCK, HistogramObserver, MovingAverageObserver, _add_gram, make_observer  # noqa: E402
+from fxq.integers.observers import GRAM_BLOCK, HistogramObserver, MovingAverageObserver, _add_gram, make_observer  # noqa: E402
 
 
 def test_moving_average_follows_the_ema_formula():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxq
-from fxq import onnx_export, saturation
+from fxq.deployment import onnx_export, saturation
 from tests.helpers import Residual, randomize_bn
 from tests.test_ops_activations import Activations, Scaled
 from tests.test_ops_joins import Branches
@@ -155,7 +155,7 @@ def _qlinear_add_session(scales, zero_points):
 
 
 def test_runtime_add_is_onnxruntimes_qlinear_add_for_every_input_pair():
-    from fxq import intmath
+    from fxq.integers import intmath
     a, b = torch.meshgrid(torch.arange(256, dtype=torch.uint8), torch.arange(256, dtype=torch.uint8), indexing="ij")
     a, b = a.flatten(), b.flatten()
     for _ in range(30):

@@ -5,8 +5,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxq
-from fxq import records
-from fxq.affine import ActQParams
+from fxq.graphs import records
+from fxq.integers.affine import ActQParams
 from fxq.ops.activations import UNARY_MATH
 from fxq.ops.lookup import QClamp, QLookup
 from tests.helpers import assert_deploys_bit_exact, check_quantized, quantize_whole

@@ -1,6 +1,6 @@
 """Attention on integers: the matrix product of two activations (`fxq.ops.matmul`), the softmax
 over a long axis (`fxq.ops.softmax.QSoftmax`) and ``F.scaled_dot_product_attention`` rewritten
-into them (`fxq.canonical.attention_as_matmuls`) — MobileViT's and GCNet's attention quantize,
+into them (`fxq.graphs.canonical.attention_as_matmuls`) — MobileViT's and GCNet's attention quantize,
 save and deploy bit-exact."""
 
 import pytest
@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxq
-from fxq.affine import ActQParams
+from fxq.graphs.runtime import count_ops
+from fxq.integers.affine import ActQParams
 from fxq.ops.matmul import QMatMul
 from fxq.ops.reductions import QNormalize
 from fxq.ops.softmax import QSoftmax
-from fxq.runtime import count_ops
 from tests.helpers import quantize_whole
 
 A, B, OUT = ActQParams(0.05, 131, 8), ActQParams(0.02, 90, 8), ActQParams(0.4, 120, 8)

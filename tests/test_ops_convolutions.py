@@ -8,7 +8,7 @@ from torch import nn
 
 import fxq
 from fxq import ops
-from fxq.runtime import count_ops
+from fxq.graphs.runtime import count_ops
 from passes.fold_bn import fold_bn
 from passes.rewrite_layers import rewrite_layers
 from passes.trace import trace

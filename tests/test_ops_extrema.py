@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxq.affine import ActQParams
+from fxq.integers.affine import ActQParams
 from fxq.ops.extrema import QExtremum
 from tests.helpers import images, quantize_whole
 

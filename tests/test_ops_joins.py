@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxq
-from fxq import records
-from fxq.affine import ActQParams
+from fxq.graphs import records
+from fxq.integers.affine import ActQParams
 from fxq.ops.arithmetic import QQuotient, QSub
 from fxq.ops.joins import QCat, QMul
 from tests.helpers import check_quantized, quantize_whole

@@ -4,10 +4,11 @@ import torch
 from torch import nn
 
 import fxq
-from fxq import gemm, records
 from fxq.config import Rounding
+from fxq.graphs import records
+from fxq.integers import gemm
+from fxq.integers.reference import reference_output
 from fxq.ops.layers import QConv2d
-from fxq.reference import reference_output
 from tests.helpers import check_quantized
 
 

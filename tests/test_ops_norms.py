@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxq
-from fxq.affine import ActQParams
+from fxq.integers.affine import ActQParams
 from fxq.ops.norms import QNorm
 from tests.helpers import assert_deploys_bit_exact, quantize_whole
 

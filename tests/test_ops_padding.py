@@ -6,11 +6,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxq
-from fxq import records
-from fxq.affine import ActQParams
-from fxq.comparison import sqnr_db
+from fxq.analysis.comparison import sqnr_db
+from fxq.graphs import records
+from fxq.graphs.runtime import count_ops
+from fxq.integers.affine import ActQParams
 from fxq.ops.padding import QPad
-from fxq.runtime import count_ops
 from tests.helpers import images, quantize_whole
 
 

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxq
-from fxq import records
-from fxq.affine import ActQParams, round_half_away
+from fxq.graphs import records
+from fxq.integers.affine import ActQParams, round_half_away
 from fxq.ops.pooling import QAvgPool2d
 from tests.helpers import check_quantized
 

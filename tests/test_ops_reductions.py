@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxq.affine import ActQParams
+from fxq.integers.affine import ActQParams
 from fxq.ops.reductions import QMean, QSum
 from fxq.ops.softmax import QSoftmax, QSoftmaxPair
 from tests.helpers import quantize_whole

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxq
-from fxq import records
+from fxq.graphs import records
 from fxq.ops.resize import QResizeBilinear, QResizeNearest
 from tests.helpers import assert_deploys_bit_exact, check_quantized, images, quantize_whole
 

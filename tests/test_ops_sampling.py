@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxq
-from fxq import records
+from fxq.graphs import records
 from fxq.ops.sampling import QGridSample
 from scripts import emulated_cpu
 from tests.helpers import images, quantize_whole

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import fxq
-from fxq import records
-from fxq.graph import module_name
+from fxq.graphs import records
+from fxq.graphs.graph import module_name
 from fxq.ops import KEPT_BY_OVERRIDES
 from fxq.ops.transposed import QInsertZeros, insert_zeros
 from passes.rewrite_layers import rewrite_layers

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fxq
-from fxq import outputs
+from fxq.graphs import outputs
 from tests.helpers import images
 
 

@@ -4,9 +4,9 @@ import torch
 from torch import nn
 
 import fxq
+from fxq.graphs.qmodules import Dequantize, Quantize
+from fxq.graphs.runtime import count_ops
 from fxq.ops.layers import QConv2d, QLayer, QLinear
-from fxq.qmodules import Dequantize, Quantize
-from fxq.runtime import count_ops
 from tests.helpers import Chain, Residual, randomize_bn
 
 
@@ -66,7 +66,7 @@ def test_the_calibrate_pass_alone_takes_a_one_shot_iterator_for_histograms(ctx):
                 for loader in (iter(ctx.calib_loader), ctx.calib_loader)]
     model = randomize_bn(Residual())
     graphs = [calibrate(insert_observers(fold_bn(trace(model, c), c), c), c) for c in contexts]
-    observers = [[m for m in gm.modules() if isinstance(m, fxq.observers.HistogramObserver)] for gm in graphs]
+    observers = [[m for m in gm.modules() if isinstance(m, fxq.integers.observers.HistogramObserver)] for gm in graphs]
     assert observers[0] and all(torch.equal(a.counts, b.counts) for a, b in zip(*observers))
 
 

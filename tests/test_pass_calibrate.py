@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 import fxq
-from fxq import records
-from fxq.observers import MinMaxObserver
+from fxq.graphs import records
+from fxq.integers.observers import MinMaxObserver
 from passes.calibrate import calibrate
 from passes.insert_observers import insert_observers
 from passes.trace import trace

@@ -1,12 +1,12 @@
 import torch
 from torch import nn
 
-from fxq import records
-from fxq.affine import ActQParams
+from fxq.graphs import records
+from fxq.graphs.qmodules import Dequantize, Quantize
+from fxq.integers.affine import ActQParams
 from fxq.ops.activations import QReLU
 from fxq.ops.layers import QConv2d, QLinear
 from fxq.ops.pooling import QAvgPool2d
-from fxq.qmodules import Dequantize, Quantize
 from passes.calibrate import calibrate
 from passes.convert import convert
 from passes.fold_bn import fold_bn

@@ -1,8 +1,8 @@
 import torch
 from torch import nn
 
-from fxq import records
-from fxq.records import FusedUnit
+from fxq.graphs import records
+from fxq.graphs.records import FusedUnit
 from passes.fold_bn import fold_bn
 from passes.fuse import fuse
 from passes.trace import trace

@@ -2,7 +2,7 @@ import warnings
 
 import torch
 
-from fxq.observers import MinMaxObserver
+from fxq.integers.observers import MinMaxObserver
 from passes.fold_bn import fold_bn
 from passes.fuse import fuse
 from passes.insert_observers import insert_observers

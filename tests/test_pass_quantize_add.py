@@ -61,7 +61,7 @@ def test_add_output_is_uint8_and_named_after_its_block(ctx):
 
 
 def test_the_add_table_is_the_integer_add_for_every_pair_and_survives_reloading():
-    from fxq.affine import ActQParams
+    from fxq.integers.affine import ActQParams
     qadd = QAdd(ActQParams(0.031, 100, 8), ActQParams(0.093, 20, 8), ActQParams(0.047, 60, 8), "add")
     a = torch.arange(256, dtype=torch.uint8).repeat_interleave(256)
     b = torch.arange(256, dtype=torch.uint8).repeat(256)

@@ -3,12 +3,12 @@ import pytest
 import torch
 
 import fxq
-from fxq import records
-from fxq.affine import ActQParams
+from fxq.graphs import records
+from fxq.graphs.qmodules import Dequantize, Quantize
+from fxq.integers.affine import ActQParams
 from fxq.ops.activations import QReLU, QRequantize
 from fxq.ops.arithmetic import QAdd
 from fxq.ops.layers import QConv2d, QLinear
-from fxq.qmodules import Dequantize, Quantize
 from tests.helpers import ConvBnRelu, Residual, ops, randomize_bn
 
 
@@ -66,8 +66,8 @@ def test_residual_add_relu_follows_the_placement():
 
 
 def test_requantize_table_matches_the_integer_formula():
-    before = fxq.affine.ActQParams(0.05, 100, 8)
-    after = fxq.affine.ActQParams(0.03, 0, 8)
+    before = fxq.integers.affine.ActQParams(0.05, 100, 8)
+    after = fxq.integers.affine.ActQParams(0.03, 0, 8)
     op = QRequantize(before, after)
     q = torch.arange(256, dtype=torch.uint8)
     expected = torch.clamp(torch.round((q.double() - 100) * 0.05 / 0.03), 0, 255)

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxq
-from fxq import gemm
+from fxq.integers import gemm
 from tests.helpers import output_steps
 
 GAMMAS = [1e-9, 1e-6, 1e-5, 1e-3, 0.1, 1.0, 10.0, 1e3]

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from fxq import ranges
-from fxq.ranges import Histogram
+from fxq.integers import ranges
+from fxq.integers.ranges import Histogram
 
 
 def histogram_of(x: torch.Tensor, bins: int = 2048) -> Histogram:

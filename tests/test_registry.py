@@ -5,10 +5,11 @@ import torch
 from torch import nn
 
 import fxq
-from fxq import ops, saved_graph, serialize
+from fxq import ops
+from fxq.files import saved_graph, serialize
+from fxq.files.schema import Schema
+from fxq.graphs.runtime import count_ops
 from fxq.ops import Output
-from fxq.runtime import count_ops
-from fxq.schema import Schema
 from tests.helpers import assert_deploys_bit_exact, check_quantized
 
 ENTRIES = list(ops.REGISTRY)

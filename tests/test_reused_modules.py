@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import fxq
-from fxq.comparison import sqnr_db
+from fxq.analysis.comparison import sqnr_db
 from fxq.ops.layers import QConv2d
 from fxq.ops.pooling import QAvgPool2d
 from tests.helpers import output_steps

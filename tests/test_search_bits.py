@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import fxq
+from fxq.analysis.mixed import _asking_most, allocate
 from fxq.api import Calibrated
-from fxq.mixed import _asking_most, allocate
 from tests.helpers import Residual, randomize_bn
 
 

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 import fxq
-from fxq import packing, records, serialize, tensor_blob
+from fxq.files import serialize, tensor_blob
+from fxq.graphs import records
+from fxq.integers import packing
 from fxq.ops.layers import QLayer
 from tests.helpers import Chain, Residual, randomize_bn
 

@@ -1,5 +1,5 @@
 """Models whose Python code computes with sizes trace with the calibration input's sizes
-(`fxq.shapes`), keep any batch size, and refuse another image size clearly; submodules that
+(`fxq.graphs.shapes`), keep any batch size, and refuse another image size clearly; submodules that
 still cannot be traced are kept in float, all of them in one call."""
 import math
 import warnings
@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxq
-from fxq.comparison import sensitivity
-from fxq.qmodules import Quantize
-from fxq.runtime import count_ops
+from fxq.analysis.comparison import sensitivity
+from fxq.graphs.qmodules import Quantize
+from fxq.graphs.runtime import count_ops
 from tests.helpers import assert_deploys_bit_exact, check_quantized
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import fxq
+from fxq.graphs.twin import FloatLayer, SnapToGrid
 from fxq.ops.layers import QConv2d
-from fxq.twin import FloatLayer, SnapToGrid
 from tests.helpers import Residual, output_steps, randomize_bn
 
 
@@ -36,7 +36,7 @@ def test_twin_matches_the_integer_graph_bit_for_bit(ctx, requantize):
 
 
 def test_snap_to_grid_rounds_half_away_like_requantization():
-    from fxq.affine import ActQParams
+    from fxq.integers.affine import ActQParams
     fq = SnapToGrid(ActQParams(0.5, 10, 8))
     x = torch.tensor([0.25, -0.25, 0.75], dtype=torch.float64)  # ±0.5 and 1.5 steps
     assert fq(x).tolist() == [0.5, -0.5, 1.0]

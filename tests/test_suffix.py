@@ -1,13 +1,13 @@
-"""fxq.suffix: a run with one module replaced, from a recorded run, equals running the whole model so."""
+"""fxq.graphs.suffix: a run with one module replaced, from a recorded run, equals running the whole model so."""
 import copy
 
 import pytest
 import torch
 from torch import nn
 
-from fxq.comparison import folded_float
-from fxq.graph import replace_module
-from fxq.suffix import Runs, chunk_size
+from fxq.analysis.comparison import folded_float
+from fxq.graphs.graph import replace_module
+from fxq.graphs.suffix import Runs, chunk_size
 from tests.helpers import Residual, randomize_bn
 
 

@@ -5,8 +5,8 @@ import zlib
 import pytest
 import torch
 
-from fxq import tensor_blob
-from fxq.saved_graph import InvalidModelFile
+from fxq.files import tensor_blob
+from fxq.files.saved_graph import InvalidModelFile
 
 
 def _every_kind():

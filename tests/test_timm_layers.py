@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import fxq
-from fxq import records
-from fxq.runtime import count_ops
+from fxq.graphs import records
+from fxq.graphs.runtime import count_ops
 from tests.helpers import assert_deploys_bit_exact, check_quantized
 from tests.test_canonical import _calib, _settled
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fxq.weight_ranges import SYMMETRIC_BLOCK, _quadratic_forms, greedy_rounding, quantize_weights
+from fxq.integers.weight_ranges import SYMMETRIC_BLOCK, _quadratic_forms, greedy_rounding, quantize_weights
 
 
 def correlated_layer(channels=32, k=64, samples=4000, seed=0):

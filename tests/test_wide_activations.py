@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import fxq
-from fxq import intmath
+from fxq.integers import intmath
 from fxq.ops.layers import QLinear
 from tests.helpers import Chain, Residual, output_steps, randomize_bn
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fxq
-from fxq.runtime import count_ops
+from fxq.graphs.runtime import count_ops
 from scripts import zoo
 
 # ConvNeXt's LayerNorms have no integer form; everything else in these models does

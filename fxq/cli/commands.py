@@ -8,11 +8,12 @@ from pathlib import Path
 from tabulate import tabulate
 
 import fxq
-from fxq import distributed, dump
+from fxq import distributed
+from fxq.analysis.comparison import integer_layers
 from fxq.cli import inputs
 from fxq.cli.measurements import AGREEMENT_NOTE, check_classes, float_problems, measure_rows
-from fxq.comparison import integer_layers
 from fxq.config import QConfig
+from fxq.graphs import dump
 
 
 def say(*lines) -> None:
@@ -156,7 +157,7 @@ def search_bits(args) -> None:
 
 
 def report(args) -> None:
-    from fxq.report import write_report
+    from fxq.analysis.report import write_report
 
     qmodel = _load(args.qmodel)
     model, data = _model_and_data(args)

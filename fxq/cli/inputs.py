@@ -11,10 +11,11 @@ import tomllib
 import torch
 from torch import nn
 
-from fxq import datasets, distributed
+from fxq import distributed
+from fxq.analysis import datasets
+from fxq.analysis.progress import Batches
 from fxq.cli.usage import UsageError
 from fxq.config import QConfig
-from fxq.progress import Batches
 
 FACTORY = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z")
 BUILTIN_DATA = {"mnist": "mnist", "fashion-mnist": "fashion", "fashion": "fashion"}

@@ -241,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from fxq import distributed, progress
+    from fxq import distributed
+    from fxq.analysis import progress
 
     progress.enable(not args.quiet and distributed.rank() == 0)
     if args.threads is not None:

@@ -9,13 +9,15 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from fxq import distributed, measure, outputs, records
+from fxq import distributed
+from fxq.analysis import measure
+from fxq.analysis.comparison import folded_float, integer_layers
+from fxq.analysis.evaluation import evaluate
 from fxq.cli.usage import UsageError
-from fxq.comparison import folded_float, integer_layers
 from fxq.config import QConfig
-from fxq.evaluation import evaluate
+from fxq.graphs import outputs, records
 
-# what the table measures when the model returns no classifier logits (`fxq.outputs.logits`)
+# what the table measures when the model returns no classifier logits (`fxq.graphs.outputs.logits`)
 AGREEMENT_NOTE = ("the model returns no classifier logits, so the table shows its outputs against the float "
                   "model's instead of an accuracy: the worst output's SQNR, and the share of positions whose "
                   "largest channel is the float model's (per output: fxq.evaluate(qmodel, loader, model).outputs)")

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from fxq import records
-from fxq.canonical import torch_class
-from fxq.context import PassContext
-from fxq.graph import module_name
+from fxq.graphs import records
+from fxq.graphs.canonical import torch_class
+from fxq.graphs.context import PassContext
+from fxq.graphs.graph import module_name
+from fxq.graphs.qmodules import NotRepresentable
 from fxq.ops import (
     activations,
     arithmetic,
@@ -38,7 +39,6 @@ from fxq.ops import (
 from fxq.ops.base import KeepInFloat, Lowering, Op, Output
 from fxq.ops.fallback import FLOAT, lower_in_float
 from fxq.ops.weighted import Weights
-from fxq.qmodules import NotRepresentable
 
 __all__ = ["FLOAT", "FUNCTIONAL_LAYERS", "KeepInFloat", "Lowering", "Op", "Output", "REGISTRY", "REWRITES",
            "Weights", "classify", "lower", "match", "weights_of", "records"]

@@ -12,22 +12,23 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxq import intmath, records
-from fxq import schema as sc
-from fxq.affine import ActQParams
-from fxq.graph import attribute
+from fxq.files import schema as sc
+from fxq.files.schema import Schema
+from fxq.graphs import records
+from fxq.graphs.graph import attribute
+from fxq.graphs.qmodules import Derived
+from fxq.graphs.twin import on_integers
+from fxq.integers import intmath
+from fxq.integers.affine import ActQParams
 from fxq.ops.base import KeepInFloat, Lowering, Op, Output, leaf_name, qparams_of
 from fxq.ops.lookup import ChannelClamp, QClamp, QConstantLookup, QLookup
-from fxq.qmodules import Derived
-from fxq.schema import Schema
-from fxq.twin import on_integers
 
 
 class QRequantize(Derived):
     """uint8 → uint8 at new parameters: ``clamp(z_O + round(M·(q − z_I)), 0, 2^b − 1)``, ``M = s_I/s_O``.
 
     Formula (2) with ``q − z_I`` as the accumulator; with at most 2^8 inputs it runs as a lookup
-    in the table of every answer, built once with `fxq.intmath.requantize`.
+    in the table of every answer, built once with `fxq.integers.intmath.requantize`.
     """
 
     schema = Schema({"input_bits": sc.act_bits, "output_bits": sc.act_bits},

@@ -8,22 +8,23 @@ import operator
 import torch
 from torch import fx, nn
 
-from fxq import intmath, records
-from fxq import schema as sc
-from fxq.affine import ActQParams
 from fxq.config import Rounding
+from fxq.files import schema as sc
+from fxq.files.schema import Schema
+from fxq.graphs import records
+from fxq.graphs.qmodules import NotRepresentable
+from fxq.integers import intmath
+from fxq.integers.affine import ActQParams
 from fxq.ops.base import KeepInFloat, Lowering, Op, Output, hold_parameters, leaf_name, output_qparams, qparams_of
 from fxq.ops.fallback import lower_in_float
 from fxq.ops.joins import PairOp, QCat, QMul
-from fxq.qmodules import NotRepresentable
-from fxq.schema import Schema
 
 
 class QAdd(PairOp):
     """uint8 + uint8 → uint8: ``clamp(z_O + round(M_A·(A_q − z_A) + M_B·(B_q − z_B)))``.
 
     Inputs of up to 8 bits take at most 2^8 values each, so the op is evaluated once for every
-    pair with `fxq.intmath.add` when it is built, and then runs as a lookup in that table (64 KiB
+    pair with `fxq.integers.intmath.add` when it is built, and then runs as a lookup in that table (64 KiB
     at 8 bits): the same integers, an order of magnitude fewer passes over the tensors.
     """
 
@@ -56,7 +57,7 @@ class QAdd(PairOp):
                                     for f in ("zero_point", "multiplier", "shift")))
 
     def compute(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """The integer add itself (`fxq.intmath.add`, or `fxq.intmath.runtime_add`), without the table."""
+        """The integer add itself (`fxq.integers.intmath.add`, or `~.runtime_add`), without the table."""
         if self.requantize_as is Rounding.ONNXRUNTIME:
             zero_points = (int(self.a_zero_point), int(self.b_zero_point), int(self.output_zero_point))
             return intmath.runtime_add(a, b, tuple(self.scales.tolist()), zero_points, (1 << self.output_bits) - 1)
@@ -125,7 +126,7 @@ def lower_mul(lo: Lowering, node: fx.Node) -> None:
 
 class QSub(PairOp):
     """uint8 − uint8 → uint8: ``clamp(z_O + round(M_A·(A_q − z_A) − M_B·(B_q − z_B)))``, the add's
-    arithmetic (`fxq.intmath.add`) with B reflected about its zero point (``2·z_B − B_q``); it runs,
+    arithmetic (`fxq.integers.intmath.add`) with B reflected about its zero point (``2·z_B − B_q``); it runs,
     and exports, as the table of every input pair, so both roundings give the same integers."""
 
     schema = Schema({"input_bits": lambda v: sc.bits_tuple(v) and len(v) == 2, "output_bits": sc.act_bits},

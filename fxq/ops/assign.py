@@ -11,13 +11,14 @@ import operator
 import torch
 from torch import fx, nn
 
-from fxq import intmath, records
-from fxq import schema as sc
-from fxq.affine import ActQParams
+from fxq.files import schema as sc
+from fxq.files.schema import Schema
+from fxq.graphs import records
+from fxq.graphs.twin import OnIntegers
+from fxq.integers import intmath
+from fxq.integers.affine import ActQParams
 from fxq.ops.base import KeepInFloat, Lowering, Op, Output, leaf_name, qparams_of
 from fxq.ops.joins import QCat
-from fxq.schema import Schema
-from fxq.twin import OnIntegers
 
 # the calls whose result may alias another tensor's memory: an assignment into one is not its own value
 _VIEWS = frozenset({"view", "reshape", "permute", "transpose", "expand", "unsqueeze", "squeeze", "flatten",

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from fxq.graph import add_module_near
+from fxq.graphs.graph import add_module_near
 from fxq.ops.base import KeepInFloat, Lowering, Op, Output
 from fxq.ops.weighted import holding
 

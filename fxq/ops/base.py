@@ -8,11 +8,11 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from fxq import records
-from fxq.affine import ActQParams
 from fxq.config import Rounding
-from fxq.context import PassContext
-from fxq.graph import add_module_near, call_after, replace_module
+from fxq.graphs import records
+from fxq.graphs.context import PassContext
+from fxq.graphs.graph import add_module_near, call_after, replace_module
+from fxq.integers.affine import ActQParams
 from fxq.ops.weighted import Weights
 
 
@@ -55,7 +55,7 @@ class Op:
     parameters), ``rescalable_bounds`` (a clamp whose bounds cross-layer equalization rescales per
     channel, so it may scale across it). ``example`` makes one
     float instance of the op on a ``[N, C, H, W]`` tensor, on which tests check the properties.
-    ``export`` writes a call the integer graph keeps as ONNX (`fxq.onnx_export`); integer modules
+    ``export`` writes a call the integer graph keeps as ONNX (`fxq.deployment.onnx_export`); integer modules
     export themselves (``to_onnx``).
     """
 
@@ -147,7 +147,7 @@ def through(node: fx.Node) -> tuple[ActQParams, ActQParams]:
 
 def hold_parameters(module: nn.Module, *qparams: ActQParams, zero_point_dtype: torch.dtype = torch.int32) -> None:
     """Register ``scales`` (float64) and ``zero_points`` of ``qparams`` (the inputs', then the
-    output's) on ``module``: what `fxq.schema.parameters_fit` checks on load."""
+    output's) on ``module``: what `fxq.files.schema.parameters_fit` checks on load."""
     module.register_buffer("scales", torch.tensor([p.scale for p in qparams], dtype=torch.float64))
     module.register_buffer("zero_points", torch.tensor([p.zero_point for p in qparams], dtype=zero_point_dtype))
 

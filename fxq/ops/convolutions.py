@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxq import records
-from fxq.graph import add_module_near
+from fxq.graphs import records
+from fxq.graphs.graph import add_module_near
 from fxq.ops.base import KeepInFloat, Lowering, Op, Output
 from fxq.ops.layers import QConv2d
 from fxq.ops.weighted import BATCH_NORMS, CONV_PARAMETERS, Weights, holding

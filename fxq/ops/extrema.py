@@ -6,13 +6,13 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from fxq import records
-from fxq import schema as sc
-from fxq.affine import ActQParams
+from fxq.files import schema as sc
+from fxq.files.schema import Schema
+from fxq.graphs import records
+from fxq.graphs.twin import OnIntegers
+from fxq.integers.affine import ActQParams
 from fxq.ops.base import Lowering, Op, Output, leaf_name, qparams_of
 from fxq.ops.reductions import dims_of, dims_schema, reduces_given_dims
-from fxq.schema import Schema
-from fxq.twin import OnIntegers
 
 ONNX_REDUCTIONS = {"amax": "ReduceMax", "amin": "ReduceMin"}
 

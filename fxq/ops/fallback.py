@@ -16,14 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxq import onnx_splice, records
-from fxq import schema as sc
-from fxq.affine import ActQParams
-from fxq.graph import add_module_near, label, source_line
+from fxq.deployment import onnx_splice
+from fxq.files import schema as sc
+from fxq.files.schema import Schema
+from fxq.graphs import records
+from fxq.graphs.graph import add_module_near, label, source_line
+from fxq.graphs.qmodules import Dequantize, Quantize
+from fxq.integers.affine import ActQParams
 from fxq.ops.base import Lowering, Op, Output, leaf_name
 from fxq.ops.shape import export_channel_shuffle
-from fxq.qmodules import Dequantize, Quantize
-from fxq.schema import Schema
 
 
 class FloatFallbackWarning(UserWarning):
@@ -207,7 +208,7 @@ FLOAT_METHODS = TENSOR_MATH | CASTS | frozenset({
 def export_float(b, node: fx.Node, inputs: list, module: nn.Module | None) -> str:
     """Float ops as ONNX: layer normalization as LayerNormalization, torch layers torch.onnx has no
     form for by their formulas (`_FORMULAS`); any other op as torch.onnx exports it, spliced in
-    (`fxq.onnx_splice`)."""
+    (`fxq.deployment.onnx_splice`)."""
     formula = _FORMULAS.get(type(module))
     if formula is not None:
         return formula(b, node.name, inputs[0], module)

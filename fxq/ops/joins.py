@@ -6,12 +6,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from fxq import intmath, records
-from fxq import schema as sc
-from fxq.affine import ActQParams
-from fxq.qmodules import Derived, NotRepresentable
-from fxq.schema import Schema
-from fxq.twin import OnIntegers, on_integers
+from fxq.files import schema as sc
+from fxq.files.schema import Schema
+from fxq.graphs import records
+from fxq.graphs.qmodules import Derived, NotRepresentable
+from fxq.graphs.twin import OnIntegers, on_integers
+from fxq.integers import intmath
+from fxq.integers.affine import ActQParams
 
 
 def _grid(bits: int) -> torch.Tensor:
@@ -141,7 +142,7 @@ class QCat(Derived):
         self.prepare()
 
     def moved(self, index: int, q: torch.Tensor) -> torch.Tensor:
-        """Input ``index``'s integers at the output's parameters (`fxq.intmath.requantize`)."""
+        """Input ``index``'s integers at the output's parameters (`fxq.integers.intmath.requantize`)."""
         centred = q.to(torch.int64) - int(self.zero_points[index])
         return intmath.requantize(centred, self.multipliers[index], self.shifts[index],
                                   int(self.zero_points[-1]), (1 << self.output_bits) - 1)

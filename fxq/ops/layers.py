@@ -1,20 +1,21 @@
 """Layers with weights: conv and linear become int8 GEMMs with fixed-point requantization
-(`QConv2d`, `QLinear`), their accumulators computed by the fastest exact backend (`fxq.gemm`)."""
+(`QConv2d`, `QLinear`), their accumulators computed by the fastest exact backend (`fxq.integers.gemm`)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxq import gemm, intmath, records
-from fxq import schema as sc
-from fxq.affine import ActQParams
 from fxq.config import Rounding
+from fxq.files import schema as sc
+from fxq.files.schema import Schema
+from fxq.graphs import records
+from fxq.graphs.records import QuantizedWeight
+from fxq.integers import gemm, intmath
+from fxq.integers.affine import ActQParams
 from fxq.ops.base import Lowering, Op, Output, output_qparams, qparams_of
 from fxq.ops.qlayer import LAYER_TENSORS, QLayer, layer_ranges
 from fxq.ops.weighted import BATCH_NORMS, CONV_PARAMETERS, Weights
-from fxq.records import QuantizedWeight
-from fxq.schema import Schema
 
 
 class QConv2d(QLayer):

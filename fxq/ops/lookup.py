@@ -7,14 +7,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fxq import records
-from fxq import schema as sc
-from fxq.affine import ActQParams, round_half_away
-from fxq.intmath import lookup, storage_dtype
+from fxq.files import schema as sc
+from fxq.files.schema import Schema
+from fxq.graphs import records
+from fxq.graphs.qmodules import Derived
+from fxq.graphs.twin import OnIntegers
+from fxq.integers.affine import ActQParams, round_half_away
+from fxq.integers.intmath import lookup, storage_dtype
 from fxq.ops.base import hold_parameters
-from fxq.qmodules import Derived
-from fxq.schema import Schema
-from fxq.twin import OnIntegers
 
 
 def _per_channel(bound: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from fxq import schema as sc
-from fxq.affine import ActQParams
-from fxq.intmath import storage_dtype
+from fxq.files import schema as sc
+from fxq.files.schema import Schema
+from fxq.graphs.twin import on_integers
+from fxq.integers.affine import ActQParams
+from fxq.integers.intmath import storage_dtype
 from fxq.ops.base import Lowering, Op, Output, hold_parameters, leaf_name, output_qparams, qparams_of
-from fxq.schema import Schema
-from fxq.twin import on_integers
 
 EXACT_SUMS = 1 << 53  # integers a float64 holds exactly
 

@@ -20,15 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxq import records
-from fxq import schema as sc
-from fxq.affine import ActQParams
-from fxq.graph import attribute
-from fxq.intmath import storage_dtype
+from fxq.files import schema as sc
+from fxq.files.schema import Schema
+from fxq.graphs import records
+from fxq.graphs.graph import attribute
+from fxq.graphs.twin import OnIntegers
+from fxq.integers.affine import ActQParams
+from fxq.integers.intmath import storage_dtype
 from fxq.ops.activations import QChannelLookup
 from fxq.ops.base import KeepInFloat, Lowering, Op, Output, hold_parameters, leaf_name, qparams_of, through
-from fxq.schema import Schema
-from fxq.twin import OnIntegers
 
 KINDS = ("group", "layer")
 

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxq import records
-from fxq import schema as sc
-from fxq.affine import ActQParams
+from fxq.files import schema as sc
+from fxq.files.schema import Schema
+from fxq.graphs import records
+from fxq.graphs.qmodules import NotRepresentable
+from fxq.graphs.twin import OnIntegers
+from fxq.integers.affine import ActQParams
 from fxq.ops.base import Lowering, Op, Output, leaf_name, qparams_of
-from fxq.qmodules import NotRepresentable
-from fxq.schema import Schema
-from fxq.twin import OnIntegers
 
 CONSTANT_PADS = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
 COPYING_PADS = {nn.ReflectionPad1d: "reflect", nn.ReflectionPad2d: "reflect", nn.ReflectionPad3d: "reflect",

@@ -7,13 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxq import intmath, records
-from fxq import schema as sc
-from fxq.affine import ActQParams
 from fxq.config import Rounding
+from fxq.files import schema as sc
+from fxq.files.schema import Schema
+from fxq.graphs import records
+from fxq.graphs.twin import FloatAvgPool, on_integers
+from fxq.integers import intmath, windows
+from fxq.integers.affine import ActQParams
 from fxq.ops.base import Lowering, Op, Output, call_arguments, leaf_name, pair, qparams_of
-from fxq.schema import Schema
-from fxq.twin import FloatAvgPool, on_integers
 
 
 class QMaxPool2d(nn.MaxPool2d):
@@ -71,7 +72,7 @@ class QAdaptiveMaxPool2d(nn.AdaptiveMaxPool2d):
 
 
 class QAvgPool2d(nn.Module):
-    """uint8 → uint8 average pooling at the input's scale (`fxq.intmath.window_mean`): a window
+    """uint8 → uint8 average pooling at the input's scale (`fxq.integers.windows.window_mean`): a window
     pool (``kind="window"``: kernel, stride, padding, ceil_mode, count_include_pad,
     divisor_override as in ``nn.AvgPool2d``) or an adaptive one (``kind="adaptive"``:
     ``output_size``, None entries keeping the input's size). ``keepdim=False`` drops the two
@@ -102,7 +103,7 @@ class QAvgPool2d(nn.Module):
 
     @property
     def runtime_mean(self) -> bool:
-        """A global mean computed as onnxruntime does (`fxq.intmath.runtime_global_mean`)."""
+        """A global mean computed as onnxruntime does (`fxq.integers.intmath.runtime_global_mean`)."""
         return self.requantize_as is Rounding.ONNXRUNTIME and self.kind == "adaptive" and self.output_size == (1, 1)
 
     @classmethod
@@ -114,11 +115,11 @@ class QAvgPool2d(nn.Module):
         """The row and column membership matrices and the ``[out_h, out_w]`` divisors."""
         if self.kind == "adaptive":
             out = [size if o is None else o for o, size in zip(self.output_size, (height, width))]
-            (rows, d_rows), (columns, d_columns) = (intmath.adaptive_windows(height, out[0]),
-                                                    intmath.adaptive_windows(width, out[1]))
+            (rows, d_rows), (columns, d_columns) = (windows.adaptive_windows(height, out[0]),
+                                                    windows.adaptive_windows(width, out[1]))
         else:
             (rows, d_rows), (columns, d_columns) = (
-                intmath.pool_windows(size, k, s, p, self.ceil_mode, self.count_include_pad)
+                windows.pool_windows(size, k, s, p, self.ceil_mode, self.count_include_pad)
                 for size, k, s, p in zip((height, width), self.kernel, self.stride, self.padding))
         divisors = d_rows[:, None] * d_columns[None, :]
         if self.divisor_override is not None:
@@ -132,7 +133,7 @@ class QAvgPool2d(nn.Module):
             out = intmath.runtime_global_mean(q, float(self.scale), int(self.zero_point), (1 << self.bits) - 1)
         else:
             rows, columns, divisors = (t.to(q.device) for t in self.windows(*q.shape[-2:]))
-            out = intmath.window_mean(q, rows, columns, divisors, int(self.zero_point), (1 << self.bits) - 1)
+            out = windows.window_mean(q, rows, columns, divisors, int(self.zero_point), (1 << self.bits) - 1)
         return out if self.keepdim else out.reshape(out.shape[:-2])
 
     def extra_repr(self) -> str:

@@ -1,5 +1,5 @@
 """`QLayer`, what a conv and a linear share on integers: formula (1), the accumulator, by the
-fastest exact backend (`fxq.gemm`), and formula (2), the requantization; its saved form and its
+fastest exact backend (`fxq.integers.gemm`), and formula (2), the requantization; its saved form and its
 ONNX form. `fxq.ops.layers` holds the conv and the linear themselves and their registry entries."""
 from __future__ import annotations
 
@@ -8,20 +8,20 @@ import functools
 import torch
 from torch import nn
 
-from fxq import affine, gemm, intmath
-from fxq import schema as sc
-from fxq.affine import ActQParams
 from fxq.config import Rounding
-from fxq.qmodules import Derived, NotRepresentable
-from fxq.records import QuantizedWeight
-from fxq.saturation import WeightFormat
-from fxq.twin import FloatLayer
+from fxq.deployment.saturation import WeightFormat
+from fxq.files import schema as sc
+from fxq.graphs.qmodules import Derived, NotRepresentable
+from fxq.graphs.records import QuantizedWeight
+from fxq.graphs.twin import FloatLayer
+from fxq.integers import affine, gemm, intmath
+from fxq.integers.affine import ActQParams
 
 BIAS_LIMIT = 2**30  # |b_q| at most this, so int32 keeps room for the weighted sum beside it
 
 
 class QLayer(Derived):
-    """A conv or linear layer as formulas (1) and (2) of `fxq.intmath`.
+    """A conv or linear layer as formulas (1) and (2) of `fxq.integers.intmath`.
 
     Buffers: ``weight`` int8, ``bias`` int32 (scale s_in·s_w), ``multiplier`` int32 and ``shift``
     int8 per output channel, the scales they came from (float64, for reports), and both zero points.
@@ -83,7 +83,7 @@ class QLayer(Derived):
         self.accumulator_bits = 32 if self.accumulator_bound <= intmath.INT32_MAX else 64
         self.float32_chunks = None if self.wide else gemm.float32_chunks(self.weight, absmax)
         self._float_weights = {}
-        self.backend = None  # the backend of the last call (`fxq.gemm`)
+        self.backend = None  # the backend of the last call (`fxq.integers.gemm`)
         if self.wide:  # 16-bit inputs accumulate in float64 only
             self.register_buffer("gemm_weight", None, persistent=False)
             self.register_buffer("gemm_constant", None, persistent=False)
@@ -107,7 +107,7 @@ class QLayer(Derived):
 
     def accumulator(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Formula (1): the accumulator ``[positions, C_out]`` (int32; int64 when wide), bias
-        included, and the shape of ``positions``, by the backend `fxq.gemm` chooses for this shape
+        included, and the shape of ``positions``, by the backend `fxq.integers.gemm` chooses for this shape
         (every backend gives the same integers)."""
         candidates = {b: functools.partial(self.accumulate_by, b, x[:1]) for b in self.backends()}
         self.backend = gemm.choose(self._shape_key(x), x.device, candidates)
@@ -213,7 +213,7 @@ class QLayer(Derived):
         """DequantizeLinear → Conv/Gemm (int8 weight and int32 bias, dequantized) → QuantizeLinear,
         which onnxruntime fuses into QLinearConv/QGemm. In the U8U8 format the weight travels as
         uint8 ``W_q + 128`` with zero point 128: the same values, which onnxruntime multiplies
-        without 16-bit pair sums (`fxq.saturation`)."""
+        without 16-bit pair sums (`fxq.deployment.saturation`)."""
         x_f = b.dequantize(x, self.input_qparams, f"{name}_in")
         weight_q, zero = self.weight, torch.zeros(self.weight.shape[0], dtype=torch.int8)
         if b.formats.get(self) is WeightFormat.U8U8:

@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxq import intmath, records
-from fxq import schema as sc
-from fxq.affine import ActQParams
 from fxq.config import Rounding
+from fxq.files import schema as sc
+from fxq.files.schema import Schema
+from fxq.graphs import records
+from fxq.graphs.twin import OnIntegers
+from fxq.integers import intmath
+from fxq.integers.affine import ActQParams
 from fxq.ops.base import Lowering, Op, Output, hold_parameters, leaf_name, qparams_of, through
-from fxq.schema import Schema
-from fxq.twin import OnIntegers
 
 
 def dims_schema(v) -> bool:
@@ -82,7 +83,7 @@ class QSum(nn.Module):
 
 class QMean(nn.Module):
     """Integers → integers at the input's parameters: ``z + round(Σ(q − z) / n)`` over ``dims``,
-    rounded half away from zero in integers (`fxq.intmath.rounding_divide`), exported as the
+    rounded half away from zero in integers (`fxq.integers.intmath.rounding_divide`), exported as the
     same integer ops, so every runtime gives the same integers."""
 
     schema = Schema({"dims": dims_schema, "keepdim": sc.one_of(True, False), "bits": sc.act_bits},

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxq import records
-from fxq import schema as sc
-from fxq.affine import ActQParams, storage_dtype
+from fxq.files import schema as sc
+from fxq.files.schema import Schema
+from fxq.graphs import records
+from fxq.graphs.twin import OnIntegers
+from fxq.integers.affine import ActQParams, storage_dtype
 from fxq.ops.base import Lowering, Op, Output, call_arguments, leaf_name, qparams_of
-from fxq.schema import Schema
-from fxq.twin import OnIntegers
 
 WEIGHT_BITS = 16  # a weight's fractional bits: sums of 16-bit inputs stay below 2^53, exact in float64
 

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxq import records
-from fxq import schema as sc
-from fxq.affine import ActQParams, storage_dtype
+from fxq.files import schema as sc
+from fxq.files.schema import Schema
+from fxq.graphs import records
+from fxq.graphs.twin import OnIntegers
+from fxq.integers.affine import ActQParams, storage_dtype
 from fxq.ops.base import KeepInFloat, Lowering, Op, Output, call_arguments, leaf_name, qparams_of
-from fxq.schema import Schema
-from fxq.twin import OnIntegers
 
 WEIGHT_BITS = 16  # each axis's weight; a corner's product has 32 fractional bits, sums stay below 2^53
 NEIGHBOURS = 2  # per axis: bilinear reads two, nearest one (its second weight is 0)

@@ -8,13 +8,14 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torchvision.ops import stochastic_depth
 
-from fxq import intmath, records
-from fxq import schema as sc
-from fxq.affine import ActQParams
-from fxq.graph import add_module_near, attribute
+from fxq.files import schema as sc
+from fxq.files.schema import Schema
+from fxq.graphs import records
+from fxq.graphs.graph import add_module_near, attribute
+from fxq.graphs.twin import OnIntegers
+from fxq.integers import intmath
+from fxq.integers.affine import ActQParams
 from fxq.ops.base import Lowering, Op, Output, hold_parameters, qparams_of
-from fxq.schema import Schema
-from fxq.twin import OnIntegers
 
 
 def lower_identity(lo: Lowering, node: fx.Node) -> None:

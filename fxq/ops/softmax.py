@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxq import intmath, records
-from fxq import schema as sc
-from fxq.affine import ActQParams
+from fxq.files import schema as sc
+from fxq.files.schema import Schema
+from fxq.graphs import records
+from fxq.graphs.qmodules import NotRepresentable
+from fxq.graphs.twin import OnIntegers
+from fxq.integers import intmath
+from fxq.integers.affine import ActQParams
 from fxq.ops.base import Lowering, Op, Output, hold_parameters, leaf_name, qparams_of
 from fxq.ops.lookup import QLookup
-from fxq.qmodules import NotRepresentable
-from fxq.schema import Schema
-from fxq.twin import OnIntegers
 
 SOFTMAX_BITS = 30  # the exp table: 2^30 for e^0
 

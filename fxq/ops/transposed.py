@@ -14,15 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxq import records
-from fxq import schema as sc
-from fxq.affine import ActQParams
-from fxq.canonical import torch_class
-from fxq.graph import add_module_near
+from fxq.files import schema as sc
+from fxq.files.schema import Schema
+from fxq.graphs import records
+from fxq.graphs.canonical import torch_class
+from fxq.graphs.graph import add_module_near
+from fxq.graphs.twin import OnIntegers
+from fxq.integers.affine import ActQParams
 from fxq.ops.base import KeepInFloat, Lowering, Op, Output, hold_parameters, leaf_name, pair, qparams_of
 from fxq.ops.weighted import BATCH_NORMS, TRANSPOSED_PARAMETERS, Weights, kernel_rank
-from fxq.schema import Schema
-from fxq.twin import OnIntegers
 
 
 def insert_zeros(x: torch.Tensor, stride: tuple[int, int], fill: int = 0) -> torch.Tensor:

@@ -8,7 +8,7 @@ the input columns a layer's statistics are kept over — read a layout, never a 
     output_rank    its output's number of dims when its type fixes it (a shape without a run)
     columns        the im2col geometry of its input (None: each input row is a column)
     function       the ``F.*`` call that computes it on the model's own tensors, with its
-                   parameters in order (`fxq.canonical.layers_from_functions` makes the module)
+                   parameters in order (`fxq.graphs.canonical.layers_from_functions` makes the module)
 
 An entry that lowers its layer itself keeps output channels on axis 0 (weight ranges, bias
 correction and equalization take rows as channels); a layer laid out otherwise reaches integers
@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fxq.canonical import as_parameter
+from fxq.graphs.canonical import as_parameter
 
 # a conv-like call's parameters in order, with defaults (F.conv2d and friends are builtins without
 # a signature to inspect)

@@ -1,5 +1,5 @@
 """Observers: identity modules that record statistics of the tensor flowing through them, and
-turn them into a range (``qparams``) with one of the rules of `fxq.ranges`.
+turn them into a range (``qparams``) with one of the rules of `fxq.integers.ranges`.
 
     observer             memory                 range
     minmax               2 floats               [min, max]
@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxq import distributed, ops, ranges
-from fxq.affine import ActQParams
+from fxq import distributed, ops
 from fxq.config import QConfig
+from fxq.integers import ranges
+from fxq.integers.affine import ActQParams
 
 
 class Observer(nn.Module):

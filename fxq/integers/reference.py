@@ -1,12 +1,12 @@
 """The int64 reference of a conv or linear layer, written independently of its fast kernels
-(`fxq.gemm`'s backends): what `fxq.explain` checks a layer against, and tests too."""
+(`fxq.integers.gemm`'s backends): what `fxq.explain` checks a layer against, and tests too."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from fxq import intmath
 from fxq.config import Rounding
+from fxq.integers import intmath
 from fxq.ops.qlayer import QLayer
 
 

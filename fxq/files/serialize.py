@@ -1,6 +1,6 @@
 """`fxq.save` / `fxq.load`: a quantized model as data — integer tensors, parameters, the graph
 as a list of nodes, and the config. Weights narrower than 8 bits are bit-packed; every tensor
-goes into one compressed byte string (`fxq.tensor_blob`), which records name by index.
+goes into one compressed byte string (`tensor_blob`), which records name by index.
 
     fxq.save(qmodel, "model.fxq")
     qmodel = fxq.load("model.fxq")        # bit-identical outputs
@@ -10,12 +10,12 @@ is read with ``torch.load(weights_only=True)`` (tensors and plain data only, no 
 objects), and since torch.fx turns node names and targets into Python source, nothing from the
 file reaches the graph unchecked:
 
-- every name (node, placeholder, keyword) is a plain Python identifier that torch.fx keeps as it
-  is; a module path is dotted identifiers or Sequential indices and must name a module of the file;
-- functions, methods and module types come from fixed tables (`fxq.saved_graph.FUNCTIONS` and
-  ``METHODS``, :data:`SCHEMAS`), looked up by name — a name is never imported or evaluated;
+- every name (node, placeholder, keyword) is a plain Python identifier that torch.fx keeps as it is;
+  a module path is dotted identifiers or Sequential indices and must name a module of the file;
+- functions, methods and module types come from fixed tables (`saved_graph.FUNCTIONS`, ``METHODS``,
+  :data:`SCHEMAS`), looked up by name: a name is never imported or evaluated;
 - the tensors are inflated to exactly the bytes their specs declare, each spec checked
-  (`fxq.tensor_blob`), and each is read by one module or constant;
+  (`fxq.files.tensor_blob`), and each is read by one module or constant;
 - each module is rebuilt from exactly the attributes and tensors its schema lists, each checked
   for type, dtype and range (zero points inside the width, multipliers in ``[0, 2^31)``, ...);
 - a SHA-256 digest over the content catches a damaged file; a crafted file that passes every
@@ -34,15 +34,18 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from fxq import ops, packing, qmodules, records, tensor_blob
-from fxq import schema as sc
-from fxq.canonical import torch_class
+from fxq import ops
 from fxq.config import QConfig, Rounding
-from fxq.graph import attribute
+from fxq.files import schema as sc
+from fxq.files import tensor_blob
+from fxq.files.saved_graph import PLAIN, InvalidModelFile, expect, is_identifier, node_from, node_record
+from fxq.files.schema import Schema, SchemaError
+from fxq.graphs import qmodules, records
+from fxq.graphs.canonical import torch_class
+from fxq.graphs.graph import attribute
+from fxq.integers import packing
 from fxq.ops.fallback import CONTAINERS, FLOAT_SCHEMAS
 from fxq.ops.layers import QLayer
-from fxq.saved_graph import PLAIN, InvalidModelFile, expect, is_identifier, node_from, node_record
-from fxq.schema import Schema, SchemaError
 
 FORMAT = "fxq/8"
 # A module name may also start with a digit or hold hyphens (torchvision's "block1-0", fxq's
@@ -214,8 +217,7 @@ def _path_order(path: str) -> tuple:
 
 
 def _saved_type(module: nn.Module) -> type:
-    """The type a module is saved as: a subclass that only constructs a torch layer differently
-    is that layer (`fxq.canonical.torch_class`)."""
+    """The type a module is saved as: a subclass that only constructs a torch layer differently is that layer."""
     kind = torch_class(module)
     return kind if kind in SCHEMAS else type(module)
 

@@ -7,8 +7,8 @@
 How: trace and calibrate once (`fxq.api.Calibrated`), and from that quantize the whole network
 once per candidate width; for every layer and width, measure
 the output error when only that layer runs quantized at that width
-(`fxq.comparison.quantized_layer`: its integers, its grids, the rest float; the values before the
-layer are read from one recorded float run, `fxq.suffix`). Treating the errors as
+(`fxq.analysis.comparison.quantized_layer`: its integers, its grids, the rest float; the values before the
+layer are read from one recorded float run, `fxq.graphs.suffix`). Treating the errors as
 additive, start every layer at the widest candidate and repeatedly narrow the layer whose next
 step down costs the least error per weight bit saved, until the parameter-weighted average
 width meets the budget. Each budget on the curve is then quantized for real and measured.
@@ -22,12 +22,14 @@ import torch
 from tabulate import tabulate
 from torch import fx, nn
 
-from fxq import distributed, measure, records
-from fxq import progress as bars
+from fxq import distributed
+from fxq.analysis import measure
+from fxq.analysis import progress as bars
+from fxq.analysis.comparison import folded_float, integer_layers, quantized_layer
 from fxq.api import Calibrated
-from fxq.comparison import folded_float, integer_layers, quantized_layer
 from fxq.config import MAX_BITS, MIN_BITS, QConfig
-from fxq.suffix import Runs, chunk_size
+from fxq.graphs import records
+from fxq.graphs.suffix import Runs, chunk_size
 from passes.calibrate import batch_input
 
 CANDIDATES = (2, 3, 4, 5, 6, 8)

@@ -1,4 +1,4 @@
-"""Formula (1) of `fxq.intmath`, ``acc = Σ W_q·(I_q − z) + b``, by whichever exact backend is fastest.
+"""Formula (1) of `fxq.integers.intmath`, ``acc = Σ W_q·(I_q − z) + b``, by whichever exact backend is fastest.
 
     backend   how the sum is formed                                   why it is exact
     integer   int8 × int8 → int32 GEMM (``torch._int_mm``);           integer arithmetic
@@ -97,7 +97,7 @@ def choose(key: Hashable, device: torch.device, candidates: dict[Backend, Callab
 def how_chosen() -> str:
     """Why layers use the backends they do, in a phrase for reports."""
     if _forced:
-        return "forced by fxq.gemm.forced"
+        return "forced by fxq.integers.gemm.forced"
     if requested() is not None:
         return f"forced by {ENVIRONMENT}={os.environ[ENVIRONMENT]}"
     return f"the fastest of those timed on this CPU ({torch.backends.cpu.get_cpu_capability()})"

@@ -1,7 +1,7 @@
 """How a module of a quantized graph is saved and checked on load: its schema.
 
 Every module type a saved model may hold declares one `Schema` (integer modules as the class
-attribute ``schema``; float modules a graph keeps, in `fxq.ops.fallback`). `fxq.serialize`
+attribute ``schema``; float modules a graph keeps, in `fxq.ops.fallback`). `fxq.files.serialize`
 rebuilds a module from exactly the attributes and tensors its schema lists and runs its range
 check, so a file can only ever produce modules whose integers the kernels were written for.
 """
@@ -114,7 +114,7 @@ def parameters_fit(module: nn.Module, widths: tuple[int, ...]) -> None:
 
 
 def fixed_point_fits(m: torch.Tensor, shift: torch.Tensor, name: str) -> None:
-    """Multipliers in ``[0, 2^31)`` and shifts in ``[−31, 30]``: what `fxq.intmath` is exact for."""
+    """Multipliers in ``[0, 2^31)`` and shifts in ``[−31, 30]``: what `fxq.integers.intmath` is exact for."""
     m, shift = m.to(torch.int64), shift.to(torch.int64)
     expect(bool((m >= 0).all() and (m < 2**31).all() and (shift < 31).all() and (shift >= -31).all()),
            f"{name} multiplier or shift outside [0, 2^31) × [−31, 30]")

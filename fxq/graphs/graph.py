@@ -9,9 +9,9 @@ from typing import Callable, Iterable
 import torch
 from torch import fx, nn
 
-from fxq import records
+from fxq.graphs import records
 
-_ROOT = Path(__file__).resolve().parent.parent
+_ROOT = Path(__file__).resolve().parents[2]
 _PACKAGES = (str(_ROOT / "fxq") + "/", str(_ROOT / "passes") + "/")  # not the user's code
 
 

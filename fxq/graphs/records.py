@@ -26,8 +26,8 @@ from typing import NamedTuple, TypeVar
 import torch
 from torch import fx
 
-from fxq.affine import ActQParams
 from fxq.config import QConfig
+from fxq.integers.affine import ActQParams
 
 __all__ = ["ActQParams", "Calibration", "FixedShape", "FloatOp", "FusedUnit", "IntRange", "Observed", "Origin",
            "QConfig", "QuantizedWeight", "SampleShape", "StatsSource", "get", "has", "pop", "put"]
@@ -62,14 +62,14 @@ class Calibration:
 
 @dataclass(frozen=True)
 class FixedShape:
-    """The graph was traced with this input's sizes as constants (`fxq.shapes`): it computes the
+    """The graph was traced with this input's sizes as constants (`fxq.graphs.shapes`): it computes the
     model only for samples of this shape."""
 
     sample_shape: tuple[int, ...]
 
 
 class QuantizedWeight(NamedTuple):
-    """A layer's integer weight and the scales it is at (`fxq.weight_ranges.quantize_weights`)."""
+    """A layer's integer weight and the scales it is at (`fxq.integers.weight_ranges.quantize_weights`)."""
 
     weight: torch.Tensor  # int8 [C_out, ...]
     scales: torch.Tensor  # float64 [C_out]

@@ -1,5 +1,5 @@
 """`fxq.export_onnx`: a quantized model as a standard ONNX graph (`fxq.deploy` runs it in
-onnxruntime: `fxq.deployed`).
+onnxruntime: `fxq.deployment.deployed`).
 
     fxq.export_onnx(qmodel, "model.onnx")
 
@@ -35,11 +35,13 @@ import numpy as np
 import torch
 from torch import fx
 
-from fxq import ops, records, saturation
-from fxq.affine import ActQParams
-from fxq.graph import run_recording
+from fxq import ops
+from fxq.deployment import saturation
+from fxq.deployment.saturation import WeightFormat
+from fxq.graphs import records
+from fxq.graphs.graph import run_recording
+from fxq.integers.affine import ActQParams
 from fxq.ops.layers import QLayer
-from fxq.saturation import WeightFormat
 
 OPSET = 21
 BATCH = 2  # the batch the export runs once with, to learn every value's shape
@@ -174,19 +176,19 @@ def _batched_dims(shapes: dict, other: dict) -> dict:
 
 def layer_bounds(qmodel: fx.GraphModule) -> dict[str, tuple[int, int]]:
     """Each integer conv/linear's ``(q_max of its input, max|W_q|)``, what formula (3) of
-    `fxq.saturation` reads."""
+    `fxq.deployment.saturation` reads."""
     return {name: ((1 << m.input_bits) - 1, int(m.weight.to(torch.int64).abs().max()))
             for name, m in qmodel.named_modules() if isinstance(m, QLayer)}
 
 
 def weight_formats(qmodel: fx.GraphModule, weights: str = "auto") -> dict[str, WeightFormat]:
-    """Each integer conv/linear's weight format (`fxq.saturation`) for the choice ``weights``."""
+    """Each integer conv/linear's weight format (`fxq.deployment.saturation`) for the choice ``weights``."""
     return saturation.layer_formats(layer_bounds(qmodel), weights)
 
 
 def to_onnx(qmodel: fx.GraphModule, weights: str = "auto"):
     """The ONNX ``ModelProto`` of ``qmodel`` (opset 21, dynamic batch), weights in the formats
-    ``weights`` chooses (`fxq.saturation`)."""
+    ``weights`` chooses (`fxq.deployment.saturation`)."""
     from onnx import TensorProto, helper
 
     inputs = [m for m in qmodel.modules() if type(m).__name__ == "Quantize" and m.sample_shape is not None]
@@ -334,7 +336,7 @@ def _export_call(b: Builder, node: fx.Node, modules: dict, arguments: tuple):
 
 
 def _attribute(qmodel: fx.GraphModule, target: str) -> torch.Tensor:
-    from fxq.graph import attribute
+    from fxq.graphs.graph import attribute
     return attribute(qmodel, target).detach().to(torch.float32)
 
 
@@ -342,7 +344,7 @@ def export_onnx(qmodel: fx.GraphModule, path: str | Path | io.BytesIO, weights: 
     """Write ``qmodel`` (from `fxq.quantize` or `fxq.load`) as an ONNX model (opset 21, dynamic
     batch) that ``onnx.checker`` accepts and onnxruntime runs.
 
-    ``weights`` (`fxq.saturation`): "auto" suits this machine's onnxruntime; a file bound for
+    ``weights`` (`fxq.deployment.saturation`): "auto" suits this machine's onnxruntime; a file bound for
     other CPUs takes "exact" (U8U8 where a U8S8 kernel without VNNI could saturate)."""
     import onnx
 

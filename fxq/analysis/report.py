@@ -15,12 +15,15 @@ import torch
 from tabulate import tabulate
 from torch import fx, nn
 
-from fxq import distributed, packing, plots, records
-from fxq.comparison import Sensitivity, capture, compare, folded_float, sensitivity, sqnr_db
+from fxq import distributed
+from fxq.analysis import plots
+from fxq.analysis.comparison import Sensitivity, capture, compare, folded_float, sensitivity, sqnr_db
+from fxq.analysis.explanation import explain
 from fxq.config import ACT_RANGES, AUTO_FIELDS, WEIGHT_RANGES, QConfig, defaults_for
-from fxq.explanation import explain
-from fxq.observers import InputGram, make_observer
-from fxq.weight_ranges import quantize_weights
+from fxq.graphs import records
+from fxq.integers import packing
+from fxq.integers.observers import InputGram, make_observer
+from fxq.integers.weight_ranges import quantize_weights
 
 SQNR_IMAGES = 256       # test images each layer's SQNR is measured on
 HISTOGRAM_IMAGES = 256  # calibration images the worst layers' histograms are drawn from

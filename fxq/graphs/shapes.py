@@ -9,7 +9,7 @@ tensor answers with a Python int where both batches agree (the image's own geome
 patch counts, channel counts become constants) and with a traced ``size(d)`` where the size
 follows the batch, so the graph still takes any batch size. ``specialized`` says whether any
 answer was a constant: then the graph holds only for the traced sample shape, which the
-quantized model checks on every input (`fxq.qmodules.Quantize`).
+quantized model checks on every input (`fxq.graphs.qmodules.Quantize`).
 """
 from __future__ import annotations
 

@@ -17,16 +17,18 @@ import torch
 from tabulate import tabulate
 from torch import fx, nn
 
-from fxq import distributed, measure, outputs, records
-from fxq import progress as bars
-from fxq.affine import ActQParams
+from fxq import distributed
+from fxq.analysis import measure
+from fxq.analysis import progress as bars
 from fxq.config import QConfig
-from fxq.context import PassContext
-from fxq.graph import replace_module
+from fxq.graphs import outputs, records
+from fxq.graphs.context import PassContext
+from fxq.graphs.graph import replace_module
+from fxq.graphs.outputs import sqnr_of_sums
+from fxq.graphs.suffix import RECORD_BYTES, Runs, chunk_size
+from fxq.integers.affine import ActQParams
 from fxq.ops.activations import QClamp, QReLU
 from fxq.ops.layers import QLayer
-from fxq.outputs import sqnr_of_sums
-from fxq.suffix import RECORD_BYTES, Runs, chunk_size
 from passes.equalize import equalize
 from passes.fold_bn import fold_bn
 from passes.rewrite_layers import rewrite_layers
@@ -238,7 +240,7 @@ def sensitivity(model: nn.Module, qmodel: fx.GraphModule, images: torch.Tensor,
     returns the whole study.
 
     Each study changes one layer of the float model (or of the all-quantized one): the values
-    before that layer are read from one recorded run (`fxq.suffix.Runs`), not computed again."""
+    before that layer are read from one recorded run (`fxq.graphs.suffix.Runs`), not computed again."""
     images, labels = distributed.concat(images), distributed.concat(labels)
     folded = folded_float(model, records.get(qmodel, QConfig), images)
     layers = integer_layers(qmodel)

@@ -12,17 +12,19 @@ from typing import Iterable
 import torch
 from torch import fx, nn
 
-from fxq import distributed, measure, outputs, records
-from fxq.comparison import Comparison, folded_float, integer_layers, power_sums
+from fxq import distributed
+from fxq.analysis import measure
+from fxq.analysis.comparison import Comparison, folded_float, integer_layers, power_sums
 from fxq.config import QConfig
-from fxq.outputs import OutputComparison
+from fxq.graphs import outputs, records
+from fxq.graphs.outputs import OutputComparison
 from passes.calibrate import batch_input
 
 
 @dataclass(frozen=True)
 class Evaluation:
     """Over every batch (of every rank): top-1 accuracy in % (None if the loader has no labels,
-    or the model returns no classifier logits: `fxq.outputs.logits`), how many samples, each
+    or the model returns no classifier logits: `fxq.graphs.outputs.logits`), how many samples, each
     conv/linear's SQNR against the float model and each output's SQNR and class agreement
     (None without the float model)."""
 

@@ -9,9 +9,9 @@ from typing import Iterable
 import torch
 from torch import fx
 
-from fxq import records
 from fxq.config import QConfig
-from fxq.serialize import save
+from fxq.files.serialize import save
+from fxq.graphs import records
 
 
 def saved_bytes(model: torch.nn.Module) -> int:

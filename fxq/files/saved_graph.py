@@ -1,4 +1,4 @@
-"""The graph of a saved model as data (`fxq.serialize`): each node a record of plain values, read
+"""The graph of a saved model as data (`fxq.files.serialize`): each node a record of plain values, read
 back by name from fixed tables only (:data:`FUNCTIONS`, :data:`METHODS`), every name an
 identifier, every argument checked; anything else is an :class:`InvalidModelFile`."""
 from __future__ import annotations
@@ -9,9 +9,10 @@ import re
 import torch
 from torch import fx
 
-from fxq import ops, records
-from fxq import schema as sc
-from fxq.affine import ActQParams
+from fxq import ops
+from fxq.files import schema as sc
+from fxq.graphs import records
+from fxq.integers.affine import ActQParams
 from fxq.ops.shape import SHAPE_ATTRIBUTES
 
 PLAIN = (int, float, str, bool, type(None))
@@ -112,7 +113,7 @@ def _qparams_from(name: str, values) -> ActQParams:
 
 # what a float op may read of torch's named results (``x.topk(k).values``)
 RESULT_FIELDS = frozenset({"values", "indices"})
-DEVICES = ("cpu", "cuda", "mps")  # a traced branch may have read a tensor's device (fxq.shapes)
+DEVICES = ("cpu", "cuda", "mps")  # a traced branch may have read a tensor's device (fxq.graphs.shapes)
 
 
 def _encode(value):

@@ -9,7 +9,7 @@ or int16 is stored as those differences, which compress to almost nothing.
 
 Reading is bounded: the specs say how many bytes the tensors take, the blob is inflated to at
 most that many, and every spec, size and value range is checked before a tensor is made
-(`decode` raises `fxq.saved_graph.InvalidModelFile`).
+(`decode` raises `fxq.files.saved_graph.InvalidModelFile`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import zlib
 
 import torch
 
-from fxq.saved_graph import expect
+from fxq.files.saved_graph import expect
 
 DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32,
           "int64": torch.int64, "float32": torch.float32, "float64": torch.float64, "bool": torch.bool}

@@ -9,9 +9,9 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fxq import records
-from fxq.affine import ActQParams
-from fxq.observers import Observer
+from fxq.graphs import records
+from fxq.integers.affine import ActQParams
+from fxq.integers.observers import Observer
 
 
 @dataclass(frozen=True)

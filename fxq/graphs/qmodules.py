@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxq import schema as sc
-from fxq.affine import ActQParams
 from fxq.config import Rounding
-from fxq.schema import Schema
-from fxq.twin import FromIntegers, SnapToGrid
+from fxq.files import schema as sc
+from fxq.files.schema import Schema
+from fxq.graphs.twin import FromIntegers, SnapToGrid
+from fxq.integers.affine import ActQParams
 
 
 class NotRepresentable(ValueError):
@@ -82,7 +82,7 @@ class Quantize(_ActBoundary):
         super().__init__(qparams)
         self.requantize_as = Rounding(rounding)
         self.sample_shape = sample_shape  # None: an inner float island, not the network input
-        self.fixed_shape = fixed_shape  # the graph holds for samples of exactly this shape (`fxq.shapes`)
+        self.fixed_shape = fixed_shape  # the graph holds for samples of exactly this shape (`fxq.graphs.shapes`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sample_shape is not None:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from fxq.affine import quantize_weight, round_half_away, weight_qmax, weight_scales
 from fxq.config import QConfig
-from fxq.records import QuantizedWeight
+from fxq.graphs.records import QuantizedWeight
+from fxq.integers.affine import quantize_weight, round_half_away, weight_qmax, weight_scales
 
 
 def quantize_sites(sites: dict[object, tuple[torch.Tensor, QConfig]],

@@ -13,15 +13,16 @@ import torch
 from tabulate import tabulate
 from torch import fx
 
-from fxq import gemm, intmath, packing, records
-from fxq.affine import ActQParams
 from fxq.config import QConfig, Rounding
-from fxq.graph import run_recording
+from fxq.graphs import records
+from fxq.graphs.graph import run_recording
+from fxq.graphs.qmodules import Dequantize, Quantize
+from fxq.graphs.records import IntRange, Observed
+from fxq.integers import gemm, intmath, packing
+from fxq.integers.affine import ActQParams
+from fxq.integers.reference import reference_output
 from fxq.ops.activations import QReLU, QRequantize
 from fxq.ops.qlayer import QLayer
-from fxq.qmodules import Dequantize, Quantize
-from fxq.records import IntRange, Observed
-from fxq.reference import reference_output
 from passes.record_stats import StatsRecorder, observe_on_demand
 
 
@@ -107,7 +108,7 @@ class NetworkExplanation:
 
     rows: list[list] = field(default_factory=list)
     requantize: str = "fixed_point"
-    backends: dict = field(default_factory=dict)  # layer → the `fxq.gemm` backend of its last call
+    backends: dict = field(default_factory=dict)  # layer → the `fxq.integers.gemm` backend of its last call
     headers: tuple = ("op", "kind", "in scale", "out scale", "in bits", "weight bits",
                       "acc worst bits", "acc observed bits", "acc headroom", "out bits", "runs on")
 
@@ -255,7 +256,7 @@ def _runtime_steps(m: QLayer, bound: int, acc_seen, out_dtype: str, out_seen) ->
 
 
 def _how_accumulated(m: QLayer) -> str:
-    """How the executed graph formed the accumulator: the backend `fxq.gemm` chose here."""
+    """How the executed graph formed the accumulator: the backend `fxq.integers.gemm` chose here."""
     backend = m.backend
     if backend is None:
         return "not run yet in this process (the backend is chosen at the first call), exact"

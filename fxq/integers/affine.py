@@ -1,7 +1,7 @@
 """The affine mapping ``x ≈ s · (q − z)`` and how its parameters are chosen.
 
 Every rounding in fxq — float → integer here (the network input, weights, biases) and
-integer → integer requantization in ``fxq.intmath`` — rounds half away from zero.
+integer → integer requantization in ``fxq.integers.intmath`` — rounds half away from zero.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fxq.intmath import storage_dtype
+from fxq.integers.intmath import storage_dtype
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""`fxq.deploy`: a quantized model exported to ONNX (`fxq.onnx_export`) and run by onnxruntime,
+"""`fxq.deploy`: a quantized model exported to ONNX (`fxq.deployment.onnx_export`) and run by onnxruntime,
 float in, float out, with what it guarantees about matching fxq's own executor (`Deployed`)."""
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import io
 import torch
 from torch import fx, nn
 
-from fxq import records, saturation
 from fxq.config import QConfig
-from fxq.onnx_export import Slot, export_onnx, fill, layer_bounds, output_structure
-from fxq.saturation import WeightFormat
+from fxq.deployment import saturation
+from fxq.deployment.onnx_export import Slot, export_onnx, fill, layer_bounds, output_structure
+from fxq.deployment.saturation import WeightFormat
+from fxq.graphs import records
 
 # onnxruntime optimizers that would change fxq's arithmetic: WeightBiasQuantization rounds the
 # float weights of a conv kept in float between DequantizeLinear and QuantizeLinear to int8 (a
@@ -93,7 +94,7 @@ def deploy(qmodel: fx.GraphModule, example_input: torch.Tensor | None = None, th
     """``qmodel`` exported (`export_onnx`) and loaded into onnxruntime with ``threads`` threads;
     with ``example_input``, runs it once (so the first real call is not the slow one).
 
-    ``weights`` picks each layer's weight format (`fxq.saturation`): by default U8S8 (int8
+    ``weights`` picks each layer's weight format (`fxq.deployment.saturation`): by default U8S8 (int8
     weights, the fastest kernels) where this machine's onnxruntime adds products exactly, and
     where it saturates (x86 without VNNI) U8S8 only for layers that cannot saturate, U8U8 for
     the rest. It computes exactly what ``qmodel`` does when ``qmodel`` was quantized with

@@ -8,7 +8,7 @@ at that point, and the twin agrees with the integer graph bit for bit (``twin(x)
     im2col + int8 GEMM (torch._int_mm)         float64 conv2d/linear on the values' steps
                                                (q − z) and the integer weights: exact, every
                                                partial sum is an integer below 2^53
-    requantize, add, requantize tables         the same `fxq.intmath` formula, on int64
+    requantize, add, requantize tables         the same `fxq.integers.intmath` formula, on int64
     max(q, z), max-pool on integers            relu, max-pool on values (monotone maps)
     integer window sum, rounding division      float64 window sum of steps, one division
 
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxq import records
-from fxq.affine import ActQParams, round_half_away
-from fxq.graph import replace_module
+from fxq.graphs import records
+from fxq.graphs.graph import replace_module
+from fxq.integers.affine import ActQParams, round_half_away
 
 
 class SnapToGrid(nn.Module):
