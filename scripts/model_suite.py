@@ -99,9 +99,9 @@ def tables() -> str:
     header = ["vs float (points), full test set"] + [
         f"{n} ({r['float']:.2f})" if r else n for n, r in zip(names, floats)]
     return ("Per model (float accuracy in brackets; negative = accuracy lost):\n\n"
-            + tabulate(rows, headers=header, tablefmt="github") + "\n\nOver the suite:\n\n"
+            + tabulate(rows, headers=header, tablefmt="github", disable_numparse=True) + "\n\nOver the suite:\n\n"
             + tabulate(summary, headers=["fxq.QConfig(weight_bits=w, act_bits=a)", "mean vs float", "worst", "models"],
-                       tablefmt="github"))
+                       tablefmt="github", disable_numparse=True))
 
 
 def main() -> None:
