@@ -60,7 +60,8 @@ class Calibrated:
     range rules, placement, layers kept in float, CLE, or input statistics the calibration config
     did not ask for) are quantized from scratch. `fxq.search_bits` quantizes
     every weight width from one calibration so; calibrate with the config that asks for the most
-    statistics (the output-aware rule's Gram matrices).
+    statistics (the output-aware rule's Gram matrices). A layer's integers at a given weight width,
+    granularity and rule are chosen once and reused by every config served after.
     """
 
     def __init__(self, model: nn.Module, calib_loader: Iterable, config: QConfig | None = None,
@@ -77,6 +78,7 @@ class Calibrated:
                 for user in node.users:
                     self.statistics.setdefault(module_name(user), []).append(stats)
         self.scopes = [""] + [name for name, _ in self.graph.named_modules() if name] if self.graph else []
+        self.chosen_weights: dict = {}  # each layer's integers per weight config, for every config served
 
     def quantize(self, config: QConfig | None = None,
                  overrides: Mapping[str, QConfig | None] | None = None) -> fx.GraphModule:
@@ -88,6 +90,7 @@ class Calibrated:
         shared = [t for sites in self.statistics.values() for m in sites for t in (m.gram, m.column_sum)
                   if t is not None]
         gm = copied(self.graph, shared)
+        ctx.chosen_weights = self.chosen_weights
         set_observer_widths(gm, ctx)
         gm = _run(gm, ctx, PASSES[self.split:])
         records.put(gm, ctx.config)

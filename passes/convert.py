@@ -136,7 +136,7 @@ def _choose_weights(lo: Lowering) -> None:
             if config is not None:
                 sites[node] = (lo.modules[node.target].weight, config)
     grams = {node: lo.grams.get(node.target) for node in sites}
-    for node, weights in quantize_sites(sites, grams).items():
+    for node, weights in quantize_sites(sites, grams, lo.ctx.chosen_weights).items():
         records.put(node, weights)
 
 

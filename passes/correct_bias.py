@@ -35,7 +35,7 @@ def correct_bias(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             if config is not None and config.bias_correction:
                 sites[user] = (modules[user.target].weight, config)
                 means[user], grams[user] = stats.mean, stats.gram_matrix
-    chosen = quantize_sites(sites, grams)
+    chosen = quantize_sites(sites, grams, ctx.chosen_weights)
     for user, weights in chosen.items():
         _shift_bias(modules[user.target], weights, means[user])
         records.put(user, weights)

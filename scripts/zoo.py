@@ -89,16 +89,16 @@ def build(name: str, seed: int = 0) -> nn.Module:
     return settled(model)
 
 
-def settled(model: nn.Module) -> nn.Module:
-    """``model`` in eval mode, its batch norm statistics averaged over train-mode passes of the
-    images (so its activations have realistic scales)."""
+def settled(model: nn.Module, batches=None) -> nn.Module:
+    """``model`` in eval mode, its batch norm statistics averaged over train-mode passes of
+    ``batches`` (default: four batches of 32 `images`), so its activations have realistic scales."""
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum = None  # a cumulative average over the settling batches
     model.train()
     with torch.no_grad():
-        for index in range(4):
-            model(images(32, 1000 + index))
+        for batch in batches if batches is not None else (images(32, 1000 + index) for index in range(4)):
+            model(batch)
     return model.eval()
 
 

@@ -105,3 +105,54 @@ def test_a_pipeline_without_the_calibrate_pass_quantizes_every_config_from_scrat
     config = fxq.QConfig(weight_bits=6)
     assert shared.graph is None
     assert _same_model(shared.quantize(config), fxq.quantize(model, data, config), torch.randn(4, 3, 8, 8))
+
+
+def test_each_layers_integers_are_chosen_once_per_weight_config(monkeypatch):
+    """A config served after another with the same weight widths (here: other activation widths)
+    chooses no weight again; a new weight width chooses only the layers it changes."""
+    from fxq.integers import weight_ranges
+    chosen = []
+    real = weight_ranges.quantize_weights
+    monkeypatch.setattr(weight_ranges, "quantize_weights", lambda w, bits, *a: chosen.append(bits) or real(w, bits, *a))
+    model, data = randomize_bn(Residual()), _data()
+    base = fxq.QConfig(weight_bits=4, keep_first_last_8bit=False)
+    shared = Calibrated(model, data, base)
+    shared.quantize(base)
+    first = len(chosen)
+    shared.quantize(base.with_bits(act_bits=6))
+    assert first > 0 and len(chosen) == first
+    shared.quantize(base, overrides={"fc": base.with_bits(weight_bits=6)})
+    assert chosen[first:] == [6]
+
+
+def test_layer_errors_are_measured_at_the_ends_and_interpolated_between():
+    """At the narrowest and widest width: the logits' error with that layer alone quantized, as a
+    whole run of the model so gives it; between: between them, as the layer's own error is."""
+    import copy
+    from fxq.analysis.comparison import folded_float, integer_layers, quantized_layer
+    from fxq.analysis.mixed import _layer_errors
+    from fxq.graphs.graph import replace_module
+    model, data = randomize_bn(Residual()), _data()
+    config = fxq.QConfig(keep_first_last_8bit=False)
+    shared = Calibrated(model, data, _asking_most(config, (2, 4, 8)))
+    per_width = {b: shared.quantize(config.with_bits(weight_bits=b)) for b in (2, 4, 8)}
+    errors = _layer_errors(model, per_width, data, lambda items, desc: items)
+    inputs = torch.cat([x for x, _ in data])
+    folded = folded_float(model, None, inputs)
+    with torch.no_grad():
+        reference = folded(inputs).double()
+    for name, by_width in errors.items():
+        for width in (2, 8):
+            alone = copy.deepcopy(folded)
+            replace_module(alone, name, quantized_layer(folded.get_submodule(name), integer_layers(per_width[width])[name]))
+            with torch.no_grad():
+                exact = (alone(inputs).double() - reference).pow(2).sum() / reference.pow(2).sum()
+            assert by_width[width] == pytest.approx(float(exact), rel=1e-5)
+        assert by_width[8] <= by_width[4] <= by_width[2], name
+
+
+@pytest.mark.parametrize("shape, count", [((3, 32, 32), 512), ((3, 224, 224), 64), ((3, 64, 64), 128), ((1, 8, 8), 512)])
+def test_the_layer_errors_read_512_images_at_32x32_and_fewer_where_images_are_larger(shape, count):
+    from fxq.analysis.mixed import scoring_inputs
+    batches = [torch.zeros(100, *shape) for _ in range(6)]
+    assert len(scoring_inputs(batches)) == count

@@ -63,3 +63,15 @@ def test_chunks_hold_the_record_under_the_limit():
     assert chunk_size(gm, x, limit=2**30) >= 40
     small = chunk_size(gm, x, limit=20_000)
     assert 1 <= small < 40
+
+
+def test_calls_are_each_call_sites_recorded_input_and_output():
+    """What an in-place ReLU after a layer does cannot change its record."""
+    torch.manual_seed(0)
+    gm = folded_float(Branches())
+    runs = Runs(gm, torch.randn(4, 3, 8, 8))
+    for target in ("stem", "left", "right", "head"):
+        (call,) = runs.calls(target)
+        x, y = call
+        assert torch.equal(gm.get_submodule(target)(x), y)
+        assert (y < 0).any()  # recorded before the ReLU that follows it

@@ -29,6 +29,9 @@ class PassContext:
     overrides: Mapping[str, QConfig | None] = field(default_factory=dict)
     layers: list[str] = field(default_factory=list)  # the quantizable layers, in graph order
     modules: list[str] = field(default_factory=list)  # every called module, in graph order
+    # Integer weights already chosen, by call sites and weight config (`quantize_sites`): one
+    # `fxq.api.Calibrated` shares them across its configs, as their weights and statistics are one.
+    chosen_weights: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for pattern, override in self.overrides.items():

@@ -80,6 +80,11 @@ class Runs:
             self._downstream[target] = reached
         return self._downstream[target]
 
+    def calls(self, target: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The recorded (input, output) of each call of the submodule ``target``."""
+        return [(self.values[n.args[0]], self.values[n]) for n in self.gm.graph.nodes
+                if n.op == "call_module" and n.target == target]
+
     def with_module(self, target: str, module: nn.Module):
         """``gm``'s output with the submodule at ``target`` replaced by ``module``."""
         inputs = [self.values[n] for n in self.gm.graph.nodes if n.op == "placeholder"]

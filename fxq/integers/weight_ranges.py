@@ -22,20 +22,26 @@ from fxq.integers.affine import quantize_weight, round_half_away, weight_qmax, w
 
 
 def quantize_sites(sites: dict[object, tuple[torch.Tensor, QConfig]],
-                   grams: dict[object, torch.Tensor]) -> dict[object, QuantizedWeight]:
+                   grams: dict[object, torch.Tensor], chosen: dict | None = None) -> dict[object, QuantizedWeight]:
     """Each call site's integer weights (``sites``: name → (float weight, config)), quantized once
     per weight tensor and config: the sites of a module called at several places share one set of
-    integers, chosen for all their inputs (``output_aware`` sums their Gram matrices)."""
-    groups: dict[tuple[int, object], list[str]] = {}
+    integers, chosen for all their inputs (``output_aware`` sums their Gram matrices).
+
+    ``chosen`` keeps each choice by the sites' names and the config's weight fields, and answers
+    from it: pass one dict only while the names stand for the same weights and statistics."""
+    groups: dict[tuple[int, object], list] = {}
     for name, (weight, config) in sites.items():
         groups.setdefault((id(weight), config), []).append(name)
+    chosen = {} if chosen is None else chosen
     result = {}
     for (_, config), names in groups.items():
-        site_grams = [grams[n] for n in names if grams.get(n) is not None]
-        gram = sum(site_grams[1:], site_grams[0]) if site_grams else None
-        weights = quantize_weights(sites[names[0]][0], config.layer_weight_bits, config.per_channel,
-                                   config.weight_range, gram)
-        result.update(dict.fromkeys(names, weights))
+        key = (tuple(map(str, names)), config.layer_weight_bits, config.per_channel, config.weight_range)
+        if key not in chosen:
+            site_grams = [grams[n] for n in names if grams.get(n) is not None]
+            gram = sum(site_grams[1:], site_grams[0]) if site_grams else None
+            chosen[key] = quantize_weights(sites[names[0]][0], config.layer_weight_bits, config.per_channel,
+                                           config.weight_range, gram)
+        result.update(dict.fromkeys(names, chosen[key]))
     return result
 
 
