@@ -91,7 +91,8 @@ def main() -> None:
     readme.publish("bench-search-bits",
                    f"{machine['cpu']} ({machine['capability']}), {machine['threads']} threads, torch "
                    f"{machine['torch']}: `fxq.search_bits` on ResNet-18 at 224×224 ({CALIBRATION} calibration "
-                   f"images, {SCORED} scored, widths 2–8, 5-bit budget) took **{seconds:.0f} s**; float accuracy {search.float_accuracy:.1f} %.\n\n{curve}")
+                   f"images, {SCORED} scored, widths 2–8, 5-bit budget) took **{seconds:.0f} s**; "
+                   f"float accuracy {search.float_accuracy:.1f} %.\n\n{curve}")
 
 
 if __name__ == "__main__":

@@ -129,6 +129,7 @@ def test_layer_errors_are_measured_at_the_ends_and_interpolated_between():
     """At the narrowest and widest width: the logits' error with that layer alone quantized, as a
     whole run of the model so gives it; between: between them, as the layer's own error is."""
     import copy
+
     from fxq.analysis.comparison import folded_float, integer_layers, quantized_layer
     from fxq.analysis.mixed import _layer_errors
     from fxq.graphs.graph import replace_module
@@ -144,14 +145,16 @@ def test_layer_errors_are_measured_at_the_ends_and_interpolated_between():
     for name, by_width in errors.items():
         for width in (2, 8):
             alone = copy.deepcopy(folded)
-            replace_module(alone, name, quantized_layer(folded.get_submodule(name), integer_layers(per_width[width])[name]))
+            layer = integer_layers(per_width[width])[name]
+            replace_module(alone, name, quantized_layer(folded.get_submodule(name), layer))
             with torch.no_grad():
                 exact = (alone(inputs).double() - reference).pow(2).sum() / reference.pow(2).sum()
             assert by_width[width] == pytest.approx(float(exact), rel=1e-5)
         assert by_width[8] <= by_width[4] <= by_width[2], name
 
 
-@pytest.mark.parametrize("shape, count", [((3, 32, 32), 512), ((3, 224, 224), 64), ((3, 64, 64), 128), ((1, 8, 8), 512)])
+@pytest.mark.parametrize("shape, count", [((3, 32, 32), 512), ((3, 224, 224), 64), ((3, 64, 64), 128),
+                                          ((1, 8, 8), 512)])
 def test_the_layer_errors_read_512_images_at_32x32_and_fewer_where_images_are_larger(shape, count):
     from fxq.analysis.mixed import scoring_inputs
     batches = [torch.zeros(100, *shape) for _ in range(6)]

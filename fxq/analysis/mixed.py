@@ -188,7 +188,8 @@ def _check(budget: float, candidates: Sequence[int]) -> list[int]:
     return candidates
 
 
-def _layer_errors(model: nn.Module, per_width: dict[int, fx.GraphModule], batches, steps) -> dict[str, dict[int, float]]:
+def _layer_errors(model: nn.Module, per_width: dict[int, fx.GraphModule], batches,
+                  steps) -> dict[str, dict[int, float]]:
     """Mean squared logit error (relative to the logits' mean square) with one layer quantized,
     for every layer and width, on `scoring_inputs`.
 
