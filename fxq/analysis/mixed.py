@@ -211,7 +211,7 @@ def _layer_errors(model: nn.Module, per_width: dict[int, fx.GraphModule], batche
     for width, qmodel in sorted(per_width.items()):
         groups.setdefault(records.get(qmodel, QConfig).cross_layer_equalization, []).append(width)
     errors: dict[str, dict[int, float]] = {}
-    for widths in steps(list(groups.values()), "error of each layer"):
+    for widths in groups.values():
         ends = sorted({widths[0], widths[-1]})
         folded = folded_float(model, records.get(per_width[ends[0]], QConfig), inputs)
         names = distributed.mine(list(integer_layers(per_width[ends[0]])))
@@ -223,7 +223,7 @@ def _layer_errors(model: nn.Module, per_width: dict[int, fx.GraphModule], batche
         for part in inputs.split(chunk_size(folded, inputs)):
             runs = Runs(folded, part)  # each layer's run reuses the values before it
             power += float(runs.output.double().pow(2).sum())
-            for name in names:
+            for name in steps(names, f"error of each layer (measured at {' and '.join(map(str, ends))} bits)"):
                 for width in ends:
                     measured[name][width] += _squared(runs.with_module(name, layers[width][name]), runs.output)
                 with torch.no_grad():
