@@ -33,7 +33,7 @@ def test_unobserved_observer_refuses_to_give_qparams():
 
 
 from fxq import QConfig  # noqa: E402
-from fxq.integers.observers import GRAM_BLOCK, HistogramObserver, MovingAverageObserver, _add_gram, make_observer  # noqa: E402
+from fxq.integers.observers import HistogramObserver, MovingAverageObserver, make_observer  # noqa: E402
 
 
 def test_moving_average_follows_the_ema_formula():
@@ -85,16 +85,3 @@ def test_a_histogram_of_one_repeated_value_gives_that_value():
 def test_make_observer_follows_the_config(act_range, kind):
     obs = make_observer(QConfig(act_range=act_range, act_bits=6), "v")
     assert type(obs).__name__ == kind and obs.bits == 6
-
-
-@pytest.mark.parametrize("size", [7, 2 * GRAM_BLOCK + 37])
-def test_the_gram_matrix_from_its_upper_triangle_is_the_full_product(size):
-    torch.manual_seed(0)
-    columns = torch.randn(300, size)
-    gram = torch.zeros(size, size, dtype=torch.float64)
-    for part in columns.split(100):  # added batch by batch, as calibration does
-        _add_gram(gram, part)
-    expected = columns.double().T @ columns.double()
-    block = slice(0, GRAM_BLOCK)
-    assert torch.equal(gram[GRAM_BLOCK:, block], gram[block, GRAM_BLOCK:].T)  # mirrored, not computed
-    assert torch.allclose(gram, expected, rtol=1e-5, atol=1e-3)

@@ -26,6 +26,7 @@ from fxq import distributed, ops
 from fxq.config import QConfig
 from fxq.integers import ranges
 from fxq.integers.affine import ActQParams
+from fxq.integers.gram import add_conv_gram, add_gram, same_conv_kernel
 
 
 class Observer(nn.Module):
@@ -249,20 +250,6 @@ def make_observer(config: QConfig, label: str) -> Observer:
     return HistogramObserver(label, bits, config.act_range, config.histogram_bins, config.percentile)
 
 
-GRAM_BLOCK = 512
-
-
-def _add_gram(gram: torch.Tensor, columns: torch.Tensor) -> None:
-    """``gram += columnsᵀ·columns``, computing the upper triangle only, by blocks of rows, and
-    mirroring it: 56 % of the full product's work at K = 4608 (a ResNet's widest layer)."""
-    size = columns.shape[1]
-    for start in range(0, size, GRAM_BLOCK):
-        end = min(start + GRAM_BLOCK, size)
-        product = columns[:, start:end].T @ columns[:, start:]  # [block, K − start]
-        gram[start:end, start:] += product
-        gram[end:, start:end] += product[:, end - start:].T
-
-
 class InputGram(nn.Module):
     """Statistics of a conv/linear layer's input columns (the im2col rows ``x``, length K): their
     mean, which bias correction uses, and, with ``gram=True``, the Gram matrix ``H = Σ x·xᵀ``
@@ -302,6 +289,11 @@ class InputGram(nn.Module):
         if not self.recording:
             return x
         size = self.column_sum.shape[1]
+        kernel = same_conv_kernel(self.geometry, x.shape) if self.groups == 1 and self.gram is not None else None
+        if kernel is not None:  # the same sums without the k²-times larger columns
+            add_conv_gram(self.gram[0], self.column_sum[0], x, kernel)
+            self.count += x.shape[0] * x.shape[2] * x.shape[3]
+            return x
         if self.geometry is None:
             columns = x.detach().reshape(-1, 1, x.shape[-1])
         else:  # im2col: [N, groups·K, L] → [N·L, groups, K], each group in weight.reshape(C_out, -1)'s order
@@ -312,7 +304,7 @@ class InputGram(nn.Module):
         self.column_sum += columns.sum(0)
         self.count += columns.shape[0]
         if self.gram is not None and self.groups == 1:
-            _add_gram(self.gram[0], columns[:, 0])
+            add_gram(self.gram[0], columns[:, 0])
         elif self.gram is not None:  # a grouped conv: small K per group
             self.gram += torch.einsum("ngk,ngl->gkl", columns, columns)
         return x
