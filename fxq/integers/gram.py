@@ -9,8 +9,8 @@ A stride-1 conv's columns are shifted copies of one image: the block of H betwee
 border that one of the two offsets moves outside the image. So each of the (2k−1)² differences
 is one correlation of the zero-padded input with itself, ``A_d = Σ_q x[q]·x[q+d]ᵀ`` (half of them
 the transposes of the other half), and each block is its difference's correlation less the few
-border positions it does not read: (2k²−2k+1)/2 products of C channels over every position
-instead of k⁴/2 — 13 instead of 40 for a 3×3 kernel.
+border positions it does not read: ((2k−1)² + 1)/2 = 2k²−2k+1 products of C channels over every
+position instead of about k⁴/2 — 13 instead of 40 for a 3×3 kernel.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def same_conv_kernel(geometry: dict | None, shape: torch.Size) -> int | None:
 def add_conv_gram(gram: torch.Tensor, column_sum: torch.Tensor, x: torch.Tensor, k: int) -> None:
     """``gram`` [C·k², C·k²] and ``column_sum`` [C·k²] (float64, in ``weight.reshape(C_out, −1)``'s
     column order) plus what the im2col columns of ``x`` [N, C, H, W] add, for a k×k, stride-1,
-    k // 2-padded conv (odd k; H and W at least k): the same sums, from (2k−1)²/2 + 1
+    k // 2-padded conv (odd k; H and W at least k): the same sums, from ((2k−1)² + 1)/2
     correlations of ``x``."""
     channels, taps = x.shape[1], k * k
     flat = _Flat(x, k)
@@ -91,9 +91,10 @@ class _Flat:
         zeros = padded.new_zeros(self.margin, c)
         self.z = torch.cat([zeros, padded, zeros])
         self.offsets = [(a, b) for a in range(-self.r, self.r + 1) for b in range(-self.r, self.r + 1)]
-        rows, cols = torch.meshgrid(torch.arange(self.h), torch.arange(self.w), indexing="ij")
+        rows, cols = torch.meshgrid(torch.arange(self.h, device=x.device), torch.arange(self.w, device=x.device),
+                                    indexing="ij")
         self.rows, self.cols = rows.reshape(-1), cols.reshape(-1)
-        self.real = ((torch.arange(n)[:, None] * self.hp * self.wp + (self.rows + self.r) * self.wp
+        self.real = ((torch.arange(n, device=x.device)[:, None] * self.hp * self.wp + (self.rows + self.r) * self.wp
                       + self.cols + self.r) + self.margin)  # [N, H·W]: each image's real positions
 
     def shift(self, offset: tuple[int, int]) -> int:
