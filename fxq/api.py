@@ -8,7 +8,7 @@ from torch import fx, nn
 from fxq.config import QConfig
 from fxq.graphs import records
 from fxq.graphs.context import PassContext
-from fxq.graphs.graph import copied, module_name
+from fxq.graphs.graph import code_made_when_run, compiled, copied, module_name
 from fxq.integers.observers import InputGram
 from passes.calibrate import calibrate
 from passes.convert import convert
@@ -133,6 +133,7 @@ def _context(calib_loader: Iterable, config: QConfig | None,
 
 
 def _run(gm: nn.Module, ctx: PassContext, passes: Sequence[Pass]) -> fx.GraphModule:
-    for step in passes:
-        gm = step(gm, ctx)
-    return gm
+    with code_made_when_run():
+        for step in passes:
+            gm = step(gm, ctx)
+    return compiled(gm)

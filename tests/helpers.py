@@ -14,6 +14,14 @@ from fxq.graphs.graph import run_recording
 from fxq.graphs.outputs import named
 
 
+def threads() -> int:
+    """This test process's share of the cores: all of them, or 1/n of them under n pytest-xdist workers
+    (two workers of two threads each on two cores wait on each other: the unit loop took 69 s, not 23)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // workers)
+
+
 class ConvBnRelu(nn.Module):
     """conv → bn → relu, the unit every CNN repeats."""
 

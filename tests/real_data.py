@@ -9,12 +9,13 @@ import fxq
 from fxq.api import Calibrated
 from scripts import data, models
 from scripts.train import accuracy
+from tests.helpers import threads
 
 
 @functools.cache
 def suite_model(name: str):
     """``(model, test split, 512 training images as batches, float test accuracy)``."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads())
     dataset = models.RECIPES[name].dataset
     model = models.load_trained(name)
     test = data.load(dataset, "test")

@@ -52,6 +52,19 @@ def test_passes_is_a_list_users_can_extend(ctx):
     assert seen and isinstance(qmodel.get_submodule("unit.conv"), QConv2d)
 
 
+def test_every_pass_is_given_a_graph_whose_code_and_forward_are_its_graphs(ctx):
+    x = ctx.calib_loader[0]
+
+    def check(gm, context):
+        assert gm.code == gm.graph.python_code("self").src
+        assert torch.equal(gm(x), fx.Interpreter(gm).run(x))
+        return gm
+
+    checked = [step for p in fxq.PASSES for step in (p, check)]
+    qmodel = fxq.quantize(randomize_bn(Residual()), ctx.calib_loader, passes=checked)
+    assert "bn" not in qmodel.code and type(qmodel).forward.__name__ == "forward"
+
+
 def test_default_config_is_the_contract():
     config = fxq.QConfig()
     assert (config.weight_bits, config.act_bits, config.per_channel, config.weight_range,

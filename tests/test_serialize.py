@@ -191,6 +191,15 @@ def test_a_file_with_a_stale_digest_is_damaged(saved):
         fxq.load(path)
 
 
+def test_the_digest_of_a_payload_is_the_one_files_were_written_with():
+    """The digest is the file format's: a payload hashes as every earlier version hashed it (known answer)."""
+    payload = {"format": "x", "graph": [{"name": "a", "args": ({"node": "b"}, 3, 2.5, None, True), "q": [0.1, 7, 8]}],
+               "modules": {"m": {"w": torch.arange(6, dtype=torch.int8).reshape(2, 3), "k": (1, 2)}}, "n": [[], {}, ()]}
+    assert serialize.digest(payload) == "f1d965b98cf04a2804f896829c7535dc73ef422aac819a357dfe0e8c0214ef2a"
+    payload["graph"][0]["q"][1] = 6
+    assert serialize.digest(payload) != "f1d965b98cf04a2804f896829c7535dc73ef422aac819a357dfe0e8c0214ef2a"
+
+
 def test_models_with_sequential_children_round_trip(tmp_path):
     """Module paths like ``features.0.1`` (torchvision's Sequentials) are saved and loaded."""
     model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), nn.Sequential(nn.Conv2d(4, 2, 1)),

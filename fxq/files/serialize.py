@@ -105,21 +105,43 @@ def digest(payload: dict) -> str:
 
 
 def _feed(h, value) -> None:
-    h.update(type(value).__name__.encode())
+    """Each value as its type's name, then its length and items (dict keys sorted by their repr),
+    its dtype, shape and bytes, or its repr. The text is hashed in runs between tensors: one call
+    per value of a small model's graph was most of loading it."""
+    pieces: list = []
+    _pieces(value, pieces)
+    text: list[str] = []
+    for piece in pieces + [None]:
+        if isinstance(piece, str):
+            text.append(piece)
+            continue
+        h.update("".join(text).encode())
+        text.clear()
+        if piece is not None:
+            h.update(piece.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+_PLAIN = frozenset({int, float, str, bool, type(None)})
+
+
+def _pieces(value, out: list) -> None:
+    out.append(type(value).__name__)
     if isinstance(value, dict):
-        h.update(str(len(value)).encode())
+        out.append(str(len(value)))
         for key in sorted(value, key=repr):
-            _feed(h, key)
-            _feed(h, value[key])
+            _pieces(key, out)
+            _pieces(value[key], out)
     elif isinstance(value, (list, tuple)):
-        h.update(str(len(value)).encode())
+        out.append(str(len(value)))
         for item in value:
-            _feed(h, item)
+            if type(item) in _PLAIN:  # inline: most items are
+                out += (type(item).__name__, repr(item))
+            else:
+                _pieces(item, out)
     elif isinstance(value, torch.Tensor):
-        h.update(f"{value.dtype}{tuple(value.shape)}".encode())
-        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        out += (f"{value.dtype}{tuple(value.shape)}", value)
     else:
-        h.update(repr(value).encode())
+        out.append(repr(value))
 
 
 def _read(path: str | Path) -> dict:

@@ -1,6 +1,8 @@
 """Small helpers every pass uses on a GraphModule."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import dataclasses
 from pathlib import Path
@@ -90,12 +92,48 @@ def scope_of(node: fx.Node) -> str:
 
 
 def finish(gm: fx.GraphModule) -> fx.GraphModule:
-    """End of every pass: drop dead code and unused modules, check the graph, regenerate code."""
+    """End of every pass: drop dead code and unused modules, check the graph, regenerate code — or,
+    inside `code_made_when_run`, have it regenerated when the graph next runs."""
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.graph.lint()
-    gm.recompile()
+    if _DEFERRED.get():  # the class is this graph module's own (GraphModule.__new__)
+        type(gm).forward, type(gm).code = _compile_then_forward, _current_code
+    else:
+        gm.recompile()
     return gm
+
+
+_DEFERRED = contextvars.ContextVar("fxq_code_made_when_run", default=False)
+
+
+@contextlib.contextmanager
+def code_made_when_run():
+    """Passes in a row regenerate a graph's Python code only when something runs it: most passes change
+    a graph no one runs before the next does (code generation was a fifth of a small model's quantize).
+    Whoever opens this calls `compiled` on the graph it returns."""
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+
+
+def compiled(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with its code generated from its graph (pickling and tracing read it)."""
+    if type(gm).__dict__.get("forward") is _compile_then_forward:
+        gm.recompile()
+    return gm
+
+
+def _compile_then_forward(self, *args, **kwargs):
+    self.recompile()
+    return self.forward(*args, **kwargs)
+
+
+@property
+def _current_code(self) -> str:
+    return compiled(self)._code
 
 
 def copied(gm: fx.GraphModule, shared: Iterable[torch.Tensor] = ()) -> fx.GraphModule:
