@@ -10,8 +10,9 @@ from fxq.graphs.records import QuantizedWeight
 from fxq.integers import gemm
 from fxq.integers.affine import ActQParams
 from fxq.ops.layers import QConv2d, QLinear
+from tests.helpers import EXACT_BACKENDS, needs_exact_int8_gemm
 
-BACKENDS = list(gemm.Backend)
+BACKENDS = EXACT_BACKENDS
 
 
 def _layer(kind, weight_q: torch.Tensor, input_qp: ActQParams, bias_scale: float = 0.0, **geometry):
@@ -66,7 +67,7 @@ def _extreme_weight(shape, bits: int, seed: int) -> torch.Tensor:
 
 def _assert_every_backend_exact(m, x_q):
     expected = reference(m, x_q)
-    for backend in m.backends():
+    for backend in filter(BACKENDS.__contains__, m.backends()):
         acc, _ = m.accumulate_by(backend, x_q)
         assert torch.equal(acc.to(torch.int64), expected), backend
     outputs = []
@@ -125,6 +126,7 @@ def test_float32_chunks_cover_every_channel_and_each_is_the_longest_below_2_to_t
     assert gemm.float32_chunks(torch.full((1, 1, 23, 23), 127, dtype=torch.int8), 255) is None  # one channel past it
 
 
+@needs_exact_int8_gemm
 @pytest.mark.parametrize("m, k, n", [(1, 9, 1), (16, 8, 8), (17, 27, 5), (40, 576, 64)])
 def test_the_padded_int8_gemm_that_cuda_needs_gives_the_same_product(m, k, n):
     gen = torch.Generator().manual_seed(m + k)
@@ -163,7 +165,7 @@ def test_the_timed_choice_is_remembered_per_layer_shape(monkeypatch):
     assert chosen == [m.backend] and m.backend in gemm.admitted("cpu")
 
 
-def test_a_backend_that_misses_one_bit_on_the_probe_is_not_admitted(monkeypatch):
+def test_a_backend_that_misses_one_bit_on_the_probe_is_not_admitted_nor_run_when_asked_for(monkeypatch):
     real = gemm._probe_runs
 
     def off_by_one(columns, weight):
@@ -171,11 +173,19 @@ def test_a_backend_that_misses_one_bit_on_the_probe_is_not_admitted(monkeypatch)
         return {**runs, gemm.Backend.FLOAT32: lambda: runs[gemm.Backend.FLOAT64]() + 1}
 
     monkeypatch.setattr(gemm, "_probe_runs", off_by_one)
+    gemm.exact.cache_clear()
     gemm.admitted.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="float32"):
             assert gemm.Backend.FLOAT32 not in gemm.admitted("cpu")
+        qp = ActQParams(0.05, 0, 8)
+        m = _layer(QConv2d, _extreme_weight((4, 8, 3, 3), 8, 16), qp, padding=1)
+        monkeypatch.setenv(gemm.ENVIRONMENT, "float32")
+        with pytest.raises(RuntimeError, match="FXQ_GEMM=float32 asks for the float32 backend, which gives wrong "
+                                               "integers on this cpu .*'float64'"):
+            m(_extreme_input((1, 8, 4, 4), qp, 17))
     finally:
+        gemm.exact.cache_clear()
         gemm.admitted.cache_clear()
 
 

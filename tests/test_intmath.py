@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fxq.integers import intmath
+from tests.helpers import needs_exact_int8_gemm
 
 
 def exact_round_half_away(x: Fraction) -> int:
@@ -109,6 +110,7 @@ def integer_conv(x, zero_point, w, bias, stride=1, padding=1):
     return acc.reshape(n, h, wd, -1).permute(0, 3, 1, 2)
 
 
+@needs_exact_int8_gemm
 @pytest.mark.parametrize("zero_point", [0, 128, 255])
 def test_accumulate_is_exact_on_the_widest_resnet18_layer(zero_point):
     """K = 512·3·3 = 4608 with |W| = 127 and inputs at the range ends: |acc| reaches 1.5·10^8,
@@ -129,6 +131,7 @@ def test_float32_would_not_be_exact_there():
     assert not torch.equal(naive, int64_conv_reference(x, 0, w, torch.zeros(8, dtype=torch.int32)))
 
 
+@needs_exact_int8_gemm
 def test_strided_conv_columns_pad_with_the_zero_point():
     torch.manual_seed(3)
     x = torch.randint(0, 256, (2, 5, 7, 7), dtype=torch.uint8)

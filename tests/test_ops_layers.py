@@ -9,7 +9,7 @@ from fxq.graphs import records
 from fxq.integers import gemm
 from fxq.integers.reference import reference_output
 from fxq.ops.layers import QConv2d
-from tests.helpers import check_quantized
+from tests.helpers import EXACT_BACKENDS, check_quantized
 
 
 class Grouped(nn.Module):
@@ -80,9 +80,9 @@ def test_the_grouped_accumulator_is_exact_at_the_worst_case(groups, multiplier):
 def test_explain_recomputes_grouped_layers_exactly(layer):
     model = Grouped().eval()
     qmodel = fxq.quantize(model, [torch.randn(8, 3, 12, 12) for _ in range(4)])
-    for backend, expected in [("integer", {"depthwise": "multiply-adds", "multiplier": "multiply-adds",
-                                           "grouped": "per group (2)", "channels_last": "int8 GEMM"}[layer]),
-                              ("float32", "float32"), ("float64", "float64")]:
+    kernels = {"integer": {"depthwise": "multiply-adds", "multiplier": "multiply-adds", "grouped": "per group (2)",
+                           "channels_last": "int8 GEMM"}[layer], "float32": "float32", "float64": "float64"}
+    for backend, expected in ((str(b), kernels[str(b)]) for b in EXACT_BACKENDS):
         with gemm.forced(backend):
             explanation = fxq.explain(qmodel, layer, torch.randn(8, 3, 12, 12))
         assert explanation.check.mismatches == 0 and explanation.check.elements > 0

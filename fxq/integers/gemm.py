@@ -17,8 +17,9 @@ The choice: ``FXQ_GEMM=integer|float32|float64`` in the environment, or :func:`f
 (tests, benchmarks); otherwise every layer shape takes the fastest of its candidates in a short
 timing on one sample the first time it runs, remembered for the process (:func:`choices`).
 A probe run once per process and device first drops a backend that gives a wrong answer on
-worst-case operands, and the int8 GEMM where it is ``SLOW``× slower than float32, so that the
-timing stays short where ``torch._int_mm`` is slow.
+worst-case operands (:func:`exact`; asking for one by name is then an error), and the int8 GEMM
+where it is ``SLOW``× slower than float32, so that the timing stays short where ``torch._int_mm``
+is slow.
 
 Float kernels run with NNPACK and cuDNN off (their Winograd and FFT algorithms are not exact on
 integers); PyTorch's oneDNN convolutions on the CPU and every GEMM only multiply and add.
@@ -85,6 +86,10 @@ def choose(key: Hashable, device: torch.device, candidates: dict[Backend, Callab
     fastest of ``candidates`` (zero-argument runs of the layer on one sample), timed once."""
     wanted = requested()
     if wanted is not None:
+        if wanted in candidates and wanted not in exact(device.type):
+            raise RuntimeError(f"{how_chosen().removeprefix('forced by ')} asks for the {wanted} backend, which gives "
+                               f"wrong integers on this {device.type} ({torch.backends.cpu.get_cpu_capability()}): "
+                               f"use one of {sorted(b.value for b in exact(device.type))}, or 'auto'")
         return wanted if wanted in candidates else next(iter(candidates))
     if key not in _choices:
         usable = {b: run for b, run in candidates.items() if b in admitted(device.type)}
@@ -128,29 +133,41 @@ def _seconds(run: Callable[[], object]) -> float:
 
 
 @functools.cache
-def admitted(device_type: str) -> frozenset[Backend]:
-    """The backends worth timing on this device: exact on the probe's worst-case operands, and
-    the int8 GEMM only where it is less than ``SLOW``× slower than float32 on the probe's shape."""
-    device = torch.device(device_type)
-    gen = torch.Generator().manual_seed(0)
-    columns = torch.randint(-128, 128, (784, 576), dtype=torch.int8, generator=gen)
-    weight = torch.randint(-127, 128, (576, 64), dtype=torch.int8, generator=gen)
-    columns[:, :8], weight[:8] = -128, -127  # the largest products
-    columns, weight = columns.to(device), weight.to(device)
+def exact(device_type: str) -> frozenset[Backend]:
+    """The backends that give the probe's worst-case integers on this device (oneDNN's int8 GEMM
+    limited to AVX2 on an AVX-512 CPU, ``ONEDNN_MAX_CPU_ISA=AVX2``, saturates: not every build and CPU
+    is exact, so each is checked where it runs)."""
+    columns, weight = _probe_operands(device_type)
     expected = columns.to(torch.float64) @ weight.to(torch.float64)
     ok = {backend: torch.equal(run().to(torch.float64), expected)
           for backend, run in _probe_runs(columns, weight).items()}
-    found = frozenset(b for b, exact in ok.items() if exact)
-    if not ok[Backend.INTEGER] or not ok[Backend.FLOAT32]:
+    if not all(ok.values()):
         import warnings
         warnings.warn(f"fxq: on {device_type}, backends {[b.value for b, e in ok.items() if not e]} "
                       "gave a wrong integer on the probe and are not used", RuntimeWarning)
+    return frozenset(b for b, is_exact in ok.items() if is_exact)
+
+
+@functools.cache
+def admitted(device_type: str) -> frozenset[Backend]:
+    """The backends worth timing on this device: `exact` ones, and the int8 GEMM only where it is
+    less than ``SLOW``× slower than float32 on the probe's shape."""
+    found = exact(device_type)
     if {Backend.INTEGER, Backend.FLOAT32} <= found:
-        runs = _probe_runs(columns, weight)
+        runs = _probe_runs(*_probe_operands(device_type))
         integer, float32 = (min(_seconds(runs[b]) for _ in range(3)) for b in (Backend.INTEGER, Backend.FLOAT32))
         if integer > SLOW * float32:
             found -= {Backend.INTEGER}
     return found
+
+
+def _probe_operands(device_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 3×3 conv's int8 columns and weight (64 channels, 28×28 positions), the largest products in front."""
+    gen = torch.Generator().manual_seed(0)
+    columns = torch.randint(-128, 128, (784, 576), dtype=torch.int8, generator=gen)
+    weight = torch.randint(-127, 128, (576, 64), dtype=torch.int8, generator=gen)
+    columns[:, :8], weight[:8] = -128, -127
+    return columns.to(device_type), weight.to(device_type)
 
 
 def _probe_runs(columns: torch.Tensor, weight: torch.Tensor) -> dict[Backend, Callable[[], torch.Tensor]]:
