@@ -41,7 +41,7 @@ def check(name: str) -> list[dict]:
     gpu_model, float_model = copy.deepcopy(on_cpu).cuda(), copy.deepcopy(model).cuda()
     x256 = test.images[:256].cuda()
     rows = [{"model": name, "run": "float32 torch", "ms_b256": latency_ms(float_model, x256, 10)}]
-    for backend in [None, *gemm.Backend]:
+    for backend in [None, *sorted(gemm.exact("cuda"))]:
         with gemm.forced(backend) if backend else contextlib.nullcontext():
             with torch.no_grad():
                 logits = torch.cat([gpu_model(x.cuda()).cpu() for x in test.images.split(500)])
