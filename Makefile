@@ -11,7 +11,7 @@ setup: .venv/ready data browser emulator
 # Installers' output goes to .venv/setup.log, shown only if a step fails.
 .venv/ready: pyproject.toml
 	@python3 -m venv .venv
-	@{ .venv/bin/pip install torch==2.14.1 torchvision==0.29.1 && .venv/bin/pip install -e '.[dev,deploy]'; } \
+	@{ .venv/bin/pip install torch==2.14.1 torchvision==0.29.1 && .venv/bin/pip install -e '.[dev,deploy,openvino]'; } \
 		> .venv/setup.log 2>&1 || { cat .venv/setup.log; exit 1; }
 	@touch $@
 
@@ -56,6 +56,7 @@ docs: setup
 	$(PY) -m scripts.zoo_vision
 	$(PY) -m scripts.branched
 	$(PY) -m scripts.deploy_agreement
+	$(PY) -m scripts.deploy_runtimes
 	$(PY) -m scripts.bench
 	$(PY) -m scripts.bench_backends
 	$(PY) -m scripts.bench_cli

@@ -20,6 +20,7 @@ class Rounding(str, enum.Enum):
 
 
 REQUANTIZE = tuple(r.value for r in Rounding)
+RUNTIMES = ("onnxruntime", "openvino")  # what `fxq.deploy` runs an exported model on
 MIN_BITS, MAX_BITS = 2, 8
 WIDE_ACT_BITS = 16  # activations may also be 16-bit (int32 storage, float64-exact GEMM)
 # Fields that None leaves to `defaults_for` the bit widths.

@@ -1,5 +1,6 @@
 """The `fxq` command on a user's own model (PKG.MODULE:FACTORY in a file of a temporary folder) and
 an image folder: every subcommand, errors and exit codes, the config file, the report in a browser."""
+import importlib.util
 import re
 import subprocess
 import sys
@@ -275,6 +276,21 @@ def test_a_float_row_that_is_not_the_quantized_model_is_flagged_not_compared(pro
     assert main(["evaluate", "f.fxq", *MODEL, "--no-deploy", "--quiet"]) == 0  # its own float model: compared
     shown = capsys.readouterr().out
     assert "no reference" not in shown and _column(shown, "vs float (points)")[1] not in ("", "—")
+
+
+def test_evaluate_shows_a_deployed_row_per_runtime_asked_for(project, monkeypatch, capsys):
+    pytest.importorskip("openvino")
+    monkeypatch.chdir(project)
+    assert main(["quantize", *MODEL, "--out", "r.fxq", "--calib", "16", "--requantize", "onnxruntime", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "r.fxq", *MODEL, "--runtime", "openvino", "--runtime", "onnxruntime", "--runs", "1",
+                 "--quiet"]) == 0
+    rows = [line.split("  ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("fxq deployed")]
+    assert rows == ["fxq deployed (openvino, within a few steps)", "fxq deployed (onnxruntime, bit-exact)"]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    assert main(["evaluate", "r.fxq", *MODEL, "--runtime", "openvino", "--runs", "1", "--quiet"]) == 2
+    assert "--runtime openvino: openvino is not installed (pip install 'fxq[openvino]')" in capsys.readouterr().err
 
 
 def test_a_float_model_at_chance_is_no_reference(project, monkeypatch, capsys):

@@ -34,7 +34,8 @@ def _measured(args, qmodel, model, data):
     check_classes(data, qmodel)
     random_weights = model is not None and args.weights is None and not inputs.is_factory(args.model)
     problems = [] if model is None else float_problems(model, qmodel, data.example(1), random_weights)
-    return measure_rows(qmodel, data, model, args.limit, args.runs, not args.no_deploy, args.threads, problems)
+    runtimes = [] if args.no_deploy else list(dict.fromkeys(args.runtime or ["onnxruntime"]))
+    return measure_rows(qmodel, data, model, args.limit, args.runs, runtimes, args.threads, problems)
 
 
 def _say_problems(measured) -> None:

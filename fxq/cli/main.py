@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from fxq.cli.usage import UsageError
-from fxq.config import ACT_RANGES, MAX_BITS, MIN_BITS, PLACEMENTS, REQUANTIZE, WEIGHT_RANGES, WIDE_ACT_BITS
+from fxq.config import ACT_RANGES, MAX_BITS, MIN_BITS, PLACEMENTS, REQUANTIZE, RUNTIMES, WEIGHT_RANGES, WIDE_ACT_BITS
 from passes import ORDER as PASS_NAMES
 
 # a user's own network (mynets.py beside them, a factory returning the nn.Module) and its weights
@@ -174,7 +174,10 @@ def _measure(p) -> None:
     g = p.add_argument_group("measuring")
     g.add_argument("--limit", type=int, metavar="N", help="evaluate on the first N test images (default: all)")
     g.add_argument("--runs", type=int, default=20, help="timed runs per latency (median; default 20)")
-    g.add_argument("--no-deploy", action="store_true", help="skip the deployed (onnxruntime) row")
+    g.add_argument("--no-deploy", action="store_true", help="skip the deployed rows")
+    g.add_argument("--runtime", action="append", choices=RUNTIMES,
+                   help="a deployed row on this runtime (repeat for both; default onnxruntime; openvino: never "
+                        "bit-exact, often faster at the batch size)")
 
 
 def _widths(text: str) -> tuple[int, ...]:

@@ -5,6 +5,7 @@ import importlib.util
 import math
 import statistics
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import fx, nn
@@ -35,20 +36,25 @@ class Measured:
 
 
 def measure_rows(qmodel: fx.GraphModule, data, model: nn.Module | None, limit: int | None, runs: int,
-                 deploy: bool, threads: int | None, reference_problems: list[str] = ()) -> Measured:
+                 runtimes: Sequence[str], threads: int | None, reference_problems: list[str] = ()) -> Measured:
     """One row per model: accuracy on the test images, saved size, latency at batch 1 and at the
-    batch size (median of ``runs``). Under torchrun the ranks share the test images
+    batch size (median of ``runs``); a deployed row per runtime of ``runtimes`` (onnxruntime's is
+    left out where it is not installed). Under torchrun the ranks share the test images
     (`fxq.evaluate`) and rank 0 alone times the latency, so that no rank competes with it.
 
     ``reference_problems`` (:func:`float_problems`), and a float accuracy at chance, make the float
     row no reference: it is measured, but the cells that compare with it hold ``—``."""
     candidates = [("float32", model)] if model is not None else []
     candidates.append(("fxq (integer executor)", qmodel))
-    if deploy and importlib.util.find_spec("onnxruntime") is not None:
+    for runtime in runtimes:
+        if runtime == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
+            continue
+        if importlib.util.find_spec(runtime) is None:
+            raise UsageError(f"--runtime {runtime}: {runtime} is not installed (pip install 'fxq[{runtime}]')")
         import fxq
-        deployed = fxq.deploy(qmodel, data.example(1), threads=threads or 2)
+        deployed = fxq.deploy(qmodel, data.example(1), threads=threads or 2, runtime=runtime)
         agreement = "bit-exact" if deployed.bit_exact else "within a few steps"
-        candidates.append((f"fxq deployed (onnxruntime, {agreement})", deployed))
+        candidates.append((f"fxq deployed ({runtime}, {agreement})", deployed))
     x1, xb = data.example(1), data.example(data.batch_size)
     problems, rows, float_row = list(reference_problems), [], None
     with torch.no_grad():

@@ -1,5 +1,5 @@
-"""`fxq.deploy`: a quantized model exported to ONNX (`fxq.deployment.onnx_export`) and run by onnxruntime,
-float in, float out, with what it guarantees about matching fxq's own executor (`Deployed`)."""
+"""`fxq.deploy`: a quantized model exported to ONNX (`fxq.deployment.onnx_export`) and run by onnxruntime or
+OpenVINO, float in, float out, with what it guarantees about matching fxq's own executor (`Deployed`)."""
 from __future__ import annotations
 
 import io
@@ -7,7 +7,7 @@ import io
 import torch
 from torch import fx, nn
 
-from fxq.config import QConfig
+from fxq.config import RUNTIMES, QConfig
 from fxq.deployment import saturation
 from fxq.deployment.onnx_export import Slot, export_onnx, fill, layer_bounds, output_structure
 from fxq.deployment.saturation import WeightFormat
@@ -20,21 +20,22 @@ KEEP_FLOAT = ["WeightBiasQuantization"]
 
 
 class Deployed(nn.Module):
-    """float in, float out: a quantized model exported to ONNX and run by an onnxruntime session.
+    """float in, float out: a quantized model exported to ONNX and run by ``runtime`` (onnxruntime's
+    session or OpenVINO's compiled model, on the CPU).
 
-    ``bit_exact``: its outputs equal the quantized model's bit for bit — the model computes
-    onnxruntime's arithmetic (``QConfig(requantize="onnxruntime")``) and no layer runs a kernel
-    that saturates on this machine. ``formats``: each layer's weight format; ``saturating``:
-    whether this machine's U8S8 kernels add products in saturating 16-bit pairs; ``float_ops``:
-    the ops that run in float between integers."""
+    ``bit_exact``: its outputs equal the quantized model's bit for bit — onnxruntime runs the model,
+    the model computes onnxruntime's arithmetic (``QConfig(requantize="onnxruntime")``) and no layer
+    runs a kernel that saturates on this machine. ``formats``: each layer's weight format;
+    ``saturating``: whether this machine's onnxruntime U8S8 kernels add products in saturating 16-bit
+    pairs; ``float_ops``: the ops that run in float between integers."""
 
     def __init__(self, model_bytes: bytes, threads: int, bit_exact: bool,
                  formats: dict[str, WeightFormat] | None = None, saturating: bool = False,
-                 float_ops: list[str] | None = None, structure=Slot(0)):
+                 float_ops: list[str] | None = None, structure=Slot(0), runtime: str = "onnxruntime"):
         super().__init__()
         self.structure = structure  # what the model returns (`output_structure`)
         self.float_ops = list(float_ops or [])
-        self.model_bytes, self.threads = model_bytes, threads
+        self.model_bytes, self.threads, self.runtime = model_bytes, threads, runtime
         self.bit_exact = bit_exact
         self.formats, self.saturating = dict(formats or {}), saturating
         self._session = None
@@ -46,25 +47,24 @@ class Deployed(nn.Module):
         return next(iter(counts)) if len(counts) == 1 else ", ".join(f"{k} ×{v}" for k, v in counts.items())
 
     def session(self):
+        """The runtime's loaded model: a function of a float32 array to the list of output arrays."""
         if self._session is None:
-            import onnxruntime as ort
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = self.threads
-            options.inter_op_num_threads = 1
-            self._session = ort.InferenceSession(self.model_bytes, options, providers=["CPUExecutionProvider"],
-                                                 disabled_optimizers=KEEP_FLOAT)
+            self._session = (_onnxruntime if self.runtime == "onnxruntime" else _openvino)(self.model_bytes,
+                                                                                           self.threads)
         return self._session
 
     def forward(self, x: torch.Tensor):
         """The model's outputs, in the tuples, lists and dicts the model returns them in."""
-        session = self.session()
-        feed = {session.get_inputs()[0].name: x.detach().to(torch.float32).contiguous().numpy()}
-        return fill(self.structure, [torch.from_numpy(r) for r in session.run(None, feed)])
+        results = self.session()(x.detach().to(torch.float32).contiguous().numpy())
+        return fill(self.structure, [torch.from_numpy(r) for r in results])
 
     def __getstate__(self):
         return {**self.__dict__, "_session": None}  # a session does not pickle; it is made again
 
     def extra_repr(self) -> str:
+        if self.runtime == "openvino":
+            return (f"OpenVINO, weights {self.weight_format}, {len(self.model_bytes) / 1e6:.2f} MB model, "
+                    f"{self.threads} threads, {OPENVINO_AGREEMENT}")
         if self.bit_exact:
             agreement = "bit-exact with fxq's executor"
         elif self.saturating and any(f is WeightFormat.U8S8 for f in self.formats.values()):
@@ -81,6 +81,45 @@ class Deployed(nn.Module):
                 f"model, {self.threads} threads, {agreement}")
 
 
+# what OpenVINO's int8 pipeline does with fxq's graph (`python -m scripts.deploy_runtimes` measures it)
+OPENVINO_AGREEMENT = ("NOT exact: OpenVINO requantizes in its own float arithmetic, so outputs land a step or "
+                      "more from fxq's executor")
+
+
+def _onnxruntime(model_bytes: bytes, threads: int):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"],
+                                   disabled_optimizers=KEEP_FLOAT)
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})
+
+
+def _openvino(model_bytes: bytes, threads: int):
+    """OpenVINO's CPU plugin with ``threads`` threads, in float32 where the graph is float: its
+    default on CPUs with bfloat16 arithmetic (AVX-512 BF16, AMX) would round fxq's float values between
+    integer ops to 8 bits of mantissa."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ImportError("runtime='openvino' needs OpenVINO: pip install 'fxq[openvino]' (or pip install "
+                          "openvino), or deploy with runtime='onnxruntime'") from None
+    core = ov.Core()
+    return _OpenVINOModel(core.compile_model(core.read_model(io.BytesIO(model_bytes)), "CPU",
+                                             {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}))
+
+
+class _OpenVINOModel:
+    def __init__(self, compiled):
+        self.compiled, self.request = compiled, compiled.create_infer_request()
+
+    def __call__(self, x):
+        # copies: the request reuses its output memory on the next call
+        return [result.copy() for result in self.request.infer({0: x}).to_tuple()]
+
+
 def float_ops(qmodel: fx.GraphModule) -> list[str]:
     """The float ops between integers (each one's output is quantized again inside the graph):
     onnxruntime's float kernels may round them differently from torch's."""
@@ -90,9 +129,15 @@ def float_ops(qmodel: fx.GraphModule) -> list[str]:
 
 
 def deploy(qmodel: fx.GraphModule, example_input: torch.Tensor | None = None, threads: int = 2,
-           weights: str = "auto") -> Deployed:
-    """``qmodel`` exported (`export_onnx`) and loaded into onnxruntime with ``threads`` threads;
-    with ``example_input``, runs it once (so the first real call is not the slow one).
+           weights: str = "auto", runtime: str = "onnxruntime") -> Deployed:
+    """``qmodel`` exported (`export_onnx`) and loaded into ``runtime`` — ``"onnxruntime"`` or
+    ``"openvino"`` (an optional dependency, ``fxq[openvino]``) — with ``threads`` threads; with
+    ``example_input``, runs it once (so the first real call is not the slow one).
+
+    OpenVINO reads the same file and runs its integers with its own int8 kernels, faster on many
+    models at batch 32 (README, "A second runtime"), but requantizes in its own float arithmetic: its outputs are
+    never ``bit_exact`` (a step or more from fxq's executor on some values; the same class on the
+    suite's images).
 
     ``weights`` picks each layer's weight format (`fxq.deployment.saturation`): by default U8S8 (int8
     weights, the fastest kernels) where this machine's onnxruntime adds products exactly, and
@@ -102,6 +147,8 @@ def deploy(qmodel: fx.GraphModule, example_input: torch.Tensor | None = None, th
     (``deployed.bit_exact``); otherwise convs, linears and adds may land a step or two apart
     (onnxruntime requantizes in float32, fxq in fixed point), and so may the output of a float
     op (onnxruntime's float kernels round their own way)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime={runtime!r}: fxq deploys to {' or '.join(map(repr, RUNTIMES))}")
     buffer = io.BytesIO()
     export_onnx(qmodel, buffer, weights)
     config = records.get(qmodel, QConfig)
@@ -112,8 +159,9 @@ def deploy(qmodel: fx.GraphModule, example_input: torch.Tensor | None = None, th
                                           for name, f in formats.items())
     runtime_arithmetic = config is not None and config.requantize == "onnxruntime"
     floating = float_ops(qmodel)
-    exact = runtime_arithmetic and exact_kernels and not floating
-    deployed = Deployed(buffer.getvalue(), threads, exact, formats, saturating, floating, output_structure(qmodel))
+    exact = runtime == "onnxruntime" and runtime_arithmetic and exact_kernels and not floating
+    deployed = Deployed(buffer.getvalue(), threads, exact, formats, saturating, floating, output_structure(qmodel),
+                        runtime)
     if example_input is not None:
         deployed(example_input)
     return deployed

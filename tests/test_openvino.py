@@ -1,0 +1,62 @@
+"""`fxq.deploy(..., runtime="openvino")`: the exported file run by OpenVINO, float in, float out in the model's
+structure, its threads honoured, float32 where the graph is float, and never called bit-exact."""
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import fxq
+from fxq.analysis.comparison import sqnr_db
+from fxq.graphs.outputs import named
+from tests.helpers import Residual, randomize_bn
+
+pytest.importorskip("openvino")
+
+
+class TwoHeads(nn.Module):
+    """A dict of a feature map and a tuple of logits, as segmentation and detection models return."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head, self.fc = nn.Conv2d(8, 4, 1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.body(x)
+        return {"map": self.head(y), "scores": (self.fc(y.mean((2, 3))),)}
+
+
+def _quantized(model):
+    torch.manual_seed(0)
+    calibration = [torch.randn(8, 3, 8, 8) for _ in range(4)]
+    return fxq.quantize(randomize_bn(model), calibration, fxq.QConfig(requantize="onnxruntime"))
+
+
+@pytest.mark.parametrize("model", [Residual, TwoHeads])
+def test_openvino_runs_the_exported_integers_close_to_fxq_and_never_claims_exact(model):
+    qmodel = _quantized(model())
+    x = torch.randn(16, 3, 8, 8)
+    deployed = fxq.deploy(qmodel, x[:1], runtime="openvino")
+    ours, theirs = named(qmodel(x)), named(deployed(x))
+    assert [name for name, _ in theirs] == [name for name, _ in ours]
+    assert all(b.dtype == torch.float32 and b.shape == a.shape for (_, a), (_, b) in zip(ours, theirs))
+    assert all(sqnr_db(a, b) > 30 for (_, a), (_, b) in zip(ours, theirs))
+    assert not deployed.bit_exact and "OpenVINO" in repr(deployed) and "NOT exact" in repr(deployed)
+    assert fxq.deploy(qmodel, runtime="onnxruntime").bit_exact  # the same model: exact where it can be
+
+
+def test_openvino_takes_the_threads_it_is_given_and_keeps_float_values_in_float32():
+    deployed = fxq.deploy(_quantized(Residual()), threads=1, runtime="openvino")
+    compiled = deployed.session().compiled
+    assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
+
+
+def test_an_unknown_or_missing_runtime_is_refused_with_the_fix(monkeypatch):
+    qmodel = _quantized(Residual())
+    with pytest.raises(ValueError, match="runtime='tvm': fxq deploys to 'onnxruntime' or 'openvino'"):
+        fxq.deploy(qmodel, runtime="tvm")
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(ImportError, match=r"pip install 'fxq\[openvino\]'.*runtime='onnxruntime'"):
+        fxq.deploy(qmodel, torch.randn(1, 3, 8, 8), runtime="openvino")
