@@ -5,8 +5,9 @@
 For the committed suite models at W8A8 (512 calibration images, ``QConfig(requantize="onnxruntime")``: the
 arithmetic onnxruntime runs exactly), on the full test set: each runtime's accuracy, the share of images whose
 outputs are identical to the executor's, of identical logits, the largest difference in output steps, the
-share predicting the executor's class; and the median latency at batch 1 and 32 on 2 threads. Every number
-names the CPU it ran on.
+share predicting the executor's class, how many lookup tables run as float ops
+(`fxq.deployment.float_tables`); and the median latency at batch 1 and 32 on 2 threads. Every number names
+the CPU it ran on.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def measure(name: str) -> dict:
         same = logits == reference
         rows[runtime] = {
             "bit_exact": deployed.bit_exact,
+            "float_tables": len(deployed.float_tables),
             "accuracy": 100 * float((logits.argmax(1) == test.labels).float().mean()),
             "identical_outputs": 100 * float(same.all(1).float().mean()),
             "identical_logits": 100 * float(same.float().mean()),
@@ -66,14 +68,16 @@ def table(results: dict) -> str:
     lines = []
     for name, r in results["models"].items():
         for runtime, m in r["runtimes"].items():
-            lines.append([name, runtime + (" (bit-exact)" if m["bit_exact"] else ""), f"{r['executor_accuracy']:.2f}",
+            lines.append([name, runtime + (" (bit-exact)" if m["bit_exact"] else ""), m["float_tables"],
+                          f"{r['executor_accuracy']:.2f}",
                           f"{m['accuracy']:.2f}", f"{m['identical_outputs']:.1f} %", f"{m['identical_logits']:.1f} %",
                           m["max_steps"], f"{m['same_class']:.2f} %", f"{m['ms_batch1']:.2f}",
                           f"{m['ms_batch32']:.1f}"])
     machine = results["machine"]
-    return (tabulate(lines, headers=["model (W8A8)", "runtime", "fxq executor %", "deployed %", "identical images",
-                                     "identical logits", "largest difference (steps)", "executor's class",
-                                     "ms batch 1", "ms batch 32"], tablefmt="github")
+    return (tabulate(lines, headers=["model (W8A8)", "runtime", "tables as float ops", "fxq executor %",
+                                     "deployed %", "identical images", "identical logits",
+                                     "largest difference (steps)", "executor's class", "ms batch 1", "ms batch 32"],
+                     tablefmt="github")
             + f"\n\n{machine['cpu']} ({machine['capability']}), {machine['threads']} threads; full test sets; "
             "`python -m scripts.deploy_runtimes`.")
 

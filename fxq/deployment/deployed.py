@@ -8,7 +8,7 @@ import torch
 from torch import fx, nn
 
 from fxq.config import RUNTIMES, QConfig
-from fxq.deployment import saturation
+from fxq.deployment import float_tables, saturation
 from fxq.deployment.onnx_export import Slot, export_onnx, fill, layer_bounds, output_structure
 from fxq.deployment.saturation import WeightFormat
 from fxq.graphs import records
@@ -27,17 +27,20 @@ class Deployed(nn.Module):
     the model computes onnxruntime's arithmetic (``QConfig(requantize="onnxruntime")``) and no layer
     runs a kernel that saturates on this machine. ``formats``: each layer's weight format;
     ``saturating``: whether this machine's onnxruntime U8S8 kernels add products in saturating 16-bit
-    pairs; ``float_ops``: the ops that run in float between integers."""
+    pairs; ``float_ops``: the ops that run in float between integers; ``float_tables``: the lookup
+    tables run as their function's float ops, each checked to give the table (`fxq.deployment.float_tables`)."""
 
     def __init__(self, model_bytes: bytes, threads: int, bit_exact: bool,
                  formats: dict[str, WeightFormat] | None = None, saturating: bool = False,
-                 float_ops: list[str] | None = None, structure=Slot(0), runtime: str = "onnxruntime"):
+                 float_ops: list[str] | None = None, structure=Slot(0), runtime: str = "onnxruntime",
+                 float_tables: list[str] = ()):
         super().__init__()
         self.structure = structure  # what the model returns (`output_structure`)
         self.float_ops = list(float_ops or [])
         self.model_bytes, self.threads, self.runtime = model_bytes, threads, runtime
         self.bit_exact = bit_exact
         self.formats, self.saturating = dict(formats or {}), saturating
+        self.float_tables = list(float_tables)
         self._session = None
 
     @property
@@ -134,6 +137,10 @@ def deploy(qmodel: fx.GraphModule, example_input: torch.Tensor | None = None, th
     ``"openvino"`` (an optional dependency, ``fxq[openvino]``) — with ``threads`` threads; with
     ``example_input``, runs it once (so the first real call is not the slow one).
 
+    On onnxruntime, the lookup tables whose function its float ops compute exactly on this machine
+    (Hardswish, Hardsigmoid: checked on every input integer) run as those ops, ~4× faster than a
+    Gather in the table; the rest are Gathers (``deployed.float_tables`` names the former).
+
     OpenVINO reads the same file and runs its integers with its own int8 kernels, faster on many
     models at batch 32 (README, "A second runtime"), but requantizes in its own float arithmetic: its outputs are
     never ``bit_exact`` (a step or more from fxq's executor on some values; the same class on the
@@ -149,8 +156,10 @@ def deploy(qmodel: fx.GraphModule, example_input: torch.Tensor | None = None, th
     op (onnxruntime's float kernels round their own way)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime={runtime!r}: fxq deploys to {' or '.join(map(repr, RUNTIMES))}")
+    tables = float_tables.exact_on_onnxruntime(qmodel, lambda m: _onnxruntime(m, threads)) \
+        if runtime == "onnxruntime" else set()
     buffer = io.BytesIO()
-    export_onnx(qmodel, buffer, weights)
+    export_onnx(qmodel, buffer, weights, tables)
     config = records.get(qmodel, QConfig)
     bounds = layer_bounds(qmodel)
     formats = saturation.layer_formats(bounds, weights)
@@ -161,7 +170,7 @@ def deploy(qmodel: fx.GraphModule, example_input: torch.Tensor | None = None, th
     floating = float_ops(qmodel)
     exact = runtime == "onnxruntime" and runtime_arithmetic and exact_kernels and not floating
     deployed = Deployed(buffer.getvalue(), threads, exact, formats, saturating, floating, output_structure(qmodel),
-                        runtime)
+                        runtime, sorted(tables))
     if example_input is not None:
         deployed(example_input)
     return deployed

@@ -11,7 +11,9 @@ QuantizeLinear (QLinearConv, QGemm), residual adds as DequantizeLinear ×2 → A
 (QLinearAdd), ReLU as ``Max(q, z)`` on the uint8 integers (the default placement quantizes before
 the ReLU, so z > 0 and the ReLU cannot vanish into the conv's clamp; with placement "post" it
 does). Ops that are tables in fxq (lookup activations, products, requantizations) become a
-``Gather`` in the very same table, clamps and max pooling run on the integers and average pools
+``Gather`` in the very same table (or, for Hardswish and Hardsigmoid where `fxq.deploy` finds
+onnxruntime's float ops give the table, those ops: `fxq.deployment.float_tables`), clamps and max
+pooling run on the integers and average pools
 on exact float32 window sums, so they compute exactly what fxq does. A value narrower than 8
 bits travels in uint8 and saturates at its own top (a ``Min`` after each QuantizeLinear).
 
@@ -29,7 +31,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 import numpy as np
 import torch
@@ -50,7 +52,8 @@ BATCH = 2  # the batch the export runs once with, to learn every value's shape
 class Builder:
     """Collects ONNX nodes and initializers; one method per ONNX idiom the facets use."""
 
-    def __init__(self, shapes: dict, formats: dict | None = None, other_batch: Callable[[], dict] | None = None):
+    def __init__(self, shapes: dict, formats: dict | None = None, other_batch: Callable[[], dict] | None = None,
+                 float_tables: Collection[str] = ()):
         from onnx import TensorProto, helper, numpy_helper
         self.helper, self.numpy_helper, self.types = helper, numpy_helper, TensorProto
         self.nodes, self.initializers, self.shapes = [], [], shapes
@@ -60,6 +63,7 @@ class Builder:
         self.formats = formats or {}  # layer module → `saturation.WeightFormat` (default U8S8)
         self.values: dict[fx.Node, object] = {}  # what each fx node became in the ONNX graph
         self.network_input = "x"  # the graph input's name (`to_onnx` sets it)
+        self.float_tables = frozenset(float_tables)  # lookup modules exported as float ops (`QLookup.to_onnx`)
         self.count = 0
 
     def value(self, argument):
@@ -186,9 +190,10 @@ def weight_formats(qmodel: fx.GraphModule, weights: str = "auto") -> dict[str, W
     return saturation.layer_formats(layer_bounds(qmodel), weights)
 
 
-def to_onnx(qmodel: fx.GraphModule, weights: str = "auto"):
+def to_onnx(qmodel: fx.GraphModule, weights: str = "auto", float_tables: Collection[str] = ()):
     """The ONNX ``ModelProto`` of ``qmodel`` (opset 21, dynamic batch), weights in the formats
-    ``weights`` chooses (`fxq.deployment.saturation`)."""
+    ``weights`` chooses (`fxq.deployment.saturation`), the lookup modules named in ``float_tables``
+    as their float ops (`fxq.deployment.float_tables`)."""
     from onnx import TensorProto, helper
 
     inputs = [m for m in qmodel.modules() if type(m).__name__ == "Quantize" and m.sample_shape is not None]
@@ -198,7 +203,7 @@ def to_onnx(qmodel: fx.GraphModule, weights: str = "auto"):
     modules = dict(qmodel.named_modules())
     formats = {modules[name]: f for name, f in weight_formats(qmodel, weights).items()}
     shapes = _recorded_shapes(qmodel, sample_shape)
-    b = Builder(shapes, formats, lambda: _recorded_shapes(qmodel, sample_shape, BATCH + 1))
+    b = Builder(shapes, formats, lambda: _recorded_shapes(qmodel, sample_shape, BATCH + 1), float_tables)
     values = b.values
     b.network_input = next(n.name for n in qmodel.graph.nodes if n.op == "placeholder")
     for node in qmodel.graph.nodes:
@@ -340,15 +345,18 @@ def _attribute(qmodel: fx.GraphModule, target: str) -> torch.Tensor:
     return attribute(qmodel, target).detach().to(torch.float32)
 
 
-def export_onnx(qmodel: fx.GraphModule, path: str | Path | io.BytesIO, weights: str = "auto") -> None:
+def export_onnx(qmodel: fx.GraphModule, path: str | Path | io.BytesIO, weights: str = "auto",
+                float_tables: Collection[str] = ()) -> None:
     """Write ``qmodel`` (from `fxq.quantize` or `fxq.load`) as an ONNX model (opset 21, dynamic
     batch) that ``onnx.checker`` accepts and onnxruntime runs.
 
     ``weights`` (`fxq.deployment.saturation`): "auto" suits this machine's onnxruntime; a file bound for
-    other CPUs takes "exact" (U8U8 where a U8S8 kernel without VNNI could saturate)."""
+    other CPUs takes "exact" (U8U8 where a U8S8 kernel without VNNI could saturate). ``float_tables``:
+    lookup modules to write as their float ops, not a Gather in their table — exact only where the
+    runtime's float kernels give the table (`fxq.deploy` checks which do on this machine)."""
     import onnx
 
-    model = to_onnx(qmodel, weights)
+    model = to_onnx(qmodel, weights, float_tables)
     onnx.checker.check_model(model)
     if isinstance(path, io.BytesIO):
         path.write(model.SerializeToString())

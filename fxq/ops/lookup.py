@@ -161,8 +161,46 @@ class QLookup(Derived):
         source = next(a for a in node.args if records.has(a, ActQParams))
         return OnIntegers(self.forward, [records.get(source, ActQParams)], records.get(node, ActQParams))
 
+    def float_form(self) -> Callable | None:
+        """The function as ONNX float ops (:data:`FLOAT_FORMS`), if this table has one."""
+        return FLOAT_FORMS.get(self.function) if type(self) is QLookup and self.output_bits <= 8 else None
+
     def to_onnx(self, b, node, inputs):
+        """A Gather in the table; or, where the export is told its runtime computes this table exactly
+        (``b.float_tables``, `fxq.deployment.float_tables`), the function's float ops between
+        DequantizeLinear and QuantizeLinear: onnxruntime's Gather reads one index at a time."""
+        if node.target in b.float_tables:
+            return self.float_onnx(b, inputs[0], node.name)
         return b.gather(self.lookup, b.as_index(inputs[0], node.name), node.name)
+
+    def float_onnx(self, b, q: str, name: str) -> str:
+        """DequantizeLinear → the function's float ops → QuantizeLinear, from the integers ``q``."""
+        before, after = (ActQParams(float(self.scales[i]), int(self.zero_points[i]), bits)
+                         for i, bits in enumerate((self.input_bits, self.output_bits)))
+        return b.quantize(self.float_form()(b, b.dequantize(q, before, f"{name}_in"), name), after, name)
+
+
+def _relu6_of_x_plus_3(b, x: str, name: str) -> tuple[str, str]:
+    """``clip(x + 3, 0, 6)``, and the constant 6."""
+    three, zero, six = (b.constant(f"{name}_{v}", torch.tensor(float(v))) for v in (3, 0, 6))
+    return b.node("Clip", [b.node("Add", [x, three], f"{name}_add"), zero, six], f"{name}_clip"), six
+
+
+def _hardsigmoid(b, x: str, name: str) -> str:
+    clipped, six = _relu6_of_x_plus_3(b, x, name)
+    return b.node("Div", [clipped, six], f"{name}_hardsigmoid")
+
+
+def _hardswish(b, x: str, name: str) -> str:
+    clipped, six = _relu6_of_x_plus_3(b, x, name)
+    return b.node("Div", [b.node("Mul", [x, clipped], f"{name}_mul"), six], f"{name}_hardswish")
+
+
+# tables whose function ONNX's float ops write, each op rounded once as IEEE 754 says (no approximated
+# exp or tanh: their kernels differ between a vector body and its tail, and between CPUs), by the name
+# `QLookup.function` records (a module's class or a function's name), so loaded models have them too
+FLOAT_FORMS: dict[str, Callable] = {"Hardswish": _hardswish, "hardswish": _hardswish, "Hardsigmoid": _hardsigmoid,
+                                    "hardsigmoid": _hardsigmoid}
 
 
 class QConstantLookup(QLookup):
