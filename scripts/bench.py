@@ -8,7 +8,10 @@ torchvision ResNet-18 and MobileNetV2 at 3×224×224 (random weights, batch norm
 everything calibrated on structured random images; batches 1 and 32). Two threads everywhere.
 
 Latency rows: fp32 torch, fp32 onnxruntime (torch.onnx export), torch.ao FX x86 int8 and
-onnxruntime's own ``quantize_static`` (per-channel QDQ int8) as references, fxq's integer executor
+onnxruntime's own ``quantize_static`` (per-channel QDQ int8) as references; where OpenVINO is
+installed, fp32 OpenVINO (float32 asked for) and fxq deployed on OpenVINO, and where NNCF is too
+(``pip install nncf``: a peer, not a dependency), NNCF's post-training int8 on OpenVINO (its defaults,
+W8A8, the same calibration images) as a reference, and ``nncf.quantize``'s time beside fxq's; fxq's integer executor
 and fxq deployed (`fxq.deploy`), both of the model quantized with
 ``QConfig(requantize="onnxruntime")`` so the two agree bit for bit, and fxq deployed with
 ``placement="post"`` too: there each ReLU is the conv's own clamp (z = 0), where the default
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import io
 import json
 import statistics
@@ -72,6 +76,50 @@ class Session(torch.nn.Module):
 
     def forward(self, x):
         return torch.from_numpy(self.session.run(None, {"x": x.numpy()})[0])
+
+
+class OpenVINOModel(torch.nn.Module):
+    """An OpenVINO compiled model as a module (float in, float out), ``THREADS`` threads; ``config`` adds
+    the plugin's settings (the fp32 row asks for float32, where this CPU's default would be bfloat16)."""
+
+    def __init__(self, model, config: dict | None = None, model_bytes: bytes = b""):
+        super().__init__()
+        import openvino as ov
+        core = ov.Core()
+        model = core.read_model(io.BytesIO(model)) if isinstance(model, bytes) else model
+        self.compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": THREADS, **(config or {})})
+        self.request, self.model_bytes = self.compiled.create_infer_request(), model_bytes
+
+    def forward(self, x):
+        return torch.from_numpy(self.request.infer({0: x.numpy()})[0].copy())
+
+
+def nncf_int8(float_bytes: bytes, calib: list):
+    """NNCF's post-training quantization (its defaults: W8A8) of the float ONNX graph read by OpenVINO."""
+    import nncf
+    import openvino as ov
+    model = ov.Core().read_model(io.BytesIO(float_bytes))
+    return nncf.quantize(model, nncf.Dataset([b.numpy() for b in calib]), subset_size=len(calib))  # every batch
+
+
+def saved_openvino(model) -> bytes:
+    """The weights file OpenVINO saves for ``model`` (its size is the model's)."""
+    import openvino as ov
+    with tempfile.TemporaryDirectory() as folder:
+        ov.save_model(model, str(Path(folder) / "model.xml"))
+        return (Path(folder) / "model.bin").read_bytes()
+
+
+def peers_on_openvino(float_bytes: bytes, calib: list) -> dict:
+    """The OpenVINO rows where OpenVINO (and for the peer's int8 row, NNCF) is installed: fp32 and NNCF's int8."""
+    import importlib.util
+    rows = {}
+    if importlib.util.find_spec("openvino") is not None:
+        rows["fp32 openvino"] = OpenVINOModel(float_bytes, {"INFERENCE_PRECISION_HINT": "f32"}, float_bytes)
+    if importlib.util.find_spec("nncf") is not None:
+        quantized = nncf_int8(float_bytes, calib)
+        rows["NNCF → OpenVINO int8 (reference)"] = OpenVINOModel(quantized, model_bytes=saved_openvino(quantized))
+    return rows
 
 
 def float_onnx(model, example) -> bytes:
@@ -118,6 +166,9 @@ def quantize_seconds(shape: str, model, calib: list) -> list[dict]:
     """Wall time of each way to quantize ``model`` on ``calib``, medians of alternating runs."""
     methods = {f"fxq.quantize, act_range={r}": (lambda r=r: fxq.quantize(model, calib, fxq.QConfig(act_range=r)))
                for r in ACT_RANGES}
+    if importlib.util.find_spec("nncf") is not None:
+        float_bytes = float_onnx(model, calib[0][:1])
+        methods["nncf.quantize (OpenVINO model of the float ONNX)"] = lambda: nncf_int8(float_bytes, calib)
     methods["torch.ao prepare_fx + calibrate + convert_fx (x86)"] = lambda: torch_ao_x86(
         model, [(b, None) for b in calib])
     times = {name: [] for name in methods}
@@ -157,7 +208,11 @@ def bench(shape: str) -> list[dict]:
                    "fxq executor": qmodel, "fxq deployed": fxq.deploy(qmodel, threads=THREADS),
                    "fxq deployed, placement post": fxq.deploy(fused, threads=THREADS),
                    "fxq deployed, weights exact on any CPU": fxq.deploy(qmodel, threads=THREADS, weights="exact"),
-                   "fxq deployed, pair_safe (7-bit weights)": fxq.deploy(pair_safe, threads=THREADS)}
+                   "fxq deployed, pair_safe (7-bit weights)": fxq.deploy(pair_safe, threads=THREADS),
+                   **peers_on_openvino(float_bytes, calib)}
+        if "fp32 openvino" in runners:
+            runners["fxq deployed, openvino (not bit-exact)"] = fxq.deploy(qmodel, threads=THREADS,
+                                                                          runtime="openvino")
     rows = [{"shape": shape, "runner": name, "size_mb": size_mb(runner), "how": _how(runner)}
             for name, runner in runners.items()]
     for batch in SHAPES[shape]:
