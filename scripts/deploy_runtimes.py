@@ -1,6 +1,7 @@
 """fxq's exported model on each runtime (`fxq.deploy(..., runtime=...)`) against fxq's own integer executor.
 
-    python -m scripts.deploy_runtimes    # results/deploy_runtimes.json + the README block "deploy-runtimes"
+    python -m scripts.deploy_runtimes          # results/deploy_runtimes.json + README blocks "deploy-runtimes(-ops)"
+    python -m scripts.deploy_runtimes --ops    # only OpenVINO against fxq op by op, on small random models
 
 For the committed suite models at W8A8 (512 calibration images, ``QConfig(requantize="onnxruntime")``: the
 arithmetic onnxruntime runs exactly), on the full test set: each runtime's accuracy, the share of images whose
@@ -11,11 +12,14 @@ the CPU it ran on.
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from tabulate import tabulate
+from torch import nn
 
 import fxq
 from fxq.config import RUNTIMES
@@ -82,13 +86,65 @@ def table(results: dict) -> str:
             "`python -m scripts.deploy_runtimes`.")
 
 
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.relu = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.b(self.relu(self.a(x))) + x)
+
+
+class _PoolLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.conv(x), 1), 1))
+
+
+OP_MODELS = {"conv": lambda: nn.Conv2d(8, 16, 3, padding=1),
+             "conv + ReLU": lambda: nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU()),
+             "linear": lambda: nn.Sequential(nn.Flatten(), nn.Linear(8 * 12 * 12, 10)),
+             "conv, ReLU, conv, residual add, ReLU": _Residual,
+             "conv, global average pool, linear": _PoolLinear}
+
+
+def op_agreement() -> dict:
+    """OpenVINO against fxq's executor op by op: small random models (weights N(0, 0.2), 4×16 calibration
+    images of N(0, 1), ``requantize="onnxruntime"``), 256 other images each."""
+    rows = {}
+    for name, make in OP_MODELS.items():
+        torch.manual_seed(0)
+        model = make()
+        for p in model.parameters():
+            p.data.normal_(0, 0.2)
+        qmodel = fxq.quantize(model.eval(), [torch.randn(16, 8, 12, 12) for _ in range(4)],
+                              fxq.QConfig(requantize="onnxruntime"))
+        x = torch.randn(256, 8, 12, 12)
+        steps = (fxq.deploy(qmodel, threads=THREADS, runtime="openvino")(x) - qmodel(x)).abs()
+        steps /= qmodel.get_submodule("dequantize").scale.item()
+        rows[name] = {"differ": 100 * float((steps > 0.5).float().mean()), "max_steps": round(float(steps.max()))}
+    return rows
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", action="store_true", help="only OpenVINO against fxq op by op (README block "
+                                                           "deploy-runtimes-ops)")
+    args = parser.parse_args()
     torch.set_num_threads(THREADS)
     store = Store(FOLDER / "deploy_runtimes.json")
-    results = {"machine": readme.machine(THREADS), "models": {name: measure(name) for name in MODELS}}
-    store.data = results
+    if not args.ops:
+        store.data.update({"machine": readme.machine(THREADS), "models": {name: measure(name) for name in MODELS}})
+        readme.publish("deploy-runtimes", table(store.data))
+    store.data["ops"] = op_agreement()
     store.save()
-    readme.publish("deploy-runtimes", table(results))
+    readme.publish("deploy-runtimes-ops", tabulate(
+        [[name, f"{r['differ']:.3f} %", r["max_steps"]] for name, r in store.data["ops"].items()],
+        headers=["model (OpenVINO against fxq's executor)", "outputs that differ", "largest difference (steps)"],
+        tablefmt="github"))
 
 
 if __name__ == "__main__":
