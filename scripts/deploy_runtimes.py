@@ -139,12 +139,14 @@ def main() -> None:
     if not args.ops:
         store.data.update({"machine": readme.machine(THREADS), "models": {name: measure(name) for name in MODELS}})
         readme.publish("deploy-runtimes", table(store.data))
-    store.data["ops"] = op_agreement()
+    machine = readme.machine(THREADS)
+    store.data["ops"] = {"machine": machine, "models": op_agreement()}
     store.save()
     readme.publish("deploy-runtimes-ops", tabulate(
-        [[name, f"{r['differ']:.3f} %", r["max_steps"]] for name, r in store.data["ops"].items()],
+        [[name, f"{r['differ']:.3f} %", r["max_steps"]] for name, r in store.data["ops"]["models"].items()],
         headers=["model (OpenVINO against fxq's executor)", "outputs that differ", "largest difference (steps)"],
-        tablefmt="github"))
+        tablefmt="github") + f"\n\n{machine['cpu']} ({machine['capability']}), OpenVINO's f32; "
+        "`python -m scripts.deploy_runtimes --ops`.")
 
 
 if __name__ == "__main__":
