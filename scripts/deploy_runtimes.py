@@ -2,6 +2,7 @@
 
     python -m scripts.deploy_runtimes          # results/deploy_runtimes.json + README blocks "deploy-runtimes(-ops)"
     python -m scripts.deploy_runtimes --ops    # only OpenVINO against fxq op by op, on small random models
+    python -m scripts.deploy_runtimes --tables # only onnxruntime's speed with the tables' float ops vs Gathers
 
 For the committed suite models at W8A8 (512 calibration images, ``QConfig(requantize="onnxruntime")``: the
 arithmetic onnxruntime runs exactly), on the full test set: each runtime's accuracy, the share of images whose
@@ -13,6 +14,8 @@ the CPU it ran on.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import io
 import statistics
 import time
 
@@ -129,24 +132,80 @@ def op_agreement() -> dict:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ops", action="store_true", help="only OpenVINO against fxq op by op (README block "
-                                                           "deploy-runtimes-ops)")
-    args = parser.parse_args()
-    torch.set_num_threads(THREADS)
-    store = Store(FOLDER / "deploy_runtimes.json")
-    if not args.ops:
-        store.data.update({"machine": readme.machine(THREADS), "models": {name: measure(name) for name in MODELS}})
-        readme.publish("deploy-runtimes", table(store.data))
-    machine = readme.machine(THREADS)
+def table_speed() -> dict:
+    """onnxruntime with the float forms of the lookup tables against Gathers in them, interleaved runs:
+    MobileNetV3 (suite) at batch 1 and 32, YOLOv8n (its yaml, batch norm settled) at 64×64, batch 8."""
+    from fxq.deployment.deployed import _onnxruntime
+    from scripts import zoo, zoo_vision
+    mobilenet = models.load_trained("fashion_mobilenet_v3")
+    cases = {"fashion_mobilenet_v3": (mobilenet, data.calibration_batches("fashion", 512),
+                                      data.load("fashion", "test").images[:32], (1, 32))}
+    if importlib.util.find_spec("ultralytics") is not None:
+        cases["yolov8n 64×64"] = (zoo_vision.build("yolov8n"), list(zoo.images(zoo.CALIBRATION, 1).split(8)),
+                                  zoo.images(8, 2), (8,))
+    rows = {}
+    for name, (model, calibration, images, batches) in cases.items():
+        qmodel = fxq.quantize(model, calibration, fxq.QConfig(requantize="onnxruntime"))
+        tables = fxq.deploy(qmodel, threads=THREADS).float_tables
+        runs = {}
+        for kind, chosen in (("gather", ()), ("float ops", tables)):
+            buffer = io.BytesIO()
+            fxq.export_onnx(qmodel, buffer, "auto", chosen)
+            runs[kind] = _onnxruntime(buffer.getvalue(), THREADS)
+        for batch in batches:
+            x = images[:batch].numpy()
+            times = {kind: [] for kind in runs}
+            for run in runs.values():
+                run(x)
+            for _ in range(30):
+                for kind, run in runs.items():
+                    start = time.perf_counter()
+                    run(x)
+                    times[kind].append(time.perf_counter() - start)
+            rows[f"{name}, batch {batch}"] = {"tables": len(tables),
+                                              **{kind: 1e3 * statistics.median(t) for kind, t in times.items()}}
+            print(name, batch, rows[f"{name}, batch {batch}"], flush=True)
+    return rows
+
+
+def publish_tables(store: Store, machine: dict) -> None:
+    store.data["tables"] = {"machine": machine, "rows": table_speed()}
+    store.save()
+    body = [[name, r["tables"], f"{r['gather']:.2f}", f"{r['float ops']:.2f}", f"{r['gather'] / r['float ops']:.2f}×"]
+            for name, r in store.data["tables"]["rows"].items()]
+    readme.publish("deploy-float-tables", tabulate(
+        body, headers=["model, batch", "tables as float ops", "ms, Gathers", "ms, float ops", "faster"],
+        tablefmt="github") + f"\n\n{machine['cpu']} ({machine['capability']}), onnxruntime, {THREADS} threads, "
+        "medians of 30 interleaved runs; `python -m scripts.deploy_runtimes --tables`.")
+
+
+def publish_models(store: Store, machine: dict) -> None:
+    store.data.update({"machine": machine, "models": {name: measure(name) for name in MODELS}})
+    store.save()
+    readme.publish("deploy-runtimes", table(store.data))
+
+
+def publish_ops(store: Store, machine: dict) -> None:
     store.data["ops"] = {"machine": machine, "models": op_agreement()}
     store.save()
+    body = [[name, f"{r['differ']:.3f} %", r["max_steps"]] for name, r in store.data["ops"]["models"].items()]
     readme.publish("deploy-runtimes-ops", tabulate(
-        [[name, f"{r['differ']:.3f} %", r["max_steps"]] for name, r in store.data["ops"]["models"].items()],
-        headers=["model (OpenVINO against fxq's executor)", "outputs that differ", "largest difference (steps)"],
+        body, headers=["model (OpenVINO against fxq's executor)", "outputs that differ", "largest difference (steps)"],
         tablefmt="github") + f"\n\n{machine['cpu']} ({machine['capability']}), OpenVINO's f32; "
         "`python -m scripts.deploy_runtimes --ops`.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", action="store_true", help="only OpenVINO against fxq op by op")
+    parser.add_argument("--tables", action="store_true", help="only the tables' float ops against Gathers")
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    store, machine = Store(FOLDER / "deploy_runtimes.json"), readme.machine(THREADS)
+    everything = not (args.ops or args.tables)
+    for wanted, publish in ((args.tables, publish_tables), (everything, publish_models), (args.ops, publish_ops)):
+        if wanted or everything:
+            publish(store, machine)
 
 
 if __name__ == "__main__":

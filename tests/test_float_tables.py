@@ -17,7 +17,8 @@ pytest.importorskip("onnxruntime")
 def _model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Hardswish(), nn.Conv2d(8, 8, 1), nn.Hardsigmoid(),
-                         nn.Conv2d(8, 8, 1), nn.SiLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 4)).eval()
+                         nn.Conv2d(8, 8, 1), nn.SiLU(), nn.Conv2d(8, 8, 1), nn.GELU(), nn.Flatten(),
+                         nn.Linear(8 * 8 * 8, 4)).eval()
 
 
 def _quantized(**fields):
@@ -31,11 +32,17 @@ def _ops(deployed) -> list[str]:
 
 
 @pytest.mark.parametrize("fields", [{}, {"act_bits": 6}])
-def test_hardswish_and_hardsigmoid_deploy_as_float_ops_and_stay_bit_exact(fields):
+def test_tables_with_a_float_form_deploy_as_float_ops_where_exact_and_stay_bit_exact(fields):
+    """Hardswish and Hardsigmoid in IEEE-rounded ops: exact wherever the tables' float64 values are not
+    within float32's rounding of a boundary. SiLU and Sigmoid through the runtime's own Sigmoid kernel:
+    exact here, checked on each machine. GELU has no float form (its Erf): a Gather."""
     qmodel = _quantized(**fields)
     deployed = fxq.deploy(qmodel)
-    assert deployed.float_tables == ["1", "3"] and deployed.bit_exact  # SiLU ("5") keeps its Gather
-    assert _ops(deployed).count("Gather") == 1 and _ops(deployed).count("Div") == 2
+    # which tables pass depends on the CPU's kernels (all three, here and under QEMU's AVX2-only Haswell);
+    # none passing would be a broken check, not a CPU
+    assert set(deployed.float_tables) <= {"1", "3", "5"} and deployed.float_tables and deployed.bit_exact
+    assert _ops(deployed).count("Gather") == 4 - len(deployed.float_tables)
+    assert _ops(deployed).count("Div") == len({"1", "3"} & set(deployed.float_tables))
     x = torch.randn(256, 3, 8, 8) * 3  # past the calibrated range too: every integer of the tables
     assert torch.equal(deployed(x), qmodel(x))
 
@@ -46,7 +53,7 @@ def test_a_table_its_float_ops_miss_by_one_integer_stays_a_gather():
     table.table[100] += 1  # what a float32 rounding on the other side of a boundary would give
     table.prepare()
     deployed = fxq.deploy(qmodel)
-    assert deployed.float_tables == ["3"] and deployed.bit_exact
+    assert "1" not in deployed.float_tables and deployed.bit_exact
     x = torch.randn(256, 3, 8, 8) * 3
     assert torch.equal(deployed(x), qmodel(x))
 
@@ -55,13 +62,13 @@ def test_a_loaded_model_deploys_its_tables_as_float_ops_too(tmp_path):
     qmodel = _quantized()
     fxq.save(qmodel, tmp_path / "m.fxq")
     loaded = fxq.load(tmp_path / "m.fxq")
-    assert fxq.deploy(loaded).float_tables == ["1", "3"]
-    assert [name for name, m in loaded.named_modules() if isinstance(m, QLookup) and m.float_form()] == ["1", "3"]
+    assert fxq.deploy(loaded).float_tables == fxq.deploy(qmodel).float_tables
+    assert [name for name, m in loaded.named_modules() if isinstance(m, QLookup) and m.float_form()] == ["1", "3", "5"]
 
 
 def test_export_writes_gathers_unless_told_which_tables_are_exact():
     qmodel = _quantized()
     buffer = io.BytesIO()
     fxq.export_onnx(qmodel, buffer)
-    assert [n.op_type for n in onnx.load_from_string(buffer.getvalue()).graph.node].count("Gather") == 3
-    assert set(float_tables.candidates(qmodel)) == {"1", "3"}
+    assert [n.op_type for n in onnx.load_from_string(buffer.getvalue()).graph.node].count("Gather") == 4
+    assert set(float_tables.candidates(qmodel)) == {"1", "3", "5"}

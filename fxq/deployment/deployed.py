@@ -138,8 +138,9 @@ def deploy(qmodel: fx.GraphModule, example_input: torch.Tensor | None = None, th
     ``example_input``, runs it once (so the first real call is not the slow one).
 
     On onnxruntime, the lookup tables whose function its float ops compute exactly on this machine
-    (Hardswish, Hardsigmoid: checked on every input integer) run as those ops, ~4× faster than a
-    Gather in the table; the rest are Gathers (``deployed.float_tables`` names the former).
+    (Hardswish, Hardsigmoid, Sigmoid, SiLU: checked on every input integer) run as those ops, several
+    times faster than a Gather in the table; the rest are Gathers (``deployed.float_tables`` names the
+    former).
 
     OpenVINO reads the same file and runs its integers with its own int8 kernels, faster on many
     models at batch 32 (README, "A second runtime"), but requantizes in its own float arithmetic: its outputs are

@@ -1,12 +1,13 @@
 """Which lookup tables onnxruntime computes exactly as their function's float ops (`fxq.ops.lookup.FLOAT_FORMS`).
 
 onnxruntime's Gather reads one index at a time (28 ns an element on 2 AVX-512 cores: 72 % of a
-MobileNetV3's time at batch 32 goes to its Hardswish and Hardsigmoid tables). The same function as
-DequantizeLinear → Add, Clip, Mul, Div → QuantizeLinear runs ~4× faster, and gives the table's integers
-wherever its float32 values do not land on the other side of a rounding boundary than the table's float64
-ones — which is checked, not assumed: every input integer of every such table, at several positions
-(vector body and tail), through this machine's onnxruntime with the deployed model's session options.
-A table that differs on one integer stays a Gather.
+MobileNetV3's time at batch 32 went to its Hardswish and Hardsigmoid tables). The same function as
+DequantizeLinear → its float ops → QuantizeLinear (Add, Clip, Mul, Div for Hardswish and Hardsigmoid;
+Sigmoid, and a Mul for SiLU) runs several times faster, and gives the table's integers wherever its
+float32 values do not land on the other side of a rounding boundary than the table's float64 ones —
+which is checked, not assumed: every input integer of every such table, at several positions (vector
+body and tail), through this machine's onnxruntime with the deployed model's session options. A table
+that differs on one integer stays a Gather.
 """
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ QuantizeLinear (QLinearConv, QGemm), residual adds as DequantizeLinear ×2 → A
 (QLinearAdd), ReLU as ``Max(q, z)`` on the uint8 integers (the default placement quantizes before
 the ReLU, so z > 0 and the ReLU cannot vanish into the conv's clamp; with placement "post" it
 does). Ops that are tables in fxq (lookup activations, products, requantizations) become a
-``Gather`` in the very same table (or, for Hardswish and Hardsigmoid where `fxq.deploy` finds
-onnxruntime's float ops give the table, those ops: `fxq.deployment.float_tables`), clamps and max
+``Gather`` in the very same table (or, for Hardswish, Hardsigmoid, Sigmoid and SiLU where `fxq.deploy`
+finds onnxruntime's float ops give the table, those ops: `fxq.deployment.float_tables`), clamps and max
 pooling run on the integers and average pools
 on exact float32 window sums, so they compute exactly what fxq does. A value narrower than 8
 bits travels in uint8 and saturates at its own top (a ``Min`` after each QuantizeLinear).

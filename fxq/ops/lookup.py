@@ -196,11 +196,21 @@ def _hardswish(b, x: str, name: str) -> str:
     return b.node("Div", [b.node("Mul", [x, clipped], f"{name}_mul"), six], f"{name}_hardswish")
 
 
-# tables whose function ONNX's float ops write, each op rounded once as IEEE 754 says (no approximated
-# exp or tanh: their kernels differ between a vector body and its tail, and between CPUs), by the name
-# `QLookup.function` records (a module's class or a function's name), so loaded models have them too
+def _sigmoid(b, x: str, name: str) -> str:
+    return b.node("Sigmoid", [x], f"{name}_sigmoid")
+
+
+def _silu(b, x: str, name: str) -> str:
+    return b.node("Mul", [x, _sigmoid(b, x, name)], f"{name}_silu")
+
+
+# tables whose function ONNX's float ops write, by the name `QLookup.function` records (a module's class
+# or a function's name), so loaded models have them too. Add, Clip, Mul and Div round once as IEEE 754 says;
+# a runtime's Sigmoid approximates, differently on each CPU: `fxq.deployment.float_tables` checks each table
+# against the runtime it deploys to, so either kind is used only where it gives the table exactly
 FLOAT_FORMS: dict[str, Callable] = {"Hardswish": _hardswish, "hardswish": _hardswish, "Hardsigmoid": _hardsigmoid,
-                                    "hardsigmoid": _hardsigmoid}
+                                    "hardsigmoid": _hardsigmoid, "Sigmoid": _sigmoid, "sigmoid": _sigmoid,
+                                    ".sigmoid()": _sigmoid, "SiLU": _silu, "silu": _silu}
 
 
 class QConstantLookup(QLookup):
