@@ -135,7 +135,7 @@ def op_agreement() -> dict:
 def table_speed() -> dict:
     """onnxruntime with the float forms of the lookup tables against Gathers in them, interleaved runs:
     MobileNetV3 (suite) at batch 1 and 32, YOLOv8n (its yaml, batch norm settled) at 64×64, batch 8."""
-    from fxq.deployment.deployed import _onnxruntime
+    from fxq.deployment.runtimes import onnxruntime
     from scripts import zoo, zoo_vision
     mobilenet = models.load_trained("fashion_mobilenet_v3")
     cases = {"fashion_mobilenet_v3": (mobilenet, data.calibration_batches("fashion", 512),
@@ -151,7 +151,7 @@ def table_speed() -> dict:
         for kind, chosen in (("gather", ()), ("float ops", tables)):
             buffer = io.BytesIO()
             fxq.export_onnx(qmodel, buffer, "auto", chosen)
-            runs[kind] = _onnxruntime(buffer.getvalue(), THREADS)
+            runs[kind] = onnxruntime(buffer.getvalue(), THREADS)
         for batch in batches:
             x = images[:batch].numpy()
             times = {kind: [] for kind in runs}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-# fxq.deployment.deployed.KEEP_FLOAT, spelled out: the emulated process imports onnxruntime alone, not torch
+# fxq.deployment.runtimes.KEEP_FLOAT, spelled out: the emulated process imports onnxruntime alone, not torch
 KEEP_FLOAT = ["WeightBiasQuantization"]
 
 CPU = "Haswell"  # AVX2, FMA, no AVX-512, no VNNI

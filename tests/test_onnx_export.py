@@ -199,7 +199,7 @@ def test_u8u8_weights_travel_as_uint8_with_zero_point_128_and_exact_picks_per_la
 def test_deploy_never_claims_bit_exact_on_a_format_that_saturates_here(monkeypatch):
     """On a CPU whose U8S8 kernels saturate (no VNNI), "auto" takes U8U8 for every layer that
     could pass 32767 in a pair, and forcing U8S8 there is reported as not exact."""
-    monkeypatch.setattr(saturation, "runtime_saturates", lambda: True)
+    monkeypatch.setattr(saturation, "runtime_saturates", lambda runtime="onnxruntime": True)
     qmodel = fxq.quantize(randomize_bn(Residual()).eval(), [torch.randn(8, 3, 8, 8) for _ in range(4)], config=RUNTIME)
     forced = fxq.deploy(qmodel, threads=1, weights="u8s8")
     assert not forced.bit_exact and forced.saturating and "NOT exact" in repr(forced)

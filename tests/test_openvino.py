@@ -1,6 +1,10 @@
 """`fxq.deploy(..., runtime="openvino")`: the exported file run by OpenVINO, float in, float out in the model's
 structure, its threads honoured, float32 where the graph is float, and never called bit-exact."""
+import os
+import platform
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,3 +64,28 @@ def test_an_unknown_or_missing_runtime_is_refused_with_the_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)
     with pytest.raises(ImportError, match=r"pip install 'fxq\[openvino\]'.*runtime='onnxruntime'"):
         fxq.deploy(qmodel, torch.randn(1, 3, 8, 8), runtime="openvino")
+
+
+OPENVINO_ON_AVX2 = """
+import torch
+from fxq.analysis.comparison import sqnr_db
+from fxq.deployment import saturation
+from fxq.graphs.outputs import named
+from tests.test_openvino import TwoHeads, _quantized, fxq
+torch.manual_seed(0)
+qmodel, x = _quantized(TwoHeads()), torch.randn(16, 3, 8, 8)
+deployed = fxq.deploy(qmodel, runtime="openvino")
+print(saturation.runtime_saturates("openvino"), deployed.saturating, deployed.weight_format,
+      min(sqnr_db(a, b) for (_, a), (_, b) in zip(named(qmodel(x)), named(deployed(x)))))
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="oneDNN's ISA cap is an x86 setting")
+def test_openvino_probes_its_own_kernels_and_takes_exact_weights_where_they_saturate():
+    """OpenVINO's oneDNN held to AVX2 (no VNNI) adds uint8 × int8 products in saturating 16-bit pairs
+    while this process's onnxruntime may not: OpenVINO's own probe, not onnxruntime's, picks the weights."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", OPENVINO_ON_AVX2], env=env, capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).parents[1]).stdout.split()
+    assert out[:3] == ["True", "True", "u8u8"]
+    assert float(out[3]) > 30

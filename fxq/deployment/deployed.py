@@ -8,15 +8,10 @@ import torch
 from torch import fx, nn
 
 from fxq.config import RUNTIMES, QConfig
-from fxq.deployment import float_tables, saturation
+from fxq.deployment import float_tables, runtimes, saturation
 from fxq.deployment.onnx_export import Slot, export_onnx, fill, layer_bounds, output_structure
 from fxq.deployment.saturation import WeightFormat
 from fxq.graphs import records
-
-# onnxruntime optimizers that would change fxq's arithmetic: WeightBiasQuantization rounds the
-# float weights of a conv kept in float between DequantizeLinear and QuantizeLinear to int8 (a
-# float island 1–11 output steps off); unknown names are ignored by older onnxruntimes
-KEEP_FLOAT = ["WeightBiasQuantization"]
 
 
 class Deployed(nn.Module):
@@ -26,8 +21,8 @@ class Deployed(nn.Module):
     ``bit_exact``: its outputs equal the quantized model's bit for bit — onnxruntime runs the model,
     the model computes onnxruntime's arithmetic (``QConfig(requantize="onnxruntime")``) and no layer
     runs a kernel that saturates on this machine. ``formats``: each layer's weight format;
-    ``saturating``: whether this machine's onnxruntime U8S8 kernels add products in saturating 16-bit
-    pairs; ``float_ops``: the ops that run in float between integers; ``float_tables``: the lookup
+    ``saturating``: whether the runtime's U8S8 kernels add products in saturating 16-bit pairs on this
+    machine; ``float_ops``: the ops that run in float between integers; ``float_tables``: the lookup
     tables run as their function's float ops, each checked to give the table (`fxq.deployment.float_tables`)."""
 
     def __init__(self, model_bytes: bytes, threads: int, bit_exact: bool,
@@ -52,8 +47,7 @@ class Deployed(nn.Module):
     def session(self):
         """The runtime's loaded model: a function of a float32 array to the list of output arrays."""
         if self._session is None:
-            self._session = (_onnxruntime if self.runtime == "onnxruntime" else _openvino)(self.model_bytes,
-                                                                                           self.threads)
+            self._session = runtimes.LOADERS[self.runtime](self.model_bytes, self.threads)
         return self._session
 
     def forward(self, x: torch.Tensor):
@@ -65,8 +59,9 @@ class Deployed(nn.Module):
         return {**self.__dict__, "_session": None}  # a session does not pickle; it is made again
 
     def extra_repr(self) -> str:
+        kernels = "saturating U8S8 kernels (no VNNI)" if self.saturating else "exact U8S8 kernels"
         if self.runtime == "openvino":
-            return (f"OpenVINO, weights {self.weight_format}, {len(self.model_bytes) / 1e6:.2f} MB model, "
+            return (f"OpenVINO ({kernels}), weights {self.weight_format}, {len(self.model_bytes) / 1e6:.2f} MB model, "
                     f"{self.threads} threads, {OPENVINO_AGREEMENT}")
         if self.bit_exact:
             agreement = "bit-exact with fxq's executor"
@@ -79,48 +74,13 @@ class Deployed(nn.Module):
         else:
             agreement = ("within a few output steps of fxq's executor "
                          "(QConfig(requantize='onnxruntime') makes it bit-exact)")
-        runtime = "saturating U8S8 kernels (no VNNI)" if self.saturating else "exact U8S8 kernels"
-        return (f"onnxruntime ({runtime}), weights {self.weight_format}, {len(self.model_bytes) / 1e6:.2f} MB "
+        return (f"onnxruntime ({kernels}), weights {self.weight_format}, {len(self.model_bytes) / 1e6:.2f} MB "
                 f"model, {self.threads} threads, {agreement}")
 
 
 # what OpenVINO's int8 pipeline does with fxq's graph (`python -m scripts.deploy_runtimes` measures it)
 OPENVINO_AGREEMENT = ("NOT exact: OpenVINO requantizes in its own float arithmetic, so outputs land a step or "
                       "more from fxq's executor")
-
-
-def _onnxruntime(model_bytes: bytes, threads: int):
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"],
-                                   disabled_optimizers=KEEP_FLOAT)
-    name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x})
-
-
-def _openvino(model_bytes: bytes, threads: int):
-    """OpenVINO's CPU plugin with ``threads`` threads, in float32 where the graph is float: its
-    default on CPUs with bfloat16 arithmetic (AVX-512 BF16, AMX) would round fxq's float values between
-    integer ops to 8 bits of mantissa."""
-    try:
-        import openvino as ov
-    except ImportError:
-        raise ImportError("runtime='openvino' needs OpenVINO: pip install 'fxq[openvino]' (or pip install "
-                          "openvino), or deploy with runtime='onnxruntime'") from None
-    core = ov.Core()
-    return _OpenVINOModel(core.compile_model(core.read_model(io.BytesIO(model_bytes)), "CPU",
-                                             {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}))
-
-
-class _OpenVINOModel:
-    def __init__(self, compiled):
-        self.compiled, self.request = compiled, compiled.create_infer_request()
-
-    def __call__(self, x):
-        # copies: the request reuses its output memory on the next call
-        return [result.copy() for result in self.request.infer({0: x}).to_tuple()]
 
 
 def float_ops(qmodel: fx.GraphModule) -> list[str]:
@@ -157,14 +117,14 @@ def deploy(qmodel: fx.GraphModule, example_input: torch.Tensor | None = None, th
     op (onnxruntime's float kernels round their own way)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime={runtime!r}: fxq deploys to {' or '.join(map(repr, RUNTIMES))}")
-    tables = float_tables.exact_on_onnxruntime(qmodel, lambda m: _onnxruntime(m, threads)) \
+    tables = float_tables.exact_on_onnxruntime(qmodel, lambda m: runtimes.onnxruntime(m, threads)) \
         if runtime == "onnxruntime" else set()
     buffer = io.BytesIO()
-    export_onnx(qmodel, buffer, weights, tables)
+    export_onnx(qmodel, buffer, weights, tables, runtime)
     config = records.get(qmodel, QConfig)
     bounds = layer_bounds(qmodel)
-    formats = saturation.layer_formats(bounds, weights)
-    saturating = saturation.runtime_saturates()
+    formats = saturation.layer_formats(bounds, weights, runtime)
+    saturating = saturation.runtime_saturates(runtime)
     exact_kernels = not saturating or all(f is WeightFormat.U8U8 or saturation.pair_safe(*bounds[name])
                                           for name, f in formats.items())
     runtime_arithmetic = config is not None and config.requantize == "onnxruntime"

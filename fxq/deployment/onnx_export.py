@@ -185,14 +185,17 @@ def layer_bounds(qmodel: fx.GraphModule) -> dict[str, tuple[int, int]]:
             for name, m in qmodel.named_modules() if isinstance(m, QLayer)}
 
 
-def weight_formats(qmodel: fx.GraphModule, weights: str = "auto") -> dict[str, WeightFormat]:
-    """Each integer conv/linear's weight format (`fxq.deployment.saturation`) for the choice ``weights``."""
-    return saturation.layer_formats(layer_bounds(qmodel), weights)
+def weight_formats(qmodel: fx.GraphModule, weights: str = "auto",
+                   runtime: str = "onnxruntime") -> dict[str, WeightFormat]:
+    """Each integer conv/linear's weight format (`fxq.deployment.saturation`) for the choice ``weights``
+    on ``runtime``."""
+    return saturation.layer_formats(layer_bounds(qmodel), weights, runtime)
 
 
-def to_onnx(qmodel: fx.GraphModule, weights: str = "auto", float_tables: Collection[str] = ()):
+def to_onnx(qmodel: fx.GraphModule, weights: str = "auto", float_tables: Collection[str] = (),
+            runtime: str = "onnxruntime"):
     """The ONNX ``ModelProto`` of ``qmodel`` (opset 21, dynamic batch), weights in the formats
-    ``weights`` chooses (`fxq.deployment.saturation`), the lookup modules named in ``float_tables``
+    ``weights`` chooses for ``runtime`` (`fxq.deployment.saturation`), the lookup modules named in ``float_tables``
     as their float ops (`fxq.deployment.float_tables`)."""
     from onnx import TensorProto, helper
 
@@ -201,7 +204,7 @@ def to_onnx(qmodel: fx.GraphModule, weights: str = "auto", float_tables: Collect
         raise ValueError("export a model from fxq.quantize or fxq.load: it has no network-input quantize step")
     sample_shape = tuple(inputs[0].sample_shape)
     modules = dict(qmodel.named_modules())
-    formats = {modules[name]: f for name, f in weight_formats(qmodel, weights).items()}
+    formats = {modules[name]: f for name, f in weight_formats(qmodel, weights, runtime).items()}
     shapes = _recorded_shapes(qmodel, sample_shape)
     b = Builder(shapes, formats, lambda: _recorded_shapes(qmodel, sample_shape, BATCH + 1), float_tables)
     values = b.values
@@ -346,17 +349,18 @@ def _attribute(qmodel: fx.GraphModule, target: str) -> torch.Tensor:
 
 
 def export_onnx(qmodel: fx.GraphModule, path: str | Path | io.BytesIO, weights: str = "auto",
-                float_tables: Collection[str] = ()) -> None:
+                float_tables: Collection[str] = (), runtime: str = "onnxruntime") -> None:
     """Write ``qmodel`` (from `fxq.quantize` or `fxq.load`) as an ONNX model (opset 21, dynamic
     batch) that ``onnx.checker`` accepts and onnxruntime runs.
 
-    ``weights`` (`fxq.deployment.saturation`): "auto" suits this machine's onnxruntime; a file bound for
-    other CPUs takes "exact" (U8U8 where a U8S8 kernel without VNNI could saturate). ``float_tables``:
-    lookup modules to write as their float ops, not a Gather in their table — exact only where the
-    runtime's float kernels give the table (`fxq.deploy` checks which do on this machine)."""
+    ``weights`` (`fxq.deployment.saturation`): "auto" suits ``runtime`` ("onnxruntime" or "openvino")
+    on this machine; a file bound for other CPUs takes "exact" (U8U8 where a U8S8 kernel without
+    VNNI could saturate). ``float_tables``: lookup modules to write as their float ops, not a Gather
+    in their table — exact only where the runtime's float kernels give the table (`fxq.deploy`
+    checks which do on this machine)."""
     import onnx
 
-    model = to_onnx(qmodel, weights, float_tables)
+    model = to_onnx(qmodel, weights, float_tables, runtime)
     onnx.checker.check_model(model)
     if isinstance(path, io.BytesIO):
         path.write(model.SerializeToString())

@@ -16,9 +16,13 @@ A layer is *pair-safe* when no pair can pass the limit, whatever its input:
 (an 8-bit input and |W_q| ≤ 64, or a 7-bit input, q_max = 127, and any 8-bit weight). Such a
 layer runs exactly in U8S8 on every CPU, which `QConfig(pair_safe=...)` quantizes for.
 
+OpenVINO's CPU plugin (oneDNN) multiplies the same way on the same CPUs, and is probed the same way:
+its own answer, not onnxruntime's, decides what a model deployed to it takes.
+
 Weight formats a deployed model can take (``fxq.deploy(..., weights=...)``):
 
-    "auto"    U8S8 where this machine's onnxruntime does not saturate (the probe below), else "exact"
+    "auto"    U8S8 where the runtime deployed to does not saturate on this machine (the probe below),
+              else "exact"
     "exact"   U8S8 for pair-safe layers, U8U8 for the others: exact on every CPU
     "u8s8"    int8 weights everywhere: fastest, exact only where the runtime does not saturate
     "u8u8"    uint8 weights everywhere
@@ -49,13 +53,14 @@ def pair_safe(input_qmax: int, weight_absmax: int) -> bool:
     return 2 * input_qmax * weight_absmax <= PAIR_LIMIT
 
 
-def layer_formats(layers: dict[str, tuple[int, int]], choice: str) -> dict[str, WeightFormat]:
-    """Each layer's weight format for ``choice`` (one of `CHOICES`); ``layers`` maps a layer's
-    name to ``(q_max of its input, max|W_q|)``."""
+def layer_formats(layers: dict[str, tuple[int, int]], choice: str,
+                  runtime: str = "onnxruntime") -> dict[str, WeightFormat]:
+    """Each layer's weight format for ``choice`` (one of `CHOICES`) on ``runtime``; ``layers`` maps
+    a layer's name to ``(q_max of its input, max|W_q|)``."""
     if choice not in CHOICES:
         raise ValueError(f"weights={choice!r}: choose one of {list(CHOICES)}")
     if choice == "auto":
-        choice = "exact" if runtime_saturates() else "u8s8"
+        choice = "exact" if runtime_saturates(runtime) else "u8s8"
     if choice != "exact":
         return {name: WeightFormat(choice) for name in layers}
     return {name: WeightFormat.U8S8 if pair_safe(*bounds) else WeightFormat.U8U8
@@ -63,32 +68,26 @@ def layer_formats(layers: dict[str, tuple[int, int]], choice: str) -> dict[str, 
 
 
 @functools.cache
-def runtime_saturates() -> bool:
-    """Whether this machine's onnxruntime adds U8S8 products in saturating 16-bit pairs: a 1×1
-    conv, a 3×3 conv and a Gemm, every input 255 and every weight 127, checked against the exact
-    answer (once per process)."""
-    import onnxruntime as ort
+def runtime_saturates(runtime: str = "onnxruntime") -> bool:
+    """Whether ``runtime`` ("onnxruntime" or "openvino") adds U8S8 products in saturating 16-bit
+    pairs on this machine: a 1×1 conv, a 3×3 conv and a Gemm, every input 255 and every weight 127,
+    checked against the exact answer (once per process and runtime)."""
+    from fxq.deployment.runtimes import LOADERS
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    for model, feed, expected in _probes():
-        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        if int(session.run(None, feed)[0].ravel()[0]) != expected:
-            return True
-    return False
+    return any(int(LOADERS[runtime](model, 1)(x)[0].ravel()[0]) != expected for model, x, expected in _probes())
 
 
 def _probes():
-    """(model bytes, feed, the exact output) for each probe: every input 255 and weight 127, in
+    """(model bytes, its input, the exact output) for each probe: every input 255 and weight 127, in
     the DequantizeLinear → Conv/Gemm → QuantizeLinear form fxq exports."""
     channels = 64
     for kernel, out_scale in ((1, 10000.0), (3, 100000.0)):
         x = np.full((1, channels, kernel, kernel), 255, np.uint8)
         weight = np.full((1, channels, kernel, kernel), 127, np.int8)
         expected = round(channels * kernel * kernel * 255 * 127 / out_scale)
-        yield _model("Conv", x.shape, weight, out_scale), {"x": x}, expected
+        yield _model("Conv", x.shape, weight, out_scale), x, expected
     x = np.full((1, channels), 255, np.uint8)
-    yield _model("Gemm", x.shape, np.full((1, channels), 127, np.int8), 10000.0), {"x": x}, round(
+    yield _model("Gemm", x.shape, np.full((1, channels), 127, np.int8), 10000.0), x, round(
         channels * 255 * 127 / 10000)
 
 
