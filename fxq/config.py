@@ -25,7 +25,8 @@ MIN_BITS, MAX_BITS = 2, 8
 WIDE_ACT_BITS = 16  # activations may also be 16-bit (int32 storage, float64-exact GEMM)
 # Fields that None leaves to `defaults_for` the bit widths.
 AUTO_FIELDS = ("weight_range", "act_range", "cross_layer_equalization", "bias_correction",
-               "keep_first_last_8bit")
+               "keep_first_last_8bit", "requantize")
+SWITCHES = ("cross_layer_equalization", "bias_correction", "keep_first_last_8bit")  # the True/False ones
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,14 @@ class QConfig:
                   conv/linear/add output before the ReLU, which then runs as max(q, z); "post"
                   quantizes only the ReLU's output (z = 0, the ReLU is the requantization's
                   clamp); "both" does one, then the other (max(q, z), then a requantization).
-    requantize:   the arithmetic that brings integers to new parameters. "fixed_point": an int32
-                  multiplier and a rounding right shift, half away from zero (what an integer-only
-                  accelerator runs; DESIGN.md). "onnxruntime": what onnxruntime's int8 kernels
-                  compute on x86 (MLAS), so that `fxq.deploy` is bit-exact with the quantized
-                  model: the accumulator times a float32 multiplier rounded half to even, adds in
-                  float32 with fused multiply-adds, inputs rounded half to even (`fxq.integers.intmath`).
+    requantize:   the arithmetic that brings integers to new parameters. "onnxruntime" (the
+                  default up to 8-bit activations): what onnxruntime's int8 kernels compute on x86
+                  (MLAS), so that `fxq.deploy` is bit-exact with the quantized model: the
+                  accumulator times a float32 multiplier rounded half to even, adds in float32 with
+                  fused multiply-adds, inputs rounded half to even (`fxq.integers.intmath`).
+                  "fixed_point" (the default for 16-bit activations, which onnxruntime's kernels do
+                  not take): an int32 multiplier and a rounding right shift, half away from zero
+                  (what an integer-only accelerator runs; DESIGN.md).
     pair_safe:    quantize so that onnxruntime's fast U8S8 kernels compute every layer exactly on
                   every CPU (`fxq.deployment.saturation`): without VNNI they add two uint8 × int8 products in
                   a 16-bit lane, which a layer with 8-bit inputs and 8-bit weights can pass.
@@ -85,7 +88,7 @@ class QConfig:
     bias_correction: bool | None = None
     keep_first_last_8bit: bool | None = None
     placement: str = "pre"
-    requantize: str = "fixed_point"
+    requantize: str | None = None
     pair_safe: bool = False
     percentile: float = 99.99
     histogram_bins: int = 2048
@@ -99,7 +102,7 @@ class QConfig:
                     or not (MIN_BITS <= bits <= MAX_BITS or bits in extra)):
                 also = f" (or {WIDE_ACT_BITS})" if extra else ""
                 raise ValueError(f"QConfig.{name}={bits!r}: use an int from {MIN_BITS} to {MAX_BITS}{also}")
-        for name in ("per_channel", "pair_safe") + AUTO_FIELDS[2:]:
+        for name in ("per_channel", "pair_safe") + SWITCHES:
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name in AUTO_FIELDS):
                 raise TypeError(f"QConfig.{name}={value!r}: use True or False")
@@ -162,6 +165,10 @@ def defaults_for(weight_bits: int, act_bits: int, per_channel: bool = True) -> d
     activations: it measured slightly worse). Below 8 bits, too, the network input and the first
     and last layers stay at 8 bits: on models fxq was not tuned on they carried most of the loss
     (a 4-bit input alone cost 9 points on one), for under 1 % of the weights.
+
+    Requantization follows onnxruntime's arithmetic wherever its kernels take the activations (up
+    to 8 bits), so that the default model deploys bit-exact at onnxruntime's int8 speed; over the
+    model suite it measured as accurate as fixed point (README, "Results"; `scripts/model_suite.py`).
     """
     low_weights, low_acts = weight_bits < 8, act_bits < 8
     return {
@@ -170,6 +177,7 @@ def defaults_for(weight_bits: int, act_bits: int, per_channel: bool = True) -> d
         "cross_layer_equalization": low_weights and not per_channel,
         "bias_correction": low_weights,
         "keep_first_last_8bit": low_weights or low_acts,
+        "requantize": "onnxruntime" if act_bits <= 8 else "fixed_point",
     }
 
 

@@ -6,7 +6,7 @@
 
 Each model is quantized with ``fxq.QConfig(weight_bits=w, act_bits=a)`` — the defaults for the
 width, nothing else set — calibrated on 512 training images, and scored on its full test set;
-below 8 bits also with each of ``ALTERNATIVES`` (what the defaults were chosen against).
+also with each of ``ALTERNATIVES`` at its widths (what the defaults were chosen against).
 Results are cached in results/model_suite.json.
 """
 from __future__ import annotations
@@ -25,20 +25,24 @@ from scripts.sweeps import RESULTS, Cache, key_of
 from scripts.train import accuracy
 
 WIDTHS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
-# The alternatives each narrow width's defaults were chosen against (name → QConfig fields).
-ALTERNATIVES = {"input, first and last layer at the width too": {"keep_first_last_8bit": False}}
+# The alternatives the defaults were chosen against: name → (QConfig fields, the widths they are measured at).
+ALTERNATIVES = {
+    "input, first and last layer at the width too": ({"keep_first_last_8bit": False}, ("W6A6", "W4A8", "W4A4")),
+    "fxq's fixed-point requantization": ({"requantize": "fixed_point"}, tuple(WIDTHS)),
+}
 CACHE = RESULTS / "model_suite.json"
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _config(setting: str, alternative: str | None) -> fxq.QConfig:
     weight_bits, act_bits = WIDTHS[setting]
-    return fxq.QConfig(weight_bits=weight_bits, act_bits=act_bits, **ALTERNATIVES.get(alternative, {}))
+    fields = ALTERNATIVES[alternative][0] if alternative else {}
+    return fxq.QConfig(weight_bits=weight_bits, act_bits=act_bits, **fields)
 
 
 def _key(name: str, setting: str, alternative: str | None = None) -> dict:
-    tags = {"model": name, "setting": setting} | ({"alternative": alternative} if alternative else {})
-    return key_of(_config(setting, alternative), **tags)
+    # the config names the run: an alternative that is another release's default shares its runs
+    return key_of(_config(setting, alternative), model=name, setting=setting)
 
 
 def measure(cache: Cache, name: str, setting: str, alternative: str | None = None) -> dict:
@@ -63,15 +67,11 @@ def run() -> None:
     torch.set_num_threads(2)
     cache = Cache(CACHE)
     wanted = [(name, setting, None) for setting in WIDTHS for name in models.SUITE]
-    wanted += [(name, setting, alternative) for alternative in ALTERNATIVES
-               for setting in _narrow() for name in models.SUITE]
+    wanted += [(name, setting, alternative) for alternative, (_, widths) in ALTERNATIVES.items()
+               for setting in widths for name in models.SUITE]
     for name, setting, alternative in wanted:
         measure(cache, name, setting, alternative)
     cache.retain([_key(*run) for run in wanted])
-
-
-def _narrow() -> list[str]:
-    return [setting for setting, bits in WIDTHS.items() if min(bits) < 8]
 
 
 def _change(record: dict) -> float:
@@ -85,7 +85,7 @@ def tables() -> str:
     rows, summary = [], []
     for setting in WIDTHS:
         for alternative in (None, *ALTERNATIVES):
-            if alternative and setting not in _narrow():
+            if alternative and setting not in ALTERNATIVES[alternative][1]:
                 continue
             records = [cache.get(_key(n, setting, alternative)) for n in names]
             changes = [_change(r) for r in records if r]

@@ -96,9 +96,23 @@ def test_with_onnxruntime_requantization_deploy_is_bit_exact(name):
 
 
 def test_a_fixed_point_model_deploys_and_says_it_is_not_bit_exact():
-    qmodel = fxq.quantize(randomize_bn(Residual()).eval(), [torch.randn(8, 3, 8, 8) for _ in range(4)])
+    qmodel = fxq.quantize(randomize_bn(Residual()).eval(), [torch.randn(8, 3, 8, 8) for _ in range(4)],
+                          fxq.QConfig(requantize="fixed_point"))
     deployed = fxq.deploy(qmodel, threads=1)
     assert not deployed.bit_exact and "requantize='onnxruntime'" in repr(deployed)
+
+
+@pytest.mark.parametrize("bits", [(8, 8), (4, 8), (6, 6)])
+def test_a_model_quantized_with_the_defaults_deploys_bit_exact(bits):
+    """No one has to know about requantize: up to 8-bit activations the default is onnxruntime's arithmetic."""
+    config = fxq.QConfig(weight_bits=bits[0], act_bits=bits[1])
+    assert config.requantize == "onnxruntime" and fxq.QConfig(act_bits=16).requantize == "fixed_point"
+    qmodel = fxq.quantize(randomize_bn(Residual()).eval(), [torch.randn(8, 3, 8, 8) for _ in range(4)], config)
+    deployed = fxq.deploy(qmodel, threads=1)
+    x = torch.randn(64, 3, 8, 8) * 1.5
+    with torch.no_grad():
+        assert torch.equal(deployed(x), qmodel(x))
+    assert deployed.bit_exact
 
 
 @pytest.mark.parametrize("bits", [(8, 4), (4, 6), (3, 2)])
@@ -219,3 +233,73 @@ def test_a_layer_is_pair_safe_exactly_when_no_two_products_can_pass_32767():
     assert saturation.pair_safe(127, 127) and not saturation.pair_safe(130, 127)
     with pytest.raises(ValueError, match="auto.*exact.*u8s8.*u8u8"):
         saturation.layer_formats({"fc": (255, 127)}, "int8")
+
+
+def _qlinear_mul_session(scales, zero_points, shapes):
+    """onnxruntime's own product of two uint8 tensors (DequantizeLinear ×2 → Mul → QuantizeLinear,
+    which it fuses into QLinearMul)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    constants = [numpy_helper.from_array(np.array(v, dtype=t), n) for n, v, t in
+                 [("sa", scales[0], np.float32), ("sb", scales[1], np.float32), ("so", scales[2], np.float32),
+                  ("za", zero_points[0], np.uint8), ("zb", zero_points[1], np.uint8), ("zo", zero_points[2], np.uint8)]]
+    nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["af"]),
+             helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bf"]),
+             helper.make_node("Mul", ["af", "bf"], ["of"]),
+             helper.make_node("QuantizeLinear", ["of", "so", "zo"], ["o"])]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.UINT8, list(s)) for n, s in zip("ab", shapes)]
+    graph = helper.make_graph(nodes, "mul", inputs, [helper.make_tensor_value_info("o", TensorProto.UINT8, None)],
+                              constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("broadcast", [False, True], ids=["elementwise", "gate-broadcast"])
+def test_runtime_mul_is_onnxruntimes_qlinear_mul_for_every_input_pair(broadcast):
+    """Every pair, elementwise and as a squeeze-excite gate broadcasts ([256, 1] against [256, 256])."""
+    from fxq.integers import intmath
+    a, b = torch.meshgrid(torch.arange(256, dtype=torch.uint8), torch.arange(256, dtype=torch.uint8), indexing="ij")
+    a, b = (a.flatten(), b.flatten()) if not broadcast else (b.contiguous(), torch.arange(256, dtype=torch.uint8)[:, None])
+    for _ in range(30):
+        scales = tuple(float(torch.empty(1).uniform_(-6, 1).exp().float()) for _ in range(3))
+        zero_points = tuple(int(z) for z in torch.randint(0, 256, (3,)))
+        ours = intmath.runtime_mul(a, b, scales, zero_points, 255)
+        session = _qlinear_mul_session(scales, zero_points, (a.shape, b.shape))
+        theirs = session.run(None, {"a": a.numpy(), "b": b.numpy()})[0]
+        assert torch.equal(ours, torch.from_numpy(theirs)), (scales, zero_points)
+
+
+class SqueezeExcite(nn.Module):
+    """MobileNetV3's gate: x · hardsigmoid(conv(relu(conv(mean(x))))), broadcast over H and W."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.squeeze, self.excite = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        gate = nn.functional.hardsigmoid(self.excite(torch.relu(self.squeeze(y.mean((2, 3), keepdim=True)))))
+        return y * gate
+
+
+@pytest.mark.parametrize("requantize", ["onnxruntime", "fixed_point"])
+def test_a_product_deploys_as_onnxruntimes_qlinear_mul_in_its_arithmetic_and_saves(requantize, tmp_path):
+    """onnxruntime's arithmetic: the product is DequantizeLinear ×2 → Mul → QuantizeLinear (its QLinearMul
+    kernel), bit-exact; fixed point keeps the table of every pair (a Gather). Either survives save and load."""
+    calibration = [torch.randn(8, 3, 8, 8) for _ in range(4)]
+    qmodel = fxq.quantize(randomize_bn(SqueezeExcite()).eval(), calibration, fxq.QConfig(requantize=requantize))
+    fxq.save(qmodel, tmp_path / "se.fxq")
+    loaded = fxq.load(tmp_path / "se.fxq")
+    x = torch.randn(64, 3, 8, 8) * 1.5
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qmodel(x))
+    for model in (qmodel, loaded):
+        deployed = fxq.deploy(model, threads=1)
+        ops = [n.op_type for n in onnx.load_from_string(deployed.model_bytes).graph.node]
+        assert ("Mul" in ops and "Gather" not in ops) if requantize == "onnxruntime" else "Gather" in ops
+        if requantize == "onnxruntime":
+            with torch.no_grad():
+                assert deployed.bit_exact and torch.equal(deployed(x), qmodel(x))

@@ -1,5 +1,6 @@
 """`fxq.deploy(..., runtime="openvino")`: the exported file run by OpenVINO, float in, float out in the model's
 structure, its threads honoured, float32 where the graph is float, and never called bit-exact."""
+import io
 import os
 import platform
 import subprocess
@@ -12,6 +13,7 @@ from torch import nn
 
 import fxq
 from fxq.analysis.comparison import sqnr_db
+from fxq.deployment import runtimes
 from fxq.graphs.outputs import named
 from tests.helpers import Residual, randomize_bn
 
@@ -89,3 +91,40 @@ def test_openvino_probes_its_own_kernels_and_takes_exact_weights_where_they_satu
                          check=True, cwd=Path(__file__).parents[1]).stdout.split()
     assert out[:3] == ["True", "True", "u8u8"]
     assert float(out[3]) > 30
+
+
+class Downsample(nn.Module):
+    """ResNet's downsampling block: a 3×3 stride-2 conv beside a 1×1 stride-2 conv, odd sizes included."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.BatchNorm2d(16))
+        self.downsample = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+
+    def forward(self, x):
+        y = self.stem(x)
+        return torch.relu(self.conv(y) + self.downsample(y))
+
+
+def test_a_strided_1x1_conv_reads_every_other_integer_and_runs_in_int8_on_openvino():
+    """OpenVINO runs a strided 1×1 conv of an input with a zero point in float32; written as a
+    subsample of the integers and a stride-1 conv it runs in u8, and computes the same integers."""
+    calibration = [torch.randn(8, 3, 9, 9) for _ in range(4)]
+    # pair-safe weights: int8 kernels on every CPU (a CPU without VNNI takes uint8 weights otherwise,
+    # which OpenVINO runs in float32)
+    qmodel = fxq.quantize(randomize_bn(Downsample()), calibration, fxq.QConfig(pair_safe=True))
+    x = torch.randn(16, 3, 9, 9)
+    files = {}
+    for runtime in ("onnxruntime", "openvino"):
+        buffer = io.BytesIO()
+        fxq.export_onnx(qmodel, buffer, runtime=runtime)
+        files[runtime] = buffer.getvalue()
+    assert files["openvino"] != files["onnxruntime"]
+    on_onnxruntime = [runtimes.onnxruntime(f, 1)(x.numpy())[0] for f in files.values()]
+    assert (on_onnxruntime[0] == on_onnxruntime[1]).all()  # the same integers, either form
+    assert torch.equal(torch.from_numpy(on_onnxruntime[1]), qmodel(x))
+    compiled = fxq.deploy(qmodel, runtime="openvino").session().compiled
+    convs = [op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ordered_ops()
+             if op.get_rt_info()["layerType"].astype(str) == "Convolution"]
+    assert len(convs) == 3 and set(convs) == {"u8"}

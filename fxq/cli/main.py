@@ -164,7 +164,9 @@ def _config(p) -> None:
     g.add_argument("--weight-range", choices=WEIGHT_RANGES)
     g.add_argument("--act-range", choices=ACT_RANGES)
     g.add_argument("--placement", choices=PLACEMENTS, help="quantize a layer's output before (pre) or after its ReLU")
-    g.add_argument("--requantize", choices=REQUANTIZE, help="onnxruntime: bit-exact with `fxq evaluate`'s deployed row")
+    g.add_argument("--requantize", choices=REQUANTIZE,
+                   help="onnxruntime (default up to 8-bit activations): bit-exact with `fxq evaluate`'s deployed "
+                        "row; fixed_point: an int32 multiplier and a shift")
     g.add_argument("--pair-safe", action="store_true",
                    help="7-bit weights beside 8-bit activations: deploys exact on int8 kernels of any CPU")
     g.add_argument("--calib", type=int, default=512, metavar="N", help="calibration images (default 512)")

@@ -110,10 +110,11 @@ def deploy(qmodel: fx.GraphModule, example_input: torch.Tensor | None = None, th
     ``weights`` picks each layer's weight format (`fxq.deployment.saturation`): by default U8S8 (int8
     weights, the fastest kernels) where this machine's onnxruntime adds products exactly, and
     where it saturates (x86 without VNNI) U8S8 only for layers that cannot saturate, U8U8 for
-    the rest. It computes exactly what ``qmodel`` does when ``qmodel`` was quantized with
-    ``QConfig(requantize="onnxruntime")``, no layer can saturate and no op runs in float
+    the rest. It computes exactly what ``qmodel`` does when ``qmodel`` computes onnxruntime's
+    arithmetic (``QConfig.requantize="onnxruntime"``, the default up to 8-bit activations), no layer
+    can saturate and no op runs in float
     (``deployed.bit_exact``); otherwise convs, linears and adds may land a step or two apart
-    (onnxruntime requantizes in float32, fxq in fixed point), and so may the output of a float
+    (onnxruntime requantizes in float32, ``requantize="fixed_point"`` in fixed point), and so may the output of a float
     op (onnxruntime's float kernels round their own way)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime={runtime!r}: fxq deploys to {' or '.join(map(repr, RUNTIMES))}")

@@ -53,7 +53,7 @@ class Builder:
     """Collects ONNX nodes and initializers; one method per ONNX idiom the facets use."""
 
     def __init__(self, shapes: dict, formats: dict | None = None, other_batch: Callable[[], dict] | None = None,
-                 float_tables: Collection[str] = ()):
+                 float_tables: Collection[str] = (), runtime: str = "onnxruntime"):
         from onnx import TensorProto, helper, numpy_helper
         self.helper, self.numpy_helper, self.types = helper, numpy_helper, TensorProto
         self.nodes, self.initializers, self.shapes = [], [], shapes
@@ -64,6 +64,7 @@ class Builder:
         self.values: dict[fx.Node, object] = {}  # what each fx node became in the ONNX graph
         self.network_input = "x"  # the graph input's name (`to_onnx` sets it)
         self.float_tables = frozenset(float_tables)  # lookup modules exported as float ops (`QLookup.to_onnx`)
+        self.runtime = runtime  # the runtime the graph is written for: some forms run faster on one
         self.count = 0
 
     def value(self, argument):
@@ -91,6 +92,14 @@ class Builder:
         names = [self.fresh(name) for _ in range(outputs)]
         self.nodes.append(self.helper.make_node(op, inputs, names, name=names[0], **attributes))
         return names[0] if outputs == 1 else names
+
+    def subsample(self, x: str, stride, name: str) -> str:
+        """Every ``stride``-th position of an NCHW tensor along H and W, from the first."""
+        end = np.iinfo(np.int64).max
+        return self.node("Slice", [x, self.constant(f"{name}_starts", self.ints([0, 0])),
+                                   self.constant(f"{name}_ends", self.ints([end, end])),
+                                   self.constant(f"{name}_axes", self.ints([2, 3])),
+                                   self.constant(f"{name}_steps", self.ints(list(stride)))], f"{name}_subsample")
 
     def batch(self, name: str) -> str:
         """The network input's batch size, as the one-element shape ONNX's Expand and Reshape take."""
@@ -206,7 +215,7 @@ def to_onnx(qmodel: fx.GraphModule, weights: str = "auto", float_tables: Collect
     modules = dict(qmodel.named_modules())
     formats = {modules[name]: f for name, f in weight_formats(qmodel, weights, runtime).items()}
     shapes = _recorded_shapes(qmodel, sample_shape)
-    b = Builder(shapes, formats, lambda: _recorded_shapes(qmodel, sample_shape, BATCH + 1), float_tables)
+    b = Builder(shapes, formats, lambda: _recorded_shapes(qmodel, sample_shape, BATCH + 1), float_tables, runtime)
     values = b.values
     b.network_input = next(n.name for n in qmodel.graph.nodes if n.op == "placeholder")
     for node in qmodel.graph.nodes:

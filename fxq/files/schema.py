@@ -33,6 +33,7 @@ class Schema:
     tensors: dict[str, torch.dtype]
     build: Callable[[type, dict, dict], nn.Module] | None = None
     optional_tensors: frozenset = frozenset()
+    optional_attributes: frozenset = frozenset()  # what files written before they existed lack
     ranges: Callable[[nn.Module], None] | None = None
     loose: bool = False  # any subset of the attributes; the tensors the built module's state holds
 

@@ -293,7 +293,8 @@ def _module_from(target: str, record) -> nn.Module:
     expect(cls is not None, f"'{target}' has module type {record['type']!r}, which fxq does not load")
     schema = SCHEMAS[cls]
     attributes, tensors = record["attributes"], _tensors_of(target, record)
-    expect(isinstance(attributes, dict) and (set(attributes) == set(schema.attributes)
+    expect(isinstance(attributes, dict) and (set(schema.attributes) - schema.optional_attributes
+                                              <= set(attributes) <= set(schema.attributes)
                                               or schema.loose and set(attributes) <= set(schema.attributes)),
             f"'{target}' ({cls.__name__}) must have the attributes {sorted(schema.attributes)}")
     for name, value in attributes.items():

@@ -173,6 +173,21 @@ def runtime_add(a_q: torch.Tensor, b_q: torch.Tensor, scales: tuple[float, float
     return torch.round(total).clamp_(0, qmax).to(storage_dtype(qmax.bit_length()))
 
 
+def runtime_mul(a_q: torch.Tensor, b_q: torch.Tensor, scales: tuple[float, float, float],
+                zero_points: tuple[int, int, int], qmax: int) -> torch.Tensor:
+    """``A · B`` as onnxruntime's QLinearMul computes it (MLAS on x86 and 64-bit ARM): the int32
+    product ``P = (A − z_A)·(B − z_B)`` (exact in float32: |P| ≤ 2^16), the float32 ratio
+    ``r = (s_A·s_B)/s_O``, ``O = clamp(round_half_even((P·r) + z_O), 0, qmax)``, each float32
+    operation rounded on its own (a multiply, then an add: no fused multiply-add)."""
+    f32 = torch.float32
+    s_a, s_b, s_o = (torch.tensor(s, dtype=f32) for s in scales)
+    z_a, z_b, z_o = zero_points
+    ratio = (s_a * s_b) / s_o
+    product = ((a_q.to(torch.int32) - z_a) * (b_q.to(torch.int32) - z_b)).to(f32)
+    total = product * ratio + torch.tensor(z_o, dtype=f32)
+    return torch.round(total).clamp_(0, qmax).to(storage_dtype(qmax.bit_length()))
+
+
 def runtime_global_mean(q: torch.Tensor, scale: float, zero_point: int, qmax: int) -> torch.Tensor:
     """The mean over the last two dims at the input's own parameters, as onnxruntime's
     QLinearGlobalAveragePool computes it (MLAS): the int32 sum of ``q − z`` over the ``N`` values,

@@ -121,7 +121,7 @@ def lower_mul(lo: Lowering, node: fx.Node) -> None:
     """``a * b`` → ``QMul(a_q, b_q)``: the centred product, requantized once."""
     a, b = node.args
     qparams = [qparams_of(a, node), qparams_of(b, node), output_qparams(node)]
-    lo.become(node, QMul(*qparams, f"the product {node.name}"), leaf_name(node), (a, b))
+    lo.become(node, QMul(*qparams, f"the product {node.name}", lo.rounding), leaf_name(node), (a, b))
 
 
 class QSub(PairOp):

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fxq.config import Rounding
 from fxq.files import schema as sc
 from fxq.files.schema import Schema
 from fxq.graphs import records
@@ -76,17 +77,25 @@ class PairOp(Derived):
 class QMul(PairOp):
     """uint8 · uint8 → uint8: ``clamp(z_O + round(M·(A_q − z_A)·(B_q − z_B)))``, ``M = s_A·s_B/s_O``.
 
-    The product of two centred integers is exact in int64 and formula (2) requantizes it; with
-    inputs of up to 8 bits the op runs as a lookup in the table of every pair (as the add does),
-    broadcasting like ``a * b`` (a squeeze-and-excitation gate ``[N, C, 1, 1]`` times ``[N, C, H, W]``).
+    The product of two centred integers is exact in int64 and formula (2) requantizes it — or, with
+    ``requantize_as`` onnxruntime's, QLinearMul's float32 arithmetic (`fxq.integers.intmath.runtime_mul`),
+    so that it deploys as that kernel, not as a table lookup. With inputs of up to 8 bits the op runs
+    as a lookup in the table of every pair (as the add does), broadcasting like ``a * b`` (a
+    squeeze-and-excitation gate ``[N, C, 1, 1]`` times ``[N, C, H, W]``).
     """
 
-    schema = Schema({"input_bits": lambda v: sc.bits_tuple(v) and len(v) == 2, "output_bits": sc.act_bits},
-                    {"zero_points": torch.int32, "multiplier": torch.int64, "shift": torch.int64},
+    schema = Schema({"input_bits": lambda v: sc.bits_tuple(v) and len(v) == 2, "output_bits": sc.act_bits,
+                     "requantize_as": sc.REQUANTIZE},
+                    {"zero_points": torch.int32, "multiplier": torch.int64, "shift": torch.int64,
+                     "scales": torch.float64},
+                    optional_tensors=frozenset({"scales"}), optional_attributes=frozenset({"requantize_as"}),
                     ranges=lambda m: m.check_ranges())
+    requantize_as = Rounding.FIXED_POINT  # what a file written before the choice existed holds
 
-    def __init__(self, a: ActQParams, b: ActQParams, out: ActQParams, name: str):
+    def __init__(self, a: ActQParams, b: ActQParams, out: ActQParams, name: str,
+                 rounding: Rounding = Rounding.FIXED_POINT):
         super().__init__()
+        self.requantize_as = Rounding(rounding)
         self.input_bits, self.output_bits = (a.bits, b.bits), out.bits
         bound = max(a.zero_point, a.qmax - a.zero_point) * max(b.zero_point, b.qmax - b.zero_point)
         try:
@@ -96,15 +105,23 @@ class QMul(PairOp):
             raise NotRepresentable(f"{name}: the product's scale s_A·s_B/s_O = {a.scale * b.scale / out.scale:.3g} "
                              "is too large to hold in fixed point: its output was almost constant on the "
                              "calibration data; calibrate on varied inputs") from None
+        if self.requantize_as is Rounding.ONNXRUNTIME and a.scale * b.scale / out.scale * max(bound, 1) >= 2**31:
+            raise NotRepresentable(f"{name}: the product's scale s_A·s_B/s_O = {a.scale * b.scale / out.scale:.3g} "
+                                   "takes products past onnxruntime's int32 conversion: its output was almost "
+                                   "constant on the calibration data; calibrate on varied inputs")
         self.register_buffer("zero_points", torch.tensor([a.zero_point, b.zero_point, out.zero_point],
                                                          dtype=torch.int32))
         self.register_buffer("multiplier", m.reshape(()))
         self.register_buffer("shift", shift.reshape(()))
+        if self.requantize_as is Rounding.ONNXRUNTIME:
+            self.register_buffer("scales", torch.tensor([a.scale, b.scale, out.scale], dtype=torch.float64))
         self.prepare()
 
     def compute(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The integer product itself, without the table."""
         za, zb, zo = (int(z) for z in self.zero_points)
+        if self.requantize_as is Rounding.ONNXRUNTIME:
+            return intmath.runtime_mul(a, b, tuple(self.scales.tolist()), (za, zb, zo), (1 << self.output_bits) - 1)
         product = (a.to(torch.int64) - za) * (b.to(torch.int64) - zb)
         return intmath.requantize(product, self.multiplier, self.shift, zo, (1 << self.output_bits) - 1)
 
@@ -113,6 +130,27 @@ class QMul(PairOp):
         for z, bits in zip(self.zero_points.tolist(), self.input_bits + (self.output_bits,)):
             sc.expect(0 <= z < (1 << bits), "a zero point is outside its width")
         sc.fixed_point_fits(self.multiplier, self.shift, "the product's")
+        runtime = self.requantize_as is Rounding.ONNXRUNTIME
+        sc.expect(runtime == hasattr(self, "scales"), "onnxruntime's arithmetic needs the three scales, and "
+                  "only it")
+        if runtime:
+            sc.expect(self.scales.shape == (3,) and bool((self.scales > 0).all() & self.scales.isfinite().all()),
+                      "three positive finite scales")
+            # MLAS converts P·r + z_O to int32: beyond 2^31 it would wrap, not saturate
+            sc.expect(float(self.scales[0] * self.scales[1] / self.scales[2]) * 2**16 < 2**31,
+                      "the product's scale ratio is too large for onnxruntime's int32 conversion")
+
+    def to_onnx(self, b, node, inputs):
+        """onnxruntime's arithmetic: DequantizeLinear ×2 → Mul → QuantizeLinear, which it fuses into
+        QLinearMul; fxq's fixed point: ``table[a·2^b_B + b]``."""
+        if self.requantize_as is not Rounding.ONNXRUNTIME:
+            return super().to_onnx(b, node, inputs)
+        za, zb, zo = (int(z) for z in self.zero_points)
+        sa, sb, so = self.scales.tolist()
+        operands = [ActQParams(sa, za, self.input_bits[0]), ActQParams(sb, zb, self.input_bits[1])]
+        values = [b.dequantize(q, qp, f"{node.name}_{i}") for i, (q, qp) in enumerate(zip(inputs, operands))]
+        return b.quantize(b.node("Mul", values, f"{node.name}_product"), ActQParams(so, zo, self.output_bits),
+                          node.name)
 
 
 def _pair_table(b, table: torch.Tensor, first: str, second: str, width: int, name: str) -> str:

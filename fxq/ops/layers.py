@@ -70,9 +70,22 @@ class QConv2d(QLayer):
         # channels-last integers viewed as NCHW: no copy, and the next conv reads them as they are
         return q.reshape(*positions, -1).permute(0, 3, 1, 2)
 
-    def onnx_op(self, b, x: str, weight: str, bias: str, name: str) -> str:
+    def onnx_layer(self, b, x: str, name: str) -> str:
+        if b.runtime == "openvino" and self.strided_pointwise:
+            # OpenVINO's CPU plugin runs a strided 1×1 conv whose input has a zero point in float32
+            # (a Subtract, then an f32 conv: ResNet's downsample convs); on every s-th integer the
+            # same conv has stride 1, and runs in u8
+            return super().onnx_layer(b, b.subsample(x, self.stride, name), name, strides=[1, 1])
+        return super().onnx_layer(b, x, name)
+
+    @property
+    def strided_pointwise(self) -> bool:
+        """A 1×1 kernel without padding that skips positions: it reads only every s-th input."""
+        return tuple(self.weight.shape[2:]) == (1, 1) and max(self.stride) > 1 and not any(self.padding)
+
+    def onnx_op(self, b, x: str, weight: str, bias: str, name: str, strides: list[int] | None = None) -> str:
         p = list(self.padding)
-        return b.node("Conv", [x, weight, bias], f"{name}_conv", pads=p + p, strides=list(self.stride),
+        return b.node("Conv", [x, weight, bias], f"{name}_conv", pads=p + p, strides=strides or list(self.stride),
                       dilations=list(self.dilation), group=self.groups)
 
     def extra_repr(self) -> str:

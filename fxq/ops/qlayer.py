@@ -209,7 +209,7 @@ class QLayer(Derived):
     def to_onnx(self, b, node, inputs):
         return self.onnx_layer(b, inputs[0], node.name)
 
-    def onnx_layer(self, b, x: str, name: str) -> str:
+    def onnx_layer(self, b, x: str, name: str, **op_options) -> str:
         """DequantizeLinear → Conv/Gemm (int8 weight and int32 bias, dequantized) → QuantizeLinear,
         which onnxruntime fuses into QLinearConv/QGemm. In the U8U8 format the weight travels as
         uint8 ``W_q + 128`` with zero point 128: the same values, which onnxruntime multiplies
@@ -227,10 +227,11 @@ class QLayer(Derived):
             b.constant(f"{name}_bias", self.bias),
             b.constant(f"{name}_bias_scale", (self.input_scale * self.weight_scale).to(torch.float32)),
             b.constant(f"{name}_bias_zero", torch.zeros_like(self.bias))], f"{name}_b", axis=0)
-        return b.quantize(self.onnx_op(b, x_f, weight, bias, name), self.output_qparams, name)
+        return b.quantize(self.onnx_op(b, x_f, weight, bias, name, **op_options), self.output_qparams, name)
 
     def onnx_op(self, b, x: str, weight: str, bias: str, name: str) -> str:
-        """The float ONNX op on the dequantized input, weight and bias."""
+        """The float ONNX op on the dequantized input, weight and bias (``op_options`` of
+        `onnx_layer` are the layer's own)."""
         return b.node("Gemm", [x, weight, bias], f"{name}_gemm", transB=1)
 
 
