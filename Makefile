@@ -38,7 +38,7 @@ demo: .venv/ready data
 	@export FXQ_DATA=$(CURDIR)/data; for set in mnist:mnist fashion:fashion-mnist; do \
 		name=$${set%%:*}; net="--model scripts.models:resnet18_28x28 --weights checkpoints/resnet18_$$name.pt"; \
 		echo; echo "$${set#*:}: ResNet-18 at W8A8, 512 calibration images, the full test set"; \
-		.venv/bin/fxq quantize $$net --data $${set#*:} --requantize onnxruntime --out results/$$name.fxq --quiet >/dev/null \
+		.venv/bin/fxq quantize $$net --data $${set#*:} --out results/$$name.fxq --quiet >/dev/null \
 			&& .venv/bin/fxq evaluate results/$$name.fxq $$net --data $${set#*:} --threads 2 || exit 1; \
 	done
 

@@ -3,7 +3,7 @@
     python -m scripts.deploy_agreement     # results/deploy_agreement.json + the README table
 
 For the committed MNIST and Fashion-MNIST ResNet-18s at W8A8 (512 calibration images), with
-fxq's fixed-point requantization (the default) and with ``QConfig(requantize="onnxruntime")``:
+fxq's fixed-point requantization and with ``QConfig(requantize="onnxruntime")`` (the default):
 both models' test accuracy, the share of the 10k test images on which they predict the same
 class, the share of logits that are identical, and the largest logit difference in output steps.
 
@@ -34,13 +34,14 @@ RESULTS = ROOT / "results" / "deploy_agreement.json"
 def quantized(name: str, requantize: str) -> torch.fx.GraphModule:
     """The committed model at W8A8 (512 calibration images): one per rounding for every comparison."""
     model = models.load_trained(name)
-    return fxq.quantize(model, data.calibration_batches(name, 512), fxq.QConfig(requantize=requantize))
+    return fxq.quantize(model, data.calibration_batches(models.RECIPES[name].dataset, 512),
+                        fxq.QConfig(requantize=requantize))
 
 
 def agreement(name: str, requantize: str, avx2_weights: str | None = None, limit: int | None = None) -> dict:
     """With ``avx2_weights``, the deployed model (weights in that format) runs on the emulated AVX2
     CPU; ``limit``: the first test images only."""
-    qmodel, test = quantized(name, requantize), data.load(name, "test")
+    qmodel, test = quantized(name, requantize), data.load(models.RECIPES[name].dataset, "test")
     images, labels = test.images[:limit], test.labels[:limit]
     with torch.no_grad():
         reference = torch.cat([qmodel(x) for x in images.split(500)])

@@ -2,11 +2,12 @@
 
     python -m scripts.deploy_runtimes          # results/deploy_runtimes.json + README blocks "deploy-runtimes(-ops)"
     python -m scripts.deploy_runtimes --ops    # only OpenVINO against fxq op by op, on small random models
-    python -m scripts.deploy_runtimes --tables # only onnxruntime's speed with the tables' float ops vs Gathers
+    python -m scripts.deploy_runtimes --tables # only onnxruntime's speed: tables as float ops and products as
+                                               # QLinearMul vs Gathers
 
-For the committed suite models at W8A8 (512 calibration images, ``QConfig(requantize="onnxruntime")``: the
-arithmetic onnxruntime runs exactly), on the full test set: each runtime's accuracy, the share of images whose
-outputs are identical to the executor's, of identical logits, the largest difference in output steps, the
+For the committed suite models at W8A8 (512 calibration images, the defaults: onnxruntime's arithmetic), on
+the full test set: each runtime's accuracy, the share of images whose outputs are identical to the
+executor's, of identical logits, the largest difference in output steps, the
 share predicting the executor's class, how many lookup tables run as float ops
 (`fxq.deployment.float_tables`); and the median latency at batch 1 and 32 on 2 threads. Every number names
 the CPU it ran on.
@@ -14,6 +15,7 @@ the CPU it ran on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import io
 import statistics
@@ -26,6 +28,7 @@ from torch import nn
 
 import fxq
 from fxq.config import RUNTIMES
+from fxq.ops.joins import QMul
 from scripts import data, models, readme
 from scripts.results import FOLDER, Store
 
@@ -44,8 +47,7 @@ def latency_ms(run, x: torch.Tensor, runs: int = 30) -> float:
 
 
 def measure(name: str) -> dict:
-    qmodel = fxq.quantize(models.load_trained(name), data.calibration_batches(models.RECIPES[name].dataset, 512),
-                          fxq.QConfig(requantize="onnxruntime"))
+    qmodel = fxq.quantize(models.load_trained(name), data.calibration_batches(models.RECIPES[name].dataset, 512))
     test = data.load(models.RECIPES[name].dataset, "test")
     step = qmodel.get_submodule("dequantize").scale.item()
     with torch.no_grad():
@@ -132,9 +134,23 @@ def op_agreement() -> dict:
     return rows
 
 
+@contextlib.contextmanager
+def _products_as_pair_tables():
+    """Products of two activations exported as fxq's table of every pair (a Gather), as before they
+    were written as onnxruntime's QLinearMul: the same integers either way."""
+    from fxq.ops.joins import PairOp, QMul
+    own, QMul.to_onnx = QMul.to_onnx, PairOp.to_onnx
+    try:
+        yield
+    finally:
+        QMul.to_onnx = own
+
+
 def table_speed() -> dict:
-    """onnxruntime with the float forms of the lookup tables against Gathers in them, interleaved runs:
-    MobileNetV3 (suite) at batch 1 and 32, YOLOv8n (its yaml, batch norm settled) at 64×64, batch 8."""
+    """onnxruntime on fxq's graph written three ways, interleaved runs: every lookup table and product of
+    two activations a Gather; the tables with a float form as float ops (`fxq.deployment.float_tables`);
+    and the products as QLinearMul too (what `fxq.deploy` writes). MobileNetV3 (suite) at batch 1 and
+    32, YOLOv8n (its yaml, batch norm settled) at 64×64, batch 8."""
     from fxq.deployment.runtimes import onnxruntime
     from scripts import zoo, zoo_vision
     mobilenet = models.load_trained("fashion_mobilenet_v3")
@@ -145,12 +161,15 @@ def table_speed() -> dict:
                                   zoo.images(8, 2), (8,))
     rows = {}
     for name, (model, calibration, images, batches) in cases.items():
-        qmodel = fxq.quantize(model, calibration, fxq.QConfig(requantize="onnxruntime"))
+        qmodel = fxq.quantize(model, calibration)
         tables = fxq.deploy(qmodel, threads=THREADS).float_tables
+        products = sum(isinstance(m, QMul) for m in qmodel.modules())
         runs = {}
-        for kind, chosen in (("gather", ()), ("float ops", tables)):
+        for kind, chosen, paired in (("gather", (), True), ("float ops", tables, True),
+                                     ("QLinearMul", tables, False)):
             buffer = io.BytesIO()
-            fxq.export_onnx(qmodel, buffer, "auto", chosen)
+            with _products_as_pair_tables() if paired else contextlib.nullcontext():
+                fxq.export_onnx(qmodel, buffer, "auto", chosen)
             runs[kind] = onnxruntime(buffer.getvalue(), THREADS)
         for batch in batches:
             x = images[:batch].numpy()
@@ -162,7 +181,7 @@ def table_speed() -> dict:
                     start = time.perf_counter()
                     run(x)
                     times[kind].append(time.perf_counter() - start)
-            rows[f"{name}, batch {batch}"] = {"tables": len(tables),
+            rows[f"{name}, batch {batch}"] = {"tables": len(tables), "products": products,
                                               **{kind: 1e3 * statistics.median(t) for kind, t in times.items()}}
             print(name, batch, rows[f"{name}, batch {batch}"], flush=True)
     return rows
@@ -171,10 +190,11 @@ def table_speed() -> dict:
 def publish_tables(store: Store, machine: dict) -> None:
     store.data["tables"] = {"machine": machine, "rows": table_speed()}
     store.save()
-    body = [[name, r["tables"], f"{r['gather']:.2f}", f"{r['float ops']:.2f}", f"{r['gather'] / r['float ops']:.2f}×"]
-            for name, r in store.data["tables"]["rows"].items()]
+    body = [[name, r["tables"], r["products"], f"{r['gather']:.2f}", f"{r['float ops']:.2f}", f"{r['QLinearMul']:.2f}",
+             f"{r['gather'] / r['QLinearMul']:.2f}×"] for name, r in store.data["tables"]["rows"].items()]
     readme.publish("deploy-float-tables", tabulate(
-        body, headers=["model, batch", "tables as float ops", "ms, Gathers", "ms, float ops", "faster"],
+        body, headers=["model, batch", "tables as float ops", "products", "ms, all Gathers",
+                       "ms, tables as float ops", "ms, and products as QLinearMul", "faster"],
         tablefmt="github") + f"\n\n{machine['cpu']} ({machine['capability']}), onnxruntime, {THREADS} threads, "
         "medians of 30 interleaved runs; `python -m scripts.deploy_runtimes --tables`.")
 
