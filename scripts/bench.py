@@ -1,9 +1,10 @@
 """Latency of every way to run a model here, and how long quantizing takes.
 
     python -m scripts.bench                   # results/bench.json + the README tables
-    python -m scripts.bench --shapes mnist    # only the 28×28 ResNet-18
+    python -m scripts.bench --shapes mnist    # only the 28×28 MNIST ResNet-18
 
-Shapes: the committed MNIST ResNet-18 (1×28×28; batches 1, 32, 256; full-test accuracy) and
+Shapes: the committed suite models (MNIST and Fashion-MNIST ResNet-18s, the inception-style net,
+MobileNetV2 and MobileNetV3-small on Fashion-MNIST; 1×28×28; batches 1, 32, 256; full-test accuracy) and
 torchvision ResNet-18 and MobileNetV2 at 3×224×224 (random weights, batch norm settled and
 everything calibrated on structured random images; batches 1 and 32). Two threads everywhere.
 
@@ -12,8 +13,8 @@ onnxruntime's own ``quantize_static`` (per-channel QDQ int8) as references; wher
 installed, fp32 OpenVINO (float32 asked for) and fxq deployed on OpenVINO, and where NNCF is too
 (``pip install nncf``: a peer, not a dependency), NNCF's post-training int8 on OpenVINO (its defaults,
 W8A8, the same calibration images) as a reference, and ``nncf.quantize``'s time beside fxq's; fxq's integer executor
-and fxq deployed (`fxq.deploy`), both of the model quantized with
-``QConfig(requantize="onnxruntime")`` so the two agree bit for bit, and fxq deployed with
+and fxq deployed (`fxq.deploy`), both of the model quantized with the defaults (onnxruntime's
+arithmetic, so the two agree bit for bit), and fxq deployed with
 ``placement="post"`` too: there each ReLU is the conv's own clamp (z = 0), where the default
 "pre" placement runs it as a separate ``Clip`` on the integers; fxq deployed with weights "exact"
 (U8U8 where a U8S8 kernel without VNNI could saturate: what `fxq.deploy` picks on such a CPU) and
@@ -60,7 +61,9 @@ RUNS, THREADS, MIN_SECONDS, ROUNDS = 10, 2, 1.0, 3
 SLOW = "fxq executor"  # timed in the first round only: seconds per call at 224×224
 CALIBRATION, REPEATS = 512, 3
 ACT_RANGES = ("minmax", "percentile", "mse", "entropy")
-SHAPES = {"mnist": (1, 32, 256), "resnet18_224": (1, 32), "mobilenet_v2_224": (1, 32)}
+# the committed suite models at 28×28 (full-test accuracy), and torchvision's at 224×224 (random weights)
+SUITE = ("mnist", "fashion", "fashion_inception", "fashion_mobilenet_v2", "fashion_mobilenet_v3")
+SHAPES = {**{name: (1, 32, 256) for name in SUITE}, "resnet18_224": (1, 32), "mobilenet_v2_224": (1, 32)}
 
 
 class Session(torch.nn.Module):
@@ -152,10 +155,11 @@ def ort_int8(model_bytes: bytes, calib: list) -> bytes:
 
 def setup(shape: str):
     """(float model, calibration batches, example input, test split or None)."""
-    if shape == "mnist":
-        model = models.load_trained("mnist")
-        calib = [images for images, _ in data.calibration_batches("mnist", CALIBRATION)]
-        return model, calib, calib[0][:1], data.load("mnist", "test")
+    if shape in SUITE:
+        dataset = models.RECIPES[shape].dataset
+        model = models.load_trained(shape)
+        calib = [images for images, _ in data.calibration_batches(dataset, CALIBRATION)]
+        return model, calib, calib[0][:1], data.load(dataset, "test")
     zoo.SIZE = 224
     model = zoo.build(shape.removesuffix("_224"))
     calib = list(zoo.images(CALIBRATION, 1).split(32))
@@ -199,9 +203,9 @@ def bench(shape: str) -> list[dict]:
     float_bytes = float_onnx(model, example)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        qmodel = fxq.quantize(model, calib, fxq.QConfig(requantize="onnxruntime"))
-        fused = fxq.quantize(model, calib, fxq.QConfig(requantize="onnxruntime", placement="post"))
-        pair_safe = fxq.quantize(model, calib, fxq.QConfig(requantize="onnxruntime", pair_safe=True))
+        qmodel = fxq.quantize(model, calib)
+        fused = fxq.quantize(model, calib, fxq.QConfig(placement="post"))
+        pair_safe = fxq.quantize(model, calib, fxq.QConfig(pair_safe=True))
         runners = {"fp32 torch": model, "fp32 onnxruntime": Session(float_bytes),
                    "torch.ao x86 int8 (reference)": torch_ao_x86(model, [(b, None) for b in calib]),
                    "onnxruntime quantize_static int8 (reference)": Session(ort_int8(float_bytes, calib)),
@@ -257,14 +261,14 @@ def table(rows: list[dict], machine: dict) -> str:
         batches = SHAPES[shape]
         headers = ["runner", *(f"ms, batch {b}" for b in batches), *(f"× ORT int8, b{b}" for b in batches), "MB",
                    "inside"]
-        if shape == "mnist":
+        if shape in SUITE:
             headers.append("test acc %")
         body = []
         for r in (r for r in rows if r["shape"] == shape):
             line = [r["runner"], *(f"{r[f'ms_batch{b}']:.2f}" for b in batches),
                     *(f"{r[f'x_ort_int8_batch{b}']:.2f}" for b in batches), f"{r['size_mb']:.1f}",
                     r.get("how", "")]
-            if shape == "mnist":
+            if shape in SUITE:
                 line.append(f"{r['accuracy']:.2f}")
             body.append(line)
         out.append(f"**{shape}**\n\n" + tabulate(body, headers=headers, tablefmt="github"))
