@@ -148,9 +148,9 @@ def test_sixteen_bit_activations_cannot_take_onnxruntime_requantization():
         fxq.QConfig(act_bits=16, requantize="onnxruntime")
 
 
-def _qlinear_add_session(scales, zero_points):
-    """onnxruntime's own add of two uint8 tensors (DequantizeLinear ×2 → Add → QuantizeLinear,
-    which it fuses into QLinearAdd)."""
+def _qlinear_session(op: str, scales, zero_points, shapes=((65536,), (65536,))):
+    """onnxruntime's own ``op`` ("Add" or "Mul") of two uint8 tensors (DequantizeLinear ×2 → op →
+    QuantizeLinear, which it fuses into QLinearAdd / QLinearMul)."""
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -160,10 +160,11 @@ def _qlinear_add_session(scales, zero_points):
                   ("za", zero_points[0], np.uint8), ("zb", zero_points[1], np.uint8), ("zo", zero_points[2], np.uint8)]]
     nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["af"]),
              helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bf"]),
-             helper.make_node("Add", ["af", "bf"], ["of"]),
+             helper.make_node(op, ["af", "bf"], ["of"]),
              helper.make_node("QuantizeLinear", ["of", "so", "zo"], ["o"])]
-    io_ = [helper.make_tensor_value_info(n, TensorProto.UINT8, [65536]) for n in "abo"]
-    graph = helper.make_graph(nodes, "add", io_[:2], io_[2:], constants)
+    inputs = [helper.make_tensor_value_info(n, TensorProto.UINT8, list(shape)) for n, shape in zip("ab", shapes)]
+    graph = helper.make_graph(nodes, op, inputs, [helper.make_tensor_value_info("o", TensorProto.UINT8, None)],
+                              constants)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
@@ -176,7 +177,7 @@ def test_runtime_add_is_onnxruntimes_qlinear_add_for_every_input_pair():
         scales = tuple(float(torch.empty(1).uniform_(-6, 0).exp().float()) for _ in range(3))
         zero_points = tuple(int(z) for z in torch.randint(0, 256, (3,)))
         ours = intmath.runtime_add(a, b, scales, zero_points, 255)
-        theirs = _qlinear_add_session(scales, zero_points).run(None, {"a": a.numpy(), "b": b.numpy()})[0]
+        theirs = _qlinear_session("Add", scales, zero_points).run(None, {"a": a.numpy(), "b": b.numpy()})[0]
         assert torch.equal(ours, torch.from_numpy(theirs)), (scales, zero_points)
 
 
@@ -235,38 +236,18 @@ def test_a_layer_is_pair_safe_exactly_when_no_two_products_can_pass_32767():
         saturation.layer_formats({"fc": (255, 127)}, "int8")
 
 
-def _qlinear_mul_session(scales, zero_points, shapes):
-    """onnxruntime's own product of two uint8 tensors (DequantizeLinear ×2 → Mul → QuantizeLinear,
-    which it fuses into QLinearMul)."""
-    import numpy as np
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    constants = [numpy_helper.from_array(np.array(v, dtype=t), n) for n, v, t in
-                 [("sa", scales[0], np.float32), ("sb", scales[1], np.float32), ("so", scales[2], np.float32),
-                  ("za", zero_points[0], np.uint8), ("zb", zero_points[1], np.uint8), ("zo", zero_points[2], np.uint8)]]
-    nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["af"]),
-             helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bf"]),
-             helper.make_node("Mul", ["af", "bf"], ["of"]),
-             helper.make_node("QuantizeLinear", ["of", "so", "zo"], ["o"])]
-    inputs = [helper.make_tensor_value_info(n, TensorProto.UINT8, list(s)) for n, s in zip("ab", shapes)]
-    graph = helper.make_graph(nodes, "mul", inputs, [helper.make_tensor_value_info("o", TensorProto.UINT8, None)],
-                              constants)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-
-
 @pytest.mark.parametrize("broadcast", [False, True], ids=["elementwise", "gate-broadcast"])
 def test_runtime_mul_is_onnxruntimes_qlinear_mul_for_every_input_pair(broadcast):
     """Every pair, elementwise and as a squeeze-excite gate broadcasts ([256, 1] against [256, 256])."""
     from fxq.integers import intmath
     a, b = torch.meshgrid(torch.arange(256, dtype=torch.uint8), torch.arange(256, dtype=torch.uint8), indexing="ij")
-    a, b = (a.flatten(), b.flatten()) if not broadcast else (b.contiguous(), torch.arange(256, dtype=torch.uint8)[:, None])
+    gate = torch.arange(256, dtype=torch.uint8)[:, None]
+    a, b = (a.flatten(), b.flatten()) if not broadcast else (b.contiguous(), gate)
     for _ in range(30):
         scales = tuple(float(torch.empty(1).uniform_(-6, 1).exp().float()) for _ in range(3))
         zero_points = tuple(int(z) for z in torch.randint(0, 256, (3,)))
         ours = intmath.runtime_mul(a, b, scales, zero_points, 255)
-        session = _qlinear_mul_session(scales, zero_points, (a.shape, b.shape))
+        session = _qlinear_session("Mul", scales, zero_points, (a.shape, b.shape))
         theirs = session.run(None, {"a": a.numpy(), "b": b.numpy()})[0]
         assert torch.equal(ours, torch.from_numpy(theirs)), (scales, zero_points)
 
