@@ -108,9 +108,11 @@ def deploy(qmodel: fx.GraphModule, example_input: torch.Tensor | None = None, th
     suite's images).
 
     ``weights`` picks each layer's weight format (`fxq.deployment.saturation`): by default U8S8 (int8
-    weights, the fastest kernels) where this machine's onnxruntime adds products exactly, and
-    where it saturates (x86 without VNNI) U8S8 only for layers that cannot saturate, U8U8 for
-    the rest. It computes exactly what ``qmodel`` does when ``qmodel`` computes onnxruntime's
+    weights, the fastest kernels) where the runtime deployed to adds products exactly on this
+    machine (each runtime is probed: OpenVINO's oneDNN and onnxruntime's MLAS both saturate without
+    VNNI), and where it saturates U8S8 only for layers that cannot saturate, U8U8 for the rest
+    (which OpenVINO runs in float32: ``QConfig(pair_safe=True)`` keeps its int8 kernels there).
+    It computes exactly what ``qmodel`` does when ``qmodel`` computes onnxruntime's
     arithmetic (``QConfig.requantize="onnxruntime"``, the default up to 8-bit activations), no layer
     can saturate and no op runs in float
     (``deployed.bit_exact``); otherwise convs, linears and adds may land a step or two apart
