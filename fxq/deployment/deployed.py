@@ -112,12 +112,12 @@ def deploy(qmodel: fx.GraphModule, example_input: torch.Tensor | None = None, th
     machine (each runtime is probed: OpenVINO's oneDNN and onnxruntime's MLAS both saturate without
     VNNI), and where it saturates U8S8 only for layers that cannot saturate, U8U8 for the rest
     (which OpenVINO runs in float32: ``QConfig(pair_safe=True)`` keeps its int8 kernels there).
-    It computes exactly what ``qmodel`` does when ``qmodel`` computes onnxruntime's
-    arithmetic (``QConfig.requantize="onnxruntime"``, the default up to 8-bit activations), no layer
-    can saturate and no op runs in float
-    (``deployed.bit_exact``); otherwise convs, linears and adds may land a step or two apart
-    (onnxruntime requantizes in float32, ``requantize="fixed_point"`` in fixed point), and so may the output of a float
-    op (onnxruntime's float kernels round their own way)."""
+    It computes exactly what ``qmodel`` does when ``qmodel`` computes onnxruntime's arithmetic
+    (``QConfig.requantize="onnxruntime"``, the default up to 8-bit activations), no layer can
+    saturate and no op runs in float (``deployed.bit_exact``); otherwise convs, linears and adds
+    may land a step or two apart (onnxruntime requantizes in float32, ``requantize="fixed_point"``
+    in fixed point), and so may the output of a float op (onnxruntime's float kernels round their
+    own way)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime={runtime!r}: fxq deploys to {' or '.join(map(repr, RUNTIMES))}")
     tables = float_tables.exact_on_onnxruntime(qmodel, lambda m: runtimes.onnxruntime(m, threads)) \
