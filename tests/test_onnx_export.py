@@ -284,3 +284,16 @@ def test_a_product_deploys_as_onnxruntimes_qlinear_mul_in_its_arithmetic_and_sav
         if requantize == "onnxruntime":
             with torch.no_grad():
                 assert deployed.bit_exact and torch.equal(deployed(x), qmodel(x))
+
+
+def test_a_product_saved_before_the_choice_of_arithmetic_loads_as_fixed_point():
+    """Files written before QMul recorded its arithmetic hold no `requantize_as` and no scales."""
+    from fxq.files import serialize
+    from fxq.integers.affine import ActQParams
+    from fxq.ops.joins import QMul
+    product = QMul(ActQParams(0.05, 10, 8), ActQParams(0.02, 0, 8), ActQParams(0.01, 3, 8), "mul")
+    record = serialize._module_record("mul", product)
+    del record["attributes"]["requantize_as"]
+    loaded = serialize._module_from("mul", record)
+    a, b = torch.randint(0, 256, (2, 1000), dtype=torch.uint8)
+    assert loaded.requantize_as is fxq.config.Rounding.FIXED_POINT and torch.equal(loaded(a, b), product(a, b))
