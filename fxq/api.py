@@ -10,7 +10,7 @@ from fxq.graphs import records
 from fxq.graphs.context import PassContext
 from fxq.graphs.graph import code_made_when_run, compiled, copied, module_name
 from fxq.integers.observers import InputGram
-from passes.calibrate import calibrate
+from passes.calibrate import calibrate, learning_samples
 from passes.convert import convert
 from passes.correct_bias import correct_bias
 from passes.equalize import equalize
@@ -18,6 +18,7 @@ from passes.fold_bn import fold_bn
 from passes.fuse import fuse
 from passes.insert_observers import insert_observers, set_observer_widths
 from passes.quantize_add import quantize_add
+from passes.reconstruct import reconstruct
 from passes.record_stats import record_stats
 from passes.rewrite_layers import rewrite_layers
 from passes.trace import trace
@@ -26,7 +27,7 @@ Pass = Callable[[nn.Module, PassContext], fx.GraphModule]
 
 # The pipeline, in order. A list, so it can be printed, reordered or extended.
 PASSES: list[Pass] = [trace, fold_bn, rewrite_layers, equalize, fuse, insert_observers, calibrate,
-                      correct_bias, convert, quantize_add, record_stats]
+                      reconstruct, correct_bias, convert, quantize_add, record_stats]
 
 
 def quantize(model: nn.Module, calib_loader: Iterable, config: QConfig | None = None,
@@ -100,8 +101,8 @@ class Calibrated:
         """Whether every pass up to calibration would have done the same for ``ctx``."""
         views = lambda c: ([_calibration_view(c.config_for(name)) for name in self.scopes]  # noqa: E731
                            + [_calibration_view(c.input_config()), c.config.cross_layer_equalization])
-        return views(ctx) == views(self.ctx) and all(self._has_statistics(name, ctx.config_for(name))
-                                                     for name in ctx.layers)
+        return (views(ctx) == views(self.ctx) and learning_samples(ctx) <= learning_samples(self.ctx)
+                and all(self._has_statistics(name, ctx.config_for(name)) for name in ctx.layers))
 
     def _has_statistics(self, layer: str, config: QConfig | None) -> bool:
         """The input statistics ``config`` needs at ``layer`` were recorded."""

@@ -25,8 +25,8 @@ MIN_BITS, MAX_BITS = 2, 8
 WIDE_ACT_BITS = 16  # activations may also be 16-bit (int32 storage, float64-exact GEMM)
 # Fields that None leaves to `defaults_for` the bit widths.
 AUTO_FIELDS = ("weight_range", "act_range", "cross_layer_equalization", "bias_correction",
-               "keep_first_last_8bit", "requantize")
-SWITCHES = ("cross_layer_equalization", "bias_correction", "keep_first_last_8bit")  # the True/False ones
+               "keep_first_last_8bit", "requantize", "reconstruct")
+SWITCHES = ("cross_layer_equalization", "bias_correction", "keep_first_last_8bit", "reconstruct")  # True/False
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,14 @@ class QConfig:
                   `fxq.deploy` keeps int8 weights (U8S8) there instead of the exact but slower
                   uint8 ones (U8U8). Measured on the model suite against 8-bit weights:
                   README, "Exact and fast on every CPU" (python -m scripts.pair_safe).
+    reconstruct:  learn, one conv/linear at a time, how each weight rounds (up or down) and where
+                  the layer's output range ends, against the float model's output on the calibration
+                  images, with the layers before it already quantized (`passes.reconstruct`:
+                  AdaRound, LSQ steps, QDrop). The result is still a choice of integers and scales.
+                  Default: on below 8 bits (weights or activations), off at W8A8.
+    reconstruct_iterations, reconstruct_batch, reconstruct_samples: its Adam steps per layer,
+                  the samples in each step, and how many calibration samples it learns on (the
+                  first ones; calibration keeps them).
     percentile:   for act_range="percentile": the share of values kept inside the range, in %.
     histogram_bins: the least number of bins over the observed values that the percentile, mse
                   and entropy observers read their range from (they keep twice as many, so the
@@ -90,6 +98,10 @@ class QConfig:
     placement: str = "pre"
     requantize: str | None = None
     pair_safe: bool = False
+    reconstruct: bool | None = None
+    reconstruct_iterations: int = 300
+    reconstruct_batch: int = 32
+    reconstruct_samples: int = 512
     percentile: float = 99.99
     histogram_bins: int = 2048
     averaging_constant: float = 0.01
@@ -130,6 +142,10 @@ class QConfig:
         if not isinstance(self.histogram_bins, int) or self.histogram_bins < needed:
             raise ValueError(f"QConfig.histogram_bins={self.histogram_bins!r}: use an int ≥ {needed} "
                              f"for act_bits={self.act_bits}, act_range={self.act_range!r}")
+        for name in ("reconstruct_iterations", "reconstruct_batch", "reconstruct_samples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"QConfig.{name}={value!r}: use an int ≥ 1")
         if not 0.0 < self.averaging_constant <= 1.0:
             raise ValueError(f"QConfig.averaging_constant={self.averaging_constant!r}: use (0, 1]")
 
@@ -178,6 +194,7 @@ def defaults_for(weight_bits: int, act_bits: int, per_channel: bool = True) -> d
         "bias_correction": low_weights,
         "keep_first_last_8bit": low_weights or low_acts,
         "requantize": "onnxruntime" if act_bits <= 8 else "fixed_point",
+        "reconstruct": low_weights or low_acts,
     }
 
 

@@ -3,4 +3,4 @@
 # The pipeline's order by name (`fxq.api.PASSES` holds the functions): readable without importing
 # torch, for the command's `--help`.
 ORDER = ("trace", "fold_bn", "rewrite_layers", "equalize", "fuse", "insert_observers", "calibrate",
-         "correct_bias", "convert", "quantize_add", "record_stats")
+         "reconstruct", "correct_bias", "convert", "quantize_add", "record_stats")

@@ -26,7 +26,8 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     (wrong shape), and a ``TypeError`` for a batch that is not a float tensor.
     """
     gm.eval()
-    batches, samples, sample_shape, kept = _synchronized(gm, ctx.calib_loader)
+    learning = learning_samples(ctx)
+    batches, samples, sample_shape, kept = _synchronized(gm, ctx.calib_loader, max(KEPT_SAMPLES, learning))
     if batches == 0:
         raise ValueError(
             "calib_loader yielded no batches: pass a non-empty DataLoader or list of input "
@@ -34,8 +35,16 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         )
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     _check_not_constant(gm, placeholders[0])
-    records.put(placeholders[0], records.Calibration(batches, samples, sample_shape, kept))
+    records.put(placeholders[0], records.Calibration(batches, samples, sample_shape,
+                                                     None if kept is None else kept[:KEPT_SAMPLES],
+                                                     kept if learning else None))
     return finish(gm)
+
+
+def learning_samples(ctx: PassContext) -> int:
+    """How many calibration samples `passes.reconstruct` learns on: the most any layer's config asks."""
+    configs = [ctx.config_for(name) for name in ctx.layers]
+    return max([c.reconstruct_samples for c in configs if c is not None and c.reconstruct], default=0)
 
 
 def _check_not_constant(gm: fx.GraphModule, placeholder: fx.Node) -> None:
@@ -49,7 +58,7 @@ def _check_not_constant(gm: fx.GraphModule, placeholder: fx.Node) -> None:
                 "training images)")
 
 
-def _one_pass(gm: fx.GraphModule, loader) -> tuple[int, int, tuple[int, ...] | None, torch.Tensor | None]:
+def _one_pass(gm: fx.GraphModule, loader, keep: int) -> tuple[int, int, tuple[int, ...] | None, torch.Tensor | None]:
     fixed = records.get(next(n for n in gm.graph.nodes if n.op == "placeholder"), records.FixedShape)
     batches = samples = 0
     kept: list[torch.Tensor] = []  # the first samples, which `fxq.explain` runs through the integer graph
@@ -67,8 +76,8 @@ def _one_pass(gm: fx.GraphModule, loader) -> tuple[int, int, tuple[int, ...] | N
                 layout = _layout(gm, x)
             _run(gm, x.to(device, memory_format=layout), index)
             batches, samples = batches + 1, samples + x.shape[0]
-            if samples - x.shape[0] < KEPT_SAMPLES:
-                kept.append(x[:KEPT_SAMPLES - (samples - x.shape[0])].detach().cpu())
+            if samples - x.shape[0] < keep:
+                kept.append(x[:keep - (samples - x.shape[0])].detach().cpu())
     gm.to("cpu", memory_format=torch.contiguous_format)  # what follows is integer and CPU
     return batches, samples, sample_shape, torch.cat(kept) if kept else None
 
@@ -82,15 +91,17 @@ def _check_fixed_shape(x: torch.Tensor, index: int, fixed: records.FixedShape) -
             "model on inputs of one size")
 
 
-def _synchronized(gm: fx.GraphModule, loader) -> tuple[int, int, tuple[int, ...] | None, torch.Tensor | None]:
+def _synchronized(gm: fx.GraphModule, loader,
+                  keep: int) -> tuple[int, int, tuple[int, ...] | None, torch.Tensor | None]:
     """One pass over this process's data; in a process group (`fxq.distributed`), over each
     rank's shard, then every observer synchronized: each rank holds what one process observing
-    the union would hold, and the counts are the union's. A rank may hold no batches."""
+    the union would hold, and the counts are the union's. A rank may hold no batches. The samples
+    kept for `passes.reconstruct` are every rank's, in rank order: each rank learns on all of them."""
     if not distributed.active():
-        return _one_pass(gm, loader)
+        return _one_pass(gm, loader, keep)
     error = stats = None
     try:
-        stats = _one_pass(gm, loader)
+        stats = _one_pass(gm, loader, keep)
     except Exception as caught:  # every rank must learn of it before the collectives below
         error = caught
     distributed.agree(error)
@@ -99,7 +110,11 @@ def _synchronized(gm: fx.GraphModule, loader) -> tuple[int, int, tuple[int, ...]
             module.synchronize()
     shapes = [shape for shape in distributed.gather(stats[2]) if shape is not None]
     counts = distributed.reduce_sum(torch.tensor(stats[:2], dtype=torch.int64))
-    return int(counts[0]), int(counts[1]), shapes[0] if shapes else None, stats[3]
+    kept = stats[3]
+    if keep > KEPT_SAMPLES:  # reconstruction learns the same on every rank: on the union, in rank order
+        parts = [t for t in distributed.gather(kept) if t is not None]
+        kept = torch.cat(parts)[:keep] if parts else None
+    return int(counts[0]), int(counts[1]), shapes[0] if shapes else None, kept
 
 
 def _layout(gm: fx.GraphModule, x: torch.Tensor) -> torch.memory_format:

@@ -35,7 +35,9 @@ def correct_bias(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             if config is not None and config.bias_correction:
                 sites[user] = (modules[user.target].weight, config)
                 means[user], grams[user] = stats.mean, stats.gram_matrix
-    chosen = quantize_sites(sites, grams, ctx.chosen_weights)
+    learned = {user: records.get(user, records.QuantizedWeight) for user in sites}  # `passes.reconstruct`
+    chosen = quantize_sites({u: site for u, site in sites.items() if learned[u] is None}, grams, ctx.chosen_weights)
+    chosen.update({u: weights for u, weights in learned.items() if weights is not None})
     for user, weights in chosen.items():
         _shift_bias(modules[user.target], weights, means[user])
         records.put(user, weights)

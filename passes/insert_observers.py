@@ -1,8 +1,10 @@
 """insert_observers: an observer after every value that gets a scale of its own."""
 from __future__ import annotations
 
+import math
 import warnings
 
+import torch
 from torch import fx, nn
 
 from fxq import ops
@@ -11,6 +13,7 @@ from fxq.graphs import records
 from fxq.graphs.context import PassContext
 from fxq.graphs.graph import call_after, finish, label, module_name, scope_of
 from fxq.integers.observers import InputGram, make_observer
+from fxq.ops.activations import clamp_bounds
 from fxq.ops.fallback import FloatFallbackWarning, float_report
 
 OBSERVERS = "observers"  # the submodule holding one observer per observed node
@@ -47,6 +50,7 @@ def insert_observers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if node.op == "placeholder" or _needs_observer(node, modules, ctx):
             config = _producer_config(_unit_producer(node), ctx)
             observer = make_observer(config, f"the value of {label(node)}")
+            observer.domain = _kept_by_activation(node, modules, config.placement)
             _insert_after(gm, node, containers[OBSERVERS], observer)
         if _is_weighted(node, modules):
             config = ctx.config_for(module_name(node))
@@ -116,6 +120,20 @@ def _needs_observer(node: fx.Node, modules: dict[str, nn.Module], ctx: PassConte
     if node is unit.producer:
         return placement in ("pre", "both")
     return placement in ("post", "both")
+
+
+def _kept_by_activation(node: fx.Node, modules: dict[str, nn.Module], placement: str) -> tuple[float, float]:
+    """The real interval the clamp after a unit's producer keeps of its value (``(−∞, ∞)`` for
+    other values): with placement "pre" only those values reach the rest of the network, so the
+    range is chosen on them (a ReLU's negatives all become 0 whatever their integer). "both" asks
+    for the pre-activation value on a grid of its own, so it keeps its whole range."""
+    unit = records.get(node, records.FusedUnit)
+    if placement != "pre" or unit is None or node is not unit.producer:
+        return -math.inf, math.inf
+    low, high = clamp_bounds(unit.activation, modules.get(unit.activation.target))
+    low = -math.inf if low is None else float(torch.as_tensor(low).min())
+    high = math.inf if high is None else float(torch.as_tensor(high).max())
+    return low, high
 
 
 def _unit_producer(node: fx.Node) -> fx.Node:

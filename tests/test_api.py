@@ -47,7 +47,7 @@ def test_passes_is_a_list_users_can_extend(ctx):
 
     assert [p.__name__ for p in fxq.PASSES] == [
         "trace", "fold_bn", "rewrite_layers", "equalize", "fuse", "insert_observers", "calibrate",
-        "correct_bias", "convert", "quantize_add", "record_stats"]
+        "reconstruct", "correct_bias", "convert", "quantize_add", "record_stats"]
     qmodel = fxq.quantize(randomize_bn(Residual()), ctx.calib_loader, passes=fxq.PASSES + [spy])
     assert seen and isinstance(qmodel.get_submodule("unit.conv"), QConv2d)
 

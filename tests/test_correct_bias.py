@@ -14,7 +14,7 @@ from tests.helpers import Chain
 
 def _config(correct: bool, **fields):
     return fxq.QConfig(weight_bits=3, per_channel=False, weight_range="minmax",
-                       cross_layer_equalization=False, bias_correction=correct, **fields)
+                       cross_layer_equalization=False, bias_correction=correct, reconstruct=False, **fields)
 
 
 def _calib():

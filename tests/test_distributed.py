@@ -16,8 +16,12 @@ CONFIGS = {
     "percentile": fxq.QConfig(act_range="percentile"),
     "mse": fxq.QConfig(act_range="mse"),
     "entropy": fxq.QConfig(act_range="entropy"),
-    "output_aware": fxq.QConfig(weight_bits=4, weight_range="output_aware", bias_correction=True),
+    "output_aware": fxq.QConfig(weight_bits=4, weight_range="output_aware", bias_correction=True,
+                                reconstruct=False),
+    "reconstruct": fxq.QConfig(weight_bits=4, act_bits=4, reconstruct_iterations=40),
 }
+# Reconstruction learns on every rank's samples in rank order: one process sees them so too.
+IN_RANK_ORDER = {"reconstruct"}
 
 
 def _model():
@@ -100,7 +104,8 @@ def _same(a, b) -> None:
 @pytest.mark.parametrize("rule", sorted(CONFIGS))
 def test_every_rank_ends_with_the_model_one_process_makes_from_the_union(shards, rule):
     ranks = [fxq.load(shards / f"{rule}_{r}.fxq") for r in range(WORLD)]
-    single = fxq.quantize(_model(), _batches(), CONFIGS[rule])
+    data = _in_rank_order(_batches()) if rule in IN_RANK_ORDER else _batches()
+    single = fxq.quantize(_model(), data, CONFIGS[rule])
     x = torch.randn(16, 8, 16, 16) * 3
     for model in ranks:
         _same(model, single)

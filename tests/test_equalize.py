@@ -83,7 +83,7 @@ def _cle_error_ratio(seed: int) -> float:
     for cle in (False, True):
         config = fxq.QConfig(weight_bits=4, per_channel=False, weight_range="minmax",
                              cross_layer_equalization=cle, bias_correction=False,
-                             keep_first_last_8bit=False)
+                             keep_first_last_8bit=False, reconstruct=False)
         with torch.no_grad():
             errors[cle] = float((fxq.quantize(model, calib, config)(x) - reference).pow(2).mean())
     return errors[True] / errors[False]
@@ -139,14 +139,15 @@ def test_equalized_clamps_quantize_per_channel_and_exactly(tmp_path):
 
 def test_equalization_rescues_per_tensor_weights_across_depthwise_convs():
     """Channel ranges three decades apart (what DFQ found in ImageNet MobileNetV2): one scale per
-    tensor crushes the small channels unless they are equalized first."""
+    tensor crushes the small channels unless they are equalized first (16-bit activations: the
+    weights' error alone)."""
     model = MobileBlock().eval()
     calib = [torch.randn(8, 3, 8, 8) * 3 for _ in range(4)]
     x = torch.randn(32, 3, 8, 8) * 3
     sqnr = {}
     for equalized in (False, True):
-        config = fxq.QConfig(per_channel=False, cross_layer_equalization=equalized)
+        config = fxq.QConfig(per_channel=False, act_bits=16, cross_layer_equalization=equalized)
         qmodel = fxq.quantize(model, calib, config)
         with torch.no_grad():
             sqnr[equalized] = sqnr_db(model(x), qmodel(x))
-    assert sqnr[True] > sqnr[False] + 6, sqnr
+    assert sqnr[True] > sqnr[False] + 12, sqnr

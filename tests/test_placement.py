@@ -46,14 +46,18 @@ def test_every_placement_tracks_the_float_residual_network(placement):
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
 
 
-def test_post_uses_the_whole_grid_on_relu_outputs():
-    """The point of "post": ReLU outputs get all 2^b levels instead of about half of them."""
+def test_pre_and_post_spend_no_levels_on_what_the_relu_drops():
+    """A ReLU maps every negative value to 0 whatever its integer: "pre" chooses the conv output's
+    range on what the ReLU keeps, so it gets all 2^b levels for them as "post" does; "both" keeps
+    the pre-activation value's own, wider grid (about half its levels below zero)."""
     model = randomize_bn(ConvBnRelu())
-    pre, _ = _quantize(model, "pre", bits=4)
-    post, _ = _quantize(model, "post", bits=4)
-    scale = {name: records.get(next(n for n in gm.graph.nodes if n.name == "conv"), ActQParams).scale
-             for name, gm in (("pre", pre), ("post", post))}
-    assert scale["post"] < 0.75 * scale["pre"]
+    qp = {}
+    for placement in ("pre", "post", "both"):
+        gm, _ = _quantize(model, placement, bits=4)
+        qp[placement] = records.get(next(n for n in gm.graph.nodes if n.name == "conv"), ActQParams)
+    assert qp["pre"].zero_point == qp["post"].zero_point == 0 < qp["both"].zero_point
+    assert abs(qp["pre"].scale / qp["post"].scale - 1) < 0.1
+    assert qp["post"].scale < 0.75 * qp["both"].scale
 
 
 def test_residual_add_relu_follows_the_placement():

@@ -135,3 +135,22 @@ def test_prefix_sum_squared_error_equals_the_bin_by_bin_sum(seed):
     direct = (n * ((x - clipped) ** 2 + inside * step**2 / 12)).sum(1)
     fast = ranges.expected_squared_error(hist, lo, hi, 8)
     assert torch.allclose(fast, direct, rtol=1e-9) and int(fast.argmin()) == int(direct.argmin())
+
+
+def test_clamped_histogram_folds_each_tail_onto_the_bin_holding_the_bound():
+    hist = Histogram(torch.tensor([1.0, 2.0, 3.0, 4.0]), -2.0, 2.0)
+    relu = hist.clamped(0.0, float("inf"))  # 0 is a bin edge: the bin inside it takes the negatives
+    assert (relu.lo, relu.hi) == (0.0, 2.0) and relu.counts.tolist() == [6.0, 4.0]
+    capped = hist.clamped(-0.5, 1.0)  # -0.5 inside a bin: that bin holds the bound
+    assert (capped.lo, capped.hi) == (-1.0, 1.0) and capped.counts.tolist() == [3.0, 7.0]
+    assert hist.clamped(-5.0, 5.0) is hist
+
+
+def test_mse_range_on_what_a_relu_keeps_starts_at_zero_and_spends_every_level_above():
+    torch.manual_seed(0)
+    x = torch.randn(100_000, dtype=torch.float64)
+    counts = torch.histc(x, 512, -5, 5)
+    lo, hi = ranges.mse_range(Histogram(counts, -5.0, 5.0).clamped(0.0, float("inf")), 4)
+    whole_lo, whole_hi = ranges.mse_range(Histogram(counts, -5.0, 5.0), 4)
+    assert lo == 0.0 and whole_lo < -1.0
+    assert hi / 15 < (whole_hi - whole_lo) / 15 * 0.75  # a finer step for the values that matter

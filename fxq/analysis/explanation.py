@@ -23,6 +23,7 @@ from fxq.integers.affine import ActQParams
 from fxq.integers.reference import reference_output
 from fxq.ops.activations import QReLU, QRequantize
 from fxq.ops.qlayer import QLayer
+from passes.reconstruct import Reconstruction
 from passes.record_stats import StatsRecorder, observe_on_demand
 
 
@@ -109,6 +110,7 @@ class NetworkExplanation:
     rows: list[list] = field(default_factory=list)
     requantize: str = "fixed_point"
     backends: dict = field(default_factory=dict)  # layer → the `fxq.integers.gemm` backend of its last call
+    learned: list = field(default_factory=list)  # one row per layer whose integers `passes.reconstruct` chose
     headers: tuple = ("op", "kind", "in scale", "out scale", "in bits", "weight bits",
                       "acc worst bits", "acc observed bits", "acc headroom", "out bits", "runs on")
 
@@ -133,11 +135,23 @@ class NetworkExplanation:
                 f"({100 * self.integer_ops / total:.0f} %), {self.float_ops} in float; requantization: {arithmetic}"
                 + backends)
 
+    LEARNED_HEADERS = ("layer", "weights rounded away from nearest", "output error, weight rule",
+                       "output error, learned", "change")
+
+    def _learned(self, tablefmt: str) -> str:
+        if not self.learned:
+            return ""
+        return ("\n\nLearned rounding and output ranges (passes.reconstruct; mean squared output error on the "
+                "calibration images, after the layer's activation):\n"
+                + tabulate(self.learned, headers=self.LEARNED_HEADERS, tablefmt=tablefmt))
+
     def __str__(self) -> str:
-        return tabulate(self.rows, headers=self.headers, tablefmt="simple") + "\n" + self.summary
+        return (tabulate(self.rows, headers=self.headers, tablefmt="simple") + "\n" + self.summary
+                + self._learned("simple"))
 
     def to_markdown(self) -> str:
-        return tabulate(self.rows, headers=self.headers, tablefmt="github") + "\n\n" + self.summary + "\n"
+        return (tabulate(self.rows, headers=self.headers, tablefmt="github") + "\n\n" + self.summary
+                + self._learned("github") + "\n")
 
 
 def explain(qmodel: fx.GraphModule, layer: str | None = None, batch: torch.Tensor | None = None):
@@ -370,7 +384,19 @@ def _network(qmodel: fx.GraphModule) -> NetworkExplanation:
         rows.append(row)
     config = records.get(qmodel, QConfig)
     backends = {name: m.backend for name, m in modules.items() if isinstance(m, QLayer)}
-    return NetworkExplanation(rows, "fixed_point" if config is None else config.requantize, backends)
+    return NetworkExplanation(rows, "fixed_point" if config is None else config.requantize, backends,
+                              _learned_rows(qmodel))
+
+
+def _learned_rows(qmodel: fx.GraphModule) -> list[list]:
+    rows = []
+    for node in qmodel.graph.nodes:
+        r = records.get(node, Reconstruction)
+        if r is not None:
+            change = (f"{100 * (r.error_after / r.error_before - 1):+.1f} %" if r.error_before > 0 else "—")
+            rows.append([_name(node), f"{r.flipped} of {r.weights} ({100 * r.flipped / r.weights:.1f} %)",
+                         f"{r.error_before:.4g}", f"{r.error_after:.4g}", change])
+    return rows
 
 
 def _name(node: fx.Node) -> str:

@@ -75,6 +75,7 @@ def describe(config: QConfig) -> str:
     extras = [name for name, on in (("CLE", config.cross_layer_equalization),
                                     ("bias correction", config.bias_correction),
                                     ("first/last 8-bit", config.keep_first_last_8bit),
+                                    ("learned rounding and ranges", config.reconstruct),
                                     ("pair-safe 7-bit weights", config.pair_safe)) if on]
     return (f"W{config.weight_bits}A{config.act_bits} {granularity}, weights {config.weight_range}, "
             f"activations {config.act_range}, placement {config.placement}, requantize {config.requantize}"

@@ -58,6 +58,7 @@ class Calibration:
     samples: int
     sample_shape: tuple[int, ...]  # one input without its batch dimension, e.g. (1, 28, 28)
     kept: torch.Tensor | None = None  # the first few samples (`passes.calibrate.KEPT_SAMPLES`)
+    learning: torch.Tensor | None = None  # the first samples `passes.reconstruct` learns on (if it runs)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,10 @@ class Observer(nn.Module):
         super().__init__()
         self.label, self.bits = label, bits
         self.sample_shape: tuple[int, ...] | None = None  # one sample's shape (batch dim dropped)
+        # The values a clamp that alone reads this one keeps (a ReLU: [0, ∞)): the rest all land
+        # on the clamp's bound whatever their integer, so a range need not spend levels on them.
+        self.domain: tuple[float, float] = (-math.inf, math.inf)
+        self.chosen: ActQParams | None = None  # parameters learned after calibration (`passes.reconstruct`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.recording or not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
@@ -78,6 +82,8 @@ class Observer(nn.Module):
     def qparams(self) -> ActQParams:
         if not self.observed:
             raise ValueError(f"{self.label} saw no data: calibrate before converting")
+        if self.chosen is not None:
+            return self.chosen
         return ActQParams.from_range(*self.range(self.bits), self.bits)
 
     def extra_repr(self) -> str:
@@ -114,7 +120,8 @@ class MinMaxObserver(Observer):
         return self
 
     def range(self, bits: int) -> tuple[float, float]:
-        return self.min_val.item(), self.max_val.item()
+        low, high = self.domain
+        return min(max(self.min_val.item(), low), high), max(min(self.max_val.item(), high), low)
 
 
 class MovingAverageObserver(MinMaxObserver):
@@ -234,7 +241,7 @@ class HistogramObserver(MinMaxObserver):
     def range(self, bits: int) -> tuple[float, float]:
         if self.max_val == self.min_val:  # a constant tensor: one value, nothing to clip
             return super().range(bits)
-        hist = self.histogram()
+        hist = self.histogram().clamped(*self.domain)
         if self.rule == "percentile":
             return ranges.percentile_range(hist, self.percentile)
         return {"mse": ranges.mse_range, "entropy": ranges.entropy_range}[self.rule](hist, bits)

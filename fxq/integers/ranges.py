@@ -31,6 +31,22 @@ class Histogram:
         edges = self.edges
         return (edges[:-1] + edges[1:]) / 2
 
+    def clamped(self, low: float, high: float) -> "Histogram":
+        """The histogram of ``clamp(x, low, high)``: the bins outside whole, their counts added to
+        the bins holding the bounds (a bound on a bin edge: the bin inside it)."""
+        bins = len(self.counts)
+        width = (self.hi - self.lo) / bins
+        edge = 1e-9  # a bound on a bin edge must not reach into the bin beyond it by a rounding
+        first = min(max(math.floor((low - self.lo) / width + edge), 0), bins - 1) if low > self.lo else 0
+        last = max(min(math.ceil((high - self.lo) / width - edge) - 1, bins - 1), first) if high < self.hi \
+            else bins - 1
+        if (first, last) == (0, bins - 1):
+            return self
+        counts = self.counts[first:last + 1].clone()
+        counts[0] += self.counts[:first].sum()
+        counts[-1] += self.counts[last + 1:].sum()
+        return Histogram(counts, self.lo + first * width, self.lo + (last + 1) * width)
+
 
 def _fractions() -> torch.Tensor:
     return torch.arange(1, CANDIDATES + 1, dtype=torch.float64) / CANDIDATES
