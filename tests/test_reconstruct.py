@@ -1,4 +1,5 @@
 """passes.reconstruct: learned rounding and output ranges, a choice of integers and steps only."""
+import pytest
 import torch
 
 import fxq
@@ -40,6 +41,9 @@ def test_learned_range_snaps_to_its_grid_and_passes_gradients_to_its_step():
     assert torch.equal(fake(x), x)
 
 
+LEARNING = fxq.QConfig(weight_bits=4, act_bits=4, reconstruct=True, reconstruct_iterations=60)
+
+
 def _data(seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(16, 3, 16, 16, generator=g) for _ in range(4)], torch.randn(64, 3, 16, 16, generator=g)
@@ -64,10 +68,10 @@ def test_each_learned_layer_records_what_it_changed_and_explain_shows_it():
     torch.manual_seed(0)
     model = Chain().eval()
     calib, x = _data()
-    qmodel = fxq.quantize(model, calib, fxq.QConfig(weight_bits=4, act_bits=4, reconstruct_iterations=60))
+    qmodel = fxq.quantize(model, calib, LEARNING)
     learned = {n.target: records.get(n, Reconstruction) for n in qmodel.graph.nodes
                if records.get(n, Reconstruction) is not None}
-    assert set(learned) == {"conv2"}  # the first and last layers stay at 8 bits, where nothing is learned
+    assert set(learned) == {"conv1", "conv2", "conv3"}  # the 8-bit first and last layers learn too
     for r in learned.values():
         assert r.error_after <= r.error_before and 0 <= r.flipped <= r.weights
     assert any(r.flipped > 0 for r in learned.values())
@@ -81,12 +85,15 @@ def test_a_learned_model_deploys_bit_exact_and_the_float_model_is_untouched():
     model = Chain().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calib, x = _data()
-    qmodel = fxq.quantize(model, calib, fxq.QConfig(weight_bits=4, act_bits=4, reconstruct_iterations=60))
+    qmodel = fxq.quantize(model, calib, LEARNING)
     assert_deploys_bit_exact(qmodel, x[:8])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_eight_bit_defaults_do_not_learn_and_low_bits_do():
-    assert not fxq.QConfig().reconstruct
-    assert fxq.QConfig(weight_bits=4).reconstruct and fxq.QConfig(act_bits=6).reconstruct
-    assert not fxq.QConfig(weight_bits=4, reconstruct=False).reconstruct
+def test_learning_is_one_field_away_and_checked():
+    assert not fxq.QConfig().reconstruct and not fxq.QConfig(weight_bits=4, act_bits=4).reconstruct
+    config = fxq.QConfig(weight_bits=4, reconstruct=True)
+    assert config.reconstruct and config.with_bits(weight_bits=3).reconstruct
+    for field in ("reconstruct_iterations", "reconstruct_batch", "reconstruct_samples"):
+        with pytest.raises(ValueError, match=field):
+            fxq.QConfig(**{field: 0})
