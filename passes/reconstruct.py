@@ -56,33 +56,11 @@ def reconstruct(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     for node, weights in start.items():  # later layers' inputs come from quantized ones
         shape = (-1,) + (1,) * (weights.weight.dim() - 1)
         _set_weight(quantized, node, weights.weight.float() * weights.scales.float().reshape(shape))
-    entries = _entries(layers, quantized)
-    keep = {observer.args[0].name for observer in entries.values()}  # the walk's nodes are the copy's
-    walk, float_walk = _Walk(quantized, images, keep), _Walk(floating, images)
+    walks = _Walk(quantized, images), _Walk(floating, images)
     for node in progress.items(layers, "reconstructing", unit="layer"):
-        x_q, x_f = walk.until(node.name), float_walk.until(node.name)
-        entry = entries.get(node)
-        if entry is not None:  # the layer learns its input's step too: from the values before it
-            x_q = walk.value(entry.args[0].name)
-        _learn_layer(gm, node, quantized, floating, x_q, x_f, start[node], ctx.config_for(module_name(node)), entry)
-        if entry is not None:  # values already computed from the old step: compute them again
-            walk = _Walk(quantized, images, keep)
+        x_q, x_f = (walk.until(node.name) for walk in walks)
+        _learn_layer(gm, node, quantized, floating, x_q, x_f, start[node], ctx.config_for(module_name(node)))
     return finish(gm)
-
-
-def _entries(layers: list[fx.Node], quantized: fx.GraphModule) -> dict[fx.Node, fx.Node]:
-    """Observers no layer owns as its output (residual adds, joins, pools, the network input),
-    each learned with the first learned layer that reads it: layer → observer."""
-    owned = {n for layer in layers for n in _tail(layer)}
-    entries = {}
-    for layer in layers:
-        source = layer.args[0]
-        if source.op == "call_module" and source.target.startswith("input_grams."):
-            source = source.args[0]
-        learnable = source.op == "call_module" and isinstance(quantized.get_submodule(source.target), LearnedRange)
-        if learnable and source not in owned and source not in entries.values():
-            entries[layer] = source
-    return entries
 
 
 def _learnable(node: fx.Node, modules: dict, ctx: PassContext) -> bool:
@@ -145,8 +123,8 @@ class _Walk:
     """``sim`` run node by node on every image at once, each value kept until its last reader ran:
     every layer's input is computed once, after the layers before it took their learned integers."""
 
-    def __init__(self, sim: fx.GraphModule, images: torch.Tensor, keep: set = frozenset()):
-        self.sim, self.values, self.keep = sim, {}, keep  # keep: values held past their last reader
+    def __init__(self, sim: fx.GraphModule, images: torch.Tensor):
+        self.sim, self.values = sim, {}
         self.nodes = list(sim.graph.nodes)
         self.last_use = {}
         for index, node in enumerate(self.nodes):
@@ -161,9 +139,6 @@ class _Walk:
                 self._step(self.nodes[self.position])
                 self.position += 1
         return self.values[self.nodes[self.position].args[0]]
-
-    def value(self, name: str) -> torch.Tensor:
-        return next(v for n, v in self.values.items() if n.name == name)
 
     def _step(self, node: fx.Node) -> None:
         value = lambda a: fx.node.map_arg(a, self.values.__getitem__)  # noqa: E731
@@ -183,7 +158,7 @@ class _Walk:
         self.values[node] = result
         index = self.position
         for source in node.all_input_nodes:
-            if self.last_use.get(source) == index and source.name not in self.keep:
+            if self.last_use.get(source) == index:
                 del self.values[source]
 
 
@@ -224,10 +199,8 @@ class _Layer:
     tail, and what is learned (its rounding, and the step of its output observer if it has one)."""
 
     def __init__(self, node: fx.Node, quantized: fx.GraphModule, floating: fx.GraphModule,
-                 x_q: torch.Tensor, x_f: torch.Tensor, config, entry: fx.Node | None = None):
+                 x_q: torch.Tensor, x_f: torch.Tensor, config):
         self.node, self.quantized, self.config = node, quantized, config
-        # an input observer learned here: x_q holds the values before it
-        self.entry = None if entry is None else quantized.get_submodule(entry.target)
         self.layer, self.tail = floating.get_submodule(node.target), _tail(node)
         self.x_q, self.x_f = x_q, x_f
         with torch.no_grad():
@@ -244,25 +217,18 @@ class _Layer:
         """The mean distance to the float target over every sample."""
         weight = rounding.weight(hard=True)
         with torch.no_grad():
-            outs = [self.forward(self.entered(x), weight) for x in self.x_q.split(256)]
-            return float(_distance(torch.cat(outs), self.target))
-
-    def entered(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.entry is None else self.entry(x)
+            return float(_distance(torch.cat([self.forward(x, weight) for x in self.x_q.split(256)]), self.target))
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return _run_tail(self.quantized, self.tail, torch.func.functional_call(self.layer, {"weight": weight}, (x,)))
-
-    def steps(self) -> list[LearnedRange]:
-        return [r for r in (self.output, self.entry) if r is not None]
 
     def learn(self, rounding: LearnedRounding) -> None:
         """Adam on V (and the output step), AdaRound's annealed penalty after a warm-up."""
         iterations = self.config.reconstruct_iterations
         batch = min(self.config.reconstruct_batch, self.x_q.shape[0])
         groups = [{"params": [rounding.v], "lr": 1e-2}]
-        if self.steps():
-            groups.append({"params": [r.log_scale for r in self.steps()], "lr": 4e-3})
+        if self.output is not None:
+            groups.append({"params": [self.output.log_scale], "lr": 4e-3})
         learned = [p for g in groups for p in g["params"]]
         optimizer = torch.optim.Adam(groups)
         generator = torch.Generator().manual_seed(0)
@@ -273,7 +239,7 @@ class _Layer:
             for step in range(iterations):
                 pick = torch.randint(self.x_q.shape[0], (batch,), generator=generator)
                 x = torch.where(torch.rand((batch,) + self.x_q.shape[1:], generator=generator) < DROP,
-                                self.x_f[pick], self.entered(self.x_q[pick]))
+                                self.x_f[pick], self.x_q[pick])
                 loss = _distance(self.forward(x, rounding.weight()), self.target[pick])
                 if step >= warm:
                     beta = _beta((step - warm) / max(iterations - warm, 1))
@@ -290,28 +256,27 @@ def _beta(progress: float) -> float:
     return BETA[1] + 0.5 * (BETA[0] - BETA[1]) * (1 + math.cos(math.pi * progress))
 
 
-def _learn_layer(gm, node, quantized, floating, x_q, x_f, start, config, entry=None) -> None:
-    problem = _Layer(node, quantized, floating, x_q, x_f, config, entry)
+def _learn_layer(gm, node, quantized, floating, x_q, x_f, start, config) -> None:
+    problem = _Layer(node, quantized, floating, x_q, x_f, config)
     rounding = problem.rounding(start)
     rounding.set_integers(start.weight)
     before = problem.error(rounding)
-    kept_steps = [r.log_scale.detach().clone() for r in problem.steps()]
+    kept_step = None if problem.output is None else problem.output.log_scale.detach().clone()
     rounding = problem.rounding(start)
     problem.learn(rounding)
     after = problem.error(rounding)
-    if after >= before:  # learning did not help here: the rule's integers and ranges stay
+    if after >= before:  # learning did not help here: the rule's integers and range stay
         rounding.set_integers(start.weight)
-        for r, kept in zip(problem.steps(), kept_steps):
-            r.log_scale.data.copy_(kept)
+        if problem.output is not None:
+            problem.output.log_scale.data.copy_(kept_step)
         after = before
     integers = rounding.integers()
     _set_weight(quantized, node, rounding.weight(hard=True).detach())
     nearest = torch.round(problem.layer.weight.detach().float() / rounding.scales).clamp(-rounding.qmax, rounding.qmax)
     records.put(node, records.QuantizedWeight(integers, start.scales))
     records.put(node, Reconstruction(int((integers.float() != nearest).sum()), integers.numel(), before, after))
-    for observer in (problem.observer, entry):
-        if observer is not None:
-            gm.get_submodule(observer.target).chosen = quantized.get_submodule(observer.target).qparams()
+    if problem.observer is not None:
+        gm.get_submodule(problem.observer.target).chosen = problem.output.qparams()
 
 
 def _distance(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -24,15 +24,15 @@ from scripts.readme import vs_float
 from scripts.train import accuracy
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "reconstruct.json"
-NETWORKS = tuple(models.BRANCHED)
+NETWORKS = tuple(models.BRANCHED)  # `--networks` measures a few of them
 WIDTHS = ((4, 8), (4, 4), (3, 3))
 THREADS = 2
 
 
-def measure(fresh: bool) -> dict:
+def measure(fresh: bool, networks: list[str]) -> dict:
     results = {} if fresh or not RESULTS.exists() else json.loads(RESULTS.read_text())
     test, calib = data.load("fashion", "test"), data.calibration_batches("fashion", 512)
-    for name in NETWORKS:
+    for name in networks:
         model = models.load_trained(name)
         entry = results.setdefault(name, {})
         if "float" not in entry:
@@ -56,9 +56,9 @@ def measure(fresh: bool) -> dict:
     return results
 
 
-def table(results: dict) -> str:
+def table(results: dict, networks: list[str]) -> str:
     rows = []
-    for name in NETWORKS:
+    for name in networks:
         entry = results[name]
         for weight_bits, act_bits in WIDTHS:
             rule, learned = (entry[f"W{weight_bits}A{act_bits} {kind}"] for kind in ("rule", "learned"))
@@ -69,15 +69,20 @@ def table(results: dict) -> str:
     return (tabulate(rows, headers=["model", "network", "float %", "width", "weight rule vs float",
                                     "learned vs float", "s (rule)", "s (learned)"], tablefmt="github")
             + f"\n\n{m['cpu']} ({m['capability']}), torch {m['torch']}, {m['threads']} threads; "
-            "`python -m scripts.reconstruct_study`.")
+            f"`python -m scripts.reconstruct_study{_subset(networks)}`.")
+
+
+def _subset(networks: list[str]) -> str:
+    return "" if list(networks) == list(NETWORKS) else " --networks " + " ".join(networks)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fresh", action="store_true", help="measure again what results/reconstruct.json holds")
+    parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS))
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
-    readme.publish("reconstruct", table(measure(args.fresh)))
+    readme.publish("reconstruct", table(measure(args.fresh, args.networks), args.networks))
 
 
 if __name__ == "__main__":
