@@ -13,7 +13,7 @@ from torch import fx, nn
 from fxq.analysis import progress
 from fxq.graphs import records
 from fxq.graphs.context import PassContext
-from fxq.graphs.graph import finish, module_name
+from fxq.graphs.graph import finish, module_name, replace_module
 from fxq.integers.learned import LearnedRange, LearnedRounding
 from fxq.integers.observers import InputGram, Observer
 from fxq.integers.weight_ranges import quantize_sites
@@ -87,17 +87,12 @@ def _simulation(gm: fx.GraphModule, quantize: bool) -> fx.GraphModule:
     for node in sim.graph.nodes:
         module = sim.get_submodule(node.target) if node.op == "call_module" else None
         if isinstance(module, InputGram) or (isinstance(module, Observer) and not (quantize and module.observed)):
-            _replace(sim, node.target, nn.Identity())
+            replace_module(sim, node.target, nn.Identity())
         elif isinstance(module, Observer):
-            _replace(sim, node.target, LearnedRange(module.qparams()))
+            replace_module(sim, node.target, LearnedRange(module.qparams()))
     for p in sim.parameters():
         p.requires_grad_(False)
     return sim.eval()
-
-
-def _replace(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
-    parent, _, name = target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, name, module)
 
 
 def _rule_weights(gm: fx.GraphModule, ctx: PassContext, modules: dict) -> dict:
