@@ -14,6 +14,7 @@ from fxq.analysis import progress
 from fxq.graphs import records
 from fxq.graphs.context import PassContext
 from fxq.graphs.graph import finish, module_name, replace_module
+from fxq.integers import patches
 from fxq.integers.learned import LearnedRange, LearnedRounding
 from fxq.integers.observers import InputGram, Observer
 from fxq.integers.weight_ranges import quantize_sites
@@ -23,6 +24,8 @@ ROUNDING_PENALTY = 0.01  # AdaRound's λ, against the reconstruction error summe
 WARMUP = 0.2  # the share of iterations before the penalty starts pushing h(V) to 0 or 1
 BETA = (20.0, 2.0)  # the penalty's exponent, annealed: flat at first, then sharp
 DROP = 0.5  # QDrop: each input value is the float one with this probability while learning
+DROP_PATTERNS = 4096  # rows of which values are dropped, drawn once: a step picks among them
+STEP_POSITIONS = 64  # rows a step takes per image: more lowered W3A3 MobileNetV2 loss 8.9 → 4.4 points (16)
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,9 @@ def reconstruct(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Choose the integers of each conv/linear whose config has ``reconstruct`` (and its output
     range) by minimizing, on the calibration images, the distance between the layer's quantized
     output — from the inputs the layers before it, already quantized, give it — and the float
-    model's output there, after the activation that follows.
+    model's output there, after the activation that follows. Each layer learns on a sample of
+    its output positions (`fxq.integers.patches`): a conv is a matrix product per position, and
+    neighbouring positions of one image add little the sample lacks.
 
     Before: observed float graph, weights rounded later by the weight rule. After: the same graph,
     each such layer carrying a ``records.QuantizedWeight`` (every integer ⌊w/s⌋ or ⌈w/s⌉ at the
@@ -190,16 +195,19 @@ def _run_tail(sim: fx.GraphModule, tail: list[fx.Node], y: torch.Tensor) -> torc
 
 
 class _Layer:
-    """One layer's learning problem: its quantized and float inputs, the float target after its
-    tail, and what is learned (its rounding, and the step of its output observer if it has one)."""
+    """One layer's learning problem on sampled rows (`fxq.integers.patches`): its quantized and
+    float inputs there, the float target after its tail, and what is learned (its rounding, and
+    the step of its output observer if it has one)."""
 
     def __init__(self, node: fx.Node, quantized: fx.GraphModule, floating: fx.GraphModule,
                  x_q: torch.Tensor, x_f: torch.Tensor, config):
         self.node, self.quantized, self.config = node, quantized, config
         self.layer, self.tail = floating.get_submodule(node.target), _tail(node)
-        self.x_q, self.x_f = x_q, x_f
+        self.generator = torch.Generator().manual_seed(0)
+        self.x_q, self.x_f = patches.sampled_rows(self.layer, (x_q, x_f), self.generator)
+        self.per_image = self.x_q.shape[0] // x_q.shape[0]
         with torch.no_grad():
-            self.target = torch.cat([_run_tail(floating, self.tail, self.layer(x)) for x in x_f.split(256)])
+            self.target = _run_tail(floating, self.tail, patches.apply(self.layer, self.x_f, self.layer.weight))
         observers = [n for n in self.tail if n.op == "call_module"
                      and isinstance(quantized.get_submodule(n.target), LearnedRange)]
         self.observer = observers[0] if observers else None
@@ -209,36 +217,35 @@ class _Layer:
         return LearnedRounding(self.layer.weight, start.scales, self.config.layer_weight_bits)
 
     def error(self, rounding: LearnedRounding) -> float:
-        """The mean distance to the float target over every sample."""
-        weight = rounding.weight(hard=True)
+        """The mean distance to the float target over every sampled row."""
         with torch.no_grad():
-            return float(_distance(torch.cat([self.forward(x, weight) for x in self.x_q.split(256)]), self.target))
+            return float(_distance(self.forward(self.x_q, rounding.weight()), self.target))
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return _run_tail(self.quantized, self.tail, torch.func.functional_call(self.layer, {"weight": weight}, (x,)))
+    def forward(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return _run_tail(self.quantized, self.tail, patches.apply(self.layer, rows, weight))
 
     def learn(self, rounding: LearnedRounding) -> None:
-        """Adam on V (and the output step), AdaRound's annealed penalty after a warm-up."""
+        """Adam on V (and the output step), AdaRound's annealed penalty after a warm-up; each step
+        on ``reconstruct_batch`` images' worth of rows, at most STEP_POSITIONS of each."""
         iterations = self.config.reconstruct_iterations
-        batch = min(self.config.reconstruct_batch, self.x_q.shape[0])
+        batch = min(self.config.reconstruct_batch * min(self.per_image, STEP_POSITIONS), self.x_q.shape[0])
         groups = [{"params": [rounding.v], "lr": 1e-2}]
         if self.output is not None:
             groups.append({"params": [self.output.log_scale], "lr": 4e-3})
         learned = [p for g in groups for p in g["params"]]
         optimizer = torch.optim.Adam(groups)
-        generator = torch.Generator().manual_seed(0)
         warm = int(iterations * WARMUP)
+        self.dropped = torch.rand((DROP_PATTERNS,) + self.x_q.shape[1:], generator=self.generator) < DROP
         with torch.enable_grad():  # quantize may be called under no_grad
             for p in learned:
                 p.requires_grad_(True)
             for step in range(iterations):
-                pick = torch.randint(self.x_q.shape[0], (batch,), generator=generator)
-                x = torch.where(torch.rand((batch,) + self.x_q.shape[1:], generator=generator) < DROP,
-                                self.x_f[pick], self.x_q[pick])
-                loss = _distance(self.forward(x, rounding.weight()), self.target[pick])
-                if step >= warm:
-                    beta = _beta((step - warm) / max(iterations - warm, 1))
-                    loss = loss + ROUNDING_PENALTY * rounding.regularizer(beta)
+                pick = torch.randint(self.x_q.shape[0], (batch,), generator=self.generator)
+                dropped = self.dropped[torch.randint(self.dropped.shape[0], (batch,), generator=self.generator)]
+                x = torch.where(dropped, self.x_f[pick], self.x_q[pick])
+                beta = _beta((step - warm) / max(iterations - warm, 1)) if step >= warm else None
+                weight, penalty = rounding.soft(beta)
+                loss = _distance(self.forward(x, weight), self.target[pick]) + ROUNDING_PENALTY * penalty
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -266,7 +273,7 @@ def _learn_layer(gm, node, quantized, floating, x_q, x_f, start, config) -> None
             problem.output.log_scale.data.copy_(kept_step)
         after = before
     integers = rounding.integers()
-    _set_weight(quantized, node, rounding.weight(hard=True).detach())
+    _set_weight(quantized, node, rounding.weight().detach())
     nearest = torch.round(problem.layer.weight.detach().float() / rounding.scales).clamp(-rounding.qmax, rounding.qmax)
     records.put(node, records.QuantizedWeight(integers, start.scales))
     records.put(node, Reconstruction(int((integers.float() != nearest).sum()), integers.numel(), before, after))

@@ -16,17 +16,37 @@ def test_learned_rounding_starts_at_the_float_weight_and_ends_on_floor_or_ceilin
     weight = torch.randn(6, 3, 3, 3)
     scales = weight.abs().flatten(1).amax(1).double() / 7
     rounding = LearnedRounding(weight, scales, 4)
-    assert torch.allclose(rounding.weight(), weight, atol=1e-3 * float(scales.max()))
+    assert torch.allclose(rounding.soft()[0], weight, atol=1e-3 * float(scales.max()))
     scaled = weight / rounding.scales
     q = rounding.integers().float()
     assert torch.all((q == torch.floor(scaled)) | (q == torch.ceil(scaled)))
     chosen = torch.where(torch.rand(weight.shape) < 0.5, torch.floor(scaled), torch.ceil(scaled)).clamp(-7, 7)
     rounding.set_integers(chosen.to(torch.int8))
     assert torch.equal(rounding.integers().float(), chosen)
-    assert torch.equal(rounding.weight(hard=True), rounding.scales * chosen)
-    assert float(rounding.regularizer(2.0)) > 0
+    assert torch.equal(rounding.weight(), rounding.scales * chosen)
+    assert float(rounding.soft(2.0)[1]) > 0
     rounding.v.data *= 20  # h(V) reaches exactly 0 or 1: nothing left to penalize
-    assert float(rounding.regularizer(2.0)) == 0 and torch.equal(rounding.integers().float(), chosen)
+    assert float(rounding.soft(2.0)[1]) == 0 and torch.equal(rounding.integers().float(), chosen)
+
+
+@pytest.mark.parametrize("beta", [None, 2.0, 7.5])
+def test_soft_rounding_gradients_are_autograds_of_its_formula(beta):
+    torch.manual_seed(0)
+    weight = torch.randn(5, 4, 3)
+    rounding = LearnedRounding(weight, weight.abs().flatten(1).amax(1).double() / 3, 3)
+    rounding.v.data = torch.randn(weight.shape) * 3  # some h clamped at 0 or 1, some q at ±qmax
+    rounding.floor[0, 0] = 3
+    rounding.floor[1, 0] = -4
+    upstream = torch.randn(weight.shape)
+    v = rounding.v.detach().clone().requires_grad_(True)
+    h = (torch.sigmoid(v) * 1.2 - 0.1).clamp(0, 1)
+    expected_weight = rounding.scales * (rounding.floor + h).clamp(-3, 3)
+    expected_penalty = (1 - (2 * h - 1).abs().pow(beta)).sum() if beta else torch.zeros(())
+    ((expected_weight * upstream).sum() + 0.3 * expected_penalty).backward()
+    weight_out, penalty = rounding.soft(beta)
+    ((weight_out * upstream).sum() + 0.3 * penalty).backward()
+    assert torch.allclose(weight_out, expected_weight) and torch.allclose(penalty, expected_penalty)
+    assert torch.allclose(rounding.v.grad, v.grad, atol=1e-6) and (v.grad == 0).any() and (v.grad != 0).any()
 
 
 def test_learned_range_snaps_to_its_grid_and_passes_gradients_to_its_step():

@@ -35,17 +35,14 @@ class LearnedRounding(nn.Module):
         rest = (scaled - self.floor).clamp(1e-4, 1 - 1e-4)  # starts where the float weight is
         self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
 
-    def up(self) -> torch.Tensor:
-        """h(V) ∈ [0, 1]: how far each weight has moved from ⌊w/s⌋ towards ⌈w/s⌉."""
-        return (torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+    def soft(self, beta: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight at h(V), and AdaRound's penalty Σ 1 − |2h − 1|^β (zero only when every h is 0
+        or 1; 0 without ``beta``), differentiable in V."""
+        return _Soft.apply(self.v, self.floor, self.scales, self.qmax, beta)
 
-    def weight(self, hard: bool = False) -> torch.Tensor:
-        step = (self.v >= 0).float() if hard else self.up()
-        return self.scales * (self.floor + step).clamp(-self.qmax, self.qmax)
-
-    def regularizer(self, beta: float) -> torch.Tensor:
-        """Σ 1 − |2h − 1|^β: zero only when every h is 0 or 1."""
-        return (1 - (2 * self.up() - 1).abs().pow(beta)).sum()
+    def weight(self) -> torch.Tensor:
+        """The weight each V rounds to: ⌈w/s⌉ where V ≥ 0, else ⌊w/s⌋."""
+        return self.scales * (self.floor + (self.v >= 0).float()).clamp(-self.qmax, self.qmax)
 
     def integers(self) -> torch.Tensor:
         return (self.floor + (self.v >= 0).float()).clamp(-self.qmax, self.qmax).to(torch.int8)
@@ -54,6 +51,38 @@ class LearnedRounding(nn.Module):
         """Start from these integers (each ⌊w/s⌋ or ⌈w/s⌉ of the float weight), half way to flipping."""
         with torch.no_grad():
             self.v.copy_(torch.where(q.float() > self.floor, 1.0, -1.0))
+
+
+class _Soft(torch.autograd.Function):
+    """``LearnedRounding.soft`` in one pass over the weights forward and one backward: the large
+    layers of a ResNet spent most of a learning step on the few dozen elementwise ops autograd
+    makes of it."""
+
+    @staticmethod
+    def forward(ctx, v, floor, scales, qmax, beta):
+        sigmoid = torch.sigmoid(v)
+        h = sigmoid * (ZETA - GAMMA) + GAMMA
+        slope = sigmoid.mul_(1 - sigmoid).mul_(ZETA - GAMMA)  # dh/dV where h is not clamped
+        slope *= (h > 0) & (h < 1)
+        h.clamp_(0, 1)
+        penalty, penalty_slope = v.new_zeros(()), None
+        if beta is not None:
+            centred = 2 * h - 1
+            magnitude = centred.abs()
+            power = magnitude.pow(beta - 1)  # the one transcendental pass: |2h − 1|^β = power · magnitude
+            penalty = h.numel() - torch.dot(power.flatten(), magnitude.flatten())
+            penalty_slope = power.mul_(centred.sign_()).mul_(-2 * beta)  # d/dh of 1 − |2h − 1|^β
+        q = h.add_(floor)
+        ctx.save_for_backward(slope, ((q >= -qmax) & (q <= qmax)) * scales, penalty_slope)
+        return q.clamp_(-qmax, qmax).mul_(scales), penalty
+
+    @staticmethod
+    def backward(ctx, weight_grad, penalty_grad):
+        slope, weight_slope, penalty_slope = ctx.saved_tensors
+        grad = weight_grad * weight_slope
+        if penalty_slope is not None:
+            grad.add_(penalty_slope, alpha=float(penalty_grad))
+        return grad.mul_(slope), None, None, None, None
 
 
 class LearnedRange(nn.Module):
