@@ -72,11 +72,12 @@ class QConfig:
                   the layer's output range ends, against the float model's output on the calibration
                   images, with the layers before it already quantized (`passes.reconstruct`:
                   AdaRound, LSQ steps, QDrop). The result is still a choice of integers and scales.
-                  Off by default: on a 28×28 ResNet-18 it takes minutes on 2 cores where the rest
-                  of quantization takes seconds (README, "Learned rounding and ranges").
+                  Off by default until defaults are chosen on a suite with depthwise nets: it
+                  takes 1.5–2 minutes on 2 cores where the rest of quantization takes seconds
+                  (README, "Learned rounding and ranges").
     reconstruct_iterations, reconstruct_batch, reconstruct_samples: its Adam steps per layer,
-                  the samples in each step, and how many calibration samples it learns on (the
-                  first ones; calibration keeps them).
+                  the samples in each step (up to 64 output positions of each), and how many
+                  calibration samples it learns on (the first ones; calibration keeps them).
     percentile:   for act_range="percentile": the share of values kept inside the range, in %.
     histogram_bins: the least number of bins over the observed values that the percentile, mse
                   and entropy observers read their range from (they keep twice as many, so the
