@@ -24,9 +24,9 @@ def test_learned_rounding_starts_at_the_float_weight_and_ends_on_floor_or_ceilin
     rounding.set_integers(chosen.to(torch.int8))
     assert torch.equal(rounding.integers().float(), chosen)
     assert torch.equal(rounding.weight(), rounding.scales * chosen)
-    assert float(rounding.soft(2.0)[1]) > 0
+    assert float(rounding.soft(2.0)[1].detach()) > 0
     rounding.v.data *= 20  # h(V) reaches exactly 0 or 1: nothing left to penalize
-    assert float(rounding.soft(2.0)[1]) == 0 and torch.equal(rounding.integers().float(), chosen)
+    assert float(rounding.soft(2.0)[1].detach()) == 0 and torch.equal(rounding.integers().float(), chosen)
 
 
 @pytest.mark.parametrize("beta", [None, 2.0, 7.5])
@@ -61,7 +61,7 @@ def test_learned_range_snaps_to_its_grid_and_passes_gradients_to_its_step():
     assert torch.equal(fake(x), x)
 
 
-LEARNING = fxq.QConfig(weight_bits=4, act_bits=4, reconstruct=True, reconstruct_iterations=60)
+LEARNING = fxq.QConfig(weight_bits=4, act_bits=4, reconstruct_iterations=60)  # learning by default
 
 
 def _data(seed: int = 1):
@@ -91,7 +91,7 @@ def test_each_learned_layer_records_what_it_changed_and_explain_shows_it():
     qmodel = fxq.quantize(model, calib, LEARNING)
     learned = {n.target: records.get(n, Reconstruction) for n in qmodel.graph.nodes
                if records.get(n, Reconstruction) is not None}
-    assert set(learned) == {"conv1", "conv2", "conv3"}  # the 8-bit first and last layers learn too
+    assert set(learned) == {"conv1", "conv2", "conv3"}  # the first and last, kept at 8 bits, learn too
     for r in learned.values():
         assert r.error_after <= r.error_before and 0 <= r.flipped <= r.weights
     assert any(r.flipped > 0 for r in learned.values())
@@ -111,9 +111,12 @@ def test_a_learned_model_deploys_bit_exact_and_the_float_model_is_untouched():
 
 
 def test_learning_is_one_field_away_and_checked():
-    assert not fxq.QConfig().reconstruct and not fxq.QConfig(weight_bits=4, act_bits=4).reconstruct
-    config = fxq.QConfig(weight_bits=4, reconstruct=True)
-    assert config.reconstruct and config.with_bits(weight_bits=3).reconstruct
+    assert not fxq.QConfig().reconstruct  # on by default below 8 bits only
+    assert all(fxq.QConfig(weight_bits=w, act_bits=a).reconstruct for w, a in ((4, 8), (8, 6), (3, 3)))
+    assert not fxq.QConfig(weight_bits=4).with_bits(weight_bits=8).reconstruct
+    config = fxq.QConfig(weight_bits=4, reconstruct=False)
+    assert not config.reconstruct and not config.with_bits(weight_bits=3).reconstruct
+    assert fxq.QConfig(reconstruct=True).reconstruct
     for field in ("reconstruct_iterations", "reconstruct_batch", "reconstruct_samples"):
         with pytest.raises(ValueError, match=field):
             fxq.QConfig(**{field: 0})

@@ -113,6 +113,9 @@ def search_bits(model: nn.Module, loader: Iterable, avg_weight_bits: float = 5.0
     the weight widths (activations, methods; defaults follow each width). ``curve_budgets``
     (default: each candidate width, and the budget) are quantized and measured for the curve.
     Use the result as ``fxq.quantize(model, loader, result.config, overrides=result.overrides)``.
+    Widths and the curve are measured with the weight rules; unless ``config`` says otherwise,
+    that quantize then learns the rounding of every layer below 8 bits (``QConfig.reconstruct``),
+    which the curve does not include.
     ``progress``: show a bar for each phase (quantizing per width, per-layer errors, the curve).
     """
     steps = bars.items if progress else (lambda items, desc: items)
@@ -120,11 +123,14 @@ def search_bits(model: nn.Module, loader: Iterable, avg_weight_bits: float = 5.0
     if "keep_first_last_8bit" in config._auto:  # the search itself decides every layer's width
         config = config.replace(keep_first_last_8bit=False)
     candidates = _check(avg_weight_bits, candidates)
+    # every width and budget is scored with the weight rules: learning each candidate's rounding
+    # would cost minutes per width; the model quantized from the result learns its own
+    scoring = config.replace(reconstruct=False) if "reconstruct" in config._auto else config
     batches = list(loader)
     if int(distributed.reduce_sum(torch.tensor(len(batches)))) == 0:  # a rank's shard may be empty
         raise ValueError("search_bits got an empty loader: pass calibration batches (images, labels)")
-    shared = Calibrated(model, batches, _asking_most(config, candidates))
-    per_width = {b: shared.quantize(config.with_bits(weight_bits=b))
+    shared = Calibrated(model, batches, _asking_most(scoring, candidates))
+    per_width = {b: shared.quantize(scoring.with_bits(weight_bits=b))
                  for b in steps(candidates, "quantizing at each width")}
     widest = per_width[candidates[-1]]
     params = {name: layer.weight.numel() for name, layer in integer_layers(widest).items()}
@@ -137,7 +143,7 @@ def search_bits(model: nn.Module, loader: Iterable, avg_weight_bits: float = 5.0
     curve = []
     for budget in steps(budgets, "measuring the curve"):
         bits = allocate(errors, params, budget, candidates)
-        qmodel = shared.quantize(config, overrides=_overrides(bits, config))
+        qmodel = shared.quantize(scoring, overrides=_overrides(bits, scoring))
         curve.append(CurvePoint(budget, _average(bits, params), _packed_bytes(bits, params),
                                 _score(qmodel, evaluation, references), bits))
     bits = allocate(errors, params, avg_weight_bits, candidates)
