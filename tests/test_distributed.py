@@ -16,7 +16,8 @@ CONFIGS = {
     "percentile": fxq.QConfig(act_range="percentile"),
     "mse": fxq.QConfig(act_range="mse"),
     "entropy": fxq.QConfig(act_range="entropy"),
-    "output_aware": fxq.QConfig(weight_bits=4, weight_range="output_aware", bias_correction=True),
+    # the rule's own integers (their Gram matrices summed over ranks); "reconstruct" learns from them
+    "output_aware": fxq.QConfig(weight_bits=4, weight_range="output_aware", bias_correction=True, reconstruct=False),
     "reconstruct": fxq.QConfig(weight_bits=4, act_bits=4, reconstruct=True, reconstruct_iterations=40),
 }
 # Reconstruction learns on every rank's samples in rank order: one process sees them so too.
