@@ -77,6 +77,34 @@ def torch_ao_x86(model: torch.nn.Module, calib: list) -> torch.nn.Module:
         return convert_fx(prepared)
 
 
+def torch_ao_fake_quant(model: torch.nn.Module, calib: list, weight_bits: int, act_bits: int) -> torch.nn.Module:
+    """The peer below 8 bits: torch.ao FX's fake quantization, calibrated and not trained (PTQ).
+    Every conv/linear's weights symmetric per channel at ``weight_bits`` (narrow range, as fxq's),
+    every activation torch.ao quantizes at ``act_bits`` with its PTQ histogram observer (reference only)."""
+    with torch_ao_notices_silenced():
+        from torch.ao import quantization as ao
+        from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+        weight_max = (1 << (weight_bits - 1)) - 1
+        qconfig = ao.QConfig(
+            activation=ao.FakeQuantize.with_args(observer=ao.HistogramObserver, quant_min=0,
+                                                 quant_max=(1 << act_bits) - 1, dtype=torch.quint8),
+            weight=ao.FakeQuantize.with_args(observer=ao.PerChannelMinMaxObserver, quant_min=-weight_max,
+                                             quant_max=weight_max, dtype=torch.qint8,
+                                             qscheme=torch.per_channel_symmetric, ch_axis=0))
+        # prepare_qat_fx folds batch-norm into each conv's fake-quantized weight; in eval mode
+        # with the observers on and fake quantization off, a pass over the data calibrates it
+        prepared = prepare_qat_fx(copy.deepcopy(model).train(), ao.QConfigMapping().set_global(qconfig),
+                                  (calib[0][0][:1],)).eval()
+        prepared.apply(ao.disable_fake_quant)
+        with torch.no_grad():
+            for images, _ in calib:
+                prepared(images)
+        prepared.apply(ao.disable_observer)
+        prepared.apply(ao.enable_fake_quant)
+        return prepared
+
+
 def timed(make):
     start = time.perf_counter()
     result = make()

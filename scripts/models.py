@@ -3,8 +3,9 @@
 ``SUITE`` is the set of differently trained ResNet-18s that defaults are chosen on: two data
 sets, several seeds, stems, augmentation settings and training lengths. ``BRANCHED`` holds
 networks of other shapes trained on Fashion-MNIST: MobileNetV2 (depthwise convs, ReLU6),
-MobileNetV3-small (squeeze-and-excitation, Hardswish) and an Inception-style net that joins its
-branches with ``torch.cat``. Each entry says how to build the network and how it was trained
+MobileNetV3-small (squeeze-and-excitation, Hardswish), EfficientNet-B0 (SiLU, squeeze-and-
+excitation, stochastic depth while training) and an Inception-style net that joins its branches
+with ``torch.cat``. Each entry says how to build the network and how it was trained
 (``python -m scripts.train NAME`` retrains it).
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ class Recipe:
     augment: bool = True       # random crops (and flips for clothes)
     label_smoothing: float = 0.1
     lr: float = 0.1
-    architecture: str = "resnet18"  # or "mobilenet_v2", "mobilenet_v3_small", "inception"
+    architecture: str = "resnet18"  # or "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "inception"
 
 
 SUITE: dict[str, Recipe] = {
@@ -48,6 +49,7 @@ BRANCHED: dict[str, Recipe] = {
     "fashion_mobilenet_v2": Recipe("fashion", epochs=3, seed=4, lr=0.05, architecture="mobilenet_v2"),
     "fashion_mobilenet_v3": Recipe("fashion", epochs=3, seed=5, lr=0.05, architecture="mobilenet_v3_small"),
     "fashion_inception": Recipe("fashion", epochs=3, seed=6, lr=0.05, architecture="inception"),
+    "fashion_efficientnet": Recipe("fashion", epochs=3, seed=7, lr=0.02, architecture="efficientnet_b0"),
 }
 RECIPES: dict[str, Recipe] = {**SUITE, **BRANCHED}
 

@@ -1,16 +1,19 @@
-"""Learned rounding and ranges (`passes.reconstruct`) on the depthwise, squeeze-excite and concat
-networks, below 8 bits, with and without it.
+"""The low-bit study: every network of the model suite from W8A8 down to W2A4, with the weight
+rules alone, with learned rounding and ranges (`passes.reconstruct`, fxq's default below 8 bits),
+and torch.ao's fake-quantized PTQ beside them (a reference).
 
-    python -m scripts.reconstruct_study            # results/reconstruct.json + the README block
-    python -m scripts.reconstruct_study --fresh    # measure again what the JSON already holds
+    python -m scripts.reconstruct_study                       # results/reconstruct.json + README block
+    python -m scripts.reconstruct_study --networks fashion    # some networks (cached results kept)
+    python -m scripts.reconstruct_study --fresh               # measure again what the JSON holds
 
-Full 10k Fashion-MNIST test sets, 512 training images to calibrate (and learn on), the defaults
-for each width otherwise; seconds are `fxq.quantize`'s wall time (calibration and learning).
+Full 10k Fashion-MNIST (or MNIST) test sets, 512 training images to calibrate (and learn on), fxq's
+defaults for each width otherwise; seconds are `fxq.quantize`'s wall time (calibration and
+learning). torch.ao quantizes every layer at the width (fxq keeps the input, first and last
+layers at 8 bits below 8: its defaults).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 from pathlib import Path
@@ -20,54 +23,83 @@ from tabulate import tabulate
 
 import fxq
 from scripts import data, models, readme
+from scripts.evaluate import torch_ao_fake_quant
 from scripts.readme import vs_float
+from scripts.results import Store
+from scripts.sweeps import key_of
 from scripts.train import accuracy
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "reconstruct.json"
-NETWORKS = tuple(models.BRANCHED)  # `--networks` measures a few of them
-WIDTHS = ((4, 8), (4, 4), (3, 3))
+NETWORKS = (*models.BRANCHED, *models.SUITE)  # `--networks` measures a few of them
+WIDTHS = ((8, 8), (6, 6), (4, 8), (4, 4), (3, 3), (2, 4))
+KINDS = ("rule", "learned", "torch.ao")
 THREADS = 2
 
 
-def measure(fresh: bool, networks: list[str]) -> dict:
-    results = {} if fresh or not RESULTS.exists() else json.loads(RESULTS.read_text())
-    test, calib = data.load("fashion", "test"), data.calibration_batches("fashion", 512)
+def measure(fresh: bool, networks: list[str]) -> Store:
+    """Every run of ``networks`` not in the JSON yet (keyed by every config field: a changed
+    default is measured again)."""
+    store = Store(RESULTS)
+    if fresh:
+        store.data.clear()
+    runs = store.get("runs", [])
     for name in networks:
+        dataset = models.RECIPES[name].dataset
+        test, calib = data.load(dataset, "test"), data.calibration_batches(dataset, 512)
         model = models.load_trained(name)
-        entry = results.setdefault(name, {})
-        if "float" not in entry:
-            entry["float"] = accuracy(model, test)
-        for weight_bits, act_bits in WIDTHS:
-            for learn in (False, True):
-                key = f"W{weight_bits}A{act_bits} {'learned' if learn else 'rule'}"
-                if key in entry:
-                    continue
-                config = fxq.QConfig(weight_bits=weight_bits, act_bits=act_bits, reconstruct=learn)
-                start = time.perf_counter()
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", fxq.FloatFallbackWarning)
-                    qmodel = fxq.quantize(model, calib, config)
-                entry[key] = {"accuracy": accuracy(qmodel, test), "seconds": time.perf_counter() - start}
-                print(name, key, entry[key], flush=True)
-                RESULTS.parent.mkdir(exist_ok=True)
-                RESULTS.write_text(json.dumps(results, indent=1))
-    results["machine"] = readme.machine(THREADS)
-    RESULTS.write_text(json.dumps(results, indent=1))
-    return results
+        for key, make in [({"model": name, "float": True}, lambda: (model, 0.0)),
+                          *((k, _maker(model, calib, k)) for k in _keys(name))]:
+            if _find(runs, key) is None:
+                qmodel, seconds = make()
+                runs.append({"key": key, "accuracy": accuracy(qmodel, test), "seconds": seconds})
+                print(name, runs[-1], flush=True)
+                store.put("runs", runs)
+    store.put("machine", readme.machine(THREADS))
+    return store
 
 
-def table(results: dict, networks: list[str]) -> str:
-    rows = []
+def _keys(name: str) -> list[dict]:
+    keys = []
+    for weight_bits, act_bits in WIDTHS:
+        keys += [key_of(fxq.QConfig(weight_bits=weight_bits, act_bits=act_bits, reconstruct=learn), model=name)
+                 for learn in (False, True)]
+        keys.append({"model": name, "peer": "torch.ao fake-quant", "weight_bits": weight_bits, "act_bits": act_bits})
+    return keys
+
+
+def _maker(model, calib, key: dict):
+    def make():
+        start = time.perf_counter()
+        if "peer" in key:
+            qmodel = torch_ao_fake_quant(model, calib, key["weight_bits"], key["act_bits"])
+        else:
+            config = fxq.QConfig(**{k: v for k, v in key.items() if k != "model"})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", fxq.FloatFallbackWarning)
+                qmodel = fxq.quantize(model, calib, config)
+        return qmodel, time.perf_counter() - start
+    return make
+
+
+def _find(runs: list[dict], key: dict) -> dict | None:
+    return next((r for r in runs if r["key"] == key), None)
+
+
+def table(store: Store, networks: list[str]) -> str:
+    runs, rows = store.get("runs", []), []
     for name in networks:
-        entry = results[name]
+        float_acc = _find(runs, {"model": name, "float": True})["accuracy"]
+        keys = iter(_keys(name))
         for weight_bits, act_bits in WIDTHS:
-            rule, learned = (entry[f"W{weight_bits}A{act_bits} {kind}"] for kind in ("rule", "learned"))
-            rows.append([name, models.RECIPES[name].architecture, f"{entry['float']:.2f}", f"W{weight_bits}A{act_bits}",
-                         vs_float(rule["accuracy"], entry["float"]), vs_float(learned["accuracy"], entry["float"]),
-                         f"{rule['seconds']:.0f}", f"{learned['seconds']:.0f}"])
-    m = results["machine"]
+            rule, learned, peer = (_find(runs, next(keys)) for _ in KINDS)
+            default = "learned" if fxq.QConfig(weight_bits=weight_bits, act_bits=act_bits).reconstruct else "rule"
+            rows.append([name, models.RECIPES[name].architecture, f"{float_acc:.2f}", f"W{weight_bits}A{act_bits}",
+                         vs_float(rule["accuracy"], float_acc), vs_float(learned["accuracy"], float_acc), default,
+                         vs_float(peer["accuracy"], float_acc), f"{rule['seconds']:.0f}", f"{learned['seconds']:.0f}"])
+    m = store.get("machine")
     return (tabulate(rows, headers=["model", "network", "float %", "width", "weight rule vs float",
-                                    "learned vs float", "s (rule)", "s (learned)"], tablefmt="github")
+                                    "learned vs float", "fxq default", "torch.ao fake-quant vs float",
+                                    "s (rule)", "s (learned)"], tablefmt="github")
             + f"\n\n{m['cpu']} ({m['capability']}), torch {m['torch']}, {m['threads']} threads; "
             f"`python -m scripts.reconstruct_study{_subset(networks)}`.")
 
