@@ -3,7 +3,7 @@ rules alone, with learned rounding and ranges (`passes.reconstruct`, fxq's defau
 and torch.ao's fake-quantized PTQ beside them (a reference).
 
     python -m scripts.reconstruct_study                       # results/reconstruct.json + README block
-    python -m scripts.reconstruct_study --networks fashion    # some networks (cached results kept)
+    python -m scripts.reconstruct_study --networks fashion    # some networks (the table: all measured)
     python -m scripts.reconstruct_study --fresh               # measure again what the JSON holds
 
 Full 10k Fashion-MNIST (or MNIST) test sets, 512 training images to calibrate (and learn on), fxq's
@@ -51,10 +51,10 @@ def measure(fresh: bool, networks: list[str]) -> Store:
                           *((k, _maker(model, calib, k)) for k in _keys(name))]:
             if _find(runs, key) is None:
                 qmodel, seconds = make()
-                runs.append({"key": key, "accuracy": accuracy(qmodel, test), "seconds": seconds})
+                runs.append({"key": key, "accuracy": accuracy(qmodel, test), "seconds": seconds,
+                             "machine": readme.machine(THREADS)})
                 print(name, runs[-1], flush=True)
                 store.put("runs", runs)
-    store.put("machine", readme.machine(THREADS))
     return store
 
 
@@ -85,27 +85,28 @@ def _find(runs: list[dict], key: dict) -> dict | None:
     return next((r for r in runs if r["key"] == key), None)
 
 
-def table(store: Store, networks: list[str]) -> str:
-    runs, rows = store.get("runs", []), []
-    for name in networks:
+def table(store: Store) -> str:
+    """Every network measured whole; the rest named with the command that measures them."""
+    runs, rows, machines = store.get("runs", []), [], []
+    missing = [name for name in NETWORKS if any(_find(runs, k) is None for k in [{"model": name, "float": True},
+                                                                                   *_keys(name)])]
+    for name in (n for n in NETWORKS if n not in missing):
         float_acc = _find(runs, {"model": name, "float": True})["accuracy"]
         keys = iter(_keys(name))
         for weight_bits, act_bits in WIDTHS:
-            rule, learned, peer = (_find(runs, next(keys)) for _ in KINDS)
+            rule, learned, peer = found = [_find(runs, next(keys)) for _ in KINDS]
+            machines += [run["machine"] for run in found if run["machine"] not in machines]
             default = "learned" if fxq.QConfig(weight_bits=weight_bits, act_bits=act_bits).reconstruct else "rule"
             rows.append([name, models.RECIPES[name].architecture, f"{float_acc:.2f}", f"W{weight_bits}A{act_bits}",
                          vs_float(rule["accuracy"], float_acc), vs_float(learned["accuracy"], float_acc), default,
                          vs_float(peer["accuracy"], float_acc), f"{rule['seconds']:.0f}", f"{learned['seconds']:.0f}"])
-    m = store.get("machine")
+    where = "; ".join(f"{m['cpu']} ({m['capability']}), torch {m['torch']}, {m['threads']} threads" for m in machines)
     return (tabulate(rows, headers=["model", "network", "float %", "width", "weight rule vs float",
                                     "learned vs float", "fxq default", "torch.ao fake-quant vs float",
                                     "s (rule)", "s (learned)"], tablefmt="github")
-            + f"\n\n{m['cpu']} ({m['capability']}), torch {m['torch']}, {m['threads']} threads; "
-            f"`python -m scripts.reconstruct_study{_subset(networks)}`.")
-
-
-def _subset(networks: list[str]) -> str:
-    return "" if list(networks) == list(NETWORKS) else " --networks " + " ".join(networks)
+            + f"\n\n{where}; `python -m scripts.reconstruct_study`."
+            + (f" Not measured yet: {', '.join(missing)} (`python -m scripts.reconstruct_study --networks "
+               f"{' '.join(missing)}`)." if missing else ""))
 
 
 def main() -> None:
@@ -114,7 +115,7 @@ def main() -> None:
     parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS))
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
-    readme.publish("reconstruct", table(measure(args.fresh, args.networks), args.networks))
+    readme.publish("reconstruct", table(measure(args.fresh, args.networks)))
 
 
 if __name__ == "__main__":
