@@ -80,8 +80,11 @@ def torch_ao_x86(model: torch.nn.Module, calib: list) -> torch.nn.Module:
 def torch_ao_fake_quant(model: torch.nn.Module, calib: list, weight_bits: int, act_bits: int) -> torch.nn.Module:
     """The peer below 8 bits: torch.ao FX's fake quantization, calibrated and not trained (PTQ).
     Every conv/linear's weights symmetric per channel at ``weight_bits`` (narrow range, as fxq's),
-    every activation torch.ao quantizes at ``act_bits`` with its PTQ histogram observer (reference only)."""
-    with torch_ao_notices_silenced():
+    every activation torch.ao quantizes at ``act_bits`` with its PTQ histogram observer (reference only).
+    torch.ao leaves the outputs of sigmoid and hardsigmoid in float here: it quantizes them only
+    with its fixed 0..1 ranges, so it says it ignores this config for them (silenced)."""
+    with torch_ao_notices_silenced(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="QConfig must specify a FixedQParamsObserver")
         from torch.ao import quantization as ao
         from torch.ao.quantization.quantize_fx import prepare_qat_fx
 

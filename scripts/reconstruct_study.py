@@ -95,7 +95,9 @@ def table(store: Store) -> str:
         keys = iter(_keys(name))
         for weight_bits, act_bits in WIDTHS:
             rule, learned, peer = found = [_find(runs, next(keys)) for _ in KINDS]
-            machines += [run["machine"] for run in found if run["machine"] not in machines]
+            for run in found:
+                if run["machine"] not in machines:
+                    machines.append(run["machine"])
             default = "learned" if fxq.QConfig(weight_bits=weight_bits, act_bits=act_bits).reconstruct else "rule"
             rows.append([name, models.RECIPES[name].architecture, f"{float_acc:.2f}", f"W{weight_bits}A{act_bits}",
                          vs_float(rule["accuracy"], float_acc), vs_float(learned["accuracy"], float_acc), default,
